@@ -1,0 +1,114 @@
+"""What `loadgen run` and `loadgen demo` do around a run: load the scenario, execute, write outputs.
+
+Imported only by verbs that send load: importing locust monkey-patches the process with gevent.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import locust  # noqa: F401  (gevent monkey-patching must come before the other imports)
+
+from loadgen.driver.run import RunResult, execute
+from loadgen.errors import LoadgenError
+from loadgen.scenario import Scenario, load_scenario
+from loadgen.sinks.hlog import write_hlog
+from loadgen.sinks.summary import build_summary, write_summary
+from loadgen.sinks.table import render_table
+
+__all__ = ["run_and_report", "run_demo", "write_outputs"]
+
+
+def _default_out(scenario: Scenario) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{stamp}-{scenario.target.model}"
+
+
+def summarize(result: RunResult) -> dict[str, Any]:
+    pattern = result.scenario.pattern
+    extra = {
+        "pattern": type(pattern).__name__,
+        "target": {"url": result.scenario.target.url, "model": result.scenario.target.model},
+        "interrupted": result.interrupted,
+        "in_flight_at_end": result.in_flight_at_end,
+        "clock": {"start_monotonic_s": result.recorder.start_t, "start_epoch_s": result.start_epoch_s},
+    }
+    summary = build_summary(
+        result.recorder,
+        offered_rps=result.offered_rps,
+        duration_s=result.duration_s,
+        generator=result.generator,
+        extra=extra,
+    )
+    # Every request started was either recorded or is still in flight at the end.
+    summary["sent"] = summary["requests"] + result.in_flight_at_end
+    summary["sent_rps"] = summary["sent"] / result.duration_s
+    return summary
+
+
+def write_outputs(result: RunResult, out_dir: Path) -> dict[str, Any]:
+    """summary.json and latency.hlog in `out_dir`; returns the summary."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = summarize(result)
+    write_summary(out_dir / "summary.json", summary)
+    write_hlog(out_dir / "latency.hlog", result.recorder, result.start_epoch_s)
+    return summary
+
+
+def run_and_report(path: Path | None, overrides: dict[str, Any], *, quiet: bool = False) -> int:
+    """Validate, run, write outputs, print the table. Returns the exit code."""
+    scenario = load_scenario(path, overrides)
+    out_dir = Path(scenario.output.dir) if scenario.output.dir else _default_out(scenario)
+    result = execute(scenario)
+    summary = write_outputs(result, out_dir)
+    if not quiet:
+        print(render_table(summary))
+    note = " (interrupted: partial results)" if result.interrupted else ""
+    print(f"results in {out_dir}/ (summary.json, latency.hlog){note}", file=sys.stderr)
+    return 130 if result.interrupted else 0
+
+
+def _start_calibration_server(args: list[str]) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "servers.calibration", "--port", "0", *args],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line.startswith("listening on "):
+            return proc, line.split()[-1]
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    raise LoadgenError("the demo server did not start")
+
+
+def run_demo(*, duration: str, rate: float) -> int:
+    """Start the calibration server (5 ms true latency), run Poisson load on it, print the result."""
+    proc, url = _start_calibration_server(["--delay-ms", "5"])
+    try:
+        print(f"demo: calibration server at {url} answers every request in 5 ms (its true latency)")
+        print(f"demo: Poisson arrivals at {rate:g} req/s for {duration}")
+        overrides = {
+            "target.url": url,
+            "target.model": "identity",
+            "open_loop.rate": rate,
+            "open_loop.arrival": "poisson",
+            "open_loop.duration": duration,
+        }
+        return run_and_report(None, overrides)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()

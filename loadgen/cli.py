@@ -1,0 +1,123 @@
+"""The `loadgen` command line (typer): run, demo, serve.
+
+Exit codes: 0 ok, 1 SLO failed (later), 2 usage or input error (bad scenario, unreachable
+target). Locust (and with it gevent's monkey-patching) is imported only by the verbs that send
+load, never by `serve`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from loadgen.errors import LoadgenError
+from loadgen.scenario import ScenarioError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Load tester for deployed ML inference endpoints (KServe v2 / Triton).",
+)
+serve_app = typer.Typer(no_args_is_help=True, help="Start a reference server.")
+app.add_typer(serve_app, name="serve")
+
+
+def _fail(exc: Exception) -> None:
+    typer.echo(f"error: {exc}", err=True)
+    raise typer.Exit(getattr(exc, "exit_code", 2))
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  loadgen run scenarios/poisson-kserve.toml --target http://127.0.0.1:8000 --model identity\n\n"
+    "  loadgen run --rate 200 --arrival poisson --duration 30s --target URL --model NAME\n\n"
+    "  loadgen run --users 16 --think-time 0 --duration 30s --target URL --model NAME"
+)
+def run(
+    scenario: Annotated[Path | None, typer.Argument(help="Scenario TOML file (optional).")] = None,
+    target: Annotated[str | None, typer.Option(help="Base URL, e.g. http://127.0.0.1:8000")] = None,
+    model: Annotated[str | None, typer.Option(help="Model name on the target.")] = None,
+    protocol: Annotated[str | None, typer.Option(help="kserve-http")] = None,
+    rate: Annotated[float | None, typer.Option(help="Open loop: requests per second.")] = None,
+    arrival: Annotated[str | None, typer.Option(help="Open loop: constant or poisson.")] = None,
+    users: Annotated[int | None, typer.Option(help="Closed loop: concurrent users.")] = None,
+    think_time: Annotated[str | None, typer.Option(help="Closed loop: think time, e.g. 50ms.")] = None,
+    think: Annotated[str | None, typer.Option(help="none, constant or exponential.")] = None,
+    duration: Annotated[str | None, typer.Option(help="e.g. 30s, 2m.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the arrival process and data.")] = None,
+    max_in_flight: Annotated[int | None, typer.Option(help="Open loop in-flight cap.")] = None,
+    timeout: Annotated[str | None, typer.Option(help="Per-request timeout, e.g. 10s.")] = None,
+    connect_timeout: Annotated[
+        str | None, typer.Option(help="Connect and readiness-check timeout, e.g. 3s.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default runs/<time>-<model>).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No table on stdout.")] = False,
+) -> None:
+    """Send open-loop (--rate) or closed-loop (--users) load and write summary.json + latency.hlog."""
+    overrides = {
+        "target.url": target,
+        "target.model": model,
+        "target.protocol": protocol,
+        "target.timeout": timeout,
+        "target.connect_timeout": connect_timeout,
+        "open_loop.rate": rate,
+        "open_loop.arrival": arrival,
+        "open_loop.max_in_flight": max_in_flight,
+        "closed_loop.users": users,
+        "closed_loop.think_time": think_time,
+        "closed_loop.think": think,
+        "open_loop.duration": duration,
+        "open_loop.seed": seed,
+        "output.dir": str(out) if out else None,
+    }
+    if rate is not None and users is not None:
+        _fail(ScenarioError(["--rate (open loop) and --users (closed loop) exclude each other"], "flags"))
+    from loadgen._runcmd import run_and_report  # imports locust: only for verbs that send load
+
+    try:
+        code = run_and_report(scenario, overrides, quiet=quiet)
+    except (LoadgenError, ScenarioError) as exc:
+        _fail(exc)
+    raise typer.Exit(code)
+
+
+@app.command()
+def demo(
+    duration: Annotated[str, typer.Option(help="Length of the demo run.")] = "10s",
+    rate: Annotated[float, typer.Option(help="Open-loop rate of the demo.")] = 200.0,
+) -> None:
+    """Start a local KServe v2 endpoint with a built-in model and run a short open-loop test on it."""
+    from loadgen._runcmd import run_demo
+
+    try:
+        code = run_demo(duration=duration, rate=rate)
+    except (LoadgenError, ScenarioError) as exc:
+        _fail(exc)
+    raise typer.Exit(code)
+
+
+@serve_app.command(
+    "calibration",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    epilog="Example: loadgen serve calibration --port 8000 --delay-ms 20 --stall-every 5 --stall-for 1",
+)
+def serve_calibration(ctx: typer.Context) -> None:
+    """KServe v2 endpoint with a declared true latency: --delay-ms, --stall-every/--stall-for,
+    --service-ms with --workers (FIFO). Any model name is served. See --help of the server."""
+    from servers.calibration.__main__ import main as calibration_main
+
+    raise typer.Exit(calibration_main(list(ctx.args)))
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

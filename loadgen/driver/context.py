@@ -1,0 +1,153 @@
+"""LoadContext: what the Locust user classes need for one run, passed through the Environment.
+
+The context is attached as `environment.loadgen` (no module-level state), so the same user
+classes serve a headless `loadgen run` and `locust -f loadgen/driver/locustfile.py` with its web
+UI. It owns the protocol client and the recorder, forwards each Outcome to the recorder and to
+Locust's `request` event (Locust's own stats and UI), and keeps the interval clock.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import gevent
+import numpy as np
+from gevent.event import Event
+
+from loadgen.driver.dispatcher import Dispatcher
+from loadgen.outcome import Outcome
+from loadgen.patterns.schedule import profile_of, schedule
+from loadgen.recorder import Recorder
+from loadgen.scenario import ClosedLoop, OpenLoop, Scenario
+
+__all__ = ["LoadContext", "context_of"]
+
+
+class LoadContext:
+    """One run's client, recorder, schedule and clocks."""
+
+    def __init__(self, scenario: Scenario, client: Any, environment: Any = None) -> None:
+        self.scenario = scenario
+        self.client = client
+        self.environment = environment
+        self.pattern: OpenLoop | ClosedLoop = scenario.pattern
+        self.start_t = 0.0
+        self.end_t = 0.0
+        self.recorder: Recorder | None = None
+        self.dispatcher: Dispatcher | None = None
+        self.done = Event()  # dispatching is over (open loop) or the run was stopped
+        self._finished = Event()
+        self.stopping = False  # closed-loop users send nothing more once set
+        self._user_requests = 0
+        self.peak_in_flight = 0
+        self._rng = np.random.default_rng(getattr(self.pattern, "seed", 0))
+        self._fire = environment.events.request.fire if environment is not None else None
+        self._name = f"{scenario.target.model} infer"
+
+    # -- clocks ---------------------------------------------------------------------------------
+    def begin(self, start_t: float | None = None) -> None:
+        """Fix the run start (time.monotonic()) and create the recorder for the run window."""
+        self.start_t = time.monotonic() if start_t is None else start_t
+        self.end_t = self.start_t + self.pattern.total_duration
+        self.recorder = Recorder(self.start_t, self.scenario.output.interval, window_end_t=self.end_t)
+        gevent.spawn(self._tick)
+
+    def _tick(self) -> None:
+        """Close an interval every `interval` seconds of run time until the run is done.
+
+        Closing takes about a millisecond. In open loop the dispatcher runs it in its next gap
+        long enough to hold it, so no arrival waits; if no such gap comes within a quarter of an
+        interval (very high rates), it runs here anyway.
+        """
+        step = self.scenario.output.interval
+        k = 1
+        while not self._finished.is_set():
+            boundary = self.start_t + k * step
+            self._finished.wait(max(0.0, boundary - time.monotonic()))
+            if self._finished.is_set():
+                return
+            closed = Event()
+            dispatcher = self.dispatcher
+            if dispatcher is not None and not dispatcher.stopped:
+                dispatcher.chore = lambda b=boundary, e=closed: (self.recorder.close_interval(b), e.set())
+                closed.wait(step / 4)
+            if not closed.is_set():
+                if dispatcher is not None:
+                    dispatcher.chore = None
+                self.recorder.close_interval(boundary)
+            k += 1
+
+    def finish(self, end_t: float) -> None:
+        """Stop the interval clock and close the last interval at `end_t`."""
+        self._finished.set()
+        self.recorder.finish(end_t)
+
+    @property
+    def offered_rps(self) -> float:
+        if isinstance(self.pattern, OpenLoop):
+            return profile_of(self.pattern).mean_rate
+        return 0.0
+
+    # -- what the user classes call --------------------------------------------------------------
+    def record(self, outcome: Outcome) -> None:
+        self.recorder.record(outcome.intended_t, outcome.sent_t, outcome.done_t, outcome.error)
+        if self._fire is not None:
+            self._fire(
+                request_type="POST",
+                name=self._name,
+                response_time=(outcome.done_t - outcome.sent_t) * 1000.0,
+                response_length=outcome.response_bytes,
+                exception=_LocustError(outcome) if outcome.error else None,
+                context=None,
+            )
+
+    def record_dropped(self, intended_t: float) -> None:
+        self.recorder.record_dropped(intended_t)
+
+    def run_open_loop(self) -> None:
+        """Dispatch the whole open-loop schedule (blocks until it ends or is stopped)."""
+        pattern = self.pattern
+        assert isinstance(pattern, OpenLoop)
+        self.dispatcher = Dispatcher(
+            self.client.send, self.record, self.record_dropped, pattern.max_in_flight
+        )
+        self.dispatcher.run(self.start_t, schedule(pattern))
+
+    @property
+    def in_flight(self) -> int:
+        return self.dispatcher.in_flight if self.dispatcher is not None else self._user_requests
+
+    def send_closed(self) -> None:
+        """One closed-loop request: intended = now, since a closed loop has no schedule to keep."""
+        self._user_requests += 1
+        self.peak_in_flight = max(self.peak_in_flight, self._user_requests)
+        try:
+            self.record(self.client.send(time.monotonic()))
+        finally:
+            self._user_requests -= 1
+
+    def think(self) -> float:
+        """Seconds a closed-loop user waits before its next request."""
+        pattern = self.pattern
+        assert isinstance(pattern, ClosedLoop)
+        kind = pattern.think_kind
+        if kind == "none":
+            return 0.0
+        if kind == "exponential":
+            return float(self._rng.exponential(pattern.think_time))
+        return pattern.think_time
+
+
+class _LocustError(Exception):
+    """How a failed Outcome appears in Locust's failure table."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(f"{outcome.error}: {outcome.message}"[:200])
+
+
+def context_of(environment: Any) -> LoadContext:
+    ctx = getattr(environment, "loadgen", None)
+    if ctx is None:
+        raise RuntimeError("no loadgen context on this Locust environment (run through `loadgen run`)")
+    return ctx

@@ -1,0 +1,168 @@
+"""One run, headless, with Locust as a library: client -> Locust users -> recorder -> outputs.
+
+`execute(scenario)` checks the target, starts the Locust runner with the user class of the
+scenario's pattern, waits for the schedule (open loop) or the duration (closed loop) to end or for
+SIGINT/SIGTERM, lets in-flight requests finish (bounded), and returns a RunResult holding the
+recorder and the generator's self-check. Writing files is the caller's business (sinks).
+"""
+
+from __future__ import annotations
+
+import gc
+import resource
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import gevent
+from gevent.event import Event
+from locust.env import Environment
+from locust.event import Events
+
+from loadgen.driver.context import LoadContext
+from loadgen.driver.users import ClosedLoopUser, OpenLoopUser
+from loadgen.patterns.schedule import profile_of
+from loadgen.protocols import make_client
+from loadgen.recorder import Recorder
+from loadgen.scenario import OpenLoop, Scenario
+
+__all__ = ["RunResult", "drain", "execute", "result_of"]
+
+_LEAD_S = 0.05  # the run starts this long after setup, so the dispatcher is waiting at t = 0
+_INTERRUPT_DRAIN_S = 2.0
+
+
+@dataclass
+class RunResult:
+    scenario: Scenario
+    recorder: Recorder
+    duration_s: float
+    offered_rps: float
+    generator: dict[str, Any]
+    interrupted: bool = False
+    in_flight_at_end: int = 0
+    start_epoch_s: float = 0.0
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def execute(scenario: Scenario, *, max_connections: int | None = None) -> RunResult:
+    """Run `scenario` to its end (or SIGINT/SIGTERM) and return what was measured.
+
+    Raises a TargetError (exit 2) before any load is sent when the target is not usable.
+    """
+    pattern = scenario.pattern
+    is_open = isinstance(pattern, OpenLoop)
+    connections = max_connections or (pattern.max_in_flight if is_open else pattern.users)
+    client = make_client(scenario.target, connections, seed=pattern.seed)
+    metadata = client.prepare()
+
+    environment = Environment(user_classes=[OpenLoopUser if is_open else ClosedLoopUser], events=Events())
+    ctx = LoadContext(scenario, client, environment)
+    environment.loadgen = ctx
+    runner = environment.create_local_runner()
+    stop = Event()
+    handlers = [gevent.signal_handler(sig, stop.set) for sig in (signal.SIGINT, signal.SIGTERM)]
+    # Everything allocated so far lives for the whole run: keep the cyclic collector off it, so
+    # that a full collection cannot pause the dispatcher for milliseconds mid-run.
+    gc.collect()
+    gc.freeze()
+    cpu0, wall0 = _cpu_seconds(), time.monotonic()
+    epoch0 = time.time() + _LEAD_S
+    try:
+        ctx.begin(time.monotonic() + _LEAD_S)
+        if is_open:
+            runner.start(1, spawn_rate=1)
+        else:
+            runner.start(pattern.users, spawn_rate=max(pattern.users, 1) * 1000)
+        gevent.spawn(_end_at, ctx, stop)
+        gevent.wait([stop, ctx.done], count=1)
+        interrupted = stop.is_set() and time.monotonic() < ctx.end_t
+        ctx.stopping = True
+        if ctx.dispatcher is not None:
+            ctx.dispatcher.stop()
+        drain(ctx, _INTERRUPT_DRAIN_S if interrupted else scenario.target.timeout + 1.0)
+        runner.quit()
+        end_t = time.monotonic()
+        ctx.finish(max(end_t, ctx.start_t))
+    finally:
+        for handler in handlers:
+            handler.cancel()
+        client.close()
+    cpu = (_cpu_seconds() - cpu0) / max(end_t - wall0, 1e-9)
+    return result_of(ctx, end_t, interrupted=interrupted, cpu=cpu, start_epoch_s=epoch0, metadata=metadata)
+
+
+def result_of(
+    ctx: LoadContext,
+    end_t: float,
+    *,
+    interrupted: bool,
+    cpu: float = 0.0,
+    start_epoch_s: float | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> RunResult:
+    """The RunResult of a finished context (the recorder's last interval closed)."""
+    pattern = ctx.pattern
+    duration = min(end_t, ctx.end_t) - ctx.start_t if interrupted else pattern.total_duration
+    if start_epoch_s is None:
+        start_epoch_s = time.time() - (time.monotonic() - ctx.start_t)
+    return RunResult(
+        scenario=ctx.scenario,
+        recorder=ctx.recorder,
+        duration_s=max(duration, 1e-9),
+        offered_rps=_offered_rps(pattern, duration),
+        generator=_self_check(ctx, ctx.scenario, cpu),
+        interrupted=interrupted,
+        in_flight_at_end=ctx.in_flight,
+        start_epoch_s=start_epoch_s,
+        metadata=metadata or {},
+    )
+
+
+def _end_at(ctx: LoadContext, stop: Event) -> None:
+    """Closed loop ends by the clock; open loop ends with its schedule (this is its backstop)."""
+    stop.wait(max(0.0, ctx.end_t - time.monotonic()) + (1.0 if ctx.dispatcher is not None else 0.0))
+    ctx.done.set()
+
+
+def drain(ctx: LoadContext, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while ctx.in_flight > 0 and time.monotonic() < deadline:
+        gevent.sleep(0.005)
+    return ctx.in_flight == 0
+
+
+def _offered_rps(pattern: Any, duration: float) -> float:
+    if not isinstance(pattern, OpenLoop) or duration <= 0:
+        return 0.0
+    return profile_of(pattern).count_by(duration) / duration
+
+
+def _self_check(ctx: LoadContext, scenario: Scenario, cpu: float) -> dict[str, Any]:
+    """The generator's own health: could it keep its schedule? Every output carries this."""
+    figures = ctx.recorder.cumulative
+    lag = figures.percentiles_ms("lag")
+    dispatcher = ctx.dispatcher
+    dropped = figures.dropped
+    reasons = []
+    if dropped:
+        reasons.append(f"{dropped} arrivals dropped at the in-flight cap of {dispatcher.max_in_flight}")
+    if dispatcher is not None and lag["p99"] > scenario.output.max_lag_ms:
+        reasons.append(f"schedule lag p99 {lag['p99']:.3f} ms > {scenario.output.max_lag_ms} ms")
+    if cpu > 0.95:
+        reasons.append(f"generator CPU at {cpu:.0%} of a core")
+    return {
+        "bound": bool(reasons),
+        "reasons": reasons,
+        "lag_ms": lag,
+        "dropped": dropped,
+        "cpu_fraction": round(cpu, 3),
+        "peak_in_flight": dispatcher.peak_in_flight if dispatcher else ctx.peak_in_flight,
+        "max_in_flight": dispatcher.max_in_flight if dispatcher else None,
+    }

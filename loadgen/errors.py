@@ -1,0 +1,66 @@
+"""The error tree of loadgen, and the exit codes the CLI returns for run-level failures.
+
+    LoadgenError (exit 2 unless stated)
+    +-- ScenarioError        a scenario file or flag that cannot run (loadgen.scenario)
+    +-- TargetError          the target cannot be used
+    |   +-- TargetUnreachable    nothing answers at the URL within the connect timeout
+    |   +-- TargetNotReady       it answers, but the server or the model is not ready
+    |   +-- ProtocolMismatch     it answers, but not as the protocol says (metadata, status)
+
+Per-request failures are never raised to the run: a protocol client maps its library's
+exceptions, once, at the boundary (`classify_exception`), into an error kind string that goes
+into the Outcome: "connect", "timeout", "connection_closed", "http_<status>", "invalid_response",
+"transport".
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+
+__all__ = [
+    "LoadgenError",
+    "ProtocolMismatch",
+    "TargetError",
+    "TargetNotReady",
+    "TargetUnreachable",
+    "classify_exception",
+]
+
+
+class LoadgenError(Exception):
+    """A run-level failure: the CLI prints the message (no traceback) and exits with exit_code."""
+
+    exit_code = 2
+
+
+class TargetError(LoadgenError):
+    pass
+
+
+class TargetUnreachable(TargetError):
+    pass
+
+
+class TargetNotReady(TargetError):
+    pass
+
+
+class ProtocolMismatch(TargetError):
+    pass
+
+
+def classify_exception(exc: BaseException) -> str:
+    """The error kind of a transport exception (the one place foreign errors are mapped)."""
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return "timeout"
+    if isinstance(exc, ConnectionRefusedError | socket.gaierror):
+        return "connect"
+    if isinstance(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
+        return "connection_closed"
+    if isinstance(exc, ssl.SSLError):
+        return "tls"
+    name = type(exc).__name__
+    if "Closed" in name or "Incomplete" in name:
+        return "connection_closed"
+    return "transport"

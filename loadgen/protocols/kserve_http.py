@@ -1,0 +1,133 @@
+"""KServe v2 (Triton) inference over HTTP/1.1 with JSON tensors: the protocol-client stage.
+
+`prepare()` checks that server and model are ready and reads the model's inputs from its metadata
+(GET /v2/models/{m}), then builds one request body; `send(intended_t)` posts it and returns an
+Outcome. The client never records anything: the driver hands the Outcome to the recorder.
+Any status other than 200 is an error of kind http_<status> (PROTOCOLS.md 1.9).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+from geventhttpclient import HTTPClient
+
+from loadgen.errors import (
+    ProtocolMismatch,
+    TargetNotReady,
+    TargetUnreachable,
+    classify_exception,
+)
+from loadgen.outcome import Outcome
+from loadgen.protocols.payloads import synthetic_inputs
+from loadgen.scenario import Target
+
+__all__ = ["KServeHttpClient"]
+
+_JSON = {"Content-Type": "application/json"}
+
+
+class KServeHttpClient:
+    """One target model over KServe v2 HTTP; `max_connections` bounds the keep-alive pool."""
+
+    def __init__(self, target: Target, max_connections: int = 1, seed: int = 0) -> None:
+        self.target = target
+        self.seed = seed
+        parts = urlsplit(target.url)
+        self._tls = parts.scheme == "https"
+        self._host = parts.hostname or "127.0.0.1"
+        self._port = parts.port or (443 if self._tls else 80)
+        prefix = parts.path.rstrip("/")
+        model_path = f"{prefix}/v2/models/{target.model}"
+        if target.version:
+            model_path += f"/versions/{target.version}"
+        self._prefix = prefix
+        self._model_path = model_path
+        self._infer_path = model_path + "/infer"
+        self._pool = self._client(max_connections)
+        self.metadata: dict[str, Any] = {}
+        self.body = b""
+
+    def _client(self, concurrency: int, network_timeout: float | None = None) -> HTTPClient:
+        return HTTPClient(
+            self._host,
+            self._port,
+            ssl=self._tls,
+            concurrency=concurrency,
+            connection_timeout=self.target.connect_timeout,
+            network_timeout=network_timeout or self.target.timeout,
+        )
+
+    # -- before the run -------------------------------------------------------------------------
+    def _get(self, client: HTTPClient, path: str) -> tuple[int, bytes]:
+        try:
+            response = client.get(path)
+            return response.status_code, response.read()
+        except Exception as exc:  # noqa: BLE001 - every way of not answering is "unreachable"
+            kind = classify_exception(exc)
+            raise TargetUnreachable(
+                f"cannot reach {self.target.url} ({kind}: {exc or type(exc).__name__}); "
+                f"is the server running, and is --target right?"
+            ) from None
+
+    def prepare(self) -> dict[str, Any]:
+        """Readiness check, metadata, request body. Raises a TargetError when the run cannot start."""
+        control = self._client(1, network_timeout=self.target.connect_timeout)
+        try:
+            status, _ = self._get(control, f"{self._prefix}/v2/health/ready")
+            if status != 200:
+                raise TargetNotReady(f"{self.target.url}: server not ready (GET /v2/health/ready -> {status})")
+            status, body = self._get(control, self._model_path + "/ready")
+            if status != 200:
+                raise TargetNotReady(
+                    f"model {self.target.model!r} is not ready at {self.target.url} "
+                    f"(GET {self._model_path}/ready -> {status} {_error_text(body)})"
+                )
+            status, body = self._get(control, self._model_path)
+            if status != 200:
+                raise ProtocolMismatch(f"GET {self._model_path} -> {status} {_error_text(body)}")
+            self.metadata = _parse_metadata(body, self._model_path)
+        finally:
+            control.close()
+        request = {"inputs": synthetic_inputs(self.metadata["inputs"], self.seed)}
+        self.body = json.dumps(request, separators=(",", ":")).encode()
+        return self.metadata
+
+    # -- the hot path ---------------------------------------------------------------------------
+    def send(self, intended_t: float) -> Outcome:
+        """POST one infer request; the Outcome carries the error kind when it fails."""
+        sent_t = time.monotonic()
+        try:
+            response = self._pool.request("POST", self._infer_path, body=self.body, headers=_JSON)
+            payload = response.read()
+            status = response.status_code
+        except Exception as exc:  # noqa: BLE001 - mapped to an error kind, the run goes on
+            return Outcome(intended_t, sent_t, time.monotonic(), classify_exception(exc), str(exc))
+        done_t = time.monotonic()
+        if status != 200:
+            return Outcome(intended_t, sent_t, done_t, f"http_{status}", _error_text(payload), len(payload))
+        return Outcome(intended_t, sent_t, done_t, None, "", len(payload))
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+def _error_text(body: bytes) -> str:
+    try:
+        return str(json.loads(body).get("error", ""))
+    except (ValueError, AttributeError):
+        return body[:200].decode("utf-8", "replace")
+
+
+def _parse_metadata(body: bytes, path: str) -> dict[str, Any]:
+    try:
+        metadata = json.loads(body)
+        inputs = metadata["inputs"]
+        for spec in inputs:
+            spec["name"], spec["datatype"], [int(d) for d in spec["shape"]]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ProtocolMismatch(f"GET {path}: not KServe v2 model metadata ({exc})") from None
+    return metadata

@@ -1,0 +1,166 @@
+"""Turn request outcomes into HDR histograms, per interval and for the whole run.
+
+Place in the flow: Driver -> Protocol client -> Outcome -> **Recorder** -> sinks (Locust events,
+Prometheus, .hlog, summary JSON, terminal table). The recorder knows no protocol: it takes four
+numbers per request.
+
+Measurement rules (the one place they are written down)
+-------------------------------------------------------
+Every request brings monotonic timestamps in seconds: intended_t (when the schedule said to send),
+sent_t (when it was actually sent), done_t (when the response completed), and an error kind (None
+when it succeeded, else a short string such as "http_503", "timeout", "connect", "invalid_response").
+
+- latency = done_t - intended_t. Open loop measures from the intended send time, so a request that
+  could not leave on time still counts its wait: free of coordinated omission.
+- service = done_t - sent_t: what the endpoint (and the network) took.
+- lag     = sent_t - intended_t: how late the generator was; its own health, not the server's.
+- Only successful requests enter the latency and service histograms. Every request, ok or error,
+  enters lag. Errors are counted by kind.
+- A dropped arrival (could not be started: in-flight cap reached) is counted and has no latency.
+- completed_in_window counts responses (ok or error) with done_t <= window_end_t, judged when the
+  sample is flushed; achieved rate is that count over the run's duration.
+- sent counts record() calls.
+- Values are integer microseconds, rounded to nearest (half to even), recorded in
+  HdrHistogram(1, 3_600_000_000, 3). A value below 0 or above one hour (or not a number) is clamped
+  to the nearest edge, recorded, and counted in out_of_range: never silently lost. 0 is in range.
+- A sample belongs to the interval that is open when it is flushed: record() is called when the
+  response completes, and the driver closes intervals on the clock.
+
+Hot path: record() only appends to plain lists; flush() converts each batch with numpy and records it
+with record_many (one vectorised step per histogram), so a request costs well under a microsecond.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+from loadgen.recorder._figures import HistogramSet, Interval
+from loadgen.recorder._hdr import HIGHEST_US, record_many
+
+# Before casting to int64, pull floats into a range that stays out of range (so it is counted) but
+# cannot overflow; NaN is treated as too large.
+_LOW_SENTINEL_US = -1.0
+_HIGH_SENTINEL_US = float(HIGHEST_US + 1)
+
+
+class Recorder:
+    """Collects outcomes into interval HistogramSets and a cumulative one.
+
+    >>> rec = Recorder(start_t=100.0)
+    >>> rec.record(intended_t=100.0, sent_t=100.0002, done_t=100.0015, error=None)
+    >>> rec.finish(end_t=101.0)
+    >>> rec.cumulative.percentiles_ms("latency")["max"], rec.cumulative.percentiles_ms("lag")["max"]
+    (1.5, 0.2)
+    """
+
+    def __init__(self, start_t: float, interval_s: float = 1.0, window_end_t: float = float("inf")) -> None:
+        self.start_t = start_t
+        """Monotonic time the run (and the first interval) starts."""
+        self.interval_s = interval_s
+        """Intended interval length; the driver calls close_interval on that beat."""
+        self.window_end_t = window_end_t
+        """Responses completing after this instant do not count towards completed_in_window."""
+        self.cumulative = HistogramSet()
+        """Sum of every closed (or merged) interval."""
+        self.intervals: list[Interval] = []
+        """Closed intervals, oldest first (merged ones in arrival order)."""
+        self._current = HistogramSet()
+        self._current_start_t = start_t
+        self._finished = False
+        self._ok_intended: list[float] = []
+        self._ok_sent: list[float] = []
+        self._ok_done: list[float] = []
+        self._failed: list[tuple[float, float, float, str]] = []
+        self._dropped = 0
+
+    def record(self, intended_t: float, sent_t: float, done_t: float, error: str | None) -> None:
+        """Buffer one request's outcome (hot path: list appends only)."""
+        if error is None:
+            self._ok_intended.append(intended_t)
+            self._ok_sent.append(sent_t)
+            self._ok_done.append(done_t)  # appended last: flush() takes len() of this list
+        else:
+            self._failed.append((intended_t, sent_t, done_t, error))
+
+    def record_dropped(self, intended_t: float) -> None:
+        """Count an arrival that could not be started; it has no latency."""
+        self._dropped += 1
+
+    def flush(self) -> None:
+        """Move every buffered sample into the current interval's histograms and counters."""
+        figures = self._current
+        self._flush_ok(figures)
+        self._flush_failed(figures)
+        dropped, self._dropped = self._dropped, 0
+        figures.dropped += dropped
+
+    def close_interval(self, end_t: float) -> Interval:
+        """Flush, close [previous end, end_t), add it into cumulative and start the next one."""
+        self.flush()
+        interval = Interval(start_t=self._current_start_t, end_t=end_t, figures=self._current)
+        self.cumulative.add(interval.figures)
+        self.intervals.append(interval)
+        self._current = HistogramSet()
+        self._current_start_t = end_t
+        return interval
+
+    def finish(self, end_t: float) -> None:
+        """Close the last, possibly partial, interval; calling it again changes nothing."""
+        self.flush()
+        if _is_empty(self._current) and (self._finished or end_t <= self._current_start_t):
+            self._finished = True
+            return
+        self.close_interval(end_t)
+        self._finished = True
+
+    def merge_interval(self, interval: Interval) -> None:
+        """Keep an interval recorded elsewhere (a worker's, decoded) and add it into cumulative."""
+        self.cumulative.add(interval.figures)
+        self.intervals.append(interval)
+
+    def _flush_ok(self, figures: HistogramSet) -> None:
+        count = len(self._ok_done)
+        if count == 0:
+            return
+        intended = _take(self._ok_intended, count)
+        sent = _take(self._ok_sent, count)
+        done = _take(self._ok_done, count)
+        figures.out_of_range += record_many(figures.latency, _to_us(done - intended))
+        figures.out_of_range += record_many(figures.service, _to_us(done - sent))
+        figures.out_of_range += record_many(figures.lag, _to_us(sent - intended))
+        figures.ok += count
+        figures.sent += count
+        figures.completed_in_window += int(np.count_nonzero(done <= self.window_end_t))
+
+    def _flush_failed(self, figures: HistogramSet) -> None:
+        count = len(self._failed)
+        if count == 0:
+            return
+        failed = self._failed[:count]
+        del self._failed[:count]
+        intended, sent, done, kinds = zip(*failed, strict=True)
+        intended_a, sent_a, done_a = (np.array(column, dtype=np.float64) for column in (intended, sent, done))
+        figures.out_of_range += record_many(figures.lag, _to_us(sent_a - intended_a))
+        for kind, kind_count in Counter(kinds).items():
+            figures.errors[kind] = figures.errors.get(kind, 0) + kind_count
+        figures.sent += count
+        figures.completed_in_window += int(np.count_nonzero(done_a <= self.window_end_t))
+
+
+def _take(buffer: list[float], count: int) -> np.ndarray:
+    # Take the first `count` items and remove them; record() may append meanwhile, only at the end.
+    taken = np.array(buffer[:count], dtype=np.float64)
+    del buffer[:count]
+    return taken
+
+
+def _to_us(seconds: np.ndarray) -> np.ndarray:
+    micros = np.rint(seconds * 1e6)
+    micros = np.nan_to_num(micros, nan=_HIGH_SENTINEL_US)
+    return np.clip(micros, _LOW_SENTINEL_US, _HIGH_SENTINEL_US).astype(np.int64)
+
+
+def _is_empty(figures: HistogramSet) -> bool:
+    return figures.sent == 0 and figures.requests == 0 and figures.dropped == 0

@@ -1,0 +1,269 @@
+"""Scenario: the validated description of one run (first stage of DESIGN.md's flow).
+
+A scenario file is TOML with a `[target]` table, exactly one load-pattern table (`[open_loop]` or
+`[closed_loop]`), and an optional `[output]` table. Each pattern has its own model, so a key that
+belongs to the other pattern is reported as unknown. Every problem in a file is reported at once,
+each naming its key, and the CLI turns them into exit code 2.
+
+    [target]
+    url = "http://127.0.0.1:8000"
+    model = "identity"
+
+    [open_loop]
+    arrival = "poisson"      # or "constant"
+    rate = 200               # requests per second
+    duration = "30s"
+    seed = 1
+
+CLI flags are applied on top of the file's values (`apply_overrides`) before validation, so a
+flag's value is checked by the same rules as the file's.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+
+__all__ = [
+    "ClosedLoop",
+    "OpenLoop",
+    "Output",
+    "Scenario",
+    "ScenarioError",
+    "Stage",
+    "Target",
+    "apply_overrides",
+    "load_scenario",
+    "parse_duration",
+    "read_scenario_file",
+    "validate_scenario",
+]
+
+_UNITS = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*$")
+
+
+class ScenarioError(ValueError):
+    """A scenario that cannot run; `problems` lists each bad key with what is wrong with it."""
+
+    exit_code = 2
+
+    def __init__(self, problems: list[str], source: str = "scenario") -> None:
+        self.problems = problems
+        self.source = source
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s):\n{lines}")
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from a number or a string such as "500ms", "30s", "2m", "1h" (bare number: seconds).
+
+    >>> parse_duration("1.5m")
+    90.0
+    """
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30s, 500ms, 2m")  # noqa: TRY004 (pydantic)
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return float(match.group(1)) * _UNITS[match.group(2) or "s"]
+    raise ValueError("expected a duration such as 30s, 500ms, 2m")
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Target(_Strict):
+    """Where the load goes and how it is spoken to."""
+
+    url: str = Field(pattern=r"^https?://[^/\s]+")
+    model: str = Field(min_length=1)
+    protocol: Literal["kserve-http"] = "kserve-http"
+    version: str | None = None
+    connect_timeout: Duration = Field(default=3.0, gt=0)
+    timeout: Duration = Field(default=30.0, gt=0)
+
+
+class Stage(_Strict):
+    """One piece of an open-loop rate profile: hold `rate`, or ramp linearly to `ramp_to`."""
+
+    duration: Duration = Field(gt=0)
+    rate: float | None = Field(default=None, ge=0)
+    ramp_to: float | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> Stage:
+        if (self.rate is None) == (self.ramp_to is None):
+            raise ValueError("a stage needs exactly one of rate (hold) or ramp_to (linear ramp)")
+        return self
+
+
+class OpenLoop(_Strict):
+    """Arrivals at intended times fixed in advance from the run start, whatever the server does."""
+
+    arrival: Literal["constant", "poisson"] = "constant"
+    rate: float | None = Field(default=None, ge=0)
+    duration: Duration | None = Field(default=None, gt=0)
+    stages: list[Stage] = Field(default_factory=list)
+    seed: int = 1
+    max_in_flight: int = Field(default=2000, gt=0)
+
+    @model_validator(mode="after")
+    def _shape(self) -> OpenLoop:
+        if self.stages:
+            if self.duration is not None:
+                raise ValueError("give either duration (with rate) or stages, not both")
+        else:
+            if not self.rate:
+                raise ValueError("rate must be > 0 (requests per second) unless stages are given")
+            if self.duration is None:
+                raise ValueError("duration is required, e.g. duration = \"30s\"")
+        return self
+
+    @property
+    def total_duration(self) -> float:
+        if self.stages:
+            return sum(stage.duration for stage in self.stages)
+        return float(self.duration or 0.0)
+
+
+class ClosedLoop(_Strict):
+    """N users, each sending its next request when the previous answer arrived plus a think time."""
+
+    users: int = Field(gt=0)
+    think_time: Duration = Field(default=0.0, ge=0)
+    think: Literal["none", "constant", "exponential"] | None = None
+    duration: Duration = Field(gt=0)
+    seed: int = 1
+
+    @property
+    def think_kind(self) -> str:
+        if self.think is not None:
+            return self.think
+        return "constant" if self.think_time > 0 else "none"
+
+    @property
+    def total_duration(self) -> float:
+        return self.duration
+
+
+class Output(_Strict):
+    dir: str | None = None
+    interval: Duration = Field(default=1.0, gt=0)
+    max_lag_ms: float = Field(default=1.0, gt=0)
+
+
+_ONE_PATTERN = "give exactly one load pattern: [open_loop] (--rate) or [closed_loop] (--users)"
+
+
+class Scenario(_Strict):
+    """A whole run: target, one load pattern, outputs."""
+
+    target: Target
+    open_loop: OpenLoop | None = None
+    closed_loop: ClosedLoop | None = None
+    output: Output = Field(default_factory=Output)
+
+    @model_validator(mode="after")
+    def _one_pattern(self) -> Scenario:
+        if (self.open_loop is None) == (self.closed_loop is None):
+            raise ValueError(_ONE_PATTERN)
+        return self
+
+    @property
+    def pattern(self) -> OpenLoop | ClosedLoop:
+        return self.open_loop if self.open_loop is not None else self.closed_loop  # type: ignore[return-value]
+
+
+def _describe(error: dict[str, Any]) -> str:
+    where = ".".join(str(part) for part in error["loc"]) or "scenario"
+    if error["type"] == "extra_forbidden":
+        return f"{where}: unknown key"
+    if error["type"] == "missing":
+        return f"{where}: required key is missing"
+    message = error["msg"].removeprefix("Value error, ")
+    got = error.get("input")
+    shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+    return f"{where}: {message}{shown}"
+
+
+def validate_scenario(data: dict[str, Any], source: str = "scenario") -> Scenario:
+    """Validate a plain dict into a Scenario, or raise ScenarioError naming every bad key."""
+    problems = []
+    patterns = [name for name in ("open_loop", "closed_loop") if name in data]
+    if len(patterns) != 1:
+        problems.append(f"scenario: {_ONE_PATTERN}")
+    try:
+        return Scenario.model_validate(data)
+    except ValidationError as exc:
+        problems += [_describe(e) for e in exc.errors() if _ONE_PATTERN not in e["msg"]]
+        raise ScenarioError(problems, source) from None
+
+
+def read_scenario_file(path: str | Path) -> dict[str, Any]:
+    """The raw tables of a TOML scenario file (not yet validated)."""
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ScenarioError([f"{path}: no such file"], str(path)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ScenarioError([f"not valid TOML: {exc}"], str(path)) from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Lay CLI values over file values. Keys are dotted ("target.url"); None means "not given".
+
+    A pattern flag switches the pattern: `--users` on an open-loop file runs closed loop with the
+    file's duration, and `--rate` does the reverse.
+    """
+    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    for other, mine in (("closed_loop", "open_loop"), ("open_loop", "closed_loop")):
+        if any(k.startswith(mine + ".") and k.split(".")[1] in _PATTERN_KEYS[mine] for k in given):
+            old = merged.pop(other, None)
+            table = merged.setdefault(mine, {})
+            if isinstance(old, dict) and "duration" in old and "duration" not in table:
+                table["duration"] = old["duration"]
+    for dotted, value in given.items():
+        table_name, key = dotted.split(".", 1)
+        if table_name in ("open_loop", "closed_loop") and key in _SHARED_KEYS:
+            table_name = "closed_loop" if "closed_loop" in merged else "open_loop"
+        table = merged.setdefault(table_name, {})
+        if isinstance(table, dict):
+            table[key] = value
+    return merged
+
+
+_PATTERN_KEYS = {"open_loop": {"rate", "arrival"}, "closed_loop": {"users", "think_time", "think"}}
+_SHARED_KEYS = {"duration", "seed"}
+
+
+def load_scenario(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Scenario:
+    """Read (optionally) a TOML file, lay CLI overrides on it, validate.
+
+    >>> load_scenario(None, {"target.url": "http://127.0.0.1:8000", "target.model": "m",
+    ...                      "open_loop.rate": 100, "open_loop.duration": "10s"}).pattern.rate
+    100.0
+    """
+    data = read_scenario_file(path) if path is not None else {}
+    source = str(path) if path is not None else "command line"
+    return validate_scenario(apply_overrides(data, overrides or {}), source)

@@ -1,0 +1,17 @@
+"""Sinks: where recorded figures go (interval log, summary JSON, terminal table).
+
+Place in the flow: Recorder -> **sinks**. Each sink reads a Recorder or a summary dict and never
+records anything itself.
+"""
+
+from loadgen.sinks.hlog import read_hlog, write_hlog
+from loadgen.sinks.summary import build_summary, write_summary
+from loadgen.sinks.table import render_table
+
+__all__ = [
+    "build_summary",
+    "read_hlog",
+    "render_table",
+    "write_hlog",
+    "write_summary",
+]

@@ -1,0 +1,70 @@
+"""Render a run summary as a compact plain-text table for the terminal.
+
+Place in the flow: Recorder -> summary -> **table** (printed at the end of `loadgen run`). Plain
+text, so it reads the same in a CI log as in a terminal.
+
+                    p50       p90       p99     p99.9       max      mean  (ms)
+    latency       2.589     3.687     3.973     3.993     3.999     2.552
+    service       2.539     3.637     3.923     3.943     3.949     2.502
+    lag           0.050     0.050     0.050     0.050     0.050     0.050
+    rate     offered 500.0/s   sent 500.0/s   achieved 500.0/s
+    count    1000 requests, 980 ok, 20 errors (http_503 20), 1 dropped
+    GENERATOR-BOUND: lag p99 2.1 ms > 1 ms (these figures describe the generator, not the endpoint)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+ROWS = ("latency", "service", "lag")
+COLUMNS = {"p50": "p50", "p90": "p90", "p99": "p99", "p99_9": "p99.9", "max": "max", "mean": "mean"}
+"""Summary key -> column heading."""
+_LABEL_WIDTH = 9
+_CELL_WIDTH = 10
+
+
+def render_table(summary: dict[str, Any]) -> str:
+    """The percentile table, then rate, count and generator-health lines.
+
+    >>> print(render_table(summary))  # doctest: +SKIP
+    """
+    lines = [_header(), *(_row(name, summary.get(f"{name}_ms", {})) for name in ROWS)]
+    lines.append(_rates_line(summary))
+    lines.append(_counts_line(summary))
+    if summary.get("generator_bound"):
+        lines.append(_bound_line(summary.get("generator", {})))
+    return "\n".join(lines)
+
+
+def _header() -> str:
+    cells = "".join(f"{heading:>{_CELL_WIDTH}}" for heading in COLUMNS.values())
+    return f"{'':<{_LABEL_WIDTH}}{cells}  (ms)"
+
+
+def _row(name: str, figures: dict[str, float]) -> str:
+    cells = "".join(f"{figures.get(key, 0.0):>{_CELL_WIDTH}.3f}" for key in COLUMNS)
+    return f"{name:<{_LABEL_WIDTH}}{cells}"
+
+
+def _rates_line(summary: dict[str, Any]) -> str:
+    rates = (f"{kind} {summary.get(f'{kind}_rps', 0.0):.1f}/s" for kind in ("offered", "sent", "achieved"))
+    return f"{'rate':<{_LABEL_WIDTH}}" + "   ".join(rates)
+
+
+def _counts_line(summary: dict[str, Any]) -> str:
+    errors: dict[str, int] = summary.get("errors", {})
+    parts = [f"{summary.get('requests', 0)} requests", f"{summary.get('ok', 0)} ok"]
+    error_count = sum(errors.values())
+    kinds = ", ".join(f"{kind} {count}" for kind, count in sorted(errors.items()))
+    parts.append(f"{error_count} errors ({kinds})" if kinds else "0 errors")
+    parts.append(f"{summary.get('dropped', 0)} dropped")
+    if summary.get("out_of_range"):
+        parts.append(f"{summary['out_of_range']} values out of histogram range (clamped)")
+    return f"{'count':<{_LABEL_WIDTH}}" + ", ".join(parts)
+
+
+def _bound_line(generator: dict[str, Any]) -> str:
+    reasons = generator.get("reasons") or "no reason given"
+    if not isinstance(reasons, str):
+        reasons = "; ".join(str(reason) for reason in reasons)
+    return f"GENERATOR-BOUND: {reasons} (these figures describe the generator, not the endpoint)"

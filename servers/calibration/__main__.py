@@ -1,0 +1,144 @@
+"""Command line of the calibration server: a KServe v2 endpoint whose true latency is its flags.
+
+    python -m servers.calibration --port 0 --delay-ms 20
+    python -m servers.calibration --port 0 --stall-every 2 --stall-for 0.3 --delay-ms 5
+    python -m servers.calibration --port 0 --service-ms 10 --workers 4
+
+Once listening it prints one line, `listening on http://HOST:PORT`, and flushes (tests and the demo
+read it to learn the port when 0 was asked). SIGTERM or SIGINT stops it with exit code 0; bad flags
+exit with code 2. GET /calibration reports the declared timing and t0 for computing the truth with
+servers/calibration/timing.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+
+from servers.calibration._app import CalibrationApp, ServerConfig
+from servers.calibration._server import ServerContext, run_server
+from servers.calibration.timing import TimingConfig, TimingModel
+from servers.core.precise_timer import PreciseScheduler
+from servers.core.timerfd import reduce_timer_slack
+
+ReadyCallback = Callable[[str, int], None]
+# Problems name config fields; on the command line, show the flag that sets each one.
+_FLAGS = {
+    "delay_ms": "--delay-ms", "stall_every_s": "--stall-every", "stall_for_s": "--stall-for",
+    "service_ms": "--service-ms", "workers": "--workers", "shape": "--shape", "datatype": "--datatype",
+}
+_FIELD_NAME = re.compile(r"\b(?:" + "|".join(_FLAGS) + r")\b")
+
+
+def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000,
+          ready_callback: ReadyCallback | None = None) -> None:
+    """Run the calibration server until SIGTERM or SIGINT (signals are caught only in the main thread).
+
+    Example:
+        serve(ServerConfig(TimingConfig(delay_ms=20)), port=0,
+              ready_callback=lambda host, port: print(f"listening on {host}:{port}"))
+    """
+    problems = config.problems()
+    if problems:
+        raise ValueError("; ".join(problems))
+    reduce_timer_slack()
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(_serve_until_signal(config, host, port, ready_callback))
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+async def _serve_until_signal(config: ServerConfig, host: str, port: int,
+                              ready_callback: ReadyCallback | None) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = (signal.SIGTERM, signal.SIGINT) if threading.current_thread() is threading.main_thread() else ()
+    for signum in signals:
+        loop.add_signal_handler(signum, stop.set)
+
+    def make_context(t0: float) -> ServerContext:
+        app = CalibrationApp(config, t0=t0, pid=os.getpid())
+        return ServerContext(app, TimingModel(config.timing, t0), PreciseScheduler(loop))
+
+    try:
+        await run_server(make_context, host, port, stop, ready_callback)
+    finally:
+        for signum in signals:
+            loop.remove_signal_handler(signum)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m servers.calibration",
+        description="KServe v2 HTTP endpoint with a declared, precisely kept latency (identity model).",
+        epilog="example: python -m servers.calibration --port 0 --delay-ms 20",
+    )
+    add = parser.add_argument
+    add("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    add("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (default 8000)")
+    add("--delay-ms", type=float, default=0.0, help="fixed latency from arrival to answer (default 0)")
+    add("--stall-every", type=float, default=0.0, metavar="S",
+        help="stall during [t0+k*S, t0+k*S+T) for k = 1, 2, ... (seconds; default 0 = never)")
+    add("--stall-for", type=float, default=0.0, metavar="T", help="length of each stall window (seconds)")
+    add("--service-ms", type=float, default=0.0,
+        help="FIFO workers with this fixed service time replace --delay-ms (default 0 = off)")
+    add("--workers", type=int, default=1, help="number of FIFO workers for --service-ms (default 1)")
+    add("--shape", default="16", help="tensor shape after the batch dimension, e.g. 16 or 3,224,224")
+    add("--datatype", default="FP32", help="tensor datatype in metadata and answers (default FP32)")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[ServerConfig, list[str]]:
+    """The server config the flags describe, and every problem with them."""
+    problems = []
+    try:
+        shape = tuple(int(part) for part in args.shape.split(","))
+    except ValueError:
+        problems.append(f"--shape must be comma-separated integers, got {args.shape!r}")
+        shape = (1,)
+    timing = TimingConfig(delay_ms=args.delay_ms, stall_every_s=args.stall_every, stall_for_s=args.stall_for,
+                          service_ms=args.service_ms, workers=args.workers)
+    config = ServerConfig(timing=timing, shape=shape, datatype=args.datatype.upper())
+    problems += [_FIELD_NAME.sub(lambda m: _FLAGS[m.group(0)], text) for text in config.problems()]
+    if not 0 <= args.port <= 65535:
+        problems.append(f"--port must be in 0..65535, got {args.port}")
+    return config, problems
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse flags, serve until stopped; returns the exit code (2 for bad flags, 1 if it cannot listen)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    config, problems = config_from_args(args)
+    if problems:
+        parser.print_usage(sys.stderr)
+        for problem in problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 2
+    try:
+        serve(config, args.host, args.port, _print_listening)
+    except OSError as exc:
+        print(f"error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _print_listening(host: str, port: int) -> None:
+    shown = f"[{host}]" if ":" in host else host
+    print(f"listening on http://{shown}:{port}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""HTTP/1.1 framing for the calibration server: split a byte stream into requests, format responses.
+
+Only what a KServe v2 client needs, kept lean because the server must answer well over 8,000 small
+requests a second on one core: request line + headers, bodies framed by Content-Length (up to
+64 MiB, as Triton's --http-max-input-size), keep-alive by HTTP version and the Connection header.
+Chunked bodies and POSTs without a length are refused (the server has to know where a request ends
+to time it). A framing error is fatal to the connection: the stream can no longer be split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MAX_BODY_BYTES = 64 * 1024 * 1024
+MAX_HEAD_BYTES = 64 * 1024
+_HEAD_END = b"\r\n\r\n"
+
+REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    411: "Length Required",
+    413: "Content Too Large",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    505: "HTTP Version Not Supported",
+}
+
+
+class HttpError(Exception):
+    """A request the stream cannot carry on from: answer `status` with `message`, then close."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(slots=True)
+class Request:
+    """One parsed request; header names are lower-case."""
+
+    method: str
+    target: str
+    version: str
+    headers: dict[str, str]
+    body: bytes = b""
+    keep_alive: bool = True
+
+    @property
+    def path(self) -> str:
+        """The target without its query string."""
+        return self.target.partition("?")[0]
+
+
+@dataclass(slots=True)
+class _Head:
+    request: Request
+    body_length: int
+    continued: bool = False
+
+
+@dataclass
+class RequestParser:
+    """Incremental parser: `feed` bytes as they come, then take complete requests with `next_request`."""
+
+    _buffer: bytearray = field(default_factory=bytearray)
+    _head: _Head | None = None
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+
+    def next_request(self) -> Request | None:
+        """The next complete request, or None until more bytes arrive; raises HttpError."""
+        if self._head is None:
+            self._head = self._parse_head()
+            if self._head is None:
+                return None
+        length = self._head.body_length
+        if len(self._buffer) < length:
+            return None
+        request = self._head.request
+        if length:
+            request.body = bytes(self._buffer[:length])
+            del self._buffer[:length]
+        self._head = None
+        return request
+
+    def continue_due(self) -> bool:
+        """True once for a head that asked for `100-continue` and waits for its body: answer it now."""
+        head = self._head
+        if head is None or head.continued or head.request.headers.get("expect", "").lower() != "100-continue":
+            return False
+        head.continued = True
+        return True
+
+    def _parse_head(self) -> _Head | None:
+        buffer = self._buffer
+        end = buffer.find(_HEAD_END)
+        if end < 0:
+            if len(buffer) > MAX_HEAD_BYTES:
+                raise HttpError(431, f"request head longer than {MAX_HEAD_BYTES} bytes")
+            return None
+        if end > MAX_HEAD_BYTES:
+            raise HttpError(431, f"request head longer than {MAX_HEAD_BYTES} bytes")
+        try:
+            text = buffer[:end].decode("latin-1")
+        finally:
+            del buffer[: end + len(_HEAD_END)]
+        request = _parse_lines(text.lstrip("\r\n").split("\r\n"))
+        return _Head(request, _body_length(request))
+
+
+def _parse_lines(lines: list[str]) -> Request:
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[0] or not parts[1].startswith("/"):
+        raise HttpError(400, f"malformed request line: {lines[0][:200]!r}")
+    method, target, version = parts
+    if version not in ("HTTP/1.1", "HTTP/1.0"):
+        raise HttpError(505, f"unsupported HTTP version: {version[:20]!r}")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if not sep or not name or name[-1] in " \t":
+            raise HttpError(400, f"malformed header line: {line[:200]!r}")
+        name = name.lower()
+        value = value.strip()
+        if name in headers and name == "content-length" and headers[name] != value:
+            raise HttpError(400, "conflicting Content-Length headers")
+        headers[name] = value
+    connection = headers.get("connection", "").lower()
+    if version == "HTTP/1.1":
+        keep_alive = "close" not in connection
+    else:
+        keep_alive = "keep-alive" in connection
+    return Request(method, target, version, headers, keep_alive=keep_alive)
+
+
+def _body_length(request: Request) -> int:
+    headers = request.headers
+    if "transfer-encoding" in headers:
+        raise HttpError(411, "Transfer-Encoding is not supported; send the body with a Content-Length")
+    raw = headers.get("content-length")
+    if raw is None:
+        if request.method == "POST":
+            raise HttpError(411, "POST needs a Content-Length header")
+        return 0
+    if not raw.isdigit() or not raw.isascii():
+        raise HttpError(400, f"invalid Content-Length: {raw[:40]!r}")
+    length = int(raw)
+    if length > MAX_BODY_BYTES:
+        raise HttpError(413, f"request body of {length} bytes exceeds the limit of {MAX_BODY_BYTES}")
+    return length
+
+
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def continue_response() -> bytes:
+    """The interim answer to `Expect: 100-continue`."""
+    return _CONTINUE
+
+
+def format_response(status: int, body: bytes, content_type: str = "application/json", *,
+                    keep_alive: bool = True, http10: bool = False) -> bytes:
+    """A complete HTTP/1.1 response; an empty body is sent without a Content-Type."""
+    head = [f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}\r\n"]
+    if body:
+        head.append(f"Content-Type: {content_type}\r\n")
+    head.append(f"Content-Length: {len(body)}\r\n")
+    if not keep_alive:
+        head.append("Connection: close\r\n")
+    elif http10:
+        head.append("Connection: keep-alive\r\n")
+    head.append("\r\n")
+    return "".join(head).encode("latin-1") + body

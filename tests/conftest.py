@@ -1,0 +1,105 @@
+"""Shared fixtures: real servers on 127.0.0.1 (port 0), and `loadgen` run as a real process.
+
+The generator runs in its own process in every integration test: importing locust monkey-patches
+the interpreter with gevent, which the test process must not be.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen
+    url: str
+
+    def info(self) -> dict:
+        return httpx.get(self.url + "/calibration", timeout=5).json()
+
+
+def start_server(args: list[str], timeout: float = 20.0) -> Server:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "servers.calibration", "--port", "0", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line.startswith("listening on "):
+            return Server(proc, line.split()[-1].strip())
+        if not line and proc.poll() is not None:
+            break
+    stop_process(proc)
+    raise RuntimeError(f"calibration server did not start: {proc.stderr.read()}")
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+@pytest.fixture
+def calibration_server() -> Iterator:
+    """Factory: calibration_server("--delay-ms", "20") -> Server, stopped after the test."""
+    started: list[Server] = []
+
+    def factory(*args: str) -> Server:
+        server = start_server(list(args))
+        started.append(server)
+        return server
+
+    yield factory
+    for server in started:
+        stop_process(server.proc)
+
+
+@dataclass
+class LoadgenRun:
+    returncode: int
+    stdout: str
+    stderr: str
+    out: Path
+
+    @property
+    def summary(self) -> dict:
+        return json.loads((self.out / "summary.json").read_text())
+
+
+def loadgen_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "loadgen", *args]
+
+
+def run_loadgen(*args: str, out: Path, timeout: float = 120.0) -> LoadgenRun:
+    """`loadgen run ARGS --out OUT` in a child process; returns its exit code, output and folder."""
+    proc = subprocess.run(
+        loadgen_cmd("run", *args, "--out", str(out)),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        cwd=ROOT,
+    )
+    return LoadgenRun(proc.returncode, proc.stdout, proc.stderr, out)

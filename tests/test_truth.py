@@ -1,0 +1,76 @@
+"""Reported latencies against servers whose true latency is known (integration, real processes).
+
+The calibration server declares its latency on its command line; the truth for each request is
+computed from the server's own timing model (servers/calibration/timing.py) at the intended send
+instants, which the generator's schedule fixes in advance.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from servers.calibration.timing import TimingConfig, TimingModel
+from tests.conftest import run_loadgen
+
+pytestmark = pytest.mark.integration
+
+
+def within(measured: float, truth: float, rel: float, floor_ms: float = 0.0) -> bool:
+    return abs(measured - truth) <= max(floor_ms, rel * truth)
+
+
+def test_fixed_delay_open_loop(calibration_server, tmp_path) -> None:
+    server = calibration_server("--delay-ms", "20")
+    run = run_loadgen("--target", server.url, "--model", "m", "--rate", "100", "--duration", "10s",
+                      out=tmp_path / "run")
+    assert run.returncode == 0, run.stderr
+    summary = run.summary
+    assert summary["requests"] == summary["ok"] == 1000
+    latency = summary["latency_ms"]
+    for key in ("p50", "p99"):
+        assert within(latency[key], 20.0, 0.05, floor_ms=1.0), (key, latency)
+    assert server.info()["requests"] == 1000 + 0  # every request the server answered was counted
+
+
+def truth_percentiles(latencies_ms: np.ndarray) -> dict[str, float]:
+    points = {"p90": 90.0, "p99": 99.0, "p99_9": 99.9}
+    return {k: float(np.percentile(latencies_ms, q, method="inverted_cdf")) for k, q in points.items()}
+
+
+def test_stalls_open_loop_tails_match_the_schedule(calibration_server, tmp_path) -> None:
+    server = calibration_server("--delay-ms", "10", "--stall-every", "5", "--stall-for", "1")
+    run = run_loadgen("--target", server.url, "--model", "m", "--rate", "200", "--duration", "20s",
+                      out=tmp_path / "open")
+    assert run.returncode == 0, run.stderr
+    summary = run.summary
+    info = server.info()
+    model = TimingModel(TimingConfig(delay_ms=10, stall_every_s=5, stall_for_s=1), t0=info["t0"])
+    start = summary["clock"]["start_monotonic_s"]
+    intended = start + np.arange(4000) / 200.0
+    truth = truth_percentiles((np.array(model.done_all(intended)) - intended) * 1000.0)
+    assert truth["p99_9"] > 900  # the run did cover stalls
+    for key, value in truth.items():
+        assert within(summary["latency_ms"][key], value, 0.05), (key, summary["latency_ms"], truth)
+
+    closed = run_loadgen("--target", server.url, "--model", "m", "--users", "2", "--duration", "10s",
+                         out=tmp_path / "closed")
+    assert closed.returncode == 0, closed.stderr
+    closed_latency = closed.summary["latency_ms"]
+    # A closed-loop user stuck in a stall sends nothing else: the stall is one sample per user.
+    assert closed_latency["p99"] < summary["latency_ms"]["p99"] / 10, closed_latency
+    assert closed_latency["max"] > 500  # it did see a stall, it just weighs it once
+
+
+def test_achieved_rate_is_the_offered_rate(calibration_server, tmp_path) -> None:
+    server = calibration_server()
+    run = run_loadgen("--target", server.url, "--model", "m", "--rate", "500", "--duration", "10s",
+                      out=tmp_path / "run")
+    assert run.returncode == 0, run.stderr
+    summary = run.summary
+    assert not summary["generator_bound"], summary["generator"]
+    assert summary["offered_rps"] == pytest.approx(500.0)
+    assert summary["sent_rps"] == pytest.approx(500.0, rel=0.01)
+    assert summary["achieved_rps"] == pytest.approx(500.0, rel=0.01)
+    assert summary["dropped"] == 0
+    assert server.info()["requests"] == summary["requests"] == 5000
