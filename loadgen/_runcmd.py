@@ -37,6 +37,7 @@ def summarize(result: RunResult) -> dict[str, Any]:
         "target": {"url": result.scenario.target.url, "model": result.scenario.target.model},
         "interrupted": result.interrupted,
         "in_flight_at_end": result.in_flight_at_end,
+        "warmup_requests": result.warmup_requests,
         "clock": {"start_monotonic_s": result.recorder.start_t, "start_epoch_s": result.start_epoch_s},
     }
     summary = build_summary(

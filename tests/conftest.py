@@ -20,6 +20,19 @@ import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+_CPUS = sorted(os.sched_getaffinity(0))
+
+
+def _pin(index: int):
+    """preexec_fn keeping a child on one core: generator on the first, servers on the second.
+
+    As in a real deployment, the server must not run on the generator's core: a server process
+    sharing it reads each request late by whatever the generator was doing, and reports a later
+    arrival than the true one (DESIGN.md: timing traps).
+    """
+    if len(_CPUS) < 2:
+        return None
+    return lambda: os.sched_setaffinity(0, {_CPUS[index]})
 
 
 @dataclass
@@ -39,6 +52,7 @@ def start_server(args: list[str], timeout: float = 20.0) -> Server:
         text=True,
         cwd=ROOT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        preexec_fn=_pin(1),
     )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -100,6 +114,7 @@ def run_loadgen(*args: str, out: Path, timeout: float = 120.0) -> LoadgenRun:
         text=True,
         timeout=timeout,
         check=False,
+        preexec_fn=_pin(0),
         cwd=ROOT,
     )
     return LoadgenRun(proc.returncode, proc.stdout, proc.stderr, out)

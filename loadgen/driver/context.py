@@ -40,6 +40,7 @@ class LoadContext:
         self._finished = Event()
         self.stopping = False  # closed-loop users send nothing more once set
         self._user_requests = 0
+        self._ticker: gevent.Greenlet | None = None
         self.peak_in_flight = 0
         self._rng = np.random.default_rng(getattr(self.pattern, "seed", 0))
         self._fire = environment.events.request.fire if environment is not None else None
@@ -51,14 +52,14 @@ class LoadContext:
         self.start_t = time.monotonic() if start_t is None else start_t
         self.end_t = self.start_t + self.pattern.total_duration
         self.recorder = Recorder(self.start_t, self.scenario.output.interval, window_end_t=self.end_t)
-        gevent.spawn(self._tick)
+        self._ticker = gevent.spawn(self._tick)
 
     def _tick(self) -> None:
-        """Close an interval every `interval` seconds of run time until the run is done.
+        """Close an interval every `interval` seconds of run time until the run is finished.
 
-        Closing takes about a millisecond. In open loop the dispatcher runs it in its next gap
-        long enough to hold it, so no arrival waits; if no such gap comes within a quarter of an
-        interval (very high rates), it runs here anyway.
+        Closing takes about a millisecond; it is done in slices, and between two slices the loop
+        polls for I/O (gevent.idle; gevent.sleep(0) would run ready greenlets only), so responses
+        that arrive meanwhile are read on time.
         """
         step = self.scenario.output.interval
         k = 1
@@ -67,20 +68,15 @@ class LoadContext:
             self._finished.wait(max(0.0, boundary - time.monotonic()))
             if self._finished.is_set():
                 return
-            closed = Event()
-            dispatcher = self.dispatcher
-            if dispatcher is not None and not dispatcher.stopped:
-                dispatcher.chore = lambda b=boundary, e=closed: (self.recorder.close_interval(b), e.set())
-                closed.wait(step / 4)
-            if not closed.is_set():
-                if dispatcher is not None:
-                    dispatcher.chore = None
-                self.recorder.close_interval(boundary)
+            for _ in self.recorder.close_interval_steps(boundary):
+                gevent.idle()
             k += 1
 
     def finish(self, end_t: float) -> None:
         """Stop the interval clock and close the last interval at `end_t`."""
         self._finished.set()
+        if self._ticker is not None:
+            self._ticker.join()  # an interval being closed is completed first
         self.recorder.finish(end_t)
 
     @property

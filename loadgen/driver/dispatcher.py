@@ -36,9 +36,6 @@ _EARLY_S = 15e-6
 # where the core never idles deeply.
 _SPIN_S = 200e-6
 _SPIN_FRACTION = 0.1
-# Housekeeping (closing a recorder interval, ~1 ms) runs in a wait at least this long, so that it
-# does not hold up an arrival.
-_CHORE_SLACK_S = 3e-3
 
 
 class Dispatcher:
@@ -66,7 +63,6 @@ class Dispatcher:
         self._timer: TimerFD | None = None
         self._idle = Event()
         self._idle.set()
-        self.chore: Callable[[], None] | None = None  # run once in the next long enough wait
 
     def stop(self) -> None:
         """Start no further arrivals (in-flight requests go on)."""
@@ -90,10 +86,6 @@ class Dispatcher:
                     if self._stop.is_set():
                         return
                     wait = intended_t - time.monotonic()
-                    if wait > _CHORE_SLACK_S and self.chore is not None:
-                        chore, self.chore = self.chore, None
-                        chore()
-                        wait = intended_t - time.monotonic()
                     if wait > _EARLY_S:
                         timer.arm(intended_t - min(_SPIN_S, wait * _SPIN_FRACTION))
                         hub.wait(watcher)

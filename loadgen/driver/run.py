@@ -43,6 +43,7 @@ class RunResult:
     interrupted: bool = False
     in_flight_at_end: int = 0
     start_epoch_s: float = 0.0
+    warmup_requests: int = 0
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
@@ -120,6 +121,7 @@ def result_of(
         generator=_self_check(ctx, ctx.scenario, cpu),
         interrupted=interrupted,
         in_flight_at_end=ctx.in_flight,
+        warmup_requests=getattr(ctx.client, "warmup_requests", 0),
         start_epoch_s=start_epoch_s,
         metadata=metadata or {},
     )

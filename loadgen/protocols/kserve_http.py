@@ -1,7 +1,7 @@
 """KServe v2 (Triton) inference over HTTP/1.1 with JSON tensors: the protocol-client stage.
 
-`prepare()` checks that server and model are ready and reads the model's inputs from its metadata
-(GET /v2/models/{m}), then builds one request body; `send(intended_t)` posts it and returns an
+`prepare()` checks that server and model are ready, reads the model's inputs from its metadata
+(GET /v2/models/{m}), builds one request body and sends a few unmeasured warm-up requests; `send(intended_t)` posts it and returns an
 Outcome. The client never records anything: the driver hands the Outcome to the recorder.
 Any status other than 200 is an error of kind http_<status> (PROTOCOLS.md 1.9).
 """
@@ -50,6 +50,7 @@ class KServeHttpClient:
         self._pool = self._client(max_connections)
         self.metadata: dict[str, Any] = {}
         self.body = b""
+        self.warmup_requests = 0
 
     def _client(self, concurrency: int, network_timeout: float | None = None) -> HTTPClient:
         return HTTPClient(
@@ -94,7 +95,20 @@ class KServeHttpClient:
             control.close()
         request = {"inputs": synthetic_inputs(self.metadata["inputs"], self.seed)}
         self.body = json.dumps(request, separators=(",", ":")).encode()
+        self._warm_up()
         return self.metadata
+
+    def _warm_up(self, count: int = 8) -> None:
+        """A few unmeasured requests: open a connection, warm both sides' code paths, and learn
+        before the run (not 10,000 errors into it) that the model rejects the request built."""
+        for _ in range(count):
+            outcome = self.send(time.monotonic())
+            self.warmup_requests += 1
+            if outcome.error is not None:
+                raise ProtocolMismatch(
+                    f"the warm-up infer request to {self._infer_path} failed "
+                    f"({outcome.error}: {outcome.message or 'no detail'})"
+                )
 
     # -- the hot path ---------------------------------------------------------------------------
     def send(self, intended_t: float) -> Outcome:

@@ -60,7 +60,7 @@ class HistogramSet:
     def add(self, other: HistogramSet) -> None:
         """Add `other` into this set: histograms bucket by bucket, counters by sum."""
         for name in HISTOGRAMS:
-            _add_histogram(getattr(self, name), getattr(other, name))
+            add_histogram(getattr(self, name), getattr(other, name))
         for name in COUNTERS:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for kind, count in other.errors.items():
@@ -115,7 +115,7 @@ def _ms(value_us: float) -> float:
     return round(value_us / 1000.0, 3)
 
 
-def _add_histogram(into: HdrHistogram, other: HdrHistogram) -> None:
+def add_histogram(into: HdrHistogram, other: HdrHistogram) -> None:
     # hdrh's add() reads an empty histogram's minimum as 0 and would set ours to 0: skip empties.
     if other.get_total_count():
         into.add(other)
@@ -124,5 +124,5 @@ def _add_histogram(into: HdrHistogram, other: HdrHistogram) -> None:
 def _decode_histogram(encoded: str) -> HdrHistogram:
     # Decode into a fresh histogram of our own shape so merged sets never depend on the sender's.
     hist = new_histogram()
-    _add_histogram(hist, HdrHistogram.decode(encoded))
+    add_histogram(hist, HdrHistogram.decode(encoded))
     return hist

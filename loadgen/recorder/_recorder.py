@@ -28,15 +28,19 @@ when it succeeded, else a short string such as "http_503", "timeout", "connect",
 
 Hot path: record() only appends to plain lists; flush() converts each batch with numpy and records it
 with record_many (one vectorised step per histogram), so a request costs well under a microsecond.
+Closing an interval costs about a millisecond in all; `close_interval_steps` does it in slices of
+~0.1 ms so that the generator's event loop can read responses between them (a response read late
+is service time measured wrong).
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 
 import numpy as np
 
-from loadgen.recorder._figures import HistogramSet, Interval
+from loadgen.recorder._figures import COUNTERS, HISTOGRAMS, HistogramSet, Interval, add_histogram
 from loadgen.recorder._hdr import HIGHEST_US, record_many
 
 # Before casting to int64, pull floats into a range that stays out of range (so it is counted) but
@@ -67,6 +71,7 @@ class Recorder:
         self.intervals: list[Interval] = []
         """Closed intervals, oldest first (merged ones in arrival order)."""
         self._current = HistogramSet()
+        self._spare: HistogramSet | None = None  # the next interval's, made ahead of time
         self._current_start_t = start_t
         self._finished = False
         self._ok_intended: list[float] = []
@@ -80,7 +85,7 @@ class Recorder:
         if error is None:
             self._ok_intended.append(intended_t)
             self._ok_sent.append(sent_t)
-            self._ok_done.append(done_t)  # appended last: flush() takes len() of this list
+            self._ok_done.append(done_t)
         else:
             self._failed.append((intended_t, sent_t, done_t, error))
 
@@ -90,21 +95,41 @@ class Recorder:
 
     def flush(self) -> None:
         """Move every buffered sample into the current interval's histograms and counters."""
-        figures = self._current
-        self._flush_ok(figures)
-        self._flush_failed(figures)
-        dropped, self._dropped = self._dropped, 0
-        figures.dropped += dropped
+        for _ in self._flush_steps(self._current, self._take_buffers()):
+            pass
 
     def close_interval(self, end_t: float) -> Interval:
         """Flush, close [previous end, end_t), add it into cumulative and start the next one."""
-        self.flush()
-        interval = Interval(start_t=self._current_start_t, end_t=end_t, figures=self._current)
-        self.cumulative.add(interval.figures)
-        self.intervals.append(interval)
-        self._current = HistogramSet()
-        self._current_start_t = end_t
-        return interval
+        for _ in self.close_interval_steps(end_t):
+            pass
+        return self.intervals[-1]
+
+    def close_interval_steps(self, end_t: float) -> Iterator[None]:
+        """close_interval as a generator that pauses between slices of work (~0.1 ms each).
+
+        The next interval opens at the first slice, so samples recorded while the caller runs
+        other work between slices belong to it. The closed interval is in `intervals` and in
+        `cumulative` once the generator is exhausted.
+        """
+        figures, taken = self._current, self._take_buffers()
+        self._current = self._spare if self._spare is not None else HistogramSet()
+        self._spare = None
+        start_t, self._current_start_t = self._current_start_t, end_t
+        yield
+        yield from self._flush_steps(figures, taken)
+        yield from self._add_steps(self.cumulative, figures)
+        self.intervals.append(Interval(start_t=start_t, end_t=end_t, figures=figures))
+        self._spare = HistogramSet()
+
+    @staticmethod
+    def _add_steps(into: HistogramSet, figures: HistogramSet) -> Iterator[None]:
+        for name in HISTOGRAMS:
+            add_histogram(getattr(into, name), getattr(figures, name))
+            yield
+        for name in COUNTERS:
+            setattr(into, name, getattr(into, name) + getattr(figures, name))
+        for kind, count in figures.errors.items():
+            into.errors[kind] = into.errors.get(kind, 0) + count
 
     def finish(self, end_t: float) -> None:
         """Close the last, possibly partial, interval; calling it again changes nothing."""
@@ -120,40 +145,38 @@ class Recorder:
         self.cumulative.add(interval.figures)
         self.intervals.append(interval)
 
-    def _flush_ok(self, figures: HistogramSet) -> None:
-        count = len(self._ok_done)
-        if count == 0:
-            return
-        intended = _take(self._ok_intended, count)
-        sent = _take(self._ok_sent, count)
-        done = _take(self._ok_done, count)
-        figures.out_of_range += record_many(figures.latency, _to_us(done - intended))
-        figures.out_of_range += record_many(figures.service, _to_us(done - sent))
-        figures.out_of_range += record_many(figures.lag, _to_us(sent - intended))
-        figures.ok += count
-        figures.sent += count
-        figures.completed_in_window += int(np.count_nonzero(done <= self.window_end_t))
+    def _take_buffers(self) -> tuple[list[float], list[float], list[float], list, int]:
+        """Hand over every buffered sample and start empty buffers (record() appends to the new ones)."""
+        taken = (self._ok_intended, self._ok_sent, self._ok_done, self._failed, self._dropped)
+        self._ok_intended, self._ok_sent, self._ok_done, self._failed = [], [], [], []
+        self._dropped = 0
+        return taken
 
-    def _flush_failed(self, figures: HistogramSet) -> None:
-        count = len(self._failed)
-        if count == 0:
-            return
-        failed = self._failed[:count]
-        del self._failed[:count]
+    def _flush_steps(self, figures: HistogramSet, taken: tuple) -> Iterator[None]:
+        ok_intended, ok_sent, ok_done, failed, dropped = taken
+        figures.dropped += dropped
+        if ok_done:
+            intended, sent, done = (np.array(column, dtype=np.float64) for column in (ok_intended, ok_sent, ok_done))
+            figures.out_of_range += record_many(figures.latency, _to_us(done - intended))
+            yield
+            figures.out_of_range += record_many(figures.service, _to_us(done - sent))
+            yield
+            figures.out_of_range += record_many(figures.lag, _to_us(sent - intended))
+            figures.ok += len(done)
+            figures.sent += len(done)
+            figures.completed_in_window += int(np.count_nonzero(done <= self.window_end_t))
+            yield
+        if failed:
+            self._flush_failed(figures, failed)
+
+    def _flush_failed(self, figures: HistogramSet, failed: list) -> None:
         intended, sent, done, kinds = zip(*failed, strict=True)
         intended_a, sent_a, done_a = (np.array(column, dtype=np.float64) for column in (intended, sent, done))
         figures.out_of_range += record_many(figures.lag, _to_us(sent_a - intended_a))
         for kind, kind_count in Counter(kinds).items():
             figures.errors[kind] = figures.errors.get(kind, 0) + kind_count
-        figures.sent += count
+        figures.sent += len(failed)
         figures.completed_in_window += int(np.count_nonzero(done_a <= self.window_end_t))
-
-
-def _take(buffer: list[float], count: int) -> np.ndarray:
-    # Take the first `count` items and remove them; record() may append meanwhile, only at the end.
-    taken = np.array(buffer[:count], dtype=np.float64)
-    del buffer[:count]
-    return taken
 
 
 def _to_us(seconds: np.ndarray) -> np.ndarray:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import re
 import signal
@@ -48,6 +49,9 @@ def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000,
     if problems:
         raise ValueError("; ".join(problems))
     reduce_timer_slack()
+    # What exists now lives as long as the server: a full collection must not walk it mid-request.
+    gc.collect()
+    gc.freeze()
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         runner.run(_serve_until_signal(config, host, port, ready_callback))
 

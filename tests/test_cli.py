@@ -1,0 +1,112 @@
+"""The command line as a user meets it: bad input, unreachable targets, Ctrl-C (real processes)."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from hdrh.histogram import HdrHistogram
+from hdrh.log import HistogramLogReader
+
+from tests.conftest import ROOT, loadgen_cmd, run_loadgen
+
+pytestmark = pytest.mark.integration
+
+
+def scenario_file(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    return path
+
+
+def test_bad_scenario_names_each_key_and_exits_2(tmp_path) -> None:
+    path = scenario_file(
+        tmp_path,
+        '[target]\nurl = "http://127.0.0.1:9"\nmodel = "m"\ncolour = "red"\n'
+        '[open_loop]\nrate = -5\nduration = "10s"\nseed = "seven"\n',
+    )
+    run = run_loadgen(str(path), out=tmp_path / "out")
+    assert run.returncode == 2
+    for key in ("target.colour", "open_loop.rate", "open_loop.seed"):
+        assert key in run.stderr
+    assert "Traceback" not in run.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_flag_values_are_validated_like_file_values(tmp_path) -> None:
+    run = run_loadgen("--target", "http://127.0.0.1:9", "--model", "m", "--rate", "-1",
+                      "--duration", "soon", out=tmp_path / "out")
+    assert run.returncode == 2
+    assert "open_loop.rate" in run.stderr and "open_loop.duration" in run.stderr
+
+
+def test_rate_and_users_exclude_each_other(tmp_path) -> None:
+    run = run_loadgen("--target", "http://127.0.0.1:9", "--model", "m", "--rate", "5", "--users", "2",
+                      "--duration", "1s", out=tmp_path / "out")
+    assert run.returncode == 2
+    assert "--users" in run.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_refused_target_is_a_clear_error(tmp_path) -> None:
+    run = run_loadgen("--target", f"http://127.0.0.1:{free_port()}", "--model", "m", "--rate", "5",
+                      "--duration", "1s", out=tmp_path / "out")
+    assert run.returncode == 2
+    assert "cannot reach" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_silent_target_fails_within_the_connect_timeout(tmp_path) -> None:
+    with socket.socket() as silent:  # accepts connections (kernel backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        started = time.monotonic()
+        run = run_loadgen("--target", url, "--model", "m", "--rate", "5", "--duration", "1s",
+                          "--connect-timeout", "1s", out=tmp_path / "out")
+        elapsed = time.monotonic() - started
+    assert run.returncode == 2
+    assert "cannot reach" in run.stderr and "timeout" in run.stderr
+    assert "Traceback" not in run.stderr
+    assert elapsed < 1.0 + 4.0  # the timeout plus interpreter start-up, far below the 30 s request timeout
+
+
+def test_ctrl_c_still_writes_what_was_measured(calibration_server, tmp_path) -> None:
+    server = calibration_server("--delay-ms", "5")
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        loadgen_cmd("run", "--target", server.url, "--model", "m", "--rate", "100", "--duration", "60s",
+                    "--out", str(out)),
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        time.sleep(4.0)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    import json
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interrupted"] is True
+    assert 150 <= summary["requests"] <= 400
+    assert summary["requests"] + summary["warmup_requests"] == server.info()["requests"]
+    assert summary["sent_rps"] == pytest.approx(100.0, rel=0.05)
+    reader = HistogramLogReader(str(out / "latency.hlog"), HdrHistogram(1, 3_600_000_000, 3))
+    total = 0
+    while (histogram := reader.get_next_interval_histogram()) is not None:
+        if histogram.get_tag() is None:
+            total += histogram.get_total_count()
+    assert total == summary["ok"]
+    assert "p99" in stdout
