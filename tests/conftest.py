@@ -23,16 +23,15 @@ ROOT = Path(__file__).resolve().parent.parent
 _CPUS = sorted(os.sched_getaffinity(0))
 
 
-def _pin(index: int):
-    """preexec_fn keeping a child on one core: generator on the first, servers on the second.
+def pin(pid: int, index: int) -> None:
+    """Keep a child on one core: the generator on the first, servers on the second.
 
     As in a real deployment, the server must not run on the generator's core: a server process
     sharing it reads each request late by whatever the generator was doing, and reports a later
     arrival than the true one (DESIGN.md: timing traps).
     """
-    if len(_CPUS) < 2:
-        return None
-    return lambda: os.sched_setaffinity(0, {_CPUS[index]})
+    if len(_CPUS) >= 2:
+        os.sched_setaffinity(pid, {_CPUS[index]})
 
 
 @dataclass
@@ -52,8 +51,8 @@ def start_server(args: list[str], timeout: float = 20.0) -> Server:
         text=True,
         cwd=ROOT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        preexec_fn=_pin(1),
     )
+    pin(proc.pid, 1)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
@@ -108,13 +107,18 @@ def loadgen_cmd(*args: str) -> list[str]:
 
 def run_loadgen(*args: str, out: Path, timeout: float = 120.0) -> LoadgenRun:
     """`loadgen run ARGS --out OUT` in a child process; returns its exit code, output and folder."""
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         loadgen_cmd("run", *args, "--out", str(out)),
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
-        check=False,
-        preexec_fn=_pin(0),
         cwd=ROOT,
     )
-    return LoadgenRun(proc.returncode, proc.stdout, proc.stderr, out)
+    pin(proc.pid, 0)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return LoadgenRun(proc.returncode, stdout, stderr, out)

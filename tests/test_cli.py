@@ -12,7 +12,7 @@ import pytest
 from hdrh.histogram import HdrHistogram
 from hdrh.log import HistogramLogReader
 
-from tests.conftest import ROOT, loadgen_cmd, run_loadgen
+from tests.conftest import ROOT, loadgen_cmd, pin, run_loadgen
 
 pytestmark = pytest.mark.integration
 
@@ -87,6 +87,7 @@ def test_ctrl_c_still_writes_what_was_measured(calibration_server, tmp_path) -> 
                     "--out", str(out)),
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
+    pin(proc.pid, 0)
     try:
         time.sleep(4.0)
         proc.send_signal(signal.SIGINT)

@@ -9,6 +9,7 @@ recorder and the generator's self-check. Writing files is the caller's business 
 from __future__ import annotations
 
 import gc
+import os
 import resource
 import signal
 import time
@@ -26,6 +27,7 @@ from loadgen.patterns.schedule import profile_of
 from loadgen.protocols import make_client
 from loadgen.recorder import Recorder
 from loadgen.scenario import OpenLoop, Scenario
+from servers.core.keepawake import KeepAwake
 
 __all__ = ["RunResult", "drain", "execute", "result_of"]
 
@@ -52,15 +54,22 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def execute(scenario: Scenario, *, max_connections: int | None = None) -> RunResult:
+def execute(scenario: Scenario) -> RunResult:
+    """Run `scenario` (see _execute), with the generator's CPUs kept awake if the scenario asks."""
+    if not scenario.output.keep_awake:
+        return _execute(scenario)
+    with KeepAwake(os.sched_getaffinity(0)):
+        return _execute(scenario)
+
+
+def _execute(scenario: Scenario) -> RunResult:
     """Run `scenario` to its end (or SIGINT/SIGTERM) and return what was measured.
 
     Raises a TargetError (exit 2) before any load is sent when the target is not usable.
     """
     pattern = scenario.pattern
     is_open = isinstance(pattern, OpenLoop)
-    connections = max_connections or (pattern.max_in_flight if is_open else pattern.users)
-    client = make_client(scenario.target, connections, seed=pattern.seed)
+    client = make_client(scenario.target, seed=pattern.seed)
     metadata = client.prepare()
 
     environment = Environment(user_classes=[OpenLoopUser if is_open else ClosedLoopUser], events=Events())

@@ -15,9 +15,9 @@ __all__ = ["PROTOCOLS", "make_client"]
 PROTOCOLS = ("kserve-http",)
 
 
-def make_client(target: Target, max_connections: int, seed: int = 0) -> Any:
+def make_client(target: Target, seed: int = 0) -> Any:
     if target.protocol == "kserve-http":
         from loadgen.protocols.kserve_http import KServeHttpClient
 
-        return KServeHttpClient(target, max_connections, seed)
+        return KServeHttpClient(target, seed)
     raise ValueError(f"unknown protocol {target.protocol!r}; known: {', '.join(PROTOCOLS)}")

@@ -9,11 +9,10 @@ Any status other than 200 is an error of kind http_<status> (PROTOCOLS.md 1.9).
 from __future__ import annotations
 
 import json
+import ssl
 import time
 from typing import Any
 from urllib.parse import urlsplit
-
-from geventhttpclient import HTTPClient
 
 from loadgen.errors import (
     ProtocolMismatch,
@@ -22,18 +21,18 @@ from loadgen.errors import (
     classify_exception,
 )
 from loadgen.outcome import Outcome
+from loadgen.protocols.http1 import Http1Pool, build_request
 from loadgen.protocols.payloads import synthetic_inputs
 from loadgen.scenario import Target
 
 __all__ = ["KServeHttpClient"]
 
-_JSON = {"Content-Type": "application/json"}
 
 
 class KServeHttpClient:
-    """One target model over KServe v2 HTTP; `max_connections` bounds the keep-alive pool."""
+    """One target model over KServe v2 HTTP, on a keep-alive pool that grows to the in-flight count."""
 
-    def __init__(self, target: Target, max_connections: int = 1, seed: int = 0) -> None:
+    def __init__(self, target: Target, seed: int = 0) -> None:
         self.target = target
         self.seed = seed
         parts = urlsplit(target.url)
@@ -47,26 +46,23 @@ class KServeHttpClient:
         self._prefix = prefix
         self._model_path = model_path
         self._infer_path = model_path + "/infer"
-        self._pool = self._client(max_connections)
+        self._netloc = self._host + (f":{parts.port}" if parts.port else "")
+        self._pool = self._new_pool(target.timeout)
         self.metadata: dict[str, Any] = {}
-        self.body = b""
+        self.request = b""
         self.warmup_requests = 0
 
-    def _client(self, concurrency: int, network_timeout: float | None = None) -> HTTPClient:
-        return HTTPClient(
-            self._host,
-            self._port,
-            ssl=self._tls,
-            concurrency=concurrency,
-            connection_timeout=self.target.connect_timeout,
-            network_timeout=network_timeout or self.target.timeout,
+    def _new_pool(self, timeout: float) -> Http1Pool:
+        context = ssl.create_default_context() if self._tls else None
+        return Http1Pool(
+            self._host, self._port, tls=context, connect_timeout=self.target.connect_timeout, timeout=timeout
         )
 
     # -- before the run -------------------------------------------------------------------------
-    def _get(self, client: HTTPClient, path: str) -> tuple[int, bytes]:
+    def _get(self, pool: Http1Pool, path: str) -> tuple[int, bytes]:
         try:
-            response = client.get(path)
-            return response.status_code, response.read()
+            response = pool.send(build_request("GET", self._netloc, path))
+            return response.status, response.body
         except Exception as exc:  # noqa: BLE001 - every way of not answering is "unreachable"
             kind = classify_exception(exc)
             raise TargetUnreachable(
@@ -76,7 +72,7 @@ class KServeHttpClient:
 
     def prepare(self) -> dict[str, Any]:
         """Readiness check, metadata, request body. Raises a TargetError when the run cannot start."""
-        control = self._client(1, network_timeout=self.target.connect_timeout)
+        control = self._new_pool(self.target.connect_timeout)
         try:
             status, _ = self._get(control, f"{self._prefix}/v2/health/ready")
             if status != 200:
@@ -94,7 +90,9 @@ class KServeHttpClient:
         finally:
             control.close()
         request = {"inputs": synthetic_inputs(self.metadata["inputs"], self.seed)}
-        self.body = json.dumps(request, separators=(",", ":")).encode()
+        body = json.dumps(request, separators=(",", ":")).encode()
+        headers = {"Content-Type": "application/json"}
+        self.request = build_request("POST", self._netloc, self._infer_path, body, headers)
         self._warm_up()
         return self.metadata
 
@@ -115,15 +113,14 @@ class KServeHttpClient:
         """POST one infer request; the Outcome carries the error kind when it fails."""
         sent_t = time.monotonic()
         try:
-            response = self._pool.request("POST", self._infer_path, body=self.body, headers=_JSON)
-            payload = response.read()
-            status = response.status_code
+            response = self._pool.send(self.request)
         except Exception as exc:  # noqa: BLE001 - mapped to an error kind, the run goes on
             return Outcome(intended_t, sent_t, time.monotonic(), classify_exception(exc), str(exc))
         done_t = time.monotonic()
-        if status != 200:
-            return Outcome(intended_t, sent_t, done_t, f"http_{status}", _error_text(payload), len(payload))
-        return Outcome(intended_t, sent_t, done_t, None, "", len(payload))
+        if response.status != 200:
+            error = f"http_{response.status}"
+            return Outcome(intended_t, sent_t, done_t, error, _error_text(response.body), len(response.body))
+        return Outcome(intended_t, sent_t, done_t, None, "", len(response.body))
 
     def close(self) -> None:
         self._pool.close()

@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from servers.calibration._app import CalibrationApp, ServerConfig
 from servers.calibration._server import ServerContext, run_server
 from servers.calibration.timing import TimingConfig, TimingModel
+from servers.core.keepawake import KeepAwake
 from servers.core.precise_timer import PreciseScheduler
 from servers.core.timerfd import reduce_timer_slack
 
@@ -101,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--workers", type=int, default=1, help="number of FIFO workers for --service-ms (default 1)")
     add("--shape", default="16", help="tensor shape after the batch dimension, e.g. 16 or 3,224,224")
     add("--datatype", default="FP32", help="tensor datatype in metadata and answers (default FP32)")
+    add("--keep-awake", action=argparse.BooleanOptionalAction, default=True,
+        help="keep this server's CPUs out of deep idle with idle-priority spinners, so that the "
+             "wake-up of an idle CPU does not add to the declared latency (default on)")
     return parser
 
 
@@ -132,7 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {problem}", file=sys.stderr)
         return 2
     try:
-        serve(config, args.host, args.port, _print_listening)
+        with KeepAwake(os.sched_getaffinity(0) if args.keep_awake else ()):
+            serve(config, args.host, args.port, _print_listening)
     except OSError as exc:
         print(f"error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1
