@@ -118,7 +118,7 @@ def serve_calibration(ctx: typer.Context) -> None:
     --service-ms with --workers (FIFO). Any model name is served. See --help of the server."""
     from servers.calibration.__main__ import main as calibration_main
 
-    raise typer.Exit(calibration_main(list(ctx.args)))
+    raise typer.Exit(calibration_main(list(ctx.args), prog="loadgen serve calibration"))
 
 
 def main() -> None:

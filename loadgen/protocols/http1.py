@@ -54,17 +54,19 @@ def build_request(
 class _Reader:
     """Buffered reads from one socket."""
 
-    __slots__ = ("buffer", "sock")
+    __slots__ = ("buffer", "received", "sock")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.buffer = bytearray()
+        self.received = 0  # bytes received for the current request
 
     def fill(self) -> bool:
         chunk = self.sock.recv(65536)
         if not chunk:
             return False
         self.buffer += chunk
+        self.received += len(chunk)
         return True
 
     def line(self) -> bytes:
@@ -142,12 +144,13 @@ class Http1Pool:
         """Send prebuilt request bytes and read the whole response."""
         reused = bool(self._idle)
         conn = self._idle.pop() if reused else self._connect()
+        conn.reader.received = 0
         try:
             conn.sock.sendall(request)
             response, keep = _read_response(conn.reader)
-        except ConnectionClosed as exc:
+        except (ConnectionClosed, ConnectionResetError, BrokenPipeError):
             conn.close()
-            if reused and str(exc) == _NOTHING:  # closed while idle: once more, on a fresh connection
+            if reused and conn.reader.received == 0:  # closed while idle: once more, on a fresh one
                 return self._send_fresh(request)
             raise
         except BaseException:

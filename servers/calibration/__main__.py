@@ -84,9 +84,9 @@ async def _serve_until_signal(config: ServerConfig, host: str, port: int,
             loop.remove_signal_handler(signum)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m servers.calibration") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m servers.calibration",
+        prog=prog,
         description="KServe v2 HTTP endpoint with a declared, precisely kept latency (identity model).",
         epilog="example: python -m servers.calibration --port 0 --delay-ms 20",
     )
@@ -125,9 +125,9 @@ def config_from_args(args: argparse.Namespace) -> tuple[ServerConfig, list[str]]
     return config, problems
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m servers.calibration") -> int:
     """Parse flags, serve until stopped; returns the exit code (2 for bad flags, 1 if it cannot listen)."""
-    parser = build_parser()
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     config, problems = config_from_args(args)
     if problems:

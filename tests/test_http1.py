@@ -1,0 +1,174 @@
+"""The generator's HTTP/1.1 client against a raw socket server on 127.0.0.1 that says exactly what
+each test scripts: chunked and sized bodies, closes, interim responses, garbage."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from loadgen.errors import classify_exception
+from loadgen.protocols.http1 import ConnectionClosed, Http1Pool, HTTPError, build_request
+
+
+class ScriptedServer:
+    """Accepts connections; for each request read, calls `reply(conn, index)` (index counts requests)."""
+
+    def __init__(self, reply: Callable[[socket.socket, int], None]) -> None:
+        self.reply = reply
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.requests: list[bytes] = []
+        self.connections = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        buffer = b""
+        with conn:
+            while True:
+                while b"\r\n\r\n" not in buffer:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    buffer += chunk
+                head, _, buffer = buffer.partition(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n")[1:]:
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                while len(buffer) < length:
+                    buffer += conn.recv(65536)
+                self.requests.append(head + b"\r\n\r\n" + buffer[:length])
+                buffer = buffer[length:]
+                if self.reply(conn, len(self.requests) - 1) == "close":
+                    return
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def scripted() -> Iterator[Callable[..., ScriptedServer]]:
+    servers = []
+
+    def start(reply):
+        server = ScriptedServer(reply)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def pool_for(server: ScriptedServer, timeout: float = 2.0) -> Http1Pool:
+    return Http1Pool("127.0.0.1", server.port, connect_timeout=1.0, timeout=timeout)
+
+
+def test_build_request_is_complete() -> None:
+    request = build_request("POST", "h:1", "/v2/models/m/infer", b'{"a":1}', {"Content-Type": "application/json"})
+    assert request == (b"POST /v2/models/m/infer HTTP/1.1\r\nHost: h:1\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: 7\r\n\r\n{\"a\":1}")
+    assert build_request("GET", "h", "/v2") == b"GET /v2 HTTP/1.1\r\nHost: h\r\n\r\n"
+
+
+def test_sized_bodies_on_one_kept_alive_connection(scripted) -> None:
+    server = scripted(lambda conn, i: conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"))
+    pool = pool_for(server)
+    for _ in range(5):
+        response = pool.send(build_request("POST", "h", "/x", b"{}"))
+        assert (response.status, response.body) == (200, b"hello")
+    assert server.connections == 1 and pool.opened == 1
+    assert len(server.requests) == 5 and server.requests[0].endswith(b"{}")
+
+
+def test_chunked_body_with_trailers_and_interim_response(scripted) -> None:
+    def reply(conn, i):
+        conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n"
+                     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"4;ext=1\r\nWiki\r\n6\r\npedia \r\n0\r\nX-Trailer: y\r\n\r\n")
+
+    pool = pool_for(scripted(reply))
+    response = pool.send(build_request("GET", "h", "/"))
+    assert response.body == b"Wikipedia "
+    assert pool.send(build_request("GET", "h", "/")).body == b"Wikipedia "
+    assert pool.opened == 1
+
+
+def test_error_status_and_body_are_returned(scripted) -> None:
+    body = b'{"error":"no such model"}'
+    server = scripted(lambda conn, i: conn.sendall(
+        b"HTTP/1.1 404 Not Found\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)))
+    response = pool_for(server).send(build_request("GET", "h", "/v2/models/x"))
+    assert response.status == 404 and response.body == body
+
+
+def test_read_to_close_body_and_connection_close(scripted) -> None:
+    def reply(conn, i):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nall of it")
+        return "close"
+
+    server = scripted(reply)
+    pool = pool_for(server)
+    assert pool.send(build_request("GET", "h", "/")).body == b"all of it"
+    assert pool.send(build_request("GET", "h", "/")).body == b"all of it"
+    assert server.connections == 2
+
+
+def test_idle_connection_closed_by_server_is_retried_once(scripted) -> None:
+    def reply(conn, i):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        return "close"  # without saying so: the client only finds out on its next send
+
+    server = scripted(reply)
+    pool = pool_for(server)
+    assert pool.send(build_request("GET", "h", "/")).body == b"ok"
+    assert pool.send(build_request("GET", "h", "/")).body == b"ok"
+    assert pool.opened == 2 and len(server.requests) == 2
+
+
+def test_garbage_is_an_invalid_response(scripted) -> None:
+    def reply(conn, i):
+        conn.sendall(b"SSH-2.0-OpenSSH\r\n\r\n")
+        return "close"
+
+    with pytest.raises(HTTPError) as info:
+        pool_for(scripted(reply)).send(build_request("GET", "h", "/"))
+    assert classify_exception(info.value) == "invalid_response"
+
+
+def test_truncated_body_is_connection_closed(scripted) -> None:
+    def reply(conn, i):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort")
+        return "close"
+
+    with pytest.raises(ConnectionClosed) as info:
+        pool_for(scripted(reply)).send(build_request("GET", "h", "/"))
+    assert classify_exception(info.value) == "connection_closed"
+
+
+def test_silent_server_times_out(scripted) -> None:
+    server = scripted(lambda conn, i: None)  # reads the request, never answers
+    with pytest.raises(TimeoutError) as info:
+        pool_for(server, timeout=0.2).send(build_request("GET", "h", "/"))
+    assert classify_exception(info.value) == "timeout"
+
+
+def test_refused_connection_is_connect() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(ConnectionRefusedError) as info:
+        Http1Pool("127.0.0.1", port).send(build_request("GET", "h", "/"))
+    assert classify_exception(info.value) == "connect"
