@@ -60,6 +60,16 @@ def test_hlog_round_trip_equals_every_interval_and_the_cumulative(tmp_path: Path
         assert same_histogram(total, getattr(rec.cumulative, name))
 
 
+@pytest.mark.parametrize("start_epoch_s", [1795893306.18484, 1795893306.9999996, 1795893306.0005])
+def test_hlog_keeps_the_first_interval_whatever_the_start_time(tmp_path: Path, start_epoch_s: float) -> None:
+    # A StartTime written rounded up past BaseTime made readers drop the first interval.
+    rec = busy_recorder()
+    write_hlog(tmp_path / "run.hlog", rec, start_epoch_s)
+    assert [h.get_total_count() for h in read_hlog(tmp_path / "run.hlog")[None]] == [
+        interval.figures.latency.get_total_count() for interval in rec.intervals
+    ]
+
+
 def test_hlog_reads_with_hdrh_reader_times_tags_and_max_column(tmp_path: Path) -> None:
     rec = busy_recorder()
     path = tmp_path / "run.hlog"
@@ -79,7 +89,7 @@ def test_hlog_reads_with_hdrh_reader_times_tags_and_max_column(tmp_path: Path) -
     assert np.allclose([s[1:] for s in seen], [e[1:] for e in expected], rtol=0, atol=1e-3)
 
     lines = path.read_text().splitlines()
-    assert any(line.startswith("#[StartTime: 1700000000.250 ") for line in lines)
+    assert any(line.startswith("#[StartTime: 1700000000.250000 ") for line in lines)
     data = [line for line in lines if line[0].isdigit() or line.startswith("Tag=")]
     assert [line.split(",")[0] for line in data[:3]] == ["0.000000", "Tag=service", "Tag=lag"]
     first_max_ms = rec.intervals[0].figures.latency.get_max_value() // 1000

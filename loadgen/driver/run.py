@@ -9,6 +9,7 @@ recorder and the generator's self-check. Writing files is the caller's business 
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import resource
 import signal
@@ -32,6 +33,16 @@ from servers.core.keepawake import KeepAwake
 __all__ = ["RunResult", "drain", "execute", "result_of"]
 
 _LEAD_S = 0.05  # the run starts this long after setup, so the dispatcher is waiting at t = 0
+
+
+class _QuietSpawnWarning(logging.Filter):
+    """A closed loop starts all its users at once on purpose: drop Locust's warning about it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "spawn rate is very high" not in record.getMessage()
+
+
+logging.getLogger("locust.runners").addFilter(_QuietSpawnWarning())
 _INTERRUPT_DRAIN_S = 2.0
 
 

@@ -14,6 +14,7 @@ by 1000 and reads in milliseconds.
 
 from __future__ import annotations
 
+import math
 import os
 from datetime import UTC, datetime
 from typing import TextIO
@@ -69,7 +70,10 @@ def _write_header(writer: HistogramLogWriter, start_epoch_s: float) -> None:
     # hdrh 0.10.8's output_start_time() fails on epoch times (it treats milliseconds as seconds),
     # so the StartTime line is written as a comment in the same format its reader parses.
     started = datetime.fromtimestamp(start_epoch_s, tz=UTC).isoformat(" ")
-    writer.output_comment(f"[StartTime: {start_epoch_s:.3f} (seconds since epoch), {started}]")
+    # Never after BaseTime (floored to the microsecond): a StartTime rounded up past BaseTime makes
+    # readers drop the first interval as starting before the log.
+    floored = math.floor(start_epoch_s * 1e6) / 1e6
+    writer.output_comment(f"[StartTime: {floored:.6f} (seconds since epoch), {started}]")
     writer.output_base_time(start_epoch_s * 1000.0)
     writer.output_comment("[Values in microseconds; untagged = latency, Tag=service, Tag=lag]")
     writer.output_legend()
