@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
 
 from loadgen.errors import classify_exception
-from loadgen.protocols.http1 import ConnectionClosed, Http1Pool, HTTPError, build_request
+from loadgen.protocols.http1 import ConnectionClosed, Http1Pool, HTTPError, _read_response, build_request
 
 
 class ScriptedServer:
@@ -172,3 +173,22 @@ def test_refused_connection_is_connect() -> None:
     with pytest.raises(ConnectionRefusedError) as info:
         Http1Pool("127.0.0.1", port).send(build_request("GET", "h", "/"))
     assert classify_exception(info.value) == "connect"
+
+
+def test_done_t_is_when_the_response_arrived_not_when_it_was_read() -> None:
+    # The generator may be busy (or descheduled) when a response arrives: that delay is its own,
+    # not the server's, and the kernel's receive timestamp keeps it out of the measurement.
+    server = socket.create_server(("127.0.0.1", 0))
+    pool = Http1Pool("127.0.0.1", server.getsockname()[1], timeout=5.0)
+    conn = pool._connect()
+    peer, _ = server.accept()
+    with server, peer:
+        conn.sock.sendall(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        peer.recv(1024)
+        written_t = time.monotonic()
+        peer.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        time.sleep(0.05)  # the client reads 50 ms late
+        response, _keep = _read_response(conn.reader)
+    conn.close()
+    assert response.body == b"ok"
+    assert written_t <= response.done_t < written_t + 0.005

@@ -116,7 +116,7 @@ class KServeHttpClient:
             response = self._pool.send(self.request)
         except Exception as exc:  # noqa: BLE001 - mapped to an error kind, the run goes on
             return Outcome(intended_t, sent_t, time.monotonic(), classify_exception(exc), str(exc))
-        done_t = time.monotonic()
+        done_t = max(response.done_t, sent_t)
         if response.status != 200:
             error = f"http_{response.status}"
             return Outcome(intended_t, sent_t, done_t, error, _error_text(response.body), len(response.body))
