@@ -139,24 +139,22 @@ def test_idle_connection_closed_by_server_is_retried_once(scripted) -> None:
     assert pool.opened == 2 and len(server.requests) == 2
 
 
-def test_garbage_is_an_invalid_response(scripted) -> None:
+@pytest.mark.parametrize(
+    ("answer", "exception", "kind"),
+    [
+        (b"SSH-2.0-OpenSSH\r\n\r\n", HTTPError, "invalid_response"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort", ConnectionClosed, "connection_closed"),
+    ],
+    ids=["garbage", "truncated-body"],
+)
+def test_broken_answers_raise_their_kind(scripted, answer: bytes, exception: type, kind: str) -> None:
     def reply(conn, i):
-        conn.sendall(b"SSH-2.0-OpenSSH\r\n\r\n")
+        conn.sendall(answer)
         return "close"
 
-    with pytest.raises(HTTPError) as info:
+    with pytest.raises(exception) as info:
         pool_for(scripted(reply)).send(build_request("GET", "h", "/"))
-    assert classify_exception(info.value) == "invalid_response"
-
-
-def test_truncated_body_is_connection_closed(scripted) -> None:
-    def reply(conn, i):
-        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort")
-        return "close"
-
-    with pytest.raises(ConnectionClosed) as info:
-        pool_for(scripted(reply)).send(build_request("GET", "h", "/"))
-    assert classify_exception(info.value) == "connection_closed"
+    assert classify_exception(info.value) == kind
 
 
 def test_silent_server_times_out(scripted) -> None:
