@@ -75,6 +75,16 @@ def run_and_report(path: Path | None, overrides: dict[str, Any], *, quiet: bool 
     return 130 if result.interrupted else 0
 
 
+def _split_cores() -> tuple[set[int], set[int]] | None:
+    """(generator's, server's) cores when there are two or more: a server sharing the generator's
+    core reads requests late by whatever the generator was doing."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None
+    half = len(cpus) // 2
+    return set(cpus[:half]), set(cpus[half:])
+
+
 def _start_calibration_server(args: list[str]) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "servers.calibration", "--port", "0", *args],
@@ -82,6 +92,10 @@ def _start_calibration_server(args: list[str]) -> tuple[subprocess.Popen, str]:
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
+    cores = _split_cores()
+    if cores is not None:
+        os.sched_setaffinity(proc.pid, cores[1])
+        os.sched_setaffinity(0, cores[0])
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
@@ -98,6 +112,9 @@ def run_demo(*, duration: str, rate: float) -> int:
     proc, url = _start_calibration_server(["--delay-ms", "5"])
     try:
         print(f"demo: calibration server at {url} answers every request in 5 ms (its true latency)")
+        cores = _split_cores()
+        if cores is not None:
+            print(f"demo: server on CPU {sorted(cores[1])}, generator on CPU {sorted(cores[0])}")
         print(f"demo: Poisson arrivals at {rate:g} req/s for {duration}")
         overrides = {
             "target.url": url,

@@ -111,3 +111,19 @@ def test_ctrl_c_still_writes_what_was_measured(calibration_server, tmp_path) -> 
             total += histogram.get_total_count()
     assert total == summary["ok"]
     assert "p99" in stdout
+
+
+def test_demo_runs_on_a_fresh_setup(tmp_path) -> None:
+    """README command 1: a local endpoint, a short open-loop run, the summary printed."""
+    proc = subprocess.run(loadgen_cmd("demo", "--duration", "2s", "--rate", "100"), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "latency" in proc.stdout and "p99" in proc.stdout and " requests, " in proc.stdout
+    runs = list((tmp_path / "runs").glob("*/summary.json"))
+    assert len(runs) == 1
+    import json
+
+    summary = json.loads(runs[0].read_text())
+    # Poisson arrivals at 100/s for 2 s (seeded): about 200, all answered in about 5 ms
+    assert summary["ok"] == summary["requests"] > 150 and summary["errors"] == {}
+    assert 4.5 < summary["latency_ms"]["p50"] < 6.0

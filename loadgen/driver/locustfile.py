@@ -56,7 +56,13 @@ def _on_start(environment, **_kwargs) -> None:
 
 
 def _quit_when_done(environment, ctx: LoadContext) -> None:
-    ctx.done.wait()
+    """End the test when the scenario's schedule (open loop) or duration (closed loop) is over."""
+    from loadgen.driver.run import drain
+
+    backstop = 1.0 if isinstance(ctx.pattern, OpenLoop) else 0.0
+    ctx.done.wait(max(0.0, ctx.end_t - time.monotonic()) + backstop)
+    ctx.stopping = True
+    drain(ctx, ctx.scenario.target.timeout)
     environment.runner.quit()
 
 
