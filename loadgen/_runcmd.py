@@ -21,6 +21,7 @@ from loadgen.scenario import Scenario, load_scenario
 from loadgen.sinks.hlog import write_hlog
 from loadgen.sinks.summary import build_summary, write_summary
 from loadgen.sinks.table import render_table
+from loadgen.slo import Objective, judge, parse_slo
 
 __all__ = ["run_and_report", "run_demo", "write_outputs"]
 
@@ -53,10 +54,12 @@ def summarize(result: RunResult) -> dict[str, Any]:
     return summary
 
 
-def write_outputs(result: RunResult, out_dir: Path) -> dict[str, Any]:
-    """summary.json and latency.hlog in `out_dir`; returns the summary."""
+def write_outputs(result: RunResult, out_dir: Path, objectives: list[Objective] | None = None) -> dict[str, Any]:
+    """summary.json (with the SLO verdict when objectives are given) and latency.hlog in `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = summarize(result)
+    if objectives:
+        summary["slo"] = judge(summary, objectives)
     write_summary(out_dir / "summary.json", summary)
     write_hlog(out_dir / "latency.hlog", result.recorder, result.start_epoch_s)
     return summary
@@ -66,13 +69,16 @@ def run_and_report(path: Path | None, overrides: dict[str, Any], *, quiet: bool 
     """Validate, run, write outputs, print the table. Returns the exit code."""
     scenario = load_scenario(path, overrides)
     out_dir = Path(scenario.output.dir) if scenario.output.dir else _default_out(scenario)
+    objectives = parse_slo(scenario.slo) if scenario.slo else None
     result = execute(scenario)
-    summary = write_outputs(result, out_dir)
+    summary = write_outputs(result, out_dir, objectives)
     if not quiet:
         print(render_table(summary))
     note = " (interrupted: partial results)" if result.interrupted else ""
     print(f"results in {out_dir}/ (summary.json, latency.hlog){note}", file=sys.stderr)
-    return 130 if result.interrupted else 0
+    if result.interrupted:
+        return 130
+    return 1 if objectives and not summary["slo"]["met"] else 0
 
 
 def _split_cores() -> tuple[set[int], set[int]] | None:

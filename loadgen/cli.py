@@ -62,6 +62,9 @@ def run(
             help="Keep the generator's CPUs out of deep idle with idle-priority spinners (default on).",
         ),
     ] = None,
+    slo: Annotated[
+        str | None, typer.Option(help='Objectives, e.g. "p99<150ms,errors<1%"; exit 1 when one is missed.')
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No table on stdout.")] = False,
 ) -> None:
     """Send open-loop (--rate) or closed-loop (--users) load and write summary.json + latency.hlog."""
@@ -81,6 +84,7 @@ def run(
         "open_loop.seed": seed,
         "output.dir": str(out) if out else None,
         "output.keep_awake": keep_awake,
+        "slo": slo,
     }
     if rate is not None and users is not None:
         _fail(ScenarioError(["--rate (open loop) and --users (closed loop) exclude each other"], "flags"))

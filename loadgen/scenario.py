@@ -32,6 +32,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -181,6 +182,20 @@ class Scenario(_Strict):
     open_loop: OpenLoop | None = None
     closed_loop: ClosedLoop | None = None
     output: Output = Field(default_factory=Output)
+    slo: str | None = None
+    """Service-level objectives, e.g. "p99<150ms,errors<1%" (loadgen.slo); a miss exits 1."""
+
+    @field_validator("slo")
+    @classmethod
+    def _slo_parses(cls, value: str | None) -> str | None:
+        if value is not None:
+            from loadgen.slo import parse_slo
+
+            try:
+                parse_slo(value)
+            except ScenarioError as exc:
+                raise ValueError("; ".join(p.removeprefix("slo: ") for p in exc.problems)) from None
+        return value
 
     @model_validator(mode="after")
     def _one_pattern(self) -> Scenario:
@@ -245,6 +260,9 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
             if isinstance(old, dict) and "duration" in old and "duration" not in table:
                 table["duration"] = old["duration"]
     for dotted, value in given.items():
+        if "." not in dotted:
+            merged[dotted] = value
+            continue
         table_name, key = dotted.split(".", 1)
         if table_name in ("open_loop", "closed_loop") and key in _SHARED_KEYS:
             table_name = "closed_loop" if "closed_loop" in merged else "open_loop"

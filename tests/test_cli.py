@@ -127,3 +127,16 @@ def test_demo_runs_on_a_fresh_setup(tmp_path) -> None:
     # Poisson arrivals at 100/s for 2 s (seeded): about 200, all answered in about 5 ms
     assert summary["ok"] == summary["requests"] > 150 and summary["errors"] == {}
     assert 4.5 < summary["latency_ms"]["p50"] < 6.0
+
+
+def test_slo_verdict_sets_the_exit_code(calibration_server, tmp_path) -> None:
+    server = calibration_server("--delay-ms", "20")
+    common = ("--target", server.url, "--model", "m", "--rate", "50", "--duration", "2s")
+    met = run_loadgen(*common, "--slo", "p99<40ms,errors<1%", out=tmp_path / "met")
+    missed = run_loadgen(*common, "--slo", "p50<15ms", out=tmp_path / "missed")
+    bad = run_loadgen(*common, "--slo", "p50 fast", out=tmp_path / "bad")
+    assert met.returncode == 0, met.stderr
+    assert met.summary["slo"]["met"] is True and "slo      MET" in met.stdout
+    assert missed.returncode == 1, missed.stderr
+    assert missed.summary["slo"]["checks"][0]["met"] is False and "MISS p50<15ms" in missed.stdout
+    assert bad.returncode == 2 and "slo" in bad.stderr

@@ -33,7 +33,18 @@ def render_table(summary: dict[str, Any]) -> str:
     lines.append(_counts_line(summary))
     if summary.get("generator_bound"):
         lines.append(_bound_line(summary.get("generator", {})))
+    if "slo" in summary:
+        lines.extend(_slo_lines(summary["slo"]))
     return "\n".join(lines)
+
+
+def _slo_lines(verdict: dict[str, Any]) -> list[str]:
+    lines = [f"{'slo':<{_LABEL_WIDTH}}{'MET' if verdict['met'] else 'FAILED'}"]
+    for check in verdict["checks"]:
+        mark = "ok  " if check["met"] else "MISS"
+        detail = check["reason"] or f"measured {check['measured']:g}"
+        lines.append(f"{'':<{_LABEL_WIDTH}}{mark} {check['name']}: {detail}")
+    return lines
 
 
 def _header() -> str:

@@ -1,0 +1,110 @@
+"""SLOs: parse "p99<150ms,errors<1%" and judge a run's summary against it (exit code 1 on failure).
+
+Terms, comma-separated, each `METRIC OP VALUE[UNIT]`:
+  p50 p90 p99 p99.9 max mean   latency percentiles (ms, or s/us with the unit)
+  service_p99 ...              the same on service time (send -> response)
+  errors                       failed requests as % of requests ("%" optional)
+  throughput                   achieved req/s (rps, req/s optional)
+OP is one of < <= > >=. Every check is reported with its measured value, and a run whose generator
+could not keep its schedule fails a "generator healthy" check: its figures describe the generator,
+so they cannot show that the endpoint meets anything (like an INVALID result in MLPerf LoadGen).
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from loadgen.scenario import ScenarioError
+
+__all__ = ["Check", "Objective", "judge", "parse_slo"]
+
+_OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
+_TERM = re.compile(r"^\s*([a-z_0-9.]+)\s*(<=|>=|<|>)\s*([0-9]*\.?[0-9]+)\s*([a-z%/]*)\s*$")
+_PERCENTILES = {"p50": "p50", "p90": "p90", "p99": "p99", "p99.9": "p99_9", "p99_9": "p99_9",
+                "max": "max", "mean": "mean"}
+_TIME_UNITS = {"": 1.0, "ms": 1.0, "s": 1000.0, "us": 0.001}
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One term: `metric` (a summary path such as latency_ms.p99), `op`, `limit` (in the path's unit)."""
+
+    text: str
+    metric: str
+    op: str
+    limit: float
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    measured: float | None
+    limit: float | None
+    met: bool
+    reason: str = ""
+
+
+def _objective(term: str) -> Objective:
+    match = _TERM.match(term.lower())
+    if not match:
+        raise ValueError(f"{term.strip()!r}: expected METRIC OP VALUE, e.g. p99<150ms or errors<1%")
+    name, op, value, unit = match.groups()
+    limit = float(value)
+    if name == "errors":
+        if unit not in ("", "%"):
+            raise ValueError(f"{term.strip()!r}: errors are a percentage, e.g. errors<1%")
+        return Objective(term.strip(), "error_percent", op, limit)
+    if name in ("throughput", "rps"):
+        if unit not in ("", "rps", "req/s"):
+            raise ValueError(f"{term.strip()!r}: throughput is in req/s, e.g. throughput>=500")
+        return Objective(term.strip(), "achieved_rps", op, limit)
+    family, key = name.split("_", 1) if name.startswith("service_") else ("latency", name)
+    if key not in _PERCENTILES or unit not in _TIME_UNITS:
+        raise ValueError(f"{term.strip()!r}: unknown metric or unit (p50, p90, p99, p99.9, max, mean; ms, s, us)")
+    return Objective(term.strip(), f"{family}_ms.{_PERCENTILES[key]}", op, limit * _TIME_UNITS[unit])
+
+
+def parse_slo(text: str) -> list[Objective]:
+    """Objectives from "p99<150ms,errors<1%"; a bad term raises ScenarioError (exit 2) naming it.
+
+    >>> [o.metric for o in parse_slo("p99<150ms, errors<1%, throughput>=100")]
+    ['latency_ms.p99', 'error_percent', 'achieved_rps']
+    """
+    objectives, problems = [], []
+    for term in filter(str.strip, text.split(",")):
+        try:
+            objectives.append(_objective(term))
+        except ValueError as exc:
+            problems.append(f"slo: {exc}")
+    if problems or not objectives:
+        raise ScenarioError(problems or ["slo: no objective given"], "--slo")
+    return objectives
+
+
+def _measured(summary: dict[str, Any], metric: str) -> float:
+    if metric == "error_percent":
+        requests = summary.get("requests", 0)
+        return 100.0 * sum(summary.get("errors", {}).values()) / requests if requests else 0.0
+    value: Any = summary
+    for part in metric.split("."):
+        value = value[part]
+    return float(value)
+
+
+def judge(summary: dict[str, Any], objectives: list[Objective]) -> dict[str, Any]:
+    """{"met": bool, "checks": [...]} for the summary; goes into summary.json as "slo"."""
+    checks = []
+    for objective in objectives:
+        measured = _measured(summary, objective.metric)
+        met = _OPS[objective.op](measured, objective.limit)
+        checks.append(Check(objective.text, round(measured, 3), objective.limit, met))
+    if summary.get("requests", 0) == 0:
+        checks.append(Check("requests answered", 0, None, False, "no request was answered: nothing to judge"))
+    if summary.get("generator_bound"):
+        reasons = "; ".join(summary.get("generator", {}).get("reasons", []))
+        checks.append(Check("generator healthy", None, None, False,
+                            f"the generator was the bottleneck ({reasons}): scale it out or lower the load"))
+    return {"met": all(check.met for check in checks), "checks": [asdict(check) for check in checks]}
