@@ -271,6 +271,9 @@ def test_delay_seen_from_a_raw_socket(delayed: Server) -> None:
     assert statistics.median(latencies) == pytest.approx(0.020, abs=0.001)
 
 
+_SLACK_S = 0.005
+
+
 def test_queued_workers_match_the_timing_model() -> None:
     """A pipelined burst of 4 on 2 workers of 10 ms: done at +10, +10, +20, +20 ms after arrival."""
     server = Server("--service-ms", "10", "--workers", "2")
@@ -282,7 +285,9 @@ def test_queued_workers_match_the_timing_model() -> None:
             got = [t - sent_t for t, _, _ in _read_responses(sock, 4)]
         truth = TimingModel(TimingConfig(service_ms=10, workers=2), server.calibration()["t0"]).done_all([0.0] * 4)
         for measured, expected in zip(got, truth, strict=True):
-            assert expected <= measured < expected + 0.003
+            # 10 ms apart, so 5 ms of slack tells the queue positions apart and leaves room for a
+            # fresh server's first answers and this VM's occasional 1-3 ms pauses
+            assert expected <= measured < expected + _SLACK_S
     finally:
         server.stop()
 
@@ -300,7 +305,7 @@ def test_stall_holds_requests_until_the_window_ends() -> None:
             done_t = time.monotonic()
         expected = model.done_at(sent_t)
         assert expected == pytest.approx(info["t0"] + 0.605)
-        assert expected <= done_t < expected + 0.003
+        assert expected <= done_t < expected + _SLACK_S
     finally:
         server.stop()
 
