@@ -125,6 +125,19 @@ def serve_calibration(ctx: typer.Context) -> None:
     raise typer.Exit(calibration_main(list(ctx.args), prog="loadgen serve calibration"))
 
 
+@serve_app.command(
+    "triton",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    epilog="Example: loadgen serve triton --http-port 8000",
+)
+def serve_triton(ctx: typer.Context) -> None:
+    """Triton-compatible KServe v2 HTTP server (binary tensors, statistics, model config) hosting the
+    built-in models identity, identity_bytes and mlp. See --help of the server."""
+    from servers.triton.__main__ import main as triton_main
+
+    raise typer.Exit(triton_main(list(ctx.args), prog="loadgen serve triton"))
+
+
 def main() -> None:
     try:
         app()

@@ -43,9 +43,11 @@ class Server:
         return httpx.get(self.url + "/calibration", timeout=5).json()
 
 
-def start_server(args: list[str], timeout: float = 20.0) -> Server:
+def start_server(args: list[str], timeout: float = 20.0, module: str = "servers.calibration",
+                 port_flag: str = "--port") -> Server:
+    """`python -m MODULE PORT_FLAG 0 ARGS` pinned to the server core; waits for its `listening on` line."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "servers.calibration", "--port", "0", *args],
+        [sys.executable, "-m", module, port_flag, "0", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -61,7 +63,7 @@ def start_server(args: list[str], timeout: float = 20.0) -> Server:
         if not line and proc.poll() is not None:
             break
     stop_process(proc)
-    raise RuntimeError(f"calibration server did not start: {proc.stderr.read()}")
+    raise RuntimeError(f"{module} did not start: {proc.stderr.read()}")
 
 
 def stop_process(proc: subprocess.Popen) -> None:
@@ -87,6 +89,14 @@ def calibration_server() -> Iterator:
     yield factory
     for server in started:
         stop_process(server.proc)
+
+
+@pytest.fixture(scope="module")
+def triton_server() -> Iterator[Server]:
+    """One Triton-compatible server (servers.triton, built-in models) shared by a test module."""
+    server = start_server([], module="servers.triton", port_flag="--http-port")
+    yield server
+    stop_process(server.proc)
 
 
 @dataclass

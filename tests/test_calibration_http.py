@@ -1,10 +1,10 @@
-"""Unit tests of servers/calibration/_http.py: request framing and response formatting."""
+"""Unit tests of servers/core/http1.py: request framing and response formatting."""
 
 from __future__ import annotations
 
 import pytest
 
-from servers.calibration._http import MAX_BODY_BYTES, HttpError, RequestParser, format_response
+from servers.core.http1 import MAX_BODY_BYTES, HttpError, RequestParser, format_response
 
 INFER = b'POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nabcd'
 

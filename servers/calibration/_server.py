@@ -1,6 +1,6 @@
 """The calibration server's connections: an asyncio.Protocol that times each infer answer precisely.
 
-Per connection: bytes -> RequestParser (_http.py) -> CalibrationApp (_app.py) -> a reply that is
+Per connection: bytes -> RequestParser (servers/core/http1.py) -> CalibrationApp (_app.py) -> a reply that is
 written at once, or, for a successful infer, held until the done instant of TimingModel (timing.py)
 and written from a PreciseScheduler (servers/core/precise_timer.py) callback. Replies leave in request
 order even when requests are pipelined: a reply waits behind any earlier one still held.
@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from typing import cast
 
 from servers.calibration._app import CalibrationApp, error_reply
-from servers.calibration._http import HttpError, Request, RequestParser, continue_response, format_response
 from servers.calibration.timing import TimingModel
+from servers.core.http1 import HttpError, Request, RequestParser, continue_response, format_response
 from servers.core.precise_timer import PreciseScheduler
 
 LINGER_S = 2.0

@@ -1,6 +1,7 @@
-"""HTTP/1.1 framing for the calibration server: split a byte stream into requests, format responses.
+"""HTTP/1.1 framing for the reference servers: split a byte stream into requests, format responses.
 
-Only what a KServe v2 client needs, kept lean because the server must answer well over 8,000 small
+Shared by the calibration and Triton-compatible servers (servers/calibration, servers/triton).
+Only what a KServe v2 client needs, kept lean because a server must answer well over 8,000 small
 requests a second on one core: request line + headers, bodies framed by Content-Length (up to
 64 MiB, as Triton's --http-max-input-size), keep-alive by HTTP version and the Connection header.
 Chunked bodies and POSTs without a length are refused (the server has to know where a request ends
@@ -10,6 +11,11 @@ to time it). A framing error is fatal to the connection: the stream can no longe
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+__all__ = [
+    "MAX_BODY_BYTES", "MAX_HEAD_BYTES", "REASONS", "HttpError", "Request", "RequestParser",
+    "continue_response", "format_response",
+]
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
 MAX_HEAD_BYTES = 64 * 1024
@@ -24,6 +30,8 @@ REASONS = {
     413: "Content Too Large",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
+    501: "Not Implemented",
+    503: "Service Unavailable",
     505: "HTTP Version Not Supported",
 }
 
@@ -163,11 +171,16 @@ def continue_response() -> bytes:
 
 
 def format_response(status: int, body: bytes, content_type: str = "application/json", *,
-                    keep_alive: bool = True, http10: bool = False) -> bytes:
-    """A complete HTTP/1.1 response; an empty body is sent without a Content-Type."""
+                    keep_alive: bool = True, http10: bool = False, extra_headers: str = "") -> bytes:
+    """A complete HTTP/1.1 response; an empty body is sent without a Content-Type.
+
+    `extra_headers` is written as given: complete lines, each ending in CRLF.
+    """
     head = [f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}\r\n"]
     if body:
         head.append(f"Content-Type: {content_type}\r\n")
+    if extra_headers:
+        head.append(extra_headers)
     head.append(f"Content-Length: {len(body)}\r\n")
     if not keep_alive:
         head.append("Connection: close\r\n")

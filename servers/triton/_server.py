@@ -1,0 +1,176 @@
+"""Connections of the Triton-compatible server: an asyncio.Protocol over servers/core/http1.py.
+
+Per connection: bytes -> RequestParser -> TritonApp (_app.py) -> a reply written at once, or a job
+run in the worker pool for models that do not run inline. Replies leave in request order even when
+requests are pipelined: a reply waits behind any earlier one still computing. A framing error is
+answered after the replies already queued, then the connection is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import cast
+
+from servers.core.http1 import HttpError, Request, RequestParser, continue_response, format_response
+from servers.triton._app import Reply, TritonApp, error_reply
+
+LINGER_S = 2.0
+"""After a fatal error, how long the connection drains the client's bytes before dropping it
+(closing with unread bytes sends a reset that can destroy the error answer at the client)."""
+
+
+@dataclass
+class ServerContext:
+    """What every connection of one server shares."""
+
+    app: TritonApp
+    executor: Executor
+    connections: set[TritonProtocol] = field(default_factory=set)
+
+
+class _Slot:
+    """One reply in a connection's queue; `data` is None until its job finishes."""
+
+    __slots__ = ("close", "data")
+
+    def __init__(self, data: bytes | None, close: bool) -> None:
+        self.data = data
+        self.close = close
+
+
+class TritonProtocol(asyncio.Protocol):
+    """One HTTP/1.1 connection: keep-alive, pipelining, replies in order, Connection: close honoured."""
+
+    def __init__(self, context: ServerContext) -> None:
+        self._context = context
+        self._transport: asyncio.Transport | None = None
+        self._parser = RequestParser()
+        self._pending: deque[_Slot] = deque()
+        self._reading = True
+        self._peer_eof = False
+        self._linger: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass it
+        self._context.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        self._pending.clear()
+        self._context.connections.discard(self)
+        if self._linger is not None:
+            self._linger.cancel()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    def pause_writing(self) -> None:
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._transport is not None:
+            self._transport.resume_reading()
+
+    def eof_received(self) -> bool:
+        self._peer_eof = True
+        self._reading = False
+        return bool(self._pending)  # True keeps the socket open to write the replies still computing
+
+    def data_received(self, data: bytes) -> None:
+        if not self._reading:
+            return
+        parser = self._parser
+        parser.feed(data)
+        try:
+            while self._reading and (request := parser.next_request()) is not None:
+                self._handle(request)
+        except HttpError as exc:
+            self._reading = False
+            self._queue(_Slot(_format(error_reply(exc.status, exc.message), False, False), True))
+            return
+        if self._reading and not self._pending and parser.continue_due():
+            self._transport.write(continue_response())
+
+    def _handle(self, request: Request) -> None:
+        keep_alive = request.keep_alive
+        http10 = request.version == "HTTP/1.0"
+        if not keep_alive:
+            self._reading = False
+        try:
+            outcome = self._context.app.handle(request)
+        except Exception as exc:  # noqa: BLE001 - a bug in a route answers 500, never crashes
+            outcome = error_reply(500, f"internal error: {type(exc).__name__}: {exc}")
+        if isinstance(outcome, Reply):
+            self._queue(_Slot(_format(outcome, keep_alive, http10), not keep_alive))
+            return
+        slot = _Slot(None, not keep_alive)
+        self._pending.append(slot)
+        future = asyncio.get_running_loop().run_in_executor(self._context.executor, outcome)
+        future.add_done_callback(lambda done: self._finish(slot, done, keep_alive, http10))
+
+    def _finish(self, slot: _Slot, done: asyncio.Future[Reply], keep_alive: bool, http10: bool) -> None:
+        if done.cancelled():
+            reply = error_reply(503, "server is shutting down")
+        elif done.exception() is not None:
+            reply = error_reply(500, f"internal error: {done.exception()}")
+        else:
+            reply = done.result()
+        slot.data = _format(reply, keep_alive, http10)
+        self._flush()
+
+    def _queue(self, slot: _Slot) -> None:
+        self._pending.append(slot)
+        self._flush()
+
+    def _flush(self) -> None:
+        pending = self._pending
+        while pending and pending[0].data is not None:
+            slot = pending.popleft()
+            transport = self._transport
+            if transport is None or transport.is_closing():
+                return
+            transport.write(slot.data)
+            if slot.close:
+                self._close(transport)
+                return
+        if self._peer_eof and not pending and self._transport is not None:
+            self._transport.close()
+
+    def _close(self, transport: asyncio.Transport) -> None:
+        self._pending.clear()
+        if self._peer_eof or not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        self._linger = asyncio.get_running_loop().call_later(LINGER_S, transport.abort)
+
+
+def _format(reply: Reply, keep_alive: bool, http10: bool) -> bytes:
+    return format_response(reply.status, reply.body, reply.content_type, keep_alive=keep_alive,
+                           http10=http10, extra_headers=reply.headers)
+
+
+async def run_server(context: ServerContext, host: str, port: int, stop: asyncio.Event,
+                     ready_callback: Callable[[str, int], None] | None = None) -> None:
+    """Listen on host:port until `stop` is set, then drop every connection and return.
+
+    `ready_callback(host, port)` runs once the socket listens (port is the bound one when 0 was asked).
+    """
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: TritonProtocol(context), host, port,
+                                      reuse_address=True, backlog=1024)
+    try:
+        if ready_callback is not None:
+            ready_callback(host, server.sockets[0].getsockname()[1])
+        await stop.wait()
+    finally:
+        server.close()
+        for connection in list(context.connections):
+            connection.abort()
+        await server.wait_closed()

@@ -1,0 +1,71 @@
+"""Per-model inference statistics in the shape of Triton's statistics extension (PROTOCOLS.md 1.11).
+
+Every duration is a cumulative {"count", "ns"} pair, so a client diffs two samples for an interval.
+Counting rules, as Triton's: `inference_count` adds the batch size of each successful request,
+`execution_count` adds one per model execution (no dynamic batching yet, so one per request);
+`success` and `fail` count requests; `queue` is the wait for a worker thread (zero when the model
+runs on the event loop); compute_input is decoding, compute_infer the model, compute_output encoding.
+A failed request adds its time from arrival to the failure to `fail`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from servers.core.model import Model
+
+_DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output",
+              "cache_hit", "cache_miss")
+
+
+class ModelStats:
+    """The counters of one model version; safe to update from worker threads."""
+
+    def __init__(self, model: Model) -> None:
+        self.name = model.name
+        self.version = model.version
+        self._lock = threading.Lock()
+        self._last_inference_ms = 0
+        self._inference_count = 0
+        self._execution_count = 0
+        self._durations = {key: [0, 0] for key in _DURATIONS}
+
+    def record_success(self, batch_size: int, queue_ns: int, input_ns: int, infer_ns: int,
+                       output_ns: int) -> None:
+        """One successful request: times in nanoseconds, split by stage."""
+        with self._lock:
+            self._last_inference_ms = time.time_ns() // 1_000_000
+            self._inference_count += batch_size
+            self._execution_count += 1
+            self._add("success", queue_ns + input_ns + infer_ns + output_ns)
+            self._add("queue", queue_ns)
+            self._add("compute_input", input_ns)
+            self._add("compute_infer", infer_ns)
+            self._add("compute_output", output_ns)
+
+    def record_failure(self, elapsed_ns: int) -> None:
+        with self._lock:
+            self._add("fail", elapsed_ns)
+
+    def _add(self, key: str, ns: int) -> None:
+        pair = self._durations[key]
+        pair[0] += 1
+        pair[1] += ns
+
+    def snapshot(self) -> dict[str, Any]:
+        """This model's entry of `model_stats`."""
+        with self._lock:
+            return {
+                "name": self.name,
+                "version": self.version,
+                "last_inference": self._last_inference_ms,
+                "inference_count": self._inference_count,
+                "execution_count": self._execution_count,
+                "inference_stats": {key: {"count": count, "ns": ns}
+                                    for key, (count, ns) in self._durations.items()},
+                "response_stats": {},
+                "batch_stats": [],
+                "memory_usage": [],
+            }
