@@ -91,9 +91,13 @@ def _split_cores() -> tuple[set[int], set[int]] | None:
     return set(cpus[:half]), set(cpus[half:])
 
 
-def _start_calibration_server(args: list[str]) -> tuple[subprocess.Popen, str]:
+def _start_server(module: str, port_flag: str, args: list[str]) -> tuple[subprocess.Popen, str]:
+    """`python -m MODULE PORT_FLAG 0 ARGS` on its own cores; returns it and its URL once listening.
+
+    With two or more CPUs this process keeps the first half and the server gets the rest.
+    """
     proc = subprocess.Popen(
-        [sys.executable, "-m", "servers.calibration", "--port", "0", *args],
+        [sys.executable, "-m", module, port_flag, "0", *args],
         stdout=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -102,6 +106,7 @@ def _start_calibration_server(args: list[str]) -> tuple[subprocess.Popen, str]:
     if cores is not None:
         os.sched_setaffinity(proc.pid, cores[1])
         os.sched_setaffinity(0, cores[0])
+        print(f"demo: server on CPU {sorted(cores[1])}, generator on CPU {sorted(cores[0])}")
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
@@ -114,17 +119,14 @@ def _start_calibration_server(args: list[str]) -> tuple[subprocess.Popen, str]:
 
 
 def run_demo(*, duration: str, rate: float) -> int:
-    """Start the calibration server (5 ms true latency), run Poisson load on it, print the result."""
-    proc, url = _start_calibration_server(["--delay-ms", "5"])
+    """Start the Triton-compatible server with its built-in models, run Poisson load on `mlp`."""
+    proc, url = _start_server("servers.triton", "--http-port", [])
     try:
-        print(f"demo: calibration server at {url} answers every request in 5 ms (its true latency)")
-        cores = _split_cores()
-        if cores is not None:
-            print(f"demo: server on CPU {sorted(cores[1])}, generator on CPU {sorted(cores[0])}")
+        print(f"demo: Triton-compatible server at {url}, built-in model mlp (FP32 16 -> 64 -> 10)")
         print(f"demo: Poisson arrivals at {rate:g} req/s for {duration}")
         overrides = {
             "target.url": url,
-            "target.model": "identity",
+            "target.model": "mlp",
             "open_loop.rate": rate,
             "open_loop.arrival": "poisson",
             "open_loop.duration": duration,
