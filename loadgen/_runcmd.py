@@ -41,6 +41,8 @@ def summarize(result: RunResult) -> dict[str, Any]:
         "warmup_requests": result.warmup_requests,
         "clock": {"start_monotonic_s": result.recorder.start_t, "start_epoch_s": result.start_epoch_s},
     }
+    if result.metrics_port is not None:
+        extra["metrics_port"] = result.metrics_port
     summary = build_summary(
         result.recorder,
         offered_rps=result.offered_rps,

@@ -65,6 +65,10 @@ def run(
     slo: Annotated[
         str | None, typer.Option(help='Objectives, e.g. "p99<150ms,errors<1%"; exit 1 when one is missed.')
     ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(help="Serve Prometheus /metrics on this port during the run (0: a free port, printed)."),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No table on stdout.")] = False,
 ) -> None:
     """Send open-loop (--rate) or closed-loop (--users) load and write summary.json + latency.hlog."""
@@ -84,6 +88,7 @@ def run(
         "open_loop.seed": seed,
         "output.dir": str(out) if out else None,
         "output.keep_awake": keep_awake,
+        "output.metrics_port": metrics_port,
         "slo": slo,
     }
     if rate is not None and users is not None:

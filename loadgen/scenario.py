@@ -170,6 +170,8 @@ class Output(_Strict):
     interval: Duration = Field(default=1.0, gt=0)
     max_lag_ms: float = Field(default=1.0, gt=0)
     keep_awake: bool = True
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    """Serve Prometheus /metrics on this port during the run (0: a free port, printed); None: off."""
 
 
 _ONE_PATTERN = "give exactly one load pattern: [open_loop] (--rate) or [closed_loop] (--users)"

@@ -316,8 +316,26 @@ def test_exports_match_all() -> None:
             "LOWEST_US",
             "HIGHEST_US",
             "SIGNIFICANT_DIGITS",
+            "sum_histograms",
         ]
     )
+
+
+def test_sum_histograms_equals_hdrh_add() -> None:
+    rng = np.random.default_rng(7)
+    parts = [new_histogram() for _ in range(4)]
+    for part in parts[1:]:  # the first stays empty
+        record_many(part, spread_values(rng, 500))
+    expected = new_histogram()
+    for part in parts[1:]:
+        expected.add(part)
+    reused = new_histogram()
+    record_many(reused, np.array([5]))  # emptied first
+    for total in (_hdr.sum_histograms(parts), _hdr.sum_histograms(parts, into=reused)):
+        assert np.array_equal(counts_view(total), counts_view(expected))
+        assert total.get_total_count() == expected.get_total_count()
+        assert (total.get_min_value(), total.get_max_value()) == (expected.get_min_value(), expected.get_max_value())
+    assert _hdr.sum_histograms([]).get_total_count() == 0
     for name in loadgen.recorder.__all__:
         assert getattr(loadgen.recorder, name) is not None
 

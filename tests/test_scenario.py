@@ -102,3 +102,13 @@ def test_stage_needs_rate_or_ramp(tmp_path: Path) -> None:
         load_scenario(path)
     text = str(info.value)
     assert "open_loop.stages.0" in text and "open_loop.stages.1.duration" in text
+
+
+def test_metrics_port_is_validated() -> None:
+    base = {"target.url": "http://127.0.0.1:8000", "target.model": "m", "open_loop.rate": 10,
+            "open_loop.duration": "1s"}
+    assert load_scenario(None, base).output.metrics_port is None
+    assert load_scenario(None, {**base, "output.metrics_port": 0}).output.metrics_port == 0
+    with pytest.raises(ScenarioError) as caught:
+        load_scenario(None, {**base, "output.metrics_port": 70000})
+    assert any(p.startswith("output.metrics_port:") for p in caught.value.problems)

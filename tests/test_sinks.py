@@ -169,6 +169,7 @@ def test_table_shows_the_figures_and_the_generator_warning() -> None:
 
 def test_exports_match_all() -> None:
     assert sorted(loadgen.sinks.__all__) == [
+        "RunCollector",
         "build_summary",
         "read_hlog",
         "render_table",

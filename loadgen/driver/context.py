@@ -45,6 +45,7 @@ class LoadContext:
         self._rng = np.random.default_rng(getattr(self.pattern, "seed", 0))
         self._fire = environment.events.request.fire if environment is not None else None
         self._name = f"{scenario.target.model} infer"
+        self._profile = profile_of(self.pattern) if isinstance(self.pattern, OpenLoop) else None
 
     # -- clocks ---------------------------------------------------------------------------------
     def begin(self, start_t: float | None = None) -> None:
@@ -84,6 +85,13 @@ class LoadContext:
         if isinstance(self.pattern, OpenLoop):
             return profile_of(self.pattern).mean_rate
         return 0.0
+
+    def offered_rps_now(self) -> float:
+        """The rate the open-loop schedule asks for at this instant; 0 outside the run or in closed loop."""
+        if self._profile is None or self.recorder is None:
+            return 0.0
+        t = time.monotonic() - self.start_t
+        return self._profile.rate_at(t) if 0.0 <= t < self.pattern.total_duration else 0.0
 
     # -- what the user classes call --------------------------------------------------------------
     def record(self, outcome: Outcome) -> None:

@@ -13,6 +13,7 @@ import logging
 import os
 import resource
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +24,9 @@ from locust.env import Environment
 from locust.event import Events
 
 from loadgen.driver.context import LoadContext
+from loadgen.driver.exporter import MetricsExporter
 from loadgen.driver.users import ClosedLoopUser, OpenLoopUser
+from loadgen.errors import LoadgenError
 from loadgen.patterns.schedule import profile_of
 from loadgen.protocols import make_client
 from loadgen.recorder import Recorder
@@ -58,6 +61,8 @@ class RunResult:
     start_epoch_s: float = 0.0
     warmup_requests: int = 0
     metadata: dict[str, Any] = field(default_factory=dict)
+    metrics_port: int | None = None
+    """The port /metrics was served on during the run, when it was."""
 
 
 def _cpu_seconds() -> float:
@@ -86,6 +91,11 @@ def _execute(scenario: Scenario) -> RunResult:
     environment = Environment(user_classes=[OpenLoopUser if is_open else ClosedLoopUser], events=Events())
     ctx = LoadContext(scenario, client, environment)
     environment.loadgen = ctx
+    try:
+        exporter = _start_exporter(ctx, scenario.output.metrics_port)
+    except LoadgenError:
+        client.close()
+        raise
     runner = environment.create_local_runner()
     stop = Event()
     handlers = [gevent.signal_handler(sig, stop.set) for sig in (signal.SIGINT, signal.SIGTERM)]
@@ -114,9 +124,22 @@ def _execute(scenario: Scenario) -> RunResult:
     finally:
         for handler in handlers:
             handler.cancel()
+        if exporter is not None:
+            exporter.stop()
         client.close()
     cpu = (_cpu_seconds() - cpu0) / max(end_t - wall0, 1e-9)
-    return result_of(ctx, end_t, interrupted=interrupted, cpu=cpu, start_epoch_s=epoch0, metadata=metadata)
+    result = result_of(ctx, end_t, interrupted=interrupted, cpu=cpu, start_epoch_s=epoch0, metadata=metadata)
+    result.metrics_port = exporter.port if exporter is not None else None
+    return result
+
+
+def _start_exporter(ctx: LoadContext, port: int | None) -> MetricsExporter | None:
+    """Serve /metrics for the run when a port is asked for (0: a free one), and say where."""
+    if port is None:
+        return None
+    exporter = MetricsExporter(ctx, port).start()
+    print(f"metrics on {exporter.url}", file=sys.stderr, flush=True)
+    return exporter
 
 
 def result_of(

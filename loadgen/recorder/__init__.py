@@ -5,7 +5,14 @@ lag measure, what counts as dropped or out of range) are written once, in `_reco
 """
 
 from loadgen.recorder._figures import HistogramSet, Interval
-from loadgen.recorder._hdr import HIGHEST_US, LOWEST_US, SIGNIFICANT_DIGITS, new_histogram, record_many
+from loadgen.recorder._hdr import (
+    HIGHEST_US,
+    LOWEST_US,
+    SIGNIFICANT_DIGITS,
+    new_histogram,
+    record_many,
+    sum_histograms,
+)
 from loadgen.recorder._recorder import Recorder
 
 __all__ = [
@@ -17,4 +24,5 @@ __all__ = [
     "Recorder",
     "new_histogram",
     "record_many",
+    "sum_histograms",
 ]

@@ -15,7 +15,8 @@ HIGHEST_US are clamped to the nearest edge, recorded, and counted by the caller 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import sys
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 from hdrh.histogram import HdrHistogram
@@ -90,6 +91,30 @@ def record_many(hist: HdrHistogram, values_us: np.ndarray) -> int:
     return out_of_range
 
 
+def sum_histograms(histograms: Sequence[HdrHistogram], into: HdrHistogram | None = None) -> HdrHistogram:
+    """The bucket-by-bucket sum of `histograms` (all of new_histogram()'s shape), in `into` or a new one.
+
+    Exact, like hdrh's add(), and cheaper: one numpy add per histogram. `into` is emptied first;
+    passing one saves creating a histogram (~0.4 ms, the cost of hdrh's constructor).
+
+    >>> a, b = new_histogram(), new_histogram()
+    >>> _ = record_many(a, np.array([100, 200])), record_many(b, np.array([300]))
+    >>> total = sum_histograms([a, b])
+    >>> total.get_total_count(), total.get_min_value(), total.get_max_value()
+    (3, 100, 300)
+    """
+    total = new_histogram() if into is None else into
+    counts = counts_view(total)
+    counts[:] = 0
+    filled = [hist for hist in histograms if hist.get_total_count()]
+    for hist in filled:
+        counts += counts_view(hist)
+    total.total_count = sum(hist.get_total_count() for hist in filled)
+    total.min_value = min((hist.get_min_value() for hist in filled), default=sys.maxsize)
+    total.max_value = max((hist.get_max_value() for hist in filled), default=0)
+    return total
+
+
 def values_at_percentiles(hist: HdrHistogram, percentiles: Iterable[float]) -> list[int]:
     """hdrh's `get_value_at_percentile` for several percentiles, in one numpy pass; [] when empty.
 
@@ -106,7 +131,8 @@ def values_at_percentiles(hist: HdrHistogram, percentiles: Iterable[float]) -> l
     for percentile in percentiles:
         # Same float expression as hdrh's get_target_count_at_percentile, so ties resolve alike.
         target = max(int((min(percentile, 100.0) * total / 100) + 0.5), 1)
-        index = int(np.searchsorted(cumulative, target, side="left"))
+        # A numpy scalar target: with a Python int, searchsorted converts the whole array first (8x slower).
+        index = int(np.searchsorted(cumulative, np.uint64(target), side="left"))
         value = hist.get_value_from_index(index)
         if percentile:
             values.append(hist.get_highest_equivalent_value(value))

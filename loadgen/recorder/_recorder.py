@@ -70,6 +70,9 @@ class Recorder:
         """Sum of every closed (or merged) interval."""
         self.intervals: list[Interval] = []
         """Closed intervals, oldest first (merged ones in arrival order)."""
+        self.closing = False
+        """True while a closed interval is being added into `cumulative` in slices (close_interval_steps):
+        `cumulative` then holds part of it, so readers between slices (a live exporter) wait for False."""
         self._current = HistogramSet()
         self._spare: HistogramSet | None = None  # the next interval's, made ahead of time
         self._current_start_t = start_t
@@ -117,8 +120,10 @@ class Recorder:
         start_t, self._current_start_t = self._current_start_t, end_t
         yield
         yield from self._flush_steps(figures, taken)
+        self.closing = True
         yield from self._add_steps(self.cumulative, figures)
         self.intervals.append(Interval(start_t=start_t, end_t=end_t, figures=figures))
+        self.closing = False
         self._spare = HistogramSet()
 
     @staticmethod

@@ -1,0 +1,271 @@
+"""Prometheus exporter: the run's figures as metric families, computed from the recorder when scraped.
+
+Place in the flow: Recorder -> **Prometheus collector** -> /metrics (served by
+loadgen/driver/exporter.py during `loadgen run --metrics-port P`) -> Prometheus -> Grafana.
+Nothing is pushed from the hot path: `RunCollector.collect()` reads the recorder's closed intervals
+(at most one interval, 1 s by default, old) and its cumulative histograms at scrape time.
+
+Metrics (all times in seconds; latency, service and lag as measured in loadgen/recorder/_recorder.py)
+--------------------------------------------------------------------------------------------------
+- `loadgen_requests_total{outcome="ok"|"error",kind}`  counter: responses; kind is "ok" or the
+  error kind ("http_503", "timeout", ...).
+- `loadgen_sent_total`, `loadgen_dropped_total`, `loadgen_out_of_range_total`  counters: requests
+  sent, arrivals dropped at the in-flight cap, values clamped into the histogram range.
+- `loadgen_latency_seconds`, `loadgen_service_seconds`  histograms of the run's successful
+  requests, with log-spaced buckets (`BUCKETS_S`: x1.25 from 100 us to 60 s). A bucket counts every
+  HDR bucket that starts at or below its bound, so it is exact to HDR's precision (0.1 %); `+Inf`
+  equals the ok count and `_sum` is HDR's mean times the count.
+- `loadgen_latency_percentile_seconds{quantile,window}`, `loadgen_service_percentile_seconds`,
+  `loadgen_lag_percentile_seconds`  gauges: quantile "0.5", "0.9", "0.99", "0.999" from the HDR
+  histograms, window "10s" (the last 10 s of closed intervals, merged) or "run" (cumulative).
+- `loadgen_offered_rps`  gauge: the rate the schedule asks for now (0 in closed loop).
+- `loadgen_achieved_rps`  gauge: responses completed in the last closed interval over its length.
+- `loadgen_in_flight`  gauge: requests sent and not yet answered.
+- `loadgen_generator_cpu_ratio`  gauge: the generator process's CPU time over wall time since the
+  previous scrape (1.0 is one core busy).
+
+Cost: everything read from closed intervals is computed once per closed-interval count and cached
+(about 1 ms at 1,000 intervals; the 10 s window is merged with one numpy add per histogram, into
+histograms kept for it), so most scrapes only format cached numbers (~0.7 ms for ~160 samples).
+The scrape runs on the generator's own event loop; `pause` (gevent.idle in the exporter) is called
+between the larger families so that responses arriving meanwhile are read on time.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+from hdrh.histogram import HdrHistogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
+
+from loadgen.recorder import HistogramSet, Recorder, sum_histograms
+from loadgen.recorder._hdr import counts_indices, counts_view, mean_value, values_at_percentiles
+
+__all__ = ["BUCKETS_S", "QUANTILES", "WINDOW_S", "RunCollector", "RunView"]
+
+WINDOW_S = 10.0
+"""Length of the recent window of the percentile gauges (window="10s"), in seconds of closed intervals."""
+QUANTILES = {"0.5": "p50", "0.9": "p90", "0.99": "p99", "0.999": "p99_9"}
+"""quantile label -> the same figure's key in HistogramSet.percentiles_ms (and summary.json)."""
+_PERCENTILE_GAUGES = ("latency", "service", "lag")
+_HISTOGRAMS = ("latency", "service")
+
+
+def _log_buckets(lowest_s: float, highest_s: float, ratio: float) -> tuple[float, ...]:
+    """Bounds lowest * ratio**k rounded to 3 significant digits, up to and including highest."""
+    steps = math.ceil(math.log(highest_s / lowest_s) / math.log(ratio))
+    bounds = [float(f"{lowest_s * ratio**k:.3g}") for k in range(steps)]
+    return (*bounds, highest_s)
+
+
+BUCKETS_S = _log_buckets(1e-4, 60.0, 1.25)
+"""Upper bounds (le) of the latency and service histograms, in seconds."""
+_BUCKET_LABELS = [floatToGoString(bound) for bound in BUCKETS_S]
+_BUCKETS_US = np.array([round(bound * 1e6) for bound in BUCKETS_S], dtype=np.int64)
+
+
+class RunView(Protocol):
+    """What the collector reads from a run (loadgen.driver.context.LoadContext provides it)."""
+
+    @property
+    def recorder(self) -> Recorder | None:
+        """The run's recorder; None before the run starts."""
+
+    @property
+    def in_flight(self) -> int:
+        """Requests sent and not yet answered."""
+
+    def offered_rps_now(self) -> float:
+        """The rate the schedule asks for at this instant (0 outside an open-loop run)."""
+
+
+@dataclass(frozen=True)
+class _Counts:
+    """The cumulative counters, copied."""
+
+    ok: int
+    errors: dict[str, int]
+    sent: int
+    dropped: int
+    out_of_range: int
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """Everything derived from closed intervals, for one closed-interval count."""
+
+    intervals: int
+    counts: _Counts
+    buckets: dict[str, tuple[list[tuple[str, float]], float]]
+    percentiles: dict[tuple[str, str], list[float]]
+    achieved_rps: float
+
+
+def _process_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class RunCollector:
+    """A prometheus_client collector of one run: register it on a CollectorRegistry of its own.
+
+    >>> registry = CollectorRegistry(auto_describe=False)  # doctest: +SKIP
+    >>> registry.register(RunCollector(ctx))  # doctest: +SKIP
+    >>> registry.get_sample_value("loadgen_requests_total", {"outcome": "ok", "kind": "ok"})  # doctest: +SKIP
+    1234.0
+    """
+
+    def __init__(
+        self,
+        view: RunView,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        cpu_seconds: Callable[[], float] = _process_cpu_seconds,
+        pause: Callable[[], None] | None = None,
+    ) -> None:
+        self._view = view
+        self._pause = pause
+        self._clock = clock
+        self._cpu_seconds = cpu_seconds
+        self._last_cpu = (clock(), cpu_seconds())
+        self._snapshot: _Snapshot | None = None
+        self._recorder: Recorder | None = None
+        self._window = HistogramSet()  # reused: creating three histograms costs more than merging them
+
+    def collect(self) -> Iterator[Metric]:
+        """The metric families of the module docstring, as of now."""
+        snapshot = self._current_snapshot()
+        if snapshot is not None:
+            yield from _counter_families(snapshot.counts)
+            yield from self._paced(_histogram_families(snapshot))
+            yield from self._paced(_percentile_families(snapshot))
+            yield _gauge("loadgen_achieved_rps", "Responses completed in the last closed interval per second.",
+                         snapshot.achieved_rps)
+        yield _gauge("loadgen_offered_rps", "Request rate the schedule asks for now.", self._view.offered_rps_now())
+        yield _gauge("loadgen_in_flight", "Requests sent and not yet answered.", self._view.in_flight)
+        cpu = self._cpu_ratio()
+        if cpu is not None:
+            yield _gauge("loadgen_generator_cpu_ratio",
+                         "Generator process CPU time over wall time since the previous scrape.", cpu)
+
+    def _paced(self, families: Iterator[Metric]) -> Iterator[Metric]:
+        """Call `pause` after each family: formatting one takes ~0.1 ms of the generator's loop."""
+        for family in families:
+            yield family
+            if self._pause is not None:
+                self._pause()
+
+    def _current_snapshot(self) -> _Snapshot | None:
+        """The cached snapshot, rebuilt when intervals were closed since (never mid-close)."""
+        recorder = self._view.recorder
+        if recorder is None:
+            return None
+        fresh = self._recorder is recorder and self._snapshot is not None
+        if recorder.closing or (fresh and self._snapshot.intervals == len(recorder.intervals)):
+            return self._snapshot if fresh else None
+        self._recorder, self._snapshot = recorder, _snapshot_of(recorder, self._window)
+        return self._snapshot
+
+    def _cpu_ratio(self) -> float | None:
+        now, cpu = self._clock(), self._cpu_seconds()
+        then, cpu_then = self._last_cpu
+        self._last_cpu = (now, cpu)
+        return (cpu - cpu_then) / (now - then) if now > then else None
+
+
+def _snapshot_of(recorder: Recorder, window: HistogramSet) -> _Snapshot:
+    """Read the recorder's closed intervals; `window` is scratch space for the 10 s merge."""
+    intervals = recorder.intervals
+    cumulative = recorder.cumulative
+    window = _window_of(recorder, window)
+    percentiles = {}
+    for which in _PERCENTILE_GAUGES:
+        percentiles[which, "run"] = _quantiles_s(getattr(cumulative, which))
+        percentiles[which, "10s"] = _quantiles_s(getattr(window, which))
+    last = intervals[-1] if intervals else None
+    achieved = last.figures.requests / (last.end_t - last.start_t) if last and last.end_t > last.start_t else 0.0
+    counts = _Counts(
+        ok=cumulative.ok,
+        errors=dict(cumulative.errors),
+        sent=cumulative.sent,
+        dropped=cumulative.dropped,
+        out_of_range=cumulative.out_of_range,
+    )
+    return _Snapshot(
+        intervals=len(intervals),
+        counts=counts,
+        buckets={which: _buckets_of(getattr(cumulative, which)) for which in _HISTOGRAMS},
+        percentiles=percentiles,
+        achieved_rps=achieved,
+    )
+
+
+def _window_of(recorder: Recorder, into: HistogramSet) -> HistogramSet:
+    """The last WINDOW_S seconds of closed intervals merged into `into` (histograms only)."""
+    count = max(1, round(WINDOW_S / recorder.interval_s))
+    recent = [interval.figures for interval in recorder.intervals[-count:]]
+    for which in _PERCENTILE_GAUGES:
+        sum_histograms([getattr(figures, which) for figures in recent], into=getattr(into, which))
+    return into
+
+
+def _quantiles_s(hist: HdrHistogram) -> list[float]:
+    """The QUANTILES of an HDR histogram in microseconds, in seconds; the same figures as
+    HistogramSet.percentiles_ms (ms to 3 decimals) / 1000, without its max and mean. Zeros when empty."""
+    values = values_at_percentiles(hist, [float(q) * 100 for q in QUANTILES]) or [0] * len(QUANTILES)
+    return [round(value / 1000.0, 3) / 1000.0 for value in values]
+
+
+def _buckets_of(hist: HdrHistogram) -> tuple[list[tuple[str, float]], float]:
+    """Cumulative Prometheus buckets (le label, count) of an HDR histogram in microseconds, and the sum in s."""
+    total = hist.get_total_count()
+    cumulative = np.cumsum(counts_view(hist))
+    indices = np.minimum(counts_indices(hist, _BUCKETS_US), cumulative.size - 1)
+    buckets = [(label, float(cumulative[i])) for label, i in zip(_BUCKET_LABELS, indices, strict=True)]
+    buckets.append(("+Inf", float(total)))
+    return buckets, mean_value(hist) * total / 1e6
+
+
+def _counter_families(counts: _Counts) -> Iterator[Metric]:
+    requests = CounterMetricFamily("loadgen_requests", "Responses received, by outcome and error kind.",
+                                   labels=["outcome", "kind"])
+    requests.add_metric(["ok", "ok"], counts.ok)
+    for kind, count in sorted(counts.errors.items()):
+        requests.add_metric(["error", kind], count)
+    yield requests
+    yield CounterMetricFamily("loadgen_sent", "Requests sent.", value=counts.sent)
+    yield CounterMetricFamily("loadgen_dropped", "Arrivals dropped at the in-flight cap.", value=counts.dropped)
+    yield CounterMetricFamily("loadgen_out_of_range", "Values clamped into the histogram range.",
+                              value=counts.out_of_range)
+
+
+def _histogram_families(snapshot: _Snapshot) -> Iterator[Metric]:
+    helps = {
+        "latency": "Successful requests' latency: intended send to response arrived.",
+        "service": "Successful requests' service time: actual send to response arrived.",
+    }
+    for which in _HISTOGRAMS:
+        buckets, total = snapshot.buckets[which]
+        yield HistogramMetricFamily(f"loadgen_{which}_seconds", helps[which], buckets=buckets, sum_value=total)
+
+
+def _percentile_families(snapshot: _Snapshot) -> Iterator[Metric]:
+    for which in _PERCENTILE_GAUGES:
+        family = GaugeMetricFamily(f"loadgen_{which}_percentile_seconds",
+                                   f"{which.capitalize()} percentiles from the HDR histograms, in seconds.",
+                                   labels=["quantile", "window"])
+        for window in ("10s", "run"):
+            for quantile, value in zip(QUANTILES, snapshot.percentiles[which, window], strict=True):
+                family.add_metric([quantile, window], value)
+        yield family
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value=value)

@@ -1,0 +1,191 @@
+"""Prometheus collector: counters, histograms and percentile gauges equal the recorder's figures."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.utils import floatToGoString
+
+from loadgen.recorder import Recorder
+from loadgen.sinks.prometheus import BUCKETS_S, QUANTILES, RunCollector
+
+START = 1000.0
+
+
+@dataclass
+class FakeRun:
+    """The RunView of a finished run: a recorder and fixed live figures."""
+
+    recorder: Recorder | None
+    in_flight: int = 0
+    offered: float = 0.0
+
+    def offered_rps_now(self) -> float:
+        return self.offered
+
+
+def record_interval(rec: Recorder, index: int, latency_s: float, count: int = 10, errors: int = 0) -> None:
+    """`count` ok requests of `latency_s` (1/10 of it lag) and `errors` timeouts, then close interval `index`."""
+    t = START + index
+    for _ in range(count):
+        rec.record(t, t + latency_s / 10, t + latency_s, None)
+    for _ in range(errors):
+        rec.record(t, t, t + 0.5, "timeout")
+    rec.close_interval(START + index + 1)
+
+
+def registry_of(run: FakeRun, **kwargs) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(RunCollector(run, **kwargs))
+    return registry
+
+
+def fifteen_intervals() -> Recorder:
+    """Interval i holds latencies of (i + 1) ms: the last ten are 6..15 ms."""
+    rec = Recorder(START)
+    for index in range(15):
+        record_interval(rec, index, (index + 1) / 1000, errors=index % 2)
+    rec.record_dropped(START + 15)
+    rec.finish(START + 15.5)
+    return rec
+
+
+def test_counters_equal_the_recorders_counts() -> None:
+    rec = fifteen_intervals()
+    registry = registry_of(FakeRun(rec))
+    figures = rec.cumulative
+    assert registry.get_sample_value("loadgen_requests_total", {"outcome": "ok", "kind": "ok"}) == figures.ok == 150
+    assert registry.get_sample_value("loadgen_requests_total", {"outcome": "error", "kind": "timeout"}) == 7
+    assert figures.errors == {"timeout": 7}
+    assert registry.get_sample_value("loadgen_sent_total") == figures.sent == 157
+    assert registry.get_sample_value("loadgen_dropped_total") == figures.dropped == 1
+    assert registry.get_sample_value("loadgen_out_of_range_total") == 0
+
+
+@pytest.mark.parametrize("which", ["latency", "service"])
+def test_histogram_buckets_are_cumulative_and_end_at_the_ok_count(which: str) -> None:
+    rec = fifteen_intervals()
+    registry = registry_of(FakeRun(rec))
+    name = f"loadgen_{which}_seconds"
+    counts = [registry.get_sample_value(f"{name}_bucket", {"le": floatToGoString(b)}) for b in BUCKETS_S]
+    counts.append(registry.get_sample_value(f"{name}_bucket", {"le": "+Inf"}))
+    assert counts == sorted(counts)
+    assert counts[-1] == rec.cumulative.ok == registry.get_sample_value(f"{name}_count")
+    # 10 requests per whole millisecond of latency, 1..15 ms (service: 0.9 of it).
+    scale = 1.0 if which == "latency" else 0.9
+    for bound, count in zip(BUCKETS_S, counts, strict=False):
+        expected = 10 * sum(1 for ms in range(1, 16) if round(ms * scale * 1000) <= round(bound * 1e6))
+        assert count == expected, bound
+    mean_s = rec.cumulative.percentiles_ms(which)["mean"] / 1000
+    assert registry.get_sample_value(f"{name}_sum") == pytest.approx(mean_s * rec.cumulative.ok, rel=1e-3)
+
+
+def test_buckets_are_log_spaced_from_100us_to_60s() -> None:
+    assert BUCKETS_S[0] == 1e-4 and BUCKETS_S[-1] == 60.0
+    ratios = [b / a for a, b in itertools.pairwise(BUCKETS_S)]
+    assert all(1.2 < r < 1.3 for r in ratios[:-1])
+
+
+@pytest.mark.parametrize("which", ["latency", "service", "lag"])
+def test_run_percentiles_equal_the_cumulative_histograms(which: str) -> None:
+    rec = fifteen_intervals()
+    registry = registry_of(FakeRun(rec))
+    expected = rec.cumulative.percentiles_ms(which)
+    for quantile, key in QUANTILES.items():
+        value = registry.get_sample_value(f"loadgen_{which}_percentile_seconds", {"quantile": quantile, "window": "run"})
+        assert value == expected[key] / 1000
+
+
+def test_ten_second_window_holds_only_the_last_ten_intervals() -> None:
+    rec = fifteen_intervals()
+    registry = registry_of(FakeRun(rec))
+
+    def window(quantile: str) -> float:
+        labels = {"quantile": quantile, "window": "10s"}
+        return registry.get_sample_value("loadgen_latency_percentile_seconds", labels)
+
+    # Sixteen intervals: the last holds only the dropped arrival, so the last ten hold 7..15 ms.
+    assert len(rec.intervals) == 16
+    assert window("0.5") == pytest.approx(0.011, abs=2e-5)
+    assert window("0.999") == pytest.approx(0.015, abs=2e-5)
+    run = registry.get_sample_value("loadgen_latency_percentile_seconds", {"quantile": "0.5", "window": "run"})
+    assert run == pytest.approx(0.008, abs=2e-5)
+
+
+def test_ten_second_window_of_exactly_fifteen_intervals() -> None:
+    rec = Recorder(START)
+    for index in range(15):
+        record_interval(rec, index, (index + 1) / 1000)
+    registry = registry_of(FakeRun(rec))
+    labels = {"quantile": "0.5", "window": "10s"}
+    # Intervals 5..14 hold 6..15 ms, ten requests each: the median is 10 ms.
+    assert registry.get_sample_value("loadgen_latency_percentile_seconds", labels) == pytest.approx(0.010, abs=1e-5)
+    labels["quantile"] = "0.999"
+    assert registry.get_sample_value("loadgen_latency_percentile_seconds", labels) == pytest.approx(0.015, abs=2e-5)
+    # Nothing below 6 ms is in the window: the 10 s window's lowest quantile would show it.
+    rec.record(START + 15, START + 15, START + 15.001, None)
+    rec.close_interval(START + 16)
+    labels["quantile"] = "0.5"
+    assert registry.get_sample_value("loadgen_latency_percentile_seconds", labels) == pytest.approx(0.011, abs=1e-5)
+
+
+def test_live_gauges() -> None:
+    rec = Recorder(START)
+    record_interval(rec, 0, 0.002, count=40, errors=2)
+    cpu = iter([0.0, 0.5])
+    clock = iter([0.0, 2.0])
+    run = FakeRun(rec, in_flight=3, offered=100.0)
+    registry = registry_of(run, clock=lambda: next(clock), cpu_seconds=lambda: next(cpu))
+    assert registry.get_sample_value("loadgen_achieved_rps") == 42.0
+    assert registry.get_sample_value("loadgen_offered_rps") == 100.0
+    assert registry.get_sample_value("loadgen_in_flight") == 3
+    assert registry.get_sample_value("loadgen_generator_cpu_ratio") == 0.25
+
+
+def test_before_the_run_only_live_gauges() -> None:
+    registry = registry_of(FakeRun(None, offered=5.0))
+    assert registry.get_sample_value("loadgen_requests_total", {"outcome": "ok", "kind": "ok"}) is None
+    assert registry.get_sample_value("loadgen_offered_rps") == 5.0
+
+
+def test_an_interval_being_closed_is_not_half_read() -> None:
+    rec = Recorder(START)
+    record_interval(rec, 0, 0.002)
+    registry = registry_of(FakeRun(rec))
+    assert registry.get_sample_value("loadgen_requests_total", {"outcome": "ok", "kind": "ok"}) == 10
+    rec.record(START + 1, START + 1, START + 1.002, None)
+    steps = rec.close_interval_steps(START + 2)
+    for _ in steps:
+        if rec.closing:
+            break
+    next(steps)  # the latency histogram is in cumulative, the counters are not yet
+    assert rec.cumulative.latency.get_total_count() != rec.cumulative.ok
+    assert registry.get_sample_value("loadgen_latency_seconds_count") == 10
+    for _ in steps:
+        pass
+    assert registry.get_sample_value("loadgen_latency_seconds_count") == 11
+    assert registry.get_sample_value("loadgen_requests_total", {"outcome": "ok", "kind": "ok"}) == 11
+
+
+def test_a_scrape_is_cheap_at_a_thousand_intervals() -> None:
+    rec = Recorder(START)
+    for index in range(1000):
+        record_interval(rec, index, 0.001 + (index % 50) / 1000, count=5, errors=index % 3 == 0)
+    collector = RunCollector(FakeRun(rec))
+    list(collector.collect())  # the first scrape builds the snapshot
+    rec.record(START + 1000, START + 1000, START + 1000.002, None)
+    rec.close_interval(START + 1001)
+    rebuilt = _seconds(lambda: list(collector.collect()))
+    cached = min(_seconds(lambda: list(collector.collect())) for _ in range(20))
+    assert rebuilt < 0.005
+    assert cached < 0.001
+
+
+def _seconds(work) -> float:
+    began = time.perf_counter()
+    work()
+    return time.perf_counter() - began
