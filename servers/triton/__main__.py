@@ -1,12 +1,15 @@
 """Command line of the Triton-compatible server; its flags mirror tritonserver's.
 
     python -m servers.triton --http-port 0
-    python -m servers.triton --http-port 8000 --mlp-hidden 256
+    python -m servers.triton --http-port 0 --grpc-port 0
+    python -m servers.triton --http-port 8000 --grpc-port 8001 --mlp-hidden 256
 
-Once listening it prints one line, `listening on http://HOST:PORT`, and flushes (tests and the demo
-read it to learn the port when 0 was asked). SIGTERM or SIGINT stops it with exit code 0; bad flags
-exit with code 2. Served now: HTTP with the built-in models. Accepted but not served yet: --grpc-port,
---metrics-port. Refused (exit 2): --model-repository.
+HTTP is always served; gRPC only with --grpc-port, Prometheus metrics only with --metrics-port. All
+front ends run on one asyncio loop and share the models and their statistics. Once a front end listens
+it prints one line and flushes: `grpc listening on HOST:PORT` and `metrics listening on
+http://HOST:PORT` first (when served), then `listening on http://HOST:PORT` last, so a reader that waits
+for the http line (tests, the demo) finds every front end ready. SIGTERM or SIGINT stops it with exit
+code 0; bad flags exit with code 2. Refused (exit 2): --model-repository.
 """
 
 from __future__ import annotations
@@ -14,33 +17,46 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import importlib.util
 import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
 
 from servers.core.model import Model
 from servers.models.builtin import builtin_models
 from servers.triton._app import TritonApp
-from servers.triton._server import ServerContext, run_server
+from servers.triton._metrics import MetricsApp, build_registry
+from servers.triton._server import ServerContext, close, listen, run_server
 
 ReadyCallback = Callable[[str, int], None]
+FrontReadyCallback = Callable[[str, str, int], None]
+"""Called as (front end, host, bound port) when a front end other than HTTP listens: "grpc", "metrics"."""
 
 
 def serve(models: dict[str, Model], host: str = "127.0.0.1", port: int = 8000,
-          ready_callback: ReadyCallback | None = None, workers: int = 4) -> None:
-    """Serve `models` over HTTP until SIGTERM or SIGINT (signals are caught only in the main thread).
+          ready_callback: ReadyCallback | None = None, workers: int = 4, *,
+          grpc_port: int | None = None, metrics_port: int | None = None,
+          front_ready: FrontReadyCallback | None = None) -> None:
+    """Serve `models` over HTTP (plus gRPC and metrics when their ports are not None) until SIGTERM/SIGINT.
+
+    Signals are caught only in the main thread. `front_ready` runs for gRPC and metrics before
+    `ready_callback` runs for HTTP, so once the HTTP callback runs every front end is ready.
 
     Example:
-        serve(builtin_models(), port=0, ready_callback=lambda host, port: print(host, port))
+        serve(builtin_models(), port=0, ready_callback=lambda host, port: print(host, port),
+              grpc_port=0, front_ready=lambda front, host, port: print(front, host, port))
     """
     gc.collect()
     gc.freeze()  # what exists now lives as long as the server: a full collection must not walk it
     with ThreadPoolExecutor(workers, thread_name_prefix="infer") as executor:
         context = ServerContext(TritonApp(models), executor)
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            runner.run(_serve_until_signal(context, host, port, ready_callback))
+            fronts = _Fronts(grpc_port, metrics_port, front_ready)
+            runner.run(_serve_until_signal(context, host, port, ready_callback, fronts))
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -51,32 +67,62 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-async def _serve_until_signal(context: ServerContext, host: str, port: int,
-                              ready_callback: ReadyCallback | None) -> None:
+@dataclass(frozen=True)
+class _Fronts:
+    """The front ends besides HTTP: a port (None = not served) each, and who hears they are ready."""
+
+    grpc_port: int | None
+    metrics_port: int | None
+    ready: FrontReadyCallback | None
+
+
+async def _serve_until_signal(context: ServerContext, host: str, port: int, ready_callback: ReadyCallback | None,
+                              fronts: _Fronts) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals = (signal.SIGTERM, signal.SIGINT) if threading.current_thread() is threading.main_thread() else ()
     for signum in signals:
         loop.add_signal_handler(signum, stop.set)
     try:
-        await run_server(context, host, port, stop, ready_callback)
+        async with AsyncExitStack() as started:
+            await _start_fronts(context, host, fronts, started)
+            await run_server(context, host, port, stop, ready_callback)
     finally:
         for signum in signals:
             loop.remove_signal_handler(signum)
 
 
+async def _start_fronts(context: ServerContext, host: str, fronts: _Fronts, started: AsyncExitStack) -> None:
+    announce = fronts.ready or (lambda front, host, port: None)
+    if fronts.grpc_port is not None:
+        from servers.triton._grpc import start_grpc  # needs tritonclient[grpc]: only when asked
+
+        grpc_server, bound = await start_grpc(context.app.host, context.executor, host, fronts.grpc_port)
+        started.push_async_callback(grpc_server.stop, None)
+        announce("grpc", host, bound)
+    if fronts.metrics_port is not None:
+        metrics = ServerContext(MetricsApp(build_registry(context.app.host)), context.executor)
+        metrics_server = await listen(metrics, host, fronts.metrics_port)
+        started.push_async_callback(close, metrics_server, metrics)
+        announce("metrics", host, metrics_server.sockets[0].getsockname()[1])
+
+
 def build_parser(prog: str = "python -m servers.triton") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
-        description="Triton-compatible KServe v2 HTTP server hosting the built-in models "
-                    "(identity, identity_bytes, mlp).",
-        epilog="example: python -m servers.triton --http-port 8000",
+        description="Triton-compatible KServe v2 server (HTTP, and gRPC with --grpc-port) hosting the "
+                    "built-in models (identity, identity_bytes, mlp).",
+        epilog="example: python -m servers.triton --http-port 8000 --grpc-port 8001",
     )
     add = parser.add_argument
     add("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     add("--http-port", type=int, default=8000, help="HTTP port; 0 picks a free one (default 8000)")
-    add("--grpc-port", type=int, default=8001, help="gRPC port (accepted; gRPC is not served yet)")
-    add("--metrics-port", type=int, default=8002, help="metrics port (accepted; metrics are not served yet)")
+    add("--grpc-port", type=int, default=None,
+        help="serve gRPC (inference.GRPCInferenceService) on this port; 0 picks a free one "
+             "(default: gRPC not served; Triton's port is 8001)")
+    add("--metrics-port", type=int, default=None,
+        help="serve Prometheus metrics (Triton's nv_inference_* names) at http://HOST:PORT/metrics; "
+             "0 picks a free one (default: not served; Triton's port is 8002)")
     add("--model-repository", default=None, metavar="PATH",
         help="model repository folder (not supported yet: only the built-in models are served)")
     add("--mlp-hidden", type=int, default=64, help="hidden size of the built-in mlp model (default 64)")
@@ -92,8 +138,10 @@ def _problems(args: argparse.Namespace) -> list[str]:
                         "to serve the built-in models")
     for flag, port in (("--http-port", args.http_port), ("--grpc-port", args.grpc_port),
                        ("--metrics-port", args.metrics_port)):
-        if not 0 <= port <= 65535:
+        if port is not None and not 0 <= port <= 65535:
             problems.append(f"{flag} must be in 0..65535, got {port}")
+    if args.grpc_port is not None and importlib.util.find_spec("tritonclient") is None:
+        problems.append("--grpc-port needs the gRPC stubs of tritonclient: pip install 'tritonclient[grpc]'")
     if args.mlp_hidden < 1:
         problems.append(f"--mlp-hidden must be >= 1, got {args.mlp_hidden}")
     if args.workers < 1:
@@ -113,16 +161,25 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m servers.trito
         return 2
     models = builtin_models(mlp_hidden=args.mlp_hidden, seed=args.seed)
     try:
-        serve(models, args.host, args.http_port, _print_listening, workers=args.workers)
+        serve(models, args.host, args.http_port, _print_listening, workers=args.workers,
+              grpc_port=args.grpc_port, metrics_port=args.metrics_port, front_ready=_print_front_listening)
     except OSError as exc:
-        print(f"error: cannot listen on {args.host}:{args.http_port}: {exc}", file=sys.stderr)
+        print(f"error: cannot listen on {args.host}: {exc}", file=sys.stderr)
         return 1
     return 0
 
 
 def _print_listening(host: str, port: int) -> None:
-    shown = f"[{host}]" if ":" in host else host
-    print(f"listening on http://{shown}:{port}", flush=True)
+    print(f"listening on http://{_shown(host)}:{port}", flush=True)
+
+
+def _print_front_listening(front: str, host: str, port: int) -> None:
+    scheme = "http://" if front == "metrics" else ""
+    print(f"{front} listening on {scheme}{_shown(host)}:{port}", flush=True)
+
+
+def _shown(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 if __name__ == "__main__":

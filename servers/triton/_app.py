@@ -21,13 +21,18 @@ from urllib.parse import unquote
 
 from servers.core.http1 import Request
 from servers.core.model import Model
-from servers.triton._stats import ModelStats
-from servers.triton._tensors import InferError, encode_response, parse_infer
-
-SERVER_NAME = "triton"
-SERVER_VERSION = "2.73.0"
-"""The Triton release whose HTTP protocol this server follows (PROTOCOLS.md reference versions)."""
-EXTENSIONS = ("binary_tensor_data", "statistics", "model_configuration", "model_repository")
+from servers.triton._infer import (
+    EXTENSIONS,
+    SERVER_NAME,
+    SERVER_VERSION,
+    InferError,
+    InferRequest,
+    ModelFailure,
+    ModelHost,
+    UnknownModel,
+    execute,
+)
+from servers.triton._tensors import encode_response, parse_infer
 
 _MODEL_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([0-9]+))?(?:/(infer|ready|config|stats))?")
 _REPOSITORY_INDEX = re.compile(r"/v2/repository(?:/[^/]+)?/index")
@@ -60,16 +65,13 @@ _NOT_FOUND = error_reply(404, "Not Found")
 _NOT_ALLOWED = error_reply(405, "Method Not Allowed")
 
 
-class UnknownModel(LookupError):
-    """A model name or version that is not served; the message is Triton's."""
-
-
 class TritonApp:
     """Maps one parsed request to a Reply (or a Job); never raises for bad input."""
 
-    def __init__(self, models: dict[str, Model]) -> None:
-        self.models = models
-        self.stats = {name: ModelStats(model) for name, model in models.items()}
+    def __init__(self, models: dict[str, Model] | ModelHost) -> None:
+        self.host = models if isinstance(models, ModelHost) else ModelHost(models)
+        self.models = self.host.models
+        self.stats = self.host.stats
         self._server_metadata = Reply(200, _dumps(
             {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": list(EXTENSIONS)}))
 
@@ -90,12 +92,7 @@ class TritonApp:
 
     def lookup(self, name: str, version: str | None) -> Model:
         """The model served under name (and version, when given); raises UnknownModel."""
-        model = self.models.get(name)
-        if model is None:
-            raise UnknownModel(f"Request for unknown model: '{name}' is not found")
-        if version is not None and version != model.version:
-            raise UnknownModel(f"Request for unknown model: '{name}' version {version} is not found")
-        return model
+        return self.host.lookup(name, version)
 
     def _model_route(self, request: Request) -> Reply | Job:
         match = _MODEL_PATH.fullmatch(request.path)
@@ -136,30 +133,24 @@ class TritonApp:
 
     def _infer(self, model: Model, request: Request) -> Reply | Job:
         arrival_ns = time.perf_counter_ns()
-        job = functools.partial(self._run_infer, model, request, arrival_ns)
-        return job() if model.inline else job
+        if model.inline:
+            return self._run_infer(model, request, arrival_ns)
+        self.stats[model.name].add_pending(1)
+        return functools.partial(self._run_infer, model, request, arrival_ns, True)
 
-    def _run_infer(self, model: Model, request: Request, arrival_ns: int) -> Reply:
-        stats = self.stats[model.name]
-        start_ns = time.perf_counter_ns()
+    def _run_infer(self, model: Model, request: Request, arrival_ns: int, queued: bool = False) -> Reply:
+        def decode() -> InferRequest:
+            return parse_infer(request.body, request.headers.get(_INFER_HEADER), model)
+
+        def encode(parsed: InferRequest, outputs: dict[str, Any]) -> tuple[bytes, int | None]:
+            return encode_response(model, parsed, outputs)
+
         try:
-            parsed = parse_infer(request.body, request.headers.get(_INFER_HEADER), model)
-            decoded_ns = time.perf_counter_ns()
-            outputs = model.infer(parsed.inputs)
-            inferred_ns = time.perf_counter_ns()
-            missing = [name for name, _ in parsed.outputs if name not in outputs]
-            if missing:
-                raise RuntimeError(f"model '{model.name}' did not produce output(s) {missing}")
-            body, header_length = encode_response(model, parsed, outputs)
+            body, header_length = execute(model, self.stats[model.name], arrival_ns, decode, encode, queued)
         except InferError as exc:
-            stats.record_failure(time.perf_counter_ns() - arrival_ns)
             return error_reply(400, str(exc))
-        except Exception as exc:  # noqa: BLE001 - a failing model must not take the server down
-            stats.record_failure(time.perf_counter_ns() - arrival_ns)
-            return error_reply(500, f"model '{model.name}' failed: {type(exc).__name__}: {exc}")
-        done_ns = time.perf_counter_ns()
-        stats.record_success(parsed.batch_size, start_ns - arrival_ns, decoded_ns - start_ns,
-                             inferred_ns - decoded_ns, done_ns - inferred_ns)
+        except ModelFailure as exc:
+            return error_reply(500, str(exc))
         if header_length is None:
             return Reply(200, body)
         return Reply(200, body, "application/octet-stream", f"Inference-Header-Content-Length: {header_length}\r\n")

@@ -13,21 +13,27 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Protocol, cast
 
 from servers.core.http1 import HttpError, Request, RequestParser, continue_response, format_response
-from servers.triton._app import Reply, TritonApp, error_reply
+from servers.triton._app import Job, Reply, error_reply
 
 LINGER_S = 2.0
 """After a fatal error, how long the connection drains the client's bytes before dropping it
 (closing with unread bytes sends a reset that can destroy the error answer at the client)."""
 
 
+class App(Protocol):
+    """What a connection asks for each request: TritonApp (_app.py), or the metrics page (_metrics.py)."""
+
+    def handle(self, request: Request) -> Reply | Job: ...
+
+
 @dataclass
 class ServerContext:
     """What every connection of one server shares."""
 
-    app: TritonApp
+    app: App
     executor: Executor
     connections: set[TritonProtocol] = field(default_factory=set)
 
@@ -162,15 +168,25 @@ async def run_server(context: ServerContext, host: str, port: int, stop: asyncio
 
     `ready_callback(host, port)` runs once the socket listens (port is the bound one when 0 was asked).
     """
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: TritonProtocol(context), host, port,
-                                      reuse_address=True, backlog=1024)
+    server = await listen(context, host, port)
     try:
         if ready_callback is not None:
             ready_callback(host, server.sockets[0].getsockname()[1])
         await stop.wait()
     finally:
-        server.close()
-        for connection in list(context.connections):
-            connection.abort()
-        await server.wait_closed()
+        await close(server, context)
+
+
+async def listen(context: ServerContext, host: str, port: int) -> asyncio.Server:
+    """Start accepting connections on host:port; `close` undoes it."""
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(lambda: TritonProtocol(context), host, port,
+                                    reuse_address=True, backlog=1024)
+
+
+async def close(server: asyncio.Server, context: ServerContext) -> None:
+    """Stop accepting, drop every open connection, and wait until the listener is gone."""
+    server.close()
+    for connection in list(context.connections):
+        connection.abort()
+    await server.wait_closed()

@@ -5,7 +5,8 @@ Counting rules, as Triton's: `inference_count` adds the batch size of each succe
 `execution_count` adds one per model execution (no dynamic batching yet, so one per request);
 `success` and `fail` count requests; `queue` is the wait for a worker thread (zero when the model
 runs on the event loop); compute_input is decoding, compute_infer the model, compute_output encoding.
-A failed request adds its time from arrival to the failure to `fail`.
+A failed request adds its time from arrival to the failure to `fail`. `pending` counts requests
+waiting for a worker thread right now (Triton's nv_inference_pending_request_count).
 """
 
 from __future__ import annotations
@@ -31,6 +32,17 @@ class ModelStats:
         self._inference_count = 0
         self._execution_count = 0
         self._durations = {key: [0, 0] for key in _DURATIONS}
+        self._pending = 0
+        self._failures_by_reason: dict[str, int] = {}
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def add_pending(self, delta: int) -> None:
+        """+1 when a request is queued for a worker thread, -1 when a worker picks it up."""
+        with self._lock:
+            self._pending += delta
 
     def record_success(self, batch_size: int, queue_ns: int, input_ns: int, infer_ns: int,
                        output_ns: int) -> None:
@@ -45,9 +57,15 @@ class ModelStats:
             self._add("compute_infer", infer_ns)
             self._add("compute_output", output_ns)
 
-    def record_failure(self, elapsed_ns: int) -> None:
+    def record_failure(self, elapsed_ns: int, reason: str = "OTHER") -> None:
+        """One failed request; reason as Triton's metrics label it: BACKEND (the model) or OTHER."""
         with self._lock:
             self._add("fail", elapsed_ns)
+            self._failures_by_reason[reason] = self._failures_by_reason.get(reason, 0) + 1
+
+    def failures_by_reason(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._failures_by_reason)
 
     def _add(self, key: str, ns: int) -> None:
         pair = self._durations[key]

@@ -11,29 +11,22 @@ from __future__ import annotations
 
 import json
 import math
-import struct
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from servers.core.model import NUMPY_DTYPES, Model, TensorSpec
+from servers.triton._infer import (
+    InferError,
+    InferRequest,
+    check_complete,
+    check_input,
+    pack_tensor,
+    request_tag,
+    unpack_fixed,
+)
 
-_LENGTH = struct.Struct("<I")
-
-
-class InferError(ValueError):
-    """An infer request the server refuses; the message is what the client reads."""
-
-
-@dataclass(frozen=True)
-class InferRequest:
-    """A checked infer request: inputs by name, the outputs to return and whether each is binary."""
-
-    id: str | None
-    inputs: dict[str, np.ndarray]
-    outputs: tuple[tuple[str, bool], ...]
-    batch_size: int
+__all__ = ["InferError", "InferRequest", "encode_response", "parse_infer"]
 
 
 def parse_infer(body: bytes, header_length: str | None, model: Model) -> InferRequest:
@@ -47,12 +40,12 @@ def parse_infer(body: bytes, header_length: str | None, model: Model) -> InferRe
         raise InferError("failed to parse the request JSON buffer: nested too deeply") from None
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
         raise InferError("inference request JSON must be an object with an 'inputs' array")
-    request_id = request.get("id")
-    tag = f"[request id: {request_id if request_id is not None else '<id_unknown>'}] "
+    request_id = None if request.get("id") is None else str(request["id"])
+    tag = request_tag(request_id)
     inputs = _decode_inputs(request["inputs"], blobs, model, tag)
+    batch = check_complete(inputs, model, tag)
     outputs = _requested_outputs(request, model, tag)
-    batch = next(iter(inputs.values())).shape[0] if model.max_batch_size > 0 and inputs else 1
-    return InferRequest(None if request_id is None else str(request_id), inputs, outputs, batch)
+    return InferRequest(request_id, inputs, outputs, batch)
 
 
 def _split(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
@@ -69,33 +62,24 @@ def _split(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
 
 
 def _decode_inputs(tensors: list[Any], blobs: memoryview, model: Model, tag: str) -> dict[str, np.ndarray]:
-    specs = {spec.name: spec for spec in model.inputs}
     decoded: dict[str, np.ndarray] = {}
     offset = 0
     for tensor in tensors:
         if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
             raise InferError(f"{tag}each input must be an object with a 'name'")
         name = tensor["name"]
-        spec = specs.get(name)
-        if spec is None:
-            raise InferError(f"{tag}unexpected inference input '{name}' for model '{model.name}'")
         shape = _shape(tensor, name, tag)
-        _check_datatype(tensor.get("datatype"), spec, model.name, tag)
-        _check_shape(shape, spec, model, tag)
+        spec = check_input(name, tensor.get("datatype"), shape, model, tag)
         size = _binary_size(tensor, name, tag)
         if size is None:
             decoded[name] = _from_json(tensor, spec, shape, tag)
         else:
             if offset + size > len(blobs):
                 raise InferError(f"{tag}unexpected end of binary data for input '{name}'")
-            decoded[name] = _from_binary(blobs[offset:offset + size], spec, shape, tag)
+            decoded[name] = unpack_fixed(blobs[offset:offset + size], spec, shape, tag)
             offset += size
-    if len(decoded) != len(specs):
-        raise InferError(f"{tag}expected {len(specs)} inputs but got {len(decoded)} inputs for model "
-                         f"'{model.name}'")
     if offset != len(blobs):
         raise InferError(f"{tag}{len(blobs) - offset} bytes of binary data are not claimed by any input")
-    _check_batches_agree(decoded, model, tag)
     return decoded
 
 
@@ -104,30 +88,6 @@ def _shape(tensor: dict[str, Any], name: str, tag: str) -> tuple[int, ...]:
     if not isinstance(shape, list) or not all(type(dim) is int and dim >= 0 for dim in shape):
         raise InferError(f"{tag}input '{name}' needs a 'shape' of integers >= 0, got {shape!r}")
     return tuple(shape)
-
-
-def _check_datatype(datatype: Any, spec: TensorSpec, model_name: str, tag: str) -> None:
-    if datatype != spec.datatype:
-        raise InferError(f"{tag}inference input '{spec.name}' data-type is '{datatype}', but model "
-                         f"'{model_name}' expects '{spec.datatype}'")
-
-
-def _check_shape(shape: tuple[int, ...], spec: TensorSpec, model: Model, tag: str) -> None:
-    dims = shape
-    if model.max_batch_size > 0:
-        if not shape or not 1 <= shape[0] <= model.max_batch_size:
-            raise InferError(f"{tag}inference request batch-size must be <= {model.max_batch_size} for "
-                             f"'{model.name}'")
-        dims = shape[1:]
-    if len(dims) != len(spec.dims) or any(want not in (-1, got) for want, got in zip(spec.dims, dims)):
-        expected = ",".join(str(d) for d in spec.shape(model.max_batch_size))
-        raise InferError(f"{tag}unexpected shape for input '{spec.name}' for model '{model.name}'. "
-                         f"Expected [{expected}], got [{','.join(str(d) for d in shape)}]")
-
-
-def _check_batches_agree(inputs: dict[str, np.ndarray], model: Model, tag: str) -> None:
-    if model.max_batch_size > 0 and len({array.shape[0] for array in inputs.values()}) > 1:
-        raise InferError(f"{tag}inputs of model '{model.name}' have different batch sizes")
 
 
 def _binary_size(tensor: dict[str, Any], name: str, tag: str) -> int | None:
@@ -177,37 +137,6 @@ def _flatten(data: list[Any]) -> list[Any]:
     return flat
 
 
-def _from_binary(blob: memoryview, spec: TensorSpec, shape: tuple[int, ...], tag: str) -> np.ndarray:
-    count = math.prod(shape)
-    if spec.datatype == "BYTES":
-        return _unpack_bytes(blob, count, spec.name, tag).reshape(shape)
-    dtype = NUMPY_DTYPES[spec.datatype]
-    if len(blob) != count * dtype.itemsize:
-        raise InferError(f"{tag}input '{spec.name}' has {len(blob)} bytes of binary data; shape "
-                         f"{list(shape)} of {spec.datatype} needs {count * dtype.itemsize}")
-    return np.frombuffer(blob, dtype=dtype).reshape(shape)
-
-
-def _unpack_bytes(blob: memoryview, count: int, name: str, tag: str) -> np.ndarray:
-    if count * 4 > len(blob):  # before allocating: the shape is the client's word
-        raise InferError(f"{tag}BYTES input '{name}' has {len(blob)} bytes of binary data, too few for "
-                         f"{count} elements")
-    array = np.empty(count, dtype=object)
-    offset = 0
-    for index in range(count):
-        if offset + 4 > len(blob):
-            raise InferError(f"{tag}binary data of BYTES input '{name}' ends before element {index}")
-        (length,) = _LENGTH.unpack_from(blob, offset)
-        offset += 4
-        if offset + length > len(blob):
-            raise InferError(f"{tag}binary data of BYTES input '{name}' ends inside element {index}")
-        array[index] = bytes(blob[offset:offset + length])
-        offset += length
-    if offset != len(blob):
-        raise InferError(f"{tag}BYTES input '{name}' has {len(blob) - offset} bytes after {count} elements")
-    return array
-
-
 def _requested_outputs(request: dict[str, Any], model: Model, tag: str) -> tuple[tuple[str, bool], ...]:
     parameters = request.get("parameters") or {}
     if not isinstance(parameters, dict):
@@ -239,7 +168,7 @@ def encode_response(model: Model, request: InferRequest,
         array = np.asarray(outputs[name])
         tensor: dict[str, Any] = {"name": name, "datatype": specs[name].datatype, "shape": list(array.shape)}
         if binary:
-            blob = _to_binary(array, specs[name].datatype)
+            blob = pack_tensor(array, specs[name].datatype)
             tensor["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
@@ -253,16 +182,6 @@ def encode_response(model: Model, request: InferRequest,
     if not blobs:
         return head, None
     return b"".join([head, *blobs]), len(head)
-
-
-def _to_binary(array: np.ndarray, datatype: str) -> bytes:
-    if datatype == "BYTES":
-        parts = []
-        for item in array.ravel():
-            raw = item if isinstance(item, bytes) else str(item).encode()
-            parts += (_LENGTH.pack(len(raw)), raw)
-        return b"".join(parts)
-    return np.ascontiguousarray(array, dtype=NUMPY_DTYPES[datatype]).tobytes()
 
 
 def _to_json(array: np.ndarray, datatype: str) -> list[Any]:

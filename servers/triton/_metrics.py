@@ -1,0 +1,153 @@
+"""The metrics front end of the Triton-compatible server: Prometheus text at GET /metrics (PROTOCOLS.md 4).
+
+Values are read at scrape time from the ModelStats that HTTP and gRPC update (_stats.py): a collector
+on a CollectorRegistry of this server's own (never prometheus_client's global one) yields Triton's
+per-model families, labelled `model` and `version`; prometheus_client's ProcessCollector adds the
+process's CPU seconds and memory, and /proc/meminfo gives nv_cpu_memory_*. GPU families are not
+emitted (no NVML here). Names follow Triton, which prints counters without the `_total` suffix
+that prometheus_client's own renderer would add, hence the small renderer below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.metrics_core import Metric
+from prometheus_client.utils import floatToGoString
+
+from servers.core.http1 import Request
+from servers.triton._app import Reply, error_reply
+from servers.triton._infer import ModelHost
+from servers.triton._stats import ModelStats
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+Reader = Callable[[ModelStats, dict[str, Any]], float]
+
+
+def _duration_us(key: str) -> Reader:
+    return lambda stats, snapshot: snapshot["inference_stats"][key]["ns"] // 1000
+
+
+_MODEL_FAMILIES: tuple[tuple[str, str, str, Reader], ...] = (
+    ("nv_inference_request_success", "counter", "Number of successful inference requests, all batch sizes",
+     lambda stats, snapshot: snapshot["inference_stats"]["success"]["count"]),
+    ("nv_inference_count", "counter", "Number of inferences performed (does not include cached requests)",
+     lambda stats, snapshot: snapshot["inference_count"]),
+    ("nv_inference_exec_count", "counter",
+     "Number of model executions performed (does not include cached requests)",
+     lambda stats, snapshot: snapshot["execution_count"]),
+    ("nv_inference_pending_request_count", "gauge",
+     "Instantaneous number of pending requests awaiting execution per-model.",
+     lambda stats, snapshot: stats.pending),
+    ("nv_inference_request_duration_us", "counter",
+     "Cumulative inference request duration in microseconds (includes cached requests)",
+     _duration_us("success")),
+    ("nv_inference_queue_duration_us", "counter",
+     "Cumulative inference queuing duration in microseconds (includes cached requests)",
+     _duration_us("queue")),
+    ("nv_inference_compute_input_duration_us", "counter",
+     "Cumulative compute input duration in microseconds (does not include cached requests)",
+     _duration_us("compute_input")),
+    ("nv_inference_compute_infer_duration_us", "counter",
+     "Cumulative compute inference duration in microseconds (does not include cached requests)",
+     _duration_us("compute_infer")),
+    ("nv_inference_compute_output_duration_us", "counter",
+     "Cumulative inference compute output duration in microseconds (does not include cached requests)",
+     _duration_us("compute_output")),
+)
+FAILURE_REASONS = ("REJECTED", "CANCELED", "BACKEND", "OTHER")
+
+
+class ModelMetricsCollector:
+    """Triton's per-model request families, computed from the shared ModelStats when scraped."""
+
+    def __init__(self, host: ModelHost) -> None:
+        self._host = host
+
+    def collect(self) -> Iterator[Metric]:
+        current = [(stats, stats.snapshot()) for stats in self._host.stats.values()]
+        for name, kind, documentation, read in _MODEL_FAMILIES:
+            family = Metric(name, documentation, kind)
+            for stats, snapshot in current:
+                family.add_sample(name, {"model": stats.name, "version": stats.version}, read(stats, snapshot))
+            yield family
+        yield self._failures(current)
+
+    @staticmethod
+    def _failures(current: list[tuple[ModelStats, dict[str, Any]]]) -> Metric:
+        name = "nv_inference_request_failure"
+        family = Metric(name, "Number of failed inference requests, all batch sizes", "counter")
+        for stats, _ in current:
+            counts = stats.failures_by_reason()
+            for reason in FAILURE_REASONS:
+                labels = {"model": stats.name, "reason": reason, "version": stats.version}
+                family.add_sample(name, labels, counts.get(reason, 0))
+        return family
+
+
+class HostMemoryCollector:
+    """nv_cpu_memory_total_bytes / nv_cpu_memory_used_bytes from /proc/meminfo (used = total - available)."""
+
+    def __init__(self, meminfo: Path = Path("/proc/meminfo")) -> None:
+        self._meminfo = meminfo
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            fields = dict(line.split(":", 1) for line in self._meminfo.read_text().splitlines() if ":" in line)
+            total = int(fields["MemTotal"].split()[0]) * 1024
+            available = int(fields["MemAvailable"].split()[0]) * 1024
+        except (OSError, KeyError, ValueError):
+            return  # not Linux, or an odd kernel: the families are simply absent
+        for name, documentation, value in (
+                ("nv_cpu_memory_total_bytes", "CPU total memory (RAM), in bytes", total),
+                ("nv_cpu_memory_used_bytes", "CPU used memory (RAM), in bytes", total - available)):
+            family = Metric(name, documentation, "gauge")
+            family.add_sample(name, {}, value)
+            yield family
+
+
+def build_registry(host: ModelHost) -> CollectorRegistry:
+    """A fresh registry holding every family this server exports."""
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(ModelMetricsCollector(host))
+    registry.register(HostMemoryCollector())
+    ProcessCollector(registry=registry)
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    """Prometheus text format (0.0.4) with each family's own name on its HELP and TYPE lines."""
+    lines: list[str] = []
+    for family in registry.collect():
+        shown = family.name
+        if family.type == "counter" and family.samples and family.samples[0].name == f"{shown}_total":
+            shown = family.samples[0].name  # prometheus_client's own counters (process_cpu_seconds_total)
+        documentation = family.documentation.replace("\\", r"\\").replace("\n", r"\n")
+        lines += (f"# HELP {shown} {documentation}", f"# TYPE {shown} {family.type}")
+        for sample in family.samples:
+            labels = ",".join(f'{key}="{_escape(value)}"' for key, value in sample.labels.items())
+            lines.append(f"{sample.name}{{{labels}}} {floatToGoString(sample.value)}" if labels
+                         else f"{sample.name} {floatToGoString(sample.value)}")
+    return ("\n".join(lines) + "\n").encode()
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+
+
+class MetricsApp:
+    """The routes of the metrics port: GET /metrics, else 404 or 405 like the HTTP front end."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def handle(self, request: Request) -> Reply:
+        if request.path != "/metrics":
+            return error_reply(404, "Not Found")
+        if request.method != "GET":
+            return error_reply(405, "Method Not Allowed")
+        return Reply(200, render(self._registry), CONTENT_TYPE)

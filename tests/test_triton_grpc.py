@@ -1,0 +1,305 @@
+"""servers/triton over gRPC (servers/triton/_grpc.py), judged by tritonclient.grpc (integration).
+
+One server process serves HTTP and gRPC for the whole module (port 0 for both); expected answers come
+from the same built-in models run in this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import ClassVar
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as tritonclient_grpc
+import tritonclient.grpc.aio as tritonclient_grpc_aio
+import tritonclient.http as tritonclient_http
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from servers.models.builtin import Identity, builtin_models
+from servers.triton._grpc import start_grpc
+from servers.triton._infer import ModelHost
+from tests.conftest import ROOT, pin, stop_process
+
+pytestmark = pytest.mark.integration
+MODELS = builtin_models()
+BATCHING = [name for name, model in MODELS.items() if model.max_batch_size > 0]
+
+
+@dataclass
+class Fronts:
+    proc: subprocess.Popen
+    lines: list[str]
+    grpc_url: str
+    http_url: str
+
+
+def start_fronts(*args: str, timeout: float = 20.0) -> Fronts:
+    """`python -m servers.triton --http-port 0 --grpc-port 0 ARGS`; reads every line up to the http one."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "servers.triton", "--http-port", "0", "--grpc-port", "0", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    pin(proc.pid, 1)
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+        lines.append(line.strip())
+        if line.startswith("listening on http://"):
+            grpc_line = next((seen for seen in lines if seen.startswith("grpc listening on ")), "")
+            return Fronts(proc, lines, grpc_line.split()[-1], line.split()[-1].removeprefix("http://"))
+    stop_process(proc)
+    raise RuntimeError(f"servers.triton did not start: {proc.stderr.read()}")
+
+
+@pytest.fixture(scope="module")
+def fronts() -> Iterator[Fronts]:
+    started = start_fronts()
+    yield started
+    stop_process(started.proc)
+
+
+@pytest.fixture(scope="module")
+def client(fronts: Fronts):
+    client = tritonclient_grpc.InferenceServerClient(fronts.grpc_url)
+    yield client
+    client.close()
+
+
+def _data(name: str, batch: int) -> np.ndarray:
+    rng = np.random.default_rng(batch)
+    if name == "identity_bytes":
+        return np.array([[f"row{b}-{i}".encode() for i in range(3)] for b in range(batch)], dtype=object)
+    width = 16 if name == "mlp" else 5
+    return rng.standard_normal((batch, width)).astype(np.float32)
+
+
+def _inputs(module, data: np.ndarray) -> list:
+    tensor = module.InferInput("INPUT0", list(data.shape), "BYTES" if data.dtype == object else "FP32")
+    tensor.set_data_from_numpy(data)
+    return [tensor]
+
+
+def _assert_matches(name: str, got: np.ndarray, data: np.ndarray) -> None:
+    expected = MODELS[name].infer({"INPUT0": data})["OUTPUT0"]
+    assert got.shape == expected.shape
+    if name == "mlp":
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    elif name == "identity_bytes":
+        assert list(got.ravel()) == list(expected.ravel())
+    else:
+        np.testing.assert_array_equal(got, expected)
+
+
+def _stats(client, name: str) -> dict:
+    return client.get_inference_statistics(name, as_json=True)["model_stats"][0]
+
+
+def test_grpc_line_comes_before_the_http_line(fronts: Fronts) -> None:
+    assert [line.split()[0] for line in fronts.lines[-2:]] == ["grpc", "listening"]
+    assert fronts.grpc_url.startswith("127.0.0.1:") and fronts.grpc_url != fronts.http_url
+
+
+def test_server_health_metadata_and_repository_index(client) -> None:
+    assert client.is_server_live() and client.is_server_ready()
+    metadata = client.get_server_metadata(as_json=True)
+    assert metadata["name"] == "triton" and "statistics" in metadata["extensions"]
+    index = client.get_model_repository_index(as_json=True)["models"]
+    assert sorted((entry["name"], entry["state"]) for entry in index) == [
+        (name, "READY") for name in sorted(MODELS)]
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_model_metadata_and_config(client, name: str) -> None:
+    model = MODELS[name]
+    assert client.is_model_ready(name) and client.is_model_ready(name, "1")
+    metadata = client.get_model_metadata(name, as_json=True)
+    expected = model.metadata()
+    assert metadata["versions"] == ["1"] and metadata["platform"] == expected["platform"]
+    assert [(t["name"], t["datatype"], [int(d) for d in t["shape"]]) for t in metadata["inputs"]] == [
+        (t["name"], t["datatype"], t["shape"]) for t in expected["inputs"]]
+    config = client.get_model_config(name).config
+    assert config.name == name and config.max_batch_size == model.max_batch_size
+    assert [(t.name, list(t.dims)) for t in config.input] == [(s.name, list(s.dims)) for s in model.inputs]
+    assert config.input[0].data_type == config.output[0].data_type != 0
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_infer_matches_the_model_run_here(client, name: str) -> None:
+    data = _data(name, 1)
+    result = client.infer(name, _inputs(tritonclient_grpc, data), request_id="r-7")
+    _assert_matches(name, result.as_numpy("OUTPUT0"), data)
+    response = result.get_response()
+    assert response.id == "r-7" and response.model_version == "1" and response.raw_output_contents
+
+
+@pytest.mark.parametrize("name", BATCHING)
+def test_batch_of_four_counts_four_inferences(client, name: str) -> None:
+    before = _stats(client, name)
+    data = _data(name, 4)
+    result = client.infer(name, _inputs(tritonclient_grpc, data),
+                          outputs=[tritonclient_grpc.InferRequestedOutput("OUTPUT0")])
+    _assert_matches(name, result.as_numpy("OUTPUT0"), data)
+    after = _stats(client, name)
+    assert int(after["inference_count"]) - int(before.get("inference_count", 0)) == 4
+    assert int(after["execution_count"]) - int(before.get("execution_count", 0)) == 1
+
+
+def test_typed_contents_inputs_are_accepted(fronts: Fronts) -> None:
+    request = service_pb2.ModelInferRequest(model_name="identity_bytes")
+    tensor = request.inputs.add(name="INPUT0", datatype="BYTES", shape=[1, 2])
+    tensor.contents.bytes_contents.extend([b"a", b"bc"])
+    numbers = service_pb2.ModelInferRequest(model_name="identity")
+    numbers.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 3]).contents.fp32_contents.extend(
+        [1, 2.5, -3])
+    with grpc.insecure_channel(fronts.grpc_url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        text = stub.ModelInfer(request, timeout=5)
+        floats = stub.ModelInfer(numbers, timeout=5)
+    assert text.raw_output_contents[0] == b"\x01\x00\x00\x00a\x02\x00\x00\x00bc"
+    assert np.frombuffer(floats.raw_output_contents[0], "<f4").tolist() == [1, 2.5, -3]
+    assert list(floats.outputs[0].shape) == [1, 3] and floats.outputs[0].datatype == "FP32"
+
+
+def test_http_and_grpc_share_the_statistics(client, fronts: Fronts) -> None:
+    http = tritonclient_http.InferenceServerClient(fronts.http_url)
+    try:
+        before = _stats(client, "identity")
+        data = _data("identity", 2)
+        client.infer("identity", _inputs(tritonclient_grpc, data))
+        http.infer("identity", _inputs(tritonclient_http, data))
+        from_grpc = _stats(client, "identity")
+        from_http = http.get_inference_statistics("identity")["model_stats"][0]
+    finally:
+        http.close()
+    success = int(before.get("inference_stats", {}).get("success", {}).get("count", 0))
+    assert int(from_grpc["inference_stats"]["success"]["count"]) == success + 2
+    assert from_http["inference_stats"]["success"]["count"] == success + 2
+    assert from_http["inference_count"] == int(from_grpc["inference_count"])
+
+
+@pytest.mark.parametrize("call", ["metadata", "config", "stats", "infer", "version"])
+def test_unknown_model_is_not_found_with_tritons_message(client, call: str) -> None:
+    actions = {
+        "metadata": lambda: client.get_model_metadata("nope"),
+        "config": lambda: client.get_model_config("nope"),
+        "stats": lambda: client.get_inference_statistics("nope"),
+        "infer": lambda: client.infer("nope", _inputs(tritonclient_grpc, _data("identity", 1))),
+        "version": lambda: client.get_model_metadata("identity", "7"),
+    }
+    with pytest.raises(InferenceServerException) as raised:
+        actions[call]()
+    assert raised.value.status() == "StatusCode.NOT_FOUND"
+    assert "Request for unknown model" in raised.value.message()
+    assert not client.is_model_ready("nope") and client.is_server_live()
+
+
+BAD_INPUTS = {
+    "shape": (np.zeros((1, 5), np.float32), "FP32", "unexpected shape for input 'INPUT0' for model 'mlp'"),
+    "batch": (np.zeros((33, 16), np.float32), "FP32", "batch-size must be <= 32"),
+    "datatype": (np.zeros((1, 16), np.float64), "FP64", "data-type is 'FP64', but model 'mlp' expects 'FP32'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_inputs_are_invalid_argument_and_the_server_goes_on(client, case: str) -> None:
+    data, datatype, expected = BAD_INPUTS[case]
+    tensor = tritonclient_grpc.InferInput("INPUT0", list(data.shape), datatype)
+    tensor.set_data_from_numpy(data)
+    before = _stats(client, "mlp")
+    with pytest.raises(InferenceServerException) as raised:
+        client.infer("mlp", [tensor])
+    assert raised.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert expected in raised.value.message()
+    fail = int(before.get("inference_stats", {}).get("fail", {}).get("count", 0))
+    assert int(_stats(client, "mlp")["inference_stats"]["fail"]["count"]) == fail + 1
+    assert client.is_server_ready()
+
+
+def test_asyncio_client_infers(fronts: Fronts) -> None:
+    async def run() -> list[np.ndarray]:
+        async with tritonclient_grpc_aio.InferenceServerClient(fronts.grpc_url) as aio_client:
+            assert await aio_client.is_server_live()
+            calls = [aio_client.infer("mlp", _inputs(tritonclient_grpc_aio, _data("mlp", batch)))
+                     for batch in (1, 2, 3)]
+            return [result.as_numpy("OUTPUT0") for result in await asyncio.gather(*calls)]
+
+    for batch, got in zip((1, 2, 3), asyncio.run(run())):
+        _assert_matches("mlp", got, _data("mlp", batch))
+
+
+def test_stream_answers_each_request_in_order_and_errors_keep_it_open(fronts: Fronts) -> None:
+    results: queue.Queue = queue.Queue()
+    client = tritonclient_grpc.InferenceServerClient(fronts.grpc_url)
+    try:
+        client.start_stream(callback=lambda result, error: results.put((result, error)))
+        for index in range(6):
+            name = "nope" if index == 3 else "identity"
+            data = np.full((1, 4), index, np.float32)
+            client.async_stream_infer(name, _inputs(tritonclient_grpc, data), request_id=str(index),
+                                      enable_empty_final_response=index == 5)
+        got = [results.get(timeout=5) for _ in range(6)]
+        client.stop_stream()
+    finally:
+        client.close()
+    for index, (result, error) in enumerate(got):
+        if index == 3:
+            assert result is None and "Request for unknown model: 'nope'" in error.message()
+            continue
+        assert error is None and result.get_response().id == str(index)
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), np.full((1, 4), index, np.float32))
+    assert got[5][0].get_response().parameters["triton_final_response"].bool_param
+    assert "triton_final_response" not in got[0][0].get_response().parameters
+
+
+class _Threaded(Identity):
+    """An identity that must run in a worker thread and says which thread ran it."""
+
+    inline = False
+    threads: ClassVar[list[str]] = []
+
+    def infer(self, inputs):
+        self.threads.append(threading.current_thread().name)
+        return super().infer(inputs)
+
+
+def test_models_not_inline_run_in_the_worker_pool_in_process() -> None:
+    host = ModelHost({"threaded": _Threaded("threaded")})
+    request = service_pb2.ModelInferRequest(model_name="threaded", raw_input_contents=[b"\x00\x00\x80\x3f"])
+    request.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 1])
+
+    async def run() -> service_pb2.ModelInferResponse:
+        with ThreadPoolExecutor(1, thread_name_prefix="infer") as executor:
+            server, port = await start_grpc(host, executor, "127.0.0.1", 0)
+            try:
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                    return await service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=5)
+            finally:
+                await server.stop(None)
+
+    response = asyncio.run(run())
+    assert response.raw_output_contents == [b"\x00\x00\x80\x3f"]
+    assert _Threaded.threads and _Threaded.threads[0].startswith("infer")
+    assert host.stats["threaded"].snapshot()["inference_stats"]["queue"]["count"] == 1
+
+
+def test_help_describes_grpc() -> None:
+    done = subprocess.run([sys.executable, "-m", "servers.triton", "--help"], check=True,
+                          capture_output=True, text=True, cwd=ROOT, timeout=20)
+    grpc_help = done.stdout.split("\n  --grpc-port")[1].split("\n  --")[0]
+    assert "GRPCInferenceService" in " ".join(grpc_help.split())
