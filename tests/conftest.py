@@ -20,6 +20,12 @@ import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+
+TIMING = pytest.mark.flaky(reruns=2, reruns_delay=1)
+"""For tests that compare measured times with the truth to a millisecond or less. These VMs lose a
+core to the host for 1-3 ms a few times a second, in bursts; such a burst can push one run's tail
+past the tolerance whatever the code does. A rerun (fresh processes) stands in for a quieter
+machine; a systematic error still fails every run."""
 _CPUS = sorted(os.sched_getaffinity(0))
 
 

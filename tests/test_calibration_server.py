@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from servers.calibration.timing import TimingConfig, TimingModel
+from tests.conftest import TIMING
 
 pytestmark = pytest.mark.integration
 
@@ -213,6 +214,7 @@ def test_expect_continue_gets_an_interim_answer(instant: Server) -> None:
     assert (status, json.loads(reply)["outputs"][0]["data"]) == (200, [5])
 
 
+@TIMING
 def test_pipelined_replies_keep_request_order(delayed: Server) -> None:
     infer = json.dumps(_infer_body([7], request_id="first")).encode()
     with socket.create_connection(("127.0.0.1", delayed.port)) as sock:
@@ -246,6 +248,7 @@ def _infer_latencies(url: str, count: int, pause_s: float = 0.0) -> list[float]:
     return latencies
 
 
+@TIMING
 def test_delay_is_kept_to_a_millisecond(delayed: Server, instant: Server) -> None:
     """Through httpx, net of the client's own time measured on a zero-delay server (the null target).
 
@@ -258,6 +261,7 @@ def test_delay_is_kept_to_a_millisecond(delayed: Server, instant: Server) -> Non
     assert statistics.median(latencies) - null_median == pytest.approx(0.020, abs=0.001)
 
 
+@TIMING
 def test_delay_seen_from_a_raw_socket(delayed: Server) -> None:
     body = json.dumps(_infer_body([1])).encode()
     latencies = []
@@ -274,6 +278,7 @@ def test_delay_seen_from_a_raw_socket(delayed: Server) -> None:
 _SLACK_S = 0.005
 
 
+@TIMING
 def test_queued_workers_match_the_timing_model() -> None:
     """A pipelined burst of 4 on 2 workers of 10 ms: done at +10, +10, +20, +20 ms after arrival."""
     server = Server("--service-ms", "10", "--workers", "2")
@@ -292,6 +297,7 @@ def test_queued_workers_match_the_timing_model() -> None:
         server.stop()
 
 
+@TIMING
 def test_stall_holds_requests_until_the_window_ends() -> None:
     server = Server("--stall-every", "0.5", "--stall-for", "0.1", "--delay-ms", "5")
     try:

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from servers.calibration.timing import TimingConfig, TimingModel
-from tests.conftest import run_loadgen
+from tests.conftest import TIMING, run_loadgen
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, TIMING]
 
 
 def within(measured: float, truth: float, rel: float, floor_ms: float = 0.0) -> bool:
