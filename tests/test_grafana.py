@@ -1,0 +1,125 @@
+"""grafana/: the dashboards are well-formed Grafana dashboard models, and every PromQL expression in
+every panel returns data from a real Prometheus scraping a real run and a real server."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.conftest import ROOT, loadgen_cmd, pin, start_server, stop_process
+
+GRAFANA = ROOT / "grafana"
+DASHBOARDS = sorted((GRAFANA / "dashboards").glob("*.json"))
+
+
+def expressions() -> list[tuple[str, str, str]]:
+    return [(board.name, panel["title"], target["expr"])
+            for board in DASHBOARDS
+            for panel in json.loads(board.read_text())["panels"]
+            for target in panel["targets"]]
+
+
+def test_dashboards_are_grafana_models() -> None:
+    provisioned = yaml.safe_load((GRAFANA / "provisioning/datasources/prometheus.yml").read_text())
+    datasource_uid = provisioned["datasources"][0]["uid"]
+    assert len(DASHBOARDS) >= 2
+    uids = set()
+    for path in DASHBOARDS:
+        board = json.loads(path.read_text())
+        assert board["uid"] not in uids and board["title"] and board["schemaVersion"] >= 30
+        uids.add(board["uid"])
+        ids = [panel["id"] for panel in board["panels"]]
+        assert len(ids) == len(set(ids)), path.name
+        for panel in board["panels"]:
+            assert panel["type"] == "timeseries" and panel["datasource"]["uid"] == datasource_uid
+            assert set(panel["gridPos"]) == {"x", "y", "w", "h"} and panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24
+            assert panel["targets"] and all(target["expr"].strip() for target in panel["targets"])
+    assert yaml.safe_load((GRAFANA / "provisioning/dashboards/loadgen.yml").read_text())["providers"]
+    jobs = {job["job_name"] for job in yaml.safe_load((GRAFANA / "prometheus.yml").read_text())["scrape_configs"]}
+    assert jobs == {"loadgen", "inference-server"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_prometheus(tmp_path: Path, loadgen_port: int, server_port: int) -> tuple[subprocess.Popen, str]:
+    config = yaml.safe_load((GRAFANA / "prometheus.yml").read_text())
+    targets = {"loadgen": loadgen_port, "inference-server": server_port}
+    for job in config["scrape_configs"]:
+        job["static_configs"] = [{"targets": [f"127.0.0.1:{targets[job['job_name']]}"]}]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    proc = subprocess.Popen(
+        [shutil.which("prometheus"), f"--config.file={tmp_path / 'prometheus.yml'}",
+         f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/-/ready", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"prometheus did not start: {proc.stderr.read()}")
+
+
+@pytest.mark.integration
+def test_every_panel_has_data_from_a_real_prometheus(tmp_path: Path) -> None:
+    assert shutil.which("prometheus"), "Debian's prometheus package is required (.ci/run installs it)"
+    server = start_server(["--metrics-port", str(free_port())], module="servers.triton", port_flag="--http-port")
+    metrics_port = int(server.proc.args[server.proc.args.index("--metrics-port") + 1])
+    loadgen_port = free_port()
+    prometheus, prom_url = start_prometheus(tmp_path, loadgen_port, metrics_port)
+    try:
+        started = time.time()
+        run = subprocess.Popen(
+            loadgen_cmd("run", "--target", server.url, "--model", "mlp", "--rate", "100", "--duration", "8s",
+                        "--metrics-port", str(loadgen_port), "--out", str(tmp_path / "run"), "-q"),
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        pin(run.pid, 0)
+        _out, err = run.communicate(timeout=60)
+        assert run.returncode == 0, err
+        time.sleep(2.0)  # one more scrape of the server after the run
+        missing = []
+        for board, title, expr in expressions():
+            answer = httpx.get(prom_url + "/api/v1/query_range", timeout=10, params={
+                "query": expr, "start": started, "end": time.time(), "step": "1s"}).json()
+            assert answer["status"] == "success", (board, title, expr, answer)
+            if not answer["data"]["result"]:
+                missing.append(f"{board} / {title}: {expr}")
+        assert not missing, "panels without data:\n" + "\n".join(missing)
+    finally:
+        prometheus.send_signal(signal.SIGTERM)
+        try:
+            prometheus.wait(15)
+        except subprocess.TimeoutExpired:
+            prometheus.kill()
+        stop_process(server.proc)
+
+
+def test_prometheus_config_parses_with_promtool() -> None:
+    promtool = shutil.which("promtool")
+    assert promtool, "Debian's prometheus package ships promtool (.ci/run installs it)"
+    result = subprocess.run([promtool, "check", "config", str(GRAFANA / "prometheus.yml")],
+                            capture_output=True, text=True, check=False, env={**os.environ})
+    assert result.returncode == 0, result.stdout + result.stderr
