@@ -12,7 +12,7 @@ import pytest
 from hdrh.histogram import HdrHistogram
 from hdrh.log import HistogramLogReader
 
-from tests.conftest import ROOT, loadgen_cmd, pin, run_loadgen
+from tests.conftest import ROOT, TIMING, loadgen_cmd, pin, run_loadgen
 
 pytestmark = pytest.mark.integration
 
@@ -129,6 +129,7 @@ def test_demo_runs_on_a_fresh_setup(tmp_path) -> None:
     assert summary["target"]["model"] == "mlp" and summary["latency_ms"]["p50"] < 5.0
 
 
+@TIMING
 def test_slo_verdict_sets_the_exit_code(calibration_server, tmp_path) -> None:
     server = calibration_server("--delay-ms", "20")
     common = ("--target", server.url, "--model", "m", "--rate", "50", "--duration", "2s")

@@ -12,6 +12,7 @@ import pytest
 
 from loadgen.errors import classify_exception
 from loadgen.protocols.http1 import ConnectionClosed, Http1Pool, HTTPError, _read_response, build_request
+from tests.conftest import TIMING
 
 
 class ScriptedServer:
@@ -173,6 +174,7 @@ def test_refused_connection_is_connect() -> None:
     assert classify_exception(info.value) == "connect"
 
 
+@TIMING
 def test_done_t_is_when_the_response_arrived_not_when_it_was_read() -> None:
     # The generator may be busy (or descheduled) when a response arrives: that delay is its own,
     # not the server's, and the kernel's receive timestamp keeps it out of the measurement.
