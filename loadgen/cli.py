@@ -1,6 +1,6 @@
-"""The `loadgen` command line (typer): run, demo, serve.
+"""The `loadgen` command line (typer): run, sweep, demo, serve.
 
-Exit codes: 0 ok, 1 SLO failed (later), 2 usage or input error (bad scenario, unreachable
+Exit codes: 0 ok, 1 SLO failed, 2 usage or input error (bad scenario, unreachable
 target). Locust (and with it gevent's monkey-patching) is imported only by the verbs that send
 load, never by `serve`.
 """
@@ -97,6 +97,67 @@ def run(
 
     try:
         code = run_and_report(scenario, overrides, quiet=quiet)
+    except (LoadgenError, ScenarioError) as exc:
+        _fail(exc)
+    raise typer.Exit(code)
+
+
+def _numbers(text: str | None, kind: type, flag: str) -> tuple:
+    """"100,200,400" -> (100.0, 200.0, 400.0); a bad list is an input error (exit 2)."""
+    if not text:
+        return ()
+    try:
+        return tuple(kind(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        _fail(ScenarioError([f"{flag}: expected comma-separated numbers, e.g. 100,200,400 (got {text!r})"],
+                            "flags"))
+    return ()
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  loadgen sweep --target URL --model NAME --rates 100,200,400 --slo \"p99<150ms\" --out runs/sweep\n\n"
+    "  loadgen sweep --target URL --model NAME --start 50 --max 2000 --factor 1.5 --out runs/sweep\n\n"
+    "  loadgen sweep scenarios/closed-loop-kserve.toml --users 1,2,4,8 --step-duration 20s --out runs/sweep"
+)
+def sweep(
+    scenario: Annotated[Path | None, typer.Argument(help="Scenario TOML file (optional).")] = None,
+    out: Annotated[Path, typer.Option(help="Output folder: sweep.json, curve.csv, steps/.")] = ...,
+    target: Annotated[str | None, typer.Option(help="Base URL, e.g. http://127.0.0.1:8000")] = None,
+    model: Annotated[str | None, typer.Option(help="Model name on the target.")] = None,
+    slo: Annotated[str | None, typer.Option(help='Objectives each step is judged on, e.g. "p99<150ms,errors<1%".')] = None,
+    rates: Annotated[str | None, typer.Option(help="Explicit open-loop rates, e.g. 100,200,400.")] = None,
+    start: Annotated[float | None, typer.Option(help="First rate of a growing sweep (req/s).")] = None,
+    max_rate: Annotated[float | None, typer.Option("--max", help="Highest rate a growing sweep may try.")] = None,
+    factor: Annotated[float, typer.Option(help="Growth factor between steps of a growing sweep.")] = 1.5,
+    increment: Annotated[float | None, typer.Option(help="Linear ladder: add this much a step (with --start/--max).")] = None,
+    fixed: Annotated[bool, typer.Option("--fixed", help="Run the whole geometric ladder; no stop, no bisection.")] = False,
+    users: Annotated[str | None, typer.Option(help="Closed-loop ladder of user counts, e.g. 1,2,4,8.")] = None,
+    step_duration: Annotated[str, typer.Option(help="Measured length of each step, e.g. 10s.")] = "10s",
+    warmup: Annotated[str, typer.Option(help="Unmeasured start of each step (rounded up to whole intervals).")] = "2s",
+    arrival: Annotated[str | None, typer.Option(help="Open loop: constant or poisson.")] = None,
+    keep_awake: Annotated[bool | None, typer.Option("--keep-awake/--no-keep-awake", help="As for run.")] = None,
+) -> None:
+    """Find the saturation throughput: run the scenario at rising load, write the curve and the verdict.
+
+    Exit 0 when some healthy step met the SLO (or there is none), 1 when none did, 2 on bad input.
+    """
+    from loadgen.scenario import parse_duration
+
+    try:
+        step_s, warmup_s = parse_duration(step_duration), parse_duration(warmup)
+    except ValueError as exc:
+        _fail(ScenarioError([f"--step-duration/--warmup: {exc}"], "flags"))
+    overrides = {"target.url": target, "target.model": model, "open_loop.arrival": arrival,
+                 "output.keep_awake": keep_awake, "slo": slo}
+    from loadgen._sweepcmd import SweepSpec, run_sweep  # imports locust: only for verbs that send load
+
+    spec = SweepSpec(
+        rates=_numbers(rates, float, "--rates"), users=_numbers(users, int, "--users"), start=start,
+        max=max_rate, factor=factor, increment=increment, fixed=fixed, step_duration_s=step_s, warmup_s=warmup_s,
+    )
+    try:
+        code = run_sweep(scenario, overrides, spec, out)
     except (LoadgenError, ScenarioError) as exc:
         _fail(exc)
     raise typer.Exit(code)

@@ -121,10 +121,11 @@ def loadgen_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "loadgen", *args]
 
 
-def run_loadgen(*args: str, out: Path, timeout: float = 120.0) -> LoadgenRun:
-    """`loadgen run ARGS --out OUT` in a child process; returns its exit code, output and folder."""
+def run_loadgen(*args: str, out: Path, timeout: float = 120.0, verb: str = "run") -> LoadgenRun:
+    """`loadgen VERB ARGS --out OUT` in a child process on the generator core; returns its exit code,
+    output and folder."""
     proc = subprocess.Popen(
-        loadgen_cmd("run", *args, "--out", str(out)),
+        loadgen_cmd(verb, *args, "--out", str(out)),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -1,0 +1,206 @@
+"""What `loadgen sweep` does: run the scenario at each load a plan picks, then write the curve and verdict.
+
+Place in the flow: scenario -> plan (loadgen.sweep.plan) -> one `execute()` per step, one after
+another in this process -> step figures (loadgen.sweep.step) -> verdict (loadgen.sweep.verdict) ->
+DIR/sweep.json, DIR/curve.csv and DIR/steps/NN-<load>/{summary.json,latency.hlog}.
+
+Imported only by the sweep verb: importing locust monkey-patches the process with gevent.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import locust  # noqa: F401  (gevent monkey-patching must come before the other imports)
+
+from loadgen._runcmd import write_outputs
+from loadgen.driver.run import RunResult, execute
+from loadgen.scenario import OpenLoop, Scenario, ScenarioError, load_scenario
+from loadgen.slo import Objective, parse_slo
+from loadgen.sweep.plan import Plan, adaptive, adaptive_bound, geometric, ladder, linear
+from loadgen.sweep.step import (
+    StepResult,
+    measured_generator,
+    measured_recorder,
+    stability,
+    step_result,
+    windows_of,
+)
+from loadgen.sweep.verdict import verdict
+
+__all__ = ["SweepSpec", "run_sweep"]
+
+CURVE_COLUMNS = ("step", "offered_rps", "achieved_rps", "p50_ms", "p90_ms", "p99_ms", "p99_9_ms",
+                 "errors", "dropped", "generator_bound", "slo_met", "stable")
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """How the loads are chosen and how long each step runs (the sweep verb's flags)."""
+
+    rates: tuple[float, ...] = ()
+    users: tuple[int, ...] = ()
+    start: float | None = None
+    max: float | None = None
+    factor: float = 1.5
+    increment: float | None = None
+    fixed: bool = False
+    step_duration_s: float = 10.0
+    warmup_s: float = 2.0
+    stable_within: float = 0.10
+    tolerance: float = 0.05
+
+    def plan(self) -> tuple[Plan, int | None, str]:
+        """(the plan, its step count or upper bound, a short description)."""
+        if self.rates:
+            return ladder(self.rates), len(self.rates), "rates " + ", ".join(f"{r:g}" for r in self.rates)
+        if self.users:
+            return ladder(self.users), len(self.users), "users " + ", ".join(str(u) for u in self.users)
+        start, stop = self.start, self.max
+        if self.increment is not None:
+            values = linear(start, stop, self.increment)
+            return ladder(values), len(values), f"linear {start:g}..{stop:g} by {self.increment:g}"
+        if self.fixed:
+            values = geometric(start, stop, self.factor)
+            return ladder(values), len(values), f"geometric {start:g}..{stop:g} x{self.factor:g}"
+        bound = adaptive_bound(start, stop, self.factor, self.tolerance)
+        return (adaptive(start, stop, self.factor, self.tolerance), bound,
+                f"adaptive from {start:g} x{self.factor:g} up to {stop:g}, bisect to {self.tolerance:.0%}")
+
+    def check(self) -> None:
+        """Raise ScenarioError (exit 2) naming every problem with the sweep flags."""
+        problems = []
+        given = [bool(self.rates), bool(self.users), self.start is not None or self.max is not None]
+        if sum(given) != 1:
+            problems.append("give exactly one of --rates, --start/--max or --users")
+        elif given[2] and (self.start is None or self.max is None):
+            problems.append("--start and --max go together")
+        elif given[2] and not 0 < self.start <= self.max:
+            problems.append("need 0 < --start <= --max")
+        if any(r <= 0 for r in self.rates) or any(u <= 0 for u in self.users):
+            problems.append("every rate and user count must be > 0")
+        if self.factor <= 1:
+            problems.append("--factor must be > 1, e.g. 1.5")
+        if self.increment is not None and self.increment <= 0:
+            problems.append("--increment must be > 0")
+        if self.step_duration_s <= 0 or self.warmup_s < 0:
+            problems.append("--step-duration must be > 0 and --warmup >= 0")
+        if problems:
+            raise ScenarioError(problems, "sweep flags")
+
+
+def _at_load(base: Scenario, load: float, run_s: float) -> Scenario:
+    """The base scenario at one step's load, running warm-up + step duration."""
+    if isinstance(base.pattern, OpenLoop):
+        pattern = base.pattern.model_copy(update={"rate": load, "duration": run_s, "stages": []})
+        return base.model_copy(update={"open_loop": pattern})
+    pattern = base.pattern.model_copy(update={"users": int(load), "duration": run_s})
+    return base.model_copy(update={"closed_loop": pattern})
+
+
+def _step_dir(out: Path, index: int, load: float, closed: bool) -> Path:
+    return out / "steps" / f"{index:02d}-{load:g}{'users' if closed else 'rps'}"
+
+
+def _run_step(base: Scenario, spec: SweepSpec, index: int, load: float, out: Path,
+              objectives: list[Objective] | None) -> tuple[StepResult, RunResult]:
+    """Run one step, cut its warm-up, write its own summary.json and latency.hlog."""
+    interval = base.output.interval
+    warmup = math.ceil(spec.warmup_s / interval - 1e-9) * interval  # whole intervals only
+    result = execute(_at_load(base, load, warmup + spec.step_duration_s))
+    recorder = measured_recorder(result.recorder, warmup)
+    measured = dataclasses.replace(
+        result,
+        recorder=recorder,
+        generator=measured_generator(result.generator, recorder, base.output.max_lag_ms),
+        duration_s=max(result.duration_s - warmup, 1e-9),
+        start_epoch_s=result.start_epoch_s + warmup,
+    )
+    step_dir = _step_dir(out, index, load, not isinstance(base.pattern, OpenLoop))
+    summary = write_outputs(measured, step_dir, objectives)
+    judged = stability(windows_of(measured.recorder), spec.stable_within)
+    return step_result(index, load, summary, judged, str(step_dir.relative_to(out))), result
+
+
+def _progress(step: StepResult, total: int | None, closed: bool) -> str:
+    of = f"/{total}" if total else ""
+    load = f"users {step.load:g}" if closed else f"offered {step.offered_rps:8.1f} req/s"
+    slo = {None: "", True: "  SLO met", False: "  SLO MISSED"}[step.slo_met]
+    flags = ("  stable" if step.stable else "  unstable") + ("  GENERATOR-BOUND" if step.generator_bound else "")
+    return (f"step {step.index}{of}  {load}  achieved {step.achieved_rps:8.1f} req/s  "
+            f"p99 {step.latency_ms['p99']:9.3f} ms{slo}{flags}")
+
+
+def _curve_row(step: StepResult) -> dict[str, Any]:
+    lat = step.latency_ms
+    return {"step": step.index, "offered_rps": round(step.offered_rps, 3),
+            "achieved_rps": round(step.achieved_rps, 3), "p50_ms": lat["p50"], "p90_ms": lat["p90"],
+            "p99_ms": lat["p99"], "p99_9_ms": lat["p99_9"], "errors": step.errors, "dropped": step.dropped,
+            "generator_bound": step.generator_bound, "slo_met": "" if step.slo_met is None else step.slo_met,
+            "stable": step.stable}
+
+
+def write_sweep(out: Path, steps: list[StepResult], judged: dict[str, Any], meta: dict[str, Any]) -> None:
+    """DIR/sweep.json (verdict, then the steps) and DIR/curve.csv (one row per step)."""
+    out.mkdir(parents=True, exist_ok=True)
+    document = {**judged, **meta, "steps": [step.as_json() for step in steps]}
+    (out / "sweep.json").write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    with (out / "curve.csv").open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=CURVE_COLUMNS)
+        writer.writeheader()
+        writer.writerows(_curve_row(step) for step in sorted(steps, key=lambda s: s.load))
+
+
+def _print_verdict(judged: dict[str, Any], has_slo: bool) -> None:
+    sat = judged["saturation_rps"]
+    bound = "" if judged["saturated"] else " (lower bound: not saturated)"
+    print(f"saturation: {sat:.1f} req/s{bound}" if sat is not None else "saturation: unknown")
+    if judged["knee"]:
+        print(f"knee: {judged['knee']['achieved_rps']:.1f} req/s (p99 {judged['knee']['p99_ms']} ms)")
+    if has_slo:
+        best = judged["max_rps_meeting_slo"]
+        print(f"max rate meeting the SLO: {best:.1f} req/s" if best is not None else "no step met the SLO")
+    for note in judged["notes"]:
+        print(f"note: {note}")
+
+
+def run_sweep(path: Path | None, overrides: dict[str, Any], spec: SweepSpec, out: Path) -> int:
+    """Run the sweep, write its files, print a line per step and the verdict. Returns the exit code."""
+    spec.check()
+    plan, total, described = spec.plan()
+    load = next(plan)
+    key = "closed_loop.users" if spec.users else "open_loop.rate"
+    base = load_scenario(path, {**overrides, key: load, "open_loop.duration": spec.step_duration_s})
+    closed = not isinstance(base.pattern, OpenLoop)
+    objectives = parse_slo(base.slo) if base.slo else None
+    print(f"sweep: {described}; {spec.warmup_s:g} s warm-up + {spec.step_duration_s:g} s a step", flush=True)
+    steps: list[StepResult] = []
+    interrupted = False
+    while True:
+        step, raw = _run_step(base, spec, len(steps) + 1, load, out, objectives)
+        steps.append(step)
+        print(_progress(step, total, closed), flush=True)
+        if raw.interrupted:
+            interrupted = True
+            break
+        try:
+            load = plan.send(step)
+        except StopIteration:
+            break
+    judged = verdict(steps, has_slo=objectives is not None, tolerance=spec.tolerance)
+    meta = {"plan": described, "slo": base.slo, "warmup_s": spec.warmup_s,
+            "step_duration_s": spec.step_duration_s, "interrupted": interrupted,
+            "target": {"url": base.target.url, "model": base.target.model}}
+    write_sweep(out, steps, judged, meta)
+    _print_verdict(judged, objectives is not None)
+    print(f"results in {out}/ (sweep.json, curve.csv, steps/)", file=sys.stderr)
+    if interrupted:
+        return 130
+    return 0 if judged["slo_met"] else 1

@@ -1,0 +1,81 @@
+"""The saturation verdict of a sweep: from its steps (the curve) to the figures a person acts on.
+
+Place in the flow: plan -> step -> **verdict** -> sweep.json, curve.csv, exit code.
+
+- saturation_rps: the highest achieved throughput among steps whose generator kept its schedule.
+  A generator-bound step measured the generator, so it is never the saturation point; when the
+  best throughput came from such a step, the verdict says the generator must scale out.
+- max_rps_meeting_slo: the highest achieved throughput among healthy steps that met the SLO (None
+  when there is no SLO or no step met it).
+- knee: the highest-load healthy step that still kept up with its offered rate (achieved within
+  the tolerance of offered) and was stable (any that kept up when none was); past it, the
+  endpoint queues.
+- saturated: whether some healthy step fell behind its offered rate (or stopped growing); when
+  none did, saturation_rps is only a lower bound.
+- slo_met: at least one healthy step met every objective (True when there is no SLO).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import pairwise
+from typing import Any
+
+from loadgen.sweep.step import StepResult
+
+__all__ = ["verdict"]
+
+
+def _kept_up(step: StepResult, tolerance: float) -> bool:
+    return step.offered_rps <= 0 or step.achieved_rps >= (1 - tolerance) * step.offered_rps
+
+
+def _summary(step: StepResult | None) -> dict[str, Any] | None:
+    if step is None:
+        return None
+    return {"step": step.index, "offered_rps": round(step.offered_rps, 3),
+            "achieved_rps": round(step.achieved_rps, 3), "p99_ms": step.latency_ms.get("p99")}
+
+
+def _saturated(healthy: list[StepResult], tolerance: float) -> bool:
+    """Some step fell behind its offered rate, or (closed loop) more load stopped adding throughput."""
+    if any(not _kept_up(step, tolerance) for step in healthy):
+        return True
+    ordered = sorted(healthy, key=lambda step: step.load)
+    return any(b.offered_rps <= 0 and b.achieved_rps < (1 + tolerance) * a.achieved_rps
+               for a, b in pairwise(ordered))
+
+
+def _notes(steps: Sequence[StepResult], best: StepResult | None, saturated: bool) -> list[str]:
+    notes = []
+    top = max(steps, key=lambda step: step.achieved_rps, default=None)
+    if top is not None and top.generator_bound:
+        notes.append(f"the highest throughput ({top.achieved_rps:.1f} req/s, step {top.index}) came from a "
+                     "generator-bound step: scale the generator out (Locust workers) to measure beyond it")
+    if best is None:
+        notes.append("every step was generator-bound: no saturation figure can be given")
+    elif not saturated:
+        notes.append("the endpoint kept up at every healthy step: saturation_rps is a lower bound, "
+                     "raise the load")
+    return notes
+
+
+def verdict(steps: Sequence[StepResult], *, has_slo: bool, tolerance: float = 0.05) -> dict[str, Any]:
+    """The sweep's verdict as a JSON-able dict (see the module docstring for each key)."""
+    healthy = [step for step in steps if not step.generator_bound]
+    best = max(healthy, key=lambda step: step.achieved_rps, default=None)
+    meeting = [step for step in healthy if step.slo_met]
+    best_meeting = max(meeting, key=lambda step: step.achieved_rps, default=None)
+    kept_up = [s for s in healthy if _kept_up(s, tolerance)]
+    knee = max([s for s in kept_up if s.stable] or kept_up, key=lambda step: step.load, default=None)
+    saturated = _saturated(healthy, tolerance)
+    return {
+        "saturation_rps": round(best.achieved_rps, 3) if best else None,
+        "saturated": saturated,
+        "saturation_step": best.index if best else None,
+        "max_rps_meeting_slo": round(best_meeting.achieved_rps, 3) if best_meeting else None,
+        "slo_met": (best_meeting is not None) if has_slo else True,
+        "knee": _summary(knee),
+        "generator_bound_steps": [step.index for step in steps if step.generator_bound],
+        "notes": _notes(steps, best, saturated),
+    }

@@ -1,0 +1,75 @@
+"""Integration: `loadgen sweep` against a server of known capacity, and an M/D/1 check of `loadgen run`.
+
+The calibration server with --service-ms 10 --workers 1 is a FIFO queue with one server of constant
+10 ms service time: its capacity is 100 req/s, and under Poisson arrivals at rate lambda its mean
+latency is the M/D/1 figure S + rho * S / (2 (1 - rho)), rho = lambda * S.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from tests.conftest import TIMING, run_loadgen
+
+pytestmark = [pytest.mark.integration, TIMING]
+
+CAPACITY_RPS = 100.0
+SERVICE_MS = 10.0
+STEP_KEYS = {"offered_rps", "achieved_rps", "latency_ms", "stable", "generator_bound"}
+CURVE_COLUMNS = {"offered_rps", "achieved_rps", "p50_ms", "p90_ms", "p99_ms", "p99_9_ms", "errors", "dropped",
+                 "generator_bound", "slo_met"}
+
+
+@pytest.fixture
+def queue_server(calibration_server):
+    return calibration_server("--service-ms", str(SERVICE_MS), "--workers", "1")
+
+
+def test_sweep_finds_the_capacity_and_the_slo_limit(queue_server, tmp_path) -> None:
+    out = tmp_path / "sweep"
+    run = run_loadgen(
+        "--target", queue_server.url, "--model", "m", "--rates", "60,90,130", "--step-duration", "3s",
+        "--warmup", "1s", "--slo", "p99<50ms", out=out, verb="sweep", timeout=90,
+    )
+    assert run.returncode in (0, 1), run.stderr
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert run.returncode == (0 if sweep["slo_met"] else 1)
+    assert sweep["slo_met"] is True
+    assert len(sweep["steps"]) == 3
+    for step in sweep["steps"]:
+        assert STEP_KEYS <= set(step)
+        assert {"p50", "p90", "p99", "p99_9", "max", "mean"} <= set(step["latency_ms"])
+        assert (out / step["dir"] / "summary.json").exists()
+        assert (out / step["dir"] / "latency.hlog").exists()
+    assert not any(step["generator_bound"] for step in sweep["steps"]), run.stdout
+    assert sweep["saturation_rps"] == pytest.approx(CAPACITY_RPS, rel=0.05)
+    assert sweep["saturated"] is True
+    assert sweep["max_rps_meeting_slo"] is not None and sweep["max_rps_meeting_slo"] < CAPACITY_RPS
+    overloaded = sweep["steps"][2]
+    assert overloaded["stable"] is False  # the queue grows all through an overloaded step
+    with (out / "curve.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 3 and CURVE_COLUMNS <= set(rows[0])
+    assert "step 3/3" in run.stdout
+
+
+def test_sweep_rejects_conflicting_flags(tmp_path) -> None:
+    run = run_loadgen("--target", "http://127.0.0.1:9", "--model", "m", "--rates", "10", "--users", "2",
+                      out=tmp_path / "x", verb="sweep", timeout=30)
+    assert run.returncode == 2
+    assert "exactly one of" in run.stderr
+
+
+def test_poisson_mean_latency_matches_md1(queue_server, tmp_path) -> None:
+    rate = 50.0
+    rho = rate * SERVICE_MS / 1000.0
+    truth_ms = SERVICE_MS + rho * SERVICE_MS / (2 * (1 - rho))  # 15 ms
+    run = run_loadgen("--target", queue_server.url, "--model", "m", "--rate", str(rate), "--arrival", "poisson",
+                      "--duration", "20s", "--seed", "7", "-q", out=tmp_path / "md1", timeout=60)
+    assert run.returncode == 0, run.stderr
+    summary = run.summary
+    assert not summary["generator_bound"], summary["generator"]
+    assert summary["latency_ms"]["mean"] == pytest.approx(truth_ms, rel=0.10)
