@@ -13,19 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import cast
 
 from servers.calibration._app import CalibrationApp, error_reply
 from servers.calibration.timing import TimingModel
-from servers.core.http1 import HttpError, Request, RequestParser, continue_response, format_response
+from servers.core.connection import HttpConnection
+from servers.core.http1 import HttpError, Request, continue_response, format_response
 from servers.core.precise_timer import PreciseScheduler
-
-LINGER_S = 2.0
-"""After a fatal error, how long the connection keeps draining the client's bytes before it is dropped.
-Closing with unread bytes would send a reset that can destroy the error answer at the client."""
 
 
 @dataclass
@@ -50,45 +45,12 @@ class _Slot:
         self.ready = ready
 
 
-class CalibrationProtocol(asyncio.Protocol):
+class CalibrationProtocol(HttpConnection):
     """One HTTP/1.1 connection: keep-alive, pipelining, replies in order, Connection: close honoured."""
 
     def __init__(self, context: ServerContext) -> None:
+        super().__init__(context.connections)
         self._context = context
-        self._transport: asyncio.Transport | None = None
-        self._parser = RequestParser()
-        self._pending: deque[_Slot] = deque()
-        self._reading = True  # False once no further request will be read on this connection
-        self._peer_eof = False
-        self._linger: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass it
-        self._context.connections.add(self)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._transport = None
-        self._pending.clear()
-        self._context.connections.discard(self)
-        if self._linger is not None:
-            self._linger.cancel()
-
-    def abort(self) -> None:
-        if self._transport is not None:
-            self._transport.abort()
-
-    def pause_writing(self) -> None:
-        if self._transport is not None:
-            self._transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self._transport is not None:
-            self._transport.resume_reading()  # even when no longer reading requests: keep draining
-
-    def eof_received(self) -> bool:
-        self._peer_eof = True
-        self._reading = False
-        return bool(self._pending)  # True keeps the socket open to write the replies still held
 
     def data_received(self, data: bytes) -> None:
         if not self._reading:
@@ -151,14 +113,6 @@ class CalibrationProtocol(asyncio.Protocol):
             self._context.app.answered += 1
         if slot.close:
             self._close(transport)
-
-    def _close(self, transport: asyncio.Transport) -> None:
-        if self._peer_eof or not transport.can_write_eof():
-            transport.close()
-            return
-        # Half-close and keep reading (discarding) until the client closes or the linger runs out.
-        transport.write_eof()
-        self._linger = asyncio.get_running_loop().call_later(LINGER_S, transport.abort)
 
 
 async def run_server(context_factory: Callable[[float], ServerContext], host: str, port: int,

@@ -9,18 +9,14 @@ answered after the replies already queued, then the connection is closed.
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Protocol, cast
+from typing import Protocol
 
-from servers.core.http1 import HttpError, Request, RequestParser, continue_response, format_response
+from servers.core.connection import HttpConnection
+from servers.core.http1 import HttpError, Request, continue_response, format_response
 from servers.triton._app import Job, Reply, error_reply
-
-LINGER_S = 2.0
-"""After a fatal error, how long the connection drains the client's bytes before dropping it
-(closing with unread bytes sends a reset that can destroy the error answer at the client)."""
 
 
 class App(Protocol):
@@ -48,45 +44,12 @@ class _Slot:
         self.close = close
 
 
-class TritonProtocol(asyncio.Protocol):
+class TritonProtocol(HttpConnection):
     """One HTTP/1.1 connection: keep-alive, pipelining, replies in order, Connection: close honoured."""
 
     def __init__(self, context: ServerContext) -> None:
+        super().__init__(context.connections)
         self._context = context
-        self._transport: asyncio.Transport | None = None
-        self._parser = RequestParser()
-        self._pending: deque[_Slot] = deque()
-        self._reading = True
-        self._peer_eof = False
-        self._linger: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass it
-        self._context.connections.add(self)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._transport = None
-        self._pending.clear()
-        self._context.connections.discard(self)
-        if self._linger is not None:
-            self._linger.cancel()
-
-    def abort(self) -> None:
-        if self._transport is not None:
-            self._transport.abort()
-
-    def pause_writing(self) -> None:
-        if self._transport is not None:
-            self._transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self._transport is not None:
-            self._transport.resume_reading()
-
-    def eof_received(self) -> bool:
-        self._peer_eof = True
-        self._reading = False
-        return bool(self._pending)  # True keeps the socket open to write the replies still computing
 
     def data_received(self, data: bytes) -> None:
         if not self._reading:
@@ -149,12 +112,8 @@ class TritonProtocol(asyncio.Protocol):
             self._transport.close()
 
     def _close(self, transport: asyncio.Transport) -> None:
-        self._pending.clear()
-        if self._peer_eof or not transport.can_write_eof():
-            transport.close()
-            return
-        transport.write_eof()
-        self._linger = asyncio.get_running_loop().call_later(LINGER_S, transport.abort)
+        self._pending.clear()  # nothing after a closing reply is written
+        super()._close(transport)
 
 
 def _format(reply: Reply, keep_alive: bool, http10: bool) -> bytes:
