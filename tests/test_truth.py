@@ -89,5 +89,6 @@ def test_achieved_rate_is_the_offered_rate(calibration_server, tmp_path) -> None
     assert summary["sent_rps"] == pytest.approx(500.0, rel=0.01)
     assert summary["achieved_rps"] == pytest.approx(500.0, rel=0.01)
     assert summary["dropped"] == 0
+    assert summary["out_of_range"] == 0  # no negative lag: nothing is ever sent early
     assert summary["requests"] == 5000
     assert server.info()["requests"] == summary["requests"] + summary["warmup_requests"]

@@ -92,8 +92,8 @@ class Dispatcher:
                         timer.consume()
                         if self._stop.is_set():
                             return
-                        while time.monotonic() < intended_t:
-                            pass
+                    while time.monotonic() < intended_t:  # never early, even by microseconds
+                        pass
                     self._start(intended_t)
         finally:
             watcher.close()
