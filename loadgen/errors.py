@@ -19,6 +19,8 @@ import socket
 import ssl
 
 __all__ = [
+    "ConnectionClosed",
+    "InvalidResponse",
     "LoadgenError",
     "ProtocolMismatch",
     "TargetError",
@@ -50,19 +52,24 @@ class ProtocolMismatch(TargetError):
     pass
 
 
+class InvalidResponse(Exception):
+    """Bytes from the server that are not a response of the protocol (kind "invalid_response")."""
+
+
+class ConnectionClosed(ConnectionError):
+    """EOF where a response, or the rest of one, was expected (kind "connection_closed")."""
+
+
 def classify_exception(exc: BaseException) -> str:
     """The error kind of a transport exception (the one place foreign errors are mapped)."""
     if isinstance(exc, (socket.timeout, TimeoutError)):
         return "timeout"
     if isinstance(exc, ConnectionRefusedError | socket.gaierror):
         return "connect"
-    if isinstance(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
+    if isinstance(exc, (ConnectionClosed, ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
         return "connection_closed"
+    if isinstance(exc, InvalidResponse):
+        return "invalid_response"
     if isinstance(exc, ssl.SSLError):
         return "tls"
-    name = type(exc).__name__
-    if "Closed" in name or "Incomplete" in name:
-        return "connection_closed"
-    if name == "HTTPError":
-        return "invalid_response"
     return "transport"

@@ -57,8 +57,6 @@ class Dispatcher:
         self.max_in_flight = max_in_flight
         self.in_flight = 0
         self.peak_in_flight = 0
-        self.scheduled = 0
-        self.dropped = 0
         self._stop = Event()
         self._timer: TimerFD | None = None
         self._idle = Event()
@@ -69,10 +67,6 @@ class Dispatcher:
         self._stop.set()
         if self._timer is not None:
             self._timer.arm(0.0)  # wake the dispatcher now rather than at the next arrival
-
-    @property
-    def stopped(self) -> bool:
-        return self._stop.is_set()
 
     def run(self, start_t: float, schedule: Iterable[np.ndarray]) -> None:
         """Dispatch every arrival of `schedule` (offsets in seconds) unless stopped first."""
@@ -101,9 +95,7 @@ class Dispatcher:
             timer.close()
 
     def _start(self, intended_t: float) -> None:
-        self.scheduled += 1
         if self.in_flight >= self.max_in_flight:
-            self.dropped += 1
             self._on_dropped(intended_t)
             return
         self.in_flight += 1

@@ -24,6 +24,8 @@ import struct
 import time
 from collections.abc import Mapping
 
+from loadgen.errors import ConnectionClosed, InvalidResponse
+
 __all__ = ["HTTPError", "Http1Pool", "Response", "build_request"]
 
 _MAX_HEADER_BYTES = 64 * 1024
@@ -32,12 +34,8 @@ _TIMESPEC = struct.Struct("@qq")
 _ANCILLARY_BYTES = socket.CMSG_SPACE(_TIMESPEC.size) if hasattr(socket, "CMSG_SPACE") else 0
 
 
-class HTTPError(Exception):
-    """The server's bytes are not an HTTP/1.x response (kind "invalid_response")."""
-
-
-class ConnectionClosed(ConnectionError):
-    """EOF where a response (or the rest of one) was expected (kind "connection_closed")."""
+class HTTPError(InvalidResponse):
+    """The server's bytes are not an HTTP/1.x response."""
 
 
 class Response:

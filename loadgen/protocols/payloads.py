@@ -10,27 +10,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["NUMPY_DTYPES", "TensorSpec", "synthetic_inputs"]
+from servers.core.model import NUMPY_DTYPES
 
-NUMPY_DTYPES: dict[str, Any] = {
-    "BOOL": np.bool_,
-    "UINT8": np.uint8,
-    "UINT16": np.uint16,
-    "UINT32": np.uint32,
-    "UINT64": np.uint64,
-    "INT8": np.int8,
-    "INT16": np.int16,
-    "INT32": np.int32,
-    "INT64": np.int64,
-    "FP16": np.float16,
-    "FP32": np.float32,
-    "FP64": np.float64,
-    "BYTES": np.object_,
-}
-
-
-class TensorSpec(dict):
-    """{"name", "datatype", "shape"} as in model metadata."""
+__all__ = ["synthetic_inputs"]
 
 
 def _concrete_shape(shape: list[int], override: list[int] | None) -> list[int]:

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 from urllib.parse import unquote
 
 from servers.calibration.timing import TimingConfig
+from servers.core.http1 import json_body
 
 SERVER_NAME = "loadgen-calibration"
 SERVER_VERSION = "0.1.0"
@@ -59,11 +60,7 @@ class InvalidInfer(ValueError):
 
 
 def error_reply(status: int, message: str) -> Reply:
-    return Reply(status, _dumps({"error": message}))
-
-
-def _dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode()
+    return Reply(status, json_body({"error": message}))
 
 
 _EMPTY_OK = Reply(200, b"")
@@ -80,7 +77,7 @@ class CalibrationApp:
         self.answered = 0
         """Infer requests answered with 200 so far (counted by the server when written)."""
         self._server_metadata = Reply(
-            200, _dumps({"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": []})
+            200, json_body({"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": []})
         )
 
     def handle(self, method: str, path: str, body: bytes) -> Reply:
@@ -92,7 +89,7 @@ class CalibrationApp:
         if path == "/v2":
             return _only_get(method) or self._server_metadata
         if path == "/calibration":
-            return _only_get(method) or Reply(200, _dumps(self.calibration()))
+            return _only_get(method) or Reply(200, json_body(self.calibration()))
         return _NOT_FOUND
 
     def calibration(self) -> dict[str, Any]:
@@ -123,7 +120,7 @@ class CalibrationApp:
             return error_reply(405, f"method {method} not allowed; use GET")
         if action == "ready":
             return _EMPTY_OK
-        return Reply(200, _dumps(self._model_metadata(name, version)))
+        return Reply(200, json_body(self._model_metadata(name, version)))
 
     def _model_metadata(self, name: str, version: str) -> dict[str, Any]:
         shape = [-1, *self.config.shape]
@@ -156,7 +153,7 @@ class CalibrationApp:
             {"name": "OUTPUT0", "datatype": self.config.datatype, "shape": tensor["shape"],
              "data": tensor["data"]}
         ]
-        return Reply(200, _dumps(response), timed=True)
+        return Reply(200, json_body(response), timed=True)
 
 
 def _only_get(method: str) -> Reply | None:

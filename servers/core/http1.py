@@ -10,11 +10,12 @@ to time it). A framing error is fatal to the connection: the stream can no longe
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 __all__ = [
     "MAX_BODY_BYTES", "MAX_HEAD_BYTES", "REASONS", "HttpError", "Request", "RequestParser",
-    "continue_response", "format_response",
+    "continue_response", "format_response", "json_body",
 ]
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
@@ -168,6 +169,11 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 def continue_response() -> bytes:
     """The interim answer to `Expect: 100-continue`."""
     return _CONTINUE
+
+
+def json_body(obj: object) -> bytes:
+    """Compact JSON bytes, as both servers answer (errors are json_body({"error": message}))."""
+    return json.dumps(obj, separators=(",", ":")).encode()
 
 
 def format_response(status: int, body: bytes, content_type: str = "application/json", *,

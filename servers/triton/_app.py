@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 from urllib.parse import unquote
 
-from servers.core.http1 import Request
+from servers.core.http1 import Request, json_body
 from servers.core.model import Model
 from servers.triton._infer import (
     EXTENSIONS,
@@ -53,11 +53,7 @@ Job = Callable[[], Reply]
 
 
 def error_reply(status: int, message: str) -> Reply:
-    return Reply(status, _dumps({"error": message}))
-
-
-def _dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode()
+    return Reply(status, json_body({"error": message}))
 
 
 _EMPTY_OK = Reply(200, b"")
@@ -72,7 +68,7 @@ class TritonApp:
         self.host = models if isinstance(models, ModelHost) else ModelHost(models)
         self.models = self.host.models
         self.stats = self.host.stats
-        self._server_metadata = Reply(200, _dumps(
+        self._server_metadata = Reply(200, json_body(
             {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": list(EXTENSIONS)}))
 
     def handle(self, request: Request) -> Reply | Job:
@@ -111,13 +107,13 @@ class TritonApp:
         if action == "ready":
             return _EMPTY_OK
         if action == "config":
-            return Reply(200, _dumps(model.config()))
+            return Reply(200, json_body(model.config()))
         if action == "stats":
-            return Reply(200, _dumps({"model_stats": [self.stats[model.name].snapshot()]}))
-        return Reply(200, _dumps(model.metadata()))
+            return Reply(200, json_body({"model_stats": [self.stats[model.name].snapshot()]}))
+        return Reply(200, json_body(model.metadata()))
 
     def _all_stats(self) -> Reply:
-        return Reply(200, _dumps({"model_stats": [stats.snapshot() for stats in self.stats.values()]}))
+        return Reply(200, json_body({"model_stats": [stats.snapshot() for stats in self.stats.values()]}))
 
     def _repository_index(self, body: bytes) -> Reply:
         if body.strip():
@@ -129,7 +125,7 @@ class TritonApp:
                 return error_reply(400, "repository index request must be a JSON object")
         index = [{"name": model.name, "version": model.version, "state": "READY"}
                  for model in self.models.values()]
-        return Reply(200, _dumps(index))
+        return Reply(200, json_body(index))
 
     def _infer(self, model: Model, request: Request) -> Reply | Job:
         arrival_ns = time.perf_counter_ns()

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from servers.core.http1 import json_body
 from servers.core.model import NUMPY_DTYPES, Model, TensorSpec
 from servers.triton._infer import (
     InferError,
@@ -178,7 +179,7 @@ def encode_response(model: Model, request: InferRequest,
     if request.id is not None:
         response["id"] = request.id
     response["outputs"] = tensors
-    head = json.dumps(response, separators=(",", ":")).encode()
+    head = json_body(response)
     if not blobs:
         return head, None
     return b"".join([head, *blobs]), len(head)
