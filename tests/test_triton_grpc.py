@@ -27,13 +27,13 @@ import tritonclient.http as tritonclient_http
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from servers.models.builtin import Identity, builtin_models
+from servers.models.builtin import Identity
 from servers.triton._grpc import start_grpc
 from servers.triton._infer import ModelHost
 from tests.conftest import ROOT, pin, stop_process
+from tests.triton_support import MODELS, assert_matches, sample_input
 
 pytestmark = pytest.mark.integration
-MODELS = builtin_models()
 BATCHING = [name for name, model in MODELS.items() if model.max_batch_size > 0]
 
 
@@ -81,29 +81,10 @@ def client(fronts: Fronts):
     client.close()
 
 
-def _data(name: str, batch: int) -> np.ndarray:
-    rng = np.random.default_rng(batch)
-    if name == "identity_bytes":
-        return np.array([[f"row{b}-{i}".encode() for i in range(3)] for b in range(batch)], dtype=object)
-    width = 16 if name == "mlp" else 5
-    return rng.standard_normal((batch, width)).astype(np.float32)
-
-
 def _inputs(module, data: np.ndarray) -> list:
     tensor = module.InferInput("INPUT0", list(data.shape), "BYTES" if data.dtype == object else "FP32")
     tensor.set_data_from_numpy(data)
     return [tensor]
-
-
-def _assert_matches(name: str, got: np.ndarray, data: np.ndarray) -> None:
-    expected = MODELS[name].infer({"INPUT0": data})["OUTPUT0"]
-    assert got.shape == expected.shape
-    if name == "mlp":
-        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
-    elif name == "identity_bytes":
-        assert list(got.ravel()) == list(expected.ravel())
-    else:
-        np.testing.assert_array_equal(got, expected)
 
 
 def _stats(client, name: str) -> dict:
@@ -141,9 +122,9 @@ def test_model_metadata_and_config(client, name: str) -> None:
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_infer_matches_the_model_run_here(client, name: str) -> None:
-    data = _data(name, 1)
+    data = sample_input(name, 1)
     result = client.infer(name, _inputs(tritonclient_grpc, data), request_id="r-7")
-    _assert_matches(name, result.as_numpy("OUTPUT0"), data)
+    assert_matches(name, result.as_numpy("OUTPUT0"), data)
     response = result.get_response()
     assert response.id == "r-7" and response.model_version == "1" and response.raw_output_contents
 
@@ -151,10 +132,10 @@ def test_infer_matches_the_model_run_here(client, name: str) -> None:
 @pytest.mark.parametrize("name", BATCHING)
 def test_batch_of_four_counts_four_inferences(client, name: str) -> None:
     before = _stats(client, name)
-    data = _data(name, 4)
+    data = sample_input(name, 4)
     result = client.infer(name, _inputs(tritonclient_grpc, data),
                           outputs=[tritonclient_grpc.InferRequestedOutput("OUTPUT0")])
-    _assert_matches(name, result.as_numpy("OUTPUT0"), data)
+    assert_matches(name, result.as_numpy("OUTPUT0"), data)
     after = _stats(client, name)
     assert int(after["inference_count"]) - int(before.get("inference_count", 0)) == 4
     assert int(after["execution_count"]) - int(before.get("execution_count", 0)) == 1
@@ -180,7 +161,7 @@ def test_http_and_grpc_share_the_statistics(client, fronts: Fronts) -> None:
     http = tritonclient_http.InferenceServerClient(fronts.http_url)
     try:
         before = _stats(client, "identity")
-        data = _data("identity", 2)
+        data = sample_input("identity", 2)
         client.infer("identity", _inputs(tritonclient_grpc, data))
         http.infer("identity", _inputs(tritonclient_http, data))
         from_grpc = _stats(client, "identity")
@@ -199,7 +180,7 @@ def test_unknown_model_is_not_found_with_tritons_message(client, call: str) -> N
         "metadata": lambda: client.get_model_metadata("nope"),
         "config": lambda: client.get_model_config("nope"),
         "stats": lambda: client.get_inference_statistics("nope"),
-        "infer": lambda: client.infer("nope", _inputs(tritonclient_grpc, _data("identity", 1))),
+        "infer": lambda: client.infer("nope", _inputs(tritonclient_grpc, sample_input("identity", 1))),
         "version": lambda: client.get_model_metadata("identity", "7"),
     }
     with pytest.raises(InferenceServerException) as raised:
@@ -235,12 +216,12 @@ def test_asyncio_client_infers(fronts: Fronts) -> None:
     async def run() -> list[np.ndarray]:
         async with tritonclient_grpc_aio.InferenceServerClient(fronts.grpc_url) as aio_client:
             assert await aio_client.is_server_live()
-            calls = [aio_client.infer("mlp", _inputs(tritonclient_grpc_aio, _data("mlp", batch)))
+            calls = [aio_client.infer("mlp", _inputs(tritonclient_grpc_aio, sample_input("mlp", batch)))
                      for batch in (1, 2, 3)]
             return [result.as_numpy("OUTPUT0") for result in await asyncio.gather(*calls)]
 
     for batch, got in zip((1, 2, 3), asyncio.run(run())):
-        _assert_matches("mlp", got, _data("mlp", batch))
+        assert_matches("mlp", got, sample_input("mlp", batch))
 
 
 def test_stream_answers_each_request_in_order_and_errors_keep_it_open(fronts: Fronts) -> None:

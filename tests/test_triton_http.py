@@ -17,11 +17,10 @@ import pytest
 import tritonclient.http as tritonclient_http
 from tritonclient.utils import InferenceServerException
 
-from servers.models.builtin import builtin_models
 from tests.conftest import ROOT, Server, loadgen_cmd, run_loadgen, start_server
+from tests.triton_support import MODELS, assert_matches, sample_input
 
 pytestmark = pytest.mark.integration
-MODELS = builtin_models()
 BATCHING = [name for name, model in MODELS.items() if model.max_batch_size > 0]
 
 
@@ -32,32 +31,12 @@ def client(triton_server: Server):
     client.close()
 
 
-def _data(name: str, batch: int) -> np.ndarray:
-    rng = np.random.default_rng(batch)
-    if name == "identity_bytes":
-        return np.array([[f"row{b}-{i}".encode() for i in range(3)] for b in range(batch)], dtype=object)
-    width = 16 if name == "mlp" else 5
-    return rng.standard_normal((batch, width)).astype(np.float32)
-
-
 def _infer(client, name: str, data: np.ndarray, binary: bool, request_id: str = ""):
     datatype = "BYTES" if data.dtype == object else "FP32"
     tensor = tritonclient_http.InferInput("INPUT0", list(data.shape), datatype)
     tensor.set_data_from_numpy(data, binary_data=binary)
     outputs = [tritonclient_http.InferRequestedOutput("OUTPUT0", binary_data=binary)]
     return client.infer(name, [tensor], outputs=outputs, request_id=request_id)
-
-
-def _assert_matches(name: str, got: np.ndarray, data: np.ndarray) -> None:
-    expected = MODELS[name].infer({"INPUT0": data})["OUTPUT0"]
-    assert got.shape == expected.shape
-    if name == "mlp":
-        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
-    elif name == "identity_bytes":
-        as_bytes = [item if isinstance(item, bytes) else item.encode() for item in got.ravel()]
-        assert as_bytes == list(expected.ravel())
-    else:
-        np.testing.assert_array_equal(got, expected)
 
 
 def test_server_health_and_metadata(client) -> None:
@@ -87,18 +66,18 @@ def test_model_metadata_and_config(client, name: str) -> None:
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_infer_matches_the_model_run_here(client, name: str, binary: bool) -> None:
-    data = _data(name, 1)
+    data = sample_input(name, 1)
     result = _infer(client, name, data, binary, request_id="req-7")
     assert result.get_response()["id"] == "req-7"
     assert result.get_response()["model_name"] == name
-    _assert_matches(name, result.as_numpy("OUTPUT0"), data)
+    assert_matches(name, result.as_numpy("OUTPUT0"), data)
 
 
 @pytest.mark.parametrize("name", BATCHING)
 def test_batch_of_four_counts_four_inferences(client, name: str) -> None:
     before = client.get_inference_statistics(name)["model_stats"][0]
-    data = _data(name, 4)
-    _assert_matches(name, _infer(client, name, data, True).as_numpy("OUTPUT0"), data)
+    data = sample_input(name, 4)
+    assert_matches(name, _infer(client, name, data, True).as_numpy("OUTPUT0"), data)
     after = client.get_inference_statistics(name)["model_stats"][0]
     assert after["inference_count"] == before["inference_count"] + 4
     assert after["execution_count"] == before["execution_count"] + 1
@@ -109,12 +88,12 @@ def test_batch_of_four_counts_four_inferences(client, name: str) -> None:
 
 
 def test_no_requested_outputs_come_back_binary(client) -> None:
-    data = _data("mlp", 2)
+    data = sample_input("mlp", 2)
     tensor = tritonclient_http.InferInput("INPUT0", list(data.shape), "FP32")
     tensor.set_data_from_numpy(data)
     result = client.infer("mlp", [tensor])
     assert result.get_output("OUTPUT0")["parameters"]["binary_data_size"] == 2 * 10 * 4
-    _assert_matches("mlp", result.as_numpy("OUTPUT0"), data)
+    assert_matches("mlp", result.as_numpy("OUTPUT0"), data)
 
 
 def test_all_model_stats_and_repository_index(client) -> None:
@@ -137,7 +116,7 @@ def test_unknown_model_is_an_error_with_tritons_message(client, call: str) -> No
         elif call == "version":
             client.get_model_metadata("mlp", "2")
         else:
-            _infer(client, "nope", _data("identity", 1), True)
+            _infer(client, "nope", sample_input("identity", 1), True)
     assert "Request for unknown model" in raised.value.message()
     assert not client.is_model_ready("nope")
 
@@ -157,7 +136,7 @@ def test_bad_inputs_are_errors_and_the_server_goes_on(client, case: str) -> None
     after = client.get_inference_statistics("mlp")["model_stats"][0]["inference_stats"]["fail"]["count"]
     assert after == before + 1
     assert client.is_server_live()
-    _assert_matches("mlp", _infer(client, "mlp", _data("mlp", 1), True).as_numpy("OUTPUT0"), _data("mlp", 1))
+    assert_matches("mlp", _infer(client, "mlp", sample_input("mlp", 1), True).as_numpy("OUTPUT0"), sample_input("mlp", 1))
 
 
 def _raw(server: Server, data: bytes) -> tuple[str, dict]:
