@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["CONFIG_TYPES", "NUMPY_DTYPES", "Model", "TensorSpec"]
+__all__ = ["CONFIG_TYPES", "NUMPY_DTYPES", "Model", "RequestError", "TensorSpec"]
 
 NUMPY_DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_),
@@ -36,6 +36,11 @@ NUMPY_DTYPES: dict[str, np.dtype] = {
 CONFIG_TYPES: dict[str, str] = {name: f"TYPE_{name}" for name in NUMPY_DTYPES}
 CONFIG_TYPES["BYTES"] = "TYPE_STRING"
 """KServe v2 datatype -> Triton ModelConfig data_type (BYTES is TYPE_STRING in config.pbtxt)."""
+
+
+class RequestError(Exception):
+    """One request of a batch failed inside the model (e.g. a Python-backend model answered it with
+    an error); the other requests of the batch are unaffected. The message is what the client reads."""
 
 
 @dataclass(frozen=True)
@@ -73,10 +78,32 @@ class Model:
     outputs: tuple[TensorSpec, ...] = ()
     inline: bool = True
     """True for models fast enough to run on the event loop; False sends `infer` to a worker thread."""
+    device: str = "cpu"
+    """Where this instance computes: "cpu" or a torch device such as "cuda:0"."""
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Every output for checked inputs (names, datatypes and shapes as declared)."""
         raise NotImplementedError
+
+    def infer_batch(self, requests: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray] | RequestError]:
+        """The outputs of several requests run as one execution, in request order.
+
+        The default stacks the requests along the batch dimension (max_batch_size > 0), runs `infer`
+        once and gives each request its own rows back. Backends that take a list of requests
+        themselves (the Python backend) override it; an item may be a RequestError for a request the
+        model refused.
+        """
+        if len(requests) == 1:
+            return [self.infer(requests[0])]
+        sizes = [next(iter(request.values())).shape[0] for request in requests]
+        stacked = {name: np.concatenate([request[name] for request in requests]) for name in requests[0]}
+        outputs = self.infer(stacked)
+        bounds = np.cumsum(sizes)[:-1]
+        split = {name: np.split(array, bounds) for name, array in outputs.items()}
+        return [{name: parts[index] for name, parts in split.items()} for index in range(len(requests))]
+
+    def close(self) -> None:
+        """Release what the instance holds (the model is being unloaded); the default holds nothing."""
 
     def metadata(self) -> dict[str, Any]:
         """KServe v2 model metadata (PROTOCOLS.md 1.5)."""
