@@ -90,7 +90,7 @@ def test_models_not_inline_become_jobs_that_count_queue_time() -> None:
     assert not isinstance(job, Reply)
     reply = job()
     assert reply.status == 200 and json.loads(reply.body)["outputs"][0]["data"] == [5.0]
-    stats = app.stats["slow"].snapshot()["inference_stats"]
+    stats = app.host.stats["slow"].snapshot()["inference_stats"]
     assert stats["queue"]["count"] == 1 and stats["compute_infer"]["ns"] >= 200_000_000
 
 

@@ -3,13 +3,20 @@
     python -m servers.triton --http-port 0
     python -m servers.triton --http-port 0 --grpc-port 0
     python -m servers.triton --http-port 8000 --grpc-port 8001 --mlp-hidden 256
+    python -m servers.triton --model-repository ./models --http-port 8000 --grpc-port 8001 --metrics-port 8002
+
+Without --model-repository it serves the built-in models (servers/models/builtin.py); with it, the
+models of that Triton model repository (`python -m servers make-repo DIR` writes one), each loaded
+before the server listens (--model-control-mode none, the default) or only those named by
+--load-model (explicit mode, which also accepts load/unload requests). A model that fails to load is
+reported on stderr and in the repository index, and the others serve.
 
 HTTP is always served; gRPC only with --grpc-port, Prometheus metrics only with --metrics-port. All
 front ends run on one asyncio loop and share the models and their statistics. Once a front end listens
 it prints one line and flushes: `grpc listening on HOST:PORT` and `metrics listening on
 http://HOST:PORT` first (when served), then `listening on http://HOST:PORT` last, so a reader that waits
 for the http line (tests, the demo) finds every front end ready. SIGTERM or SIGINT stops it with exit
-code 0; bad flags exit with code 2. Refused (exit 2): --model-repository.
+code 0; bad flags exit with code 2.
 """
 
 from __future__ import annotations
@@ -25,10 +32,12 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from pathlib import Path
 
 from servers.core.model import Model
 from servers.models.builtin import builtin_models
 from servers.triton._app import TritonApp
+from servers.triton._host import ModelHost
 from servers.triton._metrics import MetricsApp, build_registry
 from servers.triton._server import ServerContext, close, listen, run_server
 
@@ -37,11 +46,12 @@ FrontReadyCallback = Callable[[str, str, int], None]
 """Called as (front end, host, bound port) when a front end other than HTTP listens: "grpc", "metrics"."""
 
 
-def serve(models: dict[str, Model], host: str = "127.0.0.1", port: int = 8000,
+def serve(models: dict[str, Model] | ModelHost, host: str = "127.0.0.1", port: int = 8000,
           ready_callback: ReadyCallback | None = None, workers: int = 4, *,
           grpc_port: int | None = None, metrics_port: int | None = None,
           front_ready: FrontReadyCallback | None = None) -> None:
-    """Serve `models` over HTTP (plus gRPC and metrics when their ports are not None) until SIGTERM/SIGINT.
+    """Serve `models` (built-in models, or a ModelHost over a repository) over HTTP (plus gRPC and
+    metrics when their ports are not None) until SIGTERM/SIGINT.
 
     Signals are caught only in the main thread. `front_ready` runs for gRPC and metrics before
     `ready_callback` runs for HTTP, so once the HTTP callback runs every front end is ready.
@@ -52,11 +62,15 @@ def serve(models: dict[str, Model], host: str = "127.0.0.1", port: int = 8000,
     """
     gc.collect()
     gc.freeze()  # what exists now lives as long as the server: a full collection must not walk it
-    with ThreadPoolExecutor(workers, thread_name_prefix="infer") as executor:
-        context = ServerContext(TritonApp(models), executor)
-        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            fronts = _Fronts(grpc_port, metrics_port, front_ready)
-            runner.run(_serve_until_signal(context, host, port, ready_callback, fronts))
+    app = TritonApp(models)
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="infer") as executor:
+            context = ServerContext(app, executor)
+            with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+                fronts = _Fronts(grpc_port, metrics_port, front_ready)
+                runner.run(_serve_until_signal(context, host, port, ready_callback, fronts))
+    finally:
+        app.host.close()
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -110,9 +124,9 @@ async def _start_fronts(context: ServerContext, host: str, fronts: _Fronts, star
 def build_parser(prog: str = "python -m servers.triton") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
-        description="Triton-compatible KServe v2 server (HTTP, and gRPC with --grpc-port) hosting the "
-                    "built-in models (identity, identity_bytes, mlp).",
-        epilog="example: python -m servers.triton --http-port 8000 --grpc-port 8001",
+        description="Triton-compatible KServe v2 server (HTTP, and gRPC with --grpc-port) hosting a Triton "
+                    "model repository, or the built-in models (identity, identity_bytes, mlp) without one.",
+        epilog="example: python -m servers.triton --model-repository ./models --http-port 8000 --grpc-port 8001",
     )
     add = parser.add_argument
     add("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -124,7 +138,15 @@ def build_parser(prog: str = "python -m servers.triton") -> argparse.ArgumentPar
         help="serve Prometheus metrics (Triton's nv_inference_* names) at http://HOST:PORT/metrics; "
              "0 picks a free one (default: not served; Triton's port is 8002)")
     add("--model-repository", default=None, metavar="PATH",
-        help="model repository folder (not supported yet: only the built-in models are served)")
+        help="Triton model repository folder (<model>/config.pbtxt, <model>/<version>/...); "
+             "default: serve the built-in models")
+    add("--model-control-mode", choices=("none", "explicit"), default="none",
+        help="none: load every model at start, refuse load/unload; explicit: load only --load-model "
+             "models, accept load/unload requests (default none)")
+    add("--load-model", action="append", default=[], metavar="NAME",
+        help="with --model-control-mode explicit: a model to load at start ('*' = all); repeatable")
+    add("--strict-readiness", type=_boolean, default=True, metavar="BOOL",
+        help="server ready only when every model asked for is ready (default true)")
     add("--mlp-hidden", type=int, default=64, help="hidden size of the built-in mlp model (default 64)")
     add("--seed", type=int, default=0, help="seed of the built-in models' weights (default 0)")
     add("--workers", type=int, default=4, help="threads for models that do not run inline (default 4)")
@@ -133,9 +155,10 @@ def build_parser(prog: str = "python -m servers.triton") -> argparse.ArgumentPar
 
 def _problems(args: argparse.Namespace) -> list[str]:
     problems = []
-    if args.model_repository is not None:
-        problems.append("model repositories are not supported yet; drop --model-repository "
-                        "to serve the built-in models")
+    if args.model_repository is not None and not Path(args.model_repository).is_dir():
+        problems.append(f"--model-repository {args.model_repository}: not a folder")
+    if args.load_model and args.model_control_mode != "explicit":
+        problems.append("--load-model needs --model-control-mode explicit")
     for flag, port in (("--http-port", args.http_port), ("--grpc-port", args.grpc_port),
                        ("--metrics-port", args.metrics_port)):
         if port is not None and not 0 <= port <= 65535:
@@ -159,7 +182,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m servers.trito
         for problem in problems:
             print(f"error: {problem}", file=sys.stderr)
         return 2
-    models = builtin_models(mlp_hidden=args.mlp_hidden, seed=args.seed)
+    models = _models(args)
     try:
         serve(models, args.host, args.http_port, _print_listening, workers=args.workers,
               grpc_port=args.grpc_port, metrics_port=args.metrics_port, front_ready=_print_front_listening)
@@ -167,6 +190,26 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m servers.trito
         print(f"error: cannot listen on {args.host}: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _models(args: argparse.Namespace) -> dict[str, Model] | ModelHost:
+    if args.model_repository is None:
+        return builtin_models(mlp_hidden=args.mlp_hidden, seed=args.seed)
+    host = ModelHost(repository=Path(args.model_repository), control_mode=args.model_control_mode,
+                     strict_readiness=args.strict_readiness)
+    host.load_repository(None if args.model_control_mode == "none" else args.load_model)
+    for row in host.index():
+        if row.get("state") == "UNAVAILABLE":
+            print(f"error: {row['reason']}", file=sys.stderr, flush=True)
+    return host
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def _print_listening(host: str, port: int) -> None:

@@ -1,12 +1,14 @@
 """Routes of the Triton-compatible server: KServe v2 HTTP paths (PROTOCOLS.md 1.2-1.12) -> replies.
 
 The app decides what to answer; the connection layer (servers/triton/_server.py) decides how it is
-written. A request for a model with `inline = False` comes back as a job (a callable returning the
-Reply) for the connection to run in a worker thread; everything else is answered at once. The built-in
-models run inline: a whole infer request (decode, model, encode) took 24 us for identity and 33 us for
-mlp on the development machine, a thread pool hop alone about 100 us.
-Errors are {"error": "..."} with Triton's status codes: 400 for bad requests and unknown models,
-404 {"error":"Not Found"} for unknown paths, 405 for a wrong verb, 500 when a model itself fails.
+written. A reply comes in one of three forms: a Reply at once; a Job (a callable returning the Reply)
+for a worker thread, for built-in models with `inline = False`; or a coroutine for the loop, for
+repository models, which wait for their Scheduler (_scheduler.py), and for repository loads. The
+built-in models run inline: a whole infer request (decode, model, encode) took 24 us for identity and
+33 us for mlp on the development machine, a thread pool hop alone about 100 us.
+Errors are {"error": "..."} with Triton's status codes (PROTOCOLS.md 1.9): 400 for bad requests,
+404 for an unknown model or version (Triton's NOT_FOUND, as gRPC's NOT_FOUND) and {"error":"Not Found"}
+for unknown paths, 405 for a wrong verb, 500 when a model itself fails. Readiness answers 200 or 400.
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ import functools
 import json
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, NamedTuple
 from urllib.parse import unquote
 
 from servers.core.http1 import Request, json_body
 from servers.core.model import Model
+from servers.triton._host import RepositoryError, ServedModel
 from servers.triton._infer import (
     EXTENSIONS,
     SERVER_NAME,
@@ -31,11 +34,13 @@ from servers.triton._infer import (
     ModelHost,
     UnknownModel,
     execute,
+    execute_scheduled,
 )
 from servers.triton._tensors import encode_response, parse_infer
 
 _MODEL_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([0-9]+))?(?:/(infer|ready|config|stats))?")
 _REPOSITORY_INDEX = re.compile(r"/v2/repository(?:/[^/]+)?/index")
+_REPOSITORY_MODEL = re.compile(r"/v2/repository(?:/[^/]+)?/models/([^/]+)/(load|unload)")
 _INFER_HEADER = "inference-header-content-length"
 
 
@@ -50,6 +55,8 @@ class Reply(NamedTuple):
 
 Job = Callable[[], Reply]
 """Work for a worker thread; returns the reply to write."""
+Pending = Coroutine[Any, Any, Reply]
+"""Work for the event loop (a scheduled inference, a model load); its result is the reply to write."""
 
 
 def error_reply(status: int, message: str) -> Reply:
@@ -57,6 +64,7 @@ def error_reply(status: int, message: str) -> Reply:
 
 
 _EMPTY_OK = Reply(200, b"")
+_NOT_READY = Reply(400, b"")
 _NOT_FOUND = error_reply(404, "Not Found")
 _NOT_ALLOWED = error_reply(405, "Method Not Allowed")
 
@@ -66,31 +74,29 @@ class TritonApp:
 
     def __init__(self, models: dict[str, Model] | ModelHost) -> None:
         self.host = models if isinstance(models, ModelHost) else ModelHost(models)
-        self.models = self.host.models
-        self.stats = self.host.stats
         self._server_metadata = Reply(200, json_body(
             {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": list(EXTENSIONS)}))
 
-    def handle(self, request: Request) -> Reply | Job:
+    def handle(self, request: Request) -> Reply | Job | Pending:
         """Route one request."""
         method, path = request.method, request.path
         if path.startswith("/v2/models/"):
             if path == "/v2/models/stats":
-                return _only(method, "GET") or self._all_stats()
+                return _only(method, "GET") or self._stats(self.host.all_stats())
             return self._model_route(request)
-        if path in ("/v2/health/live", "/v2/health/ready"):
+        if path == "/v2/health/live":
             return _only(method, "GET") or _EMPTY_OK
+        if path == "/v2/health/ready":
+            return _only(method, "GET") or (_EMPTY_OK if self.host.ready() else _NOT_READY)
         if path == "/v2":
             return _only(method, "GET") or self._server_metadata
         if _REPOSITORY_INDEX.fullmatch(path):
             return _only(method, "POST") or self._repository_index(request.body)
+        if match := _REPOSITORY_MODEL.fullmatch(path):
+            return _only(method, "POST") or self._repository_change(unquote(match[1]), match[2], request.body)
         return _NOT_FOUND
 
-    def lookup(self, name: str, version: str | None) -> Model:
-        """The model served under name (and version, when given); raises UnknownModel."""
-        return self.host.lookup(name, version)
-
-    def _model_route(self, request: Request) -> Reply | Job:
+    def _model_route(self, request: Request) -> Reply | Job | Pending:
         match = _MODEL_PATH.fullmatch(request.path)
         if match is None:
             return _NOT_FOUND
@@ -99,57 +105,108 @@ class TritonApp:
         if request.method != wanted:
             return _NOT_ALLOWED
         try:
-            model = self.lookup(unquote(name), version)
+            served = self.host.lookup(unquote(name), version)
         except UnknownModel as exc:
-            return error_reply(400, str(exc))
+            return _NOT_READY if action == "ready" else error_reply(404, str(exc))
         if action == "infer":
-            return self._infer(model, request)
+            return self._infer(served, request)
         if action == "ready":
             return _EMPTY_OK
         if action == "config":
-            return Reply(200, json_body(model.config()))
+            return Reply(200, json_body(served.config_dict))
         if action == "stats":
-            return Reply(200, json_body({"model_stats": [self.stats[model.name].snapshot()]}))
-        return Reply(200, json_body(model.metadata()))
+            if version:
+                return self._stats([served.stats])
+            return self._stats([self.host.lookup(served.name, v).stats for v in self.host.versions(served.name)])
+        return Reply(200, json_body(self.host.metadata(served, version)))
 
-    def _all_stats(self) -> Reply:
-        return Reply(200, json_body({"model_stats": [stats.snapshot() for stats in self.stats.values()]}))
+    @staticmethod
+    def _stats(all_stats: list) -> Reply:
+        return Reply(200, json_body({"model_stats": [stats.snapshot() for stats in all_stats]}))
 
     def _repository_index(self, body: bytes) -> Reply:
-        if body.strip():
+        options = _json_options(body)
+        if isinstance(options, Reply):
+            return options
+        return Reply(200, json_body(self.host.index(ready_only=bool(options.get("ready", False)))))
+
+    def _repository_change(self, name: str, action: str, body: bytes) -> Reply | Pending:
+        options = _json_options(body)
+        if isinstance(options, Reply):
+            return options
+        if options.get("parameters"):
+            return error_reply(400, f"{action} parameters are not supported; send an empty body")
+        if action == "unload":
             try:
-                options = json.loads(body)
-            except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-                return error_reply(400, f"failed to parse the request JSON buffer: {exc}")
-            if not isinstance(options, dict):
-                return error_reply(400, "repository index request must be a JSON object")
-        index = [{"name": model.name, "version": model.version, "state": "READY"}
-                 for model in self.models.values()]
-        return Reply(200, json_body(index))
+                self.host.unload(name)
+            except RepositoryError as exc:
+                return error_reply(400, str(exc))
+            return _EMPTY_OK
+        return self._load(name)
 
-    def _infer(self, model: Model, request: Request) -> Reply | Job:
+    async def _load(self, name: str) -> Reply:
+        try:
+            await self.host.load(name)
+        except RepositoryError as exc:
+            return error_reply(400, str(exc))
+        return _EMPTY_OK
+
+    def _infer(self, served: ServedModel, request: Request) -> Reply | Job | Pending:
         arrival_ns = time.perf_counter_ns()
-        if model.inline:
-            return self._run_infer(model, request, arrival_ns)
-        self.stats[model.name].add_pending(1)
-        return functools.partial(self._run_infer, model, request, arrival_ns, True)
+        if served.scheduler is not None:
+            return self._run_scheduled(served, request, arrival_ns)
+        if served.model.inline:
+            return self._run_infer(served, request, arrival_ns)
+        served.stats.add_pending(1)
+        return functools.partial(self._run_infer, served, request, arrival_ns, True)
 
-    def _run_infer(self, model: Model, request: Request, arrival_ns: int, queued: bool = False) -> Reply:
+    def _codec(self, model: Model, request: Request) -> tuple[Callable[[], InferRequest], Callable]:
         def decode() -> InferRequest:
             return parse_infer(request.body, request.headers.get(_INFER_HEADER), model)
 
         def encode(parsed: InferRequest, outputs: dict[str, Any]) -> tuple[bytes, int | None]:
             return encode_response(model, parsed, outputs)
 
+        return decode, encode
+
+    async def _run_scheduled(self, served: ServedModel, request: Request, arrival_ns: int) -> Reply:
+        decode, encode = self._codec(served.model, request)
         try:
-            body, header_length = execute(model, self.stats[model.name], arrival_ns, decode, encode, queued)
+            body, header_length = await execute_scheduled(served, arrival_ns, decode, encode)
         except InferError as exc:
             return error_reply(400, str(exc))
         except ModelFailure as exc:
             return error_reply(500, str(exc))
-        if header_length is None:
-            return Reply(200, body)
-        return Reply(200, body, "application/octet-stream", f"Inference-Header-Content-Length: {header_length}\r\n")
+        return _infer_reply(body, header_length)
+
+    def _run_infer(self, served: ServedModel, request: Request, arrival_ns: int, queued: bool = False) -> Reply:
+        decode, encode = self._codec(served.model, request)
+        try:
+            body, header_length = execute(served.model, served.stats, arrival_ns, decode, encode, queued)
+        except InferError as exc:
+            return error_reply(400, str(exc))
+        except ModelFailure as exc:
+            return error_reply(500, str(exc))
+        return _infer_reply(body, header_length)
+
+
+def _infer_reply(body: bytes, header_length: int | None) -> Reply:
+    if header_length is None:
+        return Reply(200, body)
+    return Reply(200, body, "application/octet-stream", f"Inference-Header-Content-Length: {header_length}\r\n")
+
+
+def _json_options(body: bytes) -> dict[str, Any] | Reply:
+    """The optional JSON object of a repository request, or the error reply for a bad one."""
+    if not body.strip():
+        return {}
+    try:
+        options = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        return error_reply(400, f"failed to parse the request JSON buffer: {exc}")
+    if not isinstance(options, dict):
+        return error_reply(400, "repository request must be a JSON object")
+    return options
 
 
 def _only(method: str, allowed: str) -> Reply | None:

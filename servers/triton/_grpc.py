@@ -3,10 +3,10 @@
 It runs on the same asyncio loop as the HTTP front end and shares its ModelHost (_infer.py), so both
 count into the same statistics. Messages are the stubs tritonclient ships (PROTOCOLS.md 2.1-2.5);
 tensors go through _grpc_tensors.py. Served: health, metadata, config, ModelInfer, ModelStreamInfer
-(one response per request, errors in `error_message`, the stream stays open), statistics and the
-repository index. The other RPCs (load/unload, shared memory, trace, log settings) answer UNIMPLEMENTED.
-Errors carry Triton's status codes: NOT_FOUND for an unknown model, INVALID_ARGUMENT for a bad
-request, INTERNAL when a model fails.
+(one response per request, errors in `error_message`, the stream stays open), statistics, the
+repository index and model load/unload. The other RPCs (shared memory, trace, log settings) answer
+UNIMPLEMENTED. Errors carry Triton's status codes: NOT_FOUND for an unknown model, INVALID_ARGUMENT
+for a bad request or a refused load, INTERNAL when a model fails.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from concurrent.futures import Executor
 
 import grpc
 from google.protobuf import json_format
-from tritonclient.grpc import model_config_pb2, service_pb2_grpc
 from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
 
-from servers.core.model import Model
 from servers.triton._grpc_tensors import decode_request, encode_response
+from servers.triton._host import RepositoryError, ServedModel
 from servers.triton._infer import (
     EXTENSIONS,
     SERVER_NAME,
@@ -33,6 +33,7 @@ from servers.triton._infer import (
     ModelHost,
     UnknownModel,
     execute,
+    execute_scheduled,
 )
 
 MAX_MESSAGE_BYTES = 2**31 - 1
@@ -57,7 +58,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: pb.ServerReadyRequest, context: Context) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=True)
+        return pb.ServerReadyResponse(ready=self._host.ready())
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
         try:
@@ -72,29 +73,47 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest,
                             context: Context) -> pb.ModelMetadataResponse:
-        model = await self._lookup(request.name, request.version, context)
-        return json_format.ParseDict(model.metadata(), pb.ModelMetadataResponse())
+        served = await self._lookup(request.name, request.version, context)
+        return json_format.ParseDict(self._host.metadata(served, request.version), pb.ModelMetadataResponse())
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
-        model = await self._lookup(request.name, request.version, context)
-        config = json_format.ParseDict(model.config(), model_config_pb2.ModelConfig())
-        return pb.ModelConfigResponse(config=config)
+        served = await self._lookup(request.name, request.version, context)
+        return pb.ModelConfigResponse(config=served.config)
 
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest,
                               context: Context) -> pb.ModelStatisticsResponse:
         if request.name:
-            model = await self._lookup(request.name, request.version, context)
-            snapshots = [self._host.stats[model.name].snapshot()]
+            served = await self._lookup(request.name, request.version, context)
+            versions = [request.version] if request.version else self._host.versions(served.name)
+            snapshots = [self._host.lookup(served.name, version).stats.snapshot() for version in versions]
         else:
-            snapshots = [stats.snapshot() for stats in self._host.stats.values()]
+            snapshots = [stats.snapshot() for stats in self._host.all_stats()]
         return json_format.ParseDict({"model_stats": snapshots}, pb.ModelStatisticsResponse())
 
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest,
                               context: Context) -> pb.RepositoryIndexResponse:
         response = pb.RepositoryIndexResponse()
-        for model in self._host.models.values():
-            response.models.add(name=model.name, version=model.version, state="READY")
+        for row in self._host.index(ready_only=request.ready):
+            response.models.add(**row)
         return response
+
+    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest,
+                                  context: Context) -> pb.RepositoryModelLoadResponse:
+        try:
+            if request.parameters:
+                raise RepositoryError("load parameters are not supported; send none")
+            await self._host.load(request.model_name)
+        except RepositoryError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest,
+                                    context: Context) -> pb.RepositoryModelUnloadResponse:
+        try:
+            self._host.unload(request.model_name)
+        except RepositoryError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return pb.RepositoryModelUnloadResponse()
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
         try:
@@ -115,7 +134,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
                 response.parameters["triton_final_response"].bool_param = True
             yield pb.ModelStreamInferResponse(infer_response=response)
 
-    async def _lookup(self, name: str, version: str, context: Context) -> Model:
+    async def _lookup(self, name: str, version: str, context: Context) -> ServedModel:
         try:
             return self._host.lookup(name, version)
         except UnknownModel as exc:
@@ -124,8 +143,8 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def _infer(self, message: pb.ModelInferRequest) -> pb.ModelInferResponse:
         arrival_ns = time.perf_counter_ns()
-        model = self._host.lookup(message.model_name, message.model_version)
-        stats = self._host.stats[model.name]
+        served = self._host.lookup(message.model_name, message.model_version)
+        model, stats = served.model, served.stats
 
         def decode() -> InferRequest:
             return decode_request(message, model)
@@ -133,6 +152,8 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         def encode(request: InferRequest, outputs: dict) -> pb.ModelInferResponse:
             return encode_response(model, request, outputs)
 
+        if served.scheduler is not None:
+            return await execute_scheduled(served, arrival_ns, decode, encode)
         if model.inline:
             return execute(model, stats, arrival_ns, decode, encode)
         stats.add_pending(1)

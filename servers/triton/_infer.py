@@ -1,11 +1,12 @@
 """The front-end-neutral core of the Triton-compatible server: lookup, input checks, one inference.
 
 HTTP (_app.py with the _tensors.py codec) and gRPC (_grpc.py with the _grpc_tensors.py codec) both
-decode a request into an InferRequest, then hand it to `execute`, which runs the model, times each
-stage and records it in the model's ModelStats (_stats.py); both front ends share one ModelHost, so
-their requests land in the same counters. Errors are raised as exceptions each front end maps once:
-UnknownModel (HTTP 400, gRPC NOT_FOUND), InferError (400, INVALID_ARGUMENT) and ModelFailure (500,
-INTERNAL). Messages follow Triton's wording.
+decode a request into an InferRequest, then hand it to `execute` (a model that runs inline or in the
+worker pool) or `execute_scheduled` (a model with instances and a Scheduler, _scheduler.py), which run
+the model, time each stage and record it in the version's ModelStats (_stats.py); both front ends
+share one ModelHost (_host.py), so their requests land in the same counters. Errors are raised as
+exceptions each front end maps once: UnknownModel (HTTP 404, gRPC NOT_FOUND), InferError (400,
+INVALID_ARGUMENT) and ModelFailure (500, INTERNAL). Messages follow Triton's wording.
 """
 
 from __future__ import annotations
@@ -18,8 +19,12 @@ from typing import TypeVar
 
 import numpy as np
 
-from servers.core.model import NUMPY_DTYPES, Model, TensorSpec
+from servers.core.model import NUMPY_DTYPES, Model, RequestError, TensorSpec
+from servers.triton._host import ModelHost, ServedModel, UnknownModel
 from servers.triton._stats import ModelStats
+
+__all__ = ["InferError", "InferRequest", "ModelFailure", "ModelHost", "UnknownModel", "execute",
+           "execute_scheduled"]
 
 SERVER_NAME = "triton"
 SERVER_VERSION = "2.73.0"
@@ -32,10 +37,6 @@ Result = TypeVar("Result")
 
 class InferError(ValueError):
     """An infer request the server refuses; the message is what the client reads."""
-
-
-class UnknownModel(LookupError):
-    """A model name or version that is not served; the message is Triton's."""
 
 
 class ModelFailure(RuntimeError):
@@ -51,23 +52,6 @@ class InferRequest:
     inputs: dict[str, np.ndarray]
     outputs: tuple[tuple[str, bool], ...]
     batch_size: int
-
-
-class ModelHost:
-    """The served models and their statistics, shared by every front end of one server."""
-
-    def __init__(self, models: dict[str, Model]) -> None:
-        self.models = models
-        self.stats = {name: ModelStats(model) for name, model in models.items()}
-
-    def lookup(self, name: str, version: str | None) -> Model:
-        """The model served under name (and version, when given); raises UnknownModel."""
-        model = self.models.get(name)
-        if model is None:
-            raise UnknownModel(f"Request for unknown model: '{name}' is not found")
-        if version and version != model.version:
-            raise UnknownModel(f"Request for unknown model: '{name}' version {version} is not found")
-        return model
 
 
 def request_tag(request_id: str | None) -> str:
@@ -187,4 +171,37 @@ def execute(model: Model, stats: ModelStats, arrival_ns: int, decode: Callable[[
     done_ns = time.perf_counter_ns()
     stats.record_success(request.batch_size, start_ns - arrival_ns, decoded_ns - start_ns,
                          inferred_ns - decoded_ns, done_ns - inferred_ns)
+    return result
+
+
+async def execute_scheduled(served: ServedModel, arrival_ns: int, decode: Callable[[], InferRequest],
+                            encode: Callable[[InferRequest, dict[str, np.ndarray]], Result]) -> Result:
+    """`execute` for a model with a Scheduler: decode on the loop, wait for the execution the
+    scheduler puts this request in (maybe a dynamic batch), then encode this request's own rows.
+
+    The queue time is arrival to the start of that execution, minus the decoding.
+    """
+    model, stats = served.model, served.stats
+    start_ns = time.perf_counter_ns()
+    try:
+        request = decode()
+        decoded_ns = time.perf_counter_ns()
+        executed = await served.scheduler.submit(request.inputs, request.batch_size, decoded_ns)
+        encode_ns = time.perf_counter_ns()
+        missing = [name for name, _ in request.outputs if name not in executed.outputs]
+        if missing:
+            raise RuntimeError(f"model '{model.name}' did not produce output(s) {missing}")
+        result = encode(request, executed.outputs)
+    except InferError:
+        stats.record_failure(time.perf_counter_ns() - arrival_ns)
+        raise
+    except RequestError as exc:
+        stats.record_failure(time.perf_counter_ns() - arrival_ns, "BACKEND")
+        raise InferError(str(exc)) from exc
+    except Exception as exc:
+        stats.record_failure(time.perf_counter_ns() - arrival_ns, "BACKEND")
+        raise ModelFailure(f"model '{model.name}' failed: {type(exc).__name__}: {exc}") from exc
+    done_ns = time.perf_counter_ns()
+    stats.record_request(start_ns - arrival_ns + executed.queue_ns, decoded_ns - start_ns, executed.infer_ns,
+                         done_ns - encode_ns)
     return result

@@ -1,7 +1,8 @@
 """Connections of the Triton-compatible server: an asyncio.Protocol over servers/core/http1.py.
 
-Per connection: bytes -> RequestParser -> TritonApp (_app.py) -> a reply written at once, or a job
-run in the worker pool for models that do not run inline. Replies leave in request order even when
+Per connection: bytes -> RequestParser -> TritonApp (_app.py) -> a reply written at once, a job
+run in the worker pool for built-in models that do not run inline, or a coroutine run on the loop
+(repository models waiting for their scheduler, model loads). Replies leave in request order even when
 requests are pipelined: a reply waits behind any earlier one still computing. A framing error is
 answered after the replies already queued, then the connection is closed.
 """
@@ -9,6 +10,7 @@ answered after the replies already queued, then the connection is closed.
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -16,13 +18,13 @@ from typing import Protocol
 
 from servers.core.connection import HttpConnection
 from servers.core.http1 import HttpError, Request, continue_response, format_response
-from servers.triton._app import Job, Reply, error_reply
+from servers.triton._app import Job, Pending, Reply, error_reply
 
 
 class App(Protocol):
     """What a connection asks for each request: TritonApp (_app.py), or the metrics page (_metrics.py)."""
 
-    def handle(self, request: Request) -> Reply | Job: ...
+    def handle(self, request: Request) -> Reply | Job | Pending: ...
 
 
 @dataclass
@@ -80,7 +82,10 @@ class TritonProtocol(HttpConnection):
             return
         slot = _Slot(None, not keep_alive)
         self._pending.append(slot)
-        future = asyncio.get_running_loop().run_in_executor(self._context.executor, outcome)
+        if inspect.iscoroutine(outcome):
+            future = asyncio.ensure_future(outcome)
+        else:
+            future = asyncio.get_running_loop().run_in_executor(self._context.executor, outcome)
         future.add_done_callback(lambda done: self._finish(slot, done, keep_alive, http10))
 
     def _finish(self, slot: _Slot, done: asyncio.Future[Reply], keep_alive: bool, http10: bool) -> None:

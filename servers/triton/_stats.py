@@ -2,8 +2,8 @@
 
 Every duration is a cumulative {"count", "ns"} pair, so a client diffs two samples for an interval.
 Counting rules, as Triton's: `inference_count` adds the batch size of each successful request,
-`execution_count` adds one per model execution (no dynamic batching yet, so one per request);
-`success` and `fail` count requests; `queue` is the wait for a worker thread (zero when the model
+`execution_count` adds one per model execution (a dynamic batch of many requests is one execution,
+and `batch_stats` counts executions by their batch size); `success` and `fail` count requests; `queue` is the wait for a worker thread (zero when the model
 runs on the event loop); compute_input is decoding, compute_infer the model, compute_output encoding.
 A failed request adds its time from arrival to the failure to `fail`. `pending` counts requests
 waiting for a worker thread right now (Triton's nv_inference_pending_request_count).
@@ -27,6 +27,7 @@ class ModelStats:
     def __init__(self, model: Model) -> None:
         self.name = model.name
         self.version = model.version
+        self._batches: dict[int, list[int]] = {}
         self._lock = threading.Lock()
         self._last_inference_ms = 0
         self._inference_count = 0
@@ -46,16 +47,30 @@ class ModelStats:
 
     def record_success(self, batch_size: int, queue_ns: int, input_ns: int, infer_ns: int,
                        output_ns: int) -> None:
-        """One successful request: times in nanoseconds, split by stage."""
+        """One successful request that ran as an execution of its own: times in nanoseconds, by stage."""
+        self.record_execution(batch_size, input_ns, infer_ns, output_ns)
+        self.record_request(queue_ns, input_ns, infer_ns, output_ns)
+
+    def record_request(self, queue_ns: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
+        """One successful request; infer_ns is the execution it was part of."""
         with self._lock:
             self._last_inference_ms = time.time_ns() // 1_000_000
-            self._inference_count += batch_size
-            self._execution_count += 1
             self._add("success", queue_ns + input_ns + infer_ns + output_ns)
             self._add("queue", queue_ns)
             self._add("compute_input", input_ns)
             self._add("compute_infer", infer_ns)
             self._add("compute_output", output_ns)
+
+    def record_execution(self, batch_size: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
+        """One model execution over `batch_size` rows (one request, or a dynamic batch of several)."""
+        with self._lock:
+            self._inference_count += batch_size
+            self._execution_count += 1
+            entry = self._batches.setdefault(batch_size, [0, 0, 0, 0])
+            entry[0] += 1
+            entry[1] += input_ns
+            entry[2] += infer_ns
+            entry[3] += output_ns
 
     def record_failure(self, elapsed_ns: int, reason: str = "OTHER") -> None:
         """One failed request; reason as Triton's metrics label it: BACKEND (the model) or OTHER."""
@@ -84,6 +99,9 @@ class ModelStats:
                 "inference_stats": {key: {"count": count, "ns": ns}
                                     for key, (count, ns) in self._durations.items()},
                 "response_stats": {},
-                "batch_stats": [],
+                "batch_stats": [
+                    {"batch_size": size, **{key: {"count": count, "ns": ns} for key, ns in
+                                            zip(("compute_input", "compute_infer", "compute_output"), times)}}
+                    for size, (count, *times) in sorted(self._batches.items())],
                 "memory_usage": [],
             }
