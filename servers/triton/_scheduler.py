@@ -68,8 +68,8 @@ class Scheduler:
         self.batching = batching
         self.max_batch_size = instances[0].max_batch_size
         self._idle = list(reversed(instances))
-        self._threads = {id(instance): ThreadPoolExecutor(1, thread_name_prefix=f"{instance.name}-instance")
-                         for instance in instances}
+        self._threads = {id(instance): ThreadPoolExecutor(1, thread_name_prefix=f"{instance.name}-instance{index}")
+                         for index, instance in enumerate(instances)}
         self._instances = list(instances)
         self._queue: deque[_Waiting] = deque()
         self._queued_rows = 0

@@ -1,0 +1,171 @@
+"""The per-version scheduler (servers/triton/_scheduler.py): instances, dynamic batching, own rows back.
+
+The model here takes a known time per execution (it sleeps, releasing the GIL as a real backend does)
+and remembers each batch it ran, so the tests check how requests were grouped, not only the outputs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from servers.core.model import Model, RequestError, TensorSpec
+from servers.triton._scheduler import Batching, Scheduler
+from servers.triton._stats import ModelStats
+from tests.conftest import TIMING
+
+
+class _Scaled(Model):
+    """OUTPUT0 = INPUT0 * 2 after `service_s` seconds; refuses rows whose first value is negative."""
+
+    max_batch_size = 16
+    inline = False
+    inputs = (TensorSpec("INPUT0", "FP32", (4,)),)
+    outputs = (TensorSpec("OUTPUT0", "FP32", (4,)),)
+
+    def __init__(self, service_s: float = 0.02, name: str = "scaled") -> None:
+        self.name = name
+        self.service_s = service_s
+        self.batches: list[int] = []
+        self.threads: set[str] = set()
+        self.closed = False
+
+    def infer_batch(self, requests: list[dict[str, np.ndarray]]) -> list:
+        self.batches.append(sum(request["INPUT0"].shape[0] for request in requests))
+        self.threads.add(threading.current_thread().name)
+        time.sleep(self.service_s)
+        return [RequestError("negative input") if request["INPUT0"][0, 0] < 0 else
+                {"OUTPUT0": request["INPUT0"] * 2} for request in requests]
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _request(value: float, rows: int = 1) -> dict[str, np.ndarray]:
+    return {"INPUT0": np.full((rows, 4), value, dtype=np.float32)}
+
+
+async def _submit_all(scheduler: Scheduler, values: list[float], rows: int = 1, gap_s: float = 0.0) -> list:
+    tasks = []
+    for value in values:
+        tasks.append(asyncio.ensure_future(scheduler.submit(_request(value, rows), rows, time.perf_counter_ns())))
+        await asyncio.sleep(gap_s)
+    return await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def test_without_batching_each_request_is_one_execution() -> None:
+    model = _Scaled(0.005)
+    scheduler = Scheduler([model], ModelStats(model), None)
+    results = asyncio.run(_submit_all(scheduler, [float(i) for i in range(8)]))
+    assert model.batches == [1] * 8
+    for value, result in zip(range(8), results):
+        assert np.array_equal(result.outputs["OUTPUT0"], _request(value)["INPUT0"] * 2)
+    assert scheduler.stats.snapshot()["execution_count"] == 8
+
+
+@TIMING
+def test_busy_instance_lets_a_batch_form_and_each_request_gets_its_own_rows() -> None:
+    model = _Scaled(0.03)
+    stats = ModelStats(model)
+    scheduler = Scheduler([model], stats, Batching())
+    values = [float(i) for i in range(1, 17)]
+    results = asyncio.run(_submit_all(scheduler, values))
+    # the first request starts alone; the other 15 queue behind it and leave as one batch
+    assert model.batches == [1, 15]
+    for value, result in zip(values, results):
+        assert np.array_equal(result.outputs["OUTPUT0"], np.full((1, 4), value * 2, dtype=np.float32))
+    snapshot = stats.snapshot()
+    assert snapshot["execution_count"] == 2 and snapshot["inference_count"] == 16
+    assert [entry["batch_size"] for entry in snapshot["batch_stats"]] == [1, 15]
+
+
+@TIMING
+def test_queue_delay_gathers_requests_up_to_the_largest_preferred_size() -> None:
+    model = _Scaled(0.001)
+    scheduler = Scheduler([model], ModelStats(model), Batching((4, 8), max_queue_delay_us=200_000))
+    started = time.perf_counter()
+    results = asyncio.run(_submit_all(scheduler, [float(i) for i in range(8)], gap_s=0.002))
+    # eight requests 2 ms apart fill the preferred 8 long before the 200 ms delay runs out
+    assert model.batches == [8]
+    assert time.perf_counter() - started < 0.15
+    assert all(not isinstance(result, BaseException) for result in results)
+
+
+@TIMING
+def test_expired_delay_sends_the_largest_preferred_size_the_queue_fills() -> None:
+    model = _Scaled(0.001)
+    scheduler = Scheduler([model], ModelStats(model), Batching((4, 8), max_queue_delay_us=30_000))
+    started = time.perf_counter()
+    results = asyncio.run(_submit_all(scheduler, [float(i) for i in range(6)]))
+    elapsed = time.perf_counter() - started
+    # six queued rows never reach 8: after the 30 ms delay a preferred 4 leaves, then the other 2
+    assert model.batches[0] == 4 and sum(model.batches) == 6
+    assert 0.03 <= elapsed < 0.5
+    assert [float(result.outputs["OUTPUT0"][0, 0]) for result in results] == [2.0 * i for i in range(6)]
+
+
+def test_requests_are_never_split_and_never_exceed_max_batch_size() -> None:
+    model = _Scaled(0.02)
+    scheduler = Scheduler([model], ModelStats(model), Batching())
+    results = asyncio.run(_submit_all(scheduler, [float(i) for i in range(1, 9)], rows=6))
+    assert all(size <= 16 and size % 6 == 0 for size in model.batches)
+    assert sum(model.batches) == 48
+    for value, result in zip(range(1, 9), results):
+        assert result.outputs["OUTPUT0"].shape == (6, 4)
+        assert np.all(result.outputs["OUTPUT0"] == value * 2)
+
+
+@TIMING
+def test_instances_run_in_parallel_on_their_own_threads() -> None:
+    instances = [_Scaled(0.05, name="scaled") for _ in range(4)]
+    scheduler = Scheduler(instances, ModelStats(instances[0]), None)
+    started = time.perf_counter()
+    asyncio.run(_submit_all(scheduler, [1.0] * 4))
+    elapsed = time.perf_counter() - started
+    assert elapsed < 0.15  # four 50 ms executions at once, not one after the other (200 ms)
+    assert all(instance.batches == [1] for instance in instances)
+    assert len({name for instance in instances for name in instance.threads}) == 4
+
+
+@TIMING
+def test_a_refused_request_fails_alone_and_the_rest_of_its_batch_succeeds() -> None:
+    model = _Scaled(0.02)
+    scheduler = Scheduler([model], ModelStats(model), Batching())
+    results = asyncio.run(_submit_all(scheduler, [1.0, 2.0, -1.0, 3.0]))
+    assert isinstance(results[2], RequestError)
+    assert [float(results[i].outputs["OUTPUT0"][0, 0]) for i in (0, 1, 3)] == [2.0, 4.0, 6.0]
+
+
+@TIMING
+def test_queue_time_is_the_wait_for_the_instance() -> None:
+    model = _Scaled(0.04)
+    scheduler = Scheduler([model], ModelStats(model), None)
+    first, second = asyncio.run(_submit_all(scheduler, [1.0, 2.0]))
+    assert first.queue_ns < 10_000_000
+    assert 30_000_000 <= second.queue_ns  # waited for the first execution (40 ms)
+    assert first.infer_ns >= 40_000_000
+
+
+@TIMING
+def test_close_fails_waiting_requests_and_releases_instances() -> None:
+    model = _Scaled(0.05)
+    scheduler = Scheduler([model], ModelStats(model), None)
+
+    async def scenario() -> list:
+        tasks = [asyncio.ensure_future(scheduler.submit(_request(1.0), 1, time.perf_counter_ns())) for _ in range(3)]
+        await asyncio.sleep(0.01)
+        scheduler.close()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        with pytest.raises(RuntimeError, match="unloaded"):
+            await scheduler.submit(_request(1.0), 1, time.perf_counter_ns())
+        return results
+
+    results = asyncio.run(scenario())
+    assert not isinstance(results[0], BaseException)  # already running: it finishes
+    assert all(isinstance(result, RuntimeError) for result in results[1:])
+    time.sleep(0.1)
+    assert model.closed
