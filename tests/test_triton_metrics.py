@@ -1,6 +1,19 @@
-"""servers/triton/_metrics.py: Triton's metric families, unit (own registry) and over the metrics port."""
+"""servers/triton/_metrics.py: Triton's metric families, unit (own registry) and over the metrics port.
+
+The GPU families are checked against the machine the tests run on, never against a stand-in for NVML:
+where nvidia-smi lists no GPU they must be absent (and the scrape fast); where it lists GPUs, each
+family must carry one sample per GPU, labelled with the UUIDs nvidia-smi prints, with values that
+agree with nvidia-smi's own readings.
+"""
 
 from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import subprocess
+import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -8,11 +21,15 @@ import pytest
 import tritonclient.http as tritonclient_http
 from prometheus_client.parser import text_string_to_metric_families
 
+from servers.core.gpu import GpuSampler
 from servers.models.builtin import builtin_models
 from servers.triton._infer import ModelHost
-from servers.triton._metrics import build_registry, render
+from servers.triton._metrics import CpuUtilizationCollector, build_registry, render
 from tests.conftest import stop_process
 from tests.test_triton_grpc import start_fronts
+
+GPU_FAMILIES = ("nv_gpu_utilization", "nv_gpu_memory_total_bytes", "nv_gpu_memory_used_bytes",
+                "nv_gpu_power_usage", "nv_gpu_power_limit", "nv_energy_consumption")
 
 
 def test_families_read_the_shared_stats_at_scrape_time() -> None:
@@ -77,3 +94,115 @@ def test_metrics_port_counts_requests_from_both_front_ends(fronts) -> None:
     assert samples[("nv_inference_compute_infer_duration_us", mlp)] > 0
     assert ("process_resident_memory_bytes", ()) in samples
     assert httpx.get(metrics_url + "/nope", timeout=5).status_code == 404
+
+
+def _scrape(registry) -> dict[str, list]:
+    """Render and parse back with prometheus_client's text parser: family name -> samples."""
+    text = render(registry).decode()
+    return {family.name: family.samples for family in text_string_to_metric_families(text)}
+
+
+def _nvidia_smi(*fields: str) -> list[list[str]]:
+    """One row per GPU that nvidia-smi lists ([] where there is no nvidia-smi, hence no driver)."""
+    if shutil.which("nvidia-smi") is None:
+        return []
+    done = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits"],
+                          capture_output=True, text=True, timeout=30, check=False)
+    if done.returncode != 0:  # a driver without devices says so on stderr
+        return []
+    return [[cell.strip() for cell in line.split(",")] for line in done.stdout.splitlines() if line.strip()]
+
+
+def _write_stat(path: Path, user: int, nice: int, system: int, idle: int, iowait: int, irq: int,
+                softirq: int, steal: int) -> None:
+    path.write_text(f"cpu  {user} {nice} {system} {idle} {iowait} {irq} {softirq} {steal} 7 3\n"
+                    f"cpu0 {user} {nice} {system} {idle} {iowait} {irq} {softirq} {steal} 7 3\nintr 1 2\n")
+
+
+def test_cpu_utilization_is_the_busy_share_of_ticks_between_scrapes(tmp_path: Path) -> None:
+    stat = tmp_path / "stat"
+    _write_stat(stat, user=100, nice=0, system=50, idle=800, iowait=50, irq=0, softirq=0, steal=0)
+    collector = CpuUtilizationCollector(stat)
+
+    def scrape() -> float | None:
+        families = list(collector.collect())
+        return families[0].samples[0].value if families else None
+
+    _write_stat(stat, user=160, nice=0, system=70, idle=880, iowait=60, irq=5, softirq=5, steal=0)
+    assert scrape() == 0.5  # busy +90 (user, system, irq, softirq), idle +90 (idle, iowait)
+    assert scrape() == 0.5  # no tick since: the previous value, not 0/0
+    _write_stat(stat, user=170, nice=10, system=70, idle=885, iowait=65, irq=5, softirq=5, steal=10)
+    assert scrape() == 0.75  # busy +30 (user, nice, steal), idle +10
+    stat.write_text("intr 1 2\n")
+    assert scrape() is None  # no aggregate cpu line: the family is absent, not an error
+    stat.unlink()
+    assert scrape() is None
+
+
+def test_cpu_utilization_sees_a_busy_core() -> None:
+    registry = build_registry(ModelHost(builtin_models()))
+    _scrape(registry)
+    stop = time.monotonic() + 0.5
+    while time.monotonic() < stop:  # one core fully busy for half a second
+        pass
+    busy = _scrape(registry)["nv_cpu_utilization"][0].value
+    assert 0.5 / os.cpu_count() <= busy <= 1.0
+
+
+def test_scrape_has_sane_host_families() -> None:
+    families = _scrape(build_registry(ModelHost(builtin_models())))
+    assert 0.0 <= families["nv_cpu_utilization"][0].value <= 1.0
+    total = families["nv_cpu_memory_total_bytes"][0].value
+    assert 0 < families["nv_cpu_memory_used_bytes"][0].value <= total
+    assert total == pytest.approx(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), rel=0.05)
+
+
+def test_gpu_families_follow_the_machine() -> None:
+    gpus = _nvidia_smi("uuid", "memory.total", "power.limit", "mig.mode.current")
+    sampler = GpuSampler()
+    registry = build_registry(ModelHost(builtin_models()), sampler)
+    if not gpus:
+        assert not sampler.available and sampler.unavailable_reason
+        families = _scrape(registry)
+        assert not [name for name in families if name.startswith(("nv_gpu_", "nv_energy_"))]
+        return
+    assert sampler.available, sampler.unavailable_reason
+    time.sleep(1.0)  # let the energy counter move past its starting point
+    families = _scrape(registry)
+    uuids = {row[0] for row in gpus}
+    mig = any(row[3] == "Enabled" for row in gpus)
+    for name in GPU_FAMILIES:
+        if name == "nv_gpu_utilization" and mig:
+            continue  # NVML does not report utilisation for a MIG-enabled GPU: the family may be absent
+        assert {sample.labels["gpu_uuid"] for sample in families[name]} == uuids, name
+    by_uuid = {name: {sample.labels["gpu_uuid"]: sample.value for sample in families[name]}
+               for name in GPU_FAMILIES if name in families}
+    for uuid, total_mib, limit_w, _ in gpus:
+        total = by_uuid["nv_gpu_memory_total_bytes"][uuid]
+        assert total / 2**20 == pytest.approx(float(total_mib), abs=1)
+        assert 0 < by_uuid["nv_gpu_memory_used_bytes"][uuid] <= total
+        assert by_uuid["nv_gpu_power_limit"][uuid] == pytest.approx(float(limit_w), abs=1)
+        assert 0 < by_uuid["nv_gpu_power_usage"][uuid] <= 2 * by_uuid["nv_gpu_power_limit"][uuid]
+        assert by_uuid["nv_energy_consumption"][uuid] > 0
+        if uuid in by_uuid.get("nv_gpu_utilization", {}):
+            assert 0.0 <= by_uuid["nv_gpu_utilization"][uuid] <= 1.0
+    before = by_uuid["nv_energy_consumption"]
+    time.sleep(0.5)
+    after = {sample.labels["gpu_uuid"]: sample.value for sample in _scrape(registry)["nv_energy_consumption"]}
+    assert all(after[uuid] >= before[uuid] for uuid in uuids)  # a counter
+
+
+def test_metrics_port_answers_fast_with_every_family(fronts) -> None:
+    metrics_url = fronts.lines[-2].split()[-1]
+    with httpx.Client(timeout=5) as client:
+        timings, reply = [], None
+        for _ in range(5):
+            start = time.perf_counter()
+            reply = client.get(metrics_url + "/metrics")
+            timings.append(time.perf_counter() - start)
+    assert reply.status_code == 200
+    assert statistics.median(timings) < 0.1, timings  # NVML (or its absence) is never waited on per scrape
+    names = {family.name for family in text_string_to_metric_families(reply.text)}
+    assert {"nv_cpu_utilization", "nv_cpu_memory_total_bytes", "nv_cpu_memory_used_bytes"} <= names
+    assert ("nv_gpu_utilization" in names or "nv_gpu_memory_total_bytes" in names) == bool(
+        _nvidia_smi("uuid"))

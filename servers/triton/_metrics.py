@@ -3,9 +3,14 @@
 Values are read at scrape time from the ModelStats that HTTP and gRPC update (_stats.py): a collector
 on a CollectorRegistry of this server's own (never prometheus_client's global one) yields Triton's
 per-model families, labelled `model` and `version`; prometheus_client's ProcessCollector adds the
-process's CPU seconds and memory, and /proc/meminfo gives nv_cpu_memory_*. GPU families are not
-emitted (no NVML here). Names follow Triton, which prints counters without the `_total` suffix
-that prometheus_client's own renderer would add, hence the small renderer below.
+process's CPU seconds and memory. The host families are Triton's too: nv_cpu_utilization is the
+machine's CPU use (/proc/stat) between two scrapes, where Triton's is between two polls of its
+metrics thread; nv_cpu_memory_* come from /proc/meminfo. The GPU families (nv_gpu_*, labelled
+`gpu_uuid`, and nv_energy_consumption) come from NVML through servers/core/gpu.py, read at scrape
+time; on a machine without NVML or a GPU they are simply absent, as on a Triton built without GPU
+metrics, and a reading a GPU does not support leaves out only that sample. Names follow Triton,
+which prints counters without the `_total` suffix that prometheus_client's own renderer would add,
+hence the small renderer below.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.metrics_core import Metric
 from prometheus_client.utils import floatToGoString
 
+from servers.core.gpu import GpuSample, GpuSampler
 from servers.core.http1 import Request
 from servers.triton._app import Reply, error_reply
 from servers.triton._infer import ModelHost
@@ -69,7 +75,7 @@ class ModelMetricsCollector:
         self._host = host
 
     def collect(self) -> Iterator[Metric]:
-        current = [(stats, stats.snapshot()) for stats in self._host.stats.values()]
+        current = [(stats, stats.snapshot()) for stats in self._host.all_stats()]
         for name, kind, documentation, read in _MODEL_FAMILIES:
             family = Metric(name, documentation, kind)
             for stats, snapshot in current:
@@ -110,10 +116,89 @@ class HostMemoryCollector:
             yield family
 
 
-def build_registry(host: ModelHost) -> CollectorRegistry:
-    """A fresh registry holding every family this server exports."""
+GpuReader = Callable[[GpuSample], float | None]
+
+_GPU_FAMILIES: tuple[tuple[str, str, str, GpuReader], ...] = (
+    ("nv_gpu_utilization", "gauge", "GPU utilization rate [0.0 - 1.0)",
+     lambda sample: sample.utilization),
+    ("nv_gpu_memory_total_bytes", "gauge", "GPU total memory, in bytes",
+     lambda sample: sample.memory_total_bytes),
+    ("nv_gpu_memory_used_bytes", "gauge", "GPU used memory, in bytes",
+     lambda sample: sample.memory_used_bytes),
+    ("nv_gpu_power_usage", "gauge", "GPU power usage in watts",
+     lambda sample: sample.power_usage_watts),
+    ("nv_gpu_power_limit", "gauge", "GPU power management limit in watts",
+     lambda sample: sample.power_limit_watts),
+    ("nv_energy_consumption", "counter", "GPU energy consumption in joules since the Triton Server started",
+     lambda sample: sample.energy_joules),
+)
+
+
+class GpuMetricsCollector:
+    """Triton's GPU families, one sample per GPU labelled `gpu_uuid`; a family no GPU could read is absent."""
+
+    def __init__(self, sampler: GpuSampler) -> None:
+        self._sampler = sampler
+
+    def collect(self) -> Iterator[Metric]:
+        samples = self._sampler.read()
+        for name, kind, documentation, read in _GPU_FAMILIES:
+            family = Metric(name, documentation, kind)
+            for sample in samples:
+                value = read(sample)
+                if value is not None:
+                    family.add_sample(name, {"gpu_uuid": sample.uuid}, value)
+            if family.samples:
+                yield family
+
+
+class CpuUtilizationCollector:
+    """nv_cpu_utilization: the share of the machine's CPU time, all cores, that was busy since the
+    previous scrape (the first scrape: since this collector was made), from the `cpu` line of /proc/stat.
+
+    As Triton: busy = user + nice + system + irq + softirq + steal, idle = idle + iowait (guest time
+    is already inside user and nice). Two scrapes within one clock tick show the previous value.
+    """
+
+    def __init__(self, stat: Path = Path("/proc/stat")) -> None:
+        self._stat = stat
+        self._last = self._read()
+        self._utilization = 0.0
+
+    def _read(self) -> tuple[int, int] | None:
+        """(busy, idle) clock ticks since boot, or None when /proc/stat cannot be read."""
+        try:
+            with self._stat.open() as lines:
+                fields = lines.readline().split()
+            if fields[0] != "cpu":
+                return None
+            user, nice, system, idle, iowait, irq, softirq, steal = (
+                [int(value) for value in fields[1:9]] + [0] * 8)[:8]
+        except (OSError, IndexError, ValueError):
+            return None
+        return user + nice + system + irq + softirq + steal, idle + iowait
+
+    def collect(self) -> Iterator[Metric]:
+        now = self._read()
+        if now is None:
+            return  # not Linux, or an odd kernel: the family is simply absent
+        last = self._last or now
+        busy, idle = max(now[0] - last[0], 0), max(now[1] - last[1], 0)  # a counter never runs back
+        if busy + idle > 0 or self._last is None:
+            self._utilization = busy / (busy + idle) if busy + idle else 0.0
+            self._last = now
+        family = Metric("nv_cpu_utilization", "CPU utilization rate [0.0 - 1.0]", "gauge")
+        family.add_sample("nv_cpu_utilization", {}, self._utilization)
+        yield family
+
+
+def build_registry(host: ModelHost, gpu: GpuSampler | None = None) -> CollectorRegistry:
+    """A fresh registry holding every family this server exports; `gpu` defaults to a new GpuSampler
+    (NVML is initialised there, once, not at each scrape)."""
     registry = CollectorRegistry(auto_describe=True)
     registry.register(ModelMetricsCollector(host))
+    registry.register(GpuMetricsCollector(gpu if gpu is not None else GpuSampler()))
+    registry.register(CpuUtilizationCollector())
     registry.register(HostMemoryCollector())
     ProcessCollector(registry=registry)
     return registry
