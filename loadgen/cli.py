@@ -197,11 +197,25 @@ def serve_calibration(ctx: typer.Context) -> None:
     epilog="Example: loadgen serve triton --http-port 8000",
 )
 def serve_triton(ctx: typer.Context) -> None:
-    """Triton-compatible KServe v2 HTTP server (binary tensors, statistics, model config) hosting the
-    built-in models identity, identity_bytes and mlp. See --help of the server."""
+    """Triton-compatible KServe v2 server (HTTP, gRPC, metrics) hosting a Triton model repository
+    (--model-repository DIR), or the built-in models identity, identity_bytes and mlp without one.
+    See --help of the server."""
     from servers.triton.__main__ import main as triton_main
 
     raise typer.Exit(triton_main(list(ctx.args), prog="loadgen serve triton"))
+
+
+@serve_app.command(
+    "make-repo",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    epilog="Example: loadgen serve make-repo ./models && loadgen serve triton --model-repository ./models",
+)
+def serve_make_repo(ctx: typer.Context) -> None:
+    """Write a Triton model repository of the built-in models (TorchScript, ONNX, Python backend),
+    made in code. See --help of the command."""
+    from servers.models.make_repo import main as make_repo_main
+
+    raise typer.Exit(make_repo_main(list(ctx.args), prog="loadgen serve make-repo"))
 
 
 def main() -> None:
