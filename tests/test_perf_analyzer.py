@@ -1,0 +1,230 @@
+"""NVIDIA perf_analyzer against servers/triton (integration): Triton's own load client as the judge.
+
+perf_analyzer is what Triton users measure with: it reads the model's metadata and config, sends
+infer requests over HTTP or gRPC, and reads the statistics extension before and after every
+measurement window. Each run here must exit 0, write one CSV row per load level with throughput and
+latencies that make sense, and the server's own count must hold at least every request perf_analyzer
+reports it measured. The mlp runs carry validation data (the model run in this process), so any
+answer that differs from the in-process result makes perf_analyzer itself fail.
+
+Where perf_analyzer comes from: $LOADGEN_PERF_ANALYZER, else .peers/perf_analyzer/perf_analyzer, else
+../shared/peers/perf_analyzer.sh installs it there (.ci/run installs it before `make test`). When it
+cannot be had the tests fail: a missing peer is not a reason to pass. Shared memory stays off (the
+server does not offer the shared-memory extensions).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT, pin, stop_process
+from tests.test_triton_grpc import Fronts, start_fronts
+from tests.triton_support import MODELS
+
+pytestmark = pytest.mark.integration
+
+ENV_VAR = "LOADGEN_PERF_ANALYZER"
+PEER_DIR = ROOT / ".peers" / "perf_analyzer"
+INSTALLER = ROOT.parent / "shared" / "peers" / "perf_analyzer.sh"
+
+WINDOW_MS = 500
+MAX_TRIALS = 4
+STABILITY_PERCENT = 1000
+"""perf_analyzer repeats a level until three windows agree within this many percent, and exits 2 when
+--max-trials pass first. Whether a shared test machine is quiet is no question for these tests (the
+benchmarks ask it under a lock), so the bar is out of reach and every level ends after three windows."""
+RUN_TIMEOUT_S = 60.0
+CONCURRENCY = (1, 2, 3)
+RATES = (200, 400, 600)
+RATE_TOLERANCE = 0.2
+"""Request-rate rows: achieved throughput within 20 % of the rate asked for (far below the server's
+capacity, so only a host stall moves it)."""
+VALIDATION_ROWS = 4
+LATENCY_COLUMNS = ("p50 latency", "p90 latency", "p95 latency", "p99 latency")
+SERVER_COLUMNS = ("Server Compute Input", "Server Compute Infer", "Server Compute Output")
+
+
+# -- the peer -------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def perf_analyzer() -> str:
+    """Path of a working perf_analyzer (its wrapper); installs it into .peers/ when it is not there."""
+    given = os.environ.get(ENV_VAR)
+    if given:
+        _check_runs(given, f"${ENV_VAR}")
+        return given
+    wrapper = PEER_DIR / "perf_analyzer"
+    if not _runs(wrapper):
+        _install()
+    _check_runs(str(wrapper), str(wrapper.relative_to(ROOT)))
+    return str(wrapper)
+
+
+def _runs(path: Path | str) -> bool:
+    try:
+        done = subprocess.run([str(path), "--version"], capture_output=True, timeout=30, check=False)
+    except OSError:
+        return False
+    return done.returncode == 0
+
+
+def _check_runs(path: str, source: str) -> None:
+    if not _runs(path):
+        pytest.fail(f"perf_analyzer from {source} ({path}) does not run: `{path} --version` failed. "
+                    f"Install it with ../shared/peers/perf_analyzer.sh .peers/perf_analyzer")
+
+
+def _install() -> None:
+    if not INSTALLER.is_file():
+        pytest.fail(f"perf_analyzer is needed and not installed: set ${ENV_VAR} to its path, or put it in "
+                    f"{PEER_DIR.relative_to(ROOT)} ({INSTALLER} is missing, so it cannot be installed here)")
+    try:
+        done = subprocess.run(["bash", str(INSTALLER), str(PEER_DIR)], capture_output=True, text=True,
+                              timeout=600, check=False, env={**os.environ, "PYTHON": sys.executable})
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"installing perf_analyzer with {INSTALLER} took more than 600 s")
+    if done.returncode != 0:
+        pytest.fail(f"installing perf_analyzer with {INSTALLER} failed (exit {done.returncode}):\n"
+                    f"{done.stderr[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def fronts() -> Iterator[Fronts]:
+    """One server (HTTP and gRPC, built-in models) on the server core for the whole module."""
+    started = start_fronts()
+    yield started
+    stop_process(started.proc)
+
+
+# -- a run ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Case:
+    protocol: str  # "http" or "grpc"
+    mode: str  # "concurrency" or "request-rate"
+    model: str  # "mlp" (validated answers) or "identity" (random data, --shape INPUT0:16)
+    extra: tuple[str, ...] = ()
+
+    @property
+    def levels(self) -> tuple[int, ...]:
+        return CONCURRENCY if self.mode == "concurrency" else RATES
+
+    @property
+    def level_column(self) -> str:
+        return "Concurrency" if self.mode == "concurrency" else "Request Rate"
+
+    def load_args(self) -> list[str]:
+        low, high, step = self.levels[0], self.levels[-1], self.levels[1] - self.levels[0]
+        return [f"--{self.mode}-range", f"{low}:{high}:{step}"]
+
+
+CASES = [
+    Case("http", "concurrency", "mlp"),
+    Case("grpc", "concurrency", "mlp"),
+    Case("http", "request-rate", "mlp"),
+    Case("grpc", "request-rate", "mlp"),
+    Case("http", "concurrency", "identity", ("--shared-memory", "none")),
+    Case("grpc", "concurrency", "identity"),
+    Case("http", "request-rate", "identity"),
+    Case("grpc", "request-rate", "identity"),
+]
+
+
+@dataclass
+class Outcome:
+    rows: list[dict[str, str]]  # the CSV report, one row per level
+    experiments: list[dict]  # --profile-export-file: every measured request of each level
+    output: str
+
+
+def validation_data(path: Path) -> Path:
+    """perf_analyzer --input-data for mlp: a few input rows, each with the output computed here."""
+    rng = np.random.default_rng(7)
+    inputs = rng.standard_normal((VALIDATION_ROWS, MODELS["mlp"].in_features)).astype(np.float32)
+    data, expected = [], []
+    for row in inputs:
+        output = MODELS["mlp"].infer({"INPUT0": row[np.newaxis]})["OUTPUT0"][0]
+        data.append({"INPUT0": {"content": row.tolist(), "shape": list(row.shape)}})
+        expected.append({"OUTPUT0": {"content": output.tolist(), "shape": list(output.shape)}})
+    path.write_text(json.dumps({"data": data, "validation_data": expected}))
+    return path
+
+
+def run_perf_analyzer(binary: str, fronts: Fronts, case: Case, work: Path) -> Outcome:
+    url = fronts.http_url if case.protocol == "http" else fronts.grpc_url
+    data = (["--input-data", str(validation_data(work / "mlp-input.json"))] if case.model == "mlp"
+            else ["--shape", "INPUT0:16"])
+    cmd = [binary, "-m", case.model, "-u", url, "-i", case.protocol, *case.load_args(), *data, *case.extra,
+           "--measurement-interval", str(WINDOW_MS), "--max-trials", str(MAX_TRIALS),
+           "--stability-percentage", str(STABILITY_PERCENT),
+           "-f", str(work / "out.csv"), "--profile-export-file", str(work / "export.json")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=work)
+    pin(proc.pid, 0)
+    try:
+        output, _ = proc.communicate(timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        output, _ = proc.communicate()
+        pytest.fail(f"perf_analyzer ran past {RUN_TIMEOUT_S:g} s:\n{output[-3000:]}")
+    assert proc.returncode == 0, f"perf_analyzer exited {proc.returncode}:\n{' '.join(cmd)}\n{output[-3000:]}"
+    with open(work / "out.csv", newline="") as report:
+        rows = list(csv.DictReader(report))
+    experiments = json.loads((work / "export.json").read_text())["experiments"]
+    return Outcome(rows, experiments, output)
+
+
+def model_stats(fronts: Fronts, model: str) -> dict:
+    reply = httpx.get(f"http://{fronts.http_url}/v2/models/{model}/stats", timeout=5)
+    reply.raise_for_status()
+    (stats,) = reply.json()["model_stats"]
+    return stats
+
+
+# -- the test -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.protocol}-{c.mode}-{c.model}")
+def test_perf_analyzer_run(perf_analyzer: str, fronts: Fronts, case: Case, tmp_path: Path) -> None:
+    before = model_stats(fronts, case.model)
+    outcome = run_perf_analyzer(perf_analyzer, fronts, case, tmp_path)
+    after = model_stats(fronts, case.model)
+
+    # The CSV lists the levels by throughput, the export in the order they ran.
+    rows = {float(row[case.level_column]): row for row in outcome.rows}
+    assert len(rows) == len(outcome.rows) and sorted(rows) == list(case.levels), outcome.output
+    assert [e["experiment"]["value"] for e in outcome.experiments] == list(case.levels)
+    for experiment in outcome.experiments:
+        check_row(case, rows[experiment["experiment"]["value"]], experiment)
+
+    measured = sum(len(e["requests"]) for e in outcome.experiments)
+    inferred = after["inference_count"] - before["inference_count"]
+    succeeded = after["inference_stats"]["success"]["count"] - before["inference_stats"]["success"]["count"]
+    assert inferred >= measured, f"server counted {inferred} inferences, perf_analyzer measured {measured}"
+    assert succeeded >= measured
+    assert after["inference_stats"]["fail"]["count"] == before["inference_stats"]["fail"]["count"]
+
+
+def check_row(case: Case, row: dict[str, str], experiment: dict) -> None:
+    """One level: its throughput agrees with the requests it exported, latencies ordered and > 0, and
+    the server-side columns (read from the statistics extension) were filled in."""
+    level = row[case.level_column]
+    requests = experiment["requests"]
+    assert requests, f"no request measured at {case.level_column} {level}"
+    assert all(r["response_timestamps"] and r["response_timestamps"][-1] > r["timestamp"] for r in requests)
+    bounds = experiment["window_boundaries"]
+    throughput = float(row["Inferences/Second"])
+    exported = len(requests) / ((bounds[-1] - bounds[0]) / 1e9)
+    assert throughput > 0
+    assert throughput == pytest.approx(exported, rel=0.01), f"{level}: CSV {throughput}, export {exported:.1f}"
+    if case.mode == "request-rate":
+        assert throughput == pytest.approx(float(level), rel=RATE_TOLERANCE), f"rate {level}: {throughput}"
+    latencies = [float(row[column]) for column in LATENCY_COLUMNS]
+    assert latencies[0] > 0 and latencies == sorted(latencies), f"{level}: {latencies}"
+    assert sum(float(row[column]) for column in SERVER_COLUMNS) > 0, f"{level}: no server-side figures"
