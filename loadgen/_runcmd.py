@@ -120,8 +120,9 @@ def _start_server(module: str, port_flag: str, args: list[str]) -> tuple[subproc
     raise LoadgenError("the demo server did not start")
 
 
-def run_demo(*, duration: str, rate: float) -> int:
-    """Start the Triton-compatible server with its built-in models, run Poisson load on `mlp`."""
+def run_demo(*, duration: str, rate: float, sweep_step: str | None = "2s") -> int:
+    """Start the Triton-compatible server with its built-in models, run Poisson load on `mlp`, then a
+    short closed-loop sweep (1, 2, 4, 8 users) that finds its saturation throughput on this machine."""
     proc, url = _start_server("servers.triton", "--http-port", [])
     try:
         print(f"demo: Triton-compatible server at {url}, built-in model mlp (FP32 16 -> 64 -> 10)")
@@ -133,7 +134,18 @@ def run_demo(*, duration: str, rate: float) -> int:
             "open_loop.arrival": "poisson",
             "open_loop.duration": duration,
         }
-        return run_and_report(None, overrides)
+        code = run_and_report(None, overrides)
+        if code != 0 or sweep_step is None:
+            return code
+        from loadgen._sweepcmd import SweepSpec, run_sweep
+        from loadgen.scenario import parse_duration
+
+        step_s = parse_duration(sweep_step)
+        spec = SweepSpec(users=(1, 2, 4, 8), step_duration_s=step_s, warmup_s=min(1.0, step_s))
+        out = Path("runs") / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-demo-sweep"
+        print(f"\ndemo: closed-loop sweep over 1, 2, 4, 8 users, {sweep_step} a step -> {out}")
+        sweep_code = run_sweep(None, {"target.url": url, "target.model": "mlp"}, spec, out)
+        return 0 if sweep_code in (0, 1) else sweep_code  # no SLO is given: 1 cannot mean a missed one
     finally:
         proc.terminate()
         try:

@@ -167,12 +167,15 @@ def sweep(
 def demo(
     duration: Annotated[str, typer.Option(help="Length of the demo run.")] = "10s",
     rate: Annotated[float, typer.Option(help="Open-loop rate of the demo.")] = 200.0,
+    sweep_step: Annotated[str, typer.Option(help="Measured length of each step of the closing sweep.")] = "2s",
+    sweep: Annotated[bool, typer.Option("--sweep/--no-sweep", help="End with a short closed-loop sweep.")] = True,
 ) -> None:
-    """Start a local KServe v2 endpoint with a built-in model and run a short open-loop test on it."""
+    """Start the Triton-compatible server with its built-in models, run a short open-loop test on the
+    mlp model, then a short closed-loop sweep to its saturation throughput."""
     from loadgen._runcmd import run_demo
 
     try:
-        code = run_demo(duration=duration, rate=rate)
+        code = run_demo(duration=duration, rate=rate, sweep_step=sweep_step if sweep else None)
     except (LoadgenError, ScenarioError) as exc:
         _fail(exc)
     raise typer.Exit(code)

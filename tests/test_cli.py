@@ -114,15 +114,19 @@ def test_ctrl_c_still_writes_what_was_measured(calibration_server, tmp_path) -> 
 
 
 def test_demo_runs_on_a_fresh_setup(tmp_path) -> None:
-    """README command 1: a local endpoint, a short open-loop run, the summary printed."""
-    proc = subprocess.run(loadgen_cmd("demo", "--duration", "2s", "--rate", "100"), cwd=tmp_path,
-                          capture_output=True, text=True, timeout=60, check=False)
+    """README command 1: a local endpoint, a short open-loop run, the summary printed, then a short
+    closed-loop sweep with its curve and verdict."""
+    proc = subprocess.run(loadgen_cmd("demo", "--duration", "2s", "--rate", "100", "--sweep-step", "1s"),
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
     assert "latency" in proc.stdout and "p99" in proc.stdout and " requests, " in proc.stdout
     runs = list((tmp_path / "runs").glob("*/summary.json"))
     assert len(runs) == 1
     import json
 
+    sweep = json.loads(next((tmp_path / "runs").glob("*-demo-sweep/sweep.json")).read_text())
+    assert [step["load"] for step in sweep["steps"]] == [1, 2, 4, 8]
+    assert sweep["saturation_rps"] > 0
     summary = json.loads(runs[0].read_text())
     # Poisson arrivals at 100/s for 2 s (seeded): about 200, all answered by the mlp model
     assert summary["ok"] == summary["requests"] > 150 and summary["errors"] == {}
