@@ -1,0 +1,302 @@
+"""`make-repo`: write a Triton model repository of built-in models, made in code from a seed.
+
+    python -m servers.models.make_repo models/ [--mlp-hidden 64] [--seed 0] [--force]
+
+The repository gives the Triton-compatible server (--model-repository) one model per backend and
+precision, each with a known answer to compare against:
+
+    identity, identity_bytes  python backend: OUTPUT0 = INPUT0 (FP32 / BYTES, dims [-1], batch 8)
+    add_sub                   python backend, Triton's example: OUTPUT0 = INPUT0 + INPUT1, OUTPUT1 = the
+                              difference (FP32 [16], no batch dimension)
+    mlp                       TorchScript, the weights of servers.models.builtin.MLP(hidden, seed):
+                              it computes the numpy built-in's function
+    mlp_fp16                  the same weights in half precision (inputs are cast to half inside,
+                              outputs back to float, so every mlp variant takes and gives FP32)
+    mlp_int8                  torch dynamic quantization (int8 weights, int8 matmuls) of the Linear
+                              layers; its kernels are CPU-only, so its instance group is KIND_CPU
+    mlp_onnx                  the same weights exported with torch.onnx.export (the TorchScript-based
+                              exporter: the dynamo one needs onnxscript), for ONNX Runtime
+    cnn                       TorchScript, FP32 [3, 32, 32] -> [10]: two conv+relu+maxpool, a linear head
+
+Every torch model batches up to 32 with dynamic batching on (preferred 8, 16, 32; 500 us delay); every
+other instance group leaves kind unset (KIND_AUTO: GPU when the server has one, else CPU), count 1.
+Nothing is downloaded: torch makes the weights, from numpy's default_rng(seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from servers.models.builtin import MLP
+
+__all__ = ["MODEL_NAMES", "main", "make_repo"]
+
+MODEL_NAMES = ("identity", "identity_bytes", "add_sub", "mlp", "mlp_fp16", "mlp_int8", "mlp_onnx", "cnn")
+
+Tensor = tuple[str, str, tuple[int, ...]]
+"""(name, config data_type, dims) of one declared tensor."""
+
+_MLP_IO: tuple[tuple[Tensor, ...], tuple[Tensor, ...]] = (
+    (("INPUT0", "TYPE_FP32", (MLP.in_features,)),), (("OUTPUT0", "TYPE_FP32", (MLP.out_features,)),))
+_BATCHING = "dynamic_batching { preferred_batch_size: [ 8, 16, 32 ] max_queue_delay_microseconds: 500 }"
+_TORCH_BATCH = 32
+
+IDENTITY_PY = '''"""OUTPUT0 = INPUT0 (Triton Python backend; written by servers/models/make_repo.py)."""
+
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            data = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy()
+            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("OUTPUT0", data)]))
+        return responses
+'''
+
+ADD_SUB_PY = '''"""OUTPUT0 = INPUT0 + INPUT1, OUTPUT1 = INPUT0 - INPUT1, as Triton's python_backend example add_sub
+(written by servers/models/make_repo.py)."""
+
+import json
+
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        self.dtypes = [pb_utils.triton_string_to_numpy(pb_utils.get_output_config_by_name(config, name)["data_type"])
+                       for name in ("OUTPUT0", "OUTPUT1")]
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            in_0 = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy()
+            in_1 = pb_utils.get_input_tensor_by_name(request, "INPUT1").as_numpy()
+            out_0 = pb_utils.Tensor("OUTPUT0", (in_0 + in_1).astype(self.dtypes[0]))
+            out_1 = pb_utils.Tensor("OUTPUT1", (in_0 - in_1).astype(self.dtypes[1]))
+            responses.append(pb_utils.InferenceResponse(output_tensors=[out_0, out_1]))
+        return responses
+
+    def finalize(self):
+        pass
+'''
+
+
+def make_repo(dest: Path, *, mlp_hidden: int = 64, seed: int = 0) -> list[str]:
+    """Write the built-in models into `dest` (created if needed) and return their names.
+
+    Each model folder is replaced whole; other entries of `dest` are left alone. Needs torch (and
+    onnx export support, which torch has).
+
+    Example:
+        make_repo(Path("models"), mlp_hidden=256)   # then: python -m servers.triton --model-repository models
+    """
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    mlp = MLP(hidden=mlp_hidden, seed=seed)
+    _write_python_models(dest)
+    _write_torch_models(dest, mlp, seed)
+    return list(MODEL_NAMES)
+
+
+def _write_python_models(dest: Path) -> None:
+    one = ((("INPUT0", "TYPE_FP32", (-1,)),), (("OUTPUT0", "TYPE_FP32", (-1,)),))
+    words = ((("INPUT0", "TYPE_STRING", (-1,)),), (("OUTPUT0", "TYPE_STRING", (-1,)),))
+    pair_in = (("INPUT0", "TYPE_FP32", (16,)), ("INPUT1", "TYPE_FP32", (16,)))
+    pair_out = (("OUTPUT0", "TYPE_FP32", (16,)), ("OUTPUT1", "TYPE_FP32", (16,)))
+    for name, io, batch, source in (("identity", one, 8, IDENTITY_PY), ("identity_bytes", words, 8, IDENTITY_PY),
+                                    ("add_sub", (pair_in, pair_out), 0, ADD_SUB_PY)):
+        version = _model_folder(dest, name, config_text(name, 'backend: "python"', batch, *io))
+        (version / "model.py").write_text(source, encoding="utf-8")
+
+
+def _write_torch_models(dest: Path, mlp: MLP, seed: int) -> None:
+    import torch
+
+    nets = _torch_nets(torch)
+    torchscript = 'platform: "pytorch_libtorch"'
+    fp32 = nets.mlp(mlp)
+    example = torch.zeros(2, MLP.in_features)
+    with warnings.catch_warnings():  # torch.jit and torch.ao.quantization are deprecated, still shipped
+        warnings.simplefilter("ignore")
+        for name, module, kind in (("mlp", fp32, ""), ("mlp_fp16", nets.half(nets.mlp(mlp)), ""),
+                                   ("mlp_int8", nets.int8(nets.mlp(mlp)), "KIND_CPU")):
+            version = _model_folder(dest, name, config_text(name, torchscript, _TORCH_BATCH, *_MLP_IO,
+                                                            batching=_BATCHING, kind=kind))
+            torch.jit.save(torch.jit.script(module), str(version / "model.pt"))
+        version = _model_folder(dest, "mlp_onnx", config_text("mlp_onnx", 'platform: "onnxruntime_onnx"',
+                                                              _TORCH_BATCH, *_MLP_IO, batching=_BATCHING))
+        torch.onnx.export(fp32, (example,), str(version / "model.onnx"), dynamo=False, input_names=["INPUT0"],
+                          output_names=["OUTPUT0"], dynamic_axes={"INPUT0": {0: "batch"}, "OUTPUT0": {0: "batch"}})
+        cnn_io = ((("INPUT0", "TYPE_FP32", (3, 32, 32)),), (("OUTPUT0", "TYPE_FP32", (10,)),))
+        version = _model_folder(dest, "cnn", config_text("cnn", torchscript, _TORCH_BATCH, *cnn_io,
+                                                         batching=_BATCHING))
+        torch.jit.save(torch.jit.script(nets.cnn(seed)), str(version / "model.pt"))
+
+
+def _model_folder(dest: Path, name: str, config: str) -> Path:
+    """A fresh `dest/name` with config.pbtxt and an empty version folder 1/, which it returns."""
+    folder = dest / name
+    if folder.exists():
+        shutil.rmtree(folder)
+    version = folder / "1"
+    version.mkdir(parents=True)
+    (folder / "config.pbtxt").write_text(config, encoding="utf-8")
+    return version
+
+
+def config_text(name: str, runtime: str, max_batch_size: int, inputs: Sequence[Tensor], outputs: Sequence[Tensor],
+                *, batching: str = "", kind: str = "") -> str:
+    """config.pbtxt text in the layout of Triton's examples.
+
+    >>> print(config_text("m", 'backend: "python"', 0, [("X", "TYPE_FP32", (2,))], [("Y", "TYPE_FP32", (2,))]))
+    name: "m"
+    backend: "python"
+    max_batch_size: 0
+    input [
+      { name: "X" data_type: TYPE_FP32 dims: [ 2 ] }
+    ]
+    output [
+      { name: "Y" data_type: TYPE_FP32 dims: [ 2 ] }
+    ]
+    instance_group [ { count: 1 } ]
+    <BLANKLINE>
+    """
+    lines = [f'name: "{name}"', runtime, f"max_batch_size: {max_batch_size}"]
+    for field, tensors in (("input", inputs), ("output", outputs)):
+        entries = [f'  {{ name: "{tensor}" data_type: {datatype} dims: [ {", ".join(map(str, dims))} ] }}'
+                   for tensor, datatype, dims in tensors]
+        lines += [f"{field} [", ",\n".join(entries), "]"]
+    if batching:
+        lines.append(batching)
+    if kind:
+        lines.append(f"# {kind}: torch's dynamically quantized kernels run on the CPU only")
+    lines.append(f"instance_group [ {{ count: 1{f' kind: {kind}' if kind else ''} }} ]")
+    return "\n".join(lines) + "\n"
+
+
+class _TorchNets:
+    """The torch modules of the repository, defined once torch is imported (make_repo imports it lazily)."""
+
+    def __init__(self, torch: Any) -> None:
+        self.torch = torch
+        nn, functional = torch.nn, torch.nn.functional
+
+        class HalfPrecision(nn.Module):
+            """Weights and arithmetic in FP16; FP32 in and out."""
+
+            def __init__(self, net: nn.Module) -> None:
+                super().__init__()
+                self.net = net.half()
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return self.net(x.half()).float()
+
+        class SmallCNN(nn.Module):
+            """[3, 32, 32] -> conv 3x3 (16) + relu + maxpool 2 -> conv 3x3 (32) + relu + maxpool 2 -> [10]."""
+
+            def __init__(self) -> None:
+                super().__init__()
+                self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+                self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
+                self.head = nn.Linear(32 * 8 * 8, 10)
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                x = functional.max_pool2d(functional.relu(self.conv1(x)), 2)
+                x = functional.max_pool2d(functional.relu(self.conv2(x)), 2)
+                return self.head(torch.flatten(x, 1))
+
+        self._half = HalfPrecision
+        self._cnn = SmallCNN
+
+    def mlp(self, mlp: MLP) -> Any:
+        """The numpy MLP as Linear-ReLU-Linear with the same weights (Linear keeps them transposed)."""
+        torch = self.torch
+        hidden = mlp.w1.shape[1]
+        net = torch.nn.Sequential(torch.nn.Linear(MLP.in_features, hidden), torch.nn.ReLU(),
+                                  torch.nn.Linear(hidden, MLP.out_features))
+        with torch.no_grad():
+            for layer, weight, bias in ((net[0], mlp.w1, mlp.b1), (net[2], mlp.w2, mlp.b2)):
+                layer.weight.copy_(torch.from_numpy(np.ascontiguousarray(weight.T)))
+                layer.bias.copy_(torch.from_numpy(bias))
+        return net.eval()
+
+    def half(self, net: Any) -> Any:
+        return self._half(net).eval()
+
+    def int8(self, net: Any) -> Any:
+        return self.torch.ao.quantization.quantize_dynamic(net, {self.torch.nn.Linear}, dtype=self.torch.qint8)
+
+    def cnn(self, seed: int) -> Any:
+        """SmallCNN with He-normal weights and small biases from default_rng([seed, 1])."""
+        torch = self.torch
+        net = self._cnn()
+        rng = np.random.default_rng([seed, 1])
+        with torch.no_grad():
+            for name, parameter in net.named_parameters():
+                fan_in = int(np.prod(parameter.shape[1:])) if name.endswith("weight") else 1
+                scale = np.sqrt(2.0 / fan_in) if name.endswith("weight") else 0.05
+                values = rng.standard_normal(tuple(parameter.shape)) * scale
+                parameter.copy_(torch.from_numpy(values.astype(np.float32)))
+        return net.eval()
+
+
+def _torch_nets(torch: Any) -> _TorchNets:
+    return _TorchNets(torch)
+
+
+def build_parser(prog: str = "python -m servers.models.make_repo") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Write a Triton model repository of built-in models: " + ", ".join(MODEL_NAMES) + ".",
+        epilog=f"example: {prog} models/ && python -m servers.triton --model-repository models/",
+    )
+    parser.add_argument("dest", metavar="DEST", type=Path, help="repository folder to write (created if missing)")
+    parser.add_argument("--mlp-hidden", type=int, default=64, help="hidden size of the mlp models (default 64)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights (default 0)")
+    parser.add_argument("--force", action="store_true",
+                        help="write into a DEST that is not empty, replacing the model folders of the same names")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "python -m servers.models.make_repo") -> int:
+    """Parse flags and write the repository; returns the exit code (2 for bad flags or a DEST in the way)."""
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    problem = _problem(args)
+    if problem:
+        parser.print_usage(sys.stderr)
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    try:
+        names = make_repo(args.dest, mlp_hidden=args.mlp_hidden, seed=args.seed)
+    except ImportError as exc:
+        print(f"error: make-repo needs torch and onnx ({exc}): pip install 'loadgen[models]'", file=sys.stderr)
+        return 2
+    print(f"wrote {len(names)} models to {args.dest}: {', '.join(names)}")
+    return 0
+
+
+def _problem(args: argparse.Namespace) -> str | None:
+    if args.mlp_hidden < 1:
+        return f"--mlp-hidden must be >= 1, got {args.mlp_hidden}"
+    dest: Path = args.dest
+    if dest.exists() and not dest.is_dir():
+        return f"{dest} exists and is not a folder"
+    if dest.is_dir() and any(dest.iterdir()) and not args.force:
+        return f"{dest} is not empty; pass --force to replace its model folders ({', '.join(MODEL_NAMES)})"
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
