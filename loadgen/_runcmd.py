@@ -56,10 +56,14 @@ def summarize(result: RunResult) -> dict[str, Any]:
     return summary
 
 
-def write_outputs(result: RunResult, out_dir: Path, objectives: list[Objective] | None = None) -> dict[str, Any]:
-    """summary.json (with the SLO verdict when objectives are given) and latency.hlog in `out_dir`."""
+def write_outputs(result: RunResult, out_dir: Path, objectives: list[Objective] | None = None, *,
+                  server: dict[str, Any] | None = None) -> dict[str, Any]:
+    """summary.json (with the SLO verdict when objectives are given, and the server-side figures
+    when scraped) and latency.hlog in `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = summarize(result)
+    if server is not None:
+        summary["server"] = server
     if objectives:
         summary["slo"] = judge(summary, objectives)
     write_summary(out_dir / "summary.json", summary)

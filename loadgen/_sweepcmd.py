@@ -23,6 +23,7 @@ import locust  # noqa: F401  (gevent monkey-patching must come before the other 
 from loadgen._runcmd import write_outputs
 from loadgen.driver.run import RunResult, execute
 from loadgen.scenario import OpenLoop, Scenario, ScenarioError, load_scenario
+from loadgen.serverside import ServerMetrics, server_figures
 from loadgen.slo import Objective, parse_slo
 from loadgen.sweep.plan import Plan, adaptive, adaptive_bound, geometric, ladder, linear
 from loadgen.sweep.step import (
@@ -38,7 +39,13 @@ from loadgen.sweep.verdict import verdict
 __all__ = ["SweepSpec", "run_sweep"]
 
 CURVE_COLUMNS = ("step", "offered_rps", "achieved_rps", "p50_ms", "p90_ms", "p99_ms", "p99_9_ms",
-                 "errors", "dropped", "generator_bound", "slo_met", "stable")
+                 "errors", "dropped", "generator_bound", "slo_met", "stable",
+                 "server_queue_ms", "server_compute_ms", "server_batch_size", "gpu_utilization", "gpu_power_w",
+                 "energy_j_per_inference", "usd_per_million_inferences")
+_SERVER_COLUMNS = {"server_queue_ms": "queue_ms_per_request", "server_compute_ms": "compute_ms_per_request",
+                   "server_batch_size": "mean_batch_size", "gpu_utilization": "gpu_utilization",
+                   "gpu_power_w": "mean_power_w", "energy_j_per_inference": "energy_j_per_inference",
+                   "usd_per_million_inferences": "usd_per_million_inferences"}
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,10 @@ class SweepSpec:
     warmup_s: float = 2.0
     stable_within: float = 0.10
     tolerance: float = 0.05
+    server_metrics: str | None = None
+    """The target's Prometheus metrics URL (e.g. Triton's http://host:8002/metrics), scraped around each step."""
+    cost_per_hour: float | None = None
+    """Price of the server per hour, for $ per million inferences."""
 
     def plan(self) -> tuple[Plan, int | None, str]:
         """(the plan, its step count or upper bound, a short description)."""
@@ -92,6 +103,10 @@ class SweepSpec:
             problems.append("--increment must be > 0")
         if self.step_duration_s <= 0 or self.warmup_s < 0:
             problems.append("--step-duration must be > 0 and --warmup >= 0")
+        if self.server_metrics is not None and not self.server_metrics.startswith(("http://", "https://")):
+            problems.append(f"--server-metrics must be an http(s) URL, got {self.server_metrics!r}")
+        if self.cost_per_hour is not None and (self.cost_per_hour <= 0 or self.server_metrics is None):
+            problems.append("--cost-per-hour must be > 0 and needs --server-metrics")
         if problems:
             raise ScenarioError(problems, "sweep flags")
 
@@ -110,11 +125,18 @@ def _step_dir(out: Path, index: int, load: float, closed: bool) -> Path:
 
 
 def _run_step(base: Scenario, spec: SweepSpec, index: int, load: float, out: Path,
-              objectives: list[Objective] | None) -> tuple[StepResult, RunResult]:
-    """Run one step, cut its warm-up, write its own summary.json and latency.hlog."""
+              objectives: list[Objective] | None,
+              metrics: ServerMetrics | None = None) -> tuple[StepResult, RunResult]:
+    """Run one step, cut its warm-up, write its own summary.json and latency.hlog.
+
+    With `metrics`, the target's metrics are scraped just before and after the step (outside the
+    run): the server figures cover the whole step, warm-up included, at the same load.
+    """
     interval = base.output.interval
     warmup = math.ceil(spec.warmup_s / interval - 1e-9) * interval  # whole intervals only
+    before = metrics.sample() if metrics else None
     result = execute(_at_load(base, load, warmup + spec.step_duration_s))
+    server = server_figures(before, metrics.sample(), spec.cost_per_hour) if metrics else None
     recorder = measured_recorder(result.recorder, warmup)
     measured = dataclasses.replace(
         result,
@@ -124,9 +146,11 @@ def _run_step(base: Scenario, spec: SweepSpec, index: int, load: float, out: Pat
         start_epoch_s=result.start_epoch_s + warmup,
     )
     step_dir = _step_dir(out, index, load, not isinstance(base.pattern, OpenLoop))
-    summary = write_outputs(measured, step_dir, objectives)
+    summary = write_outputs(measured, step_dir, objectives, server=server)
     judged = stability(windows_of(measured.recorder), spec.stable_within)
-    return step_result(index, load, summary, judged, str(step_dir.relative_to(out))), result
+    step = step_result(index, load, summary, judged, str(step_dir.relative_to(out)))
+    step.server = server
+    return step, result
 
 
 def _progress(step: StepResult, total: int | None, closed: bool) -> str:
@@ -134,8 +158,14 @@ def _progress(step: StepResult, total: int | None, closed: bool) -> str:
     load = f"users {step.load:g}" if closed else f"offered {step.offered_rps:8.1f} req/s"
     slo = {None: "", True: "  SLO met", False: "  SLO MISSED"}[step.slo_met]
     flags = ("  stable" if step.stable else "  unstable") + ("  GENERATOR-BOUND" if step.generator_bound else "")
+    server = ""
+    if step.server:
+        batch, queue = step.server.get("mean_batch_size"), step.server.get("queue_ms_per_request")
+        server = "  server:" + (f" batch {batch:.1f}" if batch else "") + (f" queue {queue:.2f} ms" if queue else "")
+        if step.server.get("gpu_utilization") is not None:
+            server += f" gpu {100 * step.server['gpu_utilization']:.0f}%"
     return (f"step {step.index}{of}  {load}  achieved {step.achieved_rps:8.1f} req/s  "
-            f"p99 {step.latency_ms['p99']:9.3f} ms{slo}{flags}")
+            f"p99 {step.latency_ms['p99']:9.3f} ms{slo}{flags}{server}")
 
 
 def _curve_row(step: StepResult) -> dict[str, Any]:
@@ -144,7 +174,12 @@ def _curve_row(step: StepResult) -> dict[str, Any]:
             "achieved_rps": round(step.achieved_rps, 3), "p50_ms": lat["p50"], "p90_ms": lat["p90"],
             "p99_ms": lat["p99"], "p99_9_ms": lat["p99_9"], "errors": step.errors, "dropped": step.dropped,
             "generator_bound": step.generator_bound, "slo_met": "" if step.slo_met is None else step.slo_met,
-            "stable": step.stable}
+            "stable": step.stable,
+            **{column: _blank((step.server or {}).get(key)) for column, key in _SERVER_COLUMNS.items()}}
+
+
+def _blank(value: Any) -> Any:
+    return "" if value is None else value
 
 
 def write_sweep(out: Path, steps: list[StepResult], judged: dict[str, Any], meta: dict[str, Any]) -> None:
@@ -181,10 +216,11 @@ def run_sweep(path: Path | None, overrides: dict[str, Any], spec: SweepSpec, out
     closed = not isinstance(base.pattern, OpenLoop)
     objectives = parse_slo(base.slo) if base.slo else None
     print(f"sweep: {described}; {spec.warmup_s:g} s warm-up + {spec.step_duration_s:g} s a step", flush=True)
+    metrics = ServerMetrics(spec.server_metrics, base.target.model) if spec.server_metrics else None
     steps: list[StepResult] = []
     interrupted = False
     while True:
-        step, raw = _run_step(base, spec, len(steps) + 1, load, out, objectives)
+        step, raw = _run_step(base, spec, len(steps) + 1, load, out, objectives, metrics)
         steps.append(step)
         print(_progress(step, total, closed), flush=True)
         if raw.interrupted:
@@ -195,9 +231,12 @@ def run_sweep(path: Path | None, overrides: dict[str, Any], spec: SweepSpec, out
         except StopIteration:
             break
     judged = verdict(steps, has_slo=objectives is not None, tolerance=spec.tolerance)
+    if metrics is not None and metrics.error:
+        judged["notes"].append(f"server-side figures incomplete: {metrics.error}")
     meta = {"plan": described, "slo": base.slo, "warmup_s": spec.warmup_s,
             "step_duration_s": spec.step_duration_s, "interrupted": interrupted,
-            "target": {"url": base.target.url, "model": base.target.model}}
+            "target": {"url": base.target.url, "model": base.target.model},
+            "server_metrics": spec.server_metrics, "cost_per_hour": spec.cost_per_hour}
     write_sweep(out, steps, judged, meta)
     _print_verdict(judged, objectives is not None)
     print(f"results in {out}/ (sweep.json, curve.csv, steps/)", file=sys.stderr)

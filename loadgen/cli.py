@@ -137,6 +137,11 @@ def sweep(
     warmup: Annotated[str, typer.Option(help="Unmeasured start of each step (rounded up to whole intervals).")] = "2s",
     arrival: Annotated[str | None, typer.Option(help="Open loop: constant or poisson.")] = None,
     keep_awake: Annotated[bool | None, typer.Option("--keep-awake/--no-keep-awake", help="As for run.")] = None,
+    server_metrics: Annotated[str | None, typer.Option(
+        help="The target's Prometheus metrics URL (Triton: http://HOST:8002/metrics): queue and compute "
+             "time, batch size, GPU use and energy per step.")] = None,
+    cost_per_hour: Annotated[float | None, typer.Option(
+        help="Price of the server per hour ($), for $ per million inferences (needs --server-metrics).")] = None,
 ) -> None:
     """Find the saturation throughput: run the scenario at rising load, write the curve and the verdict.
 
@@ -155,6 +160,7 @@ def sweep(
     spec = SweepSpec(
         rates=_numbers(rates, float, "--rates"), users=_numbers(users, int, "--users"), start=start,
         max=max_rate, factor=factor, increment=increment, fixed=fixed, step_duration_s=step_s, warmup_s=warmup_s,
+        server_metrics=server_metrics, cost_per_hour=cost_per_hour,
     )
     try:
         code = run_sweep(scenario, overrides, spec, out)

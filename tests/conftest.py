@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -44,6 +44,8 @@ def pin(pid: int, index: int) -> None:
 class Server:
     proc: subprocess.Popen
     url: str
+    fronts: dict[str, str] = field(default_factory=dict)
+    """Other front ends the server announced before its http line: {"grpc": "HOST:PORT", "metrics": URL}."""
 
     def info(self) -> dict:
         return httpx.get(self.url + "/calibration", timeout=5).json()
@@ -62,10 +64,13 @@ def start_server(args: list[str], timeout: float = 20.0, module: str = "servers.
     )
     pin(proc.pid, 1)
     deadline = time.monotonic() + timeout
+    fronts: dict[str, str] = {}
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
         if line.startswith("listening on "):
-            return Server(proc, line.split()[-1].strip())
+            return Server(proc, line.split()[-1].strip(), fronts)
+        if " listening on " in line:
+            fronts[line.split()[0]] = line.split()[-1].strip()
         if not line and proc.poll() is not None:
             break
     stop_process(proc)

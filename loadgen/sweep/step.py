@@ -59,6 +59,8 @@ class StepResult:
     generator_reasons: list[str] = field(default_factory=list)
     stability: dict[str, Any] = field(default_factory=dict)
     out_dir: str = ""
+    server: dict[str, Any] | None = None
+    """What the target's own metrics say about this step (loadgen/serverside.py), when scraped."""
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -74,6 +76,7 @@ class StepResult:
             "generator_bound": self.generator_bound,
             "generator_reasons": self.generator_reasons,
             "slo_met": self.slo_met,
+            "server": self.server,
             "dir": self.out_dir,
         }
 
