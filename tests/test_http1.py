@@ -1,5 +1,7 @@
 """The generator's HTTP/1.1 client against a raw socket server on 127.0.0.1 that says exactly what
-each test scripts: chunked and sized bodies, closes, interim responses, garbage."""
+each test scripts: chunked and sized bodies, closes, interim responses, garbage. At the end, the
+servers' side (servers/core/http1.py): a head refused as soon as it cannot become a request, and
+valid requests still parsed when they arrive one byte at a time."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import pytest
 
 from loadgen.errors import classify_exception
 from loadgen.protocols.http1 import ConnectionClosed, Http1Pool, HTTPError, _read_response, build_request
+from servers.core.http1 import HttpError, RequestParser
 from tests.conftest import TIMING
 
 
@@ -192,3 +195,40 @@ def test_done_t_is_when_the_response_arrived_not_when_it_was_read() -> None:
     conn.close()
     assert response.body == b"ok"
     assert written_t <= response.done_t < written_t + 0.005
+
+
+VALID_REQUESTS = [
+    b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"\r\nGET /v2 HTTP/1.0\r\n\r\n",  # an empty line before a request is allowed (RFC 9112 2.2)
+    b"POST /v2/models/m/infer HTTP/1.1\r\nContent-Length: 4\r\nInference-Header-Content-Length: 2\r\n\r\n{}ab",
+    b"M-SEARCH! /x?a=b%20c HTTP/1.1\r\n\r\n",  # any token is a method; the app decides 405
+]
+
+
+@pytest.mark.parametrize("raw", VALID_REQUESTS, ids=["get", "leading empty line", "post", "odd method"])
+def test_server_parser_takes_a_request_fed_byte_by_byte(raw: bytes) -> None:
+    whole = RequestParser()
+    whole.feed(raw)
+    expected = whole.next_request()
+    parser = RequestParser()
+    for index in range(len(raw) - 1):
+        parser.feed(raw[index:index + 1])
+        assert parser.next_request() is None, raw[:index + 1]
+    parser.feed(raw[-1:])
+    assert parser.next_request() == expected
+
+
+@pytest.mark.parametrize(("start", "status", "message"), [
+    (b"\x16\x03\x01", 400, "malformed request line"),  # a TLS ClientHello: refused at its first byte
+    (b"GET\x00", 400, "malformed request line"),
+    (b" GET /v2", 400, "malformed request line"),
+    (b"\r\n\x80", 400, "malformed request line"),
+    (b"GET /v2\r\n", 400, "malformed request line: 'GET /v2'"),
+    (b"GET /v2 HTTP/2.0\r\nHost: x", 505, "unsupported HTTP version"),
+])
+def test_server_parser_refuses_a_head_that_cannot_become_a_request(start: bytes, status: int, message: str) -> None:
+    parser = RequestParser()
+    parser.feed(start)  # no blank line yet: it is refused without waiting for the rest of the head
+    with pytest.raises(HttpError, match=message) as caught:
+        parser.next_request()
+    assert caught.value.status == status

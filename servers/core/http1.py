@@ -11,6 +11,7 @@ to time it). A framing error is fatal to the connection: the stream can no longe
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 
 __all__ = [
@@ -21,6 +22,8 @@ __all__ = [
 MAX_BODY_BYTES = 64 * 1024 * 1024
 MAX_HEAD_BYTES = 64 * 1024
 _HEAD_END = b"\r\n\r\n"
+_METHOD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]*")
+"""A method is an HTTP token (RFC 9110 5.6.2)."""
 
 REASONS = {
     200: "OK",
@@ -110,6 +113,7 @@ class RequestParser:
         if end < 0:
             if len(buffer) > MAX_HEAD_BYTES:
                 raise HttpError(431, f"request head longer than {MAX_HEAD_BYTES} bytes")
+            _check_start(buffer)
             return None
         if end > MAX_HEAD_BYTES:
             raise HttpError(431, f"request head longer than {MAX_HEAD_BYTES} bytes")
@@ -119,6 +123,22 @@ class RequestParser:
             del buffer[: end + len(_HEAD_END)]
         request = _parse_lines(text.lstrip("\r\n").split("\r\n"))
         return _Head(request, _body_length(request))
+
+
+def _check_start(buffer: bytearray) -> None:
+    """Refuse at once a head that can no longer become a request, rather than wait for its end: bytes
+    that are not a method before the first space (binary garbage, a TLS hello), or a complete first
+    line that is not a request line. Without this, garbage without CRLFCRLF is only dropped at EOF."""
+    start = 0
+    while start < len(buffer) and buffer[start] in b"\r\n":
+        start += 1
+    method_end = _METHOD.match(buffer, start).end()
+    if method_end < len(buffer) and (buffer[method_end] != 0x20 or method_end == start):
+        line = bytes(buffer[start:start + 200]).partition(b"\r\n")[0].decode("latin-1")
+        raise HttpError(400, f"malformed request line: {line!r}")
+    line_end = buffer.find(b"\r\n", start)
+    if line_end >= 0:
+        _parse_lines([buffer[start:line_end].decode("latin-1")])
 
 
 def _parse_lines(lines: list[str]) -> Request:
