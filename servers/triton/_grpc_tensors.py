@@ -8,6 +8,7 @@ BYTES layout are the HTTP path's (_infer.py); every problem raises InferError.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,7 @@ from servers.triton._infer import (
     request_tag,
     unpack_fixed,
 )
+from servers.triton._tensors import MAX_ELEMENTS
 
 __all__ = ["decode_request", "encode_response"]
 
@@ -52,6 +54,11 @@ def decode_request(message: service_pb2.ModelInferRequest, model: Model) -> Infe
         shape = tuple(tensor.shape)
         if any(dim < 0 for dim in shape):
             raise InferError(f"{tag}input '{tensor.name}' needs a shape of integers >= 0, got {list(shape)}")
+        if math.prod(shape) > MAX_ELEMENTS:  # numpy's int64 element count would wrap around
+            raise InferError(f"{tag}input '{tensor.name}' has shape {list(shape)}, more than {MAX_ELEMENTS} "
+                             "elements")
+        if tensor.name in inputs:
+            raise InferError(f"{tag}input '{tensor.name}' already exists in request")
         spec = check_input(tensor.name, tensor.datatype, shape, model, tag)
         if raw:
             if tensor.HasField("contents"):
@@ -87,10 +94,14 @@ def _requested_outputs(message: service_pb2.ModelInferRequest, model: Model,
     if not message.outputs:
         return tuple((spec.name, True) for spec in model.outputs)
     known = {spec.name for spec in model.outputs}
+    chosen: list[str] = []
     for output in message.outputs:
         if output.name not in known:
             raise InferError(f"{tag}unexpected inference output '{output.name}' for model '{model.name}'")
-    return tuple((output.name, True) for output in message.outputs)
+        if output.name in chosen:
+            raise InferError(f"{tag}output '{output.name}' already requested")
+        chosen.append(output.name)
+    return tuple((name, True) for name in chosen)
 
 
 def encode_response(model: Model, request: InferRequest,

@@ -27,7 +27,10 @@ from servers.triton._infer import (
     unpack_fixed,
 )
 
-__all__ = ["InferError", "InferRequest", "encode_response", "parse_infer"]
+__all__ = ["MAX_ELEMENTS", "InferError", "InferRequest", "encode_response", "parse_infer"]
+
+MAX_ELEMENTS = 2**63 - 1
+"""The most elements a tensor's shape may describe: Triton counts them in an int64, and so does numpy."""
 
 
 def parse_infer(body: bytes, header_length: str | None, model: Model) -> InferRequest:
@@ -41,7 +44,9 @@ def parse_infer(body: bytes, header_length: str | None, model: Model) -> InferRe
         raise InferError("failed to parse the request JSON buffer: nested too deeply") from None
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
         raise InferError("inference request JSON must be an object with an 'inputs' array")
-    request_id = None if request.get("id") is None else str(request["id"])
+    request_id = request.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise InferError(f"Unable to parse 'id': expected a JSON string, got {_json_type(request_id)}")
     tag = request_tag(request_id)
     inputs = _decode_inputs(request["inputs"], blobs, model, tag)
     batch = check_complete(inputs, model, tag)
@@ -53,7 +58,7 @@ def _split(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
     if header_length is None:
         return body, memoryview(b"")
     if not header_length.isdigit() or not header_length.isascii():
-        raise InferError(f"invalid Inference-Header-Content-Length: {header_length[:40]!r}")
+        raise InferError(f"Unable to parse Inference-Header-Content-Length, got: {header_length[:40]}")
     length = int(header_length)
     if length == 0:
         raise InferError("raw binary requests (Inference-Header-Content-Length: 0) are not supported yet")
@@ -69,6 +74,8 @@ def _decode_inputs(tensors: list[Any], blobs: memoryview, model: Model, tag: str
         if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
             raise InferError(f"{tag}each input must be an object with a 'name'")
         name = tensor["name"]
+        if name in decoded:
+            raise InferError(f"{tag}input '{name}' already exists in request")
         shape = _shape(tensor, name, tag)
         spec = check_input(name, tensor.get("datatype"), shape, model, tag)
         size = _binary_size(tensor, name, tag)
@@ -76,11 +83,13 @@ def _decode_inputs(tensors: list[Any], blobs: memoryview, model: Model, tag: str
             decoded[name] = _from_json(tensor, spec, shape, tag)
         else:
             if offset + size > len(blobs):
-                raise InferError(f"{tag}unexpected end of binary data for input '{name}'")
+                raise InferError(f"{tag}unexpected size for input '{name}', expecting "
+                                 f"{offset + size - len(blobs)} additional bytes for model '{model.name}'")
             decoded[name] = unpack_fixed(blobs[offset:offset + size], spec, shape, tag)
             offset += size
     if offset != len(blobs):
-        raise InferError(f"{tag}{len(blobs) - offset} bytes of binary data are not claimed by any input")
+        raise InferError(f"{tag}unexpected additional input data for model '{model.name}': "
+                         f"{len(blobs) - offset} bytes not claimed by any input")
     return decoded
 
 
@@ -88,6 +97,8 @@ def _shape(tensor: dict[str, Any], name: str, tag: str) -> tuple[int, ...]:
     shape = tensor.get("shape")
     if not isinstance(shape, list) or not all(type(dim) is int and dim >= 0 for dim in shape):
         raise InferError(f"{tag}input '{name}' needs a 'shape' of integers >= 0, got {shape!r}")
+    if math.prod(shape) > MAX_ELEMENTS:  # numpy's int64 element count would wrap around
+        raise InferError(f"{tag}input '{name}' has shape {shape}, more than {MAX_ELEMENTS} elements")
     return tuple(shape)
 
 
@@ -114,10 +125,11 @@ def _from_json(tensor: dict[str, Any], spec: TensorSpec, shape: tuple[int, ...],
     if len(flat) != math.prod(shape):
         raise InferError(f"{tag}unexpected number of elements for input '{spec.name}': shape "
                          f"{list(shape)} needs {math.prod(shape)}, data has {len(flat)}")
+    _check_elements(flat, spec, tag)
     try:
         if spec.datatype == "BYTES":
             array = np.empty(len(flat), dtype=object)
-            array[:] = [item.encode() if isinstance(item, str) else _bad_bytes(item) for item in flat]
+            array[:] = [item.encode() for item in flat]
         else:
             array = np.array(flat, dtype=NUMPY_DTYPES[spec.datatype])
     except (ValueError, TypeError, OverflowError) as exc:
@@ -125,8 +137,33 @@ def _from_json(tensor: dict[str, Any], spec: TensorSpec, shape: tuple[int, ...],
     return array.reshape(shape)
 
 
-def _bad_bytes(item: Any) -> bytes:
-    raise TypeError(f"BYTES elements must be JSON strings, got {type(item).__name__}")
+_JSON_ELEMENTS: dict[str, tuple[frozenset[type], str]] = {
+    "BOOL": (frozenset({bool}), "true or false"),
+    "BYTES": (frozenset({str}), "strings"),
+    **{name: (frozenset({int}), "integers") for name in
+       ("UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64")},
+    **{name: (frozenset({int, float}), "numbers") for name in ("FP16", "FP32", "FP64")},
+}
+"""What JSON `data` may hold per datatype, as Triton reads it: a bool is no number, a number no bool,
+and 1.5 no integer (numpy would quietly turn each into the other)."""
+
+
+def _check_elements(flat: list[Any], spec: TensorSpec, tag: str) -> None:
+    if spec.datatype not in _JSON_ELEMENTS:
+        raise InferError(f"{tag}input '{spec.name}' of {spec.datatype} must be sent as binary data")
+    allowed, wording = _JSON_ELEMENTS[spec.datatype]
+    if not set(map(type, flat)) <= allowed:
+        wrong = next(item for item in flat if type(item) not in allowed)
+        raise InferError(f"{tag}input '{spec.name}' data does not fit {spec.datatype}: its elements must be "
+                         f"JSON {wording}, got {_json_type(wrong)}")
+
+
+def _json_type(value: Any) -> str:
+    """A JSON value's kind, in JSON's words."""
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "an array",
+            dict: "an object"}.get(type(value), type(value).__name__)
 
 
 def _flatten(data: list[Any]) -> list[Any]:
@@ -149,15 +186,21 @@ def _requested_outputs(request: dict[str, Any], model: Model, tag: str) -> tuple
     if not isinstance(requested, list):
         raise InferError(f"{tag}'outputs' must be an array")
     known = {spec.name for spec in model.outputs}
-    chosen = []
+    chosen: dict[str, bool] = {}
     for output in requested:
-        if not isinstance(output, dict) or output.get("name") not in known:
-            name = output.get("name") if isinstance(output, dict) else output
+        if not isinstance(output, dict) or not isinstance(output.get("name"), str):
+            raise InferError(f"{tag}Unable to parse 'name' of a requested output: each must be an object "
+                             "with a string 'name'")
+        name = output["name"]
+        if name not in known:
             raise InferError(f"{tag}unexpected inference output '{name}' for model '{model.name}'")
+        if name in chosen:
+            raise InferError(f"{tag}output '{name}' already requested")
         params = output.get("parameters") or {}
-        binary = params.get("binary_data", default_binary) if isinstance(params, dict) else default_binary
-        chosen.append((output["name"], binary is True))
-    return tuple(chosen)
+        if not isinstance(params, dict):
+            raise InferError(f"{tag}'parameters' of output '{name}' must be an object")
+        chosen[name] = params.get("binary_data", default_binary) is True
+    return tuple(chosen.items())
 
 
 def encode_response(model: Model, request: InferRequest,
