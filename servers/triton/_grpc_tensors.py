@@ -75,7 +75,7 @@ def _from_contents(tensor: Any, spec: TensorSpec, shape: tuple[int, ...], tag: s
     if field is None:
         raise InferError(f"{tag}input '{spec.name}' of {spec.datatype} must be sent in raw_input_contents")
     values = getattr(tensor.contents, field)
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)
     if len(values) != count:
         raise InferError(f"{tag}unexpected number of elements for input '{spec.name}': shape "
                          f"{list(shape)} needs {count}, contents has {len(values)}")
