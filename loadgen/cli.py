@@ -187,6 +187,23 @@ def demo(
     raise typer.Exit(code)
 
 
+@app.command(epilog="Example: loadgen report runs/sweep/  (then open runs/sweep/report.html)")
+def report(
+    folder: Annotated[Path, typer.Argument(help="A run folder (summary.json) or a sweep folder (sweep.json).")],
+) -> None:
+    """Write FOLDER/report.html (self-contained, with PNG plots also in FOLDER/plots/) for a finished,
+    or interrupted, run or sweep: latency over time, the percentile spectrum and, for a sweep, the
+    latency-vs-throughput curve, achieved vs offered load and the server-side figures."""
+    from loadgen.report import ReportError, write_report
+
+    try:
+        path = write_report(folder)
+    except ReportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise typer.Exit(2) from None
+    print(f"report: {path}")
+
+
 @serve_app.command(
     "calibration",
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
