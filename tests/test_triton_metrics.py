@@ -154,7 +154,6 @@ def test_scrape_has_sane_host_families() -> None:
     assert 0.0 <= families["nv_cpu_utilization"][0].value <= 1.0
     total = families["nv_cpu_memory_total_bytes"][0].value
     assert 0 < families["nv_cpu_memory_used_bytes"][0].value <= total
-    assert total == pytest.approx(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), rel=0.05)
 
 
 def test_gpu_families_follow_the_machine() -> None:
