@@ -1,0 +1,79 @@
+"""The sweep's saturation throughput agrees with NVIDIA perf_analyzer's concurrency sweep (integration).
+
+Both tools measure the same Triton-compatible server, one after the other, on a model whose capacity
+is set by its service time: a Python-backend model (one instance, no batching) that takes 4 ms per
+execution, so about 250 requests/s whatever the client. perf_analyzer's best throughput over
+concurrency 1, 4, 7 and `loadgen sweep --users 1,2,4,8`'s saturation_rps must agree within 10 %, and
+both must be near the capacity the service time allows.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import pin, run_loadgen, stop_process
+from tests.test_perf_analyzer import perf_analyzer  # noqa: F401 - the fixture that finds/installs it
+from tests.test_triton_grpc import Fronts, start_fronts
+
+pytestmark = pytest.mark.integration
+
+SERVICE_S = 0.004
+_MODEL = textwrap.dedent(f'''
+    import time
+    import triton_python_backend_utils as pb_utils
+
+    class TritonPythonModel:
+        def execute(self, requests):
+            responses = []
+            for request in requests:
+                time.sleep({SERVICE_S})
+                x = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy()
+                responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("OUTPUT0", x)]))
+            return responses
+''')
+_CONFIG = ('backend: "python"\nmax_batch_size: 0\n'
+           'input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 4 ] } ]\n'
+           'output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 4 ] } ]\n')
+
+
+@pytest.fixture(scope="module")
+def fronts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fronts]:
+    repository = tmp_path_factory.mktemp("repo")
+    (repository / "paced" / "1").mkdir(parents=True)
+    (repository / "paced" / "1" / "model.py").write_text(_MODEL)
+    (repository / "paced" / "config.pbtxt").write_text(_CONFIG)
+    started = start_fronts("--model-repository", str(repository))
+    yield started
+    stop_process(started.proc)
+
+
+def _perf_analyzer_best(binary: str, fronts: Fronts, work: Path) -> float:
+    cmd = [binary, "-m", "paced", "-u", fronts.http_url, "-i", "http", "--concurrency-range", "1:7:3",
+           "--measurement-interval", "1500", "--max-trials", "4", "--stability-percentage", "1000",
+           "-f", str(work / "pa.csv")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=work)
+    pin(proc.pid, 0)
+    output, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, output[-3000:]
+    with open(work / "pa.csv", newline="") as report:
+        return max(float(row["Inferences/Second"]) for row in csv.DictReader(report))
+
+
+def test_sweep_saturation_matches_perf_analyzer(perf_analyzer: str, fronts: Fronts,  # noqa: F811
+                                                tmp_path: Path) -> None:
+    peer = _perf_analyzer_best(perf_analyzer, fronts, tmp_path)
+    run = run_loadgen("--target", f"http://{fronts.http_url}", "--model", "paced", "--users", "1,2,4,8",
+                      "--step-duration", "3s", "--warmup", "1s", out=tmp_path / "sweep", verb="sweep", timeout=240)
+    assert run.returncode == 0, run.stderr
+    ours = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["saturation_rps"]
+    capacity = 1 / SERVICE_S
+    print(f"perf_analyzer best {peer:.1f} inf/s, loadgen saturation {ours:.1f} req/s, capacity {capacity:.0f}")
+    assert 0.75 * capacity < peer <= 1.02 * capacity, peer
+    assert abs(ours / peer - 1) < 0.10, (ours, peer)
