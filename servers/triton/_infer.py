@@ -11,6 +11,7 @@ INVALID_ARGUMENT) and ModelFailure (500, INTERNAL). Messages follow Triton's wor
 
 from __future__ import annotations
 
+import math
 import struct
 import time
 from collections.abc import Callable
@@ -120,7 +121,7 @@ def unpack_bytes(blob: memoryview, count: int, name: str, tag: str) -> np.ndarra
 
 def unpack_fixed(blob: memoryview | bytes, spec: TensorSpec, shape: tuple[int, ...], tag: str) -> np.ndarray:
     """A fixed-size tensor from its little-endian, row-major bytes; BYTES goes through unpack_bytes."""
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)  # Python ints: a client's huge shape must not wrap around
     if spec.datatype == "BYTES":
         return unpack_bytes(memoryview(blob), count, spec.name, tag).reshape(shape)
     dtype = NUMPY_DTYPES[spec.datatype]
@@ -141,6 +142,19 @@ def pack_tensor(array: np.ndarray, datatype: str) -> bytes:
     return np.ascontiguousarray(array, dtype=NUMPY_DTYPES[datatype]).tobytes()
 
 
+def _decode(decode: Callable[[], InferRequest], stats: ModelStats, arrival_ns: int) -> InferRequest:
+    """Run the front end's decoder; a failure is the request's (InferError) or the decoder's own bug,
+    never the model's, so it is counted as OTHER, not BACKEND."""
+    try:
+        return decode()
+    except InferError:
+        stats.record_failure(time.perf_counter_ns() - arrival_ns)
+        raise
+    except Exception as exc:
+        stats.record_failure(time.perf_counter_ns() - arrival_ns)
+        raise ModelFailure(f"internal error decoding the request: {type(exc).__name__}: {exc}") from exc
+
+
 def execute(model: Model, stats: ModelStats, arrival_ns: int, decode: Callable[[], InferRequest],
             encode: Callable[[InferRequest, dict[str, np.ndarray]], Result], queued: bool = False) -> Result:
     """Decode, run the model, encode; records the outcome in `stats` and returns what encode made.
@@ -153,9 +167,9 @@ def execute(model: Model, stats: ModelStats, arrival_ns: int, decode: Callable[[
     start_ns = time.perf_counter_ns()
     if queued:
         stats.add_pending(-1)
+    request = _decode(decode, stats, arrival_ns)
+    decoded_ns = time.perf_counter_ns()
     try:
-        request = decode()
-        decoded_ns = time.perf_counter_ns()
         outputs = model.infer(request.inputs)
         inferred_ns = time.perf_counter_ns()
         missing = [name for name, _ in request.outputs if name not in outputs]
@@ -183,9 +197,9 @@ async def execute_scheduled(served: ServedModel, arrival_ns: int, decode: Callab
     """
     model, stats = served.model, served.stats
     start_ns = time.perf_counter_ns()
+    request = _decode(decode, stats, arrival_ns)
+    decoded_ns = time.perf_counter_ns()
     try:
-        request = decode()
-        decoded_ns = time.perf_counter_ns()
         executed = await served.scheduler.submit(request.inputs, request.batch_size, decoded_ns)
         encode_ns = time.perf_counter_ns()
         missing = [name for name, _ in request.outputs if name not in executed.outputs]
