@@ -1,0 +1,145 @@
+"""Command line of the OpenAI-compatible mock: a streaming endpoint whose token timing is its flags.
+
+    python -m servers.openai_mock --port 0 --ttft-ms 30 --itl-ms 10
+    python -m servers.openai_mock --port 8000 --ttft-ms 200 --itl-ms 25 --model llama-3-8b --max-tokens 128
+    python -m servers.openai_mock --port 0 --ttft-ms 30 --itl-ms 10 --truncate-every 10
+
+Once listening it prints one line, `listening on http://HOST:PORT`, and flushes (tests read it to learn
+the port when 0 was asked). SIGTERM or SIGINT stops it with exit code 0; bad flags exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+
+from servers.core.keepawake import KeepAwake
+from servers.core.precise_timer import PreciseScheduler
+from servers.core.timerfd import reduce_timer_slack
+from servers.openai_mock._app import DEFAULT_MODEL, MockApp, MockConfig
+from servers.openai_mock._server import ServerContext, run_server
+
+ReadyCallback = Callable[[str, int], None]
+_FLAGS = {"ttft_ms": "--ttft-ms", "itl_ms": "--itl-ms", "max_tokens_limit": "--max-tokens-limit",
+          "max_tokens": "--max-tokens", "truncate_every": "--truncate-every", "error_every": "--error-every"}
+
+
+def serve(config: MockConfig, host: str = "127.0.0.1", port: int = 8000,
+          ready_callback: ReadyCallback | None = None) -> None:
+    """Run the mock until SIGTERM or SIGINT (signals are caught only in the main thread)."""
+    problems = config.problems()
+    if problems:
+        raise ValueError("; ".join(problems))
+    reduce_timer_slack()
+    # What exists now lives as long as the server: a full collection must not walk it mid-stream.
+    gc.collect()
+    gc.freeze()
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(_serve_until_signal(config, host, port, ready_callback))
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+async def _serve_until_signal(config: MockConfig, host: str, port: int,
+                              ready_callback: ReadyCallback | None) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = (signal.SIGTERM, signal.SIGINT) if threading.current_thread() is threading.main_thread() else ()
+    for signum in signals:
+        loop.add_signal_handler(signum, stop.set)
+
+    def make_context(t0: float) -> ServerContext:
+        app = MockApp(config, t0=t0, pid=os.getpid())
+        return ServerContext(app, PreciseScheduler(loop), config.ttft_ms / 1000.0, config.itl_ms / 1000.0)
+
+    try:
+        await run_server(make_context, host, port, stop, ready_callback)
+    finally:
+        for signum in signals:
+            loop.remove_signal_handler(signum)
+
+
+def build_parser(prog: str = "python -m servers.openai_mock") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="OpenAI-compatible completions (/v1/chat/completions, /v1/completions, streamed or not) "
+                    "with an exactly kept time to first token and inter-token latency.",
+        epilog="example: python -m servers.openai_mock --port 0 --ttft-ms 30 --itl-ms 10",
+    )
+    add = parser.add_argument
+    add("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    add("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (default 8000)")
+    add("--ttft-ms", type=float, default=0.0, help="request arrival to its first token chunk (default 0)")
+    add("--itl-ms", type=float, default=0.0, help="between successive token chunks (default 0)")
+    add("--max-tokens", type=int, default=16,
+        help="tokens generated when a request gives no max_tokens (default 16)")
+    add("--max-tokens-limit", type=int, default=4096,
+        help="largest max_tokens accepted; above it: 400 (default 4096)")
+    add("--model", action="append", dest="models", metavar="NAME",
+        help=f"a model name to serve (repeat for several; default {DEFAULT_MODEL}); others get 404")
+    add("--truncate-every", type=int, default=0, metavar="N",
+        help="cut every Nth streamed response after half its tokens: connection closed, no [DONE] "
+             "(default 0 = never)")
+    add("--error-every", type=int, default=0, metavar="N",
+        help="end every Nth streamed response after half its tokens with an error event (default 0 = never)")
+    add("--keep-awake", action=argparse.BooleanOptionalAction, default=True,
+        help="keep this server's CPUs out of deep idle with idle-priority spinners, so that the wake-up of "
+             "an idle CPU does not add to the declared delays (default on)")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[MockConfig, list[str]]:
+    """The mock config the flags describe, and every problem with them (named by flag)."""
+    config = MockConfig(ttft_ms=args.ttft_ms, itl_ms=args.itl_ms, max_tokens=args.max_tokens,
+                        max_tokens_limit=args.max_tokens_limit, models=tuple(args.models or (DEFAULT_MODEL,)),
+                        truncate_every=args.truncate_every, error_every=args.error_every)
+    problems = []
+    for text in config.problems():
+        for name, flag in _FLAGS.items():
+            if text.startswith(name + " "):
+                text = flag + text[len(name):]
+                break
+        problems.append(text.replace("max_tokens_limit", "--max-tokens-limit"))
+    if not 0 <= args.port <= 65535:
+        problems.append(f"--port must be in 0..65535, got {args.port}")
+    return config, problems
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "python -m servers.openai_mock") -> int:
+    """Parse flags, serve until stopped; returns the exit code (2 for bad flags, 1 if it cannot listen)."""
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    config, problems = config_from_args(args)
+    if problems:
+        parser.print_usage(sys.stderr)
+        for problem in problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 2
+    try:
+        with KeepAwake(os.sched_getaffinity(0) if args.keep_awake else ()):
+            serve(config, args.host, args.port, _print_listening)
+    except OSError as exc:
+        print(f"error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _print_listening(host: str, port: int) -> None:
+    shown = f"[{host}]" if ":" in host else host
+    print(f"listening on http://{shown}:{port}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,401 @@
+"""Routes and bodies of the OpenAI-compatible mock: what to answer, never when (see _server.py).
+
+Routes: POST /v1/chat/completions and /v1/completions (streamed with `"stream": true`, else one JSON
+body), GET /v1/models, GET /health, and GET /mock (the declared timing and counters, for tests). A
+completion request is checked the way OpenAI checks it; a bad one gets OpenAI's error body
+`{"error": {"message", "type", "param", "code"}}` with status 400 (404 for an unknown model or
+route, 405 for a wrong method) and the connection keeps serving.
+
+The "model" generates exactly `max_tokens` tokens (`max_completion_tokens` for chat; the server's
+--max-tokens when the request gives neither), one per chunk, cycling through a fixed word list, and
+stops with finish_reason "length". Prompt tokens are counted as whitespace-separated words.
+Chunk layout of a chat stream (OpenAI's): a role chunk with empty content written together with the
+first token's chunk, a chunk per further token, a final chunk with an empty delta and the
+finish_reason, the usage chunk (`"choices": []`) when `stream_options.include_usage` is true, then
+`data: [DONE]`. The last token's chunk and everything after it leave in one write.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from servers.core.http1 import json_body
+
+SERVER_NAME = "loadgen-openai-mock"
+DEFAULT_MODEL = "mock-llm"
+_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+_WORDS = (
+    " the", " quick", " brown", " fox", " jumps", " over", " a", " lazy", " dog", " while", " seven", " wise",
+    " owls", " count", " every", " small", " star", " in", " one", " long", " night",
+)
+"""The generated text: token k is _WORDS[k % len(_WORDS)] (one word with its leading space a token)."""
+_FINGERPRINT = "fp_loadgen_mock"
+
+
+@dataclass(frozen=True)
+class MockConfig:
+    """What the mock promises: its timing, its models, and the faults it injects."""
+
+    ttft_ms: float = 0.0
+    """Arrival of a completion request to its first token chunk."""
+    itl_ms: float = 0.0
+    """Between successive token chunks."""
+    max_tokens: int = 16
+    """Tokens generated when the request gives no max_tokens."""
+    max_tokens_limit: int = 4096
+    """Largest max_tokens accepted (OpenAI answers 400 beyond a model's limit)."""
+    models: tuple[str, ...] = (DEFAULT_MODEL,)
+    truncate_every: int = 0
+    """Every Nth streamed response is cut (connection closed) after half its tokens, before [DONE]."""
+    error_every: int = 0
+    """Every Nth streamed response sends an error event after half its tokens, then [DONE]."""
+
+    def problems(self) -> list[str]:
+        """Every reason this config is invalid, empty when it is valid."""
+        found = [f"{name} must be a finite number >= 0, got {value}"
+                 for name, value in (("ttft_ms", self.ttft_ms), ("itl_ms", self.itl_ms))
+                 if not (value >= 0 and value != float("inf"))]
+        for name in ("max_tokens", "max_tokens_limit"):
+            if getattr(self, name) < 1:
+                found.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_tokens > self.max_tokens_limit:
+            found.append(f"max_tokens ({self.max_tokens}) must not exceed "
+                         f"max_tokens_limit ({self.max_tokens_limit})")
+        for name in ("truncate_every", "error_every"):
+            if getattr(self, name) < 0:
+                found.append(f"{name} must be >= 0 (0 = never), got {getattr(self, name)}")
+        if not self.models or not all(self.models):
+            found.append("at least one non-empty model name is needed")
+        return found
+
+
+class Reply(NamedTuple):
+    """An answer written as soon as it is the connection's turn."""
+
+    status: int
+    body: bytes
+
+
+@dataclass
+class Completion:
+    """An accepted completion request: what to generate, and how to send it."""
+
+    chat: bool
+    model: str
+    tokens: int
+    prompt_tokens: int
+    stream: bool
+    include_usage: bool
+    serial: int
+    """1-based count of completion requests accepted by this server (ids and fault injection)."""
+    fault: str | None = None
+    """"truncate" or "error" for a stream picked by --truncate-every / --error-every."""
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def fault_after(self) -> int:
+        """Token chunks written before the fault."""
+        return max(1, self.tokens // 2)
+
+
+class OpenAIError(Exception):
+    """A request OpenAI would refuse; `reply()` is its error answer."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def reply(self) -> Reply:
+        return error_reply(self.status, self.message, self.param, self.code, self.kind)
+
+
+def error_reply(status: int, message: str, param: str | None = None, code: str | None = None,
+                kind: str = "invalid_request_error") -> Reply:
+    error = {"message": message, "type": kind, "param": param, "code": code}
+    return Reply(status, json_body({"error": error}))
+
+
+class MockApp:
+    """Maps (method, path, body) to a Reply or a Completion; keeps the counters of GET /mock."""
+
+    def __init__(self, config: MockConfig, t0: float, pid: int) -> None:
+        self.config = config
+        self.t0 = t0
+        self.pid = pid
+        self.counters = {"completions": 0, "streams": 0, "completed": 0, "truncated": 0, "error_events": 0,
+                         "tokens": 0, "rejected": 0}
+        """completions accepted, of them streamed; responses written to the end (completed), cut
+        (truncated) or ended by an error event; token chunks written; requests refused (4xx)."""
+        created = int(time.time())
+        models = [{"id": name, "object": "model", "created": created, "owned_by": "loadgen"}
+                  for name in config.models]
+        self._models = Reply(200, json_body({"object": "list", "data": models}))
+
+    def handle(self, method: str, path: str, body: bytes) -> Reply | Completion:
+        """Route one request; never raises for bad input, answers an error instead."""
+        reply = self._route(method, path, body)
+        if isinstance(reply, Reply) and 400 <= reply.status < 500:
+            self.counters["rejected"] += 1
+        return reply
+
+    def _route(self, method: str, path: str, body: bytes) -> Reply | Completion:
+        if path in ("/v1/chat/completions", "/v1/completions"):
+            if method != "POST":
+                return _wrong_method(method, path, "POST")
+            try:
+                return self._accept(path == "/v1/chat/completions", body)
+            except OpenAIError as exc:
+                return exc.reply()
+        routes = {"/v1/models": lambda: self._models, "/health": lambda: Reply(200, b""),
+                  "/mock": lambda: Reply(200, json_body(self.describe()))}
+        if path in routes:
+            if method != "GET":
+                return _wrong_method(method, path, "GET")
+            return routes[path]()
+        return error_reply(404, f"Unknown request URL: {method} {path}.", code="unknown_url")
+
+    def describe(self) -> dict[str, Any]:
+        """The declared timing, the start instant (CLOCK_MONOTONIC) and the counters."""
+        config = self.config
+        return {"ttft_ms": config.ttft_ms, "itl_ms": config.itl_ms, "max_tokens": config.max_tokens,
+                "models": list(config.models), "truncate_every": config.truncate_every,
+                "error_every": config.error_every, "t0": self.t0, "pid": self.pid, **self.counters}
+
+    def _accept(self, chat: bool, body: bytes) -> Completion:
+        request = _parse_json(body)
+        model = _model(request, self.config.models)
+        prompt_tokens = _messages_tokens(request) if chat else _prompt_tokens(request)
+        tokens = _max_tokens(request, chat, self.config)
+        stream = _optional(request, "stream", bool, "a boolean") or False
+        include_usage = _stream_options(request, stream)
+        n = request.get("n")
+        if n is not None and (type(n) is not int or n != 1):
+            raise OpenAIError(400, f"Invalid 'n': this server generates one choice per request, got {n!r}.",
+                              "n", "invalid_value")
+        self.counters["completions"] += 1
+        serial = self.counters["completions"]
+        completion = Completion(chat, model, tokens, prompt_tokens, stream, include_usage, serial)
+        if stream:
+            self.counters["streams"] += 1
+            completion.fault = self._fault(self.counters["streams"])
+        return completion
+
+    def _fault(self, stream_serial: int) -> str | None:
+        config = self.config
+        if config.truncate_every and stream_serial % config.truncate_every == 0:
+            return "truncate"
+        if config.error_every and stream_serial % config.error_every == 0:
+            return "error"
+        return None
+
+
+def _wrong_method(method: str, path: str, allowed: str) -> Reply:
+    message = f"Method {method} not allowed for {path}; use {allowed}."
+    return error_reply(405, message, code="method_not_allowed")
+
+
+def _parse_json(body: bytes) -> dict[str, Any]:
+    try:
+        request = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise OpenAIError(400, "We could not parse the JSON body of your request. (HINT: This likely means "
+                          "you aren't using your HTTP library correctly. The OpenAI API expects a JSON "
+                          "payload.)") from None
+    if not isinstance(request, dict):
+        raise OpenAIError(400, f"Invalid type for request body: expected an object, but got {_kind(request)} "
+                          "instead.", None, "invalid_type")
+    return request
+
+
+def _kind(value: Any) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a decimal", str: "a string", list: "an array",
+             dict: "an object", type(None): "null"}
+    return names.get(type(value), "an unknown value")
+
+
+def _invalid_type(param: str, expected: str, value: Any) -> OpenAIError:
+    message = f"Invalid type for '{param}': expected {expected}, but got {_kind(value)} instead."
+    return OpenAIError(400, message, param, "invalid_type")
+
+
+def _missing(param: str) -> OpenAIError:
+    return OpenAIError(400, f"Missing required parameter: '{param}'.", param, "missing_required_parameter")
+
+
+def _optional(request: dict[str, Any], name: str, kind: type, expected: str) -> Any:
+    value = request.get(name)
+    if value is not None and type(value) is not kind:
+        raise _invalid_type(name, expected, value)
+    return value
+
+
+def _model(request: dict[str, Any], models: tuple[str, ...]) -> str:
+    if "model" not in request:
+        raise OpenAIError(400, "you must provide a model parameter", None, None)
+    model = request["model"]
+    if not isinstance(model, str):
+        raise _invalid_type("model", "a string", model)
+    if model not in models:
+        raise OpenAIError(404, f"The model `{model}` does not exist or you do not have access to it.", None,
+                          "model_not_found")
+    return model
+
+
+def _messages_tokens(request: dict[str, Any]) -> int:
+    if "messages" not in request:
+        raise _missing("messages")
+    messages = request["messages"]
+    if not isinstance(messages, list):
+        raise _invalid_type("messages", "an array", messages)
+    if not messages:
+        raise OpenAIError(400, "Invalid 'messages': empty array. Expected an array with minimum length 1, "
+                          "but got an empty array instead.", "messages", "empty_array")
+    words = 0
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise _invalid_type(where, "an object", message)
+        role = message.get("role")
+        if role not in _ROLES:
+            if role is None:
+                raise _missing(f"{where}.role")
+            supported = ", ".join(f"'{r}'" for r in _ROLES)
+            raise OpenAIError(400, f"Invalid value: {json.dumps(role)}. Supported values are: {supported}.",
+                              f"{where}.role", "invalid_value")
+        words += _content_words(message.get("content"), f"{where}.content", role)
+    return words
+
+
+def _content_words(content: Any, where: str, role: str) -> int:
+    if isinstance(content, str):
+        return len(content.split())
+    if content is None and role == "assistant":
+        return 0
+    if isinstance(content, list):
+        return sum(len(part.get("text", "").split()) for part in content
+                   if isinstance(part, dict) and isinstance(part.get("text"), str))
+    raise _invalid_type(where, "a string or an array of content parts", content)
+
+
+def _prompt_tokens(request: dict[str, Any]) -> int:
+    if "prompt" not in request:
+        raise _missing("prompt")
+    prompt = request["prompt"]
+    if isinstance(prompt, str):
+        return len(prompt.split())
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(item, str) for item in prompt):
+            return sum(len(item.split()) for item in prompt)
+        if all(type(item) is int for item in prompt):
+            return len(prompt)
+        if all(isinstance(item, list) and all(type(t) is int for t in item) for item in prompt):
+            return sum(len(item) for item in prompt)
+    raise _invalid_type("prompt", "a string, an array of strings or an array of token arrays", prompt)
+
+
+def _max_tokens(request: dict[str, Any], chat: bool, config: MockConfig) -> int:
+    names = ("max_completion_tokens", "max_tokens") if chat else ("max_tokens",)
+    for name in names:
+        value = request.get(name)
+        if value is None:
+            continue
+        if type(value) is not int:
+            raise _invalid_type(name, "an integer", value)
+        if value < 1:
+            raise OpenAIError(400, f"Invalid '{name}': integer below minimum value. Expected a value >= 1, "
+                              f"but got {value} instead.", name, "integer_below_min_value")
+        if value > config.max_tokens_limit:
+            raise OpenAIError(400, f"{name} is too large: {value}. This model supports at most "
+                              f"{config.max_tokens_limit} completion tokens.", name, "invalid_value")
+        return value
+    return config.max_tokens
+
+
+def _stream_options(request: dict[str, Any], stream: bool) -> bool:
+    options = request.get("stream_options")
+    if options is None:
+        return False
+    if not stream:
+        raise OpenAIError(400, "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                          "stream_options", None)
+    if not isinstance(options, dict):
+        raise _invalid_type("stream_options", "an object", options)
+    include = options.get("include_usage")
+    if include is not None and type(include) is not bool:
+        raise _invalid_type("stream_options.include_usage", "a boolean", include)
+    return bool(include)
+
+
+# -- what is written ----------------------------------------------------------------------------
+
+
+class Renderer:
+    """The bytes of one completion: SSE events for a stream (part k = what goes out at token k), or the
+    whole JSON body. Stream events are put together from prebuilt pieces: a stream writes one a token."""
+
+    def __init__(self, completion: Completion) -> None:
+        self.c = completion
+        self._id = f"{'chatcmpl' if completion.chat else 'cmpl'}-mock{completion.serial}"
+        kind = "chat.completion.chunk" if completion.chat else "text_completion"
+        head = (f'{{"id":"{self._id}","object":"{kind}","created":{completion.created},'
+                f'"model":{json.dumps(completion.model)}')
+        if completion.chat:
+            head += f',"system_fingerprint":"{_FINGERPRINT}"'
+        tail = "}]" + (',"usage":null' if completion.include_usage else "") + "}"
+        choice = head + ',"choices":[{"index":0,'
+        if completion.chat:
+            self._token = (choice + '"delta":{"content":', '},"logprobs":null,"finish_reason":null' + tail)
+            self._role = (choice + '"delta":{"role":"assistant","content":""},"logprobs":null,'
+                          '"finish_reason":null' + tail)
+            self._finish = choice + '"delta":{},"logprobs":null,"finish_reason":"length"' + tail
+        else:
+            self._token = (choice + '"text":', ',"logprobs":null,"finish_reason":null' + tail)
+            self._role = ""
+            self._finish = choice + '"text":"","logprobs":null,"finish_reason":"length"' + tail
+        self._usage_head = head + ',"choices":[],"usage":'
+
+    def text(self, k: int) -> str:
+        return _WORDS[k % len(_WORDS)]
+
+    def usage(self) -> dict[str, int]:
+        c = self.c
+        return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.tokens,
+                "total_tokens": c.prompt_tokens + c.tokens}
+
+    def part(self, k: int) -> bytes:
+        """The SSE events written at token k (0-based); the last one ends the stream."""
+        events = [self._role] if k == 0 and self._role else []
+        before, after = self._token
+        events.append(before + json.dumps(self.text(k)) + after)
+        if k == self.c.tokens - 1:
+            events.append(self._finish)
+            if self.c.include_usage:
+                events.append(self._usage_head + json.dumps(self.usage(), separators=(",", ":")) + "}")
+            events.append("[DONE]")
+        return "".join(f"data: {event}\n\n" for event in events).encode()
+
+    def error_event(self) -> bytes:
+        """An in-stream error event (OpenAI's SDK raises on one), then [DONE]."""
+        error = {"error": {"message": "The server had an error while processing your request (injected by "
+                           "--error-every).", "type": "server_error", "param": None, "code": None}}
+        return f"data: {json.dumps(error, separators=(',', ':'))}\n\ndata: [DONE]\n\n".encode()
+
+    def whole(self) -> bytes:
+        """The non-streamed JSON body."""
+        c = self.c
+        text = "".join(self.text(k) for k in range(c.tokens))
+        if c.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+                      "logprobs": None, "finish_reason": "length"}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": "length"}
+        body: dict[str, Any] = {"id": self._id, "object": "chat.completion" if c.chat else "text_completion",
+                                "created": c.created, "model": c.model}
+        if c.chat:
+            body["system_fingerprint"] = _FINGERPRINT
+        body.update(choices=[choice], usage=self.usage())
+        return json_body(body)

@@ -1,0 +1,233 @@
+"""The mock's connections: an asyncio.Protocol that writes each token chunk at its declared instant.
+
+Per connection: bytes -> RequestParser (servers/core/http1.py) -> MockApp (_app.py) -> a reply. A
+connection answers one request at a time, in request order (pipelined requests wait their turn).
+
+Timing rule (the ground truth a client is checked against): a completion request's clock starts at
+its arrival, the instant right after the complete request (head and body) was parsed, or, when it
+waited behind an earlier answer on the same connection, the instant that answer ended. With that
+start s, token chunk k (0-based) is written at s + ttft + k * itl, from a PreciseScheduler
+(servers/core/precise_timer.py) callback: each instant is computed from s, so no error accumulates.
+A stream's response head is written at s; a non-streamed answer is written whole at
+s + ttft + (tokens - 1) * itl, when its last token would have been generated.
+
+Faults (--truncate-every, --error-every): a picked stream writes its first `fault_after` token
+chunks, then either closes the connection without ending the chunked body (truncate), or writes an
+error event, [DONE] and the body's end (error) and keeps the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from servers.core.connection import HttpConnection
+from servers.core.http1 import HttpError, Request, continue_response, format_response
+from servers.core.precise_timer import PreciseScheduler
+from servers.openai_mock._app import Completion, MockApp, Renderer, Reply, error_reply
+
+_STREAM_HEAD = ("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\n"
+                "Cache-Control: no-cache\r\n{framing}\r\n")
+_END = b"0\r\n\r\n"
+
+
+@dataclass
+class ServerContext:
+    """What every connection of one server shares."""
+
+    app: MockApp
+    scheduler: PreciseScheduler
+    ttft_s: float
+    itl_s: float
+    connections: set[MockProtocol] = field(default_factory=set)
+
+
+class _Job:
+    """One request's answer on a connection's queue."""
+
+    __slots__ = ("arrival_t", "close", "http10", "reply")
+
+    def __init__(self, reply: Reply | Completion, arrival_t: float, close: bool, http10: bool) -> None:
+        self.reply = reply
+        self.arrival_t = arrival_t
+        self.close = close
+        self.http10 = http10
+
+
+class MockProtocol(HttpConnection):
+    """One HTTP/1.1 connection: keep-alive, one answer at a time, Connection: close honoured."""
+
+    def __init__(self, context: ServerContext) -> None:
+        super().__init__(context.connections)
+        self._context = context
+        self._jobs: deque[_Job] = deque()
+        self._busy = False  # an answer is being written over time
+
+    def data_received(self, data: bytes) -> None:
+        if not self._reading:
+            return  # draining after a fatal error or after Connection: close
+        parser = self._parser
+        parser.feed(data)
+        try:
+            while self._reading and (request := parser.next_request()) is not None:
+                self._queue(request, time.monotonic())
+        except HttpError as exc:
+            self._reading = False
+            body = error_reply(exc.status, exc.message).body
+            self._jobs.append(_Job(Reply(exc.status, body), time.monotonic(), True, False))
+        if self._reading and not self._jobs and not self._busy and parser.continue_due():
+            self._transport.write(continue_response())
+        self._next()
+
+    def eof_received(self) -> bool:
+        self._peer_eof = True
+        self._reading = False
+        return self._busy or bool(self._jobs)  # True keeps the socket open for the answers still due
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self._jobs.clear()
+
+    def _queue(self, request: Request, arrival_t: float) -> None:
+        reply = self._context.app.handle(request.method, request.path, request.body)
+        if not request.keep_alive:
+            self._reading = False
+        self._jobs.append(_Job(reply, arrival_t, not request.keep_alive, request.version == "HTTP/1.0"))
+
+    def _next(self) -> None:
+        """Start the answers waiting, in order, until one takes time or none is left."""
+        while self._jobs and not self._busy and self._transport is not None:
+            job = self._jobs.popleft()
+            if isinstance(job.reply, Reply):
+                self._write_reply(job)
+            else:
+                self._busy = True
+                _Answer(self, job, max(job.arrival_t, time.monotonic())).start()
+        if not self._jobs and not self._busy and self._peer_eof and self._transport is not None:
+            self._transport.close()
+
+    def _write_reply(self, job: _Job) -> None:
+        reply = job.reply
+        assert isinstance(reply, Reply)
+        data = format_response(reply.status, reply.body, keep_alive=not job.close, http10=job.http10)
+        self._write(data, job.close)
+
+    def _write(self, data: bytes, close: bool = False) -> bool:
+        """Write `data` (and close after it when asked); False when the connection is gone."""
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return False
+        transport.write(data)
+        if close:
+            self._jobs.clear()
+            self._close(transport)
+        return True
+
+    def answer_done(self, cut: bool = False) -> None:
+        """The answer being written has ended (cut: the connection was closed mid-stream)."""
+        self._busy = False
+        if cut:
+            self._reading = False
+            self._jobs.clear()
+            if self._transport is not None:
+                self._transport.close()
+            return
+        self._next()
+
+
+class _Answer:
+    """Writes one completion over time: a stream's head now and token chunk k at start + ttft + k * itl,
+    or the whole body at start + ttft + (tokens - 1) * itl."""
+
+    __slots__ = ("_chunked", "_close", "_completion", "_conn", "_context", "_k", "_renderer", "_start_t")
+
+    def __init__(self, conn: MockProtocol, job: _Job, start_t: float) -> None:
+        assert isinstance(job.reply, Completion)
+        self._conn = conn
+        self._context = conn._context
+        self._completion = job.reply
+        self._renderer = Renderer(job.reply)
+        self._start_t = start_t
+        self._close = job.close or job.http10
+        self._chunked = not job.http10
+        self._k = 0
+
+    def start(self) -> None:
+        context, completion = self._context, self._completion
+        if not completion.stream:
+            last_t = self._start_t + context.ttft_s + (completion.tokens - 1) * context.itl_s
+            context.scheduler.call_at(last_t, self._whole)
+            return
+        framing = "Transfer-Encoding: chunked\r\n" if self._chunked else ""
+        if self._close:
+            framing += "Connection: close\r\n"
+        self._conn._write(_STREAM_HEAD.format(framing=framing).encode("latin-1"))
+        context.scheduler.call_at(self._start_t + context.ttft_s, self._token)
+
+    def _whole(self) -> None:
+        self._context.app.counters["completed"] += 1
+        body = self._renderer.whole()
+        data = format_response(200, body, keep_alive=not self._close, http10=not self._chunked)
+        if self._conn._write(data, self._close):
+            self._conn.answer_done()
+
+    def _token(self) -> None:
+        completion, counters = self._completion, self._context.app.counters
+        k = self._k
+        if completion.fault is not None and k == completion.fault_after:
+            self._fault(completion.fault)
+            return
+        last = k == completion.tokens - 1
+        data = self._frame(self._renderer.part(k))
+        if last:
+            counters["completed"] += 1
+            data += _END if self._chunked else b""
+        counters["tokens"] += 1
+        if not self._conn._write(data, last and self._close):
+            return  # the client went away: nothing more to write
+        if last:
+            self._conn.answer_done()
+            return
+        self._k = k + 1
+        context = self._context
+        context.scheduler.call_at(self._start_t + context.ttft_s + self._k * context.itl_s, self._token)
+
+    def _fault(self, fault: str) -> None:
+        counters = self._context.app.counters
+        if fault == "truncate":
+            counters["truncated"] += 1
+            self._conn.answer_done(cut=True)
+            return
+        counters["error_events"] += 1
+        data = self._frame(self._renderer.error_event()) + (_END if self._chunked else b"")
+        if self._conn._write(data, self._close):
+            self._conn.answer_done()
+
+    def _frame(self, payload: bytes) -> bytes:
+        return b"%x\r\n%s\r\n" % (len(payload), payload) if self._chunked else payload
+
+
+async def run_server(context_factory: Callable[[float], ServerContext], host: str, port: int,
+                     stop: asyncio.Event, ready_callback: Callable[[str, int], None] | None = None) -> None:
+    """Listen on host:port until `stop` is set, then drop every connection and return.
+
+    `context_factory(t0)` builds the shared context once t0, the start instant, is known;
+    `ready_callback(host, port)` runs once the socket listens (port is the bound one when 0 was asked).
+    """
+    loop = asyncio.get_running_loop()
+    context = context_factory(time.monotonic())
+    server = await loop.create_server(lambda: MockProtocol(context), host, port,
+                                      reuse_address=True, backlog=1024)
+    try:
+        if ready_callback is not None:
+            ready_callback(host, server.sockets[0].getsockname()[1])
+        await stop.wait()
+    finally:
+        server.close()
+        for connection in list(context.connections):
+            connection.abort()
+        await server.wait_closed()
+        context.scheduler.close()
