@@ -35,13 +35,24 @@ def _fail(exc: Exception) -> None:
     epilog="Examples:\n\n"
     "  loadgen run scenarios/poisson-kserve.toml --target http://127.0.0.1:8000 --model identity\n\n"
     "  loadgen run --rate 200 --arrival poisson --duration 30s --target URL --model NAME\n\n"
-    "  loadgen run --users 16 --think-time 0 --duration 30s --target URL --model NAME"
+    "  loadgen run --users 16 --think-time 0 --duration 30s --target URL --model NAME\n\n"
+    "  loadgen run --protocol openai --users 20 --max-tokens 16 --duration 30s --target URL --model NAME"
 )
 def run(
     scenario: Annotated[Path | None, typer.Argument(help="Scenario TOML file (optional).")] = None,
     target: Annotated[str | None, typer.Option(help="Base URL, e.g. http://127.0.0.1:8000")] = None,
     model: Annotated[str | None, typer.Option(help="Model name on the target.")] = None,
-    protocol: Annotated[str | None, typer.Option(help="kserve-http")] = None,
+    protocol: Annotated[str | None, typer.Option(help="kserve-http, or openai (streaming).")] = None,
+    endpoint: Annotated[str | None, typer.Option(help="openai: chat (default) or completions.")] = None,
+    max_tokens: Annotated[
+        str | None, typer.Option(help='openai: output tokens a request: 128, "uniform:8,32", "normal:128,16"')
+    ] = None,
+    input_tokens: Annotated[
+        str | None, typer.Option(help="openai: words a synthetic prompt (~a token each), as --max-tokens.")
+    ] = None,
+    prompt_file: Annotated[
+        Path | None, typer.Option(help='openai: JSONL prompts, {"prompt": ...} or {"messages": [...]} a line')
+    ] = None,
     rate: Annotated[float | None, typer.Option(help="Open loop: requests per second.")] = None,
     arrival: Annotated[str | None, typer.Option(help="Open loop: constant or poisson.")] = None,
     users: Annotated[int | None, typer.Option(help="Closed loop: concurrent users.")] = None,
@@ -78,6 +89,10 @@ def run(
         "target.protocol": protocol,
         "target.timeout": timeout,
         "target.connect_timeout": connect_timeout,
+        "target.endpoint": endpoint,
+        "target.max_tokens": max_tokens,
+        "target.input_tokens": input_tokens,
+        "target.prompt_file": str(prompt_file) if prompt_file else None,
         "open_loop.rate": rate,
         "open_loop.arrival": arrival,
         "open_loop.max_in_flight": max_in_flight,
@@ -229,6 +244,33 @@ def serve_triton(ctx: typer.Context) -> None:
     from servers.triton.__main__ import main as triton_main
 
     raise typer.Exit(triton_main(list(ctx.args), prog="loadgen serve triton"))
+
+
+@serve_app.command(
+    "torchserve",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    epilog="Example: loadgen serve torchserve --model-store ./store --models mlp=mlp.mar --disable-token-auth",
+)
+def serve_torchserve(ctx: typer.Context) -> None:
+    """TorchServe-compatible server (inference, management and metrics APIs, gRPC) serving .mar archives
+    of a model store with their handlers, batching and workers as TorchServe's. See --help of the server."""
+    from servers.torchserve.__main__ import main as torchserve_main
+
+    raise typer.Exit(torchserve_main(list(ctx.args), prog="loadgen serve torchserve"))
+
+
+@serve_app.command(
+    "openai-mock",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    epilog="Example: loadgen serve openai-mock --port 8000 --ttft-ms 30 --itl-ms 10",
+)
+def serve_openai_mock(ctx: typer.Context) -> None:
+    """OpenAI-compatible streaming server whose time to first token (--ttft-ms) and inter-token
+    latency (--itl-ms) are exact: the ground truth for `loadgen run --protocol openai`. See --help
+    of the server."""
+    from servers.openai_mock.__main__ import main as openai_mock_main
+
+    raise typer.Exit(openai_mock_main(list(ctx.args), prog="loadgen serve openai-mock"))
 
 
 @serve_app.command(

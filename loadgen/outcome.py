@@ -6,13 +6,18 @@ Timestamps are time.monotonic() seconds, each named for the instant it marks:
   done_t      when the whole response had been read (or the request failed)
 A failed request is data, not an exception: `error` holds its kind (see errors.py) and
 `message` the detail; the run goes on.
+
+A streamed response (protocol openai) comes as a StreamOutcome: the same six fields first, then
+the arrival instant of each chunk that carried output tokens and the output token count. It is a
+separate type so that protocols that do not stream build nothing more per request.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
-__all__ = ["Outcome"]
+__all__ = ["Outcome", "StreamOutcome"]
 
 
 class Outcome(NamedTuple):
@@ -22,3 +27,16 @@ class Outcome(NamedTuple):
     error: str | None = None
     message: str = ""
     response_bytes: int = 0
+
+
+class StreamOutcome(NamedTuple):
+    intended_t: float
+    sent_t: float
+    done_t: float
+    error: str | None = None
+    message: str = ""
+    response_bytes: int = 0
+    token_times: Sequence[float] = ()
+    """time.monotonic() arrival of each chunk that carried output tokens, in stream order."""
+    output_tokens: int = 0
+    """The stream's usage.completion_tokens when it offered one, else the count of token chunks."""

@@ -17,6 +17,10 @@ each naming its key, and the CLI turns them into exit code 2.
 
 CLI flags are applied on top of the file's values (`apply_overrides`) before validation, so a
 flag's value is checked by the same rules as the file's.
+
+With `protocol = "openai"` the target also takes `endpoint` ("chat" or "completions"), `max_tokens`
+and `input_tokens` (token counts: 16, "uniform:8,32", "normal:128,16" or an inline table such as
+{dist = "normal", mean = 128, stddev = 16}) and `prompt_file` (JSONL); other protocols reject them.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ __all__ = [
     "ScenarioError",
     "Stage",
     "Target",
+    "TokenCount",
     "apply_overrides",
     "load_scenario",
     "parse_duration",
@@ -91,15 +96,106 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+_TOKEN_COUNT_HINT = (
+    'expected a token count such as 16, "uniform:8,32" (low,high) or "normal:128,16" (mean,stddev)'
+)
+
+
+class TokenCount(_Strict):
+    """A count of tokens per request: fixed, or drawn per request (seeded) from a distribution.
+
+    uniform draws integers in [low, high]; normal draws round(N(mean, stddev)), at least 1.
+
+    >>> str(TokenCount.model_validate(parse_token_count("uniform:8,32")))
+    'uniform:8,32'
+    """
+
+    dist: Literal["fixed", "uniform", "normal"] = "fixed"
+    value: int | None = Field(default=None, ge=1)
+    low: int | None = Field(default=None, ge=1)
+    high: int | None = Field(default=None, ge=1)
+    mean: float | None = Field(default=None, ge=1)
+    stddev: float | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _fields_of_dist(self) -> TokenCount:
+        needs = {"fixed": ("value",), "uniform": ("low", "high"), "normal": ("mean", "stddev")}[self.dist]
+        names = ("value", "low", "high", "mean", "stddev")
+        given = {name for name in names if getattr(self, name) is not None}
+        if given != set(needs):
+            raise ValueError(f"a {self.dist} token count takes {' and '.join(needs)}; {_TOKEN_COUNT_HINT}")
+        if self.dist == "uniform" and self.low > self.high:  # type: ignore[operator]
+            raise ValueError(f"uniform token count needs low <= high, got {self.low} > {self.high}")
+        return self
+
+    def __str__(self) -> str:
+        if self.dist == "fixed":
+            return str(self.value)
+        if self.dist == "uniform":
+            return f"uniform:{self.low},{self.high}"
+        return f"normal:{self.mean:g},{self.stddev:g}"
+
+
+def parse_token_count(value: Any) -> Any:
+    """16, "16", "uniform:8,32", "normal:128,16" -> TokenCount fields; a dict passes as it is."""
+    if isinstance(value, (dict, TokenCount)):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return {"value": value}
+    if isinstance(value, str):
+        dist, sep, args = value.strip().partition(":")
+        parts = [part.strip() for part in args.split(",")] if sep else []
+        try:
+            if not sep:
+                return {"value": int(dist)}
+            if dist == "uniform" and len(parts) == 2:
+                return {"dist": "uniform", "low": int(parts[0]), "high": int(parts[1])}
+            if dist == "normal" and len(parts) == 2:
+                return {"dist": "normal", "mean": float(parts[0]), "stddev": float(parts[1])}
+        except ValueError:
+            pass
+    raise ValueError(_TOKEN_COUNT_HINT)
+
+
+TokenCountField = Annotated[TokenCount, BeforeValidator(parse_token_count)]
+_OPENAI_KEYS = ("endpoint", "max_tokens", "input_tokens", "prompt_file")
+
+
 class Target(_Strict):
     """Where the load goes and how it is spoken to."""
 
     url: str = Field(pattern=r"^https?://[^/\s]+")
     model: str = Field(min_length=1)
-    protocol: Literal["kserve-http"] = "kserve-http"
+    protocol: Literal["kserve-http", "openai"] = "kserve-http"
     version: str | None = None
     connect_timeout: Duration = Field(default=3.0, gt=0)
     timeout: Duration = Field(default=30.0, gt=0)
+    """Per-request timeout; for a stream, the longest wait for its next bytes."""
+    endpoint: Literal["chat", "completions"] | None = None
+    """openai: POST /v1/chat/completions ("chat", the default) or /v1/completions."""
+    max_tokens: TokenCountField | None = None
+    """openai: output tokens asked for per request (max_tokens); default 128."""
+    input_tokens: TokenCountField | None = None
+    """openai: words of each synthetic prompt (about one token each); default 128."""
+    prompt_file: str | None = None
+    """openai: JSONL prompts instead of synthetic ones, one {"prompt": ...} or {"messages": [...]} a line."""
+
+    @field_validator("prompt_file")
+    @classmethod
+    def _prompt_file_exists(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).is_file():
+            raise ValueError("no such file")
+        return value
+
+    @model_validator(mode="after")
+    def _openai_keys(self) -> Target:
+        if self.protocol != "openai":
+            given = [key for key in _OPENAI_KEYS if getattr(self, key) is not None]
+            if given:
+                raise ValueError(f'{", ".join(given)}: only for protocol = "openai", not {self.protocol!r}')
+        elif self.prompt_file is not None and self.input_tokens is not None:
+            raise ValueError("give input_tokens (synthetic prompts) or prompt_file, not both")
+        return self
 
 
 class Stage(_Strict):

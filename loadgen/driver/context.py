@@ -4,6 +4,9 @@ The context is attached as `environment.loadgen` (no module-level state), so the
 classes serve a headless `loadgen run` and `locust -f loadgen/driver/locustfile.py` with its web
 UI. It owns the protocol client and the recorder, forwards each Outcome to the recorder and to
 Locust's `request` event (Locust's own stats and UI), and keeps the interval clock.
+
+A client that streams (`client.streams`, protocol openai) returns StreamOutcomes: `on_outcome` is
+then `record_stream`, chosen once here, so other protocols pay nothing per request for it.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import numpy as np
 from gevent.event import Event
 
 from loadgen.driver.dispatcher import Dispatcher
-from loadgen.outcome import Outcome
+from loadgen.outcome import Outcome, StreamOutcome
 from loadgen.patterns.schedule import profile_of, schedule
 from loadgen.recorder import Recorder
 from loadgen.scenario import ClosedLoop, OpenLoop, Scenario
@@ -44,7 +47,11 @@ class LoadContext:
         self.peak_in_flight = 0
         self._rng = np.random.default_rng(getattr(self.pattern, "seed", 0))
         self._fire = environment.events.request.fire if environment is not None else None
-        self._name = f"{scenario.target.model} infer"
+        self._name = getattr(client, "request_name", None) or f"{scenario.target.model} infer"
+        self.streams = bool(getattr(client, "streams", False))
+        """Outcomes carry token timings (StreamOutcome) and the recorder keeps TTFT, ITL and TPOT."""
+        self.on_outcome = self.record_stream if self.streams else self.record
+        """Where each Outcome of the run goes."""
         self._profile = profile_of(self.pattern) if isinstance(self.pattern, OpenLoop) else None
 
     # -- clocks ---------------------------------------------------------------------------------
@@ -52,7 +59,9 @@ class LoadContext:
         """Fix the run start (time.monotonic()) and create the recorder for the run window."""
         self.start_t = time.monotonic() if start_t is None else start_t
         self.end_t = self.start_t + self.pattern.total_duration
-        self.recorder = Recorder(self.start_t, self.scenario.output.interval, window_end_t=self.end_t)
+        self.recorder = Recorder(
+            self.start_t, self.scenario.output.interval, window_end_t=self.end_t, streams=self.streams
+        )
         self._ticker = gevent.spawn(self._tick)
 
     def _tick(self) -> None:
@@ -106,6 +115,22 @@ class LoadContext:
                 context=None,
             )
 
+    def record_stream(self, outcome: StreamOutcome) -> None:
+        """record() for a streamed response: its token chunk instants and token count go along."""
+        self.recorder.record_stream(
+            outcome.intended_t, outcome.sent_t, outcome.done_t, outcome.error, outcome.token_times,
+            outcome.output_tokens,
+        )
+        if self._fire is not None:
+            self._fire(
+                request_type="POST",
+                name=self._name,
+                response_time=(outcome.done_t - outcome.sent_t) * 1000.0,
+                response_length=outcome.response_bytes,
+                exception=_LocustError(outcome) if outcome.error else None,
+                context=None,
+            )
+
     def record_dropped(self, intended_t: float) -> None:
         self.recorder.record_dropped(intended_t)
 
@@ -114,7 +139,7 @@ class LoadContext:
         pattern = self.pattern
         assert isinstance(pattern, OpenLoop)
         self.dispatcher = Dispatcher(
-            self.client.send, self.record, self.record_dropped, pattern.max_in_flight
+            self.client.send, self.on_outcome, self.record_dropped, pattern.max_in_flight
         )
         self.dispatcher.run(self.start_t, schedule(pattern))
 
@@ -127,7 +152,7 @@ class LoadContext:
         self._user_requests += 1
         self.peak_in_flight = max(self.peak_in_flight, self._user_requests)
         try:
-            self.record(self.client.send(time.monotonic()))
+            self.on_outcome(self.client.send(time.monotonic()))
         finally:
             self._user_requests -= 1
 
@@ -146,7 +171,7 @@ class LoadContext:
 class _LocustError(Exception):
     """How a failed Outcome appears in Locust's failure table."""
 
-    def __init__(self, outcome: Outcome) -> None:
+    def __init__(self, outcome: Outcome | StreamOutcome) -> None:
         super().__init__(f"{outcome.error}: {outcome.message}"[:200])
 
 

@@ -1,7 +1,8 @@
 """Protocol clients, one module each; `make_client` picks one by the target's protocol name.
 
 A client has `prepare() -> metadata` (readiness check, raises TargetError), `send(intended_t)
--> Outcome` (never raises for a failed request) and `close()`.
+-> Outcome` (never raises for a failed request) and `close()`. A client whose `streams` attribute is
+true returns StreamOutcomes (token timings too) and the driver records them as such.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from loadgen.scenario import Target
 
 __all__ = ["PROTOCOLS", "make_client"]
 
-PROTOCOLS = ("kserve-http",)
+PROTOCOLS = ("kserve-http", "openai")
 
 
 def make_client(target: Target, seed: int = 0) -> Any:
@@ -20,4 +21,8 @@ def make_client(target: Target, seed: int = 0) -> Any:
         from loadgen.protocols.kserve_http import KServeHttpClient
 
         return KServeHttpClient(target, seed)
+    if target.protocol == "openai":
+        from loadgen.protocols.openai import OpenAIClient
+
+        return OpenAIClient(target, seed)
     raise ValueError(f"unknown protocol {target.protocol!r}; known: {', '.join(PROTOCOLS)}")

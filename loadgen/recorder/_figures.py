@@ -4,6 +4,10 @@ Place in the flow: the Recorder fills a HistogramSet per interval and adds each 
 cumulative set; Locust workers send `encode()`d sets to the master, which `decode()`s and `add()`s them
 (exact: histogram counts add bucket by bucket); the sinks read percentiles from them.
 See loadgen/recorder/_recorder.py for what each histogram and counter measures.
+
+Streamed responses (protocol openai) add a StreamFigures to the set (`stream`): TTFT, ITL and TPOT
+histograms and the output token counts. Sets of other protocols have none (`stream` is None), so
+they create, merge and encode nothing more than before.
 """
 
 from __future__ import annotations
@@ -19,7 +23,56 @@ HISTOGRAMS = ("latency", "service", "lag")
 """Names of the histogram fields, in the order the sinks show them."""
 COUNTERS = ("ok", "dropped", "out_of_range", "completed_in_window", "sent")
 """Names of the integer counter fields (errors, a dict, is handled beside them)."""
+STREAM_HISTOGRAMS = ("ttft", "ttft_service", "itl", "tpot")
+"""Names of the StreamFigures histogram fields, in the order the sinks show them."""
+STREAM_COUNTERS = ("streams", "output_tokens", "output_tokens_in_window")
+"""Names of the StreamFigures counter fields."""
 _PERCENTILES = {"p50": 50.0, "p90": 90.0, "p99": 99.0, "p99_9": 99.9}
+
+
+@dataclass(eq=False)
+class StreamFigures:
+    """The token-level figures of successful streamed responses, in microseconds, and token counts.
+
+    >>> StreamFigures().output_tokens
+    0
+    """
+
+    ttft: HdrHistogram = field(default_factory=new_histogram)
+    """First token chunk arrival - intended_t (open loop: from the intended send, as latency)."""
+    ttft_service: HdrHistogram = field(default_factory=new_histogram)
+    """First token chunk arrival - sent_t."""
+    itl: HdrHistogram = field(default_factory=new_histogram)
+    """Every gap between two successive token chunks of a response, pooled over responses."""
+    tpot: HdrHistogram = field(default_factory=new_histogram)
+    """Per response with 2+ output tokens: (last token chunk - first token chunk) / (tokens - 1)."""
+    streams: int = 0
+    """Successful streamed responses."""
+    output_tokens: int = 0
+    """Output tokens of successful responses (usage.completion_tokens, else token chunks)."""
+    output_tokens_in_window: int = 0
+    """Output tokens of the successful responses that completed by the recorder's window_end_t."""
+
+    def add(self, other: StreamFigures) -> None:
+        for name in STREAM_HISTOGRAMS:
+            add_histogram(getattr(self, name), getattr(other, name))
+        for name in STREAM_COUNTERS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def encode(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            name: getattr(self, name).encode().decode("ascii") for name in STREAM_HISTOGRAMS
+        }
+        data.update({name: int(getattr(self, name)) for name in STREAM_COUNTERS})
+        return data
+
+    @classmethod
+    def decode(cls, data: dict[str, Any]) -> StreamFigures:
+        missing = [key for key in (*STREAM_HISTOGRAMS, *STREAM_COUNTERS) if key not in data]
+        if missing:
+            raise ValueError(f"encoded StreamFigures lacks key(s) {', '.join(missing)}")
+        histograms = {name: _decode_histogram(data[name]) for name in STREAM_HISTOGRAMS}
+        return cls(**histograms, **{name: int(data[name]) for name in STREAM_COUNTERS})
 
 
 @dataclass(eq=False)
@@ -51,6 +104,18 @@ class HistogramSet:
     """Responses, ok or not, that completed by the recorder's window_end_t."""
     sent: int = 0
     """Requests recorded (one per Recorder.record call)."""
+    stream: StreamFigures | None = None
+    """Token-level figures when the responses were streamed (protocol openai), else None."""
+
+    @classmethod
+    def streaming(cls) -> HistogramSet:
+        """An empty set with StreamFigures."""
+        return cls(stream=StreamFigures())
+
+    @property
+    def histogram_names(self) -> tuple[str, ...]:
+        """The names percentiles_ms accepts for this set."""
+        return HISTOGRAMS if self.stream is None else (*HISTOGRAMS, *STREAM_HISTOGRAMS)
 
     @property
     def requests(self) -> int:
@@ -65,12 +130,18 @@ class HistogramSet:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for kind, count in other.errors.items():
             self.errors[kind] = self.errors.get(kind, 0) + count
+        if other.stream is not None:
+            if self.stream is None:
+                self.stream = StreamFigures()
+            self.stream.add(other.stream)
 
     def encode(self) -> dict[str, Any]:
         """A JSON-able dict: histograms as hdrh's base64 strings, counters as ints."""
         data: dict[str, Any] = {name: getattr(self, name).encode().decode("ascii") for name in HISTOGRAMS}
         data.update({name: int(getattr(self, name)) for name in COUNTERS})
         data["errors"] = {str(kind): int(count) for kind, count in self.errors.items()}
+        if self.stream is not None:
+            data["stream"] = self.stream.encode()
         return data
 
     @classmethod
@@ -82,17 +153,23 @@ class HistogramSet:
         histograms = {name: _decode_histogram(data[name]) for name in HISTOGRAMS}
         counters = {name: int(data[name]) for name in COUNTERS}
         errors = {str(kind): int(count) for kind, count in data["errors"].items()}
-        return cls(**histograms, **counters, errors=errors)
+        stream = StreamFigures.decode(data["stream"]) if data.get("stream") is not None else None
+        return cls(**histograms, **counters, errors=errors, stream=stream)
 
     def percentiles_ms(self, which: str) -> dict[str, float]:
         """p50, p90, p99, p99_9, max and mean of one histogram, in ms (3 decimals); zeros when empty.
 
+        `which` is one of HISTOGRAMS, or of STREAM_HISTOGRAMS when the set has StreamFigures.
+
         >>> HistogramSet().percentiles_ms("latency")["p99"]
         0.0
         """
-        if which not in HISTOGRAMS:
-            raise ValueError(f"which must be one of {', '.join(HISTOGRAMS)}, not {which!r}")
-        hist: HdrHistogram = getattr(self, which)
+        if which in HISTOGRAMS:
+            hist: HdrHistogram = getattr(self, which)
+        elif which in STREAM_HISTOGRAMS and self.stream is not None:
+            hist = getattr(self.stream, which)
+        else:
+            raise ValueError(f"which must be one of {', '.join(self.histogram_names)}, not {which!r}")
         if hist.get_total_count() == 0:
             return {key: 0.0 for key in (*_PERCENTILES, "max", "mean")}
         values = values_at_percentiles(hist, _PERCENTILES.values())

@@ -26,6 +26,20 @@ when it succeeded, else a short string such as "http_503", "timeout", "connect",
 - A sample belongs to the interval that is open when it is flushed: record() is called when the
   response completes, and the driver closes intervals on the clock.
 
+Streamed responses (record_stream; a Recorder made with streams=True) add, for successful ones only,
+from the arrival instants of the chunks that carried output tokens (first_t, ..., last_t) and the
+response's output token count n:
+- ttft         = first_t - intended_t (open loop: from the intended send, like latency)
+- ttft_service = first_t - sent_t
+- itl          = each gap between successive token chunks of one response, pooled over responses
+                 (vLLM's ITL: per chunk, not divided by the tokens a chunk carries)
+- tpot         = (last_t - first_t) / (n - 1), only when n > 1: (e2e - ttft) / (n - 1) with the
+                 end-to-end time taken at the last token chunk (vLLM's newer rule), so the usage
+                 chunk and [DONE] that follow it do not count
+- output_tokens (and output_tokens_in_window, for responses with done_t <= window_end_t).
+A successful stream with no token chunk counts its tokens (if any) and has no TTFT, ITL or TPOT.
+latency, service and lag of a stream are recorded exactly as for any other request.
+
 Hot path: record() only appends to plain lists; flush() converts each batch with numpy and records it
 with record_many (one vectorised step per histogram), so a request costs well under a microsecond.
 Closing an interval costs about a millisecond in all; `close_interval_steps` does it in slices of
@@ -35,12 +49,20 @@ is service time measured wrong).
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from loadgen.recorder._figures import COUNTERS, HISTOGRAMS, HistogramSet, Interval, add_histogram
+from loadgen.recorder._figures import (
+    COUNTERS,
+    HISTOGRAMS,
+    HistogramSet,
+    Interval,
+    StreamFigures,
+    add_histogram,
+)
 from loadgen.recorder._hdr import HIGHEST_US, record_many
 
 # Before casting to int64, pull floats into a range that stays out of range (so it is counted) but
@@ -59,21 +81,29 @@ class Recorder:
     (1.5, 0.2)
     """
 
-    def __init__(self, start_t: float, interval_s: float = 1.0, window_end_t: float = float("inf")) -> None:
+    def __init__(
+        self,
+        start_t: float,
+        interval_s: float = 1.0,
+        window_end_t: float = float("inf"),
+        streams: bool = False,
+    ) -> None:
         self.start_t = start_t
         """Monotonic time the run (and the first interval) starts."""
         self.interval_s = interval_s
         """Intended interval length; the driver calls close_interval on that beat."""
         self.window_end_t = window_end_t
         """Responses completing after this instant do not count towards completed_in_window."""
-        self.cumulative = HistogramSet()
+        self.streams = streams
+        """True when outcomes come with token timings (record_stream): every set has StreamFigures."""
+        self.cumulative = self._new_set()
         """Sum of every closed (or merged) interval."""
         self.intervals: list[Interval] = []
         """Closed intervals, oldest first (merged ones in arrival order)."""
         self.closing = False
         """True while a closed interval is being added into `cumulative` in slices (close_interval_steps):
         `cumulative` then holds part of it, so readers between slices (a live exporter) wait for False."""
-        self._current = HistogramSet()
+        self._current = self._new_set()
         self._spare: HistogramSet | None = None  # the next interval's, made ahead of time
         self._current_start_t = start_t
         self._finished = False
@@ -82,6 +112,10 @@ class Recorder:
         self._ok_done: list[float] = []
         self._failed: list[tuple[float, float, float, str]] = []
         self._dropped = 0
+        self._streams: list[tuple[float, float, float, Sequence[float], int]] = []
+
+    def _new_set(self) -> HistogramSet:
+        return HistogramSet.streaming() if self.streams else HistogramSet()
 
     def record(self, intended_t: float, sent_t: float, done_t: float, error: str | None) -> None:
         """Buffer one request's outcome (hot path: list appends only)."""
@@ -91,6 +125,21 @@ class Recorder:
             self._ok_done.append(done_t)
         else:
             self._failed.append((intended_t, sent_t, done_t, error))
+
+    def record_stream(
+        self,
+        intended_t: float,
+        sent_t: float,
+        done_t: float,
+        error: str | None,
+        token_times: Sequence[float],
+        output_tokens: int,
+    ) -> None:
+        """Buffer one streamed response: as record(), plus its token chunk instants and token count
+        when it succeeded. Only for a Recorder made with streams=True."""
+        self.record(intended_t, sent_t, done_t, error)
+        if error is None:
+            self._streams.append((intended_t, sent_t, done_t, token_times, output_tokens))
 
     def record_dropped(self, intended_t: float) -> None:
         """Count an arrival that could not be started; it has no latency."""
@@ -115,7 +164,7 @@ class Recorder:
         `cumulative` once the generator is exhausted.
         """
         figures, taken = self._current, self._take_buffers()
-        self._current = self._spare if self._spare is not None else HistogramSet()
+        self._current = self._spare if self._spare is not None else self._new_set()
         self._spare = None
         start_t, self._current_start_t = self._current_start_t, end_t
         yield
@@ -124,7 +173,7 @@ class Recorder:
         yield from self._add_steps(self.cumulative, figures)
         self.intervals.append(Interval(start_t=start_t, end_t=end_t, figures=figures))
         self.closing = False
-        self._spare = HistogramSet()
+        self._spare = self._new_set()
 
     @staticmethod
     def _add_steps(into: HistogramSet, figures: HistogramSet) -> Iterator[None]:
@@ -135,6 +184,10 @@ class Recorder:
             setattr(into, name, getattr(into, name) + getattr(figures, name))
         for kind, count in figures.errors.items():
             into.errors[kind] = into.errors.get(kind, 0) + count
+        if figures.stream is not None:
+            if into.stream is None:
+                into.stream = StreamFigures()
+            into.stream.add(figures.stream)
 
     def finish(self, end_t: float) -> None:
         """Close the last, possibly partial, interval; calling it again changes nothing."""
@@ -150,15 +203,16 @@ class Recorder:
         self.cumulative.add(interval.figures)
         self.intervals.append(interval)
 
-    def _take_buffers(self) -> tuple[list[float], list[float], list[float], list, int]:
+    def _take_buffers(self) -> tuple[list[float], list[float], list[float], list, int, list]:
         """Hand over every buffered sample and start empty buffers (record() appends to the new ones)."""
-        taken = (self._ok_intended, self._ok_sent, self._ok_done, self._failed, self._dropped)
+        taken = (self._ok_intended, self._ok_sent, self._ok_done, self._failed, self._dropped, self._streams)
         self._ok_intended, self._ok_sent, self._ok_done, self._failed = [], [], [], []
         self._dropped = 0
+        self._streams = []
         return taken
 
     def _flush_steps(self, figures: HistogramSet, taken: tuple) -> Iterator[None]:
-        ok_intended, ok_sent, ok_done, failed, dropped = taken
+        ok_intended, ok_sent, ok_done, failed, dropped, streams = taken
         figures.dropped += dropped
         if ok_done:
             intended, sent, done = (np.array(column, dtype=np.float64) for column in (ok_intended, ok_sent, ok_done))
@@ -173,6 +227,11 @@ class Recorder:
             yield
         if failed:
             self._flush_failed(figures, failed)
+        if streams:
+            if figures.stream is None:
+                figures.stream = StreamFigures()
+            figures.out_of_range += _flush_streams(figures.stream, streams, self.window_end_t)
+            yield
 
     def _flush_failed(self, figures: HistogramSet, failed: list) -> None:
         intended, sent, done, kinds = zip(*failed, strict=True)
@@ -182,6 +241,32 @@ class Recorder:
             figures.errors[kind] = figures.errors.get(kind, 0) + kind_count
         figures.sent += len(failed)
         figures.completed_in_window += int(np.count_nonzero(done_a <= self.window_end_t))
+
+
+def _flush_streams(into: StreamFigures, streams: list, window_end_t: float) -> int:
+    """Record buffered streams (intended, sent, done, token_times, tokens); returns the values clamped."""
+    intended, sent, done, times, tokens = zip(*streams, strict=True)
+    tokens_a = np.array(tokens, dtype=np.int64)
+    into.streams += len(streams)
+    into.output_tokens += int(tokens_a.sum())
+    into.output_tokens_in_window += int(tokens_a[np.array(done) <= window_end_t].sum())
+    counts = np.array([len(t) for t in times], dtype=np.int64)
+    has = counts > 0
+    if not has.any():
+        return 0
+    flat = np.fromiter(itertools.chain.from_iterable(times), dtype=np.float64, count=int(counts.sum()))
+    ends = np.cumsum(counts)[has]  # one past each response's last token chunk in `flat`
+    first, last = flat[ends - counts[has]], flat[ends - 1]
+    clamped = record_many(into.ttft, _to_us(first - np.array(intended)[has]))
+    clamped += record_many(into.ttft_service, _to_us(first - np.array(sent)[has]))
+    gaps = np.diff(flat)
+    within = np.ones(gaps.size, dtype=bool)
+    within[ends[:-1] - 1] = False  # the gap from one response's last chunk to the next one's first
+    clamped += record_many(into.itl, _to_us(gaps[within]))
+    several = tokens_a[has] > 1
+    tpot = (last - first)[several] / (tokens_a[has][several] - 1)
+    clamped += record_many(into.tpot, _to_us(tpot))
+    return clamped
 
 
 def _to_us(seconds: np.ndarray) -> np.ndarray:

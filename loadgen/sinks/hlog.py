@@ -8,6 +8,9 @@ StartTime/BaseTime header in epoch seconds, a legend, then per interval three li
     Tag=service,<start>,<length>,<max>,<service histogram>
     Tag=lag,<start>,<length>,<max>,<lag histogram>
 
+A streamed run (protocol openai) adds four tagged lines per interval after these: Tag=ttft,
+Tag=ttft_service, Tag=itl and Tag=tpot (loadgen/recorder/_recorder.py says what each measures).
+
 Start times are seconds since the log's start; values are microseconds, so the max column is divided
 by 1000 and reads in milliseconds.
 """
@@ -23,11 +26,14 @@ from hdrh.histogram import HdrHistogram
 from hdrh.log import HistogramLogReader, HistogramLogWriter
 
 from loadgen.recorder import Interval, Recorder, new_histogram
+from loadgen.recorder._figures import STREAM_HISTOGRAMS
 
 MAX_VALUE_UNIT_RATIO = 1000.0
 """Divisor for the max column: histogram values are microseconds, the column reads milliseconds."""
 TAGS: dict[str, str | None] = {"latency": None, "service": "service", "lag": "lag"}
 """Histogram field -> tag in the log (None: untagged)."""
+STREAM_TAGS: dict[str, str] = {name: name for name in STREAM_HISTOGRAMS}
+"""StreamFigures histogram field -> tag in the log, written for intervals that have them."""
 
 
 def write_hlog(path: str | os.PathLike[str], recorder: Recorder, start_epoch_s: float) -> None:
@@ -44,7 +50,7 @@ def write_hlog(path: str | os.PathLike[str], recorder: Recorder, start_epoch_s: 
     log_start_epoch_s = start_epoch_s - (recorder.start_t - log_start_t)
     with open(path, "w", encoding="utf-8") as out:
         writer = HistogramLogWriter(out)
-        _write_header(writer, log_start_epoch_s)
+        _write_header(writer, log_start_epoch_s, any(i.figures.stream is not None for i in intervals))
         for interval in intervals:
             _write_interval(out, writer, interval, log_start_t)
 
@@ -65,7 +71,7 @@ def read_hlog(path: str | os.PathLike[str]) -> dict[str | None, list[HdrHistogra
     return by_tag
 
 
-def _write_header(writer: HistogramLogWriter, start_epoch_s: float) -> None:
+def _write_header(writer: HistogramLogWriter, start_epoch_s: float, streams: bool = False) -> None:
     writer.output_log_format_version()
     # hdrh 0.10.8's output_start_time() fails on epoch times (it treats milliseconds as seconds),
     # so the StartTime line is written as a comment in the same format its reader parses.
@@ -75,15 +81,24 @@ def _write_header(writer: HistogramLogWriter, start_epoch_s: float) -> None:
     floored = math.floor(start_epoch_s * 1e6) / 1e6
     writer.output_comment(f"[StartTime: {floored:.6f} (seconds since epoch), {started}]")
     writer.output_base_time(start_epoch_s * 1000.0)
-    writer.output_comment("[Values in microseconds; untagged = latency, Tag=service, Tag=lag]")
+    tags = "untagged = latency, Tag=service, Tag=lag"
+    if streams:
+        tags += ", " + ", ".join(f"Tag={tag}" for tag in STREAM_TAGS.values())
+    writer.output_comment(f"[Values in microseconds; {tags}]")
     writer.output_legend()
 
 
 def _write_interval(out: TextIO, writer: HistogramLogWriter, interval: Interval, log_start_t: float) -> None:
     start_s = interval.start_t - log_start_t
     end_s = interval.end_t - log_start_t
-    for name, tag in TAGS.items():
-        hist = _Stamped(getattr(interval.figures, name), start_s, end_s)
+    figures = interval.figures
+    lines: list[tuple[str | None, HdrHistogram]] = [
+        (tag, getattr(figures, name)) for name, tag in TAGS.items()
+    ]
+    if figures.stream is not None:
+        lines += [(tag, getattr(figures.stream, name)) for name, tag in STREAM_TAGS.items()]
+    for tag, histogram in lines:
+        hist = _Stamped(histogram, start_s, end_s)
         if tag is not None:
             # The writer has no tag argument; the format puts "Tag=<name>," before the line.
             out.write(f"Tag={tag},")

@@ -2,7 +2,8 @@
 
 Place in the flow: Recorder -> **summary** -> summary.json, terminal table, sweep steps and reports.
 Every percentile comes from the recorder's cumulative HDR histograms; see
-loadgen/recorder/_recorder.py for what latency, service and lag measure.
+loadgen/recorder/_recorder.py for what latency, service and lag (and for streamed responses TTFT,
+ITL and TPOT) measure.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 import os
 from typing import Any
 
-from loadgen.recorder import Recorder
+from loadgen.recorder import HistogramSet, Recorder
 
 
 def build_summary(
@@ -50,8 +51,30 @@ def build_summary(
         "service_ms": figures.percentiles_ms("service"),
         "lag_ms": figures.percentiles_ms("lag"),
     }
+    if figures.stream is not None:
+        summary.update(stream_summary(figures, duration_s))
     summary.update(extra or {})
     return summary
+
+
+def stream_summary(figures: HistogramSet, duration_s: float) -> dict[str, Any]:
+    """The token-level figures of a streamed run (protocol openai).
+
+    ttft_ms (from the intended send, as latency_ms), ttft_service_ms (from the actual send), itl_ms
+    (gaps between token chunks, pooled), tpot_ms (per response), each with latency_ms's keys;
+    output_tokens of every successful response, and output_tokens_per_s: the tokens of the
+    responses that completed within the run window over its length (as achieved_rps counts them).
+    """
+    stream = figures.stream
+    assert stream is not None
+    return {
+        "ttft_ms": figures.percentiles_ms("ttft"),
+        "ttft_service_ms": figures.percentiles_ms("ttft_service"),
+        "itl_ms": figures.percentiles_ms("itl"),
+        "tpot_ms": figures.percentiles_ms("tpot"),
+        "output_tokens": stream.output_tokens,
+        "output_tokens_per_s": _rate(stream.output_tokens_in_window, duration_s),
+    }
 
 
 def write_summary(path: str | os.PathLike[str], summary: dict[str, Any]) -> None:

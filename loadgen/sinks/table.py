@@ -10,6 +10,9 @@ text, so it reads the same in a CI log as in a terminal.
     rate     offered 500.0/s   sent 500.0/s   achieved 500.0/s
     count    1000 requests, 980 ok, 20 errors (http_503 20), 1 dropped
     GENERATOR-BOUND: lag p99 2.1 ms > 1 ms (these figures describe the generator, not the endpoint)
+
+A streamed run (protocol openai) adds rows ttft, itl and tpot after lag, and a tokens line with the
+output tokens per second (see loadgen/sinks/summary.py).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from __future__ import annotations
 from typing import Any
 
 ROWS = ("latency", "service", "lag")
+STREAM_ROWS = ("ttft", "itl", "tpot")
+"""Rows added when the summary has them (streamed runs)."""
 COLUMNS = {"p50": "p50", "p90": "p90", "p99": "p99", "p99_9": "p99.9", "max": "max", "mean": "mean"}
 """Summary key -> column heading."""
 _LABEL_WIDTH = 9
@@ -29,7 +34,10 @@ def render_table(summary: dict[str, Any]) -> str:
     >>> print(render_table(summary))  # doctest: +SKIP
     """
     lines = [_header(), *(_row(name, summary.get(f"{name}_ms", {})) for name in ROWS)]
+    lines += [_row(name, summary[f"{name}_ms"]) for name in STREAM_ROWS if f"{name}_ms" in summary]
     lines.append(_rates_line(summary))
+    if "output_tokens_per_s" in summary:
+        lines.append(_tokens_line(summary))
     lines.append(_counts_line(summary))
     if summary.get("generator_bound"):
         lines.append(_bound_line(summary.get("generator", {})))
@@ -60,6 +68,11 @@ def _row(name: str, figures: dict[str, float]) -> str:
 def _rates_line(summary: dict[str, Any]) -> str:
     rates = (f"{kind} {summary.get(f'{kind}_rps', 0.0):.1f}/s" for kind in ("offered", "sent", "achieved"))
     return f"{'rate':<{_LABEL_WIDTH}}" + "   ".join(rates)
+
+
+def _tokens_line(summary: dict[str, Any]) -> str:
+    return (f"{'tokens':<{_LABEL_WIDTH}}output {summary['output_tokens_per_s']:.1f}/s   "
+            f"{summary.get('output_tokens', 0)} output tokens")
 
 
 def _counts_line(summary: dict[str, Any]) -> str:
