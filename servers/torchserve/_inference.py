@@ -1,0 +1,197 @@
+"""The inference API (default port 8080) of the TorchServe-compatible server (PROTOCOLS.md 5.2).
+
+Routes, as TorchServe 0.12's InferenceRequestHandler: `/ping` (any method); `/predictions/{m}[/{v}]`
+(any method: a GET reaches the handler too); `/explanations/{m}[/{v}]` (the same with the request
+header `explain: True`, which BaseHandler turns into explain_handle); the KServe wrappers
+`/v1/models/{m}:predict|:explain` and `/v2/models/{m}/infer|explain`, whose bodies go to the handler
+as they are (no service envelope); `/invocations?model_name=` and `/models/{m}/invoke`; the legacy
+`/{m}/predict`; `OPTIONS /` and `/api-description`. Anything else is 404 ResourceNotFoundException.
+
+A request becomes the handler's input as TorchServe's front end and Python backend make it: a
+multipart/form-data or urlencoded body gives one input per field (file parts keep their content
+type), any other body is the input `body` with the request's content type; then, with
+decode_input_request (the default), `application/json` arrives parsed (raw bytes when it does not
+parse) and `text/*` as str. The handler also sees the request headers (names lower-case), plus
+`explain` and `url_path` as TorchServe adds them. Its answer is sent with the status, reason phrase
+(empty by default), content type and headers it set; a handler that streams
+(send_intermediate_predict_response) gets a chunked response, one chunk per part.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import json
+import time
+import uuid
+from typing import Any
+from urllib.parse import parse_qs, parse_qsl, unquote, urlsplit
+
+from servers.core.http1 import Request as HttpRequest
+from servers.torchserve._auth import TokenAuth
+from servers.torchserve._handler import Answer, Failure, Request
+from servers.torchserve._http import STREAMED, Send
+from servers.torchserve._models import ModelManager
+from servers.torchserve._openapi import describe_api
+from servers.torchserve._wire import NOT_FOUND, Reply, TsError, chunk, chunked_head, error_reply, json_reply
+
+__all__ = ["InferenceApi", "answer_reply", "request_parameters"]
+
+_HEALTHY = json_reply({"status": "Healthy"})
+_UNHEALTHY = json_reply({"status": "Unhealthy"}, 500)
+_HIDDEN_HEADERS = {"ts_stream_next", "content-type"}
+
+
+class InferenceApi:
+    """Routes of the inference port over one ModelManager."""
+
+    def __init__(self, models: ModelManager, auth: TokenAuth, decode_input: bool = True) -> None:
+        self.models = models
+        self._auth = auth
+        self._decode = decode_input
+        self._description = json_reply(describe_api("inference"))
+
+    def handle(self, request: HttpRequest, send: Send) -> Any:
+        self._auth.check("inference", request.headers.get("authorization"))
+        target = urlsplit(request.target)
+        segments = [unquote(part) for part in target.path.split("/")[1:]]
+        if target.path == "/":
+            return self._description if request.method == "OPTIONS" else error_reply(NOT_FOUND)
+        head = segments[0]
+        if head == "ping":
+            return _HEALTHY if self.models.healthy() else _UNHEALTHY
+        if head == "api-description" and len(segments) == 1:
+            return self._description
+        route = _prediction_route(segments, target.query)
+        if route is None:
+            return error_reply(NOT_FOUND)
+        name, version, explain, query = route
+        return self._predict(request, name, version, explain, query, send)
+
+    async def _predict(self, http: HttpRequest, name: str, version: str | None, explain: bool,
+                       query: list[tuple[str, str]], send: Send) -> Any:
+        arrival_ns = time.perf_counter_ns()
+        request = Request(str(uuid.uuid4()), request_parameters(http, query, self._decode),
+                          {**http.headers, "url_path": "", "explain": "True" if explain else "False"})
+        stream = _Stream(send, request.request_id, self.models.metrics.count_response)
+        loop = asyncio.get_running_loop()
+        request.on_part = lambda part: loop.call_soon_threadsafe(stream.part, part)
+        outcome = await self.models.predict(name, version, request, arrival_ns)
+        if stream.started:
+            return stream.finish(outcome)
+        return answer_reply(outcome, request.request_id)
+
+
+def _prediction_route(segments: list[str], query: str) -> tuple[str, str | None, bool, list] | None:
+    """(model, version, explain, query parameters for the handler) of a prediction path, or None."""
+    head, count = segments[0], len(segments)
+    if head in ("predictions", "explanations"):
+        if count < 2 or not segments[1]:
+            return None
+        return segments[1], segments[2] if count >= 3 and segments[2] else None, head == "explanations", []
+    if head == "v1" and count == 3 and segments[1] == "models" and ":" in segments[2]:
+        name, _, action = segments[2].partition(":")
+        return (name, None, action == "explain", []) if action in ("predict", "explain") else None
+    if head == "v2" and count == 4 and segments[1] == "models" and segments[3] in ("infer", "explain"):
+        return segments[2], None, segments[3] == "explain", []
+    parameters = parse_qsl(query, keep_blank_values=True)
+    if head == "invocations" and count == 1:
+        name = parse_qs(query).get("model_name", [""])[0]
+        return (name, None, False, parameters) if name else None
+    if head == "models" and count == 3 and segments[2] == "invoke":
+        return segments[1], None, False, parameters
+    if count == 2 and segments[1] == "predict":
+        return segments[0], None, False, parameters
+    if count == 3 and segments[2] == "predict":
+        return segments[0], segments[1], False, parameters
+    return None
+
+
+def request_parameters(http: HttpRequest, query: list[tuple[str, str]],
+                       decode: bool) -> list[tuple[str, str, Any]]:
+    """The handler's inputs of one HTTP request: (name, content type, value) each."""
+    parameters: list[tuple[str, str, Any]] = [(key, "", value.encode()) for key, value in query]
+    content_type = http.headers.get("content-type", "")
+    mime = content_type.partition(";")[0].strip()
+    if mime.lower() == "multipart/form-data":
+        parameters.extend(_multipart(content_type, http.body, decode))
+    elif mime.lower() == "application/x-www-form-urlencoded":
+        fields = parse_qsl(http.body.decode("utf-8", "replace"), keep_blank_values=True)
+        parameters.extend((key, "", value.encode()) for key, value in fields)
+    else:
+        parameters.append(("body", mime, decode_value(mime, http.body, decode)))
+    return parameters
+
+
+def decode_value(content_type: str, value: bytes, decode: bool) -> Any:
+    """What TorchServe's backend makes of one input: parsed JSON, text, or the bytes as they came."""
+    if decode and content_type == "application/json":
+        try:
+            return json.loads(value.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            return value
+    if decode and content_type.startswith("text"):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return value
+    return value
+
+
+def _multipart(content_type: str, body: bytes, decode: bool) -> list[tuple[str, str, Any]]:
+    message = email.message_from_bytes(f"Content-Type: {content_type}\r\n\r\n".encode("latin-1") + body,
+                                       policy=email.policy.HTTP)
+    if not message.is_multipart():
+        raise TsError(400, "BadRequestException", "Invalid multipart/form-data body")
+    fields = []
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if name is None:
+            continue
+        payload = part.get_payload(decode=True) or b""
+        if part.get_filename() is None:
+            fields.append((str(name), "", payload))
+        else:
+            part_type = part.get_content_type()
+            fields.append((str(name), part_type, decode_value(part_type, payload, decode)))
+    return fields
+
+
+def answer_reply(outcome: Answer | Failure, request_id: str) -> Reply:
+    """The HTTP reply of one handler answer (its status, phrase, type, headers) or backend failure."""
+    if isinstance(outcome, Failure):
+        return error_reply(TsError(outcome.code, "InternalServerException", outcome.message))
+    headers = tuple((key, value) for key, value in outcome.headers if key.lower() not in _HIDDEN_HEADERS)
+    return Reply(outcome.status, outcome.body, outcome.content_type, outcome.reason, headers,
+                 request_id=request_id)
+
+
+class _Stream:
+    """A chunked prediction: the head with the first intermediate part, one chunk per part after it."""
+
+    def __init__(self, send: Send, request_id: str, count: Any) -> None:
+        self._send = send
+        self._request_id = request_id
+        self._count = count
+        self.started = False
+
+    def part(self, answer: Answer) -> None:
+        if not self.started:
+            self.started = True
+            headers = tuple((k, v) for k, v in answer.headers if k.lower() not in _HIDDEN_HEADERS)
+            self._count(answer.status)
+            self._send(chunked_head(answer.status, answer.reason, answer.content_type, headers,
+                                    self._request_id))
+        if answer.body:
+            self._send(chunk(answer.body))
+
+    def finish(self, outcome: Answer | Failure) -> object:
+        if isinstance(outcome, Failure):
+            body = error_reply(TsError(outcome.code, "InternalServerException", outcome.message)).body
+        else:
+            body = outcome.body
+        if body:
+            self._send(chunk(body))
+        self._send(chunk(b""))
+        return STREAMED

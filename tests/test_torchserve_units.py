@@ -1,0 +1,211 @@
+"""Pieces of the TorchServe-compatible server that need no server: config.properties, Gson's JSON,
+Java's doubles, TorchServe's backend answer format, the job queue and its batches."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from servers.torchserve import load_settings, read_properties
+from servers.torchserve._config import Address
+from servers.torchserve._handler import Request, decode_predict_response
+from servers.torchserve._metrics import HandlerMetrics, MetricsStore, java_double
+from servers.torchserve._wire import TsError, error_reply, format_reply, gson, json_reply
+from servers.torchserve._workers import Batching, Job, JobQueue, Worker, WorkerPool
+
+PROPERTIES = r"""
+# a comment
+! another
+inference_address=http://0.0.0.0:9080
+management_address : http://127.0.0.1:9081
+metrics_address http://127.0.0.1:9082
+grpc_inference_port=9070
+model_store=/models
+load_models=a.mar, b=b.mar
+models={\
+  "mlp": {\
+    "1.0": {"batchSize": 8, "maxBatchDelay": 5, "minWorkers": 2, "maxWorkers": 2}\
+  }\
+}
+default_workers_per_model=3
+job_queue_size=7
+disable_token_authorization=true
+enable_model_api=true
+metrics_mode=prometheus
+unknown_key=is ignored
+"""
+
+
+def test_properties_as_torchserve_reads_them() -> None:
+    props = read_properties(PROPERTIES)
+    settings, problems = load_settings(props, environ={})
+    assert problems == []
+    assert settings.inference == Address("0.0.0.0", 9080)
+    assert settings.management == Address("127.0.0.1", 9081)
+    assert settings.metrics == Address("127.0.0.1", 9082)
+    assert settings.grpc_inference == Address("127.0.0.1", 9070)
+    assert settings.grpc_management == Address("127.0.0.1", 7071)
+    assert str(settings.model_store) == "/models" and settings.load_models == ["a.mar", "b=b.mar"]
+    mlp = {"batchSize": 8, "maxBatchDelay": 5, "minWorkers": 2, "maxWorkers": 2}
+    assert settings.models == {"mlp": {"1.0": mlp}}
+    assert (settings.default_workers_per_model, settings.job_queue_size) == (3, 7)
+    assert (settings.token_auth, settings.model_api, settings.metrics_mode) == (False, True, "prometheus")
+
+
+def test_defaults_are_torchserves() -> None:
+    settings, problems = load_settings({}, environ={})
+    assert problems == []
+    assert (settings.inference.port, settings.management.port, settings.metrics.port) == (8080, 8081, 8082)
+    assert (settings.grpc_inference.port, settings.grpc_management.port) == (7070, 7071)
+    assert settings.token_auth and not settings.model_api and settings.metrics_mode == "log"
+    assert (settings.job_queue_size, settings.max_request_size) == (100, 6553500)
+    assert settings.default_workers_per_model == 0
+
+
+def test_every_bad_setting_is_reported_at_once() -> None:
+    props = {"inference_address": "https://127.0.0.1:8443", "management_address": "nonsense",
+             "job_queue_size": "many", "metrics_mode": "loud", "models": "{not json",
+             "enable_model_api": "yes",
+             "grpc_management_port": "99999"}
+    _, problems = load_settings(props, environ={})
+    assert len(problems) == 7, problems
+    assert any("https is not supported" in problem for problem in problems)
+    assert any(problem.startswith("job_queue_size") for problem in problems)
+
+
+def test_environment_overrides_only_when_enabled() -> None:
+    environ = {"TS_JOB_QUEUE_SIZE": "5", "TS_ENABLE_MODEL_API": "true"}
+    settings, _ = load_settings({"job_queue_size": "9"}, environ=environ)
+    assert settings.job_queue_size == 9 and not settings.model_api
+    settings, _ = load_settings({"job_queue_size": "9", "enable_envvars_config": "true"}, environ=environ)
+    assert settings.job_queue_size == 5 and settings.model_api
+
+
+def test_gson_pretty_printing_and_html_escapes() -> None:
+    assert gson({"status": "Healthy"}) == '{\n  "status": "Healthy"\n}'
+    assert gson({"a": [], "b": {}, "c": "x=<y>&'z'"}) == \
+        '{\n  "a": [],\n  "b": {},\n  "c": "x\\u003d\\u003cy\\u003e\\u0026\\u0027z\\u0027"\n}'
+    assert json.loads(gson({"c": "x=<y>"})) == {"c": "x=<y>"}
+
+
+def test_replies_carry_torchserves_headers() -> None:
+    ok = format_reply(json_reply({"status": "Healthy"}))
+    head, body = ok.split(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    assert lines[0] == "HTTP/1.1 200 OK"
+    assert [line.split(":")[0] for line in lines[1:]] == [
+        "content-type", "x-request-id", "Pragma", "Cache-Control", "Expires", "content-length", "connection"]
+    assert lines[-1] == "connection: keep-alive" and body == b'{\n  "status": "Healthy"\n}\n'
+    error = format_reply(error_reply(TsError(404, "ModelNotFoundException", "Model not found: x")))
+    assert error.startswith(b"HTTP/1.1 404 Not Found\r\n") and b"\r\nconnection: close\r\n" in error
+
+
+@pytest.mark.parametrize(("value", "text"), [
+    (6.0, "6.0"), (100567.57, "100567.57"), (23336.6484375, "23336.6484375"), (0.0, "0.0"), (1e7, "1.0E7"),
+    (12345678.0, "1.2345678E7"), (0.0005, "5.0E-4"), (-3.5e8, "-3.5E8"), (float("inf"), "+Inf"),
+])
+def test_java_double(value: float, text: str) -> None:
+    assert java_double(value) == text
+
+
+def test_backend_answers_decode_as_torchserve_encodes_them() -> None:
+    """ts.protocol.otf_message_handler.create_predict_response (TorchServe's own encoder) round trip."""
+    from ts.context import Context, RequestProcessor
+    from ts.protocol.otf_message_handler import create_predict_response
+
+    context = Context("m", "/tmp", {}, 2, None, "0.12.0")
+    context.request_processor = [RequestProcessor({}), RequestProcessor({})]
+    context.set_response_status(201, "Made", 1)
+    context.set_response_header(1, "x-extra", "yes")
+    context.set_response_content_type(1, "text/plain")
+    message = create_predict_response([[1.5, 2.0], "text"], {0: "id-a", 1: "id-b"}, "Prediction success", 200,
+                                      context)
+    code, text, answers = decode_predict_response(bytes(message))
+    assert (code, text) == (200, "Prediction success")
+    first, second = answers["id-a"], answers["id-b"]
+    assert first[:5] == (200, "", None, (), b"[\n  1.5,\n  2.0\n]")
+    assert (second.status, second.reason, second.content_type, second.body) == (201, "Made", "text/plain",
+                                                                                 b"text")
+    assert ("x-extra", "yes") in second.headers
+    failed = create_predict_response(None, {0: "id-a"}, "Prediction failed", 503)
+    assert decode_predict_response(bytes(failed))[:2] == (503, "Prediction failed")
+
+
+def test_handler_metrics_reach_the_page() -> None:
+    store = MetricsStore("host")
+    metrics = HandlerMetrics(store, "mlp")
+    metrics.add_time("HandlerTime", 1.25, None, "ms")
+    metrics.add_counter("Served", 2)
+    metrics.add_counter("Served", 3)
+    page = store.render("prometheus")
+    assert 'HandlerTime{ModelName="mlp",Level="Model",Hostname="host",} 1.25' in page
+    assert "# TYPE Served counter" in page
+    assert 'Served{ModelName="mlp",Level="Model",Hostname="host",} 5.0' in page
+    assert store.render("log") == ""
+    legacy = store.render("legacy")
+    assert "HandlerTime" not in legacy and "# TYPE ts_inference_requests_total counter" in legacy
+
+
+def _job(value: object, loop: asyncio.AbstractEventLoop) -> Job:
+    return Job(Request(str(value), [("body", "", value)]), time.perf_counter_ns(), loop.create_future())
+
+
+def test_job_queue_is_bounded_and_wakes_a_taker() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        queue = JobQueue(2)
+        worker = Worker(1, None)
+        assert queue.offer(_job(1, loop)) and queue.offer(_job(2, loop)) and not queue.offer(_job(3, loop))
+        assert queue.take(worker, None).request.request_id == "1"
+        assert queue.take(worker, time.monotonic()).request.request_id == "2"
+        start = time.monotonic()
+        assert queue.take(worker, start + 0.05) is None
+        assert time.monotonic() - start >= 0.05
+        taken: list = []
+        taker = threading.Thread(target=lambda: taken.append(queue.take(worker, None)))
+        taker.start()
+        time.sleep(0.05)
+        queue.offer(_job(4, loop))
+        taker.join(5)
+        assert taken[0].request.request_id == "4"
+        worker.stopping = True
+        assert queue.take(worker, None) is None
+    finally:
+        loop.close()
+
+
+def _pool(batching: Batching, loop: asyncio.AbstractEventLoop) -> WorkerPool:
+    archive = SimpleNamespace(name="m", version="1.0")
+    return WorkerPool(archive, batching, 100, loop=loop, worker_ids=iter(range(9000, 9100)).__next__, gpus=0,
+                      metrics=lambda: None)
+
+
+def test_batches_form_as_torchserve_polls_them() -> None:
+    """A batch takes what is queued up to batch_size; a lone job waits max_batch_delay for company; a
+    describe job runs alone and is not pulled into another batch."""
+    loop = asyncio.new_event_loop()
+    try:
+        pool = _pool(Batching(batch_size=3, max_batch_delay_ms=80), loop)
+        worker = Worker(9000, None)
+        for value in range(5):
+            pool.queue.offer(_job(value, loop))
+        assert [job.request.request_id for job in pool._gather(worker)] == ["0", "1", "2"]
+        start = time.monotonic()
+        assert [job.request.request_id for job in pool._gather(worker)] == ["3", "4"]
+        waited = time.monotonic() - start
+        assert 0.07 <= waited < 1.0, waited
+        describe = _job("describe", loop)
+        describe.alone = True
+        pool.queue.offer(_job(5, loop))
+        pool.queue.offer(describe)
+        pool.queue.offer(_job(6, loop))
+        assert [job.request.request_id for job in pool._gather(worker)] == ["5"]
+        assert [job.request.request_id for job in pool._gather(worker)] == ["describe"]
+        assert [job.request.request_id for job in pool._gather(worker)] == ["6"]
+    finally:
+        loop.close()
