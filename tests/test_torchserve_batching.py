@@ -1,0 +1,172 @@
+"""Workers and batching of the TorchServe-compatible server, as TorchServe's (PROTOCOLS.md 5.9).
+
+A probe handler answers each request with its own value and the size of the batch it ran in, so the
+client side sees how batches formed. Checked: with batch_size 8 and 16 concurrent clients the handler
+gets batches larger than 1 (never larger than 8) and every client gets exactly its own answer, on the
+probe and on the captures' mlp compared with the model in-process; max_batch_delay holds a lone request
+back that long and no longer once the batch is full; workers run in parallel and scale up and down.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from tests.conftest import TIMING
+from tests.test_torchserve_support import (
+    OPEN,
+    TorchServe,
+    archive,
+    model_store,  # noqa: F401 - the session fixture
+    start_torchserve,
+)
+
+pytestmark = pytest.mark.integration
+
+PROBE_HANDLER = '''
+"""Answers each request with its value, the batch size it ran in, and the worker that ran it."""
+import threading
+import time
+
+from ts.torch_handler.base_handler import BaseHandler
+
+
+class Probe(BaseHandler):
+    def initialize(self, context):
+        self.context = context
+        self.pause = float((context.model_yaml_config or {}).get("pause_s", 0.02))
+        self.initialized = True
+
+    def handle(self, data, context):
+        time.sleep(self.pause)  # a model that takes a while: batches form behind a busy worker
+        worker = threading.current_thread().name
+        return [{"value": row.get("body"), "batch": len(data), "worker": worker} for row in data]
+'''
+
+
+@pytest.fixture(scope="module")
+def server(model_store: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: F811
+    store = tmp_path_factory.mktemp("store")
+    shutil.copy(model_store / "mlp.mar", store / "mlp.mar")
+    work = tmp_path_factory.mktemp("work")
+    (work / "probe.py").write_text(PROBE_HANDLER)
+    archive(store, "probe", work / "probe.py")
+    (work / "slow.yaml").write_text("pause_s: 0.4\n")
+    archive(store, "sleepy", work / "probe.py", None, "--config-file", str(work / "slow.yaml"))
+    running = start_torchserve(store, tmp_path_factory.mktemp("server"), config=OPEN, grpc=False)
+    yield running
+    running.stop()
+
+
+def _register(server: TorchServe, query: str) -> None:
+    response = httpx.post(f"{server.management}/models?{query}", timeout=120)
+    assert response.status_code == 200, response.text
+
+
+def _unregister(server: TorchServe, name: str) -> None:
+    assert httpx.delete(f"{server.management}/models/{name}", timeout=30).status_code == 200
+
+
+def _concurrently(count: int, call) -> list:
+    with ThreadPoolExecutor(count) as pool:
+        return list(pool.map(call, range(count)))
+
+
+def test_batch_size_8_sixteen_clients_each_get_their_own(server: TorchServe) -> None:
+    _register(server, "url=probe.mar&model_name=probe8&batch_size=8&max_batch_delay=50&initial_workers=1")
+    url = f"{server.inference}/predictions/probe8"
+
+    def client(index: int) -> list[tuple[int, dict]]:
+        with httpx.Client(timeout=30) as session:
+            return [(index * 100 + round_, session.post(url, json=index * 100 + round_).json())
+                    for round_ in range(5)]
+
+    answers = [pair for pairs in _concurrently(16, client) for pair in pairs]
+    try:
+        assert len(answers) == 80
+        assert all(answer["value"] == sent for sent, answer in answers)
+        sizes = [answer["batch"] for _, answer in answers]
+        assert max(sizes) > 1 and max(sizes) <= 8, sizes
+    finally:
+        _unregister(server, "probe8")
+
+
+def test_mlp_batched_over_two_workers_equals_in_process(server: TorchServe, tmp_path: Path) -> None:
+    """The captures' mlp (float_handler stacks the rows of a batch) with batch_size 8 and 2 workers:
+    16 clients with rows of their own each get that row's outputs."""
+    _register(server, "url=mlp.mar&model_name=mlp8&batch_size=8&max_batch_delay=20&initial_workers=2")
+    shutil.copy(server.store / "mlp.mar", tmp_path / "mlp.zip")
+    shutil.unpack_archive(tmp_path / "mlp.zip", tmp_path / "mlp")
+    model = torch.jit.load(str(tmp_path / "mlp" / "mlp.pt"))
+    rows = torch.randn(16 * 4, 784, generator=torch.Generator().manual_seed(7))
+    with torch.inference_mode():
+        expected = model(rows)
+    url = f"{server.inference}/predictions/mlp8"
+
+    def client(index: int) -> list[tuple[int, list[float]]]:
+        with httpx.Client(timeout=30) as session:
+            own = range(index * 4, index * 4 + 4)
+            return [(row, session.post(url, json=rows[row].tolist()).json()) for row in own]
+
+    try:
+        for row, got in (pair for pairs in _concurrently(16, client) for pair in pairs):
+            assert got == pytest.approx(expected[row].tolist(), rel=1e-5, abs=1e-6), row
+    finally:
+        _unregister(server, "mlp8")
+
+
+@TIMING
+def test_max_batch_delay_holds_a_lone_request_and_a_full_batch_leaves_at_once(server: TorchServe) -> None:
+    _register(server, "url=probe.mar&model_name=lone&batch_size=8&max_batch_delay=300&initial_workers=1")
+    _register(server, "url=probe.mar&model_name=full&batch_size=8&max_batch_delay=5000&initial_workers=1")
+    try:
+        start = time.monotonic()
+        answer = httpx.post(f"{server.inference}/predictions/lone", json=1, timeout=30).json()
+        waited = time.monotonic() - start
+        assert answer["batch"] == 1 and 0.3 <= waited < 2.0, waited
+        start = time.monotonic()
+        answers = _concurrently(8, lambda i: httpx.post(f"{server.inference}/predictions/full", json=i,
+                                                        timeout=30).json())
+        assert time.monotonic() - start < 2.5  # far less than the 5 s delay: 8 rows fill the batch
+        assert sorted(answer["value"] for answer in answers) == list(range(8))
+        assert max(answer["batch"] for answer in answers) == 8
+    finally:
+        _unregister(server, "lone")
+        _unregister(server, "full")
+
+
+@TIMING
+def test_workers_run_in_parallel_and_scale(server: TorchServe) -> None:
+    """`sleepy` pauses 0.4 s a batch: with 2 workers two requests take about 0.4 s together, with 1
+    worker (scaled down synchronously) about 0.8 s."""
+    _register(server, "url=sleepy.mar&initial_workers=2")
+    url = f"{server.inference}/predictions/sleepy"
+    try:
+        start = time.monotonic()
+        answers = _concurrently(2, lambda i: httpx.post(url, json=i, timeout=30).json())
+        assert time.monotonic() - start < 0.75
+        assert len({answer["worker"] for answer in answers}) == 2
+        scaled = httpx.put(f"{server.management}/models/sleepy?min_worker=1&synchronous=true", timeout=30)
+        assert scaled.json() == {"status": "Workers scaled to 1 for model: sleepy"}
+        assert len(httpx.get(f"{server.management}/models/sleepy", timeout=10).json()[0]["workers"]) == 1
+        start = time.monotonic()
+        answers = _concurrently(2, lambda i: httpx.post(url, json=i, timeout=30).json())
+        assert time.monotonic() - start >= 0.8
+        assert len({answer["worker"] for answer in answers}) == 1
+        scaled = httpx.put(f"{server.management}/models/sleepy?min_worker=3", timeout=30)
+        assert (scaled.status_code, scaled.json()) == (202, {"status": "Processing worker updates..."})
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            workers = httpx.get(f"{server.management}/models/sleepy", timeout=10).json()[0]["workers"]
+            if [worker["status"] for worker in workers] == ["READY"] * 3:
+                break
+            time.sleep(0.05)
+        assert [worker["status"] for worker in workers] == ["READY"] * 3
+    finally:
+        _unregister(server, "sleepy")
