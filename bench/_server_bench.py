@@ -296,6 +296,16 @@ def write_json(name: str, results: dict) -> Path:
     return path
 
 
+def busy_host_note(cores: int = 2) -> str:
+    """A warning line when other work kept the host busy (1-minute load above the cores the benchmark
+    uses): then every figure is a lower bound. Empty when the host looked quiet."""
+    load = os.getloadavg()[0]
+    if load <= cores + 0.5:
+        return ""
+    return (f"NOTE: load average {load:.1f} on a benchmark that needs {cores} quiet cores: other processes "
+            f"shared them, the figures are lower bounds")
+
+
 def git_state() -> dict:
     """The commit measured and whether the server or generator code differed from it."""
     def git(*argv: str) -> str:
@@ -303,4 +313,5 @@ def git_state() -> dict:
         return done.stdout.strip() if done.returncode == 0 else ""
 
     return {"commit": git("rev-parse", "HEAD"),
-            "uncommitted_changes": bool(git("status", "--porcelain", "--", "loadgen", "servers"))}
+            "uncommitted_changes": bool(git("status", "--porcelain", "--", "loadgen", "servers")),
+            "load_average_at_start": round(os.getloadavg()[0], 2)}

@@ -40,6 +40,7 @@ from _server_bench import (
     Clients,
     Measured,
     ServerProcess,
+    busy_host_note,
     git_state,
     perf_analyzer_binary,
     pick_cores,
@@ -225,8 +226,11 @@ def main() -> None:
             steps = measure_server(clients, server, levels, settings["loadgen_s"])
     finally:
         server.stop()
+    settings["load_average_at_end"] = round(os.getloadavg()[0], 2)
     table = summarize(steps, reference)
     print_table(table, settings)
+    if note := busy_host_note():
+        print(note)
     path = write_json("server_efficiency", {**table, "settings": settings,
                                              "in_process_requests_per_s": reference,
                                              "steps": [asdict(s) for s in steps]})

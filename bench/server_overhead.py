@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import gc
 import http.client
+import os
 import platform
 import signal
 import sys
@@ -44,6 +45,7 @@ from _server_bench import (
     Clients,
     Measured,
     ServerProcess,
+    busy_host_note,
     git_state,
     perf_analyzer_binary,
     pick_cores,
@@ -250,8 +252,11 @@ def main() -> None:
     finally:
         for server in servers.values():
             server.stop()
+    settings["load_average_at_end"] = round(os.getloadavg()[0], 2)
     rows = summarize(steps)
     print_table(rows, settings)
+    if note := busy_host_note():
+        print(note)
     path = write_json("server_overhead", {"rows": rows, "settings": settings,
                                           "steps": {name: [asdict(s) for s in server_steps]
                                                     for name, server_steps in steps.items()}})
