@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import threading
 import time
 from types import SimpleNamespace
@@ -209,3 +211,21 @@ def test_batches_form_as_torchserve_polls_them() -> None:
         assert [job.request.request_id for job in pool._gather(worker)] == ["6"]
     finally:
         loop.close()
+
+
+def test_command_line_reports_every_bad_setting_and_exits_2(tmp_path) -> None:
+    config = tmp_path / "config.properties"
+    config.write_text("inference_address=https://127.0.0.1:8443\njob_queue_size=many\n")
+    done = subprocess.run([sys.executable, "-m", "servers.torchserve", "--ts-config", str(config),
+                           "--model-store", str(tmp_path / "absent"), "--metrics-port", "70000"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 4, done.stderr
+
+
+def test_loadgen_serve_torchserve_is_the_server() -> None:
+    done = subprocess.run([sys.executable, "-m", "loadgen", "serve", "torchserve", "--help"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0
+    assert "usage: loadgen serve torchserve" in done.stdout and "--model-store" in done.stdout

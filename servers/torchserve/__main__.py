@@ -217,7 +217,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m servers.torch
             print(f"error: {problem}", file=sys.stderr)
         return 2
     try:
-        serve(settings, settings.load_models, _print_listening, grpc=False)  # gRPC: servers/torchserve/_grpc.py, next
+        serve(settings, settings.load_models, _print_listening, grpc=not args.no_grpc)
     except OSError as exc:
         print(f"error: cannot listen: {exc}", file=sys.stderr)
         return 1

@@ -1,0 +1,1 @@
+"""google.rpc.Status for the TorchServe stubs, where googleapis-common-protos is not installed."""
