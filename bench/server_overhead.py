@@ -13,10 +13,13 @@ request of each kind is forwarded to the real server once and its reply is kept 
 Clients, on the other core: perf_analyzer (C++, binary tensors) over HTTP and gRPC at a few
 concurrencies, and loadgen closed loop (JSON tensors) over HTTP at the same user counts; the two
 servers alternate step by step, in two rounds. For each server the best req/s is reported, the ratio
-real/hello, and the server's CPU microseconds per request (its CPU time over the step divided by the
-requests answered), whose difference is the overhead per request.
+real/hello, and the server's CPU microseconds per request (its CPU time over the client's measurement
+window divided by the requests answered in it), whose difference is the overhead per request. One
+Python client core cannot always saturate the hello server (its CPU stays under SATURATED); then its
+req/s, and the req/s ratio, describe the client, and the ratio of CPU per request (what the req/s
+ratio would be with both servers saturated) is the figure to read.
 
-    .venv/bin/python bench/server_overhead.py            # ~2 minutes
+    .venv/bin/python bench/server_overhead.py            # ~2.5 minutes
     .venv/bin/python bench/server_overhead.py --quick    # ~1 minute: one round
 
 Needs Linux, two cores, taskset and perf_analyzer (../shared/peers/perf_analyzer.sh). Run it under
@@ -66,6 +69,8 @@ perf_analyzer looks for the version whose statistics grew, and the hello server'
 LEVELS = (2, 8)
 ROUNDS, QUICK_ROUNDS = 2, 1
 LOADGEN_SECONDS = 3.0
+SATURATED = 0.9
+"""A server using at least this fraction of its core over a step is taken as the bottleneck."""
 SERVICE = "inference.GRPCInferenceService"
 
 
@@ -195,6 +200,8 @@ def summarize(steps: dict[str, list[Measured]]) -> list[dict]:
         rows.append({"client": client, "protocol": protocol,
                      "triton_rps": round(real.requests_per_s, 1), "hello_rps": round(hello.requests_per_s, 1),
                      "ratio_triton_over_hello": round(real.requests_per_s / hello.requests_per_s, 3),
+                     "ratio_by_cpu_per_request": round(hello_us / real_us, 3),
+                     "both_saturated": min(real.server_cpu, hello.server_cpu) >= SATURATED,
                      "triton_level": real.level, "hello_level": hello.level,
                      "triton_cpu": round(real.server_cpu, 3), "hello_cpu": round(hello.server_cpu, 3),
                      "triton_cpu_us_per_request": round(real_us, 1),
@@ -207,14 +214,17 @@ def print_table(rows: list[dict], settings: dict) -> None:
     print(f"\n== server overhead: {MODEL}, servers on core {settings['server_core']}, clients on core "
           f"{settings['client_core']}, best of levels {', '.join(map(str, LEVELS))} x {settings['rounds']} "
           f"round(s) ==")
-    print(f"{'':<20} {'triton':>8} {'hello':>8} {'ratio':>6}   {'server CPU us / request':>26}")
-    print(f"{'':<20} {'req/s':>8} {'req/s':>8} {'':>6}   {'triton':>8} {'hello':>8} {'extra':>8}")
+    print(f"{'':<20} {'triton':>8} {'hello':>8} {'ratio':>6}   {'server CPU us / request':>26} {'ratio':>6}")
+    print(f"{'':<20} {'req/s':>8} {'req/s':>8} {'':>6}   {'triton':>8} {'hello':>8} {'extra':>8} "
+          f"{'by CPU':>6}  server CPU triton / hello")
     for row in rows:
         label = f"{row['client']} {row['protocol']}"
+        note = "" if row["both_saturated"] else "  (not both saturated: read the ratio by CPU)"
         print(f"{label:<20} {row['triton_rps']:>8.0f} {row['hello_rps']:>8.0f} "
               f"{row['ratio_triton_over_hello']:>6.3f}   {row['triton_cpu_us_per_request']:>8.1f} "
-              f"{row['hello_cpu_us_per_request']:>8.1f} {row['overhead_cpu_us_per_request']:>8.1f}"
-              f"   (server cpu {row['triton_cpu']:.0%} / {row['hello_cpu']:.0%})")
+              f"{row['hello_cpu_us_per_request']:>8.1f} {row['overhead_cpu_us_per_request']:>8.1f} "
+              f"{row['ratio_by_cpu_per_request']:>6.3f}  {row['triton_cpu']:.0%} / {row['hello_cpu']:.0%}"
+              f"{note}")
 
 
 def parse_args() -> argparse.Namespace:

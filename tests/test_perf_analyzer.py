@@ -221,9 +221,10 @@ def check_row(case: Case, row: dict[str, str], experiment: dict) -> None:
     assert all(r["response_timestamps"] and r["response_timestamps"][-1] > r["timestamp"] for r in requests)
     bounds = experiment["window_boundaries"]
     throughput = float(row["Inferences/Second"])
-    exported = len(requests) / ((bounds[-1] - bounds[0]) / 1e9)
+    exported = len(requests) / ((bounds[-1] - bounds[0]) / 1e9)  # requests per second of the windows
     assert throughput > 0
-    assert throughput == pytest.approx(exported, rel=0.01), f"{level}: CSV {throughput}, export {exported:.1f}"
+    agree = f"{level}: CSV {throughput}/s, export {exported:.1f}/s"
+    assert throughput == pytest.approx(exported, rel=0.01), agree
     if case.mode == "request-rate":
         assert throughput == pytest.approx(float(level), rel=RATE_TOLERANCE), f"rate {level}: {throughput}"
     latencies = [float(row[column]) for column in LATENCY_COLUMNS]
