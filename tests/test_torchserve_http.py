@@ -144,12 +144,20 @@ def _check_full_queue(client: httpx.Client, server: TorchServe, exchange: dict) 
     timed out after it unregistered the model; this server answers them 503 when it does."""
     async def flood() -> list[httpx.Response]:
         limits = httpx.Limits(max_connections=200)
-        async with httpx.AsyncClient(timeout=10, limits=limits) as pool:
+        async with httpx.AsyncClient(timeout=30, limits=limits) as pool:
             tasks = [asyncio.ensure_future(pool.post(f"{server.inference}/predictions/slow", content=b"x"))
                      for _ in range(130)]
-            await asyncio.sleep(0.3)
-            refused = [task.result() for task in tasks if task.done()]
+            refused: list[httpx.Response] = []
+            for _ in range(200):  # the refusals come at once; wait for them, at most 10 s
+                await asyncio.sleep(0.05)
+                done = [task.result() for task in tasks if task.done() and task.exception() is None]
+                if len(refused) >= 29 and len(refused) == sum(r.status_code == 503 for r in done):
+                    break
+                refused = [response for response in done if response.status_code == 503]
             _busy["describe"] = (await pool.get(f"{server.management}/models/slow")).json()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             return refused
 
     loop = asyncio.new_event_loop()
