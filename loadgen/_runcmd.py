@@ -17,7 +17,8 @@ import locust  # noqa: F401  (gevent monkey-patching must come before the other 
 
 from loadgen.driver.run import RunResult, execute
 from loadgen.errors import LoadgenError
-from loadgen.scenario import Scenario, load_scenario
+from loadgen.scenario import Scenario, ScenarioError, load_scenario
+from loadgen.serverside import ServerMetrics, server_figures
 from loadgen.sinks.hlog import write_hlog
 from loadgen.sinks.summary import build_summary, write_summary
 from loadgen.sinks.table import render_table
@@ -71,13 +72,24 @@ def write_outputs(result: RunResult, out_dir: Path, objectives: list[Objective] 
     return summary
 
 
-def run_and_report(path: Path | None, overrides: dict[str, Any], *, quiet: bool = False) -> int:
-    """Validate, run, write outputs, print the table. Returns the exit code."""
+def run_and_report(path: Path | None, overrides: dict[str, Any], *, quiet: bool = False,
+                   server_metrics: str | None = None, cost_per_hour: float | None = None) -> int:
+    """Validate, run, write outputs, print the table. Returns the exit code.
+
+    With `server_metrics` (the target's Prometheus URL) the server's own counters are scraped just
+    before and after the run, outside it, and their difference is summary.json's `server`.
+    """
     scenario = load_scenario(path, overrides)
+    _check_server_flags(server_metrics, cost_per_hour)
     out_dir = Path(scenario.output.dir) if scenario.output.dir else _default_out(scenario)
     objectives = parse_slo(scenario.slo) if scenario.slo else None
+    metrics = ServerMetrics(server_metrics, scenario.target.model) if server_metrics else None
+    before = metrics.sample() if metrics else None
     result = execute(scenario)
-    summary = write_outputs(result, out_dir, objectives)
+    server = server_figures(before, metrics.sample(), cost_per_hour) if metrics else None
+    if metrics is not None and server is None:
+        print(f"note: no server-side figures: {metrics.error}", file=sys.stderr)
+    summary = write_outputs(result, out_dir, objectives, server=server)
     if not quiet:
         print(render_table(summary))
     note = " (interrupted: partial results)" if result.interrupted else ""
@@ -85,6 +97,16 @@ def run_and_report(path: Path | None, overrides: dict[str, Any], *, quiet: bool 
     if result.interrupted:
         return 130
     return 1 if objectives and not summary["slo"]["met"] else 0
+
+
+def _check_server_flags(server_metrics: str | None, cost_per_hour: float | None) -> None:
+    problems = []
+    if server_metrics is not None and not server_metrics.startswith(("http://", "https://")):
+        problems.append(f"--server-metrics must be an http(s) URL, got {server_metrics!r}")
+    if cost_per_hour is not None and (cost_per_hour <= 0 or server_metrics is None):
+        problems.append("--cost-per-hour must be > 0 and needs --server-metrics")
+    if problems:
+        raise ScenarioError(problems, "flags")
 
 
 def _split_cores() -> tuple[set[int], set[int]] | None:

@@ -42,7 +42,8 @@ def run(
     scenario: Annotated[Path | None, typer.Argument(help="Scenario TOML file (optional).")] = None,
     target: Annotated[str | None, typer.Option(help="Base URL, e.g. http://127.0.0.1:8000")] = None,
     model: Annotated[str | None, typer.Option(help="Model name on the target.")] = None,
-    protocol: Annotated[str | None, typer.Option(help="kserve-http, or openai (streaming).")] = None,
+    protocol: Annotated[str | None, typer.Option(
+        help="kserve-http (default), kserve-grpc (--target grpc://host:port), or openai (streaming).")] = None,
     endpoint: Annotated[str | None, typer.Option(help="openai: chat (default) or completions.")] = None,
     max_tokens: Annotated[
         str | None, typer.Option(help='openai: output tokens a request: 128, "uniform:8,32", "normal:128,16"')
@@ -80,6 +81,11 @@ def run(
         int | None,
         typer.Option(help="Serve Prometheus /metrics on this port during the run (0: a free port, printed)."),
     ] = None,
+    server_metrics: Annotated[str | None, typer.Option(
+        help="The target's Prometheus metrics URL (Triton: http://HOST:8002/metrics): the server's own "
+             "queue/compute time, batch size, GPU use and energy for the run, in summary.json.")] = None,
+    cost_per_hour: Annotated[float | None, typer.Option(
+        help="Price of the server per hour ($), for $ per million inferences (needs --server-metrics).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No table on stdout.")] = False,
 ) -> None:
     """Send open-loop (--rate) or closed-loop (--users) load and write summary.json + latency.hlog."""
@@ -111,7 +117,8 @@ def run(
     from loadgen._runcmd import run_and_report  # imports locust: only for verbs that send load
 
     try:
-        code = run_and_report(scenario, overrides, quiet=quiet)
+        code = run_and_report(scenario, overrides, quiet=quiet, server_metrics=server_metrics,
+                              cost_per_hour=cost_per_hour)
     except (LoadgenError, ScenarioError) as exc:
         _fail(exc)
     raise typer.Exit(code)
@@ -140,6 +147,7 @@ def sweep(
     out: Annotated[Path, typer.Option(help="Output folder: sweep.json, curve.csv, steps/.")] = ...,
     target: Annotated[str | None, typer.Option(help="Base URL, e.g. http://127.0.0.1:8000")] = None,
     model: Annotated[str | None, typer.Option(help="Model name on the target.")] = None,
+    protocol: Annotated[str | None, typer.Option(help="kserve-http (default), kserve-grpc or openai.")] = None,
     slo: Annotated[str | None, typer.Option(help='Objectives each step is judged on, e.g. "p99<150ms,errors<1%".')] = None,
     rates: Annotated[str | None, typer.Option(help="Explicit open-loop rates, e.g. 100,200,400.")] = None,
     start: Annotated[float | None, typer.Option(help="First rate of a growing sweep (req/s).")] = None,
@@ -168,7 +176,8 @@ def sweep(
         step_s, warmup_s = parse_duration(step_duration), parse_duration(warmup)
     except ValueError as exc:
         _fail(ScenarioError([f"--step-duration/--warmup: {exc}"], "flags"))
-    overrides = {"target.url": target, "target.model": model, "open_loop.arrival": arrival,
+    overrides = {"target.url": target, "target.model": model, "target.protocol": protocol,
+                 "open_loop.arrival": arrival,
                  "output.keep_awake": keep_awake, "slo": slo}
     from loadgen._sweepcmd import SweepSpec, run_sweep  # imports locust: only for verbs that send load
 

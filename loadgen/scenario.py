@@ -164,9 +164,10 @@ _OPENAI_KEYS = ("endpoint", "max_tokens", "input_tokens", "prompt_file")
 class Target(_Strict):
     """Where the load goes and how it is spoken to."""
 
-    url: str = Field(pattern=r"^https?://[^/\s]+")
+    url: str = Field(pattern=r"^(https?|grpcs?)://[^/\s]+")
+    """http(s)://host:port[/prefix] for HTTP protocols, grpc(s)://host:port for kserve-grpc."""
     model: str = Field(min_length=1)
-    protocol: Literal["kserve-http", "openai"] = "kserve-http"
+    protocol: Literal["kserve-http", "kserve-grpc", "openai"] = "kserve-http"
     version: str | None = None
     connect_timeout: Duration = Field(default=3.0, gt=0)
     timeout: Duration = Field(default=30.0, gt=0)
@@ -186,6 +187,14 @@ class Target(_Strict):
         if value is not None and not Path(value).is_file():
             raise ValueError("no such file")
         return value
+
+    @model_validator(mode="after")
+    def _scheme_fits_protocol(self) -> Target:
+        grpc = self.url.startswith("grpc")
+        if grpc != (self.protocol == "kserve-grpc"):
+            wanted = "grpc://host:port (or grpcs://)" if self.protocol == "kserve-grpc" else "http(s)://host:port"
+            raise ValueError(f"url {self.url!r} does not fit protocol {self.protocol!r}: use {wanted}")
+        return self
 
     @model_validator(mode="after")
     def _openai_keys(self) -> Target:

@@ -101,3 +101,25 @@ def test_sweep_attaches_the_servers_own_figures_to_each_step(tmp_path) -> None:
                for row in rows)
     assert "server: batch 1.0" in run.stdout
 
+
+
+@pytest.mark.integration
+def test_run_counts_what_the_server_counted(tmp_path) -> None:
+    server = start_server(["--metrics-port", "0"], module="servers.triton", port_flag="--http-port")
+    try:
+        run = run_loadgen("--target", server.url, "--model", "mlp", "--rate", "200", "--duration", "2s",
+                          "--server-metrics", server.fronts["metrics"] + "/metrics", out=tmp_path / "run")
+    finally:
+        stop_process(server.proc)
+    assert run.returncode == 0, run.stderr
+    summary = run.summary
+    # every infer request the server answered between the two scrapes: the warm-up's and the run's
+    assert summary["server"]["requests"] == summary["ok"] + summary["warmup_requests"]
+    assert summary["server"]["inferences"] == summary["server"]["requests"]
+    assert summary["server"]["failures"] == 0
+
+
+def test_bad_server_flags_are_input_errors(tmp_path) -> None:
+    run = run_loadgen("--target", "http://127.0.0.1:9", "--model", "m", "--rate", "1", "--duration", "1s",
+                      "--cost-per-hour", "2", out=tmp_path / "run")
+    assert run.returncode == 2 and "--cost-per-hour must be > 0 and needs --server-metrics" in run.stderr

@@ -13,7 +13,7 @@ from loadgen.scenario import Target
 
 __all__ = ["PROTOCOLS", "make_client"]
 
-PROTOCOLS = ("kserve-http", "openai")
+PROTOCOLS = ("kserve-http", "kserve-grpc", "openai")
 
 
 def make_client(target: Target, seed: int = 0) -> Any:
@@ -21,6 +21,10 @@ def make_client(target: Target, seed: int = 0) -> Any:
         from loadgen.protocols.kserve_http import KServeHttpClient
 
         return KServeHttpClient(target, seed)
+    if target.protocol == "kserve-grpc":
+        from loadgen.protocols.kserve_grpc import KServeGrpcClient
+
+        return KServeGrpcClient(target, seed)
     if target.protocol == "openai":
         from loadgen.protocols.openai import OpenAIClient
 

@@ -1,0 +1,87 @@
+"""`loadgen run --protocol kserve-grpc` (loadgen/protocols/kserve_grpc.py) against the Triton-compatible
+server's gRPC front end (integration): counts agree with the server's statistics, and the latency of a
+model with a known service time is measured as that time."""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import TIMING, Server, run_loadgen, start_server, stop_process
+
+pytestmark = pytest.mark.integration
+
+SERVICE_S = 0.005
+_MODEL = textwrap.dedent(f'''
+    import time
+    import triton_python_backend_utils as pb_utils
+
+    class TritonPythonModel:
+        def execute(self, requests):
+            out = []
+            for request in requests:
+                time.sleep({SERVICE_S})
+                x = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy()
+                out.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("OUTPUT0", x)]))
+            return out
+''')
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    repository = tmp_path_factory.mktemp("repo")
+    (repository / "paced" / "1").mkdir(parents=True)
+    (repository / "paced" / "1" / "model.py").write_text(_MODEL)
+    (repository / "paced" / "config.pbtxt").write_text(
+        'backend: "python"\nmax_batch_size: 0\ninstance_group [ { count: 4 } ]\n'
+        'input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 8 ] } ]\n'
+        'output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 8 ] } ]\n')
+    started = start_server(["--grpc-port", "0", "--model-repository", str(repository)], module="servers.triton",
+                           port_flag="--http-port")
+    yield started
+    stop_process(started.proc)
+
+
+def _success_count(server: Server, model: str) -> int:
+    stats = httpx.get(f"{server.url}/v2/models/{model}/stats", timeout=5).json()["model_stats"][0]
+    return stats["inference_stats"]["success"]["count"]
+
+
+@TIMING
+def test_open_loop_over_grpc_measures_the_service_time(server: Server, tmp_path: Path) -> None:
+    before = _success_count(server, "paced")
+    run = run_loadgen("--protocol", "kserve-grpc", "--target", f"grpc://{server.fronts['grpc']}", "--model", "paced",
+                      "--rate", "100", "--duration", "3s", out=tmp_path / "run")
+    assert run.returncode == 0, run.stderr
+    summary = run.summary
+    assert summary["errors"] == {} and summary["ok"] == summary["requests"] == 300
+    assert _success_count(server, "paced") - before == summary["ok"] + summary["warmup_requests"]
+    # 5 ms of service and four instances at 100 req/s: no queueing, so latency is the service time
+    # plus the gRPC round trip
+    assert SERVICE_S * 1000 <= summary["latency_ms"]["p50"] < SERVICE_S * 1000 + 2.0
+    assert summary["latency_ms"]["p99"] < SERVICE_S * 1000 + 6.0
+
+
+def test_closed_loop_over_grpc_on_a_builtin_model(server: Server, tmp_path: Path) -> None:
+    run = run_loadgen("--protocol", "kserve-grpc", "--target", f"grpc://{server.fronts['grpc']}", "--model", "paced",
+                      "--users", "4", "--duration", "2s", out=tmp_path / "run")
+    assert run.returncode == 0, run.stderr
+    # four users, four instances, 5 ms each: close to 800 req/s at most
+    assert 300 < run.summary["achieved_rps"] <= 800
+
+
+def test_unknown_model_and_wrong_scheme_are_input_errors(server: Server, tmp_path: Path) -> None:
+    grpc_url = f"grpc://{server.fronts['grpc']}"
+    run = run_loadgen("--protocol", "kserve-grpc", "--target", grpc_url, "--model", "nope", "--rate", "10",
+                      "--duration", "1s", out=tmp_path / "a")
+    assert run.returncode == 2 and "not ready" in run.stderr
+    run = run_loadgen("--protocol", "kserve-grpc", "--target", server.url, "--model", "paced", "--rate", "10",
+                      "--duration", "1s", out=tmp_path / "b")
+    assert run.returncode == 2 and "does not fit protocol 'kserve-grpc'" in run.stderr
+    run = run_loadgen("--protocol", "kserve-grpc", "--target", "grpc://127.0.0.1:9", "--model", "paced",
+                      "--rate", "10", "--duration", "1s", "--connect-timeout", "1s", out=tmp_path / "c")
+    assert run.returncode == 2 and "cannot reach" in run.stderr
