@@ -3,6 +3,9 @@
 Terms, comma-separated, each `METRIC OP VALUE[UNIT]`:
   p50 p90 p99 p99.9 max mean   latency percentiles (ms, or s/us with the unit)
   service_p99 ...              the same on service time (send -> response)
+  ttft_p99 itl_p99 tpot_p99 ... streamed (openai) runs: time to first token, inter-token latency,
+                               time per output token, with the same percentiles and units
+  tokens_per_s                 streamed runs: output tokens per second
   errors                       failed requests as % of requests ("%" optional)
   throughput                   achieved req/s (rps, req/s optional)
 OP is one of < <= > >=. Every check is reported with its measured value, and a run whose generator
@@ -26,6 +29,8 @@ _TERM = re.compile(r"^\s*([a-z_0-9.]+)\s*(<=|>=|<|>)\s*([0-9]*\.?[0-9]+)\s*([a-z
 _PERCENTILES = {"p50": "p50", "p90": "p90", "p99": "p99", "p99.9": "p99_9", "p99_9": "p99_9",
                 "max": "max", "mean": "mean"}
 _TIME_UNITS = {"": 1.0, "ms": 1.0, "s": 1000.0, "us": 0.001}
+_FAMILIES = ("service_", "ttft_", "itl_", "tpot_")
+"""Prefixes of the summary's other time figures (service_ms, ttft_ms, itl_ms, tpot_ms)."""
 
 
 @dataclass(frozen=True)
@@ -61,7 +66,11 @@ def _objective(term: str) -> Objective:
         if unit not in ("", "rps", "req/s"):
             raise ValueError(f"{term.strip()!r}: throughput is in req/s, e.g. throughput>=500")
         return Objective(term.strip(), "achieved_rps", op, limit)
-    family, key = name.split("_", 1) if name.startswith("service_") else ("latency", name)
+    if name in ("tokens_per_s", "output_tokens_per_s"):
+        if unit not in ("", "tok/s"):
+            raise ValueError(f"{term.strip()!r}: output tokens are per second, e.g. tokens_per_s>=500")
+        return Objective(term.strip(), "output_tokens_per_s", op, limit)
+    family, key = name.split("_", 1) if name.startswith(_FAMILIES) else ("latency", name)
     if key not in _PERCENTILES or unit not in _TIME_UNITS:
         raise ValueError(f"{term.strip()!r}: unknown metric or unit (p50, p90, p99, p99.9, max, mean; ms, s, us)")
     return Objective(term.strip(), f"{family}_ms.{_PERCENTILES[key]}", op, limit * _TIME_UNITS[unit])
@@ -84,12 +93,15 @@ def parse_slo(text: str) -> list[Objective]:
     return objectives
 
 
-def _measured(summary: dict[str, Any], metric: str) -> float:
+def _measured(summary: dict[str, Any], metric: str) -> float | None:
+    """The summary's figure for `metric`; None when the run has no such figure (e.g. ttft without streaming)."""
     if metric == "error_percent":
         requests = summary.get("requests", 0)
         return 100.0 * sum(summary.get("errors", {}).values()) / requests if requests else 0.0
     value: Any = summary
     for part in metric.split("."):
+        if not isinstance(value, dict) or value.get(part) is None:
+            return None
         value = value[part]
     return float(value)
 
@@ -99,6 +111,10 @@ def judge(summary: dict[str, Any], objectives: list[Objective]) -> dict[str, Any
     checks = []
     for objective in objectives:
         measured = _measured(summary, objective.metric)
+        if measured is None:
+            checks.append(Check(objective.text, None, objective.limit, False,
+                                f"this run has no {objective.metric} (streamed figures need --protocol openai)"))
+            continue
         met = _OPS[objective.op](measured, objective.limit)
         checks.append(Check(objective.text, round(measured, 3), objective.limit, met))
     if summary.get("requests", 0) == 0:

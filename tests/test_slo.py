@@ -62,3 +62,16 @@ def test_scenario_slo_is_validated_with_the_rest() -> None:
     assert load_scenario(None, {**overrides, "slo": "p99<10ms"}).slo == "p99<10ms"
     with pytest.raises(ScenarioError, match="slo"):
         load_scenario(None, {**overrides, "slo": "p99<<10ms"})
+
+
+def test_streamed_figures_are_judged_and_missing_ones_fail_with_a_reason() -> None:
+    objectives = parse_slo("ttft_p99<50ms, itl_mean<=11ms, tpot_p50<0.012s, tokens_per_s>=100")
+    assert [o.metric for o in objectives] == ["ttft_ms.p99", "itl_ms.mean", "tpot_ms.p50", "output_tokens_per_s"]
+    streamed = {"requests": 10, "errors": {}, "ttft_ms": {"p99": 40.0}, "itl_ms": {"mean": 10.5},
+                "tpot_ms": {"p50": 10.2}, "output_tokens_per_s": 200.0}
+    assert judge(streamed, objectives)["met"] is True
+    assert judge({**streamed, "ttft_ms": {"p99": 60.0}}, objectives)["met"] is False
+    verdict = judge({"requests": 10, "errors": {}, "latency_ms": {"p99": 3.0}}, objectives)
+    assert verdict["met"] is False
+    assert all(check["measured"] is None and "need --protocol openai" in check["reason"]
+               for check in verdict["checks"])
