@@ -3,6 +3,8 @@
     python -m servers make-repo ./models
     python -m servers triton --model-repository ./models --http-port 8000 --grpc-port 8001
     python -m servers calibration --port 8000 --delay-ms 20
+    python -m servers torchserve --model-store ./store --models mlp=mlp.mar
+    python -m servers openai-mock --port 8000 --ttft-ms 30 --itl-ms 10
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-_USAGE = "usage: python -m servers {triton,calibration,make-repo} [ARGS...] (--help after a command for its flags)"
+_USAGE = ("usage: python -m servers {triton,torchserve,openai-mock,calibration,make-repo} [ARGS...] "
+          "(--help after a command for its flags)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -23,6 +26,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from servers.triton.__main__ import main as run
     elif command == "calibration":
         from servers.calibration.__main__ import main as run
+    elif command == "torchserve":
+        from servers.torchserve.__main__ import main as run
+    elif command == "openai-mock":
+        from servers.openai_mock.__main__ import main as run
     elif command == "make-repo":
         from servers.models.make_repo import main as run
     else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -145,3 +146,17 @@ def test_slo_verdict_sets_the_exit_code(calibration_server, tmp_path) -> None:
     assert missed.returncode == 1, missed.stderr
     assert missed.summary["slo"]["checks"][0]["met"] is False and "MISS p50<15ms" in missed.stdout
     assert bad.returncode == 2 and "slo" in bad.stderr
+
+
+@pytest.mark.parametrize("command", ["triton", "torchserve", "openai-mock", "calibration", "make-repo"])
+def test_python_m_servers_knows_every_server(command: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "servers", command, "--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "usage:" in done.stdout
+
+
+def test_python_m_servers_refuses_an_unknown_command() -> None:
+    done = subprocess.run([sys.executable, "-m", "servers", "bogus"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 2 and "unknown command 'bogus'" in done.stderr
