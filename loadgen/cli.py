@@ -43,7 +43,12 @@ def run(
     target: Annotated[str | None, typer.Option(help="Base URL, e.g. http://127.0.0.1:8000")] = None,
     model: Annotated[str | None, typer.Option(help="Model name on the target.")] = None,
     protocol: Annotated[str | None, typer.Option(
-        help="kserve-http (default), kserve-grpc (--target grpc://host:port), or openai (streaming).")] = None,
+        help="kserve-http (default), kserve-grpc (--target grpc://host:port), torchserve-http, torchserve-grpc "
+             "(with --payload), or openai (streaming).")] = None,
+    payload: Annotated[Path | None, typer.Option(
+        help="torchserve-*: file sent as each request's body (gRPC: its 'data' input).")] = None,
+    content_type: Annotated[str | None, typer.Option(
+        help="torchserve-http: Content-Type of --payload (default by extension: .json -> application/json).")] = None,
     endpoint: Annotated[str | None, typer.Option(help="openai: chat (default) or completions.")] = None,
     max_tokens: Annotated[
         str | None, typer.Option(help='openai: output tokens a request: 128, "uniform:8,32", "normal:128,16"')
@@ -99,6 +104,8 @@ def run(
         "target.max_tokens": max_tokens,
         "target.input_tokens": input_tokens,
         "target.prompt_file": str(prompt_file) if prompt_file else None,
+        "target.payload": str(payload) if payload else None,
+        "target.content_type": content_type,
         "open_loop.rate": rate,
         "open_loop.arrival": arrival,
         "open_loop.max_in_flight": max_in_flight,
@@ -147,7 +154,9 @@ def sweep(
     out: Annotated[Path, typer.Option(help="Output folder: sweep.json, curve.csv, steps/.")] = ...,
     target: Annotated[str | None, typer.Option(help="Base URL, e.g. http://127.0.0.1:8000")] = None,
     model: Annotated[str | None, typer.Option(help="Model name on the target.")] = None,
-    protocol: Annotated[str | None, typer.Option(help="kserve-http (default), kserve-grpc or openai.")] = None,
+    protocol: Annotated[str | None, typer.Option(
+        help="kserve-http (default), kserve-grpc, torchserve-http, torchserve-grpc or openai.")] = None,
+    payload: Annotated[Path | None, typer.Option(help="torchserve-*: file sent as each request's body.")] = None,
     slo: Annotated[str | None, typer.Option(help='Objectives each step is judged on, e.g. "p99<150ms,errors<1%".')] = None,
     rates: Annotated[str | None, typer.Option(help="Explicit open-loop rates, e.g. 100,200,400.")] = None,
     start: Annotated[float | None, typer.Option(help="First rate of a growing sweep (req/s).")] = None,
@@ -177,7 +186,7 @@ def sweep(
     except ValueError as exc:
         _fail(ScenarioError([f"--step-duration/--warmup: {exc}"], "flags"))
     overrides = {"target.url": target, "target.model": model, "target.protocol": protocol,
-                 "open_loop.arrival": arrival,
+                 "target.payload": str(payload) if payload else None, "open_loop.arrival": arrival,
                  "output.keep_awake": keep_awake, "slo": slo}
     from loadgen._sweepcmd import SweepSpec, run_sweep  # imports locust: only for verbs that send load
 

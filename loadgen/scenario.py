@@ -167,7 +167,7 @@ class Target(_Strict):
     url: str = Field(pattern=r"^(https?|grpcs?)://[^/\s]+")
     """http(s)://host:port[/prefix] for HTTP protocols, grpc(s)://host:port for kserve-grpc."""
     model: str = Field(min_length=1)
-    protocol: Literal["kserve-http", "kserve-grpc", "openai"] = "kserve-http"
+    protocol: Literal["kserve-http", "kserve-grpc", "torchserve-http", "torchserve-grpc", "openai"] = "kserve-http"
     version: str | None = None
     connect_timeout: Duration = Field(default=3.0, gt=0)
     timeout: Duration = Field(default=30.0, gt=0)
@@ -180,6 +180,28 @@ class Target(_Strict):
     """openai: words of each synthetic prompt (about one token each); default 128."""
     prompt_file: str | None = None
     """openai: JSONL prompts instead of synthetic ones, one {"prompt": ...} or {"messages": [...]} a line."""
+    payload: str | None = None
+    """torchserve-*: the file whose bytes are each request's body (HTTP) or input "data" (gRPC)."""
+    content_type: str | None = None
+    """torchserve-http: the body's Content-Type (default: application/json for .json files, else
+    application/octet-stream)."""
+
+    @field_validator("payload")
+    @classmethod
+    def _payload_exists(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).is_file():
+            raise ValueError("no such file")
+        return value
+
+    @model_validator(mode="after")
+    def _payload_fits_protocol(self) -> Target:
+        torchserve = self.protocol.startswith("torchserve")
+        if torchserve and self.payload is None:
+            raise ValueError(f'protocol {self.protocol!r} needs payload = "FILE" (--payload): TorchServe '
+                             "models declare no inputs, so the request body must be given")
+        if not torchserve and (self.payload is not None or self.content_type is not None):
+            raise ValueError(f"payload, content_type: only for the torchserve protocols, not {self.protocol!r}")
+        return self
 
     @field_validator("prompt_file")
     @classmethod
@@ -191,8 +213,8 @@ class Target(_Strict):
     @model_validator(mode="after")
     def _scheme_fits_protocol(self) -> Target:
         grpc = self.url.startswith("grpc")
-        if grpc != (self.protocol == "kserve-grpc"):
-            wanted = "grpc://host:port (or grpcs://)" if self.protocol == "kserve-grpc" else "http(s)://host:port"
+        if grpc != self.protocol.endswith("-grpc"):
+            wanted = "grpc://host:port (or grpcs://)" if self.protocol.endswith("-grpc") else "http(s)://host:port"
             raise ValueError(f"url {self.url!r} does not fit protocol {self.protocol!r}: use {wanted}")
         return self
 

@@ -13,7 +13,7 @@ from loadgen.scenario import Target
 
 __all__ = ["PROTOCOLS", "make_client"]
 
-PROTOCOLS = ("kserve-http", "kserve-grpc", "openai")
+PROTOCOLS = ("kserve-http", "kserve-grpc", "torchserve-http", "torchserve-grpc", "openai")
 
 
 def make_client(target: Target, seed: int = 0) -> Any:
@@ -25,6 +25,14 @@ def make_client(target: Target, seed: int = 0) -> Any:
         from loadgen.protocols.kserve_grpc import KServeGrpcClient
 
         return KServeGrpcClient(target, seed)
+    if target.protocol == "torchserve-http":
+        from loadgen.protocols.torchserve import TorchServeHttpClient
+
+        return TorchServeHttpClient(target, seed)
+    if target.protocol == "torchserve-grpc":
+        from loadgen.protocols.torchserve import TorchServeGrpcClient
+
+        return TorchServeGrpcClient(target, seed)
     if target.protocol == "openai":
         from loadgen.protocols.openai import OpenAIClient
 

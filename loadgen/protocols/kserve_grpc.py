@@ -8,8 +8,8 @@ call: nothing is built or parsed per request on success, the response's size is 
 calls share the channel concurrently (HTTP/2 streams), as tritonclient's own clients do.
 
 The generator runs under gevent (Locust), so grpc's gevent integration is switched on before the
-first channel is made: a call blocks its greenlet only. A failed call is an Outcome with the error
-kind `grpc_<status>` (e.g. grpc_invalid_argument, grpc_unavailable), or `timeout` past the deadline.
+first channel is made (_grpc_common.py): a call blocks its greenlet only. A failed call is an Outcome
+with the error kind `grpc_<status>` (e.g. grpc_invalid_argument, grpc_unavailable), or `timeout`.
 
 Targets: `grpc://host:port` (plain) or `grpcs://host:port` (TLS, with the system's CA store).
 """
@@ -18,67 +18,31 @@ from __future__ import annotations
 
 import time
 from typing import Any
-from urllib.parse import urlsplit
 
 import numpy as np
 
 from loadgen.errors import ProtocolMismatch, TargetNotReady, TargetUnreachable
 from loadgen.outcome import Outcome
+from loadgen.protocols._grpc_common import open_channel, rpc_failure
 from loadgen.protocols.payloads import synthetic_inputs
 from loadgen.scenario import Target
 from servers.core.model import NUMPY_DTYPES
 
-__all__ = ["KServeGrpcClient", "grpc_address"]
+__all__ = ["KServeGrpcClient", "build_infer_request"]
 
 _INFER = "/inference.GRPCInferenceService/ModelInfer"
-_MAX_MESSAGE = 2**31 - 1
-_gevent_ready = False
-
-
-def _init_gevent() -> None:
-    """grpc must cooperate with gevent in the generator; init once, before any channel exists."""
-    global _gevent_ready
-    if _gevent_ready:
-        return
-    try:
-        import gevent.monkey
-
-        if gevent.monkey.is_module_patched("socket"):
-            from grpc.experimental import gevent as grpc_gevent
-
-            grpc_gevent.init_gevent()
-    except ImportError:
-        pass
-    _gevent_ready = True
-
-
-def grpc_address(url: str) -> tuple[str, bool]:
-    """`grpc://host:port` -> ("host:port", False); `grpcs://...` -> (..., True); a bare host:port is plain."""
-    if "://" not in url:
-        return url, False
-    parts = urlsplit(url)
-    if parts.scheme not in ("grpc", "grpcs"):
-        raise ValueError(f"a gRPC target is grpc://host:port or grpcs://host:port, got {url!r}")
-    return parts.netloc, parts.scheme == "grpcs"
 
 
 class KServeGrpcClient:
     """One target model over KServe v2 gRPC, on one HTTP/2 channel."""
 
     def __init__(self, target: Target, seed: int = 0) -> None:
-        _init_gevent()
-        import grpc
-
         self.target = target
         self.seed = seed
+        self._channel = open_channel(target.url)
+        import grpc
+
         self._grpc = grpc
-        self._address, tls = grpc_address(target.url)
-        options = [("grpc.max_send_message_length", _MAX_MESSAGE),
-                   ("grpc.max_receive_message_length", _MAX_MESSAGE)]
-        if tls:
-            self._channel = grpc.secure_channel(self._address, grpc.ssl_channel_credentials(), options=options)
-        else:
-            self._channel = grpc.insecure_channel(self._address, options=options)
         self._infer = self._channel.unary_unary(_INFER, request_serializer=None, response_deserializer=None)
         self.metadata: dict[str, Any] = {}
         self.request = b""
@@ -131,12 +95,7 @@ class KServeGrpcClient:
         try:
             response = self._infer(self.request, timeout=self.target.timeout)
         except self._grpc.RpcError as exc:
-            done_t = time.monotonic()
-            code = exc.code() if hasattr(exc, "code") else None
-            kind = "timeout" if code == self._grpc.StatusCode.DEADLINE_EXCEEDED else \
-                f"grpc_{code.name.lower() if code is not None else 'unknown'}"
-            details = exc.details() if hasattr(exc, "details") else str(exc)
-            return Outcome(intended_t, sent_t, done_t, kind, details or "")
+            return rpc_failure(exc, intended_t, sent_t)
         return Outcome(intended_t, sent_t, time.monotonic(), None, "", len(response))
 
     def close(self) -> None:

@@ -1,0 +1,68 @@
+"""What the gRPC clients share: grpc under gevent, targets, channels, and failed calls as Outcomes."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+from loadgen.outcome import Outcome
+
+__all__ = ["grpc_address", "init_gevent", "open_channel", "rpc_failure"]
+
+MAX_MESSAGE = 2**31 - 1
+_gevent_ready = False
+
+
+def init_gevent() -> None:
+    """grpc must cooperate with gevent in the generator (a call blocks its greenlet only); init once,
+    before any channel exists, and only in a process gevent has patched."""
+    global _gevent_ready
+    if _gevent_ready:
+        return
+    try:
+        import gevent.monkey
+
+        if gevent.monkey.is_module_patched("socket"):
+            from grpc.experimental import gevent as grpc_gevent
+
+            grpc_gevent.init_gevent()
+    except ImportError:
+        pass
+    _gevent_ready = True
+
+
+def grpc_address(url: str) -> tuple[str, bool]:
+    """`grpc://host:port` -> ("host:port", False); `grpcs://...` -> (..., True); a bare host:port is plain."""
+    if "://" not in url:
+        return url, False
+    parts = urlsplit(url)
+    if parts.scheme not in ("grpc", "grpcs"):
+        raise ValueError(f"a gRPC target is grpc://host:port or grpcs://host:port, got {url!r}")
+    return parts.netloc, parts.scheme == "grpcs"
+
+
+def open_channel(url: str) -> Any:
+    """A channel to `url` with no message size limit (as Triton's and TorchServe's clients)."""
+    init_gevent()
+    import grpc
+
+    address, tls = grpc_address(url)
+    options = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)]
+    if tls:
+        return grpc.secure_channel(address, grpc.ssl_channel_credentials(), options=options)
+    return grpc.insecure_channel(address, options=options)
+
+
+def rpc_failure(exc: Any, intended_t: float, sent_t: float) -> Outcome:
+    """A failed call as an Outcome: kind `grpc_<status>` (grpc_invalid_argument, ...) or `timeout`."""
+    import grpc
+
+    done_t = time.monotonic()
+    code = exc.code() if hasattr(exc, "code") else None
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        kind = "timeout"
+    else:
+        kind = f"grpc_{code.name.lower() if code is not None else 'unknown'}"
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    return Outcome(intended_t, sent_t, done_t, kind, details or "")

@@ -1,0 +1,173 @@
+"""TorchServe inference over REST (`POST /predictions/{model}[/{version}]`) and gRPC (Predictions).
+
+TorchServe models declare no inputs, so the request is the user's: `payload` is a file whose bytes
+are each request's body (REST) or the `data` input (gRPC), as perf_analyzer's torchserve mode and
+TorchServe's own examples send them. Before the run, `prepare()` checks /ping (REST) or Ping (gRPC)
+and sends a few unmeasured requests, so a model that rejects the payload stops the run with a clear
+error instead of 10,000 failed requests.
+
+REST runs on the same lean keep-alive HTTP/1.1 client as kserve-http (prebuilt request bytes,
+kernel receive timestamps); any status other than 200 is `http_<status>`. gRPC sends a prebuilt
+PredictionsRequest through a bytes-in/bytes-out unary call on one HTTP/2 channel (see
+_grpc_common.py for gevent and failures); the stubs are the reference server's
+(servers/torchserve/proto), generated from TorchServe's own service and message definitions.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+from loadgen.errors import ProtocolMismatch, TargetNotReady, TargetUnreachable, classify_exception
+from loadgen.outcome import Outcome
+from loadgen.protocols._grpc_common import open_channel, rpc_failure
+from loadgen.protocols.http1 import Http1Pool, build_request
+from loadgen.scenario import Target
+
+__all__ = ["TorchServeGrpcClient", "TorchServeHttpClient"]
+
+_WARMUP = 8
+_PREDICTIONS = "/org.pytorch.serve.grpc.inference.InferenceAPIsService/Predictions"
+
+
+def _content_type(target: Target) -> str:
+    if target.content_type:
+        return target.content_type
+    return "application/json" if str(target.payload).endswith(".json") else "application/octet-stream"
+
+
+def _warm_up(client: Any, what: str) -> None:
+    for _ in range(_WARMUP):
+        outcome = client.send(time.monotonic())
+        client.warmup_requests += 1
+        if outcome.error is not None:
+            raise ProtocolMismatch(f"the warm-up request to {what} failed "
+                                   f"({outcome.error}: {outcome.message or 'no detail'})")
+
+
+class TorchServeHttpClient:
+    """One TorchServe model over the inference REST API."""
+
+    def __init__(self, target: Target, seed: int = 0) -> None:
+        self.target = target
+        parts = urlsplit(target.url)
+        self._tls = parts.scheme == "https"
+        self._host = parts.hostname or "127.0.0.1"
+        self._port = parts.port or (443 if self._tls else 80)
+        self._netloc = self._host + (f":{parts.port}" if parts.port else "")
+        self._prefix = parts.path.rstrip("/")
+        path = f"{self._prefix}/predictions/{quote(target.model, safe='')}"
+        if target.version:
+            path += f"/{quote(target.version, safe='')}"
+        self._path = path
+        self._pool = self._new_pool(target.timeout)
+        body = Path(target.payload).read_bytes() if target.payload else b""
+        self.request = build_request("POST", self._netloc, path, body, {"Content-Type": _content_type(target)})
+        self.metadata: dict[str, Any] = {}
+        self.warmup_requests = 0
+
+    def _new_pool(self, timeout: float) -> Http1Pool:
+        context = ssl.create_default_context() if self._tls else None
+        return Http1Pool(self._host, self._port, tls=context, connect_timeout=self.target.connect_timeout,
+                         timeout=timeout)
+
+    def prepare(self) -> dict[str, Any]:
+        control = self._new_pool(self.target.connect_timeout)
+        try:
+            response = control.send(build_request("GET", self._netloc, f"{self._prefix}/ping"))
+        except Exception as exc:  # noqa: BLE001 - every way of not answering is "unreachable"
+            raise TargetUnreachable(f"cannot reach {self.target.url} ({classify_exception(exc)}: "
+                                    f"{exc or type(exc).__name__}); is the server running, and is --target right?"
+                                    ) from None
+        finally:
+            control.close()
+        if response.status != 200:
+            raise TargetNotReady(f"{self.target.url}: not healthy (GET /ping -> {response.status} "
+                                 f"{_error_text(response.body)})")
+        _warm_up(self, f"POST {self._path}")
+        self.metadata = {"name": self.target.model, "ping": _json(response.body)}
+        return self.metadata
+
+    def send(self, intended_t: float) -> Outcome:
+        sent_t = time.monotonic()
+        try:
+            response = self._pool.send(self.request)
+        except Exception as exc:  # noqa: BLE001 - mapped to an error kind, the run goes on
+            return Outcome(intended_t, sent_t, time.monotonic(), classify_exception(exc), str(exc))
+        done_t = max(response.done_t, sent_t)
+        if response.status != 200:
+            return Outcome(intended_t, sent_t, done_t, f"http_{response.status}", _error_text(response.body),
+                           len(response.body))
+        return Outcome(intended_t, sent_t, done_t, None, "", len(response.body))
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+class TorchServeGrpcClient:
+    """One TorchServe model over the gRPC inference API (org.pytorch.serve.grpc.inference)."""
+
+    def __init__(self, target: Target, seed: int = 0) -> None:
+        self.target = target
+        self._channel = open_channel(target.url)
+        import grpc
+
+        from servers.torchserve.proto import inference_pb2
+
+        self._grpc = grpc
+        self._predict = self._channel.unary_unary(_PREDICTIONS, request_serializer=None,
+                                                  response_deserializer=None)
+        body = Path(target.payload).read_bytes() if target.payload else b""
+        self.request = inference_pb2.PredictionsRequest(
+            model_name=target.model, model_version=target.version or "", input={"data": body}).SerializeToString()
+        self.metadata: dict[str, Any] = {}
+        self.warmup_requests = 0
+
+    def prepare(self) -> dict[str, Any]:
+        from google.protobuf import empty_pb2
+
+        from servers.torchserve.proto import inference_pb2_grpc
+
+        grpc = self._grpc
+        timeout = self.target.connect_timeout
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+            health = inference_pb2_grpc.InferenceAPIsServiceStub(self._channel).Ping(empty_pb2.Empty(),
+                                                                                    timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise TargetUnreachable(f"cannot reach {self.target.url} (connect: no gRPC channel within "
+                                    f"{timeout:g} s); is the server running, and is --target right?") from None
+        except grpc.RpcError as exc:
+            raise TargetNotReady(f"{self.target.url}: Ping failed: {exc.code().name}: {exc.details()}") from None
+        _warm_up(self, f"Predictions of {self.target.model!r}")
+        self.metadata = {"name": self.target.model, "ping": _json(health.health.encode())}
+        return self.metadata
+
+    def send(self, intended_t: float) -> Outcome:
+        sent_t = time.monotonic()
+        try:
+            response = self._predict(self.request, timeout=self.target.timeout)
+        except self._grpc.RpcError as exc:
+            return rpc_failure(exc, intended_t, sent_t)
+        return Outcome(intended_t, sent_t, time.monotonic(), None, "", len(response))
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+def _json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except ValueError:
+        return body[:200].decode("utf-8", "replace")
+
+
+def _error_text(body: bytes) -> str:
+    parsed = _json(body)
+    if isinstance(parsed, dict):
+        return str(parsed.get("message") or parsed.get("error") or parsed)
+    return str(parsed)
