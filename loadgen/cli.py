@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -49,6 +49,15 @@ def run(
         help="torchserve-*: file sent as each request's body (gRPC: its 'data' input).")] = None,
     content_type: Annotated[str | None, typer.Option(
         help="torchserve-http: Content-Type of --payload (default by extension: .json -> application/json).")] = None,
+    header: Annotated[list[str] | None, typer.Option(
+        help='Extra header (gRPC: metadata) on every request, "Name: value"; repeatable.')] = None,
+    bearer_token_env: Annotated[str | None, typer.Option(
+        help="Environment variable holding a bearer token (sent as Authorization; never printed).")] = None,
+    ca_file: Annotated[Path | None, typer.Option(help="CA certificate (PEM) for https:// and grpcs:// targets.")] = None,
+    shape: Annotated[list[str] | None, typer.Option(
+        help="kserve-*: shape of an input with dynamic dims, NAME:1,224 ; repeatable.")] = None,
+    input_data: Annotated[Path | None, typer.Option(
+        help="kserve-*: perf_analyzer --input-data JSON (requests cycle; validation_data checks answers).")] = None,
     endpoint: Annotated[str | None, typer.Option(help="openai: chat (default) or completions.")] = None,
     max_tokens: Annotated[
         str | None, typer.Option(help='openai: output tokens a request: 128, "uniform:8,32", "normal:128,16"')
@@ -106,6 +115,7 @@ def run(
         "target.prompt_file": str(prompt_file) if prompt_file else None,
         "target.payload": str(payload) if payload else None,
         "target.content_type": content_type,
+        **_target_extras(header, bearer_token_env, ca_file, shape, input_data),
         "open_loop.rate": rate,
         "open_loop.arrival": arrival,
         "open_loop.max_in_flight": max_in_flight,
@@ -129,6 +139,30 @@ def run(
     except (LoadgenError, ScenarioError) as exc:
         _fail(exc)
     raise typer.Exit(code)
+
+
+def _target_extras(header: list[str] | None, bearer_token_env: str | None, ca_file: Path | None,
+                   shape: list[str] | None, input_data: Path | None) -> dict[str, Any]:
+    """Overrides for the target's headers, token, CA, shapes and request data; bad flags exit 2."""
+    problems, headers, shapes = [], {}, {}
+    for item in header or []:
+        name, sep, value = item.partition(":")
+        if not sep or not name.strip():
+            problems.append(f'--header {item!r}: expected "Name: value"')
+        headers[name.strip()] = value.strip()
+    for item in shape or []:
+        name, sep, dims = item.rpartition(":")
+        try:
+            shapes[name] = [int(dim) for dim in dims.split(",")]
+        except ValueError:
+            sep = ""
+        if not sep or not name:
+            problems.append(f"--shape {item!r}: expected NAME:DIM,DIM,...")
+    if problems:
+        _fail(ScenarioError(problems, "flags"))
+    return {"target.headers": headers or None, "target.bearer_token_env": bearer_token_env,
+            "target.ca_file": str(ca_file) if ca_file else None, "target.shapes": shapes or None,
+            "target.input_data": str(input_data) if input_data else None}
 
 
 def _numbers(text: str | None, kind: type, flag: str) -> tuple:

@@ -25,7 +25,9 @@ and `input_tokens` (token counts: 16, "uniform:8,32", "normal:128,16" or an inli
 
 from __future__ import annotations
 
+import os
 import re
+import ssl
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -180,15 +182,27 @@ class Target(_Strict):
     """openai: words of each synthetic prompt (about one token each); default 128."""
     prompt_file: str | None = None
     """openai: JSONL prompts instead of synthetic ones, one {"prompt": ...} or {"messages": [...]} a line."""
+    headers: dict[str, str] = Field(default_factory=dict)
+    """Extra HTTP headers (or gRPC metadata) sent with every request, e.g. an API gateway's key."""
+    bearer_token_env: str | None = None
+    """Name of an environment variable holding a bearer token: `Authorization: Bearer <token>` is sent,
+    and the token itself is never printed or written to results."""
+    ca_file: str | None = None
+    """PEM file of the CA that signed the target's certificate (https:// or grpcs://)."""
+    shapes: dict[str, list[int]] = Field(default_factory=dict)
+    """kserve-*: concrete shapes of inputs with dynamic dimensions, e.g. {INPUT0 = [1, 224]}."""
+    input_data: str | None = None
+    """kserve-*: a perf_analyzer --input-data JSON file: requests cycle through its "data" entries, and
+    when it has "validation_data" every response is checked (a mismatch is an invalid_response error)."""
     payload: str | None = None
     """torchserve-*: the file whose bytes are each request's body (HTTP) or input "data" (gRPC)."""
     content_type: str | None = None
     """torchserve-http: the body's Content-Type (default: application/json for .json files, else
     application/octet-stream)."""
 
-    @field_validator("payload")
+    @field_validator("payload", "ca_file", "input_data")
     @classmethod
-    def _payload_exists(cls, value: str | None) -> str | None:
+    def _file_exists(cls, value: str | None) -> str | None:
         if value is not None and not Path(value).is_file():
             raise ValueError("no such file")
         return value
@@ -201,7 +215,24 @@ class Target(_Strict):
                              "models declare no inputs, so the request body must be given")
         if not torchserve and (self.payload is not None or self.content_type is not None):
             raise ValueError(f"payload, content_type: only for the torchserve protocols, not {self.protocol!r}")
+        if not self.protocol.startswith("kserve") and (self.shapes or self.input_data is not None):
+            raise ValueError(f"shapes, input_data: only for the kserve protocols, not {self.protocol!r}")
+        if self.bearer_token_env is not None and not os.environ.get(self.bearer_token_env):
+            raise ValueError(f"bearer_token_env: environment variable {self.bearer_token_env} is not set")
         return self
+
+    def auth_headers(self) -> dict[str, str]:
+        """`headers` plus the bearer token read from its environment variable (never stored elsewhere)."""
+        headers = dict(self.headers)
+        if self.bearer_token_env:
+            headers["Authorization"] = f"Bearer {os.environ[self.bearer_token_env]}"
+        return headers
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context for https:// targets: the system's CAs, or only `ca_file` when given."""
+        if not self.url.startswith("https"):
+            return None
+        return ssl.create_default_context(cafile=self.ca_file)
 
     @field_validator("prompt_file")
     @classmethod

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from loadgen.outcome import Outcome
 
-__all__ = ["grpc_address", "init_gevent", "open_channel", "rpc_failure"]
+__all__ = ["call_metadata", "grpc_address", "init_gevent", "open_channel", "rpc_failure"]
 
 MAX_MESSAGE = 2**31 - 1
 _gevent_ready = False
@@ -42,16 +43,23 @@ def grpc_address(url: str) -> tuple[str, bool]:
     return parts.netloc, parts.scheme == "grpcs"
 
 
-def open_channel(url: str) -> Any:
-    """A channel to `url` with no message size limit (as Triton's and TorchServe's clients)."""
+def open_channel(url: str, ca_file: str | None = None) -> Any:
+    """A channel to `url` with no message size limit (as Triton's and TorchServe's clients); grpcs://
+    trusts the system's CAs, or only `ca_file` when given."""
     init_gevent()
     import grpc
 
     address, tls = grpc_address(url)
     options = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)]
     if tls:
-        return grpc.secure_channel(address, grpc.ssl_channel_credentials(), options=options)
+        roots = Path(ca_file).read_bytes() if ca_file else None
+        return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=roots), options=options)
     return grpc.insecure_channel(address, options=options)
+
+
+def call_metadata(headers: dict[str, str]) -> tuple[tuple[str, str], ...] | None:
+    """HTTP-style headers as gRPC metadata (keys lower case, as gRPC requires)."""
+    return tuple((key.lower(), value) for key, value in headers.items()) or None
 
 
 def rpc_failure(exc: Any, intended_t: float, sent_t: float) -> Outcome:

@@ -23,8 +23,8 @@ import numpy as np
 
 from loadgen.errors import ProtocolMismatch, TargetNotReady, TargetUnreachable
 from loadgen.outcome import Outcome
-from loadgen.protocols._grpc_common import open_channel, rpc_failure
-from loadgen.protocols.payloads import synthetic_inputs
+from loadgen.protocols._grpc_common import call_metadata, open_channel, rpc_failure
+from loadgen.protocols.request_data import check_outputs, request_data
 from loadgen.scenario import Target
 from servers.core.model import NUMPY_DTYPES
 
@@ -39,7 +39,11 @@ class KServeGrpcClient:
     def __init__(self, target: Target, seed: int = 0) -> None:
         self.target = target
         self.seed = seed
-        self._channel = open_channel(target.url)
+        self._channel = open_channel(target.url, target.ca_file)
+        self._metadata = call_metadata(target.auth_headers())
+        self._requests: list[bytes] = []
+        self._expected: list[dict] | None = None
+        self._next = 0
         import grpc
 
         self._grpc = grpc
@@ -60,12 +64,14 @@ class KServeGrpcClient:
         model, version = self.target.model, self.target.version or ""
         try:
             grpc.channel_ready_future(self._channel).result(timeout=timeout)
-            if not stub.ServerReady(pb.ServerReadyRequest(), timeout=timeout).ready:
+            meta = self._metadata
+            if not stub.ServerReady(pb.ServerReadyRequest(), timeout=timeout, metadata=meta).ready:
                 raise TargetNotReady(f"{self.target.url}: server not ready (ServerReady -> false)")
-            ready = stub.ModelReady(pb.ModelReadyRequest(name=model, version=version), timeout=timeout)
+            ready = stub.ModelReady(pb.ModelReadyRequest(name=model, version=version), timeout=timeout, metadata=meta)
             if not ready.ready:
                 raise TargetNotReady(f"model {model!r} is not ready at {self.target.url} (ModelReady -> false)")
-            metadata = stub.ModelMetadata(pb.ModelMetadataRequest(name=model, version=version), timeout=timeout)
+            metadata = stub.ModelMetadata(pb.ModelMetadataRequest(name=model, version=version), timeout=timeout,
+                                          metadata=meta)
         except grpc.FutureTimeoutError:
             raise TargetUnreachable(f"cannot reach {self.target.url} (connect: no gRPC channel within "
                                     f"{timeout:g} s); is the server running, and is --target right?") from None
@@ -76,7 +82,10 @@ class KServeGrpcClient:
             "inputs": [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in metadata.inputs],
             "outputs": [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in metadata.outputs],
         }
-        self.request = build_infer_request(model, version, synthetic_inputs(self.metadata["inputs"], self.seed))
+        data = request_data(self.metadata, self.seed, self.target.shapes, self.target.input_data)
+        self._requests = [build_infer_request(model, version, tensors) for tensors in data.tensors]
+        self.request = self._requests[0]
+        self._expected = data.expected
         self._warm_up()
         return self.metadata
 
@@ -84,22 +93,54 @@ class KServeGrpcClient:
         for _ in range(count):
             outcome = self.send(time.monotonic())
             self.warmup_requests += 1
-            if outcome.error is not None:
+            if outcome.error is not None and outcome.error != "invalid_response":  # wrong answers are counted, not fatal
                 raise ProtocolMismatch(f"the warm-up ModelInfer request to {self.target.model!r} failed "
                                        f"({outcome.error}: {outcome.message or 'no detail'})")
 
     # -- the hot path ---------------------------------------------------------------------------
     def send(self, intended_t: float) -> Outcome:
         """One ModelInfer call with the prebuilt request; the Outcome carries the error kind when it fails."""
+        index = self._next
+        if len(self._requests) > 1:
+            self._next = (index + 1) % len(self._requests)
         sent_t = time.monotonic()
         try:
-            response = self._infer(self.request, timeout=self.target.timeout)
+            response = self._infer(self._requests[index] if self._requests else self.request,
+                                   timeout=self.target.timeout, metadata=self._metadata)
         except self._grpc.RpcError as exc:
             return rpc_failure(exc, intended_t, sent_t)
-        return Outcome(intended_t, sent_t, time.monotonic(), None, "", len(response))
+        done_t = time.monotonic()
+        if self._expected is not None:
+            problem = _check(response, self._expected[index])
+            if problem is not None:
+                return Outcome(intended_t, sent_t, done_t, "invalid_response", problem, len(response))
+        return Outcome(intended_t, sent_t, done_t, None, "", len(response))
 
     def close(self) -> None:
         self._channel.close()
+
+
+def _check(response: bytes, expected: dict) -> str | None:
+    """The response's raw outputs against the expected ones (perf_analyzer validation data)."""
+    from tritonclient.grpc import service_pb2 as pb
+
+    message = pb.ModelInferResponse.FromString(response)
+    outputs = {}
+    for tensor, raw in zip(message.outputs, message.raw_output_contents):
+        if tensor.datatype == "BYTES":
+            outputs[tensor.name] = np.array(_unpack_bytes(raw), dtype=object)
+        else:
+            outputs[tensor.name] = np.frombuffer(raw, dtype=NUMPY_DTYPES[tensor.datatype]).reshape(list(tensor.shape))
+    return check_outputs(outputs, expected)
+
+
+def _unpack_bytes(raw: bytes) -> list[bytes]:
+    items, offset = [], 0
+    while offset + 4 <= len(raw):
+        length = int.from_bytes(raw[offset:offset + 4], "little")
+        items.append(raw[offset + 4:offset + 4 + length])
+        offset += 4 + length
+    return items
 
 
 def build_infer_request(model: str, version: str, tensors: list[dict[str, Any]]) -> bytes:

@@ -9,10 +9,11 @@ Any status other than 200 is an error of kind http_<status> (PROTOCOLS.md 1.9).
 from __future__ import annotations
 
 import json
-import ssl
 import time
 from typing import Any
 from urllib.parse import urlsplit
+
+import numpy as np
 
 from loadgen.errors import (
     ProtocolMismatch,
@@ -22,7 +23,7 @@ from loadgen.errors import (
 )
 from loadgen.outcome import Outcome
 from loadgen.protocols.http1 import Http1Pool, build_request
-from loadgen.protocols.payloads import synthetic_inputs
+from loadgen.protocols.request_data import check_outputs, request_data
 from loadgen.scenario import Target
 
 __all__ = ["KServeHttpClient"]
@@ -50,10 +51,14 @@ class KServeHttpClient:
         self._pool = self._new_pool(target.timeout)
         self.metadata: dict[str, Any] = {}
         self.request = b""
+        self._requests: list[bytes] = []
+        self._expected: list[dict] | None = None
+        self._next = 0
+        self._headers = target.auth_headers()
         self.warmup_requests = 0
 
     def _new_pool(self, timeout: float) -> Http1Pool:
-        context = ssl.create_default_context() if self._tls else None
+        context = self.target.ssl_context()
         return Http1Pool(
             self._host, self._port, tls=context, connect_timeout=self.target.connect_timeout, timeout=timeout
         )
@@ -61,7 +66,7 @@ class KServeHttpClient:
     # -- before the run -------------------------------------------------------------------------
     def _get(self, pool: Http1Pool, path: str) -> tuple[int, bytes]:
         try:
-            response = pool.send(build_request("GET", self._netloc, path))
+            response = pool.send(build_request("GET", self._netloc, path, headers=self._headers))
             return response.status, response.body
         except Exception as exc:  # noqa: BLE001 - every way of not answering is "unreachable"
             kind = classify_exception(exc)
@@ -89,10 +94,13 @@ class KServeHttpClient:
             self.metadata = _parse_metadata(body, self._model_path)
         finally:
             control.close()
-        request = {"inputs": synthetic_inputs(self.metadata["inputs"], self.seed)}
-        body = json.dumps(request, separators=(",", ":")).encode()
-        headers = {"Content-Type": "application/json"}
-        self.request = build_request("POST", self._netloc, self._infer_path, body, headers)
+        data = request_data(self.metadata, self.seed, self.target.shapes, self.target.input_data)
+        headers = {**self._headers, "Content-Type": "application/json"}
+        for tensors in data.tensors:
+            body = json.dumps({"inputs": tensors}, separators=(",", ":")).encode()
+            self._requests.append(build_request("POST", self._netloc, self._infer_path, body, headers))
+        self.request = self._requests[0]
+        self._expected = data.expected
         self._warm_up()
         return self.metadata
 
@@ -102,7 +110,7 @@ class KServeHttpClient:
         for _ in range(count):
             outcome = self.send(time.monotonic())
             self.warmup_requests += 1
-            if outcome.error is not None:
+            if outcome.error is not None and outcome.error != "invalid_response":  # wrong answers are counted, not fatal
                 raise ProtocolMismatch(
                     f"the warm-up infer request to {self._infer_path} failed "
                     f"({outcome.error}: {outcome.message or 'no detail'})"
@@ -111,19 +119,36 @@ class KServeHttpClient:
     # -- the hot path ---------------------------------------------------------------------------
     def send(self, intended_t: float) -> Outcome:
         """POST one infer request; the Outcome carries the error kind when it fails."""
+        index = self._next
+        if len(self._requests) > 1:
+            self._next = (index + 1) % len(self._requests)
         sent_t = time.monotonic()
         try:
-            response = self._pool.send(self.request)
+            response = self._pool.send(self._requests[index] if self._requests else self.request)
         except Exception as exc:  # noqa: BLE001 - mapped to an error kind, the run goes on
             return Outcome(intended_t, sent_t, time.monotonic(), classify_exception(exc), str(exc))
         done_t = max(response.done_t, sent_t)
         if response.status != 200:
             error = f"http_{response.status}"
             return Outcome(intended_t, sent_t, done_t, error, _error_text(response.body), len(response.body))
+        if self._expected is not None:
+            problem = _check(response.body, self._expected[index])
+            if problem is not None:
+                return Outcome(intended_t, sent_t, done_t, "invalid_response", problem, len(response.body))
         return Outcome(intended_t, sent_t, done_t, None, "", len(response.body))
 
     def close(self) -> None:
         self._pool.close()
+
+
+def _check(body: bytes, expected: dict) -> str | None:
+    """The response's JSON outputs against the expected ones (perf_analyzer validation data)."""
+    try:
+        outputs = {tensor["name"]: np.array(tensor["data"]).reshape(tensor["shape"])
+                   for tensor in json.loads(body)["outputs"]}
+    except (ValueError, KeyError, TypeError) as exc:
+        return f"response is not a KServe v2 JSON answer: {exc}"
+    return check_outputs(outputs, expected)
 
 
 def _error_text(body: bytes) -> str:

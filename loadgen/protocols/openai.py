@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import os
-import ssl
 import time
 from pathlib import Path
 from typing import Any
@@ -308,7 +307,7 @@ class OpenAIClient:
         self.warmup_requests = 0
 
     def _new_pool(self, timeout: float) -> StreamPool:
-        context = ssl.create_default_context() if self._tls else None
+        context = self.target.ssl_context()
         return StreamPool(self._host, self._port, tls=context, connect_timeout=self.target.connect_timeout,
                           timeout=timeout)
 
@@ -321,6 +320,7 @@ class OpenAIClient:
         headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
         if os.environ.get("OPENAI_API_KEY"):
             headers["Authorization"] = f"Bearer {os.environ['OPENAI_API_KEY']}"
+        headers.update(self.target.auth_headers())
         self.requests = [build_request("POST", self._netloc, self.path, body, headers) for body in bodies]
         self._warm_up()
         return {"name": self.target.model, "endpoint": self.path, "served_models": served,

@@ -16,7 +16,6 @@ _grpc_common.py for gevent and failures); the stubs are the reference server's
 from __future__ import annotations
 
 import json
-import ssl
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from urllib.parse import quote, urlsplit
 
 from loadgen.errors import ProtocolMismatch, TargetNotReady, TargetUnreachable, classify_exception
 from loadgen.outcome import Outcome
-from loadgen.protocols._grpc_common import open_channel, rpc_failure
+from loadgen.protocols._grpc_common import call_metadata, open_channel, rpc_failure
 from loadgen.protocols.http1 import Http1Pool, build_request
 from loadgen.scenario import Target
 
@@ -66,19 +65,21 @@ class TorchServeHttpClient:
         self._path = path
         self._pool = self._new_pool(target.timeout)
         body = Path(target.payload).read_bytes() if target.payload else b""
-        self.request = build_request("POST", self._netloc, path, body, {"Content-Type": _content_type(target)})
+        self._headers = target.auth_headers()
+        self.request = build_request("POST", self._netloc, path, body,
+                                     {**self._headers, "Content-Type": _content_type(target)})
         self.metadata: dict[str, Any] = {}
         self.warmup_requests = 0
 
     def _new_pool(self, timeout: float) -> Http1Pool:
-        context = ssl.create_default_context() if self._tls else None
+        context = self.target.ssl_context()
         return Http1Pool(self._host, self._port, tls=context, connect_timeout=self.target.connect_timeout,
                          timeout=timeout)
 
     def prepare(self) -> dict[str, Any]:
         control = self._new_pool(self.target.connect_timeout)
         try:
-            response = control.send(build_request("GET", self._netloc, f"{self._prefix}/ping"))
+            response = control.send(build_request("GET", self._netloc, f"{self._prefix}/ping", headers=self._headers))
         except Exception as exc:  # noqa: BLE001 - every way of not answering is "unreachable"
             raise TargetUnreachable(f"cannot reach {self.target.url} ({classify_exception(exc)}: "
                                     f"{exc or type(exc).__name__}); is the server running, and is --target right?"
@@ -113,7 +114,8 @@ class TorchServeGrpcClient:
 
     def __init__(self, target: Target, seed: int = 0) -> None:
         self.target = target
-        self._channel = open_channel(target.url)
+        self._channel = open_channel(target.url, target.ca_file)
+        self._metadata = call_metadata(target.auth_headers())
         import grpc
 
         from servers.torchserve.proto import inference_pb2
@@ -136,8 +138,8 @@ class TorchServeGrpcClient:
         timeout = self.target.connect_timeout
         try:
             grpc.channel_ready_future(self._channel).result(timeout=timeout)
-            health = inference_pb2_grpc.InferenceAPIsServiceStub(self._channel).Ping(empty_pb2.Empty(),
-                                                                                    timeout=timeout)
+            health = inference_pb2_grpc.InferenceAPIsServiceStub(self._channel).Ping(
+                empty_pb2.Empty(), timeout=timeout, metadata=self._metadata)
         except grpc.FutureTimeoutError:
             raise TargetUnreachable(f"cannot reach {self.target.url} (connect: no gRPC channel within "
                                     f"{timeout:g} s); is the server running, and is --target right?") from None
@@ -150,7 +152,7 @@ class TorchServeGrpcClient:
     def send(self, intended_t: float) -> Outcome:
         sent_t = time.monotonic()
         try:
-            response = self._predict(self.request, timeout=self.target.timeout)
+            response = self._predict(self.request, timeout=self.target.timeout, metadata=self._metadata)
         except self._grpc.RpcError as exc:
             return rpc_failure(exc, intended_t, sent_t)
         return Outcome(intended_t, sent_t, time.monotonic(), None, "", len(response))

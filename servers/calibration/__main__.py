@@ -18,6 +18,7 @@ import gc
 import os
 import re
 import signal
+import ssl
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -39,7 +40,7 @@ _FIELD_NAME = re.compile(r"\b(?:" + "|".join(_FLAGS) + r")\b")
 
 
 def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000,
-          ready_callback: ReadyCallback | None = None) -> None:
+          ready_callback: ReadyCallback | None = None, tls: ssl.SSLContext | None = None) -> None:
     """Run the calibration server until SIGTERM or SIGINT (signals are caught only in the main thread).
 
     Example:
@@ -54,7 +55,7 @@ def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000,
     gc.collect()
     gc.freeze()
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        runner.run(_serve_until_signal(config, host, port, ready_callback))
+        runner.run(_serve_until_signal(config, host, port, ready_callback, tls))
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -66,7 +67,7 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 async def _serve_until_signal(config: ServerConfig, host: str, port: int,
-                              ready_callback: ReadyCallback | None) -> None:
+                              ready_callback: ReadyCallback | None, tls: ssl.SSLContext | None = None) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals = (signal.SIGTERM, signal.SIGINT) if threading.current_thread() is threading.main_thread() else ()
@@ -78,7 +79,7 @@ async def _serve_until_signal(config: ServerConfig, host: str, port: int,
         return ServerContext(app, TimingModel(config.timing, t0), PreciseScheduler(loop))
 
     try:
-        await run_server(make_context, host, port, stop, ready_callback)
+        await run_server(make_context, host, port, stop, ready_callback, tls)
     finally:
         for signum in signals:
             loop.remove_signal_handler(signum)
@@ -102,6 +103,8 @@ def build_parser(prog: str = "python -m servers.calibration") -> argparse.Argume
     add("--workers", type=int, default=1, help="number of FIFO workers for --service-ms (default 1)")
     add("--shape", default="16", help="tensor shape after the batch dimension, e.g. 16 or 3,224,224")
     add("--datatype", default="FP32", help="tensor datatype in metadata and answers (default FP32)")
+    add("--tls-cert", default=None, metavar="PEM", help="serve HTTPS with this certificate (with --tls-key)")
+    add("--tls-key", default=None, metavar="PEM", help="the private key of --tls-cert")
     add("--keep-awake", action=argparse.BooleanOptionalAction, default=True,
         help="keep this server's CPUs out of deep idle with idle-priority spinners, so that the "
              "wake-up of an idle CPU does not add to the declared latency (default on)")
@@ -122,7 +125,17 @@ def config_from_args(args: argparse.Namespace) -> tuple[ServerConfig, list[str]]
     problems += [_FIELD_NAME.sub(lambda m: _FLAGS[m.group(0)], text) for text in config.problems()]
     if not 0 <= args.port <= 65535:
         problems.append(f"--port must be in 0..65535, got {args.port}")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        problems.append("--tls-cert and --tls-key go together")
     return config, problems
+
+
+def _tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    if args.tls_cert is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(args.tls_cert, args.tls_key)
+    return context
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m servers.calibration") -> int:
@@ -136,17 +149,26 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m servers.calib
             print(f"error: {problem}", file=sys.stderr)
         return 2
     try:
+        tls = _tls_context(args)
+    except (OSError, ssl.SSLError) as exc:
+        print(f"error: --tls-cert/--tls-key: {exc}", file=sys.stderr)
+        return 2
+    try:
         with KeepAwake(os.sched_getaffinity(0) if args.keep_awake else ()):
-            serve(config, args.host, args.port, _print_listening)
+            serve(config, args.host, args.port, _print_https if tls else _print_listening, tls)
     except OSError as exc:
         print(f"error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1
     return 0
 
 
-def _print_listening(host: str, port: int) -> None:
+def _print_listening(host: str, port: int, scheme: str = "http") -> None:
     shown = f"[{host}]" if ":" in host else host
-    print(f"listening on http://{shown}:{port}", flush=True)
+    print(f"listening on {scheme}://{shown}:{port}", flush=True)
+
+
+def _print_https(host: str, port: int) -> None:
+    _print_listening(host, port, "https")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ body) has been parsed, before routing; a zero delay is written at once, without 
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -116,8 +117,9 @@ class CalibrationProtocol(HttpConnection):
 
 
 async def run_server(context_factory: Callable[[float], ServerContext], host: str, port: int,
-                     stop: asyncio.Event, ready_callback: Callable[[str, int], None] | None = None) -> None:
-    """Listen on host:port until `stop` is set, then drop every connection and return.
+                     stop: asyncio.Event, ready_callback: Callable[[str, int], None] | None = None,
+                     tls: ssl.SSLContext | None = None) -> None:
+    """Listen on host:port (HTTPS with `tls`) until `stop` is set, then drop every connection and return.
 
     `context_factory(t0)` builds the shared context once t0, the start instant, is known;
     `ready_callback(host, port)` runs once the socket listens (port is the bound one when 0 was asked).
@@ -125,7 +127,7 @@ async def run_server(context_factory: Callable[[float], ServerContext], host: st
     loop = asyncio.get_running_loop()
     context = context_factory(time.monotonic())
     server = await loop.create_server(lambda: CalibrationProtocol(context), host, port,
-                                      reuse_address=True, backlog=1024)
+                                      reuse_address=True, backlog=1024, ssl=tls)
     try:
         if ready_callback is not None:
             ready_callback(host, server.sockets[0].getsockname()[1])

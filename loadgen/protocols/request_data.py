@@ -1,0 +1,146 @@
+"""The KServe requests a run sends: synthetic tensors from the model's metadata, or the entries of a
+perf_analyzer --input-data JSON file, with the expected outputs when the file gives them.
+
+perf_analyzer's format (the one Triton users already have):
+
+    {"data": [{"INPUT0": [0.1, 0.2, ...]},                              # flat values
+              {"INPUT0": {"content": [...], "shape": [1, 16]}},           # values and shape
+              {"INPUT0": {"b64": "<base64 of the raw bytes>", "shape": [16]}}],
+     "validation_data": [{"OUTPUT0": {"content": [...], "shape": [1, 10]}}, ...]}
+
+Requests cycle through the entries in order. A flat entry takes the model's declared shape, with a
+leading batch dimension of 1 for batching models and other dynamic dimensions from `shapes` (or
+from the value count when only one is dynamic). With validation data, each response is compared
+with its entry's expected outputs (np.allclose, rtol 1e-5, atol 1e-6); a mismatch is an
+`invalid_response` error of the run, which goes on.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from loadgen.errors import ProtocolMismatch
+from loadgen.protocols.payloads import synthetic_inputs
+from servers.core.model import NUMPY_DTYPES
+
+__all__ = ["RequestData", "check_outputs", "request_data"]
+
+
+@dataclass
+class RequestData:
+    """Each request's input tensors (KServe v2 JSON form, `data` flat) and, per request, expected outputs."""
+
+    tensors: list[list[dict[str, Any]]]
+    expected: list[dict[str, np.ndarray]] | None = None
+    sources: list[str] = field(default_factory=list)
+
+
+def request_data(metadata: dict[str, Any], seed: int, shapes: dict[str, list[int]],
+                 input_data: str | None) -> RequestData:
+    """The requests for a model with `metadata`; raises ProtocolMismatch naming a bad entry."""
+    if input_data is None:
+        return RequestData([synthetic_inputs(metadata["inputs"], seed, shapes or None)])
+    try:
+        document = json.loads(Path(input_data).read_text())
+    except (OSError, ValueError) as exc:
+        raise ProtocolMismatch(f"input_data {input_data}: {exc}") from None
+    entries = document.get("data") if isinstance(document, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise ProtocolMismatch(f'input_data {input_data}: expected {{"data": [{{"INPUT": ...}}, ...]}}')
+    specs = {spec["name"]: spec for spec in metadata["inputs"]}
+    tensors = []
+    for index, entry in enumerate(entries):
+        where = f"input_data {input_data}: data[{index}]"
+        if not isinstance(entry, dict) or set(entry) != set(specs):
+            raise ProtocolMismatch(f"{where}: needs exactly the model's inputs {sorted(specs)}")
+        tensors.append([_tensor(name, entry[name], specs[name], shapes, where) for name in specs])
+    expected = None
+    validation = document.get("validation_data")
+    if validation is not None:
+        if not isinstance(validation, list) or len(validation) != len(entries):
+            raise ProtocolMismatch(f"input_data {input_data}: validation_data needs one entry per data entry")
+        outputs = {spec["name"]: spec for spec in metadata.get("outputs", [])}
+        expected = [{name: _expected(name, value, outputs.get(name), f"{input_data}: validation_data[{i}]")
+                     for name, value in entry.items()} for i, entry in enumerate(validation)]
+    return RequestData(tensors, expected)
+
+
+def _tensor(name: str, value: Any, spec: dict[str, Any], shapes: dict[str, list[int]], where: str) -> dict:
+    datatype = spec["datatype"]
+    if isinstance(value, dict) and "b64" in value:
+        raw = base64.b64decode(value["b64"])
+        if datatype == "BYTES":
+            data: list[Any] = [raw]
+        else:
+            data = np.frombuffer(raw, dtype=NUMPY_DTYPES[datatype]).tolist()
+        shape = value.get("shape")
+    elif isinstance(value, dict):
+        data, shape = value.get("content"), value.get("shape")
+    else:
+        data, shape = value, None
+    if not isinstance(data, list):
+        raise ProtocolMismatch(f"{where}: {name} needs a list of values (or content / b64)")
+    data = list(_flatten(data))
+    shape = list(shape) if shape is not None else _shape_for(spec["shape"], len(data), shapes.get(name), where, name)
+    if math.prod(shape) != len(data):
+        raise ProtocolMismatch(f"{where}: {name} has {len(data)} values for shape {shape}")
+    return {"name": name, "shape": shape, "datatype": datatype, "data": data}
+
+
+def _shape_for(declared: list[int], count: int, override: list[int] | None, where: str, name: str) -> list[int]:
+    if override is not None:
+        return list(override)
+    shape = list(declared)
+    if shape and shape[0] == -1 and len(shape) > 1:
+        shape[0] = 1  # the batch dimension of a batching model
+    dynamic = [i for i, dim in enumerate(shape) if dim < 0]
+    if len(dynamic) > 1:
+        raise ProtocolMismatch(f"{where}: {name} has dynamic shape {declared}: give its shape (shapes or 'shape')")
+    if dynamic:
+        known = math.prod(dim for dim in shape if dim >= 0)
+        shape[dynamic[0]] = count // known if known else count
+    return shape
+
+
+def _flatten(values: list[Any]) -> Any:
+    for value in values:
+        if isinstance(value, list):
+            yield from _flatten(value)
+        else:
+            yield value
+
+
+def _expected(name: str, value: Any, spec: dict[str, Any] | None, where: str) -> np.ndarray:
+    if isinstance(value, dict):
+        content, shape = value.get("content"), value.get("shape")
+    else:
+        content, shape = value, None
+    if not isinstance(content, list):
+        raise ProtocolMismatch(f"{where}: {name} needs a list of values")
+    dtype = object if spec is not None and spec["datatype"] == "BYTES" else np.float64
+    array = np.array(list(_flatten(content)), dtype=dtype)
+    return array.reshape(shape) if shape is not None else array
+
+
+def check_outputs(got: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> str | None:
+    """None when every expected output is there with the expected values, else what differs."""
+    for name, want in expected.items():
+        have = got.get(name)
+        if have is None:
+            return f"output {name} missing"
+        if want.dtype == object:
+            same = [bytes(x) if isinstance(x, bytes) else str(x).encode() for x in np.ravel(have)] == \
+                   [x if isinstance(x, bytes) else str(x).encode() for x in want.ravel()]
+        else:
+            same = have.size == want.size and np.allclose(np.ravel(have).astype(np.float64), want.ravel(),
+                                                          rtol=1e-5, atol=1e-6)
+        if not same:
+            return f"output {name} differs from the expected values"
+    return None
