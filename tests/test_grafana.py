@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT, loadgen_cmd, pin, start_server, stop_process
+from tests.test_torchserve_support import MLP_JSON, OPEN, model_store, start_torchserve  # noqa: F401
 
 GRAFANA = ROOT / "grafana"
 DASHBOARDS = sorted((GRAFANA / "dashboards").glob("*.json"))
@@ -46,7 +47,7 @@ def test_dashboards_are_grafana_models() -> None:
             assert panel["targets"] and all(target["expr"].strip() for target in panel["targets"])
     assert yaml.safe_load((GRAFANA / "provisioning/dashboards/loadgen.yml").read_text())["providers"]
     jobs = {job["job_name"] for job in yaml.safe_load((GRAFANA / "prometheus.yml").read_text())["scrape_configs"]}
-    assert jobs == {"loadgen", "inference-server"}
+    assert jobs == {"loadgen", "inference-server", "torchserve"}
 
 
 def free_port() -> int:
@@ -55,9 +56,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_prometheus(tmp_path: Path, loadgen_port: int, server_port: int) -> tuple[subprocess.Popen, str]:
+def start_prometheus(tmp_path: Path, loadgen_port: int, server_port: int,
+                     torchserve_port: int) -> tuple[subprocess.Popen, str]:
     config = yaml.safe_load((GRAFANA / "prometheus.yml").read_text())
-    targets = {"loadgen": loadgen_port, "inference-server": server_port}
+    targets = {"loadgen": loadgen_port, "inference-server": server_port, "torchserve": torchserve_port}
     for job in config["scrape_configs"]:
         job["static_configs"] = [{"targets": [f"127.0.0.1:{targets[job['job_name']]}"]}]
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
@@ -83,12 +85,17 @@ def start_prometheus(tmp_path: Path, loadgen_port: int, server_port: int) -> tup
 
 
 @pytest.mark.integration
-def test_every_panel_has_data_from_a_real_prometheus(tmp_path: Path) -> None:
+def test_every_panel_has_data_from_a_real_prometheus(tmp_path: Path, model_store: Path) -> None:  # noqa: F811
     assert shutil.which("prometheus"), "Debian's prometheus package is required (.ci/run installs it)"
     server = start_server(["--metrics-port", str(free_port())], module="servers.triton", port_flag="--http-port")
     metrics_port = int(server.proc.args[server.proc.args.index("--metrics-port") + 1])
+    torchserve = start_torchserve(model_store, tmp_path, "--models", "mlp=mlp.mar",
+                                  config=[*OPEN, "metrics_mode=prometheus"], grpc=False)
     loadgen_port = free_port()
-    prometheus, prom_url = start_prometheus(tmp_path, loadgen_port, metrics_port)
+    ts_metrics_port = int(torchserve.metrics.rsplit(":", 1)[1])
+    prometheus, prom_url = start_prometheus(tmp_path, loadgen_port, metrics_port, ts_metrics_port)
+    payload = tmp_path / "input.json"
+    payload.write_text(MLP_JSON)
     try:
         started = time.time()
         run = subprocess.Popen(
@@ -97,8 +104,17 @@ def test_every_panel_has_data_from_a_real_prometheus(tmp_path: Path) -> None:
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         pin(run.pid, 0)
+        ts_run = subprocess.Popen(
+            loadgen_cmd("run", "--protocol", "torchserve-http", "--target", torchserve.inference, "--model", "mlp",
+                        "--payload", str(payload), "--rate", "50", "--duration", "8s", "--no-keep-awake",
+                        "--out", str(tmp_path / "ts-run"), "-q"),
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        pin(ts_run.pid, 0)
         _out, err = run.communicate(timeout=60)
         assert run.returncode == 0, err
+        _out, err = ts_run.communicate(timeout=60)
+        assert ts_run.returncode == 0, err
         time.sleep(2.0)  # one more scrape of the server after the run
         missing = []
         for board, title, expr in expressions():
@@ -115,6 +131,7 @@ def test_every_panel_has_data_from_a_real_prometheus(tmp_path: Path) -> None:
         except subprocess.TimeoutExpired:
             prometheus.kill()
         stop_process(server.proc)
+        torchserve.stop()
 
 
 def test_prometheus_config_parses_with_promtool() -> None:
