@@ -5,11 +5,15 @@ client side sees how batches formed. Checked: with batch_size 8 and 16 concurren
 gets batches larger than 1 (never larger than 8) and every client gets exactly its own answer, on the
 probe and on the captures' mlp compared with the model in-process; max_batch_delay holds a lone request
 back that long and no longer once the batch is full; workers run in parallel and scale up and down.
+Workers are processes (TorchServe's): one that dies answers its batch "Worker died." and is started
+again, scaling down and unregistering end their processes; worker_mode=thread runs them as threads.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,7 +34,10 @@ from tests.test_torchserve_support import (
 pytestmark = pytest.mark.integration
 
 PROBE_HANDLER = '''
-"""Answers each request with its value, the batch size it ran in, and the worker that ran it."""
+"""Answers each request with its value, the batch size it ran in, and the worker that ran it (its
+process and thread: a process of its own by default, a thread of the server with worker_mode=thread)."""
+import os
+import signal
 import threading
 import time
 
@@ -44,8 +51,12 @@ class Probe(BaseHandler):
         self.initialized = True
 
     def handle(self, data, context):
+        if any(row.get("body") == "exit" for row in data):
+            os._exit(3)  # a worker process that dies in the middle of a batch
+        if any(row.get("body") == "kill" for row in data):
+            os.kill(os.getpid(), signal.SIGKILL)  # as the out-of-memory killer would
         time.sleep(self.pause)  # a model that takes a while: batches form behind a busy worker
-        worker = threading.current_thread().name
+        worker = f"{os.getpid()}/{threading.current_thread().name}"
         return [{"value": row.get("body"), "batch": len(data), "worker": worker} for row in data]
 '''
 
@@ -170,3 +181,94 @@ def test_workers_run_in_parallel_and_scale(server: TorchServe) -> None:
         assert [worker["status"] for worker in workers] == ["READY"] * 3
     finally:
         _unregister(server, "sleepy")
+
+
+def _workers(server: TorchServe, name: str) -> list[dict]:
+    return httpx.get(f"{server.management}/models/{name}", timeout=10).json()[0]["workers"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _wait_for(condition, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+def test_a_worker_that_dies_answers_worker_died_and_is_started_again(server: TorchServe) -> None:
+    """The handler's process exits in the middle of a batch: its request gets TorchServe's 500 "Worker
+    died.", the worker is listed UNLOADING, started again with a new process, and serves again. One
+    killed with SIGKILL (as the out-of-memory killer does) answers 413, TorchServe's code for an exit
+    value of 137; one stopped from outside while idle is started again without a request failing."""
+    _register(server, "url=probe.mar&model_name=mortal&initial_workers=1")
+    url = f"{server.inference}/predictions/mortal"
+
+    def restarted(previous: dict) -> dict:
+        assert _wait_for(lambda: _workers(server, "mortal")[0]["status"] == "READY")
+        worker = _workers(server, "mortal")[0]
+        assert worker["id"] == previous["id"] and worker["pid"] != previous["pid"]
+        assert not _alive(previous["pid"])
+        return worker
+
+    try:
+        first = _workers(server, "mortal")[0]
+        died = httpx.post(url, json="exit", timeout=30)
+        assert died.status_code == 500 and died.headers["connection"] == "close"
+        assert died.json() == {"code": 500, "type": "InternalServerException", "message": "Worker died."}
+        assert _workers(server, "mortal")[0]["status"] == "UNLOADING"
+        assert httpx.get(f"{server.inference}/ping", timeout=10).json() == {"status": "Unhealthy"}
+        second = restarted(first)
+        assert httpx.post(url, json=7, timeout=30).json()["value"] == 7
+        killed = httpx.post(url, json="kill", timeout=30)
+        assert (killed.status_code, killed.json()["message"]) == (413, "Worker died.")
+        third = restarted(second)
+        os.kill(third["pid"], signal.SIGTERM)
+        assert _wait_for(lambda: not _alive(third["pid"]), 10)
+        assert httpx.post(url, json=8, timeout=30).json()["value"] == 8  # waits in the queue meanwhile
+        restarted(third)
+    finally:
+        _unregister(server, "mortal")
+
+
+def test_scaling_down_and_unregistering_end_the_worker_processes(server: TorchServe) -> None:
+    _register(server, "url=probe.mar&model_name=ended&initial_workers=2")
+    pids = [worker["pid"] for worker in _workers(server, "ended")]
+    assert len(set(pids)) == 2 and all(_alive(pid) for pid in pids)
+    assert server.server.proc.pid not in pids
+    scaled = httpx.put(f"{server.management}/models/ended?min_worker=1&synchronous=true", timeout=30)
+    assert scaled.status_code == 200
+    left = [worker["pid"] for worker in _workers(server, "ended")]
+    assert len(left) == 1 and _wait_for(lambda: sum(map(_alive, pids)) == 1, 10)
+    _unregister(server, "ended")
+    assert _wait_for(lambda: not _alive(left[0]), 10)
+
+
+def test_thread_workers_on_request(model_store: Path, tmp_path: Path) -> None:  # noqa: F811
+    """worker_mode=thread: the workers are threads of the server process, and still run in parallel."""
+    store = tmp_path / "store"
+    store.mkdir()
+    (tmp_path / "probe.py").write_text(PROBE_HANDLER)
+    (tmp_path / "slow.yaml").write_text("pause_s: 0.4\n")
+    archive(store, "sleepy", tmp_path / "probe.py", None, "--config-file", str(tmp_path / "slow.yaml"))
+    running = start_torchserve(store, tmp_path, config=[*OPEN, "worker_mode=thread"], grpc=False)
+    try:
+        _register(running, "url=sleepy.mar&initial_workers=2")
+        workers = _workers(running, "sleepy")
+        assert [worker["pid"] for worker in workers] == [running.server.proc.pid] * 2
+        url = f"{running.inference}/predictions/sleepy"
+        start = time.monotonic()
+        answers = _concurrently(2, lambda i: httpx.post(url, json=i, timeout=30).json())
+        assert time.monotonic() - start < 0.75
+        assert len({answer["worker"] for answer in answers}) == 2
+        assert {answer["worker"].split("/")[0] for answer in answers} == {str(running.server.proc.pid)}
+    finally:
+        running.stop()

@@ -5,20 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
-import threading
 import time
-from types import SimpleNamespace
 
 import pytest
 
 from servers.torchserve import load_settings, read_properties
+from servers.torchserve._archive import Archive
 from servers.torchserve._config import Address
 from servers.torchserve._handler import Request, decode_predict_response
 from servers.torchserve._metrics import HandlerMetrics, MetricsStore, java_double
 from servers.torchserve._wire import TsError, error_reply, format_reply, gson, json_reply
-from servers.torchserve._workers import Batching, Job, JobQueue, Worker, WorkerPool
+from servers.torchserve._workers import Batching, Job, JobQueue, WorkerPool
 
 PROPERTIES = r"""
 # a comment
@@ -153,64 +153,83 @@ def test_handler_metrics_reach_the_page() -> None:
     assert "HandlerTime" not in legacy and "# TYPE ts_inference_requests_total counter" in legacy
 
 
-def _job(value: object, loop: asyncio.AbstractEventLoop) -> Job:
-    return Job(Request(str(value), [("body", "", value)]), time.perf_counter_ns(), loop.create_future())
+def _job(value: object, loop: asyncio.AbstractEventLoop, alone: bool = False) -> Job:
+    request = Request(str(value), [("body", "text/plain", str(value).encode())])
+    return Job(request, time.perf_counter_ns(), loop.create_future(), alone)
 
 
-def test_job_queue_is_bounded_and_wakes_a_taker() -> None:
+def test_job_queue_is_a_bounded_fifo() -> None:
     loop = asyncio.new_event_loop()
     try:
         queue = JobQueue(2)
-        worker = Worker(1, None)
         assert queue.offer(_job(1, loop)) and queue.offer(_job(2, loop)) and not queue.offer(_job(3, loop))
-        assert queue.take(worker, None).request.request_id == "1"
-        assert queue.take(worker, time.monotonic()).request.request_id == "2"
-        start = time.monotonic()
-        assert queue.take(worker, start + 0.05) is None
-        assert time.monotonic() - start >= 0.05
-        taken: list = []
-        taker = threading.Thread(target=lambda: taken.append(queue.take(worker, None)))
-        taker.start()
-        time.sleep(0.05)
+        first, second = queue.take(), queue.take()
+        assert (first.request.request_id, second.request.request_id) == ("1", "2")
+        assert queue.take() is None and queue.peek() is None
         queue.offer(_job(4, loop))
-        taker.join(5)
-        assert taken[0].request.request_id == "4"
-        worker.stopping = True
-        assert queue.take(worker, None) is None
+        queue.put_front([first, second])  # taken but not run: back first, in their order
+        assert [job.request.request_id for job in queue.drain()] == ["1", "2", "4"]
+        assert len(queue) == 0
     finally:
         loop.close()
 
 
-def _pool(batching: Batching, loop: asyncio.AbstractEventLoop) -> WorkerPool:
-    archive = SimpleNamespace(name="m", version="1.0")
-    return WorkerPool(archive, batching, 100, loop=loop, worker_ids=iter(range(9000, 9100)).__next__, gpus=0,
-                      metrics=lambda: None)
+BATCH_PROBE = '''
+import os
+import time
 
 
-def test_batches_form_as_torchserve_polls_them() -> None:
-    """A batch takes what is queued up to batch_size; a lone job waits max_batch_delay for company; a
-    describe job runs alone and is not pulled into another batch."""
-    loop = asyncio.new_event_loop()
-    try:
-        pool = _pool(Batching(batch_size=3, max_batch_delay_ms=80), loop)
-        worker = Worker(9000, None)
-        for value in range(5):
-            pool.queue.offer(_job(value, loop))
-        assert [job.request.request_id for job in pool._gather(worker)] == ["0", "1", "2"]
-        start = time.monotonic()
-        assert [job.request.request_id for job in pool._gather(worker)] == ["3", "4"]
-        waited = time.monotonic() - start
-        assert 0.07 <= waited < 1.0, waited
-        describe = _job("describe", loop)
-        describe.alone = True
-        pool.queue.offer(_job(5, loop))
-        pool.queue.offer(describe)
-        pool.queue.offer(_job(6, loop))
-        assert [job.request.request_id for job in pool._gather(worker)] == ["5"]
-        assert [job.request.request_id for job in pool._gather(worker)] == ["describe"]
-        assert [job.request.request_id for job in pool._gather(worker)] == ["6"]
-    finally:
-        loop.close()
+def handle(data, context):
+    if data is None:
+        return None
+    bodies = [str(row.get("body")) for row in data]
+    if "slow" in bodies:
+        time.sleep(0.2)
+    return [{"batch": bodies, "pid": os.getpid()}] * len(data)
+'''
+
+
+def _probe_archive(folder) -> Archive:
+    (folder / "probe.py").write_text(BATCH_PROBE)
+    manifest = {"runtime": "python", "model": {"modelName": "probe", "modelVersion": "1.0", "handler": "probe.py"}}
+    return Archive("probe.mar", folder, manifest)
+
+
+@pytest.mark.parametrize("mode", ["process", "thread"])
+def test_batches_form_as_torchserve_polls_them(mode: str, tmp_path) -> None:
+    """One worker running a real handler: a batch takes what is queued up to batch_size; a lone job
+    waits max_batch_delay for company; a describe job runs alone and is not pulled into another batch.
+    In process mode the handler runs in another process."""
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        store = MetricsStore("host")
+        pool = WorkerPool(_probe_archive(tmp_path), Batching(batch_size=3, max_batch_delay_ms=80), 100,
+                          loop=loop, worker_ids=iter(range(9000, 9100)).__next__, gpus=0, metrics=store,
+                          mode=mode)
+        assert await asyncio.wait_for(pool.scale(1), 60)
+        try:
+            async def batches(*jobs: Job) -> list[list[str]]:
+                for job in jobs:
+                    assert pool.submit(job)
+                answers = [json.loads((await job.future).body) for job in jobs]
+                return [answer["batch"] for answer in answers]
+
+            jobs = [_job(value, loop) for value in range(5)]
+            assert await batches(*jobs) == [["0", "1", "2"]] * 3 + [["3", "4"]] * 2
+            waited = (jobs[3].start_ns - jobs[0].start_ns) / 1e9  # [3, 4] waited 80 ms for a third job
+            assert 0.08 <= waited < 2.0, waited
+            busy = [_job("slow", loop), _job("a", loop), _job("b", loop)]
+            alone = _job("describe", loop, alone=True)
+            got = await batches(*busy, _job(5, loop), alone, _job(6, loop))
+            assert got[3:] == [["5"], ["describe"], ["6"]]
+            pid = json.loads(jobs[0].future.result().body)["pid"]
+            assert (pid != os.getpid()) == (mode == "process")
+            assert pool.workers[0].describe()["pid"] == pid
+        finally:
+            pool.close()
+            pool.terminate()
+
+    asyncio.run(scenario())
 
 
 def test_command_line_reports_every_bad_setting_and_exits_2(tmp_path) -> None:

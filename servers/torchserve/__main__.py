@@ -93,7 +93,7 @@ async def _serve(settings: Settings, models: list[str], announce: Announce, grpc
                     server, port = await start_grpc(api, manager, auth, address.host, address.port)
                     started.push_async_callback(server.stop, None)
                     announce(api, address.host, port)
-            await _listen(started, "inference", InferenceApi(manager, auth, settings.decode_input_request),
+            await _listen(started, "inference", InferenceApi(manager, auth),
                           settings.inference, settings, announce, metrics.count_response)
             await stop.wait()
     finally:

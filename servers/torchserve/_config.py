@@ -3,7 +3,9 @@
 TorchServe's configuration is a Java properties file (`--ts-config FILE`, PROTOCOLS.md 5.10): `key=value`
 (or `key: value`, `key value`), `#` and `!` comments, a trailing backslash continuing a line (how the
 `models` JSON is usually written). Keys this server acts on are read here; other keys TorchServe knows
-are accepted and ignored, as TorchServe ignores keys it does not know. With `enable_envvars_config=true`
+are accepted and ignored, as TorchServe ignores keys it does not know. One key is this server's own:
+`worker_mode` (`process`, the default, as TorchServe's workers; or `thread`, workers inside the
+server process, for handlers whose models release the GIL). With `enable_envvars_config=true`
 a `TS_<KEY>` environment variable overrides the file. Command-line flags override both (torchserve's
 own order: env > flags > file, except that here the port flags of the tests win over everything).
 
@@ -62,6 +64,8 @@ class Settings:
     default_response_timeout: int = 120
     default_startup_timeout: int = 120
     number_of_gpu: int | None = None
+    worker_mode: str = "process"
+    """process: each worker a Python process of its own (TorchServe's way); thread: a thread here."""
     key_file: Path = Path("key_file.json")
     hostname: str = field(default_factory=socket.gethostname)
 
@@ -73,7 +77,7 @@ _BOOL_KEYS = {"enable_metrics_api", "enable_model_api", "decode_input_request", 
 _KNOWN = _INT_KEYS | _BOOL_KEYS | {
     "inference_address", "management_address", "metrics_address", "grpc_inference_address",
     "grpc_management_address", "grpc_inference_port", "grpc_management_port", "model_store", "load_models",
-    "models", "metrics_mode", "token_expiration_min",
+    "models", "metrics_mode", "token_expiration_min", "worker_mode",
 }
 
 
@@ -146,6 +150,11 @@ def load_settings(properties: dict[str, str],
         problems.append(f"metrics_mode: expected log, prometheus or legacy, got {mode!r}")
     else:
         settings.metrics_mode = mode
+    worker_mode = props.get("worker_mode", "process").strip().lower()
+    if worker_mode not in ("process", "thread"):
+        problems.append(f"worker_mode: expected process or thread, got {worker_mode!r}")
+    else:
+        settings.worker_mode = worker_mode
     return settings, problems
 
 

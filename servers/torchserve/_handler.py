@@ -2,19 +2,23 @@
 
 TorchServe runs each worker as a Python process that imports the archive's handler, builds a
 `ts.context.Context`, calls `initialize`, and then answers batches through `ts.service.Service.predict`.
-Here a worker is a thread (torch releases the GIL while it computes), and it runs the very same
-Python code: TorchServe's own `ts` package (shipped in the torchserve wheel, which handlers written for
-TorchServe import anyway) supplies Context, RequestProcessor and Service, so the handler contract
-(module-level `handle(data, context)`, or a class with initialize/handle such as a BaseHandler
-subclass; status codes from PredictionException, 503 "Prediction failed" for anything else raised,
-"Invalid model predict output", "number of batch response mismatched", per-request status and headers
-set on the context, JSON for lists and dicts) is TorchServe's by construction.
+A worker here does the same, in a process of its own (_backend.py, the default) or in a thread of the
+server (`worker_mode=thread`), and it runs the very same Python code: TorchServe's own `ts` package
+(shipped in the torchserve wheel, which handlers written for TorchServe import anyway) supplies
+Context, RequestProcessor and Service, so the handler contract (module-level `handle(data, context)`,
+or a class with initialize/handle such as a BaseHandler subclass; status codes from
+PredictionException, 503 "Prediction failed" for anything else raised, "Invalid model predict
+output", "number of batch response mismatched", per-request status and headers set on the context,
+JSON for lists and dicts) is TorchServe's by construction.
 
-What differs from a process per worker, and how it is handled:
-- each worker imports the handler file as its own module (module-level state is per worker, as in
-  separate processes), with the model folder on sys.path for the archive's extra files;
-- the working directory is the server's, not the model folder: handlers should build paths from
-  `context.system_properties["model_dir"]`, as TorchServe's own handlers do;
+Inputs arrive as the bytes the client sent, with their content type; as in TorchServe's backend
+(otf_message_handler), the worker decodes them: with decode_input_request (the default)
+`application/json` becomes the parsed value (the bytes when it does not parse) and `text/*` a str.
+
+Details:
+- each worker imports the handler file as its own module (module-level state is per worker), with
+  the model folder on sys.path for the archive's extra files; a process worker runs in the model
+  folder, as TorchServe's do, a thread worker in the server's working folder;
 - Service.predict answers in TorchServe's wire format (otf_message_handler); it is decoded here
   (`decode_predict_response`), and so are the intermediate answers a streaming handler sends with
   `send_intermediate_predict_response` through `context.cl_socket`.
@@ -37,7 +41,7 @@ from typing import Any, NamedTuple
 from servers.torchserve._archive import Archive
 
 __all__ = ["Answer", "Failure", "Handler", "HandlerLoadError", "Request", "decode_predict_response",
-           "load_handler"]
+           "decode_value", "load_handler"]
 
 _module_ids = itertools.count()
 _path_lock = threading.Lock()
@@ -63,14 +67,14 @@ class Failure(NamedTuple):
 
 @dataclass(slots=True)
 class Request:
-    """One request as the backend sees it: input parameters (name, content type, decoded value) and
-    request headers (name -> value, as RequestProcessor holds them)."""
+    """One request as the backend gets it: input parameters (name, content type, the bytes as they
+    came) and request headers (name -> value, as RequestProcessor holds them)."""
 
     request_id: str
     parameters: list[tuple[str, str, Any]]
     headers: dict[str, str] = field(default_factory=dict)
     on_part: Callable[[Answer], None] | None = None
-    """Called (on the worker thread) with each intermediate answer of a streaming handler."""
+    """Called (on the worker's thread) with each intermediate answer of a streaming handler."""
 
 
 class HandlerLoadError(Exception):
@@ -95,10 +99,11 @@ class _StreamSocket:
 class Handler:
     """One worker's loaded handler: its own module, context and ts Service."""
 
-    def __init__(self, service: Any, socket: _StreamSocket, module_name: str) -> None:
+    def __init__(self, service: Any, socket: _StreamSocket, module_name: str, decode: bool = True) -> None:
         self._service = service
         self._socket = socket
         self._module_name = module_name
+        self._decode = decode
 
     @property
     def context(self) -> Any:
@@ -107,7 +112,7 @@ class Handler:
     def predict(self, batch: list[Request]) -> list[Answer | Failure]:
         """Run one batch through ts.service.Service.predict; one Answer or Failure per request."""
         self._socket.batch = batch
-        message = self._service.predict([_wire_request(request) for request in batch])
+        message = self._service.predict([_wire_request(request, self._decode) for request in batch])
         self._socket.batch = []
         if message is None:  # LOCAL_RANK != 0: TorchServe sends nothing either
             return [Failure(500, "Worker did not answer")] * len(batch)
@@ -121,7 +126,7 @@ class Handler:
 
 
 def load_handler(archive: Archive, worker_id: int, gpu_id: int | None, batch_size: int,
-                 metrics: Any) -> Handler:
+                 metrics: Any, decode_input: bool = True) -> Handler:
     """Import the archive's handler for one worker and initialize it, as TorchServe's TsModelLoader.
 
     Raises HandlerLoadError with the reason (import failure, no entry point, initialize raised).
@@ -146,7 +151,7 @@ def load_handler(archive: Archive, worker_id: int, gpu_id: int | None, batch_siz
     except Exception as exc:
         sys.modules.pop(module_name, None)
         raise HandlerLoadError(f"{type(exc).__name__}: {exc}") from exc
-    return Handler(service, socket, module_name)
+    return Handler(service, socket, module_name, decode_input)
 
 
 def _add_path(model_dir: str) -> None:
@@ -211,15 +216,33 @@ def _class_entry_point(module: Any, handler: str) -> tuple[Callable, Callable]:
     return instance.handle, instance.initialize
 
 
-def _wire_request(request: Request) -> dict[str, Any]:
+def _wire_request(request: Request, decode: bool) -> dict[str, Any]:
     """The dict Service.retrieve_data_for_inference reads (the backend's decoded form of a request)."""
     return {
         "requestId": request.request_id.encode(),
-        "parameters": [{"name": name, "contentType": content_type, "value": value}
+        "parameters": [{"name": name, "contentType": content_type,
+                        "value": decode_value(content_type, value, decode)}
                        for name, content_type, value in request.parameters],
         "headers": [{"name": name.encode(), "value": value.encode()}
                     for name, value in request.headers.items()],
     }
+
+
+def decode_value(content_type: str, value: Any, decode: bool) -> Any:
+    """What TorchServe's backend makes of one input: parsed JSON, text, or the bytes as they came."""
+    if not decode or not isinstance(value, (bytes, bytearray)):
+        return value
+    if content_type == "application/json":
+        try:
+            return json.loads(value.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            return value
+    if content_type.startswith("text"):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return value
+    return value
 
 
 def decode_predict_response(message: bytes) -> tuple[int, str, dict[str, Answer]]:

@@ -9,9 +9,10 @@ as they are (no service envelope); `/invocations?model_name=` and `/models/{m}/i
 
 A request becomes the handler's input as TorchServe's front end and Python backend make it: a
 multipart/form-data or urlencoded body gives one input per field (file parts keep their content
-type), any other body is the input `body` with the request's content type; then, with
-decode_input_request (the default), `application/json` arrives parsed (raw bytes when it does not
-parse) and `text/*` as str. The handler also sees the request headers (names lower-case), plus
+type), any other body is the input `body` with the request's content type. The inputs go to the
+worker as the bytes they came as; the worker decodes them (_handler.decode_value: with
+decode_input_request, the default, `application/json` arrives parsed, raw bytes when it does not
+parse, and `text/*` as str). The handler also sees the request headers (names lower-case), plus
 `explain` and `url_path` as TorchServe adds them. Its answer is sent with the status, reason phrase
 (empty by default), content type and headers it set; a handler that streams
 (send_intermediate_predict_response) gets a chunked response, one chunk per part.
@@ -22,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
-import json
 import time
 import uuid
 from typing import Any
@@ -46,10 +46,9 @@ _HIDDEN_HEADERS = {"ts_stream_next", "content-type"}
 class InferenceApi:
     """Routes of the inference port over one ModelManager."""
 
-    def __init__(self, models: ModelManager, auth: TokenAuth, decode_input: bool = True) -> None:
+    def __init__(self, models: ModelManager, auth: TokenAuth) -> None:
         self.models = models
         self._auth = auth
-        self._decode = decode_input
         self._description = json_reply(describe_api("inference"))
 
     def handle(self, request: HttpRequest, send: Send) -> Any:
@@ -72,7 +71,7 @@ class InferenceApi:
     async def _predict(self, http: HttpRequest, name: str, version: str | None, explain: bool,
                        query: list[tuple[str, str]], send: Send) -> Any:
         arrival_ns = time.perf_counter_ns()
-        request = Request(str(uuid.uuid4()), request_parameters(http, query, self._decode),
+        request = Request(str(uuid.uuid4()), request_parameters(http, query),
                           {**http.headers, "url_path": "", "explain": "True" if explain else "False"})
         stream = _Stream(send, request.request_id, self.models.metrics.count_response)
         loop = asyncio.get_running_loop()
@@ -108,38 +107,22 @@ def _prediction_route(segments: list[str], query: str) -> tuple[str, str | None,
     return None
 
 
-def request_parameters(http: HttpRequest, query: list[tuple[str, str]],
-                       decode: bool) -> list[tuple[str, str, Any]]:
-    """The handler's inputs of one HTTP request: (name, content type, value) each."""
+def request_parameters(http: HttpRequest, query: list[tuple[str, str]]) -> list[tuple[str, str, bytes]]:
+    """The handler's inputs of one HTTP request: (name, content type, bytes) each."""
     parameters: list[tuple[str, str, Any]] = [(key, "", value.encode()) for key, value in query]
     content_type = http.headers.get("content-type", "")
     mime = content_type.partition(";")[0].strip()
     if mime.lower() == "multipart/form-data":
-        parameters.extend(_multipart(content_type, http.body, decode))
+        parameters.extend(_multipart(content_type, http.body))
     elif mime.lower() == "application/x-www-form-urlencoded":
         fields = parse_qsl(http.body.decode("utf-8", "replace"), keep_blank_values=True)
         parameters.extend((key, "", value.encode()) for key, value in fields)
     else:
-        parameters.append(("body", mime, decode_value(mime, http.body, decode)))
+        parameters.append(("body", mime, http.body))
     return parameters
 
 
-def decode_value(content_type: str, value: bytes, decode: bool) -> Any:
-    """What TorchServe's backend makes of one input: parsed JSON, text, or the bytes as they came."""
-    if decode and content_type == "application/json":
-        try:
-            return json.loads(value.decode("utf-8"))
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            return value
-    if decode and content_type.startswith("text"):
-        try:
-            return value.decode("utf-8")
-        except UnicodeDecodeError:
-            return value
-    return value
-
-
-def _multipart(content_type: str, body: bytes, decode: bool) -> list[tuple[str, str, Any]]:
+def _multipart(content_type: str, body: bytes) -> list[tuple[str, str, bytes]]:
     message = email.message_from_bytes(f"Content-Type: {content_type}\r\n\r\n".encode("latin-1") + body,
                                        policy=email.policy.HTTP)
     if not message.is_multipart():
@@ -150,11 +133,7 @@ def _multipart(content_type: str, body: bytes, decode: bool) -> list[tuple[str, 
         if name is None:
             continue
         payload = part.get_payload(decode=True) or b""
-        if part.get_filename() is None:
-            fields.append((str(name), "", payload))
-        else:
-            part_type = part.get_content_type()
-            fields.append((str(name), part_type, decode_value(part_type, payload, decode)))
+        fields.append((str(name), "" if part.get_filename() is None else part.get_content_type(), payload))
     return fields
 
 

@@ -28,7 +28,7 @@ from typing import Any
 from servers.torchserve._archive import Archive, open_archive
 from servers.torchserve._config import Settings
 from servers.torchserve._handler import Answer, Failure, Request, describe_metadata
-from servers.torchserve._metrics import HandlerMetrics, MetricsStore
+from servers.torchserve._metrics import MetricsStore
 from servers.torchserve._wire import TsError
 from servers.torchserve._workers import Batching, Job, Worker, WorkerPool
 
@@ -240,22 +240,22 @@ class ModelManager:
 
         batching = Batching(max(1, choose(request.batch_size, "batchSize", 1)),
                             choose(request.max_batch_delay, "maxBatchDelay", 100))
-        def handler_metrics() -> HandlerMetrics:
-            return HandlerMetrics(self.metrics, archive.name)
+        settings = self.settings
+        response_timeout = choose(request.response_timeout, "responseTimeout", settings.default_response_timeout)
 
         def record_load_time(worker: Worker) -> None:
             labels = (("WorkerName", f"W-{worker.id}-{archive.name}_{archive.version}"), ("Level", "Host"),
                       ("Hostname", self.metrics.hostname))
             self.metrics.set("WorkerLoadTime", labels, round(worker.load_ms), unit="Milliseconds")
 
-        pool = WorkerPool(archive, batching, self.settings.job_queue_size, loop=self._loop,
-                          worker_ids=self._worker_ids, gpus=self.gpus, metrics=handler_metrics,
+        pool = WorkerPool(archive, batching, settings.job_queue_size, loop=self._loop,
+                          worker_ids=self._worker_ids, gpus=self.gpus, metrics=self.metrics,
+                          mode=settings.worker_mode, decode_input=settings.decode_input_request,
+                          response_timeout_s=response_timeout, hostname=self.metrics.hostname,
                           on_load=record_load_time, on_batch=self._record_worker_thread_time)
-        settings = self.settings
         return ModelVersion(
             archive, pool,
-            response_timeout=choose(request.response_timeout, "responseTimeout",
-                                    settings.default_response_timeout),
+            response_timeout=response_timeout,
             startup_timeout=choose(request.startup_timeout, "startupTimeout",
                                    settings.default_startup_timeout),
             loaded_at_startup=startup,
@@ -345,8 +345,10 @@ class ModelManager:
         served.archive.close()
 
     def close(self) -> None:
-        """Stop every worker and remove the unpacked archives (the server is stopping)."""
+        """Stop every worker, end their processes and remove the unpacked archives (the server is
+        stopping)."""
         for model in self._models.values():
             for served in model.versions.values():
                 self._remove(served)
+                served.pool.terminate()
         self._models.clear()
