@@ -58,6 +58,9 @@ def run(
         help="kserve-*: shape of an input with dynamic dims, NAME:1,224 ; repeatable.")] = None,
     input_data: Annotated[Path | None, typer.Option(
         help="kserve-*: perf_analyzer --input-data JSON (requests cycle; validation_data checks answers).")] = None,
+    grpc_stream: Annotated[bool, typer.Option(
+        "--grpc-stream", help="kserve-grpc: ModelStreamInfer streams (one per request in flight) "
+                              "instead of unary ModelInfer.")] = False,
     endpoint: Annotated[str | None, typer.Option(help="openai: chat (default) or completions.")] = None,
     max_tokens: Annotated[
         str | None, typer.Option(help='openai: output tokens a request: 128, "uniform:8,32", "normal:128,16"')
@@ -116,6 +119,7 @@ def run(
         "target.payload": str(payload) if payload else None,
         "target.content_type": content_type,
         **_target_extras(header, bearer_token_env, ca_file, shape, input_data),
+        "target.stream": True if grpc_stream else None,
         "open_loop.rate": rate,
         "open_loop.arrival": arrival,
         "open_loop.max_in_flight": max_in_flight,

@@ -194,6 +194,9 @@ class Target(_Strict):
     input_data: str | None = None
     """kserve-*: a perf_analyzer --input-data JSON file: requests cycle through its "data" entries, and
     when it has "validation_data" every response is checked (a mismatch is an invalid_response error)."""
+    stream: bool = False
+    """kserve-grpc: send each request on a ModelStreamInfer stream (one stream per request in flight,
+    reused) instead of a unary ModelInfer call."""
     payload: str | None = None
     """torchserve-*: the file whose bytes are each request's body (HTTP) or input "data" (gRPC)."""
     content_type: str | None = None
@@ -215,6 +218,8 @@ class Target(_Strict):
                              "models declare no inputs, so the request body must be given")
         if not torchserve and (self.payload is not None or self.content_type is not None):
             raise ValueError(f"payload, content_type: only for the torchserve protocols, not {self.protocol!r}")
+        if self.stream and self.protocol != "kserve-grpc":
+            raise ValueError(f"stream: only for protocol kserve-grpc, not {self.protocol!r}")
         if not self.protocol.startswith("kserve") and (self.shapes or self.input_data is not None):
             raise ValueError(f"shapes, input_data: only for the kserve protocols, not {self.protocol!r}")
         if self.bearer_token_env is not None and not os.environ.get(self.bearer_token_env):

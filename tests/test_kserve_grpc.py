@@ -85,3 +85,21 @@ def test_unknown_model_and_wrong_scheme_are_input_errors(server: Server, tmp_pat
     run = run_loadgen("--protocol", "kserve-grpc", "--target", "grpc://127.0.0.1:9", "--model", "paced",
                       "--rate", "10", "--duration", "1s", "--connect-timeout", "1s", out=tmp_path / "c")
     assert run.returncode == 2 and "cannot reach" in run.stderr
+
+
+def test_streamed_requests_are_answered_and_counted(server: Server, tmp_path: Path) -> None:
+    before = _success_count(server, "paced")
+    run = run_loadgen("--protocol", "kserve-grpc", "--grpc-stream", "--target", f"grpc://{server.fronts['grpc']}",
+                      "--model", "paced", "--users", "4", "--duration", "2s", out=tmp_path / "run")
+    assert run.returncode == 0, run.stderr
+    summary = run.summary
+    assert summary["errors"] == {} and summary["ok"] > 300
+    # every answer the server gave on the streams was measured (or was a warm-up)
+    assert _success_count(server, "paced") - before == summary["ok"] + summary["warmup_requests"]
+    assert SERVICE_S * 1000 <= summary["latency_ms"]["p50"] < SERVICE_S * 1000 + 3.0
+
+
+def test_stream_flag_is_only_for_kserve_grpc(tmp_path: Path) -> None:
+    run = run_loadgen("--grpc-stream", "--target", "http://127.0.0.1:9", "--model", "m", "--rate", "1",
+                      "--duration", "1s", out=tmp_path / "run")
+    assert run.returncode == 2 and "stream: only for protocol kserve-grpc" in run.stderr

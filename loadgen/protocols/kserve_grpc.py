@@ -31,6 +31,7 @@ from servers.core.model import NUMPY_DTYPES
 __all__ = ["KServeGrpcClient", "build_infer_request"]
 
 _INFER = "/inference.GRPCInferenceService/ModelInfer"
+_STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
 
 
 class KServeGrpcClient:
@@ -48,6 +49,10 @@ class KServeGrpcClient:
 
         self._grpc = grpc
         self._infer = self._channel.unary_unary(_INFER, request_serializer=None, response_deserializer=None)
+        self._open_stream = self._channel.stream_stream(_STREAM, request_serializer=None,
+                                                        response_deserializer=None)
+        self._streams: list[_Stream] = []
+        """Idle ModelStreamInfer calls (target.stream): one request in flight on each, reused LIFO."""
         self.metadata: dict[str, Any] = {}
         self.request = b""
         self.warmup_requests = 0
@@ -99,10 +104,13 @@ class KServeGrpcClient:
 
     # -- the hot path ---------------------------------------------------------------------------
     def send(self, intended_t: float) -> Outcome:
-        """One ModelInfer call with the prebuilt request; the Outcome carries the error kind when it fails."""
+        """One ModelInfer call (or one exchange on a ModelStreamInfer stream, with target.stream) with
+        the prebuilt request; the Outcome carries the error kind when it fails."""
         index = self._next
         if len(self._requests) > 1:
             self._next = (index + 1) % len(self._requests)
+        if self.target.stream:
+            return self._send_streamed(intended_t, index)
         sent_t = time.monotonic()
         try:
             response = self._infer(self._requests[index] if self._requests else self.request,
@@ -111,20 +119,78 @@ class KServeGrpcClient:
             return rpc_failure(exc, intended_t, sent_t)
         done_t = time.monotonic()
         if self._expected is not None:
-            problem = _check(response, self._expected[index])
+            from tritonclient.grpc import service_pb2 as pb
+
+            problem = _check(pb.ModelInferResponse.FromString(response), self._expected[index])
             if problem is not None:
                 return Outcome(intended_t, sent_t, done_t, "invalid_response", problem, len(response))
         return Outcome(intended_t, sent_t, done_t, None, "", len(response))
 
+    def _send_streamed(self, intended_t: float, index: int) -> Outcome:
+        """One request and its response on an idle stream of the pool (a new stream when none is idle).
+        A stream that failed or timed out is dropped: a late answer on it must not be taken for the
+        next request's."""
+        from tritonclient.grpc import service_pb2 as pb
+
+        stream = self._streams.pop() if self._streams else _Stream(self._open_stream, self._metadata)
+        sent_t = time.monotonic()
+        try:
+            raw = stream.exchange(self._requests[index] if self._requests else self.request, self.target.timeout)
+        except self._grpc.RpcError as exc:
+            stream.close()
+            return rpc_failure(exc, intended_t, sent_t)
+        except TimeoutError:
+            stream.close()
+            return Outcome(intended_t, sent_t, time.monotonic(), "timeout", "no answer on the stream in time")
+        except StopIteration:
+            stream.close()
+            return Outcome(intended_t, sent_t, time.monotonic(), "stream_truncated", "the server ended the stream")
+        done_t = time.monotonic()
+        self._streams.append(stream)
+        message = pb.ModelStreamInferResponse.FromString(raw)
+        if message.error_message:
+            return Outcome(intended_t, sent_t, done_t, "stream_error", message.error_message, len(raw))
+        if self._expected is not None:
+            problem = _check(message.infer_response, self._expected[index])
+            if problem is not None:
+                return Outcome(intended_t, sent_t, done_t, "invalid_response", problem, len(raw))
+        return Outcome(intended_t, sent_t, done_t, None, "", len(raw))
+
     def close(self) -> None:
+        for stream in self._streams:
+            stream.close()
         self._channel.close()
 
 
-def _check(response: bytes, expected: dict) -> str | None:
-    """The response's raw outputs against the expected ones (perf_analyzer validation data)."""
-    from tritonclient.grpc import service_pb2 as pb
+class _Stream:
+    """One ModelStreamInfer call that carries one request at a time."""
 
-    message = pb.ModelInferResponse.FromString(response)
+    def __init__(self, open_stream: Any, metadata: Any) -> None:
+        try:
+            from gevent.queue import Queue
+        except ImportError:  # pragma: no cover - the generator always runs under gevent
+            from queue import Queue
+        self._queue: Any = Queue()
+        self._responses = open_stream(iter(self._queue.get, None), metadata=metadata)
+
+    def exchange(self, request: bytes, timeout: float) -> bytes:
+        """Send `request`, wait for the next response; TimeoutError past `timeout`."""
+        self._queue.put(request)
+        try:
+            import gevent
+
+            with gevent.Timeout(timeout, TimeoutError):
+                return next(self._responses)
+        except ImportError:  # pragma: no cover
+            return next(self._responses)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._responses.cancel()
+
+
+def _check(message: Any, expected: dict) -> str | None:
+    """A ModelInferResponse's raw outputs against the expected ones (perf_analyzer validation data)."""
     outputs = {}
     for tensor, raw in zip(message.outputs, message.raw_output_contents):
         if tensor.datatype == "BYTES":
