@@ -16,6 +16,7 @@ Targets: `grpc://host:port` (plain) or `grpcs://host:port` (TLS, with the system
 
 from __future__ import annotations
 
+import ssl
 import time
 from typing import Any
 
@@ -23,7 +24,8 @@ import numpy as np
 
 from loadgen.errors import ProtocolMismatch, TargetNotReady, TargetUnreachable
 from loadgen.outcome import Outcome
-from loadgen.protocols._grpc_common import call_metadata, open_channel, rpc_failure
+from loadgen.protocols._grpc_common import call_metadata, grpc_address, open_channel, rpc_failure
+from loadgen.protocols.grpc_h2 import STATUS_NAMES, H2Channel
 from loadgen.protocols.request_data import check_outputs, request_data
 from loadgen.scenario import Target
 from servers.core.model import NUMPY_DTYPES
@@ -52,6 +54,9 @@ class KServeGrpcClient:
         self._open_stream = self._channel.stream_stream(_STREAM, request_serializer=None,
                                                         response_deserializer=None)
         self._streams: list[_Stream] = []
+        self._h2: H2Channel | None = None
+        """The hot path's own HTTP/2 connection for unary calls (grpc_h2.py); grpcio serves prepare() and
+        streams."""
         """Idle ModelStreamInfer calls (target.stream): one request in flight on each, reused LIFO."""
         self.metadata: dict[str, Any] = {}
         self.request = b""
@@ -91,6 +96,8 @@ class KServeGrpcClient:
         self._requests = [build_infer_request(model, version, tensors) for tensors in data.tensors]
         self.request = self._requests[0]
         self._expected = data.expected
+        if not self.target.stream:
+            self._h2 = self._open_h2()
         self._warm_up()
         return self.metadata
 
@@ -113,11 +120,18 @@ class KServeGrpcClient:
             return self._send_streamed(intended_t, index)
         sent_t = time.monotonic()
         try:
-            response = self._infer(self._requests[index] if self._requests else self.request,
-                                   timeout=self.target.timeout, metadata=self._metadata)
-        except self._grpc.RpcError as exc:
-            return rpc_failure(exc, intended_t, sent_t)
-        done_t = time.monotonic()
+            reply = self._h2.unary(_INFER, self._requests[index], self.target.timeout, self._metadata or ())
+        except TimeoutError as exc:
+            return Outcome(intended_t, sent_t, time.monotonic(), "timeout", str(exc))
+        except (ConnectionError, OSError) as exc:
+            self._h2.close()
+            self._h2 = self._open_h2()
+            return Outcome(intended_t, sent_t, time.monotonic(), "connection_closed", str(exc))
+        done_t = max(reply.done_t, sent_t)
+        response = reply.body
+        if reply.status != 0:
+            return Outcome(intended_t, sent_t, done_t, f"grpc_{STATUS_NAMES.get(reply.status, 'unknown')}",
+                           reply.message)
         if self._expected is not None:
             from tritonclient.grpc import service_pb2 as pb
 
@@ -156,9 +170,20 @@ class KServeGrpcClient:
                 return Outcome(intended_t, sent_t, done_t, "invalid_response", problem, len(raw))
         return Outcome(intended_t, sent_t, done_t, None, "", len(raw))
 
+    def _open_h2(self) -> H2Channel:
+        address, tls = grpc_address(self.target.url)
+        host, _, port = address.rpartition(":")
+        context = ssl.create_default_context(cafile=self.target.ca_file) if tls else None
+        try:
+            return H2Channel(host.strip("[]"), int(port), tls=context, connect_timeout=self.target.connect_timeout)
+        except OSError as exc:
+            raise TargetUnreachable(f"cannot reach {self.target.url} (connect: {exc})") from None
+
     def close(self) -> None:
         for stream in self._streams:
             stream.close()
+        if self._h2 is not None:
+            self._h2.close()
         self._channel.close()
 
 
