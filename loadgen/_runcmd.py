@@ -9,12 +9,15 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import locust  # noqa: F401  (gevent monkey-patching must come before the other imports)
 
+from loadgen.driver.distributed import DistributedOptions
+from loadgen.driver.master import open_cluster
 from loadgen.driver.run import RunResult, execute
 from loadgen.errors import LoadgenError
 from loadgen.scenario import Scenario, ScenarioError, load_scenario
@@ -24,7 +27,10 @@ from loadgen.sinks.summary import build_summary, write_summary
 from loadgen.sinks.table import render_table
 from loadgen.slo import Objective, judge, parse_slo
 
-__all__ = ["run_and_report", "run_demo", "write_outputs"]
+__all__ = ["WORKER_LOST_EXIT", "run_and_report", "run_demo", "write_outputs"]
+
+WORKER_LOST_EXIT = 3
+"""Exit code of a distributed run that --stop-on-worker-loss stopped."""
 
 
 def _default_out(scenario: Scenario) -> Path:
@@ -44,6 +50,8 @@ def summarize(result: RunResult) -> dict[str, Any]:
     }
     if result.metrics_port is not None:
         extra["metrics_port"] = result.metrics_port
+    if result.distributed is not None:
+        extra["distributed"] = result.distributed
     summary = build_summary(
         result.recorder,
         offered_rps=result.offered_rps,
@@ -73,19 +81,23 @@ def write_outputs(result: RunResult, out_dir: Path, objectives: list[Objective] 
 
 
 def run_and_report(path: Path | None, overrides: dict[str, Any], *, quiet: bool = False,
-                   server_metrics: str | None = None, cost_per_hour: float | None = None) -> int:
+                   server_metrics: str | None = None, cost_per_hour: float | None = None,
+                   distributed: DistributedOptions | None = None) -> int:
     """Validate, run, write outputs, print the table. Returns the exit code.
 
     With `server_metrics` (the target's Prometheus URL) the server's own counters are scraped just
     before and after the run, outside it, and their difference is summary.json's `server`.
+    With `distributed`, the run is sent by Locust workers (loadgen/driver/master.py); exit 3 when a
+    lost worker stopped it (--stop-on-worker-loss).
     """
     scenario = load_scenario(path, overrides)
     _check_server_flags(server_metrics, cost_per_hour)
     out_dir = Path(scenario.output.dir) if scenario.output.dir else _default_out(scenario)
     objectives = parse_slo(scenario.slo) if scenario.slo else None
     metrics = ServerMetrics(server_metrics, scenario.target.model) if server_metrics else None
-    before = metrics.sample() if metrics else None
-    result = execute(scenario)
+    with open_cluster(distributed) if distributed else nullcontext() as cluster:
+        before = metrics.sample() if metrics else None
+        result = execute(scenario, cluster)
     server = server_figures(before, metrics.sample(), cost_per_hour) if metrics else None
     if metrics is not None and server is None:
         print(f"note: no server-side figures: {metrics.error}", file=sys.stderr)
@@ -94,6 +106,12 @@ def run_and_report(path: Path | None, overrides: dict[str, Any], *, quiet: bool 
         print(render_table(summary))
     note = " (interrupted: partial results)" if result.interrupted else ""
     print(f"results in {out_dir}/ (summary.json, latency.hlog){note}", file=sys.stderr)
+    lost = (result.distributed or {}).get("lost", [])
+    for record in lost:
+        print(f"worker {record['worker']} (host {record['host']}, pid {record['pid']}) was lost "
+              f"{record['lost_at_s']:.1f} s into the run; {record['then']}", file=sys.stderr)
+    if lost and (result.distributed or {}).get("stopped_on_worker_loss"):
+        return WORKER_LOST_EXIT
     if result.interrupted:
         return 130
     return 1 if objectives and not summary["slo"]["met"] else 0

@@ -5,6 +5,10 @@ another in this process -> step figures (loadgen.sweep.step) -> verdict (loadgen
 DIR/sweep.json, DIR/curve.csv and DIR/steps/NN-<load>/{summary.json,latency.hlog}.
 
 Imported only by the sweep verb: importing locust monkey-patches the process with gevent.
+
+Distributed (--processes / --master): one Cluster of Locust workers serves every step in turn, each
+step's figures merged on the master (loadgen/driver/master.py); a step where any worker was
+generator-bound, or lost, is marked generator-bound.
 """
 
 from __future__ import annotations
@@ -14,13 +18,16 @@ import dataclasses
 import json
 import math
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import locust  # noqa: F401  (gevent monkey-patching must come before the other imports)
 
-from loadgen._runcmd import write_outputs
+from loadgen._runcmd import WORKER_LOST_EXIT, write_outputs
+from loadgen.driver.distributed import DistributedOptions
+from loadgen.driver.master import Cluster, open_cluster
 from loadgen.driver.run import RunResult, execute
 from loadgen.scenario import OpenLoop, Scenario, ScenarioError, load_scenario
 from loadgen.serverside import ServerMetrics, server_figures
@@ -126,7 +133,8 @@ def _step_dir(out: Path, index: int, load: float, closed: bool) -> Path:
 
 def _run_step(base: Scenario, spec: SweepSpec, index: int, load: float, out: Path,
               objectives: list[Objective] | None,
-              metrics: ServerMetrics | None = None) -> tuple[StepResult, RunResult]:
+              metrics: ServerMetrics | None = None,
+              cluster: Cluster | None = None) -> tuple[StepResult, RunResult]:
     """Run one step, cut its warm-up, write its own summary.json and latency.hlog.
 
     With `metrics`, the target's metrics are scraped just before and after the step (outside the
@@ -135,7 +143,7 @@ def _run_step(base: Scenario, spec: SweepSpec, index: int, load: float, out: Pat
     interval = base.output.interval
     warmup = math.ceil(spec.warmup_s / interval - 1e-9) * interval  # whole intervals only
     before = metrics.sample() if metrics else None
-    result = execute(_at_load(base, load, warmup + spec.step_duration_s))
+    result = execute(_at_load(base, load, warmup + spec.step_duration_s), cluster)
     server = server_figures(before, metrics.sample(), spec.cost_per_hour) if metrics else None
     recorder = measured_recorder(result.recorder, warmup)
     measured = dataclasses.replace(
@@ -206,7 +214,8 @@ def _print_verdict(judged: dict[str, Any], has_slo: bool) -> None:
         print(f"note: {note}")
 
 
-def run_sweep(path: Path | None, overrides: dict[str, Any], spec: SweepSpec, out: Path) -> int:
+def run_sweep(path: Path | None, overrides: dict[str, Any], spec: SweepSpec, out: Path, *,
+              distributed: DistributedOptions | None = None) -> int:
     """Run the sweep, write its files, print a line per step and the verdict. Returns the exit code."""
     spec.check()
     plan, total, described = spec.plan()
@@ -218,18 +227,20 @@ def run_sweep(path: Path | None, overrides: dict[str, Any], spec: SweepSpec, out
     print(f"sweep: {described}; {spec.warmup_s:g} s warm-up + {spec.step_duration_s:g} s a step", flush=True)
     metrics = ServerMetrics(spec.server_metrics, base.target.model) if spec.server_metrics else None
     steps: list[StepResult] = []
-    interrupted = False
-    while True:
-        step, raw = _run_step(base, spec, len(steps) + 1, load, out, objectives, metrics)
-        steps.append(step)
-        print(_progress(step, total, closed), flush=True)
-        if raw.interrupted:
-            interrupted = True
-            break
-        try:
-            load = plan.send(step)
-        except StopIteration:
-            break
+    interrupted = worker_lost = False
+    with open_cluster(distributed) if distributed else nullcontext() as cluster:
+        while True:
+            step, raw = _run_step(base, spec, len(steps) + 1, load, out, objectives, metrics, cluster)
+            steps.append(step)
+            print(_progress(step, total, closed), flush=True)
+            if raw.interrupted:
+                interrupted = True
+                worker_lost = bool((raw.distributed or {}).get("stopped_on_worker_loss"))
+                break
+            try:
+                load = plan.send(step)
+            except StopIteration:
+                break
     judged = verdict(steps, has_slo=objectives is not None, tolerance=spec.tolerance)
     if metrics is not None and metrics.error:
         judged["notes"].append(f"server-side figures incomplete: {metrics.error}")
@@ -240,6 +251,8 @@ def run_sweep(path: Path | None, overrides: dict[str, Any], spec: SweepSpec, out
     write_sweep(out, steps, judged, meta)
     _print_verdict(judged, objectives is not None)
     print(f"results in {out}/ (sweep.json, curve.csv, steps/)", file=sys.stderr)
+    if worker_lost:
+        return WORKER_LOST_EXIT
     if interrupted:
         return 130
     return 0 if judged["slo_met"] else 1

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from loadgen.errors import LoadgenError
 from loadgen.scenario import ScenarioError
+
+if TYPE_CHECKING:
+    from loadgen.driver.distributed import DistributedOptions
 
 app = typer.Typer(
     add_completion=False,
@@ -31,12 +34,47 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(getattr(exc, "exit_code", 2))
 
 
+_DIST = "Distributed (Locust master/worker)"
+Processes = Annotated[int, typer.Option(
+    "--processes", rich_help_panel=_DIST,
+    help="Start N local worker processes (-1: one per CPU) and be their master.")]
+Master = Annotated[bool, typer.Option(
+    "--master", rich_help_panel=_DIST, help="Be the master of workers started with `loadgen worker`.")]
+ExpectWorkers = Annotated[int, typer.Option(rich_help_panel=_DIST, help="--master: workers to wait for.")]
+ExpectWorkersMaxWait = Annotated[float | None, typer.Option(
+    rich_help_panel=_DIST, help="--master: seconds to wait for them (default: for ever).")]
+MasterBindHost = Annotated[str | None, typer.Option(
+    rich_help_panel=_DIST, help="Interface workers connect to (--master: all, --processes: 127.0.0.1).")]
+MasterBindPort = Annotated[int | None, typer.Option(
+    rich_help_panel=_DIST, help="Port workers connect to (--master: 5557, --processes: a free one).")]
+StopOnWorkerLoss = Annotated[bool, typer.Option(
+    "--stop-on-worker-loss", rich_help_panel=_DIST,
+    help="Stop the run (exit 3) when a worker is lost, instead of handing its load to the others.")]
+
+
+def _distributed(processes: int, master: bool, expect_workers: int, max_wait: float | None,
+                 bind_host: str | None, bind_port: int | None,
+                 stop_on_worker_loss: bool) -> DistributedOptions | None:
+    """The DistributedOptions the flags ask for, or None; bad flags are an input error (exit 2)."""
+    from loadgen.driver.distributed import DistributedOptions
+
+    try:
+        return DistributedOptions.from_flags(
+            processes=processes, master=master, expect_workers=expect_workers, bind_host=bind_host,
+            bind_port=bind_port, max_wait_s=max_wait, stop_on_worker_loss=stop_on_worker_loss)
+    except ValueError as exc:
+        _fail(ScenarioError([str(exc)], "flags"))
+
+
 @app.command(
     epilog="Examples:\n\n"
     "  loadgen run scenarios/poisson-kserve.toml --target http://127.0.0.1:8000 --model identity\n\n"
     "  loadgen run --rate 200 --arrival poisson --duration 30s --target URL --model NAME\n\n"
     "  loadgen run --users 16 --think-time 0 --duration 30s --target URL --model NAME\n\n"
-    "  loadgen run --protocol openai --users 20 --max-tokens 16 --duration 30s --target URL --model NAME"
+    "  loadgen run --protocol openai --users 20 --max-tokens 16 --duration 30s --target URL --model NAME\n\n"
+    "  loadgen run scenarios/poisson-kserve.toml --processes 4   (4 local Locust workers)\n\n"
+    "  loadgen run scenarios/poisson-kserve.toml --master --expect-workers 8   (then on each load host:"
+    " loadgen worker --master-host MASTER)"
 )
 def run(
     scenario: Annotated[Path | None, typer.Argument(help="Scenario TOML file (optional).")] = None,
@@ -104,8 +142,18 @@ def run(
     cost_per_hour: Annotated[float | None, typer.Option(
         help="Price of the server per hour ($), for $ per million inferences (needs --server-metrics).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No table on stdout.")] = False,
+    processes: Processes = 0,
+    master: Master = False,
+    expect_workers: ExpectWorkers = 0,
+    expect_workers_max_wait: ExpectWorkersMaxWait = None,
+    master_bind_host: MasterBindHost = None,
+    master_bind_port: MasterBindPort = None,
+    stop_on_worker_loss: StopOnWorkerLoss = False,
 ) -> None:
-    """Send open-loop (--rate) or closed-loop (--users) load and write summary.json + latency.hlog."""
+    """Send open-loop (--rate) or closed-loop (--users) load and write summary.json + latency.hlog.
+
+    With --processes or --master the load is sent by Locust workers and merged here (exit 3 when
+    --stop-on-worker-loss stopped the run)."""
     overrides = {
         "target.url": target,
         "target.model": model,
@@ -135,11 +183,13 @@ def run(
     }
     if rate is not None and users is not None:
         _fail(ScenarioError(["--rate (open loop) and --users (closed loop) exclude each other"], "flags"))
+    distributed = _distributed(processes, master, expect_workers, expect_workers_max_wait, master_bind_host,
+                               master_bind_port, stop_on_worker_loss)
     from loadgen._runcmd import run_and_report  # imports locust: only for verbs that send load
 
     try:
         code = run_and_report(scenario, overrides, quiet=quiet, server_metrics=server_metrics,
-                              cost_per_hour=cost_per_hour)
+                              cost_per_hour=cost_per_hour, distributed=distributed)
     except (LoadgenError, ScenarioError) as exc:
         _fail(exc)
     raise typer.Exit(code)
@@ -212,6 +262,13 @@ def sweep(
              "time, batch size, GPU use and energy per step.")] = None,
     cost_per_hour: Annotated[float | None, typer.Option(
         help="Price of the server per hour ($), for $ per million inferences (needs --server-metrics).")] = None,
+    processes: Processes = 0,
+    master: Master = False,
+    expect_workers: ExpectWorkers = 0,
+    expect_workers_max_wait: ExpectWorkersMaxWait = None,
+    master_bind_host: MasterBindHost = None,
+    master_bind_port: MasterBindPort = None,
+    stop_on_worker_loss: StopOnWorkerLoss = False,
 ) -> None:
     """Find the saturation throughput: run the scenario at rising load, write the curve and the verdict.
 
@@ -226,6 +283,8 @@ def sweep(
     overrides = {"target.url": target, "target.model": model, "target.protocol": protocol,
                  "target.payload": str(payload) if payload else None, "open_loop.arrival": arrival,
                  "output.keep_awake": keep_awake, "slo": slo}
+    distributed = _distributed(processes, master, expect_workers, expect_workers_max_wait, master_bind_host,
+                               master_bind_port, stop_on_worker_loss)
     from loadgen._sweepcmd import SweepSpec, run_sweep  # imports locust: only for verbs that send load
 
     spec = SweepSpec(
@@ -234,8 +293,26 @@ def sweep(
         server_metrics=server_metrics, cost_per_hour=cost_per_hour,
     )
     try:
-        code = run_sweep(scenario, overrides, spec, out)
+        code = run_sweep(scenario, overrides, spec, out, distributed=distributed)
     except (LoadgenError, ScenarioError) as exc:
+        _fail(exc)
+    raise typer.Exit(code)
+
+
+@app.command(epilog="Example: loadgen worker --master-host 10.0.0.5 --master-port 5557")
+def worker(
+    master_host: Annotated[str, typer.Option(help="Host of the `loadgen run/sweep --master`.")] = "127.0.0.1",
+    master_port: Annotated[int, typer.Option(help="Its --master-bind-port.")] = 5557,
+    debug_dir: Annotated[Path | None, typer.Option(
+        help="Also append every interval shipped to the master to DIR/worker-<pid>.jsonl.")] = None,
+) -> None:
+    """Be a Locust worker of a distributed run: send this host's share of each run the master starts
+    (its histograms go to the master, which merges them), until the master quits (exit 0)."""
+    from loadgen.driver.worker import serve  # imports locust: only for verbs that send load
+
+    try:
+        code = serve(master_host, master_port, debug_dir)
+    except LoadgenError as exc:
         _fail(exc)
     raise typer.Exit(code)
 

@@ -7,11 +7,16 @@ Locust's `request` event (Locust's own stats and UI), and keeps the interval clo
 
 A client that streams (`client.streams`, protocol openai) returns StreamOutcomes: `on_outcome` is
 then `record_stream`, chosen once here, so other protocols pay nothing per request for it.
+
+In a distributed run (loadgen/driver/worker.py) a worker's context sends one `share` of the open-loop
+schedule, may take over more shares mid-run (`take_over`, a dispatcher each), and hands each closed
+interval to `on_interval`, which ships it to the master.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import gevent
@@ -30,7 +35,15 @@ __all__ = ["LoadContext", "context_of"]
 class LoadContext:
     """One run's client, recorder, schedule and clocks."""
 
-    def __init__(self, scenario: Scenario, client: Any, environment: Any = None) -> None:
+    def __init__(
+        self,
+        scenario: Scenario,
+        client: Any,
+        environment: Any = None,
+        *,
+        share: tuple[int, int] = (0, 1),
+        seed: int | None = None,
+    ) -> None:
         self.scenario = scenario
         self.client = client
         self.environment = environment
@@ -39,13 +52,19 @@ class LoadContext:
         self.end_t = 0.0
         self.recorder: Recorder | None = None
         self.dispatcher: Dispatcher | None = None
+        self.share = share
+        """The arrivals of the open-loop schedule this process sends: (k, n) keeps every n-th from k."""
+        self.takeovers: list[Dispatcher] = []
+        """Dispatchers of shares taken over mid-run from a lost worker (distributed runs)."""
+        self.on_interval: Callable[[], None] | None = None
+        """Called in the interval clock's greenlet after each interval is closed (a worker ships it)."""
         self.done = Event()  # dispatching is over (open loop) or the run was stopped
         self._finished = Event()
         self.stopping = False  # closed-loop users send nothing more once set
         self._user_requests = 0
         self._ticker: gevent.Greenlet | None = None
         self.peak_in_flight = 0
-        self._rng = np.random.default_rng(getattr(self.pattern, "seed", 0))
+        self._rng = np.random.default_rng(getattr(self.pattern, "seed", 0) if seed is None else seed)
         self._fire = environment.events.request.fire if environment is not None else None
         self._name = getattr(client, "request_name", None) or f"{scenario.target.model} infer"
         self.streams = bool(getattr(client, "streams", False))
@@ -80,6 +99,8 @@ class LoadContext:
                 return
             for _ in self.recorder.close_interval_steps(boundary):
                 gevent.idle()
+            if self.on_interval is not None:
+                self.on_interval()
             k += 1
 
     def finish(self, end_t: float) -> None:
@@ -141,11 +162,28 @@ class LoadContext:
         self.dispatcher = Dispatcher(
             self.client.send, self.on_outcome, self.record_dropped, pattern.max_in_flight
         )
-        self.dispatcher.run(self.start_t, schedule(pattern))
+        self.dispatcher.run(self.start_t, schedule(pattern, share=self.share))
+
+    def take_over(self, share: tuple[int, int], start_s: float) -> None:
+        """Dispatch `share` of the schedule from `start_s` on, beside this process's own share (blocks
+        until it ends or is stopped). Its arrivals have their own in-flight cap of max_in_flight."""
+        pattern = self.pattern
+        assert isinstance(pattern, OpenLoop)
+        dispatcher = Dispatcher(self.client.send, self.on_outcome, self.record_dropped, pattern.max_in_flight)
+        self.takeovers.append(dispatcher)
+        dispatcher.run(self.start_t, schedule(pattern, share=share, start_s=start_s))
+
+    def stop_dispatching(self) -> None:
+        """Start no further open-loop arrivals, of any share (in-flight requests go on)."""
+        for dispatcher in (self.dispatcher, *self.takeovers):
+            if dispatcher is not None:
+                dispatcher.stop()
 
     @property
     def in_flight(self) -> int:
-        return self.dispatcher.in_flight if self.dispatcher is not None else self._user_requests
+        if self.dispatcher is None:
+            return self._user_requests
+        return self.dispatcher.in_flight + sum(d.in_flight for d in self.takeovers)
 
     def send_closed(self) -> None:
         """One closed-loop request: intended = now, since a closed loop has no schedule to keep."""

@@ -4,6 +4,9 @@
 scenario's pattern, waits for the schedule (open loop) or the duration (closed loop) to end or for
 SIGINT/SIGTERM, lets in-flight requests finish (bounded), and returns a RunResult holding the
 recorder and the generator's self-check. Writing files is the caller's business (sinks).
+
+`execute(scenario, cluster=...)` runs it distributed instead: a Cluster (loadgen/driver/master.py) of
+Locust workers sends the load and the RunResult holds the master's merged recorder.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gevent
 from gevent.event import Event
@@ -33,7 +36,10 @@ from loadgen.recorder import Recorder
 from loadgen.scenario import OpenLoop, Scenario
 from servers.core.keepawake import KeepAwake
 
-__all__ = ["RunResult", "drain", "execute", "result_of"]
+if TYPE_CHECKING:
+    from loadgen.driver.master import Cluster
+
+__all__ = ["RunResult", "drain", "execute", "result_of", "self_check"]
 
 _LEAD_S = 0.05  # the run starts this long after setup, so the dispatcher is waiting at t = 0
 
@@ -63,6 +69,8 @@ class RunResult:
     metadata: dict[str, Any] = field(default_factory=dict)
     metrics_port: int | None = None
     """The port /metrics was served on during the run, when it was."""
+    distributed: dict[str, Any] | None = None
+    """A distributed run's workers (share, counts, own self-check) and the ones lost; None otherwise."""
 
 
 def _cpu_seconds() -> float:
@@ -70,8 +78,11 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def execute(scenario: Scenario) -> RunResult:
-    """Run `scenario` (see _execute), with the generator's CPUs kept awake if the scenario asks."""
+def execute(scenario: Scenario, cluster: Cluster | None = None) -> RunResult:
+    """Run `scenario` (see _execute), with the generator's CPUs kept awake if the scenario asks; on
+    `cluster`'s workers when one is given."""
+    if cluster is not None:
+        return cluster.run(scenario)
     if not scenario.output.keep_awake:
         return _execute(scenario)
     with KeepAwake(os.sched_getaffinity(0)):
@@ -161,7 +172,7 @@ def result_of(
         recorder=ctx.recorder,
         duration_s=max(duration, 1e-9),
         offered_rps=_offered_rps(pattern, duration),
-        generator=_self_check(ctx, ctx.scenario, cpu),
+        generator=self_check(ctx, ctx.scenario, cpu),
         interrupted=interrupted,
         in_flight_at_end=ctx.in_flight,
         warmup_requests=getattr(ctx.client, "warmup_requests", 0),
@@ -189,11 +200,12 @@ def _offered_rps(pattern: Any, duration: float) -> float:
     return profile_of(pattern).count_by(duration) / duration
 
 
-def _self_check(ctx: LoadContext, scenario: Scenario, cpu: float) -> dict[str, Any]:
+def self_check(ctx: LoadContext, scenario: Scenario, cpu: float) -> dict[str, Any]:
     """The generator's own health: could it keep its schedule? Every output carries this."""
     figures = ctx.recorder.cumulative
     lag = figures.percentiles_ms("lag")
     dispatcher = ctx.dispatcher
+    peak = dispatcher.peak_in_flight + sum(d.peak_in_flight for d in ctx.takeovers) if dispatcher else 0
     dropped = figures.dropped
     reasons = []
     if dropped:
@@ -208,6 +220,6 @@ def _self_check(ctx: LoadContext, scenario: Scenario, cpu: float) -> dict[str, A
         "lag_ms": lag,
         "dropped": dropped,
         "cpu_fraction": round(cpu, 3),
-        "peak_in_flight": dispatcher.peak_in_flight if dispatcher else ctx.peak_in_flight,
+        "peak_in_flight": peak if dispatcher else ctx.peak_in_flight,
         "max_in_flight": dispatcher.max_in_flight if dispatcher else None,
     }

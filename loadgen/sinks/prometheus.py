@@ -22,7 +22,16 @@ Metrics (all times in seconds; latency, service and lag as measured in loadgen/r
 - `loadgen_achieved_rps`  gauge: responses completed in the last closed interval over its length.
 - `loadgen_in_flight`  gauge: requests sent and not yet answered.
 - `loadgen_generator_cpu_ratio`  gauge: the generator process's CPU time over wall time since the
-  previous scrape (1.0 is one core busy).
+  previous scrape (1.0 is one core busy); in a distributed run, the master's.
+
+Distributed runs (`--processes` / `--master`) are exported from the master: every figure above is the
+merged one (the workers' intervals summed exactly), and each worker's generator health comes beside
+them, labelled `worker` (its index) and `host`, as of its last shipped interval:
+- `loadgen_worker_up`  gauge: 1 while the worker takes part in the run, 0 once it was lost.
+- `loadgen_worker_lag_p99_seconds`  gauge: schedule lag p99 of the worker's last interval.
+- `loadgen_worker_dropped_total`  counter: arrivals the worker dropped at its in-flight cap.
+- `loadgen_worker_cpu_ratio`  gauge: the worker process's CPU time over wall time over its last interval.
+- `loadgen_worker_in_flight`  gauge: the worker's requests sent and not yet answered.
 
 Cost: everything read from closed intervals is computed once per closed-interval count and cached
 (about 1 ms at 1,000 intervals; the 10 s window is merged with one numpy add per histogram, into
@@ -48,7 +57,7 @@ from prometheus_client.utils import floatToGoString
 from loadgen.recorder import HistogramSet, Recorder, sum_histograms
 from loadgen.recorder._hdr import counts_indices, counts_view, mean_value, values_at_percentiles
 
-__all__ = ["BUCKETS_S", "QUANTILES", "WINDOW_S", "RunCollector", "RunView"]
+__all__ = ["BUCKETS_S", "QUANTILES", "WINDOW_S", "RunCollector", "RunView", "WorkerHealth"]
 
 WINDOW_S = 10.0
 """Length of the recent window of the percentile gauges (window="10s"), in seconds of closed intervals."""
@@ -84,6 +93,19 @@ class RunView(Protocol):
 
     def offered_rps_now(self) -> float:
         """The rate the schedule asks for at this instant (0 outside an open-loop run)."""
+
+
+@dataclass(frozen=True)
+class WorkerHealth:
+    """One worker's generator health in a distributed run (a view with `worker_health()` gives these)."""
+
+    worker: str
+    host: str
+    up: bool
+    lag_p99_s: float
+    dropped: int
+    cpu_ratio: float
+    in_flight: int
 
 
 @dataclass(frozen=True)
@@ -154,6 +176,9 @@ class RunCollector:
         if cpu is not None:
             yield _gauge("loadgen_generator_cpu_ratio",
                          "Generator process CPU time over wall time since the previous scrape.", cpu)
+        workers = getattr(self._view, "worker_health", None)
+        if workers is not None:
+            yield from _worker_families(workers())
 
     def _paced(self, families: Iterator[Metric]) -> Iterator[Metric]:
         """Call `pause` after each family: formatting one takes ~0.1 ms of the generator's loop."""
@@ -265,6 +290,28 @@ def _percentile_families(snapshot: _Snapshot) -> Iterator[Metric]:
             for quantile, value in zip(QUANTILES, snapshot.percentiles[which, window], strict=True):
                 family.add_metric([quantile, window], value)
         yield family
+
+
+def _worker_families(workers: list[WorkerHealth]) -> Iterator[Metric]:
+    labels = ["worker", "host"]
+    up = GaugeMetricFamily("loadgen_worker_up", "1 while the worker takes part in the run, 0 once lost.",
+                           labels=labels)
+    lag = GaugeMetricFamily("loadgen_worker_lag_p99_seconds", "Schedule lag p99 of the worker's last interval.",
+                            labels=labels)
+    dropped = CounterMetricFamily("loadgen_worker_dropped", "Arrivals the worker dropped at its in-flight cap.",
+                                  labels=labels)
+    cpu = GaugeMetricFamily("loadgen_worker_cpu_ratio", "Worker process CPU time over wall time, last interval.",
+                            labels=labels)
+    in_flight = GaugeMetricFamily("loadgen_worker_in_flight", "The worker's requests sent and not yet answered.",
+                                  labels=labels)
+    for health in workers:
+        key = [health.worker, health.host]
+        up.add_metric(key, 1.0 if health.up else 0.0)
+        lag.add_metric(key, health.lag_p99_s)
+        dropped.add_metric(key, health.dropped)
+        cpu.add_metric(key, health.cpu_ratio)
+        in_flight.add_metric(key, health.in_flight)
+    yield from (up, lag, dropped, cpu, in_flight)
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

@@ -1,0 +1,557 @@
+"""The master of a distributed run: Locust's MasterRunner, the workers' shares, and the merged figures.
+
+    loadgen run x.toml --processes 4                      # this process is the master of 4 local workers
+    loadgen run x.toml --master --expect-workers 8        # workers: `loadgen worker --master-host HOST`
+
+A Cluster is one Locust MasterRunner (Environment.create_master_runner) and the workers connected to
+it; it outlives a run, so a sweep's steps run on the same workers. `Cluster.run(scenario)` is one run
+(`_DistributedRun`), in the order of the protocol in loadgen/driver/distributed.py: set every connected
+worker up, give each its share (open loop: share (i, n) of the schedule; closed loop: its part of the
+users), start them all at one epoch instant a little ahead, merge their intervals as they arrive, and
+end when every worker is done or lost.
+
+Lost workers: Locust marks a worker missing when its heartbeats stop (about 4 s after it dies: Locust's
+1 s heartbeat, 3 missed), and removes it when it says quit. The master then reports it (stderr now,
+summary.json "distributed.lost" at the end: which worker, when, the last interval it had sent, and how
+many of its arrivals fall after that report), keeps every interval it had received, and either stops
+the run (--stop-on-worker-loss) or has the others take over its load from a moment later: its open-loop
+shares split among them (each a finer share of the same schedule, from that instant), or its
+closed-loop users spread over them. A worker that connects during a run gets its share from the next
+run (the next sweep step); the running one is not reshuffled.
+
+The master computes every percentile of the run, from the merged recorder: summary.json, latency.hlog,
+the table and --metrics-port (the merged figures, plus per-worker health gauges labelled by worker).
+"""
+
+from __future__ import annotations
+
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Self
+
+import gevent
+from gevent.event import Event
+from locust.env import Environment
+from locust.event import Events
+from locust.runners import STATE_MISSING
+
+from loadgen.driver.distributed import (
+    MSG_DONE,
+    MSG_FAILED,
+    MSG_INTERVAL,
+    MSG_READY,
+    MSG_SETUP,
+    MSG_START,
+    MSG_STOP,
+    MSG_TAKEOVER,
+    DistributedOptions,
+    IntervalMerger,
+    Share,
+    combined_generator,
+    monotonic_of_epoch,
+    split_users,
+)
+from loadgen.driver.exporter import MetricsExporter
+from loadgen.driver.run import RunResult, _offered_rps
+from loadgen.driver.users import ClosedLoopUser, OpenLoopUser
+from loadgen.errors import LoadgenError, TargetError
+from loadgen.patterns.schedule import count_in, profile_of
+from loadgen.recorder import HistogramSet, Recorder
+from loadgen.scenario import OpenLoop, Scenario
+from loadgen.sinks.prometheus import WorkerHealth
+
+__all__ = ["Cluster", "open_cluster"]
+
+START_LEAD_S = 0.5
+"""The run starts this long after START is sent, so every worker has it and is waiting at t = 0."""
+TAKEOVER_LEAD_S = 0.25
+"""A lost worker's load is taken over from this long after the loss is seen."""
+_SETUP_GRACE_S = 30.0  # beyond the connect timeout, for the warm-up requests
+_DONE_GRACE_S = 10.0  # beyond the end of the run and the request timeout, for the last intervals
+_POLL_S = 0.2
+
+
+@dataclass
+class _Worker:
+    """The master's record of one worker in one run."""
+
+    client_id: str
+    index: int
+    ready: dict[str, Any] | None = None
+    shares: list[Share] = field(default_factory=list)
+    users: int = 0
+    taken_over: list[str] = field(default_factory=list)
+    figures: HistogramSet = field(default_factory=HistogramSet)
+    intervals: int = 0
+    last_report_s: float = 0.0
+    health: dict[str, Any] = field(default_factory=dict)
+    done: dict[str, Any] | None = None
+    lost_at_s: float | None = None
+
+    @property
+    def label(self) -> str:
+        return str(self.index)
+
+    @property
+    def sending(self) -> bool:
+        return self.done is None and self.lost_at_s is None
+
+    def as_json(self, open_loop: bool) -> dict[str, Any]:
+        ready = self.ready or {}
+        entry: dict[str, Any] = {
+            "worker": self.label,
+            "id": self.client_id,
+            "host": ready.get("host"),
+            "pid": ready.get("pid"),
+        }
+        if open_loop:
+            entry["share"] = [str(share) for share in self.shares]
+        else:
+            entry["users"] = self.users
+        figures = self.figures
+        entry.update({
+            "taken_over": self.taken_over,
+            "intervals": self.intervals,
+            "requests": figures.requests,
+            "ok": figures.ok,
+            "errors": dict(sorted(figures.errors.items())),
+            "dropped": figures.dropped,
+            "sent": figures.sent,
+            "completed_in_window": figures.completed_in_window,
+            "latency_ms": figures.percentiles_ms("latency"),
+            "warmup_requests": ready.get("warmup_requests", 0),
+            "generator": (self.done or {}).get("generator"),
+            "error": (self.done or {}).get("error"),
+            "lost_at_s": self.lost_at_s,
+            "last_report_s": round(self.last_report_s, 6),
+        })
+        return entry
+
+
+class Cluster:
+    """A Locust master and its workers, for one run or a sweep's runs (a context manager)."""
+
+    def __init__(self, options: DistributedOptions) -> None:
+        self.options = options
+        self.environment = Environment(user_classes=[OpenLoopUser, ClosedLoopUser], events=Events())
+        try:
+            self.runner = self.environment.create_master_runner(options.bind_host, options.bind_port)
+        except SystemExit:  # Locust exits when the port is taken (it has logged why)
+            raise LoadgenError(f"cannot listen for workers on {options.bind_host}:{options.bind_port} "
+                               "(in use?); choose another --master-bind-port") from None
+        self.port: int = self.runner.server.port
+        self._procs: list[subprocess.Popen] = []
+        self._run: _DistributedRun | None = None
+        for kind in (MSG_READY, MSG_FAILED, MSG_INTERVAL, MSG_DONE):
+            self.runner.register_message(kind, self._route)
+
+    # -- workers --------------------------------------------------------------------------------
+    def spawn_local(self, count: int) -> None:
+        """Start `count` `loadgen worker` processes on this host, connected to this master."""
+        for _ in range(count):
+            self._procs.append(subprocess.Popen(
+                [sys.executable, "-m", "loadgen", "worker", "--master-host", "127.0.0.1",
+                 "--master-port", str(self.port)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            ))
+
+    @property
+    def local_pids(self) -> list[int]:
+        return [proc.pid for proc in self._procs]
+
+    def connected(self) -> list[str]:
+        """Client ids of the connected workers (not missing), by Locust's worker index."""
+        clients = self.runner.clients
+        ids = [cid for cid in clients if clients[cid].state != STATE_MISSING]
+        return sorted(ids, key=self.runner.get_worker_index)
+
+    def wait_for_workers(self, count: int, max_wait_s: float | None = None) -> None:
+        """Block until `count` workers are connected; LoadgenError when a local one died or time ran out."""
+        deadline = None if max_wait_s is None else time.monotonic() + max_wait_s
+        shown = -1
+        while (have := len(self.connected())) < count:
+            if have != shown:
+                print(f"master: waiting for workers: {have} of {count} connected (port {self.port})",
+                      file=sys.stderr, flush=True)
+                shown = have
+            for proc in self._procs:
+                if proc.poll() is not None:
+                    raise LoadgenError(f"a local worker exited ({proc.returncode}) before the run: "
+                                       f"{proc.stderr.read().strip()[-2000:]}")
+            if deadline is not None and time.monotonic() > deadline:
+                raise LoadgenError(f"only {have} of {count} workers connected within {max_wait_s:g} s")
+            gevent.sleep(_POLL_S)
+        print(f"master: {have} workers connected", file=sys.stderr, flush=True)
+
+    # -- runs -----------------------------------------------------------------------------------
+    def run(self, scenario: Scenario) -> RunResult:
+        """One run of `scenario` on the connected workers."""
+        self._run = _DistributedRun(self, scenario)
+        try:
+            return self._run.execute()
+        finally:
+            self._run = None
+
+    def _route(self, environment: Environment, msg: Any) -> None:
+        run = self._run
+        data = msg.data or {}
+        if run is not None and data.get("run") == run.run_id:
+            run.receive(msg.type, msg.node_id, data)
+
+    def send(self, kind: str, data: dict[str, Any], client_id: str) -> None:
+        self.runner.send_message(kind, data, client_id=client_id)
+
+    def close(self) -> None:
+        """Tell every worker to quit (Locust's quit) and wait for the local ones to exit."""
+        self.runner.quit()
+        for proc in self._procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.runner.server.close(linger=0)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def open_cluster(options: DistributedOptions) -> Cluster:
+    """The master of `options`, its local workers started and every expected worker connected."""
+    cluster = Cluster(options)
+    try:
+        where = socket.gethostname() if options.bind_host in ("*", "0.0.0.0") else options.bind_host
+        if options.processes:
+            cluster.spawn_local(options.processes)
+        else:
+            print(f"master: listening for workers on {options.bind_host}:{cluster.port} "
+                  f"(loadgen worker --master-host {where} --master-port {cluster.port})",
+                  file=sys.stderr, flush=True)
+        stop = Event()
+        handlers = [gevent.signal_handler(sig, stop.set) for sig in (signal.SIGINT, signal.SIGTERM)]
+        try:
+            waiter = gevent.spawn(cluster.wait_for_workers, options.wanted,
+                                  options.max_wait_s if options.max_wait_s is not None
+                                  else (60.0 if options.processes else None))
+            gevent.wait([stop, waiter], count=1)
+            if stop.is_set():
+                waiter.kill()
+                raise LoadgenError("stopped while waiting for workers")
+            waiter.get()
+        finally:
+            for handler in handlers:
+                handler.cancel()
+    except BaseException:
+        cluster.close()
+        raise
+    return cluster
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class _DistributedRun:
+    """One run on a cluster; also the RunView the master's /metrics reads (merged recorder)."""
+
+    def __init__(self, cluster: Cluster, scenario: Scenario) -> None:
+        self.cluster = cluster
+        self.scenario = scenario
+        self.pattern = scenario.pattern
+        self.open_loop = isinstance(self.pattern, OpenLoop)
+        self.run_id = uuid.uuid4().hex
+        self.recorder: Recorder | None = None
+        self.workers: dict[str, _Worker] = {}
+        self.lost: list[dict[str, Any]] = []
+        self.start_t = 0.0
+        self._merger: IntervalMerger | None = None
+        self._changed = Event()
+        self._failures: list[str] = []
+        self._target_failed = False
+        self._profile = profile_of(self.pattern) if self.open_loop else None
+        self._stopped_on_loss = False
+
+    # -- RunView (the exporter) -------------------------------------------------------------------
+    @property
+    def in_flight(self) -> int:
+        return sum(int(w.health.get("in_flight", 0)) for w in self.workers.values() if w.sending)
+
+    def offered_rps_now(self) -> float:
+        if self._profile is None or self.recorder is None:
+            return 0.0
+        t = time.monotonic() - self.start_t
+        return self._profile.rate_at(t) if 0.0 <= t < self.pattern.total_duration else 0.0
+
+    def worker_health(self) -> list[WorkerHealth]:
+        return [
+            WorkerHealth(
+                worker=w.label,
+                host=str((w.ready or {}).get("host", "")),
+                up=w.lost_at_s is None,
+                lag_p99_s=float(w.health.get("lag_p99_ms", 0.0)) / 1000.0,
+                dropped=int(w.health.get("dropped", 0)),
+                cpu_ratio=float(w.health.get("cpu_ratio", 0.0)),
+                in_flight=int(w.health.get("in_flight", 0)) if w.sending else 0,
+            )
+            for w in self.workers.values()
+        ]
+
+    # -- messages ---------------------------------------------------------------------------------
+    def receive(self, kind: str, client_id: str, data: dict[str, Any]) -> None:
+        worker = self.workers.get(client_id)
+        if worker is None:
+            return
+        if kind == MSG_READY:
+            worker.ready = data
+        elif kind == MSG_FAILED:
+            self._failures.append(f"worker {worker.label}: {data.get('error')}")
+            self._target_failed = self._target_failed or data.get("kind") == "usage"
+        elif kind == MSG_INTERVAL:
+            self._interval(worker, data)
+        elif kind == MSG_DONE and worker.done is None:
+            worker.done = data
+            if data.get("error"):
+                print(f"master: worker {worker.label} failed: {data['error']}", file=sys.stderr, flush=True)
+            if self._merger is not None:
+                self._merger.close(client_id)
+        self._changed.set()
+
+    def _interval(self, worker: _Worker, data: dict[str, Any]) -> None:
+        if self._merger is None or worker.lost_at_s is not None:
+            return
+        figures = HistogramSet.decode(data["figures"])
+        start_s, end_s = float(data["start_s"]), float(data["end_s"])
+        worker.figures.add(figures)
+        worker.intervals += 1
+        worker.last_report_s = max(worker.last_report_s, end_s)
+        worker.health = data.get("health") or {}
+        self._merger.add(worker.client_id, start_s, end_s, figures)
+
+    # -- the run ----------------------------------------------------------------------------------
+    def execute(self) -> RunResult:
+        cluster = self.cluster
+        ids = cluster.connected()
+        if not ids:
+            raise LoadgenError("no worker is connected to the master")
+        self.workers = {cid: _Worker(cid, i) for i, cid in enumerate(ids)}
+        self._setup()
+        exporter = self._start_exporter()
+        stop = Event()
+        handlers = [gevent.signal_handler(sig, stop.set) for sig in (signal.SIGINT, signal.SIGTERM)]
+        cpu0, wall0 = _cpu_seconds(), time.monotonic()
+        try:
+            epoch = self._start()
+            self._wait(stop)
+            interrupted = (stop.is_set() or self._stopped_on_loss) and time.monotonic() < self.start_t + \
+                self.pattern.total_duration
+            end_t = time.monotonic()
+        finally:
+            for handler in handlers:
+                handler.cancel()
+            if exporter is not None:
+                exporter.stop()
+        self._merger.flush()
+        cpu = (_cpu_seconds() - cpu0) / max(end_t - wall0, 1e-9)
+        return self._result(epoch, end_t, interrupted, cpu, exporter)
+
+    def _setup(self) -> None:
+        """SETUP every worker; wait until all are READY. A failure of any is the run's failure."""
+        scenario = self.scenario.model_dump(mode="json")
+        n = len(self.workers)
+        for worker in self.workers.values():
+            seed = self.pattern.seed + worker.index
+            self.cluster.send(MSG_SETUP, {"run": self.run_id, "scenario": scenario, "index": worker.index,
+                                          "count": n, "seed": seed}, worker.client_id)
+        deadline = time.monotonic() + self.scenario.target.connect_timeout + _SETUP_GRACE_S
+        while True:
+            self._drop_lost_before_start()
+            pending = [w for w in self.workers.values() if w.ready is None]
+            if self._failures or not pending or not self.workers:
+                break
+            if time.monotonic() > deadline:
+                self._failures.append(f"worker(s) {', '.join(w.label for w in pending)} not ready in time")
+                break
+            self._changed.clear()
+            self._changed.wait(_POLL_S)
+        if self._failures or not self.workers:
+            for worker in self.workers.values():
+                self.cluster.send(MSG_STOP, {"run": self.run_id}, worker.client_id)
+            message = "; ".join(self._failures) or "every worker was lost before the run started"
+            raise (TargetError if self._target_failed else LoadgenError)(message)
+
+    def _drop_lost_before_start(self) -> None:
+        connected = set(self.cluster.connected())
+        for cid in [cid for cid in self.workers if cid not in connected]:
+            print(f"master: worker {self.workers[cid].label} left before the run started; "
+                  "the run goes on without it", file=sys.stderr, flush=True)
+            del self.workers[cid]
+
+    def _start(self) -> float:
+        """Give each worker its share and the start epoch; returns the epoch."""
+        workers = list(self.workers.values())
+        n = len(workers)
+        users = split_users(self.pattern.users, n) if not self.open_loop else [0] * n
+        for i, worker in enumerate(workers):
+            worker.index = i
+            worker.shares = [Share(i, n)] if self.open_loop else []
+            worker.users = users[i]
+        epoch = time.time() + START_LEAD_S
+        self.start_t = monotonic_of_epoch(epoch)
+        self.recorder = Recorder(self.start_t, self.scenario.output.interval,
+                                 window_end_t=self.start_t + self.pattern.total_duration,
+                                 streams=any((w.ready or {}).get("streams", False) for w in workers))
+        self._merger = IntervalMerger(self.recorder, [w.client_id for w in workers])
+        for worker in workers:
+            share = worker.shares[0] if worker.shares else Share(0, 1)
+            self.cluster.send(MSG_START, {"run": self.run_id, "start_epoch_s": epoch, "share": share.as_json(),
+                                          "users": worker.users}, worker.client_id)
+        described = ", ".join(f"{w.label}: {w.shares[0] if self.open_loop else f'{w.users} users'}"
+                              for w in workers)
+        print(f"master: run on {n} worker(s) ({described})", file=sys.stderr, flush=True)
+        return epoch
+
+    def _wait(self, stop: Event) -> None:
+        """Until every worker is done or lost; STOP them all on a signal or a loss that stops the run."""
+        end_t = self.start_t + self.pattern.total_duration
+        deadline = end_t + self.scenario.target.timeout + _DONE_GRACE_S
+        stop_sent_t: float | None = None
+        while any(w.sending for w in self.workers.values()):
+            self._check_losses()
+            now = time.monotonic()
+            if (stop.is_set() or self._stopped_on_loss) and stop_sent_t is None:
+                stop_sent_t = now
+                for worker in self.workers.values():
+                    if worker.sending:
+                        self.cluster.send(MSG_STOP, {"run": self.run_id}, worker.client_id)
+                deadline = min(deadline, now + _DONE_GRACE_S)
+            if now > deadline:
+                for worker in self.workers.values():
+                    if worker.sending:
+                        self._lose(worker, now, "did not finish in time")
+                break
+            self._changed.clear()
+            gevent.wait([self._changed, stop], count=1, timeout=_POLL_S)
+
+    def _check_losses(self) -> None:
+        clients = self.cluster.runner.clients
+        now = time.monotonic()
+        for worker in list(self.workers.values()):
+            if not worker.sending:
+                continue
+            node = clients.get(worker.client_id)
+            if node is None:
+                self._lose(worker, now, "it quit")
+            elif node.state == STATE_MISSING:
+                self._lose(worker, now, "its heartbeats stopped")
+
+    def _lose(self, worker: _Worker, now: float, why: str) -> None:
+        """Report `worker` lost; keep what it sent; stop the run or hand its load to the others."""
+        at_s = now - self.start_t
+        worker.lost_at_s = round(at_s, 3)
+        self._merger.close(worker.client_id)
+        takers = [w for w in self.workers.values() if w.sending]
+        record: dict[str, Any] = {
+            "worker": worker.label,
+            "host": (worker.ready or {}).get("host"),
+            "pid": (worker.ready or {}).get("pid"),
+            "lost_at_s": worker.lost_at_s,
+            "why": why,
+            "last_report_s": round(worker.last_report_s, 6),
+            "requests_received": worker.figures.requests,
+        }
+        from_s = at_s + TAKEOVER_LEAD_S
+        if self.open_loop:
+            total = self.pattern.total_duration
+            record["arrivals_after_last_report"] = sum(
+                count_in(self.pattern, (s.k, s.n), max(s.start_s, worker.last_report_s), min(from_s, total))
+                for s in worker.shares)
+        print(f"master: worker {worker.label} (host {record['host']}, pid {record['pid']}) lost {at_s:.1f} s "
+              f"into the run ({why}); its {worker.figures.requests} requests reported up to "
+              f"{worker.last_report_s:.1f} s are kept", file=sys.stderr, flush=True)
+        if self.cluster.options.stop_on_worker_loss:
+            self._stopped_on_loss = True
+            record["then"] = "run stopped (--stop-on-worker-loss)"
+        elif not takers or from_s >= self.pattern.total_duration:
+            record["then"] = "nothing left to take over" if takers else "no worker left"
+        else:
+            record["then"] = self._take_over(worker, takers, from_s)
+        self.lost.append(record)
+        self._changed.set()
+
+    def _take_over(self, lost: _Worker, takers: list[_Worker], from_s: float) -> str:
+        if self.open_loop:
+            parts = [share.split(len(takers), from_s) for share in lost.shares]
+            for j, taker in enumerate(takers):
+                mine = [pieces[j] for pieces in parts]
+                taker.shares += mine
+                taker.taken_over += [f"{share} (from worker {lost.label})" for share in mine]
+                self.cluster.send(MSG_TAKEOVER, {"run": self.run_id, "shares": [s.as_json() for s in mine]},
+                                  taker.client_id)
+        else:
+            for taker, users in zip(takers, split_users(lost.users, len(takers)), strict=True):
+                if users:
+                    taker.users += users
+                    taker.taken_over.append(f"{users} users (from worker {lost.label})")
+                    self.cluster.send(MSG_TAKEOVER, {"run": self.run_id, "users": users, "start_s": from_s},
+                                      taker.client_id)
+        who = ", ".join(t.label for t in takers)
+        print(f"master: worker(s) {who} take over its load from {from_s:.2f} s", file=sys.stderr, flush=True)
+        return f"taken over by worker(s) {who} from {from_s:.3f} s"
+
+    def _start_exporter(self) -> MetricsExporter | None:
+        port = self.scenario.output.metrics_port
+        if port is None:
+            return None
+        exporter = MetricsExporter(self, port).start()
+        print(f"metrics on {exporter.url}", file=sys.stderr, flush=True)
+        return exporter
+
+    def _result(self, epoch: float, end_t: float, interrupted: bool, cpu: float,
+                exporter: MetricsExporter | None) -> RunResult:
+        pattern = self.pattern
+        duration = min(end_t, self.start_t + pattern.total_duration) - self.start_t if interrupted \
+            else pattern.total_duration
+        workers = list(self.workers.values())
+        entries = [w.as_json(self.open_loop) for w in workers]
+        generator = combined_generator(
+            entries,
+            self.recorder.cumulative,
+            open_loop=self.open_loop,
+            max_in_flight=pattern.max_in_flight if self.open_loop else None,
+            max_lag_ms=self.scenario.output.max_lag_ms,
+            master_cpu=cpu,
+        )
+        ready = [w.ready or {} for w in workers]
+        result = RunResult(
+            scenario=self.scenario,
+            recorder=self.recorder,
+            duration_s=max(duration, 1e-9),
+            offered_rps=_offered_rps(pattern, duration),
+            generator=generator,
+            interrupted=interrupted,
+            in_flight_at_end=sum(int((w.done or {}).get("in_flight_at_end", 0)) for w in workers),
+            start_epoch_s=epoch,
+            warmup_requests=sum(int(r.get("warmup_requests", 0)) for r in ready),
+            metadata=(ready[0].get("metadata") or {}) if ready else {},
+            distributed={
+                "workers": entries,
+                "lost": self.lost,
+                "stopped_on_worker_loss": self._stopped_on_loss,
+                "master_port": self.cluster.port,
+            },
+        )
+        result.metrics_port = exporter.port if exporter is not None else None
+        return result
+

@@ -1,0 +1,315 @@
+"""`loadgen worker`: a Locust worker that sends its share of every distributed run its master starts.
+
+    loadgen worker --master-host 10.0.0.5 [--master-port 5557]
+
+The process is a Locust WorkerRunner (Locust's connection, heartbeats, worker index and `quit`); the
+run itself arrives as custom messages (the protocol is in loadgen/driver/distributed.py). For each run
+the worker checks the target and warms it up (SETUP -> READY), then at the start instant the master
+gave (START, an epoch time converted once to this host's monotonic clock) sends its share exactly as a
+single-process run does: the open-loop user with the same dispatcher over share (k, n) of the schedule,
+or its closed-loop users, recording into its own Recorder. Each interval, once closed, is shipped to
+the master encoded (HistogramSet.encode: exact), with the worker's health beside it; the worker never
+computes a percentile that goes into the run's figures. After the run it sends its own generator
+self-check (DONE) and waits for the next run, until the master says quit.
+
+`--debug-dir DIR` also appends every shipped interval, as sent, to DIR/worker-<pid>.jsonl: what the
+master received can then be merged independently (tests/test_distributed.py does).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import resource
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import gevent
+from gevent.event import Event
+from locust.env import Environment
+from locust.event import Events
+
+from loadgen.driver.context import LoadContext
+from loadgen.driver.distributed import (
+    MSG_DONE,
+    MSG_FAILED,
+    MSG_INTERVAL,
+    MSG_READY,
+    MSG_SETUP,
+    MSG_START,
+    MSG_STOP,
+    MSG_TAKEOVER,
+    Share,
+    monotonic_of_epoch,
+)
+from loadgen.driver.run import drain, self_check
+from loadgen.driver.users import ClosedLoopUser, OpenLoopUser
+from loadgen.errors import LoadgenError
+from loadgen.protocols import make_client
+from loadgen.scenario import OpenLoop, validate_scenario
+from servers.core.keepawake import KeepAwake
+
+__all__ = ["WorkerAgent", "serve"]
+
+_INTERRUPT_DRAIN_S = 2.0
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class _WorkerRun:
+    """One run on this worker: its context, the greenlet that runs it, and the intervals it shipped."""
+
+    def __init__(self, agent: WorkerAgent, run_id: str, setup: dict[str, Any]) -> None:
+        self.agent = agent
+        self.run_id = run_id
+        self.index = int(setup["index"])
+        self.scenario = validate_scenario(setup["scenario"], "scenario from the master")
+        self.seed = int(setup["seed"])
+        self.ctx: LoadContext | None = None
+        self.stop = Event()
+        self.started = False
+        self._shipped = 0
+        self._extra: list[gevent.Greenlet] = []
+        self._last_cpu = (time.monotonic(), _cpu_seconds())
+
+    # -- SETUP ----------------------------------------------------------------------------------
+    def prepare(self) -> dict[str, Any]:
+        """Check the target and warm it up (the client's prepare), as a single-process run does."""
+        client = make_client(self.scenario.target, seed=self.seed)
+        metadata = client.prepare()
+        self.ctx = LoadContext(self.scenario, client, self.agent.environment, seed=self.seed)
+        self.agent.environment.loadgen = self.ctx
+        return {
+            "run": self.run_id,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "warmup_requests": getattr(client, "warmup_requests", 0),
+            "streams": self.ctx.streams,
+            "metadata": metadata or {},
+        }
+
+    # -- START ----------------------------------------------------------------------------------
+    def start(self, data: dict[str, Any]) -> None:
+        ctx = self.ctx
+        start_t = monotonic_of_epoch(float(data["start_epoch_s"]))
+        share = Share.from_json(data["share"])
+        ctx.share = (share.k, share.n)
+        ctx.on_interval = self.ship
+        self.started = True
+        ctx.begin(start_t)
+        gevent.spawn(self._run, int(data.get("users", 0)))
+
+    def _run(self, users: int) -> None:
+        """The run, then DONE: sent last, once this worker is ready for the master's next run."""
+        ctx = self.ctx
+        runner = self.agent.runner
+        runner.worker_state = "running"
+        keep = KeepAwake(os.sched_getaffinity(0)) if self.scenario.output.keep_awake else None
+        done: dict[str, Any] = {"run": self.run_id}
+        if keep is not None:
+            keep.__enter__()
+        try:
+            done.update(self._send_load(users))
+        except Exception as exc:  # noqa: BLE001 - the master must hear of it, not wait for it
+            done["error"] = f"{type(exc).__name__}: {exc}"
+            print(f"worker: the run failed: {done['error']}", file=sys.stderr, flush=True)
+        finally:
+            if keep is not None:
+                keep.__exit__()
+            ctx.client.close()
+            gc.unfreeze()
+            runner.worker_state = "ready"
+            self.agent.finished(self)
+        self.agent.send(MSG_DONE, done)
+
+    def _send_load(self, users: int) -> dict[str, Any]:
+        """Send this worker's load until the end (or STOP), drain, ship the last intervals."""
+        ctx = self.ctx
+        scenario = self.scenario
+        runner = self.agent.runner
+        gc.collect()
+        gc.freeze()
+        cpu0, wall0 = _cpu_seconds(), time.monotonic()
+        if isinstance(ctx.pattern, OpenLoop):
+            runner.spawn_users({OpenLoopUser.__name__: 1})
+        else:
+            gevent.sleep(max(0.0, ctx.start_t - time.monotonic()))
+            if users:
+                runner.spawn_users({ClosedLoopUser.__name__: users})
+        backstop = 1.0 if isinstance(ctx.pattern, OpenLoop) else 0.0
+        gevent.wait([self.stop, ctx.done], count=1, timeout=max(0.0, ctx.end_t - time.monotonic()) + backstop)
+        if not self.stop.is_set():
+            gevent.joinall(self._extra, timeout=max(0.0, ctx.end_t - time.monotonic()) + 1.0)
+        interrupted = self.stop.is_set() and time.monotonic() < ctx.end_t
+        ctx.stopping = True
+        ctx.stop_dispatching()
+        drain(ctx, _INTERRUPT_DRAIN_S if interrupted else scenario.target.timeout + 1.0)
+        runner.user_greenlets.kill(block=True)
+        end_t = time.monotonic()
+        ctx.finish(max(end_t, ctx.start_t))
+        cpu = (_cpu_seconds() - cpu0) / max(end_t - wall0, 1e-9)
+        self.ship()
+        return {
+            "generator": self_check(ctx, scenario, cpu),
+            "in_flight_at_end": ctx.in_flight,
+            "end_s": end_t - ctx.start_t,
+            "interrupted": interrupted,
+        }
+
+    # -- TAKEOVER / STOP ------------------------------------------------------------------------
+    def take_over(self, data: dict[str, Any]) -> None:
+        """A lost worker's shares (open loop) or users (closed loop), from the instant the master gave."""
+        ctx = self.ctx
+        if ctx.stopping:
+            return
+        for item in data.get("shares", []):
+            share = Share.from_json(item)
+            self._extra.append(gevent.spawn(ctx.take_over, (share.k, share.n), share.start_s))
+        users = int(data.get("users", 0))
+        if users:
+            start = ctx.start_t + float(data.get("start_s", 0.0))
+            gevent.spawn_later(max(0.0, start - time.monotonic()), self._more_users, users)
+
+    def _more_users(self, users: int) -> None:
+        if not self.ctx.stopping:
+            self.agent.runner.spawn_users({ClosedLoopUser.__name__: users})
+
+    # -- shipping -------------------------------------------------------------------------------
+    def ship(self) -> None:
+        """Send every closed interval not yet sent, encoded, with this worker's health."""
+        ctx = self.ctx
+        intervals = ctx.recorder.intervals
+        while self._shipped < len(intervals):
+            interval = intervals[self._shipped]
+            figures = interval.figures
+            encoded = figures.encode()
+            gevent.idle()
+            now, cpu = time.monotonic(), _cpu_seconds()
+            then, cpu_then = self._last_cpu
+            self._last_cpu = (now, cpu)
+            message = {
+                "run": self.run_id,
+                "index": self.index,
+                "start_s": interval.start_t - ctx.start_t,
+                "end_s": interval.end_t - ctx.start_t,
+                "figures": encoded,
+                "health": {
+                    "lag_p99_ms": figures.percentiles_ms("lag")["p99"],
+                    "dropped": ctx.recorder.cumulative.dropped,
+                    "cpu_ratio": (cpu - cpu_then) / (now - then) if now > then else 0.0,
+                    "in_flight": ctx.in_flight,
+                },
+            }
+            self._shipped += 1
+            self.agent.send(MSG_INTERVAL, message)
+            self.agent.log_shipped(message)
+            gevent.idle()
+
+
+class WorkerAgent:
+    """loadgen's side of a Locust worker: answers the master's run messages (one run at a time)."""
+
+    def __init__(self, runner: Any, environment: Environment, debug_dir: Path | None = None) -> None:
+        self.runner = runner
+        self.environment = environment
+        self.current: _WorkerRun | None = None
+        self._debug = None
+        if debug_dir is not None:
+            debug_dir.mkdir(parents=True, exist_ok=True)
+            self._debug = (debug_dir / f"worker-{os.getpid()}.jsonl").open("a", encoding="utf-8")
+        runner.register_message(MSG_SETUP, self._on_setup, concurrent=True)
+        runner.register_message(MSG_START, self._on_start)
+        runner.register_message(MSG_TAKEOVER, self._on_takeover)
+        runner.register_message(MSG_STOP, self._on_stop)
+
+    def send(self, kind: str, data: dict[str, Any]) -> None:
+        self.runner.send_message(kind, data)
+
+    def log_shipped(self, message: dict[str, Any]) -> None:
+        if self._debug is not None:
+            self._debug.write(json.dumps(message) + "\n")
+            self._debug.flush()
+
+    def finished(self, run: _WorkerRun) -> None:
+        if self.current is run:
+            self.current = None
+            self.environment.loadgen = None
+
+    def _on_setup(self, environment: Environment, msg: Any) -> None:
+        data = msg.data
+        run_id = data["run"]
+        if self.current is not None and self.current.started:
+            self.send(MSG_FAILED, {"run": run_id, "error": "this worker is still running the previous run"})
+            return
+        try:
+            run = _WorkerRun(self, run_id, data)
+            self.current = run
+            self.send(MSG_READY, run.prepare())
+        except Exception as exc:  # noqa: BLE001 - every failure goes back to the master, which reports it
+            self.current = None
+            kind = "usage" if isinstance(exc, (LoadgenError, ValueError)) else type(exc).__name__
+            self.send(MSG_FAILED, {"run": run_id, "error": str(exc), "kind": kind})
+
+    def _run_of(self, msg: Any) -> _WorkerRun | None:
+        run = self.current
+        return run if run is not None and run.run_id == msg.data.get("run") else None
+
+    def _on_start(self, environment: Environment, msg: Any) -> None:
+        run = self._run_of(msg)
+        if run is not None and not run.started:
+            run.start(msg.data)
+
+    def _on_takeover(self, environment: Environment, msg: Any) -> None:
+        run = self._run_of(msg)
+        if run is not None and run.started:
+            run.take_over(msg.data)
+
+    def _on_stop(self, environment: Environment, msg: Any) -> None:
+        run = self._run_of(msg)
+        if run is None:
+            return
+        if run.started:
+            run.stop.set()
+        else:  # set up but never started: let the client go
+            self.current = None
+            if run.ctx is not None:
+                run.ctx.client.close()
+
+
+def serve(master_host: str, master_port: int, debug_dir: Path | None = None) -> int:
+    """Connect to the master and serve its runs until it says quit (exit 0) or SIGINT/SIGTERM (130)."""
+    environment = Environment(user_classes=[OpenLoopUser, ClosedLoopUser], events=Events())
+    environment.loadgen = None
+    print(f"worker: connecting to the master at {master_host}:{master_port}", file=sys.stderr, flush=True)
+    try:
+        runner = environment.create_worker_runner(master_host, master_port)
+    except ConnectionError:
+        raise LoadgenError(f"no loadgen master answered at {master_host}:{master_port}; start "
+                           "`loadgen run ... --master` there first, or check --master-host/--master-port") from None
+    agent = WorkerAgent(runner, environment, debug_dir)
+    print(f"worker: connected as worker {runner.worker_index} (pid {os.getpid()})", file=sys.stderr, flush=True)
+    signalled = Event()
+
+    def leave() -> None:
+        signalled.set()
+        if agent.current is not None and agent.current.started:
+            agent.current.stop.set()
+        runner.send_message("quit")
+        gevent.spawn_later(0.2, runner.greenlet.kill, block=False)
+
+    handlers = [gevent.signal_handler(sig, leave) for sig in (signal.SIGINT, signal.SIGTERM)]
+    try:
+        runner.greenlet.join()
+    finally:
+        for handler in handlers:
+            handler.cancel()
+    print("worker: the master said quit" if not signalled.is_set() else "worker: stopped", file=sys.stderr)
+    return 130 if signalled.is_set() else 0

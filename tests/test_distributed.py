@@ -1,0 +1,285 @@
+"""Distributed runs on Locust's master/worker mode, as real processes on 127.0.0.1 (integration).
+
+The master and every worker are separate processes on the generator core, the calibration server on
+the other. Workers started here write every interval they ship (`loadgen worker --debug-dir`), so the
+tests merge the workers' histograms independently, with hdrh alone, and compare the master's figures
+with that merge, with the server's own request count, and with the true latency of the server.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from hdrh.histogram import HdrHistogram
+from prometheus_client.parser import text_string_to_metric_families
+
+from loadgen.sinks.hlog import read_hlog
+from servers.calibration.timing import TimingConfig, TimingModel
+from tests.conftest import ROOT, TIMING, loadgen_cmd, pin, run_loadgen, stop_process
+from tests.test_truth import truth_percentiles, within
+
+pytestmark = pytest.mark.integration
+
+PERCENTILES = {"p50": 50.0, "p90": 90.0, "p99": 99.0, "p99_9": 99.9}
+
+
+class Master:
+    """`loadgen run ... --master --expect-workers N` on a free port, read line by line from stderr."""
+
+    def __init__(self, args: list[str], out: Path, workers: int = 2) -> None:
+        self.out = out
+        self.proc = subprocess.Popen(
+            loadgen_cmd("run", *args, "--master", "--expect-workers", str(workers), "--master-bind-host",
+                        "127.0.0.1", "--master-bind-port", "0", "--quiet", "--out", str(out)),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        )
+        pin(self.proc.pid, 0)
+        self.lines: list[str] = []
+        line = self.wait_for("master: listening for workers on ")
+        self.port = int(line.split()[5].rsplit(":", 1)[1])
+
+    def wait_for(self, prefix: str, timeout: float = 60.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.proc.stderr.readline()
+            self.lines.append(line)
+            if line.startswith(prefix):
+                return line
+            if not line and self.proc.poll() is not None:
+                break
+        stop_process(self.proc)
+        raise AssertionError(f"no {prefix!r} line from the master: {''.join(self.lines)}")
+
+    def finish(self, timeout: float = 90.0) -> tuple[int, str]:
+        try:
+            _, rest = self.proc.communicate(timeout=timeout)
+        finally:
+            stop_process(self.proc)
+        return self.proc.returncode, "".join(self.lines) + rest
+
+    @property
+    def summary(self) -> dict:
+        return json.loads((self.out / "summary.json").read_text())
+
+
+def start_worker(port: int, debug_dir: Path) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        loadgen_cmd("worker", "--master-host", "127.0.0.1", "--master-port", str(port), "--debug-dir",
+                    str(debug_dir)),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
+    )
+    pin(proc.pid, 0)
+    return proc
+
+
+def shipped(debug_dir: Path, pid: int) -> list[dict]:
+    """Every interval worker `pid` shipped to the master, in order."""
+    path = debug_dir / f"worker-{pid}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def requests_of(messages: list[dict]) -> int:
+    return sum(m["figures"]["ok"] + sum(m["figures"]["errors"].values()) for m in messages)
+
+
+def merged_by_hdrh(messages: list[dict], which: str) -> HdrHistogram:
+    """One histogram holding every shipped interval's `which` histogram, added by hdrh alone."""
+    hist = HdrHistogram(1, 3_600_000_000, 3)
+    for message in messages:
+        part = HdrHistogram.decode(message["figures"][which])
+        if part.get_total_count():
+            hist.add(part)
+    return hist
+
+
+def assert_percentiles_equal(summary: dict, messages: list[dict]) -> None:
+    for which in ("latency", "service", "lag"):
+        truth = merged_by_hdrh(messages, which)
+        figures = summary[f"{which}_ms"]
+        expected = {key: round(truth.get_value_at_percentile(q) / 1000.0, 3) for key, q in PERCENTILES.items()}
+        expected["max"] = round(truth.get_max_value() / 1000.0, 3)
+        assert {key: figures[key] for key in expected} == expected, which
+
+
+def worker_entry(summary: dict, pid: int) -> dict:
+    return next(w for w in summary["distributed"]["workers"] if w["pid"] == pid)
+
+
+def test_two_workers_counts_rate_and_merged_percentiles_are_exact(calibration_server, tmp_path) -> None:
+    """400 req/s for 10 s over two worker processes: merged count == workers' counts == the server's,
+    achieved rate within 2 %, and every percentile equal to one histogram fed every worker's samples."""
+    server = calibration_server("--delay-ms", "5")
+    debug = tmp_path / "shipped"
+    master = Master(["--target", server.url, "--model", "m", "--rate", "400", "--duration", "10s"],
+                    tmp_path / "run")
+    workers = [start_worker(master.port, debug) for _ in range(2)]
+    try:
+        code, stderr = master.finish()
+    finally:
+        for worker in workers:
+            stop_process(worker)
+    assert code == 0, stderr
+    summary = master.summary
+    messages = {w.pid: shipped(debug, w.pid) for w in workers}
+    everything = [m for ms in messages.values() for m in ms]
+
+    assert summary["requests"] == summary["ok"] == 4000
+    assert summary["requests"] == sum(w["requests"] for w in summary["distributed"]["workers"])
+    for worker in workers:
+        assert worker_entry(summary, worker.pid)["requests"] == requests_of(messages[worker.pid]) == 2000
+    assert server.info()["requests"] == summary["requests"] + summary["warmup_requests"]
+    assert summary["warmup_requests"] == sum(w["warmup_requests"] for w in summary["distributed"]["workers"]) > 0
+    assert summary["dropped"] == 0
+    assert summary["offered_rps"] == pytest.approx(400.0)
+    assert summary["sent_rps"] == pytest.approx(400.0, rel=0.02)
+    assert summary["achieved_rps"] == pytest.approx(400.0, rel=0.02)
+    assert_percentiles_equal(summary, everything)
+
+    # the master's k-th interval is the sum of every worker's k-th interval
+    by_slot: dict[int, int] = {}
+    for message in everything:
+        k = round(message["start_s"])
+        by_slot[k] = by_slot.get(k, 0) + message["figures"]["ok"]
+    hlog = read_hlog(tmp_path / "run" / "latency.hlog")[None]
+    assert [h.get_total_count() for h in hlog] == [by_slot[k] for k in sorted(by_slot)]
+    assert sorted(share for w in summary["distributed"]["workers"] for share in w["share"]) == ["0/2", "1/2"]
+
+
+@TIMING
+def test_stall_tails_match_the_truth_with_local_worker_processes(calibration_server, tmp_path) -> None:
+    """As tests/test_truth.py's stall test, with `--processes 2`: two workers, one schedule."""
+    server = calibration_server("--delay-ms", "10", "--stall-every", "5", "--stall-for", "1")
+    run = run_loadgen("--target", server.url, "--model", "m", "--rate", "200", "--duration", "20s",
+                      "--processes", "2", "--quiet", out=tmp_path / "open")
+    assert run.returncode == 0, run.stderr
+    summary = run.summary
+    assert [w["requests"] for w in summary["distributed"]["workers"]] == [2000, 2000]
+    assert summary["requests"] == 4000
+    info = server.info()
+    assert info["requests"] == summary["requests"] + summary["warmup_requests"]
+    model = TimingModel(TimingConfig(delay_ms=10, stall_every_s=5, stall_for_s=1), t0=info["t0"])
+    start = summary["clock"]["start_monotonic_s"]
+    intended = start + np.arange(4000) / 200.0
+    truth = truth_percentiles((np.array(model.done_all(intended)) - intended) * 1000.0)
+    assert truth["p99_9"] > 900  # the run did cover stalls
+    for key, value in truth.items():
+        assert within(summary["latency_ms"][key], value, 0.05), (key, summary["latency_ms"], truth)
+
+
+def run_and_kill_one(server_url: str, tmp_path: Path, extra: list[str], kill_after_s: float = 4.0):
+    """A 200 req/s, 12 s run on two workers; the second is SIGKILLed `kill_after_s` into the run."""
+    debug = tmp_path / "shipped"
+    master = Master(["--target", server_url, "--model", "m", "--rate", "200", "--duration", "12s", *extra],
+                    tmp_path / "run")
+    workers = [start_worker(master.port, debug) for _ in range(2)]
+    try:
+        master.wait_for("master: run on 2 worker(s)")
+        time.sleep(0.5 + kill_after_s)
+        workers[1].send_signal(signal.SIGKILL)
+        code, stderr = master.finish()
+    finally:
+        for worker in workers:
+            stop_process(worker)
+    return code, stderr, master, workers, debug
+
+
+def test_a_killed_worker_is_reported_and_what_it_sent_is_kept(calibration_server, tmp_path) -> None:
+    server = calibration_server("--delay-ms", "5")
+    code, stderr, master, (alive, dead), debug = run_and_kill_one(server.url, tmp_path, [])
+    assert code == 0, stderr
+    summary = master.summary
+    lost = summary["distributed"]["lost"]
+    assert len(lost) == 1 and lost[0]["pid"] == dead.pid, lost
+    assert 3.5 <= lost[0]["lost_at_s"] <= 12.0, lost
+    assert f"worker {lost[0]['worker']} (host" in stderr and "lost" in stderr
+    assert summary["generator_bound"] and any("lost" in reason for reason in summary["generator"]["reasons"])
+
+    alive_sent, dead_sent = shipped(debug, alive.pid), shipped(debug, dead.pid)
+    alive_entry, dead_entry = worker_entry(summary, alive.pid), worker_entry(summary, dead.pid)
+    # the survivor's every interval is in the output, and the dead worker's up to its last report
+    assert alive_entry["requests"] == requests_of(alive_sent)
+    received = dead_entry["intervals"]
+    assert 3 <= received <= len(dead_sent)
+    assert dead_entry["requests"] == requests_of(dead_sent[:received]) > 0
+    assert summary["requests"] == alive_entry["requests"] + dead_entry["requests"]
+    assert_percentiles_equal(summary, alive_sent + dead_sent[:received])
+    # the survivor took the dead worker's share over: more than its own half of the schedule
+    assert alive_entry["taken_over"] and alive_entry["requests"] > 1200 + 100
+    # the server saw everything the output holds, and what the dead worker sent but never reported
+    assert server.info()["requests"] >= summary["requests"] + summary["warmup_requests"]
+
+
+def test_stop_on_worker_loss_ends_the_run_with_exit_3(calibration_server, tmp_path) -> None:
+    server = calibration_server("--delay-ms", "5")
+    code, stderr, master, (alive, dead), _ = run_and_kill_one(
+        server.url, tmp_path, ["--stop-on-worker-loss"], kill_after_s=2.0)
+    assert code == 3, stderr
+    summary = master.summary
+    assert summary["interrupted"] and summary["distributed"]["stopped_on_worker_loss"]
+    assert summary["duration_s"] < 11.0
+    assert summary["distributed"]["lost"][0]["pid"] == dead.pid
+    assert worker_entry(summary, alive.pid)["requests"] > 0
+
+
+def scrape_workers(url: str) -> dict[str, float]:
+    text = httpx.get(url, timeout=2).text
+    return {sample.labels["worker"]: sample.value
+            for family in text_string_to_metric_families(text) if family.name == "loadgen_worker_up"
+            for sample in family.samples}
+
+
+def test_closed_loop_users_are_split_and_the_master_serves_merged_metrics(calibration_server, tmp_path) -> None:
+    server = calibration_server("--delay-ms", "20")
+    proc = subprocess.Popen(
+        loadgen_cmd("run", "--target", server.url, "--model", "m", "--users", "3", "--duration", "4s",
+                    "--processes", "2", "--metrics-port", "0", "--quiet", "--out", str(tmp_path / "run")),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    )
+    pin(proc.pid, 0)
+    lines, url, seen = [], None, {}
+    try:
+        while url is None and (line := proc.stderr.readline()):
+            lines.append(line)
+            if line.startswith("metrics on "):
+                url = line.split()[-1]
+        assert url, "".join(lines)
+        deadline = time.monotonic() + 20
+        while len(seen) < 2 and time.monotonic() < deadline:  # the workers' first intervals
+            time.sleep(0.5)
+            seen = scrape_workers(url)
+        _, rest = proc.communicate(timeout=60)
+    finally:
+        stop_process(proc)
+    assert proc.returncode == 0, "".join(lines) + rest
+    assert seen == {"0": 1.0, "1": 1.0}
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert sorted(w["users"] for w in summary["distributed"]["workers"]) == [1, 2]
+    # 3 users at 20 ms: about 150 req/s for 4 s
+    assert summary["requests"] == pytest.approx(600, rel=0.1)
+    assert server.info()["requests"] == summary["requests"] + summary["warmup_requests"]
+
+
+def test_sweep_runs_every_step_on_the_same_workers(calibration_server, tmp_path) -> None:
+    server = calibration_server("--delay-ms", "5")
+    run = run_loadgen("--target", server.url, "--model", "m", "--rates", "100,200", "--step-duration", "2s",
+                      "--warmup", "1s", "--processes", "2", out=tmp_path / "sweep", verb="sweep")
+    assert run.returncode == 0, run.stderr
+    sweep = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert [step["load"] for step in sweep["steps"]] == [100, 200]
+    total, pids = 0, set()
+    for step in sweep["steps"]:
+        summary = json.loads((tmp_path / "sweep" / step["dir"] / "summary.json").read_text())
+        workers = summary["distributed"]["workers"]
+        assert len(workers) == 2 and {w["share"][0] for w in workers} == {"0/2", "1/2"}
+        assert summary["requests"] == pytest.approx(2 * step["load"], abs=2)  # measured part: 2 s
+        total += sum(w["requests"] + w["warmup_requests"] for w in workers)
+        pids |= {w["pid"] for w in workers}
+    assert len(pids) == 2  # the same two processes ran both steps
+    assert server.info()["requests"] == total
