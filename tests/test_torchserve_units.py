@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
+import struct
 import subprocess
 import sys
 import time
@@ -15,7 +17,7 @@ import pytest
 from servers.torchserve import load_settings, read_properties
 from servers.torchserve._archive import Archive
 from servers.torchserve._config import Address
-from servers.torchserve._handler import Request, decode_predict_response
+from servers.torchserve._handler import Request, decode_predict_response, decode_value, parse_json
 from servers.torchserve._metrics import HandlerMetrics, MetricsStore, java_double
 from servers.torchserve._wire import TsError, error_reply, format_reply, gson, json_reply
 from servers.torchserve._workers import Batching, Job, JobQueue, WorkerPool
@@ -248,3 +250,53 @@ def test_loadgen_serve_torchserve_is_the_server() -> None:
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0
     assert "usage: loadgen serve torchserve" in done.stdout and "--model-store" in done.stdout
+
+
+JSON_EDGES = [
+    b"[1] x", b"[123456789012345678901234567890]", b"-9223372036854775809", b"9007199254740993", b"1e400",
+    b"-1e400", b"1e-400", b"-0.0", b"-0", b"1E5", b"1.5E-3", b"NaN", b"[NaN, Infinity, -Infinity]", b"nan",
+    b'{"a": 1, "a": 2, "b": 3}', b'{"a": 1, "b": 3, "a": [2]}', b'"\\ud800"', b'"\\ud83d\\ude00"',
+    b'"\\uDFFF\\uD800"', b'"a\nb"', b'"a\tb"', b'"\x01"', b'"\\u0000"', b"01", b"1.", b".5", b"+1", b"-",
+    b"", b" ", b"\xef\xbb\xbf[1]", b" [1, 2] \n", b"\x0b[1]", b"\x0c[1]", b"[1,]", b"[,1]", b'{"a":}',
+    b"tru", b"true", b"null", b'"\\x"', b"[" * 300 + b"]" * 300, b"[" * 3000 + b"]" * 3000, b'"\xff"',
+    b'"\xed\xa0\x80"', b'"\xc0\xaf"', b'{"\xc3\xa9": 1}', b"0x10", b"1_000", b"[1 2]", b"{'a': 1}",
+    b"[1]\x00", b"4.9e-324", b"2.4703282292062328e-324", b"2.4703282292062327e-324",
+    b"1.00000000000000011102230246251565404236316680908203125",
+    b"1.00000000000000011102230246251565404236316680908203124", b"[true, false, null, {}, []]",
+]
+
+
+def _loads(data: bytes) -> tuple[str, str]:
+    try:
+        return "ok", repr(json.loads(data.decode("utf-8")))
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        return "error", type(exc).__name__
+
+
+def _parsed(data: bytes) -> tuple[str, str]:
+    try:
+        return "ok", repr(parse_json(data))
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        return "error", type(exc).__name__
+
+
+def test_json_inputs_decode_as_json_loads_does() -> None:
+    """The backend's JSON parser gives json.loads's value (same types, same repr) or fails where it
+    fails, on edge cases and on 30,000 random floats (doubles' shortest repr, long decimals,
+    exponents near the limits)."""
+    rng = random.Random(5)
+    numbers = []
+    for _ in range(10_000):
+        numbers.append(repr(struct.unpack("<d", rng.getrandbits(64).to_bytes(8, "little"))[0]).encode())
+        digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(1, 30))).lstrip("0") or "0"
+        fraction = "".join(rng.choice("0123456789") for _ in range(rng.randint(1, 25)))
+        numbers.append(f"-{digits}.{fraction}e{rng.randint(-340, 320)}".encode())
+        numbers.append(f"{rng.uniform(-1e6, 1e6):.{rng.randint(0, 20)}f}".encode())
+    for data in [*JSON_EDGES, *numbers, b"[" + b", ".join(numbers[:784]) + b"]"]:
+        expected = _loads(data)
+        assert _parsed(data)[0] == expected[0], data[:80]
+        if expected[0] == "ok":
+            assert _parsed(data) == expected, data[:80]
+    assert decode_value("application/json", b"{bad", True) == b"{bad"
+    assert decode_value("application/json", b"[1.5]", False) == b"[1.5]"
+    assert decode_value("text/plain", "é".encode(), True) == "é"

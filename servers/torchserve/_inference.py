@@ -25,6 +25,7 @@ import email
 import email.policy
 import time
 import uuid
+from functools import partial
 from typing import Any
 from urllib.parse import parse_qs, parse_qsl, unquote, urlsplit
 
@@ -35,6 +36,7 @@ from servers.torchserve._http import STREAMED, Send
 from servers.torchserve._models import ModelManager
 from servers.torchserve._openapi import describe_api
 from servers.torchserve._wire import NOT_FOUND, Reply, TsError, chunk, chunked_head, error_reply, json_reply
+from servers.torchserve._workers import Job
 
 __all__ = ["InferenceApi", "answer_reply", "request_parameters"]
 
@@ -68,18 +70,33 @@ class InferenceApi:
         name, version, explain, query = route
         return self._predict(request, name, version, explain, query, send)
 
-    async def _predict(self, http: HttpRequest, name: str, version: str | None, explain: bool,
-                       query: list[tuple[str, str]], send: Send) -> Any:
+    def _predict(self, http: HttpRequest, name: str, version: str | None, explain: bool,
+                 query: list[tuple[str, str]], send: Send) -> asyncio.Future:
+        """The future of the prediction's reply (a callback on the job's future, no task of its own);
+        raises TsError when the request is refused."""
         arrival_ns = time.perf_counter_ns()
         request = Request(str(uuid.uuid4()), request_parameters(http, query),
                           {**http.headers, "url_path": "", "explain": "True" if explain else "False"})
         stream = _Stream(send, request.request_id, self.models.metrics.count_response)
-        loop = asyncio.get_running_loop()
-        request.on_part = lambda part: loop.call_soon_threadsafe(stream.part, part)
-        outcome = await self.models.predict(name, version, request, arrival_ns)
-        if stream.started:
-            return stream.finish(outcome)
-        return answer_reply(outcome, request.request_id)
+        request.on_part = stream.part  # the workers' parts arrive on the event loop
+        job = self.models.submit(name, version, request, arrival_ns)
+        reply = asyncio.get_running_loop().create_future()
+        job.future.add_done_callback(partial(self._answered, reply, job, name, version, stream))
+        return reply
+
+    def _answered(self, reply: asyncio.Future, job: Job, name: str, version: str | None, stream: _Stream,
+                  done: asyncio.Future) -> None:
+        if reply.done():
+            return
+        if done.cancelled():
+            reply.cancel()
+            return
+        try:
+            outcome = self.models.finished(name, version, job)
+        except Exception as exc:  # noqa: BLE001 - a TsError (model unregistered) becomes the reply's error
+            reply.set_exception(exc)
+            return
+        reply.set_result(stream.finish(outcome) if stream.started else answer_reply(outcome, job.request.request_id))
 
 
 def _prediction_route(segments: list[str], query: str) -> tuple[str, str | None, bool, list] | None:

@@ -173,20 +173,37 @@ class ModelManager:
     async def predict(self, name: str, version: str | None, request: Request,
                       arrival_ns: int) -> Answer | Failure:
         """Queue one request on the version's workers and wait for its answer; TsError when refused."""
+        job = self.submit(name, version, request, arrival_ns)
+        await job.future
+        return self.finished(name, version, job)
+
+    def submit(self, name: str, version: str | None, request: Request, arrival_ns: int) -> Job:
+        """Queue one request on the version's workers (counted in ts_inference_requests_total); its job's
+        future settles with the Answer or Failure. TsError when refused. No task per request: the HTTP
+        front end waits on the future itself."""
         served = self.lookup(name, version)
         self.metrics.count_request(name, version)
-        job = await self._run(served, request, arrival_ns, refusal=no_worker_message(name, version))
+        return self._queue(served, request, arrival_ns, refusal=no_worker_message(name, version))
+
+    def finished(self, name: str, version: str | None, job: Job) -> Answer | Failure:
+        """Record the latencies of a settled job; its outcome (raises what its future holds)."""
+        outcome = job.future.result()
         done_ns = time.perf_counter_ns()
-        queue_us = (job.start_ns - arrival_ns) / 1000 if job.start_ns else None
-        self.metrics.record_inference(name, version, (done_ns - arrival_ns) / 1000, queue_us)
-        return job.future.result()
+        queue_us = (job.start_ns - job.arrival_ns) / 1000 if job.start_ns else None
+        self.metrics.record_inference(name, version, (done_ns - job.arrival_ns) / 1000, queue_us)
+        return outcome
 
     async def _run(self, served: ModelVersion, request: Request, arrival_ns: int, *, refusal: str,
                    alone: bool = False) -> Job:
+        job = self._queue(served, request, arrival_ns, refusal=refusal, alone=alone)
+        await job.future
+        return job
+
+    def _queue(self, served: ModelVersion, request: Request, arrival_ns: int, *, refusal: str,
+               alone: bool = False) -> Job:
         job = Job(request, arrival_ns, self._loop.create_future(), alone)
         if not served.pool.submit(job):
             raise TsError(503, "ServiceUnavailableException", refusal)
-        await job.future
         return job
 
     # -- registration ----------------------------------------------------------------------------------
