@@ -352,71 +352,44 @@ def report(
     print(f"report: {path}")
 
 
-@serve_app.command(
-    "calibration",
-    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
-    epilog="Example: loadgen serve calibration --port 8000 --delay-ms 20 --stall-every 5 --stall-for 1",
-)
-def serve_calibration(ctx: typer.Context) -> None:
-    """KServe v2 endpoint with a declared true latency: --delay-ms, --stall-every/--stall-for,
-    --service-ms with --workers (FIFO). Any model name is served. See --help of the server."""
-    from servers.calibration.__main__ import main as calibration_main
-
-    raise typer.Exit(calibration_main(list(ctx.args), prog="loadgen serve calibration"))
-
-
-@serve_app.command(
-    "triton",
-    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
-    epilog="Example: loadgen serve triton --http-port 8000",
-)
-def serve_triton(ctx: typer.Context) -> None:
-    """Triton-compatible KServe v2 server (HTTP, gRPC, metrics) hosting a Triton model repository
+_PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+_SERVE = (
+    ("calibration", "servers.calibration.__main__",
+     "Example: loadgen serve calibration --port 8000 --delay-ms 20 --stall-every 5 --stall-for 1",
+     """KServe v2 endpoint with a declared true latency: --delay-ms, --stall-every/--stall-for,
+    --service-ms with --workers (FIFO). Any model name is served. See --help of the server."""),
+    ("triton", "servers.triton.__main__", "Example: loadgen serve triton --http-port 8000",
+     """Triton-compatible KServe v2 server (HTTP, gRPC, metrics) hosting a Triton model repository
     (--model-repository DIR), or the built-in models identity, identity_bytes and mlp without one.
-    See --help of the server."""
-    from servers.triton.__main__ import main as triton_main
-
-    raise typer.Exit(triton_main(list(ctx.args), prog="loadgen serve triton"))
-
-
-@serve_app.command(
-    "torchserve",
-    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
-    epilog="Example: loadgen serve torchserve --model-store ./store --models mlp=mlp.mar --disable-token-auth",
-)
-def serve_torchserve(ctx: typer.Context) -> None:
-    """TorchServe-compatible server (inference, management and metrics APIs, gRPC) serving .mar archives
-    of a model store with their handlers, batching and workers as TorchServe's. See --help of the server."""
-    from servers.torchserve.__main__ import main as torchserve_main
-
-    raise typer.Exit(torchserve_main(list(ctx.args), prog="loadgen serve torchserve"))
-
-
-@serve_app.command(
-    "openai-mock",
-    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
-    epilog="Example: loadgen serve openai-mock --port 8000 --ttft-ms 30 --itl-ms 10",
-)
-def serve_openai_mock(ctx: typer.Context) -> None:
-    """OpenAI-compatible streaming server whose time to first token (--ttft-ms) and inter-token
+    See --help of the server."""),
+    ("torchserve", "servers.torchserve.__main__",
+     "Example: loadgen serve torchserve --model-store ./store --models mlp=mlp.mar --disable-token-auth",
+     """TorchServe-compatible server (inference, management and metrics APIs, gRPC) serving .mar archives
+    of a model store with their handlers, batching and workers as TorchServe's. See --help of the server."""),
+    ("openai-mock", "servers.openai_mock.__main__", "Example: loadgen serve openai-mock --port 8000 --ttft-ms 30 --itl-ms 10",
+     """OpenAI-compatible streaming server whose time to first token (--ttft-ms) and inter-token
     latency (--itl-ms) are exact: the ground truth for `loadgen run --protocol openai`. See --help
-    of the server."""
-    from servers.openai_mock.__main__ import main as openai_mock_main
-
-    raise typer.Exit(openai_mock_main(list(ctx.args), prog="loadgen serve openai-mock"))
-
-
-@serve_app.command(
-    "make-repo",
-    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
-    epilog="Example: loadgen serve make-repo ./models && loadgen serve triton --model-repository ./models",
+    of the server."""),
+    ("make-repo", "servers.models.make_repo",
+     "Example: loadgen serve make-repo ./models && loadgen serve triton --model-repository ./models",
+     """Write a Triton model repository of the built-in models (TorchScript, ONNX, Python backend),
+    made in code. See --help of the command."""),
 )
-def serve_make_repo(ctx: typer.Context) -> None:
-    """Write a Triton model repository of the built-in models (TorchScript, ONNX, Python backend),
-    made in code. See --help of the command."""
-    from servers.models.make_repo import main as make_repo_main
+"""`loadgen serve NAME ARGS`: each reference server's own command line (`main(argv, prog)` of MODULE)."""
 
-    raise typer.Exit(make_repo_main(list(ctx.args), prog="loadgen serve make-repo"))
+
+def _add_serve_command(name: str, module: str, epilog: str, doc: str) -> None:
+    def command(ctx: typer.Context) -> None:
+        import importlib
+
+        raise typer.Exit(importlib.import_module(module).main(list(ctx.args), prog=f"loadgen serve {name}"))
+
+    command.__doc__ = doc
+    serve_app.command(name, context_settings=_PASSTHROUGH, epilog=epilog)(command)
+
+
+for _serve in _SERVE:
+    _add_serve_command(*_serve)
 
 
 def main() -> None:
