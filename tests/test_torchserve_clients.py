@@ -41,8 +41,10 @@ def test_every_request_is_answered_and_counted(torchserve: TorchServe, tmp_path:
                       "--rate", "100", "--duration", "2s", out=tmp_path / "run")
     assert run.returncode == 0, run.stderr
     summary = run.summary
-    assert summary["errors"] == {} and summary["ok"] == summary["requests"] == 200
-    assert _served(torchserve) - before == summary["ok"] + summary["warmup_requests"]
+    # all 200 arrivals were sent and none failed; an answer still in flight when the window closed is
+    # not in `ok`, but the server counted it (the run drains before it ends)
+    assert summary["errors"] == {} and summary["sent"] == 200 and summary["ok"] == summary["requests"]
+    assert _served(torchserve) - before == summary["sent"] + summary["warmup_requests"]
     assert 0 < summary["latency_ms"]["p50"] < 100
 
 
