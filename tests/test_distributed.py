@@ -174,8 +174,9 @@ def test_stall_tails_match_the_truth_with_local_worker_processes(calibration_ser
         assert within(summary["latency_ms"][key], value, 0.05), (key, summary["latency_ms"], truth)
 
 
-def run_and_kill_one(server_url: str, tmp_path: Path, extra: list[str], kill_after_s: float = 4.0):
-    """A 200 req/s, 12 s run on two workers; the second is SIGKILLed `kill_after_s` into the run."""
+def run_and_kill_one(server_url: str, tmp_path: Path, extra: list[str], kill_after_s: float = 4.0,
+                     sig: int = signal.SIGKILL):
+    """A 200 req/s, 12 s run on two workers; the second gets `sig` `kill_after_s` into the run."""
     debug = tmp_path / "shipped"
     master = Master(["--target", server_url, "--model", "m", "--rate", "200", "--duration", "12s", *extra],
                     tmp_path / "run")
@@ -183,7 +184,7 @@ def run_and_kill_one(server_url: str, tmp_path: Path, extra: list[str], kill_aft
     try:
         master.wait_for("master: run on 2 worker(s)")
         time.sleep(0.5 + kill_after_s)
-        workers[1].send_signal(signal.SIGKILL)
+        workers[1].send_signal(sig)
         code, stderr = master.finish()
     finally:
         for worker in workers:
@@ -215,6 +216,27 @@ def test_a_killed_worker_is_reported_and_what_it_sent_is_kept(calibration_server
     assert alive_entry["taken_over"] and alive_entry["requests"] > 1200 + 100
     # the server saw everything the output holds, and what the dead worker sent but never reported
     assert server.info()["requests"] >= summary["requests"] + summary["warmup_requests"]
+
+
+def test_a_worker_stopped_on_its_host_leaves_cleanly_and_the_other_takes_over(calibration_server,
+                                                                              tmp_path) -> None:
+    """SIGTERM (Ctrl-C) on a worker: it drains, ships its last intervals and leaves; nothing is lost."""
+    server = calibration_server("--delay-ms", "5")
+    code, stderr, master, (alive, left), debug = run_and_kill_one(server.url, tmp_path, [], sig=signal.SIGTERM)
+    assert code == 0, stderr
+    assert left.wait(10) == 130
+    summary = master.summary
+    lost = summary["distributed"]["lost"]
+    assert len(lost) == 1 and lost[0]["pid"] == left.pid and lost[0]["why"].startswith("it left"), lost
+    assert lost[0]["lost_at_s"] < 6.0  # seen at once, not after missed heartbeats
+    left_entry, alive_entry = worker_entry(summary, left.pid), worker_entry(summary, alive.pid)
+    assert left_entry["requests"] == requests_of(shipped(debug, left.pid))  # everything it shipped arrived
+    assert alive_entry["requests"] == requests_of(shipped(debug, alive.pid))
+    assert alive_entry["taken_over"]
+    # every request the server answered is in the output: the leaving worker reported all of its own
+    assert server.info()["requests"] == summary["requests"] + summary["warmup_requests"]
+    # only the arrivals between its leaving and the takeover (0.25 s of its share) were not sent
+    assert 2400 - 60 <= summary["requests"] < 2400
 
 
 def test_stop_on_worker_loss_ends_the_run_with_exit_3(calibration_server, tmp_path) -> None:

@@ -161,6 +161,7 @@ class Cluster:
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
                 text=True,
+                start_new_session=True,  # Ctrl-C reaches the master only; it stops and quits them
             ))
 
     @property
@@ -282,6 +283,7 @@ class _DistributedRun:
         self._target_failed = False
         self._profile = profile_of(self.pattern) if self.open_loop else None
         self._stopped_on_loss = False
+        self._stopping = False  # STOP was sent: a worker's early DONE is then no departure
 
     # -- RunView (the exporter) -------------------------------------------------------------------
     @property
@@ -326,6 +328,8 @@ class _DistributedRun:
                 print(f"master: worker {worker.label} failed: {data['error']}", file=sys.stderr, flush=True)
             if self._merger is not None:
                 self._merger.close(client_id)
+                if data.get("interrupted") and not self._stopping:  # stopped on its own host mid-run
+                    self._lose(worker, time.monotonic(), "it left (stopped on its host)")
         self._changed.set()
 
     def _interval(self, worker: _Worker, data: dict[str, Any]) -> None:
@@ -432,6 +436,7 @@ class _DistributedRun:
             now = time.monotonic()
             if (stop.is_set() or self._stopped_on_loss) and stop_sent_t is None:
                 stop_sent_t = now
+                self._stopping = True
                 for worker in self.workers.values():
                     if worker.sending:
                         self.cluster.send(MSG_STOP, {"run": self.run_id}, worker.client_id)

@@ -299,11 +299,22 @@ def serve(master_host: str, master_port: int, debug_dir: Path | None = None) -> 
     signalled = Event()
 
     def leave() -> None:
+        """Ctrl-C or SIGTERM: finish the current run's part here (drain, last intervals, DONE), say quit."""
+        if signalled.is_set():
+            return
         signalled.set()
-        if agent.current is not None and agent.current.started:
-            agent.current.stop.set()
+        gevent.spawn(_leave)
+
+    def _leave() -> None:
+        run = agent.current
+        if run is not None and run.started:
+            run.stop.set()
+            deadline = time.monotonic() + _INTERRUPT_DRAIN_S + 3.0
+            while agent.current is run and time.monotonic() < deadline:
+                gevent.sleep(0.05)
         runner.send_message("quit")
-        gevent.spawn_later(0.2, runner.greenlet.kill, block=False)
+        gevent.sleep(0.2)
+        runner.greenlet.kill(block=False)
 
     handlers = [gevent.signal_handler(sig, leave) for sig in (signal.SIGINT, signal.SIGTERM)]
     try:
