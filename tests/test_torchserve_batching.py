@@ -48,6 +48,7 @@ class Probe(BaseHandler):
     def initialize(self, context):
         self.context = context
         self.pause = float((context.model_yaml_config or {}).get("pause_s", 0.02))
+        time.sleep(float((context.model_yaml_config or {}).get("load_s", 0)))
         self.initialized = True
 
     def handle(self, data, context):
@@ -55,6 +56,8 @@ class Probe(BaseHandler):
             os._exit(3)  # a worker process that dies in the middle of a batch
         if any(row.get("body") == "kill" for row in data):
             os.kill(os.getpid(), signal.SIGKILL)  # as the out-of-memory killer would
+        if any(row.get("body") == "hang" for row in data):
+            time.sleep(30)  # past any responseTimeout the tests set
         time.sleep(self.pause)  # a model that takes a while: batches form behind a busy worker
         worker = f"{os.getpid()}/{threading.current_thread().name}"
         return [{"value": row.get("body"), "batch": len(data), "worker": worker} for row in data]
@@ -70,6 +73,8 @@ def server(model_store: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa
     archive(store, "probe", work / "probe.py")
     (work / "slow.yaml").write_text("pause_s: 0.4\n")
     archive(store, "sleepy", work / "probe.py", None, "--config-file", str(work / "slow.yaml"))
+    (work / "lazy.yaml").write_text("load_s: 30\n")
+    archive(store, "lazy", work / "probe.py", None, "--config-file", str(work / "lazy.yaml"))
     running = start_torchserve(store, tmp_path_factory.mktemp("server"), config=OPEN, grpc=False)
     yield running
     running.stop()
@@ -272,3 +277,28 @@ def test_thread_workers_on_request(model_store: Path, tmp_path: Path) -> None:  
         assert {answer["worker"].split("/")[0] for answer in answers} == {str(running.server.proc.pid)}
     finally:
         running.stop()
+
+
+def test_response_and_startup_timeouts_stop_the_worker(server: TorchServe) -> None:
+    """A batch that runs past responseTimeout: its worker is killed, the request answered 500 "Worker
+    died.", the worker started again. A worker that has not loaded after startupTimeout is killed and
+    the registration fails as one whose handler does not load."""
+    _register(server, "url=probe.mar&model_name=hung&initial_workers=1&response_timeout=1")
+    try:
+        first = _workers(server, "hung")[0]
+        start = time.monotonic()
+        hung = httpx.post(f"{server.inference}/predictions/hung", json="hang", timeout=30)
+        assert 1.0 <= time.monotonic() - start < 10
+        assert (hung.status_code, hung.json()["message"]) == (500, "Worker died.")
+        assert _wait_for(lambda: _workers(server, "hung")[0]["status"] == "READY")
+        assert _workers(server, "hung")[0]["pid"] != first["pid"] and not _alive(first["pid"])
+    finally:
+        _unregister(server, "hung")
+    start = time.monotonic()
+    late = httpx.post(f"{server.management}/models?url=lazy.mar&initial_workers=1&startup_timeout=2", timeout=60)
+    assert 2.0 <= time.monotonic() - start < 20
+    assert (late.status_code, late.json()["message"]) == (500, "Failed to start workers for model lazy version: 1.0")
+    try:
+        assert _workers(server, "lazy") == []
+    finally:
+        _unregister(server, "lazy")

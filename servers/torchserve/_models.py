@@ -259,6 +259,7 @@ class ModelManager:
                             choose(request.max_batch_delay, "maxBatchDelay", 100))
         settings = self.settings
         response_timeout = choose(request.response_timeout, "responseTimeout", settings.default_response_timeout)
+        startup_timeout = choose(request.startup_timeout, "startupTimeout", settings.default_startup_timeout)
 
         def record_load_time(worker: Worker) -> None:
             labels = (("WorkerName", f"W-{worker.id}-{archive.name}_{archive.version}"), ("Level", "Host"),
@@ -268,13 +269,13 @@ class ModelManager:
         pool = WorkerPool(archive, batching, settings.job_queue_size, loop=self._loop,
                           worker_ids=self._worker_ids, gpus=self.gpus, metrics=self.metrics,
                           mode=settings.worker_mode, decode_input=settings.decode_input_request,
-                          response_timeout_s=response_timeout, hostname=self.metrics.hostname,
+                          response_timeout_s=response_timeout, startup_timeout_s=startup_timeout,
+                          hostname=self.metrics.hostname,
                           on_load=record_load_time, on_batch=self._record_worker_thread_time)
         return ModelVersion(
             archive, pool,
             response_timeout=response_timeout,
-            startup_timeout=choose(request.startup_timeout, "startupTimeout",
-                                   settings.default_startup_timeout),
+            startup_timeout=startup_timeout,
             loaded_at_startup=startup,
             device_type="gpu" if self.gpus and yaml.get("deviceType") != "cpu" else "cpu",
         )

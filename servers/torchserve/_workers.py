@@ -23,8 +23,9 @@ handlers that release the GIL. Scaling starts or stops workers; a stopped worker
 it runs first.
 
 Failures, as TorchServe's WorkerThread: a worker whose handler fails to load at registration or
-scaling leaves the model with no workers (minWorkers and maxWorkers 0), as the captures of a real
-TorchServe show. A worker process that dies later (a crash, a kill, or a batch that runs past the
+scaling (or whose process has not loaded it after startupTimeout, and is killed) leaves the model
+with no workers (minWorkers and maxWorkers 0), as the captures of a real TorchServe show. A worker
+process that dies later (a crash, a kill, or a batch that runs past the
 model's responseTimeout, which kills it) answers its batch 500 "Worker died." (413 when the process
 was killed with SIGKILL by someone else: TorchServe's rule for exit value 137, the kernel's
 out-of-memory killer), is reported on stderr and started again after TorchServe's back-off (1, 1, 2,
@@ -179,7 +180,7 @@ class WorkerPool:
     def __init__(self, archive: Archive, batching: Batching, queue_size: int, *,
                  loop: asyncio.AbstractEventLoop, worker_ids: Callable[[], int], gpus: int,
                  metrics: Any = None, mode: str = "process", decode_input: bool = True,
-                 response_timeout_s: float = 120.0, hostname: str = "",
+                 response_timeout_s: float = 120.0, startup_timeout_s: float = 120.0, hostname: str = "",
                  on_load: Callable[[Worker], None] | None = None,
                  on_batch: Callable[[float], None] | None = None) -> None:
         self.archive = archive
@@ -188,6 +189,7 @@ class WorkerPool:
         self.workers: list[Worker] = []
         self.mode = mode
         self.response_timeout_s = response_timeout_s
+        self.startup_timeout_s = startup_timeout_s
         self._loop = loop
         self._worker_ids = worker_ids
         self._gpus = gpus
@@ -286,6 +288,13 @@ class WorkerPool:
         worker.killed = True
         worker.backend.kill()
 
+    def _load_timed_out(self, worker: Worker, backend: Backend) -> None:
+        if worker.backend is not backend or worker.state != "LOADING":
+            return
+        self._report(worker, f"did not load in {self.startup_timeout_s:g} s (startupTimeout); stopping it")
+        worker.killed = True
+        backend.kill()
+
     # -- what backends report --------------------------------------------------------------------------
 
     def _loaded(self, worker: Worker, backend: Backend, ok: bool, message: str, records: list) -> None:
@@ -296,6 +305,9 @@ class WorkerPool:
             self._report(worker, f"failed to load: {message}")
             worker.state = "FAILED" if worker in self._waiting else "STOPPED"
             return  # the backend ends; _exited follows
+        if worker.timer is not None:
+            worker.timer.cancel()
+            worker.timer = None
         worker.load_ms = (time.perf_counter_ns() - worker.started_ns) / 1e6
         worker.state = "READY" if not worker.stopping else "STOPPED"
         worker.backoff, worker.recovery_start = 0, None
@@ -463,6 +475,8 @@ class WorkerPool:
         self._backends.add(backend)
         backend.start(spec)
         worker.pid = backend.pid
+        if self.startup_timeout_s > 0 and self.mode != "thread":  # a thread cannot be stopped
+            worker.timer = self._loop.call_later(self.startup_timeout_s, self._load_timed_out, worker, backend)
 
     def _stop(self, worker: Worker) -> None:
         worker.stopping = True
@@ -502,7 +516,11 @@ def _settle(batch: list[Job], outcomes: list[Answer | Failure]) -> None:
 # -- backends ------------------------------------------------------------------------------------------
 
 class ProcessBackend(asyncio.Protocol):
-    """A worker process (_backend.py) and its end of the socket pair, read by the event loop."""
+    """A worker process (_backend.py) and its end of the socket pair, read by the event loop.
+
+    The process runs in the model's folder with `python -P` (that folder is not put first on
+    sys.path, so an archive's file cannot shadow a standard module; load_handler appends it) and
+    writes its output to the server's stderr."""
 
     def __init__(self, pool: WorkerPool, worker: Worker, loop: asyncio.AbstractEventLoop) -> None:
         self._pool = pool
@@ -522,7 +540,7 @@ class ProcessBackend(asyncio.Protocol):
         env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(_ROOT), env.get("PYTHONPATH"))))
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "servers.torchserve._backend", str(theirs.fileno())],
+                [sys.executable, "-P", "-m", "servers.torchserve._backend", str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),), cwd=str(spec["archive"].model_dir), env=env,
                 stdin=subprocess.DEVNULL, stdout=_log_fd())
         except OSError as exc:
