@@ -69,15 +69,18 @@ def test_defaults_are_torchserves() -> None:
     assert settings.token_auth and not settings.model_api and settings.metrics_mode == "log"
     assert (settings.job_queue_size, settings.max_request_size) == (100, 6553500)
     assert settings.default_workers_per_model == 0
+    assert settings.worker_mode == "process"  # TorchServe's workers are processes
+    assert load_settings({"worker_mode": "Thread"}, environ={})[0].worker_mode == "thread"
 
 
 def test_every_bad_setting_is_reported_at_once() -> None:
     props = {"inference_address": "https://127.0.0.1:8443", "management_address": "nonsense",
              "job_queue_size": "many", "metrics_mode": "loud", "models": "{not json",
-             "enable_model_api": "yes",
+             "enable_model_api": "yes", "worker_mode": "fibers",
              "grpc_management_port": "99999"}
     _, problems = load_settings(props, environ={})
-    assert len(problems) == 7, problems
+    assert len(problems) == 8, problems
+    assert "worker_mode: expected process or thread, got 'fibers'" in problems
     assert any("https is not supported" in problem for problem in problems)
     assert any(problem.startswith("job_queue_size") for problem in problems)
 

@@ -17,7 +17,7 @@ Start-up: the settings are read (every problem reported, exit code 2), the model
 others serve), then every API listens and one line is printed for each, flushed, the inference API
 last: `metrics listening on http://H:P`, `management listening on http://H:P`, `grpc-inference
 listening on H:P`, `grpc-management listening on H:P`, then `listening on http://H:P`. SIGTERM or
-SIGINT stops the server with exit code 0.
+SIGINT stops the server with exit code 0, its worker processes (_workers.py) with it.
 """
 
 from __future__ import annotations
