@@ -30,6 +30,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -147,6 +148,7 @@ class Cluster:
                                "(in use?); choose another --master-bind-port") from None
         self.port: int = self.runner.server.port
         self._procs: list[subprocess.Popen] = []
+        self._logs: list[Any] = []
         self._run: _DistributedRun | None = None
         for kind in (MSG_READY, MSG_FAILED, MSG_INTERVAL, MSG_DONE):
             self.runner.register_message(kind, self._route)
@@ -155,12 +157,14 @@ class Cluster:
     def spawn_local(self, count: int) -> None:
         """Start `count` `loadgen worker` processes on this host, connected to this master."""
         for _ in range(count):
+            # A file, not a pipe: a worker never blocks on what it writes. Closed in close().
+            log = tempfile.TemporaryFile()  # noqa: SIM115
+            self._logs.append(log)
             self._procs.append(subprocess.Popen(
                 [sys.executable, "-m", "loadgen", "worker", "--master-host", "127.0.0.1",
                  "--master-port", str(self.port)],
                 stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                text=True,
+                stderr=log,
                 start_new_session=True,  # Ctrl-C reaches the master only; it stops and quits them
             ))
 
@@ -183,10 +187,11 @@ class Cluster:
                 print(f"master: waiting for workers: {have} of {count} connected (port {self.port})",
                       file=sys.stderr, flush=True)
                 shown = have
-            for proc in self._procs:
+            for proc, log in zip(self._procs, self._logs, strict=True):
                 if proc.poll() is not None:
-                    raise LoadgenError(f"a local worker exited ({proc.returncode}) before the run: "
-                                       f"{proc.stderr.read().strip()[-2000:]}")
+                    log.seek(0)
+                    said = log.read().decode(errors="replace").strip()[-2000:]
+                    raise LoadgenError(f"a local worker exited ({proc.returncode}) before the run: {said}")
             if deadline is not None and time.monotonic() > deadline:
                 raise LoadgenError(f"only {have} of {count} workers connected within {max_wait_s:g} s")
             gevent.sleep(_POLL_S)
@@ -219,6 +224,8 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        for log in self._logs:
+            log.close()
         self.runner.server.close(linger=0)
 
     def __enter__(self) -> Self:
