@@ -110,10 +110,13 @@ def start_server(cmd: list[str], core: int, timeout_s: float = 30.0) -> ServerPr
     raise SystemExit(f"{' '.join(cmd)} did not start")
 
 
-def start_triton(core: int) -> ServerProcess:
-    """The Triton-compatible server with its built-in models, HTTP and gRPC on free ports."""
+def start_triton(core: int, repository: Path | None = None) -> ServerProcess:
+    """The Triton-compatible server, HTTP and gRPC on free ports: its built-in models, or the models of
+    `repository` (--model-repository)."""
     cmd = [sys.executable, "-m", "servers.triton", "--http-port", "0", "--grpc-port", "0"]
-    return start_server(cmd, core)
+    if repository is not None:
+        cmd += ["--model-repository", str(repository)]
+    return start_server(cmd, core, timeout_s=120.0)
 
 
 def model_stats(server: ServerProcess, model: str) -> dict:
@@ -260,19 +263,23 @@ class Clients:
                         _delta(server, stats_model, before))
 
     def loadgen_run(self, server: ServerProcess, model: str, users: int, duration_s: float,
-                    stats_model: str | None = None) -> Measured:
-        """`loadgen run --users N --think none` (closed loop, JSON tensors over HTTP) for `duration_s`."""
-        out = self.work / f"lg-{server.proc.pid}-{model}-u{users}"
-        cmd = [str(BIN / "loadgen"), "run", "--target", server.url, "--model", model, "--users", str(users),
+                    stats_model: str | None = None, protocol: str = "http") -> Measured:
+        """`loadgen run --users N --think none` (closed loop) for `duration_s`: JSON tensors over HTTP, or
+        raw tensors over gRPC (`protocol` "grpc", --protocol kserve-grpc); one row per request."""
+        out = self.work / f"lg-{server.proc.pid}-{model}-{protocol}-u{users}"
+        target = server.url if protocol == "http" else f"grpc://{server.grpc}"
+        cmd = [str(BIN / "loadgen"), "run", "--target", target, "--model", model, "--users", str(users),
                "--think", "none", "--duration", f"{duration_s:g}s", "--out", str(out), "-q"]
+        if protocol == "grpc":
+            cmd += ["--protocol", "kserve-grpc"]
         before = model_stats(server, stats_model) if stats_model else None
         _, trace = run_child(cmd, self.core, duration_s + 60, self.work / f"{out.name}.log", server)
         summary = json.loads((out / "summary.json").read_text())
         if summary["errors"]:
-            raise SystemExit(f"loadgen saw errors against {server.url}: {summary['errors']}")
+            raise SystemExit(f"loadgen saw errors against {target}: {summary['errors']}")
         start = summary["clock"]["start_epoch_s"]
         server_cpu, client_cpu = trace.fractions(start, start + summary["duration_s"])
-        return Measured("loadgen", "http", users, 1, summary["achieved_rps"], summary["service_ms"]["p99"],
+        return Measured("loadgen", protocol, users, 1, summary["achieved_rps"], summary["service_ms"]["p99"],
                         server_cpu, client_cpu, _delta(server, stats_model, before))
 
 
