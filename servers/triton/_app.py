@@ -1,11 +1,13 @@
 """Routes of the Triton-compatible server: KServe v2 HTTP paths (PROTOCOLS.md 1.2-1.12) -> replies.
 
 The app decides what to answer; the connection layer (servers/triton/_server.py) decides how it is
-written. A reply comes in one of three forms: a Reply at once; a Job (a callable returning the Reply)
-for a worker thread, for built-in models with `inline = False`; or a coroutine for the loop, for
-repository models, which wait for their Scheduler (_scheduler.py), and for repository loads. The
-built-in models run inline: a whole infer request (decode, model, encode) took 24 us for identity and
-33 us for mlp on the development machine, a thread pool hop alone about 100 us.
+written. A reply comes in one of four forms: a Reply at once; a Job (a callable returning the Reply)
+for a worker thread, for built-in models with `inline = False`; a Deferred, settled later on the loop,
+for repository models, which wait for their Scheduler (_scheduler.py); or a coroutine for the loop,
+for repository loads. The built-in models run inline: a whole infer request (decode, model, encode)
+took 24 us for identity and 33 us for mlp on the development machine, a thread pool hop alone about
+100 us. A scheduled request is decoded at once (a bad one is answered without waiting) and its reply
+made in the scheduler's callback: a Task per request, as a coroutine needs, cost more than that.
 Errors are {"error": "..."} with Triton's status codes (PROTOCOLS.md 1.9): 400 for bad requests,
 404 for an unknown model or version (Triton's NOT_FOUND, as gRPC's NOT_FOUND) and {"error":"Not Found"}
 for unknown paths, 405 for a wrong verb, 500 when a model itself fails. Readiness answers 200 or 400.
@@ -34,7 +36,7 @@ from servers.triton._infer import (
     ModelHost,
     UnknownModel,
     execute,
-    execute_scheduled,
+    submit_scheduled,
 )
 from servers.triton._tensors import encode_response, parse_infer
 
@@ -55,8 +57,34 @@ class Reply(NamedTuple):
 
 Job = Callable[[], Reply]
 """Work for a worker thread; returns the reply to write."""
-Pending = Coroutine[Any, Any, Reply]
-"""Work for the event loop (a scheduled inference, a model load); its result is the reply to write."""
+
+
+class Deferred:
+    """A reply that is settled later, on the loop: the connection registers one callback with `then`,
+    the app calls `settle` once. Callbacks run at once, without the loop's call_soon that an
+    asyncio.Future adds."""
+
+    __slots__ = ("_callback", "_reply")
+
+    def __init__(self) -> None:
+        self._callback: Callable[[Reply], None] | None = None
+        self._reply: Reply | None = None
+
+    def then(self, callback: Callable[[Reply], None]) -> None:
+        if self._reply is not None:
+            callback(self._reply)
+        else:
+            self._callback = callback
+
+    def settle(self, reply: Reply) -> None:
+        if self._callback is not None:
+            self._callback(reply)
+        else:
+            self._reply = reply
+
+
+Pending = Deferred | Coroutine[Any, Any, Reply]
+"""A reply the loop makes later: a scheduled inference (Deferred), or a model load (a coroutine)."""
 
 
 def error_reply(status: int, message: str) -> Reply:
@@ -169,15 +197,24 @@ class TritonApp:
 
         return decode, encode
 
-    async def _run_scheduled(self, served: ServedModel, request: Request, arrival_ns: int) -> Reply:
-        decode, encode = self._codec(served.model, request)
+    def _run_scheduled(self, served: ServedModel, request: Request, arrival_ns: int) -> Reply | Deferred:
+        model = served.model
+        deferred = Deferred()
+
+        def decode() -> InferRequest:
+            return parse_infer(request.body, request.headers.get(_INFER_HEADER), model)
+
+        def encode(parsed: InferRequest, outputs: dict[str, Any]) -> Reply:
+            return _infer_reply(*encode_response(model, parsed, outputs))
+
+        def done(outcome: Reply | BaseException) -> None:
+            deferred.settle(outcome if isinstance(outcome, Reply) else _failure_reply(outcome))
+
         try:
-            body, header_length = await execute_scheduled(served, arrival_ns, decode, encode)
-        except InferError as exc:
-            return error_reply(400, str(exc))
-        except ModelFailure as exc:
-            return error_reply(500, str(exc))
-        return _infer_reply(body, header_length)
+            submit_scheduled(served, arrival_ns, decode, encode, done)
+        except (InferError, ModelFailure) as exc:
+            return _failure_reply(exc)
+        return deferred
 
     def _run_infer(self, served: ServedModel, request: Request, arrival_ns: int, queued: bool = False) -> Reply:
         decode, encode = self._codec(served.model, request)
@@ -188,6 +225,15 @@ class TritonApp:
         except ModelFailure as exc:
             return error_reply(500, str(exc))
         return _infer_reply(body, header_length)
+
+
+def _failure_reply(exc: BaseException) -> Reply:
+    """The answer to an inference that failed: 400 for the request's fault, 500 for the model's."""
+    if isinstance(exc, InferError):
+        return error_reply(400, str(exc))
+    if isinstance(exc, ModelFailure):
+        return error_reply(500, str(exc))
+    return error_reply(500, f"internal error: {exc}")
 
 
 def _infer_reply(body: bytes, header_length: int | None) -> Reply:

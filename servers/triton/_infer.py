@@ -11,6 +11,7 @@ INVALID_ARGUMENT) and ModelFailure (500, INTERNAL). Messages follow Triton's wor
 
 from __future__ import annotations
 
+import asyncio
 import math
 import struct
 import time
@@ -22,10 +23,11 @@ import numpy as np
 
 from servers.core.model import NUMPY_DTYPES, Model, RequestError, TensorSpec
 from servers.triton._host import ModelHost, ServedModel, UnknownModel
+from servers.triton._scheduler import Executed
 from servers.triton._stats import ModelStats
 
 __all__ = ["InferError", "InferRequest", "ModelFailure", "ModelHost", "UnknownModel", "execute",
-           "execute_scheduled"]
+           "execute_scheduled", "submit_scheduled"]
 
 SERVER_NAME = "triton"
 SERVER_VERSION = "2.73.0"
@@ -195,27 +197,65 @@ async def execute_scheduled(served: ServedModel, arrival_ns: int, decode: Callab
 
     The queue time is arrival to the start of that execution, minus the decoding.
     """
+    future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+
+    def settle(outcome: Result | BaseException) -> None:
+        if future.done():  # the caller went away (a cancelled gRPC call)
+            return
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+
+    submit_scheduled(served, arrival_ns, decode, encode, settle)
+    return await future
+
+
+def submit_scheduled(served: ServedModel, arrival_ns: int, decode: Callable[[], InferRequest],
+                     encode: Callable[[InferRequest, dict[str, np.ndarray]], Result],
+                     done: Callable[[Result | BaseException], None]) -> None:
+    """`execute_scheduled` with a callback instead of a coroutine, for the HTTP front end (a Task per
+    request costs more than the whole scheduling): decodes now and raises InferError or ModelFailure
+    at once for a request that never reaches the scheduler; later done(outcome) runs on the loop with
+    what encode made, or the InferError or ModelFailure the request failed with.
+    """
     model, stats = served.model, served.stats
     start_ns = time.perf_counter_ns()
     request = _decode(decode, stats, arrival_ns)
     decoded_ns = time.perf_counter_ns()
+
+    def executed(outcome: Executed | BaseException) -> None:
+        try:
+            if isinstance(outcome, BaseException):
+                raise outcome
+            encode_ns = time.perf_counter_ns()
+            missing = [name for name, _ in request.outputs if name not in outcome.outputs]
+            if missing:
+                raise RuntimeError(f"model '{model.name}' did not produce output(s) {missing}")
+            result = encode(request, outcome.outputs)
+        except BaseException as exc:  # noqa: BLE001 - whatever the model raised is this request's answer
+            done(_scheduled_failure(model, stats, arrival_ns, exc))
+            return
+        done_ns = time.perf_counter_ns()
+        stats.record_request(start_ns - arrival_ns + outcome.queue_ns, decoded_ns - start_ns,
+                             outcome.infer_ns, done_ns - encode_ns)
+        done(result)
+
     try:
-        executed = await served.scheduler.submit(request.inputs, request.batch_size, decoded_ns)
-        encode_ns = time.perf_counter_ns()
-        missing = [name for name, _ in request.outputs if name not in executed.outputs]
-        if missing:
-            raise RuntimeError(f"model '{model.name}' did not produce output(s) {missing}")
-        result = encode(request, executed.outputs)
-    except InferError:
+        served.scheduler.enqueue(request.inputs, request.batch_size, decoded_ns, executed)
+    except Exception as exc:  # the model is being unloaded
+        raise _scheduled_failure(model, stats, arrival_ns, exc) from exc
+
+
+def _scheduled_failure(model: Model, stats: ModelStats, arrival_ns: int, exc: BaseException) -> Exception:
+    """Count a scheduled request's failure and return the error its front end answers."""
+    if isinstance(exc, InferError):
         stats.record_failure(time.perf_counter_ns() - arrival_ns)
-        raise
-    except RequestError as exc:
-        stats.record_failure(time.perf_counter_ns() - arrival_ns, "BACKEND")
-        raise InferError(str(exc)) from exc
-    except Exception as exc:
-        stats.record_failure(time.perf_counter_ns() - arrival_ns, "BACKEND")
-        raise ModelFailure(f"model '{model.name}' failed: {type(exc).__name__}: {exc}") from exc
-    done_ns = time.perf_counter_ns()
-    stats.record_request(start_ns - arrival_ns + executed.queue_ns, decoded_ns - start_ns, executed.infer_ns,
-                         done_ns - encode_ns)
-    return result
+        return exc
+    stats.record_failure(time.perf_counter_ns() - arrival_ns, "BACKEND")
+    if isinstance(exc, RequestError):
+        error: Exception = InferError(str(exc))
+    else:
+        error = ModelFailure(f"model '{model.name}' failed: {type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return error

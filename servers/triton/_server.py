@@ -1,16 +1,16 @@
 """Connections of the Triton-compatible server: an asyncio.Protocol over servers/core/http1.py.
 
 Per connection: bytes -> RequestParser -> TritonApp (_app.py) -> a reply written at once, a job
-run in the worker pool for built-in models that do not run inline, or a coroutine run on the loop
-(repository models waiting for their scheduler, model loads). Replies leave in request order even when
-requests are pipelined: a reply waits behind any earlier one still computing. A framing error is
-answered after the replies already queued, then the connection is closed.
+run in the worker pool for built-in models that do not run inline, a Deferred settled on the loop
+(repository models waiting for their scheduler), or a coroutine run on the loop (model loads).
+Replies leave in request order even when requests are pipelined: a reply waits behind any earlier
+one still computing. A framing error is answered after the replies already queued, then the
+connection is closed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -18,7 +18,7 @@ from typing import Protocol
 
 from servers.core.connection import HttpConnection
 from servers.core.http1 import HttpError, Request, continue_response, format_response
-from servers.triton._app import Job, Pending, Reply, error_reply
+from servers.triton._app import Deferred, Job, Pending, Reply, error_reply
 
 
 class App(Protocol):
@@ -52,6 +52,11 @@ class TritonProtocol(HttpConnection):
     def __init__(self, context: ServerContext) -> None:
         super().__init__(context.connections)
         self._context = context
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._loop = asyncio.get_running_loop()  # once: it reads the process id on every call
 
     def data_received(self, data: bytes) -> None:
         if not self._reading:
@@ -82,10 +87,13 @@ class TritonProtocol(HttpConnection):
             return
         slot = _Slot(None, not keep_alive)
         self._pending.append(slot)
-        if inspect.iscoroutine(outcome):
-            future = asyncio.ensure_future(outcome)
+        if isinstance(outcome, Deferred):
+            outcome.then(lambda reply: self._fill(slot, reply, keep_alive, http10))
+            return
+        if callable(outcome):
+            future = self._loop.run_in_executor(self._context.executor, outcome)
         else:
-            future = asyncio.get_running_loop().run_in_executor(self._context.executor, outcome)
+            future = self._loop.create_task(outcome)
         future.add_done_callback(lambda done: self._finish(slot, done, keep_alive, http10))
 
     def _finish(self, slot: _Slot, done: asyncio.Future[Reply], keep_alive: bool, http10: bool) -> None:
@@ -95,6 +103,9 @@ class TritonProtocol(HttpConnection):
             reply = error_reply(500, f"internal error: {done.exception()}")
         else:
             reply = done.result()
+        self._fill(slot, reply, keep_alive, http10)
+
+    def _fill(self, slot: _Slot, reply: Reply, keep_alive: bool, http10: bool) -> None:
         slot.data = _format(reply, keep_alive, http10)
         self._flush()
 
