@@ -64,8 +64,10 @@ def request_tag(request_id: str | None) -> str:
 
 def check_input(name: str, datatype: str, shape: tuple[int, ...], model: Model, tag: str) -> TensorSpec:
     """The declared spec of input `name`, after checking its datatype and shape; raises InferError."""
-    spec = next((spec for spec in model.inputs if spec.name == name), None)
-    if spec is None:
+    for spec in model.inputs:  # a loop, not next(generator): this runs for every input of every request
+        if spec.name == name:
+            break
+    else:
         raise InferError(f"{tag}unexpected inference input '{name}' for model '{model.name}'")
     if datatype != spec.datatype:
         raise InferError(f"{tag}inference input '{spec.name}' data-type is '{datatype}', but model "
@@ -81,7 +83,8 @@ def _check_shape(shape: tuple[int, ...], spec: TensorSpec, model: Model, tag: st
             raise InferError(f"{tag}inference request batch-size must be <= {model.max_batch_size} for "
                              f"'{model.name}'")
         dims = shape[1:]
-    if len(dims) != len(spec.dims) or any(want not in (-1, got) for want, got in zip(spec.dims, dims)):
+    if dims != spec.dims and (len(dims) != len(spec.dims) or
+                              any(want not in (-1, got) for want, got in zip(spec.dims, dims))):
         expected = ",".join(str(d) for d in spec.shape(model.max_batch_size))
         raise InferError(f"{tag}unexpected shape for input '{spec.name}' for model '{model.name}'. "
                          f"Expected [{expected}], got [{','.join(str(d) for d in shape)}]")
@@ -130,7 +133,7 @@ def unpack_fixed(blob: memoryview | bytes, spec: TensorSpec, shape: tuple[int, .
     if len(blob) != count * dtype.itemsize:
         raise InferError(f"{tag}input '{spec.name}' has {len(blob)} bytes of binary data; shape "
                          f"{list(shape)} of {spec.datatype} needs {count * dtype.itemsize}")
-    return np.frombuffer(blob, dtype=dtype).reshape(shape)
+    return np.ndarray(shape, dtype, blob)  # a read-only view, as frombuffer + reshape, in one call
 
 
 def pack_tensor(array: np.ndarray, datatype: str) -> bytes:
