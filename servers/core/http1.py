@@ -11,12 +11,13 @@ to time it). A framing error is fatal to the connection: the stream can no longe
 from __future__ import annotations
 
 import json
+import json.encoder
 import re
 from dataclasses import dataclass, field
 
 __all__ = [
     "MAX_BODY_BYTES", "MAX_HEAD_BYTES", "REASONS", "HttpError", "Request", "RequestParser",
-    "continue_response", "format_response", "json_body",
+    "continue_response", "format_response", "json_body", "json_text",
 ]
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
@@ -193,7 +194,26 @@ def continue_response() -> bytes:
 
 def json_body(obj: object) -> bytes:
     """Compact JSON bytes, as both servers answer (errors are json_body({"error": message}))."""
-    return json.dumps(obj, separators=(",", ":")).encode()
+    return json_text(obj).encode()
+
+
+def json_text(obj: object) -> str:
+    """Compact JSON text (ASCII): json.dumps(obj, separators=(",", ":")).
+
+    Written by the json module's C encoder made once: json.dumps with separators builds a
+    JSONEncoder and its encoder on every call, which took 7 us of a 2 us job on the development
+    machine. Without a circular-reference check (the servers' answers are trees); without the C
+    encoder, json.dumps itself."""
+    if _COMPACT is None:
+        return json.dumps(obj, separators=(",", ":"))
+    return "".join(_COMPACT(obj, 0))
+
+
+_COMPACT = None if json.encoder.c_make_encoder is None else json.encoder.c_make_encoder(
+    None, json.JSONEncoder().default, json.encoder.encode_basestring_ascii, None, ":", ",", False, False,
+    True)
+"""The C encoder of JSONEncoder(separators=(",", ":")): (markers, default, encoder, indent, key
+separator, item separator, sort_keys, skipkeys, allow_nan), as JSONEncoder.iterencode makes it."""
 
 
 def format_response(status: int, body: bytes, content_type: str = "application/json", *,
