@@ -106,7 +106,10 @@ class _InstanceThread:
                 loop.call_soon_threadsafe(done, outcome)
             except RuntimeError:  # the loop is closed: nobody waits for these requests any more
                 pass
-        self.instance.close()
+        try:
+            self.instance.close()
+        except Exception:  # noqa: BLE001, S110 - an unloading model's failure to let go has no one to tell
+            pass
 
 
 class Scheduler:
