@@ -288,12 +288,19 @@ def _delta(server: ServerProcess, model: str | None, before: dict | None) -> dic
 
 
 def stats_delta(before: dict, after: dict) -> dict:
-    """Counts and per-stage nanoseconds the server added between two statistics snapshots."""
+    """Counts and per-stage nanoseconds the server added between two statistics snapshots, and the
+    nanoseconds its model executions took (execution_infer_ns: each execution once, where a request's
+    compute_infer counts the whole execution it was part of)."""
     stages = {key: {"count": after["inference_stats"][key]["count"] - value["count"],
                     "ns": after["inference_stats"][key]["ns"] - value["ns"]}
               for key, value in before["inference_stats"].items()}
     return {"inference_count": after["inference_count"] - before["inference_count"],
-            "execution_count": after["execution_count"] - before["execution_count"], **stages}
+            "execution_count": after["execution_count"] - before["execution_count"],
+            "execution_infer_ns": _execution_ns(after) - _execution_ns(before), **stages}
+
+
+def _execution_ns(stats: dict) -> int:
+    return sum(entry["compute_infer"]["ns"] for entry in stats.get("batch_stats", []))
 
 
 def write_json(name: str, results: dict) -> Path:

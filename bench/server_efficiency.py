@@ -24,16 +24,17 @@ queue delay; `python -m servers make-repo DIR --mlp-hidden H`) at a few sizes: 1
 MLP of the TorchServe captures, ../shared/torchserve-captures/models/make_models.py). Every config gets
 INTRA_OP_THREAD_COUNT=1 and the in-process loop runs torch.set_num_threads(1): one thread of torch
 each side ("same threads"), the server on one core, the in-process loop on the same core. In-process:
-the TorchScript module itself (torch.jit.load, inference_mode, numpy in and out) at batch 1 .. 32, best
-of five repeats; the ceiling is the best inferences/s over those batch sizes, the most the server's
-own batcher could ever run. Through the server, in inferences/s: perf_analyzer HTTP and gRPC with
-ordinary requests (batch 1, concurrency BATCHING_LEVELS[1]: the server forms the batches) and with
-batched requests (-b 8, -b 32), and loadgen (batch 1, HTTP JSON and gRPC) at its highest level; each
-divided by the ceiling. The table ends with where the ratio crosses TARGET_RATIO: the smallest
-model (by in-process microseconds per inference) at which each client reaches it.
+the TorchScript module itself (torch.jit.load, inference_mode, numpy in and out) at batch 1, 2, 4 ..
+32, best of seven loops with the batch sizes taking turns; the ceiling is the best inferences/s over
+those batch sizes, the most the server's own batcher could ever run. Through the server, in
+inferences/s, the best of a few levels (BATCHING_LEVELS): perf_analyzer HTTP and gRPC with ordinary
+requests (batch 1, 16 and 64 in flight: the server forms the batches) and with batched requests
+(-b 8, -b 32), and loadgen (batch 1, HTTP JSON and gRPC, 16 and 64 users); each divided by the
+ceiling. The table ends with where the ratio crosses TARGET_RATIO: the smallest model (by in-process
+microseconds per inference) at which each client reaches it.
 
-    .venv/bin/python bench/server_efficiency.py            # ~8 minutes
-    .venv/bin/python bench/server_efficiency.py --quick    # ~3 minutes: fewer levels, 3 s loadgen runs
+    .venv/bin/python bench/server_efficiency.py            # ~9 minutes
+    .venv/bin/python bench/server_efficiency.py --quick    # ~4 minutes: fewer levels, 3 s loadgen runs
     .venv/bin/python bench/server_efficiency.py --tables batching --sizes 64,2048
 
 Needs Linux, two cores, taskset and perf_analyzer (../shared/peers/perf_analyzer.sh). Run it under
@@ -89,6 +90,7 @@ BATCHING_LEVELS = {1: (16, 64), 8: (4, 16), MAX_BATCH: (2, 8)}
 QUICK_BATCHING_LEVELS = {1: (64,), 8: (16,), MAX_BATCH: (8,)}
 LOADGEN_USERS, QUICK_LOADGEN_USERS = (16, 64), (64,)
 IN_PROCESS_BATCHES = (1, 2, 4, 8, 16, 32)
+TORCH_REPEATS, TORCH_REPEAT_S = 7, 0.1
 THREAD_PARAMETER = 'parameters { key: "INTRA_OP_THREAD_COUNT" value: { string_value: "1" } }\n'
 CAPTURES_SEED = 0
 
@@ -150,13 +152,13 @@ def server_batch(step: Measured) -> float:
 def per_request_us(step: Measured) -> dict[str, float]:
     """Where one request's server time went: the stages the server times itself, and the rest of a
     core's time per request (framing, event loop, routing, the hop to the model's thread; idle when the
-    server was not saturated). A dynamic batch's execution is shared by its requests: each is given its
-    share (compute_infer counts the whole execution for every request in it); the queue is a wait, not
-    CPU time, and is left out of the sum."""
+    server was not saturated). A dynamic batch's execution is shared by its requests: the model time
+    is the executions' time over the requests (a request's compute_infer counts the whole execution
+    it was part of); the queue is a wait, not CPU time, and is left out of the sum."""
     count = max(step.server["success"]["count"], 1)
     stages = {stage: step.server[stage]["ns"] / count / 1000
               for stage in ("queue", "compute_input", "compute_infer", "compute_output")}
-    stages["compute_infer"] *= count / max(step.server["execution_count"], 1)  # its share of the execution
+    stages["compute_infer"] = step.server["execution_infer_ns"] / count / 1000
     cpu_per_request = step.server_cpu_us_per_request
     busy = stages["compute_input"] + stages["compute_infer"] + stages["compute_output"]
     return {**stages, "rest": cpu_per_request - busy, "cpu": cpu_per_request}
@@ -303,7 +305,11 @@ def _write_stack(widths: tuple[int, ...], folder: Path) -> None:
 
 def torch_in_process(model_file: Path, in_features: int, core: int) -> dict[int, float]:
     """Inferences per second of the TorchScript module at each of IN_PROCESS_BATCHES, one torch thread,
-    on `core`: numpy in, the module under inference_mode, numpy out, as a backend instance does it."""
+    on `core`: numpy in, the module under inference_mode, numpy out, as a backend instance does it.
+
+    Best of TORCH_REPEATS loops of about TORCH_REPEAT_S per batch size, the batch sizes
+    taking turns loop by loop: a burst of other work on a shared host then spoils one loop of each
+    size rather than every loop of one (a large model's loops are few calls, easily all disturbed)."""
     import torch
 
     threads = torch.get_num_threads()
@@ -320,28 +326,31 @@ def torch_in_process(model_file: Path, in_features: int, core: int) -> dict[int,
             with torch.inference_mode():
                 module(torch.from_numpy(data)).numpy()
 
-        return {batch: batch * _loop_rate(call, rng.standard_normal((batch, in_features)).astype(np.float32))
-                for batch in IN_PROCESS_BATCHES}
+        inputs = {batch: rng.standard_normal((batch, in_features)).astype(np.float32)
+                  for batch in IN_PROCESS_BATCHES}
+        calls = {batch: _calls_per_loop(call, data) for batch, data in inputs.items()}
+        best = dict.fromkeys(IN_PROCESS_BATCHES, 0.0)
+        for _ in range(TORCH_REPEATS):
+            for batch, data in inputs.items():
+                started = time.perf_counter()
+                for _ in range(calls[batch]):
+                    call(data)
+                best[batch] = max(best[batch], batch * calls[batch] / (time.perf_counter() - started))
+        return best
     finally:
         os.sched_setaffinity(0, allowed)
         torch.set_num_threads(threads)
 
 
-def _loop_rate(call, data: np.ndarray) -> float:
-    """Calls per second of call(data): best of IN_PROCESS_REPEATS loops of about IN_PROCESS_REPEAT_S."""
-    for _ in range(50):
+def _calls_per_loop(call, data: np.ndarray) -> int:
+    """How many calls of call(data) take about TORCH_REPEAT_S, after a warm-up."""
+    for _ in range(20):
         call(data)
     calls, started = 0, time.perf_counter()
-    while time.perf_counter() - started < IN_PROCESS_REPEAT_S:
+    while time.perf_counter() - started < TORCH_REPEAT_S:
         call(data)
         calls += 1
-    best = 0.0
-    for _ in range(IN_PROCESS_REPEATS):
-        started = time.perf_counter()
-        for _ in range(calls):
-            call(data)
-        best = max(best, calls / (time.perf_counter() - started))
-    return best
+    return calls
 
 
 def measure_batching(clients: Clients, server: ServerProcess, levels: dict[int, tuple[int, ...]],
