@@ -71,7 +71,7 @@ _PLANS: weakref.WeakKeyDictionary[Model, dict[bytes, _Plan]] = weakref.WeakKeyDi
 def parse_infer(body: bytes, header_length: str | None, model: Model) -> InferRequest:
     """Split, decode and check one infer request body for `model`."""
     head, blobs = _split(body, header_length)
-    plans = _PLANS.get(model) if blobs else None
+    plans = _plans(model) if blobs else None
     if plans is not None:
         plan = plans.get(head)
         if plan is not None and plan.blob_bytes == len(blobs):
@@ -100,10 +100,20 @@ def parse_infer(body: bytes, header_length: str | None, model: Model) -> InferRe
     return InferRequest(request_id, inputs, outputs, batch)
 
 
+def _plans(model: Model) -> dict[bytes, _Plan] | None:
+    try:
+        return _PLANS.get(model)
+    except TypeError:  # a model that cannot be weakly referenced or hashed keeps no plans
+        return None
+
+
 def _keep(model: Model, head: bytes, plan: _Plan) -> None:
-    plans = _PLANS.get(model)
+    plans = _plans(model)
     if plans is None:
-        plans = _PLANS.setdefault(model, {})
+        try:
+            plans = _PLANS.setdefault(model, {})
+        except TypeError:
+            return
     if len(plans) >= PLANS_PER_MODEL:
         plans.pop(next(iter(plans), None), None)
     plans[head] = plan
