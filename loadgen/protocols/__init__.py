@@ -7,11 +7,16 @@ true returns StreamOutcomes (token timings too) and the driver records them as s
 
 from __future__ import annotations
 
+import time
+from collections.abc import Collection
 from typing import Any
 
+from loadgen.errors import ProtocolMismatch
 from loadgen.scenario import Target
 
-__all__ = ["PROTOCOLS", "make_client"]
+__all__ = ["PROTOCOLS", "WARMUP_REQUESTS", "make_client", "warm_up"]
+
+WARMUP_REQUESTS = 8
 
 PROTOCOLS = ("kserve-http", "kserve-grpc", "torchserve-http", "torchserve-grpc", "openai")
 
@@ -38,3 +43,17 @@ def make_client(target: Target, seed: int = 0) -> Any:
 
         return OpenAIClient(target, seed)
     raise ValueError(f"unknown protocol {target.protocol!r}; known: {', '.join(PROTOCOLS)}")
+
+
+def warm_up(client: Any, what: str, tolerated: Collection[str] = ("invalid_response",),
+            count: int = WARMUP_REQUESTS) -> None:
+    """Unmeasured requests through the client's own `send`: open a connection, warm both sides' code
+    paths, and learn before the run (not thousands of errors into it) that the target rejects the
+    request built. Error kinds in `tolerated` are the behaviour under test (a wrong answer, a cut
+    stream), counted by the run rather than fatal here."""
+    for _ in range(count):
+        outcome = client.send(time.monotonic())
+        client.warmup_requests += 1
+        if outcome.error is not None and outcome.error not in tolerated:
+            raise ProtocolMismatch(f"the warm-up request to {what} failed "
+                                   f"({outcome.error}: {outcome.message or 'no detail'})")

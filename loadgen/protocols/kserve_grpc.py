@@ -24,6 +24,7 @@ import numpy as np
 
 from loadgen.errors import ProtocolMismatch, TargetNotReady, TargetUnreachable
 from loadgen.outcome import Outcome
+from loadgen.protocols import warm_up
 from loadgen.protocols._grpc_common import call_metadata, grpc_address, open_channel, rpc_failure
 from loadgen.protocols.grpc_h2 import STATUS_NAMES, H2Channel
 from loadgen.protocols.request_data import check_outputs, request_data
@@ -98,16 +99,8 @@ class KServeGrpcClient:
         self._expected = data.expected
         if not self.target.stream:
             self._h2 = self._open_h2()
-        self._warm_up()
+        warm_up(self, f"ModelInfer of {self.target.model!r}")
         return self.metadata
-
-    def _warm_up(self, count: int = 8) -> None:
-        for _ in range(count):
-            outcome = self.send(time.monotonic())
-            self.warmup_requests += 1
-            if outcome.error is not None and outcome.error != "invalid_response":  # wrong answers are counted, not fatal
-                raise ProtocolMismatch(f"the warm-up ModelInfer request to {self.target.model!r} failed "
-                                       f"({outcome.error}: {outcome.message or 'no detail'})")
 
     # -- the hot path ---------------------------------------------------------------------------
     def send(self, intended_t: float) -> Outcome:

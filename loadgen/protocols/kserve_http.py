@@ -22,6 +22,7 @@ from loadgen.errors import (
     classify_exception,
 )
 from loadgen.outcome import Outcome
+from loadgen.protocols import warm_up
 from loadgen.protocols.http1 import Http1Pool, build_request
 from loadgen.protocols.request_data import check_outputs, request_data
 from loadgen.scenario import Target
@@ -101,20 +102,8 @@ class KServeHttpClient:
             self._requests.append(build_request("POST", self._netloc, self._infer_path, body, headers))
         self.request = self._requests[0]
         self._expected = data.expected
-        self._warm_up()
+        warm_up(self, f"POST {self._infer_path}")
         return self.metadata
-
-    def _warm_up(self, count: int = 8) -> None:
-        """A few unmeasured requests: open a connection, warm both sides' code paths, and learn
-        before the run (not 10,000 errors into it) that the model rejects the request built."""
-        for _ in range(count):
-            outcome = self.send(time.monotonic())
-            self.warmup_requests += 1
-            if outcome.error is not None and outcome.error != "invalid_response":  # wrong answers are counted, not fatal
-                raise ProtocolMismatch(
-                    f"the warm-up infer request to {self._infer_path} failed "
-                    f"({outcome.error}: {outcome.message or 'no detail'})"
-                )
 
     # -- the hot path ---------------------------------------------------------------------------
     def send(self, intended_t: float) -> Outcome:

@@ -48,6 +48,7 @@ from loadgen.errors import (
     classify_exception,
 )
 from loadgen.outcome import StreamOutcome
+from loadgen.protocols import warm_up
 from loadgen.protocols.http1 import (
     Http1Pool,
     HTTPError,
@@ -322,7 +323,7 @@ class OpenAIClient:
             headers["Authorization"] = f"Bearer {os.environ['OPENAI_API_KEY']}"
         headers.update(self.target.auth_headers())
         self.requests = [build_request("POST", self._netloc, self.path, body, headers) for body in bodies]
-        self._warm_up()
+        warm_up(self, self.path, _TRUNCATION_KINDS, WARMUP_REQUESTS)
         return {"name": self.target.model, "endpoint": self.path, "served_models": served,
                 "requests_built": len(self.requests)}
 
@@ -374,19 +375,6 @@ class OpenAIClient:
             body["prompt"] = prompt
         body.update(max_tokens=max_tokens, stream=True, stream_options={"include_usage": True})
         return json.dumps(body, separators=(",", ":")).encode()
-
-    def _warm_up(self) -> None:
-        """Unmeasured requests: open a connection and learn before the run (not thousands of errors into
-        it) that the server rejects the request built. A stream that is cut or carries an error event
-        is the server's behaviour under test, not a rejection: the run goes on."""
-        for _ in range(WARMUP_REQUESTS):
-            outcome = self.send(time.monotonic())
-            self.warmup_requests += 1
-            if outcome.error is not None and outcome.error not in _TRUNCATION_KINDS:
-                raise ProtocolMismatch(
-                    f"the warm-up request to {self.path} failed "
-                    f"({outcome.error}: {outcome.message or 'no detail'})"
-                )
 
     # -- the hot path ---------------------------------------------------------------------------
     def send(self, intended_t: float) -> StreamOutcome:

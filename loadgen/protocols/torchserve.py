@@ -21,15 +21,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from loadgen.errors import ProtocolMismatch, TargetNotReady, TargetUnreachable, classify_exception
+from loadgen.errors import TargetNotReady, TargetUnreachable, classify_exception
 from loadgen.outcome import Outcome
+from loadgen.protocols import warm_up
 from loadgen.protocols._grpc_common import call_metadata, open_channel, rpc_failure
 from loadgen.protocols.http1 import Http1Pool, build_request
 from loadgen.scenario import Target
 
 __all__ = ["TorchServeGrpcClient", "TorchServeHttpClient"]
 
-_WARMUP = 8
 _PREDICTIONS = "/org.pytorch.serve.grpc.inference.InferenceAPIsService/Predictions"
 
 
@@ -37,15 +37,6 @@ def _content_type(target: Target) -> str:
     if target.content_type:
         return target.content_type
     return "application/json" if str(target.payload).endswith(".json") else "application/octet-stream"
-
-
-def _warm_up(client: Any, what: str) -> None:
-    for _ in range(_WARMUP):
-        outcome = client.send(time.monotonic())
-        client.warmup_requests += 1
-        if outcome.error is not None:
-            raise ProtocolMismatch(f"the warm-up request to {what} failed "
-                                   f"({outcome.error}: {outcome.message or 'no detail'})")
 
 
 class TorchServeHttpClient:
@@ -89,7 +80,7 @@ class TorchServeHttpClient:
         if response.status != 200:
             raise TargetNotReady(f"{self.target.url}: not healthy (GET /ping -> {response.status} "
                                  f"{_error_text(response.body)})")
-        _warm_up(self, f"POST {self._path}")
+        warm_up(self, f"POST {self._path}")
         self.metadata = {"name": self.target.model, "ping": _json(response.body)}
         return self.metadata
 
@@ -145,7 +136,7 @@ class TorchServeGrpcClient:
                                     f"{timeout:g} s); is the server running, and is --target right?") from None
         except grpc.RpcError as exc:
             raise TargetNotReady(f"{self.target.url}: Ping failed: {exc.code().name}: {exc.details()}") from None
-        _warm_up(self, f"Predictions of {self.target.model!r}")
+        warm_up(self, f"Predictions of {self.target.model!r}")
         self.metadata = {"name": self.target.model, "ping": _json(health.health.encode())}
         return self.metadata
 
