@@ -4,7 +4,6 @@ model with a known service time is measured as that time."""
 
 from __future__ import annotations
 
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,34 +11,17 @@ import httpx
 import pytest
 
 from tests.conftest import TIMING, Server, run_loadgen, start_server, stop_process
+from tests.triton_support import write_paced_model
 
 pytestmark = pytest.mark.integration
 
 SERVICE_S = 0.005
-_MODEL = textwrap.dedent(f'''
-    import time
-    import triton_python_backend_utils as pb_utils
-
-    class TritonPythonModel:
-        def execute(self, requests):
-            out = []
-            for request in requests:
-                time.sleep({SERVICE_S})
-                x = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy()
-                out.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("OUTPUT0", x)]))
-            return out
-''')
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     repository = tmp_path_factory.mktemp("repo")
-    (repository / "paced" / "1").mkdir(parents=True)
-    (repository / "paced" / "1" / "model.py").write_text(_MODEL)
-    (repository / "paced" / "config.pbtxt").write_text(
-        'backend: "python"\nmax_batch_size: 0\ninstance_group [ { count: 4 } ]\n'
-        'input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 8 ] } ]\n'
-        'output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 8 ] } ]\n')
+    write_paced_model(repository, SERVICE_S, width=8, instances=4)
     started = start_server(["--grpc-port", "0", "--model-repository", str(repository)], module="servers.triton",
                            port_flag="--http-port")
     yield started

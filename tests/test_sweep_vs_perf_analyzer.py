@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import json
 import subprocess
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,34 +20,17 @@ import pytest
 from tests.conftest import pin, run_loadgen, stop_process
 from tests.test_perf_analyzer import perf_analyzer  # noqa: F401 - the fixture that finds/installs it
 from tests.test_triton_grpc import Fronts, start_fronts
+from tests.triton_support import write_paced_model
 
 pytestmark = pytest.mark.integration
 
 SERVICE_S = 0.004
-_MODEL = textwrap.dedent(f'''
-    import time
-    import triton_python_backend_utils as pb_utils
-
-    class TritonPythonModel:
-        def execute(self, requests):
-            responses = []
-            for request in requests:
-                time.sleep({SERVICE_S})
-                x = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy()
-                responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("OUTPUT0", x)]))
-            return responses
-''')
-_CONFIG = ('backend: "python"\nmax_batch_size: 0\n'
-           'input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 4 ] } ]\n'
-           'output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 4 ] } ]\n')
 
 
 @pytest.fixture(scope="module")
 def fronts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fronts]:
     repository = tmp_path_factory.mktemp("repo")
-    (repository / "paced" / "1").mkdir(parents=True)
-    (repository / "paced" / "1" / "model.py").write_text(_MODEL)
-    (repository / "paced" / "config.pbtxt").write_text(_CONFIG)
+    write_paced_model(repository, SERVICE_S, width=4)
     started = start_fronts("--model-repository", str(repository))
     yield started
     stop_process(started.proc)

@@ -1,7 +1,10 @@
 """What the Triton-compatible server's HTTP and gRPC tests share: sample inputs for each built-in
-model, and the check that an answer equals the model run in-process."""
+model, the check that an answer equals the model run in-process, and a model of known service time."""
 
 from __future__ import annotations
+
+import textwrap
+from pathlib import Path
 
 import numpy as np
 
@@ -30,3 +33,30 @@ def assert_matches(name: str, got: np.ndarray, data: np.ndarray) -> None:
         assert as_bytes == list(expected.ravel())
     else:
         np.testing.assert_array_equal(got, expected)
+
+
+_PACED = textwrap.dedent('''
+    import time
+    import triton_python_backend_utils as pb_utils
+
+    class TritonPythonModel:
+        def execute(self, requests):
+            responses = []
+            for request in requests:
+                time.sleep({service_s})
+                x = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy()
+                responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("OUTPUT0", x)]))
+            return responses
+''')
+
+
+def write_paced_model(repository: Path, service_s: float, width: int, instances: int = 1,
+                      name: str = "paced") -> None:
+    """A Python-backend identity model (FP32 [width], no batching) that sleeps `service_s` a request,
+    with `instances` execution instances: its capacity is instances / service_s requests a second."""
+    (repository / name / "1").mkdir(parents=True)
+    (repository / name / "1" / "model.py").write_text(_PACED.format(service_s=service_s))
+    (repository / name / "config.pbtxt").write_text(
+        f'backend: "python"\nmax_batch_size: 0\ninstance_group [ {{ count: {instances} }} ]\n'
+        f'input [ {{ name: "INPUT0" data_type: TYPE_FP32 dims: [ {width} ] }} ]\n'
+        f'output [ {{ name: "OUTPUT0" data_type: TYPE_FP32 dims: [ {width} ] }} ]\n')
