@@ -29,6 +29,7 @@ from tritonclient.utils import InferenceServerException
 
 from servers.models.builtin import Identity
 from servers.triton._grpc import start_grpc
+from servers.triton._health import HEALTH_SERVICE, HealthCheckRequest, HealthCheckResponse, ServingStatus
 from servers.triton._infer import ModelHost
 from tests.conftest import ROOT, pin, stop_process
 from tests.triton_support import MODELS, assert_matches, sample_input
@@ -284,3 +285,64 @@ def test_help_describes_grpc() -> None:
                           capture_output=True, text=True, cwd=ROOT, timeout=20)
     grpc_help = done.stdout.split("\n  --grpc-port")[1].split("\n  --")[0]
     assert "GRPCInferenceService" in " ".join(grpc_help.split())
+
+
+def _health_check(channel: grpc.Channel, service: str) -> int:
+    check = channel.unary_unary(f"/{HEALTH_SERVICE}/Check", request_serializer=HealthCheckRequest.SerializeToString,
+                                response_deserializer=HealthCheckResponse.FromString)
+    return check(HealthCheckRequest(service=service), timeout=5).status
+
+
+def test_health_messages_are_health_protos_wire_form() -> None:
+    # grpc/health/v1/health.proto: HealthCheckRequest{string service = 1}, HealthCheckResponse{enum status = 1}
+    assert HealthCheckRequest(service="inference.GRPCInferenceService").SerializeToString() == (
+        b"\x0a\x1einference.GRPCInferenceService")
+    assert HealthCheckResponse(status=ServingStatus.NOT_SERVING).SerializeToString() == b"\x08\x02"
+    assert HealthCheckResponse.FromString(b"\x08\x01").status == ServingStatus.SERVING
+
+
+@pytest.mark.parametrize("service", ["", "inference.GRPCInferenceService", "any.Other"])
+def test_health_check_is_serving_when_ready(fronts: Fronts, service: str) -> None:
+    # tritonserver answers Check from server readiness whatever the service name (grpc_server.cc)
+    with grpc.insecure_channel(fronts.grpc_url) as channel:
+        assert _health_check(channel, service) == ServingStatus.SERVING
+
+
+def test_health_watch_is_unimplemented_as_in_tritonserver(fronts: Fronts) -> None:
+    with grpc.insecure_channel(fronts.grpc_url) as channel:
+        watch = channel.unary_stream(f"/{HEALTH_SERVICE}/Watch",
+                                     request_serializer=HealthCheckRequest.SerializeToString,
+                                     response_deserializer=HealthCheckResponse.FromString)
+        with pytest.raises(grpc.RpcError) as raised:
+            list(watch(HealthCheckRequest(), timeout=5))
+    assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_health_check_follows_readiness_with_a_broken_model(tmp_path, strict: bool) -> None:
+    (tmp_path / "broken" / "1").mkdir(parents=True)
+    (tmp_path / "broken" / "config.pbtxt").write_text(
+        'backend: "python"\nmax_batch_size: 0\ninput [ { name: "X" data_type: TYPE_NOPE dims: [ 1 ] } ]\n')
+    host = ModelHost(repository=tmp_path, strict_readiness=strict)
+    host.load_repository()
+
+    async def run() -> tuple[int, bool]:
+        with ThreadPoolExecutor(1) as executor:
+            server, port = await start_grpc(host, executor, "127.0.0.1", 0)
+            try:
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                    check = channel.unary_unary(f"/{HEALTH_SERVICE}/Check",
+                                                request_serializer=HealthCheckRequest.SerializeToString,
+                                                response_deserializer=HealthCheckResponse.FromString)
+                    status = (await check(HealthCheckRequest(service=""), timeout=5)).status
+                    ready = await service_pb2_grpc.GRPCInferenceServiceStub(channel).ServerReady(
+                        service_pb2.ServerReadyRequest(), timeout=5)
+                    return status, ready.ready
+            finally:
+                await server.stop(None)
+
+    status, ready = asyncio.run(run())
+    host.close()
+    assert ready is not strict
+    assert status == (ServingStatus.NOT_SERVING if strict else ServingStatus.SERVING)
+

@@ -4,8 +4,9 @@ It runs on the same asyncio loop as the HTTP front end and shares its ModelHost 
 count into the same statistics. Messages are the stubs tritonclient ships (PROTOCOLS.md 2.1-2.5);
 tensors go through _grpc_tensors.py. Served: health, metadata, config, ModelInfer, ModelStreamInfer
 (one response per request, errors in `error_message`, the stream stays open), statistics, the
-repository index and model load/unload. The other RPCs (shared memory, trace, log settings) answer
-UNIMPLEMENTED. Errors carry Triton's status codes: NOT_FOUND for an unknown model, INVALID_ARGUMENT
+repository index and model load/unload, and gRPC's standard health service
+(`grpc.health.v1.Health/Check`, _health.py), as tritonserver serves it. The other RPCs (shared memory,
+trace, log settings) answer UNIMPLEMENTED. Errors carry Triton's status codes: NOT_FOUND for an unknown model, INVALID_ARGUMENT
 for a bad request or a refused load, INTERNAL when a model fails.
 """
 
@@ -22,6 +23,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
 from servers.triton._grpc_tensors import decode_request, encode_response
+from servers.triton._health import health_handler
 from servers.triton._host import RepositoryError, ServedModel
 from servers.triton._infer import (
     EXTENSIONS,
@@ -180,6 +182,7 @@ async def start_grpc(host: ModelHost, executor: Executor, address: str,
                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
     server = grpc.aio.server(options=options)
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(host, executor), server)
+    server.add_generic_rpc_handlers((health_handler(host.ready),))
     shown = f"[{address}]" if ":" in address else address
     bound = server.add_insecure_port(f"{shown}:{port}")
     if bound == 0:
