@@ -346,3 +346,73 @@ def test_health_check_follows_readiness_with_a_broken_model(tmp_path, strict: bo
     assert ready is not strict
     assert status == (ServingStatus.NOT_SERVING if strict else ServingStatus.SERVING)
 
+
+_SLEEPER = '''
+import time
+import triton_python_backend_utils as pb_utils
+
+class TritonPythonModel:
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            x = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy()
+            time.sleep(float(x[0]))
+            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("OUTPUT0", x)]))
+        return responses
+'''
+
+
+@pytest.fixture(scope="module")
+def sleeper(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fronts]:
+    """A server whose `sleeper` model (four instances) sleeps as many seconds as its first input says."""
+    repository = tmp_path_factory.mktemp("repo")
+    (repository / "sleeper" / "1").mkdir(parents=True)
+    (repository / "sleeper" / "1" / "model.py").write_text(_SLEEPER)
+    (repository / "sleeper" / "config.pbtxt").write_text(
+        'backend: "python"\nmax_batch_size: 0\ninstance_group [ { count: 4 } ]\n'
+        'input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
+        'output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 1 ] } ]\n')
+    started = start_fronts("--model-repository", str(repository))
+    yield started
+    stop_process(started.proc)
+
+
+def test_stream_requests_run_concurrently_and_answer_as_they_complete(sleeper: Fronts) -> None:
+    delays = [0.6, 0.2, 0.2, 0.2]  # four instances: all at once take 0.6 s, one after another 1.2 s
+    results: queue.Queue = queue.Queue()
+    client = tritonclient_grpc.InferenceServerClient(sleeper.grpc_url)
+    try:
+        client.start_stream(callback=lambda result, error: results.put((time.perf_counter(), result, error)))
+        start = time.perf_counter()
+        for index, delay in enumerate(delays):
+            tensor = tritonclient_grpc.InferInput("INPUT0", [1], "FP32")
+            tensor.set_data_from_numpy(np.array([delay], np.float32))
+            client.async_stream_infer("sleeper", [tensor], request_id=f"r{index}")
+        got = [results.get(timeout=10) for _ in delays]
+        client.stop_stream()
+    finally:
+        client.close()
+    assert all(error is None for _, _, error in got), got
+    ids = [result.get_response().id for _, result, _ in got]
+    assert sorted(ids) == ["r0", "r1", "r2", "r3"]  # each answered once
+    assert ids[-1] == "r0"  # the slow first request does not hold back the quick ones after it
+    for _, result, _ in got:
+        assert result.as_numpy("OUTPUT0").tolist() == [np.float32(delays[int(result.get_response().id[1:])])]
+    elapsed = got[-1][0] - start
+    assert max(delays) <= elapsed < max(delays) + 0.35 < sum(delays)
+    quick_done = got[-2][0] - start
+    assert quick_done < 0.45  # the 0.2 s requests were answered before the 0.6 s one finished
+
+
+def test_stream_end_waits_for_the_requests_in_flight_and_errors_name_their_request(sleeper: Fronts) -> None:
+    request = service_pb2.ModelInferRequest(model_name="sleeper", id="slow",
+                                            raw_input_contents=[np.array([0.3], np.float32).tobytes()])
+    request.inputs.add(name="INPUT0", datatype="FP32", shape=[1])
+    unknown = service_pb2.ModelInferRequest(model_name="nope", id="bad")
+    with grpc.insecure_channel(sleeper.grpc_url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        # the client half-closes at once after its requests; the slow answer still comes before the end
+        responses = list(stub.ModelStreamInfer(iter([request, unknown]), timeout=10))
+    assert [response.infer_response.id for response in responses] == ["bad", "slow"]
+    assert "Request for unknown model: 'nope'" in responses[0].error_message
+    assert responses[1].error_message == "" and responses[1].infer_response.raw_output_contents

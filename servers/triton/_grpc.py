@@ -2,12 +2,19 @@
 
 It runs on the same asyncio loop as the HTTP front end and shares its ModelHost (_infer.py), so both
 count into the same statistics. Messages are the stubs tritonclient ships (PROTOCOLS.md 2.1-2.5);
-tensors go through _grpc_tensors.py. Served: health, metadata, config, ModelInfer, ModelStreamInfer
-(one response per request, errors in `error_message`, the stream stays open), statistics, the
-repository index and model load/unload, and gRPC's standard health service
+tensors go through _grpc_tensors.py. Served: health, metadata, config, ModelInfer, ModelStreamInfer,
+statistics, the repository index and model load/unload, and gRPC's standard health service
 (`grpc.health.v1.Health/Check`, _health.py), as tritonserver serves it. The other RPCs (shared memory,
-trace, log settings) answer UNIMPLEMENTED. Errors carry Triton's status codes: NOT_FOUND for an unknown model, INVALID_ARGUMENT
-for a bad request or a refused load, INTERNAL when a model fails.
+trace, log settings) answer UNIMPLEMENTED. Errors carry Triton's status codes: NOT_FOUND for an
+unknown model, INVALID_ARGUMENT for a bad request or a refused load, INTERNAL when a model fails.
+
+ModelStreamInfer answers one response per request, errors in `error_message` (with the request's id,
+so a client can tell which one failed), and the stream stays open. As in Triton, the requests of one
+stream run concurrently: each becomes a task as soon as it is read, and its response is written when
+it completes, so a slow request does not hold back the ones after it (responses may come back out of
+order; clients match them by id). At most STREAM_CONCURRENCY requests of one stream are in flight;
+past that the stream is not read until one completes, and gRPC's flow control holds the client back.
+When the client has sent its last request, the stream ends once every response is written.
 """
 
 from __future__ import annotations
@@ -40,6 +47,10 @@ from servers.triton._infer import (
 
 MAX_MESSAGE_BYTES = 2**31 - 1
 """Triton's and tritonclient's gRPC message size limit (INT32_MAX) both ways."""
+
+STREAM_CONCURRENCY = 256
+"""Requests of one ModelStreamInfer call in flight at once; the stream is read no further until one is
+answered."""
 
 _STATUS = {UnknownModel: grpc.StatusCode.NOT_FOUND, InferError: grpc.StatusCode.INVALID_ARGUMENT,
            ModelFailure: grpc.StatusCode.INTERNAL}
@@ -126,15 +137,54 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
                                context: Context) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        async for request in request_iterator:
-            try:
-                response = await self._infer(request)
-            except (UnknownModel, InferError, ModelFailure) as exc:
-                yield pb.ModelStreamInferResponse(error_message=str(exc))
-                continue
-            if _wants_final_flag(request):
-                response.parameters["triton_final_response"].bool_param = True
-            yield pb.ModelStreamInferResponse(infer_response=response)
+        answers: asyncio.Queue[pb.ModelStreamInferResponse | BaseException | None] = asyncio.Queue()
+        reader = asyncio.ensure_future(self._read_stream(request_iterator, answers))
+        try:
+            while (answer := await answers.get()) is not None:
+                if isinstance(answer, BaseException):
+                    raise answer
+                yield answer
+            await reader  # what ended the reading, if it was not the client's last request
+        finally:
+            reader.cancel()  # the call is over (cancelled, or failed): the requests in flight go too
+
+    async def _read_stream(self, requests: AsyncIterator[pb.ModelInferRequest],
+                           answers: asyncio.Queue[pb.ModelStreamInferResponse | BaseException | None]) -> None:
+        """Start a task per request as it is read, then wait for all; None in `answers` says the end."""
+        slots = asyncio.Semaphore(STREAM_CONCURRENCY)
+        running: set[asyncio.Task] = set()
+
+        def finished(task: asyncio.Task) -> None:
+            running.discard(task)
+            slots.release()
+
+        try:
+            async for request in requests:
+                await slots.acquire()
+                task = asyncio.ensure_future(self._answer_in_stream(request, answers))
+                running.add(task)
+                task.add_done_callback(finished)
+            while running:
+                await asyncio.wait(set(running))
+        finally:
+            for task in running:
+                task.cancel()
+            answers.put_nowait(None)
+
+    async def _answer_in_stream(self, request: pb.ModelInferRequest,
+                                answers: asyncio.Queue[pb.ModelStreamInferResponse | BaseException | None]) -> None:
+        try:
+            response = await self._infer(request)
+        except (UnknownModel, InferError, ModelFailure) as exc:
+            answers.put_nowait(pb.ModelStreamInferResponse(error_message=str(exc),
+                                                           infer_response=pb.ModelInferResponse(id=request.id)))
+            return
+        except Exception as exc:  # noqa: BLE001 - a bug ends the call with its error, as a unary call would
+            answers.put_nowait(exc)
+            return
+        if _wants_final_flag(request):
+            response.parameters["triton_final_response"].bool_param = True
+        answers.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
 
     async def _lookup(self, name: str, version: str, context: Context) -> ServedModel:
         try:
