@@ -4,6 +4,7 @@
     python -m servers.triton --http-port 0 --grpc-port 0
     python -m servers.triton --http-port 8000 --grpc-port 8001 --mlp-hidden 256
     python -m servers.triton --model-repository ./models --http-port 8000 --grpc-port 8001 --metrics-port 8002
+    python -m servers.triton --grpc-port 8001 --grpc-use-ssl --grpc-server-cert cert.pem --grpc-server-key key.pem
 
 Without --model-repository it serves the built-in models (servers/models/builtin.py); with it, the
 models of that Triton model repository (`python -m servers make-repo DIR` writes one), each loaded
@@ -11,7 +12,9 @@ before the server listens (--model-control-mode none, the default) or only those
 --load-model (explicit mode, which also accepts load/unload requests). A model that fails to load is
 reported on stderr and in the repository index, and the others serve.
 
-HTTP is always served; gRPC only with --grpc-port, Prometheus metrics only with --metrics-port. All
+HTTP is always served; gRPC only with --grpc-port, Prometheus metrics only with --metrics-port. gRPC
+speaks TLS with --grpc-use-ssl (tritonserver's flags: --grpc-server-cert, --grpc-server-key, and
+--grpc-root-cert with --grpc-use-ssl-mutual, which asks clients for a certificate). All
 front ends run on one asyncio loop and share the models and their statistics. Once a front end listens
 it prints one line and flushes: `grpc listening on HOST:PORT` and `metrics listening on
 http://HOST:PORT` first (when served), then `listening on http://HOST:PORT` last, so a reader that waits
@@ -33,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from servers.core.model import Model
 from servers.models.builtin import builtin_models
@@ -40,6 +44,9 @@ from servers.triton._app import TritonApp
 from servers.triton._host import ModelHost
 from servers.triton._metrics import MetricsApp, build_registry
 from servers.triton._server import ServerContext, close, listen, run_server
+
+if TYPE_CHECKING:
+    from servers.triton._grpc import GrpcTls
 
 ReadyCallback = Callable[[str, int], None]
 FrontReadyCallback = Callable[[str, str, int], None]
@@ -49,9 +56,9 @@ FrontReadyCallback = Callable[[str, str, int], None]
 def serve(models: dict[str, Model] | ModelHost, host: str = "127.0.0.1", port: int = 8000,
           ready_callback: ReadyCallback | None = None, workers: int = 4, *,
           grpc_port: int | None = None, metrics_port: int | None = None,
-          front_ready: FrontReadyCallback | None = None) -> None:
+          front_ready: FrontReadyCallback | None = None, grpc_tls: GrpcTls | None = None) -> None:
     """Serve `models` (built-in models, or a ModelHost over a repository) over HTTP (plus gRPC and
-    metrics when their ports are not None) until SIGTERM/SIGINT.
+    metrics when their ports are not None; gRPC over TLS with `grpc_tls`) until SIGTERM/SIGINT.
 
     Signals are caught only in the main thread. `front_ready` runs for gRPC and metrics before
     `ready_callback` runs for HTTP, so once the HTTP callback runs every front end is ready.
@@ -67,7 +74,7 @@ def serve(models: dict[str, Model] | ModelHost, host: str = "127.0.0.1", port: i
         with ThreadPoolExecutor(workers, thread_name_prefix="infer") as executor:
             context = ServerContext(app, executor)
             with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-                fronts = _Fronts(grpc_port, metrics_port, front_ready)
+                fronts = _Fronts(grpc_port, metrics_port, front_ready, grpc_tls)
                 runner.run(_serve_until_signal(context, host, port, ready_callback, fronts))
     finally:
         app.host.close()
@@ -83,11 +90,12 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 @dataclass(frozen=True)
 class _Fronts:
-    """The front ends besides HTTP: a port (None = not served) each, and who hears they are ready."""
+    """The front ends besides HTTP: a port (None = not served) each, who hears they are ready, and gRPC's TLS."""
 
     grpc_port: int | None
     metrics_port: int | None
     ready: FrontReadyCallback | None
+    grpc_tls: GrpcTls | None = None
 
 
 async def _serve_until_signal(context: ServerContext, host: str, port: int, ready_callback: ReadyCallback | None,
@@ -111,7 +119,8 @@ async def _start_fronts(context: ServerContext, host: str, fronts: _Fronts, star
     if fronts.grpc_port is not None:
         from servers.triton._grpc import start_grpc  # needs tritonclient[grpc]: only when asked
 
-        grpc_server, bound = await start_grpc(context.app.host, context.executor, host, fronts.grpc_port)
+        grpc_server, bound = await start_grpc(context.app.host, context.executor, host, fronts.grpc_port,
+                                              fronts.grpc_tls)
         started.push_async_callback(grpc_server.stop, None)
         announce("grpc", host, bound)
     if fronts.metrics_port is not None:
@@ -134,6 +143,15 @@ def build_parser(prog: str = "python -m servers.triton") -> argparse.ArgumentPar
     add("--grpc-port", type=int, default=None,
         help="serve gRPC (inference.GRPCInferenceService) on this port; 0 picks a free one "
              "(default: gRPC not served; Triton's port is 8001)")
+    add("--grpc-use-ssl", type=_boolean, nargs="?", const=True, default=False, metavar="BOOL",
+        help="serve gRPC over TLS only, with --grpc-server-cert and --grpc-server-key (default false)")
+    add("--grpc-use-ssl-mutual", type=_boolean, nargs="?", const=True, default=False, metavar="BOOL",
+        help="gRPC over TLS, and clients must present a certificate signed by --grpc-root-cert; "
+             "implies --grpc-use-ssl (default false)")
+    add("--grpc-server-cert", default=None, metavar="FILE", help="PEM file of the gRPC server's certificate (chain)")
+    add("--grpc-server-key", default=None, metavar="FILE", help="PEM file of the gRPC server's private key")
+    add("--grpc-root-cert", default=None, metavar="FILE",
+        help="PEM file of the CA that client certificates must chain to (for --grpc-use-ssl-mutual)")
     add("--metrics-port", type=int, default=None,
         help="serve Prometheus metrics (Triton's nv_inference_* names) at http://HOST:PORT/metrics; "
              "0 picks a free one (default: not served; Triton's port is 8002)")
@@ -165,11 +183,50 @@ def _problems(args: argparse.Namespace) -> list[str]:
             problems.append(f"{flag} must be in 0..65535, got {port}")
     if args.grpc_port is not None and importlib.util.find_spec("tritonclient") is None:
         problems.append("--grpc-port needs the gRPC stubs of tritonclient: pip install 'tritonclient[grpc]'")
+    problems += _tls_problems(args)
     if args.mlp_hidden < 1:
         problems.append(f"--mlp-hidden must be >= 1, got {args.mlp_hidden}")
     if args.workers < 1:
         problems.append(f"--workers must be >= 1, got {args.workers}")
     return problems
+
+
+def _tls_problems(args: argparse.Namespace) -> list[str]:
+    tls = args.grpc_use_ssl or args.grpc_use_ssl_mutual
+    files = (("--grpc-server-cert", args.grpc_server_cert), ("--grpc-server-key", args.grpc_server_key),
+             ("--grpc-root-cert", args.grpc_root_cert))
+    if not tls:
+        given = [flag for flag, path in files if path is not None]
+        return [f"{' '.join(given)} needs --grpc-use-ssl"] if given else []
+    needed = [("--grpc-server-cert", "--grpc-server-key")[index] for index, (_, path) in enumerate(files[:2])
+              if path is None]
+    if args.grpc_use_ssl_mutual and args.grpc_root_cert is None:
+        needed.append("--grpc-root-cert")
+    problems = [f"--grpc-use-ssl{'-mutual' if args.grpc_use_ssl_mutual else ''} needs {flag}" for flag in needed]
+    if args.grpc_port is None:
+        problems.append("--grpc-use-ssl needs --grpc-port")
+    for (flag, path), marker in zip(files, ("CERTIFICATE-----", "PRIVATE KEY-----", "CERTIFICATE-----")):
+        if path is None:
+            continue
+        try:
+            text = Path(path).read_bytes()
+        except OSError as exc:
+            problems.append(f"{flag} {path}: cannot read it: {exc.strerror or exc}")
+            continue
+        if b"-----BEGIN " not in text or marker.encode() not in text:
+            problems.append(f"{flag} {path}: not a PEM file with a {marker.rstrip('-').lower()}")
+    return problems
+
+
+def _grpc_tls(args: argparse.Namespace) -> GrpcTls | None:
+    """The TLS settings of the gRPC port from checked flags (_tls_problems), or None for plain gRPC."""
+    if not (args.grpc_use_ssl or args.grpc_use_ssl_mutual):
+        return None
+    from servers.triton._grpc import GrpcTls
+
+    root = Path(args.grpc_root_cert).read_bytes() if args.grpc_root_cert else None
+    return GrpcTls(Path(args.grpc_server_cert).read_bytes(), Path(args.grpc_server_key).read_bytes(), root,
+                   mutual=args.grpc_use_ssl_mutual)
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m servers.triton") -> int:
@@ -182,10 +239,12 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m servers.trito
         for problem in problems:
             print(f"error: {problem}", file=sys.stderr)
         return 2
+    grpc_tls = _grpc_tls(args)
     models = _models(args)
     try:
         serve(models, args.host, args.http_port, _print_listening, workers=args.workers,
-              grpc_port=args.grpc_port, metrics_port=args.metrics_port, front_ready=_print_front_listening)
+              grpc_port=args.grpc_port, metrics_port=args.metrics_port, front_ready=_print_front_listening,
+              grpc_tls=grpc_tls)
     except OSError as exc:
         print(f"error: cannot listen on {args.host}: {exc}", file=sys.stderr)
         return 1

@@ -15,6 +15,9 @@ it completes, so a slow request does not hold back the ones after it (responses 
 order; clients match them by id). At most STREAM_CONCURRENCY requests of one stream are in flight;
 past that the stream is not read until one completes, and gRPC's flow control holds the client back.
 When the client has sent its last request, the stream ends once every response is written.
+
+With a GrpcTls the port speaks TLS only (tritonserver's --grpc-use-ssl), and asks clients for a
+certificate signed by the root CA with `mutual` (--grpc-use-ssl-mutual).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor
+from dataclasses import dataclass
 
 import grpc
 from google.protobuf import json_format
@@ -219,9 +223,25 @@ def _wants_final_flag(message: pb.ModelInferRequest) -> bool:
     return parameter is not None and parameter.bool_param
 
 
-async def start_grpc(host: ModelHost, executor: Executor, address: str,
-                     port: int) -> tuple[grpc.aio.Server, int]:
-    """Start serving on address:port (0 picks a free port); returns the server and its bound port.
+@dataclass(frozen=True)
+class GrpcTls:
+    """TLS for the gRPC port, in PEM: the server's certificate (chain) and key, and the root CA that
+    client certificates must chain to (needed with `mutual`, when clients must present one)."""
+
+    cert: bytes
+    key: bytes
+    root: bytes | None = None
+    mutual: bool = False
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials([(self.key, self.cert)], root_certificates=self.root,
+                                           require_client_auth=self.mutual)
+
+
+async def start_grpc(host: ModelHost, executor: Executor, address: str, port: int,
+                     tls: GrpcTls | None = None) -> tuple[grpc.aio.Server, int]:
+    """Start serving on address:port (0 picks a free port), over TLS with `tls`; returns the server and
+    its bound port. Raises OSError when the port cannot be bound (or the certificate and key are unusable).
 
     Example:
         server, port = await start_grpc(ModelHost(builtin_models()), executor, "127.0.0.1", 0)
@@ -234,8 +254,18 @@ async def start_grpc(host: ModelHost, executor: Executor, address: str,
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(host, executor), server)
     server.add_generic_rpc_handlers((health_handler(host.ready),))
     shown = f"[{address}]" if ":" in address else address
-    bound = server.add_insecure_port(f"{shown}:{port}")
+    try:
+        if tls is None:
+            bound = server.add_insecure_port(f"{shown}:{port}")
+        else:
+            bound = server.add_secure_port(f"{shown}:{port}", tls.credentials())
+    except RuntimeError as exc:  # grpc's "Failed to bind": a port in use, or credentials it cannot load
+        bound = 0
+        reason = f": {exc}"
+    else:
+        reason = ""
     if bound == 0:
-        raise OSError(f"cannot bind gRPC to {shown}:{port}")
+        unusable = " (or the TLS certificate and key do not match or cannot be loaded)" if tls else ""
+        raise OSError(f"cannot bind gRPC to {shown}:{port}{unusable}{reason}")
     await server.start()
     return server, bound
