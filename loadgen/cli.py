@@ -99,6 +99,9 @@ def run(
     grpc_stream: Annotated[bool, typer.Option(
         "--grpc-stream", help="kserve-grpc: ModelStreamInfer streams (one per request in flight) "
                               "instead of unary ModelInfer.")] = False,
+    tensor_format: Annotated[str | None, typer.Option(
+        help="kserve-http: binary (the binary tensor extension, as tritonclient and perf_analyzer send), "
+             "json, or auto (default: binary when the server lists binary_tensor_data).")] = None,
     endpoint: Annotated[str | None, typer.Option(help="openai: chat (default) or completions.")] = None,
     max_tokens: Annotated[
         str | None, typer.Option(help='openai: output tokens a request: 128, "uniform:8,32", "normal:128,16"')
@@ -168,6 +171,7 @@ def run(
         "target.content_type": content_type,
         **_target_extras(header, bearer_token_env, ca_file, shape, input_data),
         "target.stream": True if grpc_stream else None,
+        "target.tensor_format": tensor_format,
         "open_loop.rate": rate,
         "open_loop.arrival": arrival,
         "open_loop.max_in_flight": max_in_flight,

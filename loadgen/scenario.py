@@ -194,6 +194,10 @@ class Target(_Strict):
     input_data: str | None = None
     """kserve-*: a perf_analyzer --input-data JSON file: requests cycle through its "data" entries, and
     when it has "validation_data" every response is checked (a mismatch is an invalid_response error)."""
+    tensor_format: Literal["auto", "binary", "json"] = "auto"
+    """kserve-http: inputs and outputs as the binary tensor data extension (what tritonclient and
+    perf_analyzer send) or as JSON values; "auto": binary when the server lists binary_tensor_data
+    among its extensions (GET /v2), else JSON."""
     stream: bool = False
     """kserve-grpc: send each request on a ModelStreamInfer stream (one stream per request in flight,
     reused) instead of a unary ModelInfer call."""
@@ -218,6 +222,8 @@ class Target(_Strict):
                              "models declare no inputs, so the request body must be given")
         if not torchserve and (self.payload is not None or self.content_type is not None):
             raise ValueError(f"payload, content_type: only for the torchserve protocols, not {self.protocol!r}")
+        if self.tensor_format != "auto" and self.protocol != "kserve-http":
+            raise ValueError(f"tensor_format: only for protocol kserve-http, not {self.protocol!r}")
         if self.stream and self.protocol != "kserve-grpc":
             raise ValueError(f"stream: only for protocol kserve-grpc, not {self.protocol!r}")
         if not self.protocol.startswith("kserve") and (self.shapes or self.input_data is not None):

@@ -20,16 +20,13 @@ import ssl
 import time
 from typing import Any
 
-import numpy as np
-
 from loadgen.errors import ProtocolMismatch, TargetNotReady, TargetUnreachable
 from loadgen.outcome import Outcome
 from loadgen.protocols import warm_up
 from loadgen.protocols._grpc_common import call_metadata, grpc_address, open_channel, rpc_failure
 from loadgen.protocols.grpc_h2 import STATUS_NAMES, H2Channel
-from loadgen.protocols.request_data import check_outputs, request_data
+from loadgen.protocols.request_data import check_outputs, from_raw, request_data, to_raw
 from loadgen.scenario import Target
-from servers.core.model import NUMPY_DTYPES
 
 __all__ = ["KServeGrpcClient", "build_infer_request"]
 
@@ -209,22 +206,9 @@ class _Stream:
 
 def _check(message: Any, expected: dict) -> str | None:
     """A ModelInferResponse's raw outputs against the expected ones (perf_analyzer validation data)."""
-    outputs = {}
-    for tensor, raw in zip(message.outputs, message.raw_output_contents):
-        if tensor.datatype == "BYTES":
-            outputs[tensor.name] = np.array(_unpack_bytes(raw), dtype=object)
-        else:
-            outputs[tensor.name] = np.frombuffer(raw, dtype=NUMPY_DTYPES[tensor.datatype]).reshape(list(tensor.shape))
+    outputs = {tensor.name: from_raw(tensor.datatype, list(tensor.shape), raw)
+               for tensor, raw in zip(message.outputs, message.raw_output_contents)}
     return check_outputs(outputs, expected)
-
-
-def _unpack_bytes(raw: bytes) -> list[bytes]:
-    items, offset = [], 0
-    while offset + 4 <= len(raw):
-        length = int.from_bytes(raw[offset:offset + 4], "little")
-        items.append(raw[offset + 4:offset + 4 + length])
-        offset += 4 + length
-    return items
 
 
 def build_infer_request(model: str, version: str, tensors: list[dict[str, Any]]) -> bytes:
@@ -234,15 +218,5 @@ def build_infer_request(model: str, version: str, tensors: list[dict[str, Any]])
     message = pb.ModelInferRequest(model_name=model, model_version=version)
     for tensor in tensors:
         message.inputs.add(name=tensor["name"], datatype=tensor["datatype"], shape=tensor["shape"])
-        message.raw_input_contents.append(_raw(tensor["datatype"], tensor["data"]))
+        message.raw_input_contents.append(to_raw(tensor["datatype"], tensor["data"]))
     return message.SerializeToString()
-
-
-def _raw(datatype: str, data: list[Any]) -> bytes:
-    if datatype == "BYTES":
-        parts = []
-        for item in data:
-            raw = item if isinstance(item, bytes) else str(item).encode()
-            parts += [len(raw).to_bytes(4, "little"), raw]
-        return b"".join(parts)
-    return np.asarray(data, dtype=NUMPY_DTYPES[datatype]).tobytes()

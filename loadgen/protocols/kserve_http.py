@@ -1,9 +1,14 @@
-"""KServe v2 (Triton) inference over HTTP/1.1 with JSON tensors: the protocol-client stage.
+"""KServe v2 (Triton) inference over HTTP/1.1: the protocol-client stage.
 
 `prepare()` checks that server and model are ready, reads the model's inputs from its metadata
-(GET /v2/models/{m}), builds one request body and sends a few unmeasured warm-up requests; `send(intended_t)` posts it and returns an
-Outcome. The client never records anything: the driver hands the Outcome to the recorder.
-Any status other than 200 is an error of kind http_<status> (PROTOCOLS.md 1.9).
+(GET /v2/models/{m}), builds the request bodies once and sends a few unmeasured warm-up requests;
+`send(intended_t)` posts the next body and returns an Outcome. The client never records anything:
+the driver hands the Outcome to the recorder. Any status other than 200 is an error of kind
+http_<status> (PROTOCOLS.md 1.9).
+
+Tensors travel as the binary tensor data extension when the server offers it (as tritonclient and
+perf_analyzer send them: a JSON header naming each input's `binary_data_size`, then the raw bytes;
+outputs asked for binary), else as JSON values; `target.tensor_format` forces either.
 """
 
 from __future__ import annotations
@@ -23,8 +28,8 @@ from loadgen.errors import (
 )
 from loadgen.outcome import Outcome
 from loadgen.protocols import warm_up
-from loadgen.protocols.http1 import Http1Pool, build_request
-from loadgen.protocols.request_data import check_outputs, request_data
+from loadgen.protocols.http1 import Http1Pool, Response, build_request
+from loadgen.protocols.request_data import check_outputs, from_raw, request_data, to_raw
 from loadgen.scenario import Target
 
 __all__ = ["KServeHttpClient"]
@@ -57,6 +62,8 @@ class KServeHttpClient:
         self._next = 0
         self._headers = target.auth_headers()
         self.warmup_requests = 0
+        self.binary = False
+        """Whether tensors travel as the binary extension (decided by prepare())."""
 
     def _new_pool(self, timeout: float) -> Http1Pool:
         context = self.target.ssl_context()
@@ -76,6 +83,15 @@ class KServeHttpClient:
                 f"is the server running, and is --target right?"
             ) from None
 
+    def _extensions(self, pool: Http1Pool) -> list[str]:
+        """The server's protocol extensions (GET /v2); none when it does not say."""
+        status, body = self._get(pool, f"{self._prefix}/v2")
+        try:
+            extensions = json.loads(body).get("extensions", []) if status == 200 else []
+        except (ValueError, AttributeError):
+            return []
+        return [str(name) for name in extensions] if isinstance(extensions, list) else []
+
     def prepare(self) -> dict[str, Any]:
         """Readiness check, metadata, request body. Raises a TargetError when the run cannot start."""
         control = self._new_pool(self.target.connect_timeout)
@@ -93,12 +109,14 @@ class KServeHttpClient:
             if status != 200:
                 raise ProtocolMismatch(f"GET {self._model_path} -> {status} {_error_text(body)}")
             self.metadata = _parse_metadata(body, self._model_path)
+            self.binary = self.target.tensor_format == "binary" or (
+                self.target.tensor_format == "auto" and "binary_tensor_data" in self._extensions(control))
         finally:
             control.close()
         data = request_data(self.metadata, self.seed, self.target.shapes, self.target.input_data)
-        headers = {**self._headers, "Content-Type": "application/json"}
         for tensors in data.tensors:
-            body = json.dumps({"inputs": tensors}, separators=(",", ":")).encode()
+            body, headers = _binary_body(tensors) if self.binary else _json_body(tensors)
+            headers = {**self._headers, **headers}
             self._requests.append(build_request("POST", self._netloc, self._infer_path, body, headers))
         self.request = self._requests[0]
         self._expected = data.expected
@@ -121,7 +139,7 @@ class KServeHttpClient:
             error = f"http_{response.status}"
             return Outcome(intended_t, sent_t, done_t, error, _error_text(response.body), len(response.body))
         if self._expected is not None:
-            problem = _check(response.body, self._expected[index])
+            problem = _check(response, self._expected[index])
             if problem is not None:
                 return Outcome(intended_t, sent_t, done_t, "invalid_response", problem, len(response.body))
         return Outcome(intended_t, sent_t, done_t, None, "", len(response.body))
@@ -130,13 +148,42 @@ class KServeHttpClient:
         self._pool.close()
 
 
-def _check(body: bytes, expected: dict) -> str | None:
-    """The response's JSON outputs against the expected ones (perf_analyzer validation data)."""
+def _json_body(tensors: list[dict[str, Any]]) -> tuple[bytes, dict[str, str]]:
+    body = json.dumps({"inputs": tensors}, separators=(",", ":")).encode()
+    return body, {"Content-Type": "application/json"}
+
+
+def _binary_body(tensors: list[dict[str, Any]]) -> tuple[bytes, dict[str, str]]:
+    """The binary tensor data extension: a JSON header whose inputs give their `binary_data_size`
+    instead of `data`, asking for every output in binary, then the inputs' raw bytes in order."""
+    blobs = [to_raw(tensor["datatype"], tensor["data"]) for tensor in tensors]
+    inputs = [{"name": tensor["name"], "shape": tensor["shape"], "datatype": tensor["datatype"],
+               "parameters": {"binary_data_size": len(blob)}} for tensor, blob in zip(tensors, blobs)]
+    header = json.dumps({"inputs": inputs, "parameters": {"binary_data_output": True}},
+                        separators=(",", ":")).encode()
+    return header + b"".join(blobs), {"Content-Type": "application/octet-stream",
+                                      "Inference-Header-Content-Length": str(len(header))}
+
+
+def _check(response: Response, expected: dict) -> str | None:
+    """The response's outputs (JSON values or binary blobs) against the expected ones (perf_analyzer
+    validation data)."""
+    body = response.body
+    header_length = response.headers.get("inference-header-content-length")
     try:
-        outputs = {tensor["name"]: np.array(tensor["data"]).reshape(tensor["shape"])
-                   for tensor in json.loads(body)["outputs"]}
+        size = int(header_length) if header_length is not None else len(body)
+        offset, outputs = size, {}
+        for tensor in json.loads(body[:size])["outputs"]:
+            blob_size = (tensor.get("parameters") or {}).get("binary_data_size")
+            if blob_size is None:
+                outputs[tensor["name"]] = np.array(tensor["data"]).reshape(tensor["shape"])
+                continue
+            if offset + blob_size > len(body):
+                return f"output {tensor['name']}: binary_data_size {blob_size} runs past the body"
+            outputs[tensor["name"]] = from_raw(tensor["datatype"], tensor["shape"], body[offset:offset + blob_size])
+            offset += blob_size
     except (ValueError, KeyError, TypeError) as exc:
-        return f"response is not a KServe v2 JSON answer: {exc}"
+        return f"response is not a KServe v2 answer: {exc}"
     return check_outputs(outputs, expected)
 
 

@@ -30,7 +30,7 @@ from loadgen.errors import ProtocolMismatch
 from loadgen.protocols.payloads import synthetic_inputs
 from servers.core.model import NUMPY_DTYPES
 
-__all__ = ["RequestData", "check_outputs", "request_data"]
+__all__ = ["RequestData", "check_outputs", "from_raw", "request_data", "to_raw"]
 
 
 @dataclass
@@ -144,3 +144,27 @@ def check_outputs(got: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -
         if not same:
             return f"output {name} differs from the expected values"
     return None
+
+
+def to_raw(datatype: str, data: list[Any]) -> bytes:
+    """A tensor's flat values as the binary form (gRPC raw contents, HTTP binary extension): little-endian
+    elements, or for BYTES each element as a 4-byte little-endian length and its bytes."""
+    if datatype == "BYTES":
+        parts = []
+        for item in data:
+            raw = item if isinstance(item, bytes) else str(item).encode()
+            parts += [len(raw).to_bytes(4, "little"), raw]
+        return b"".join(parts)
+    return np.asarray(data, dtype=NUMPY_DTYPES[datatype]).tobytes()
+
+
+def from_raw(datatype: str, shape: list[int], raw: bytes) -> np.ndarray:
+    """The inverse of `to_raw`: BYTES come back as a flat object array, the others in `shape`."""
+    if datatype != "BYTES":
+        return np.frombuffer(raw, dtype=NUMPY_DTYPES[datatype]).reshape(shape)
+    items, offset = [], 0
+    while offset + 4 <= len(raw):
+        length = int.from_bytes(raw[offset:offset + 4], "little")
+        items.append(raw[offset + 4:offset + 4 + length])
+        offset += 4 + length
+    return np.array(items, dtype=object)
