@@ -264,14 +264,17 @@ class Clients:
 
     def loadgen_run(self, server: ServerProcess, model: str, users: int, duration_s: float,
                     stats_model: str | None = None, protocol: str = "http") -> Measured:
-        """`loadgen run --users N --think none` (closed loop) for `duration_s`: JSON tensors over HTTP, or
-        raw tensors over gRPC (`protocol` "grpc", --protocol kserve-grpc); one row per request."""
+        """`loadgen run --users N --think none` (closed loop) for `duration_s`: over HTTP with binary tensors
+        (`protocol` "http": the default against a server with the extension) or JSON tensors ("http-json"),
+        or raw tensors over gRPC ("grpc", --protocol kserve-grpc); one row per request."""
         out = self.work / f"lg-{server.proc.pid}-{model}-{protocol}-u{users}"
-        target = server.url if protocol == "http" else f"grpc://{server.grpc}"
+        target = f"grpc://{server.grpc}" if protocol == "grpc" else server.url
         cmd = [str(BIN / "loadgen"), "run", "--target", target, "--model", model, "--users", str(users),
                "--think", "none", "--duration", f"{duration_s:g}s", "--out", str(out), "-q"]
         if protocol == "grpc":
             cmd += ["--protocol", "kserve-grpc"]
+        elif protocol == "http-json":
+            cmd += ["--tensor-format", "json"]
         before = model_stats(server, stats_model) if stats_model else None
         _, trace = run_child(cmd, self.core, duration_s + 60, self.work / f"{out.name}.log", server)
         summary = json.loads((out / "summary.json").read_text())

@@ -8,7 +8,7 @@ itself, not the model. The in-process figure is the model's ceiling on that core
 timed repeats, at every batch size 1..32. The server figure is the best over a few load levels of
   perf_analyzer  (C++, binary tensors) over HTTP and gRPC, concurrency 1, 2, 4, 8, at batch 1 and at
                  the model's max batch (32 rows per request);
-  loadgen        closed loop (`loadgen run --users N --think none`, JSON tensors over HTTP), N as above.
+  loadgen        closed loop (`loadgen run --users N --think none`, binary tensors over HTTP), N as above.
 Each server figure is divided by the in-process figure at the batch size the server actually ran (its
 own statistics: inference_count / execution_count over the run; batch 1 per request until dynamic
 batching lands) and by the in-process best. Target: >= 0.8 of the in-process figure at the batch size
@@ -29,9 +29,9 @@ the TorchScript module itself (torch.jit.load, inference_mode, numpy in and out)
 those batch sizes, the most the server's own batcher could ever run. Through the server, in
 inferences/s, the best of a few levels (BATCHING_LEVELS): perf_analyzer HTTP and gRPC with ordinary
 requests (batch 1, 16 and 64 in flight: the server forms the batches) and with batched requests
-(-b 8, -b 32), and loadgen (batch 1, HTTP JSON and gRPC, 16 and 64 users); each divided by the
-ceiling. The table ends with where the ratio crosses TARGET_RATIO: the smallest model (by in-process
-microseconds per inference) at which each client reaches it.
+(-b 8, -b 32), and loadgen (batch 1; HTTP with binary and with JSON tensors, and gRPC; 16 and 64
+users); each divided by the ceiling. The table ends with where the ratio crosses TARGET_RATIO: the
+smallest model (by in-process microseconds per inference) at which each client reaches it.
 
     .venv/bin/python bench/server_efficiency.py            # ~9 minutes
     .venv/bin/python bench/server_efficiency.py --quick    # ~4 minutes: fewer levels, 3 s loadgen runs
@@ -364,7 +364,7 @@ def measure_batching(clients: Clients, server: ServerProcess, levels: dict[int, 
                 if step is not None:
                     steps.append(announce(step))
     for level in users:
-        for protocol in ("http", "grpc"):
+        for protocol in ("http", "http-json", "grpc"):
             steps.append(announce(clients.loadgen_run(server, MODEL, level, loadgen_s, stats_model=MODEL,
                                                       protocol=protocol)))
     return steps

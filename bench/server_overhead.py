@@ -11,7 +11,7 @@ request of each kind is forwarded to the real server once and its reply is kept 
 --serve-hello does that), so both send identical responses and clients cannot tell them apart.
 
 Clients, on the other core: perf_analyzer (C++, binary tensors) over HTTP and gRPC at a few
-concurrencies, and loadgen closed loop (JSON tensors) over HTTP at the same user counts; the two
+concurrencies, and loadgen closed loop (binary tensors) over HTTP at the same user counts; the two
 servers alternate step by step, in two rounds. For each server the best req/s is reported, the ratio
 real/hello, and the server's CPU microseconds per request (its CPU time over the client's measurement
 window divided by the requests answered in it), whose difference is the overhead per request. One
