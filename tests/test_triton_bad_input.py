@@ -161,7 +161,9 @@ HTTP_CASES = [
     HttpCase("infer with GET", b"GET /v2/models/mlp/infer HTTP/1.1\r\nHost: triton\r\n\r\n", 405,
              "Method Not Allowed"),
     HttpCase("oversized body", b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: triton\r\nContent-Length: %d\r\n\r\n"
-             % (MAX_BODY + 1) + b"\0" * 65536, 413, f"exceeds the limit of {MAX_BODY}", closes=True),
+             % (MAX_BODY + 1) + b"\0" * 65536, 400,
+             f"Request body size of {MAX_BODY + 1} bytes exceeds the maximum allowed value of {MAX_BODY} bytes",
+             closes=True),
     HttpCase("Content-Length not a number",
              b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: triton\r\nContent-Length: -5\r\n\r\n", 400,
              "invalid Content-Length: '-5'", closes=True),

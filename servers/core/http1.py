@@ -5,7 +5,11 @@ Only what a KServe v2 client needs, kept lean because a server must answer well 
 requests a second on one core: request line + headers, bodies framed by Content-Length (up to
 64 MiB, as Triton's --http-max-input-size), keep-alive by HTTP version and the Connection header.
 Chunked bodies and POSTs without a length are refused (the server has to know where a request ends
-to time it). A framing error is fatal to the connection: the stream can no longer be split.
+to time it). A framing error is fatal to the connection: the stream can no longer be split. A body
+over the limit is refused from its head alone, 413 here (a server answers its own status by
+overriding RequestParser.too_large: Triton's is 400). The parser counts the bytes it is fed and says
+whether it holds part of a request (`partial`), so a connection can drop a client that stalls
+mid-request (servers/core/connection.py).
 """
 
 from __future__ import annotations
@@ -80,9 +84,20 @@ class RequestParser:
 
     _buffer: bytearray = field(default_factory=bytearray)
     _head: _Head | None = None
+    received: int = 0
+    """Bytes fed so far: a connection that sees it unchanged knows no byte came in between."""
 
     def feed(self, data: bytes) -> None:
         self._buffer += data
+        self.received += len(data)
+
+    def partial(self) -> bool:
+        """True while part of a request (head or body) is buffered and the rest has not come."""
+        return self._head is not None or bool(self._buffer)
+
+    def too_large(self, length: int) -> HttpError:
+        """The error for a declared body over MAX_BODY_BYTES; the connection answers it and closes."""
+        return HttpError(413, f"request body of {length} bytes exceeds the limit of {MAX_BODY_BYTES}")
 
     def next_request(self) -> Request | None:
         """The next complete request, or None until more bytes arrive; raises HttpError."""
@@ -123,7 +138,10 @@ class RequestParser:
         finally:
             del buffer[: end + len(_HEAD_END)]
         request = _parse_lines(text.lstrip("\r\n").split("\r\n"))
-        return _Head(request, _body_length(request))
+        length = _body_length(request)
+        if length > MAX_BODY_BYTES:
+            raise self.too_large(length)
+        return _Head(request, length)
 
 
 def _check_start(buffer: bytearray) -> None:
@@ -178,10 +196,7 @@ def _body_length(request: Request) -> int:
         return 0
     if not raw.isdigit() or not raw.isascii():
         raise HttpError(400, f"invalid Content-Length: {raw[:40]!r}")
-    length = int(raw)
-    if length > MAX_BODY_BYTES:
-        raise HttpError(413, f"request body of {length} bytes exceeds the limit of {MAX_BODY_BYTES}")
-    return length
+    return int(raw)
 
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"

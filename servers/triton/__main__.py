@@ -38,9 +38,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from servers.core.connection import READ_TIMEOUT_S
 from servers.core.model import Model
 from servers.models.builtin import builtin_models
-from servers.triton._app import TritonApp
+from servers.triton._app import TritonApp, connections
 from servers.triton._host import ModelHost
 from servers.triton._metrics import MetricsApp, build_registry
 from servers.triton._server import ServerContext, close, listen, run_server
@@ -56,12 +57,14 @@ FrontReadyCallback = Callable[[str, str, int], None]
 def serve(models: dict[str, Model] | ModelHost, host: str = "127.0.0.1", port: int = 8000,
           ready_callback: ReadyCallback | None = None, workers: int = 4, *,
           grpc_port: int | None = None, metrics_port: int | None = None,
-          front_ready: FrontReadyCallback | None = None, grpc_tls: GrpcTls | None = None) -> None:
+          front_ready: FrontReadyCallback | None = None, grpc_tls: GrpcTls | None = None,
+          http_read_timeout_s: float | None = READ_TIMEOUT_S) -> None:
     """Serve `models` (built-in models, or a ModelHost over a repository) over HTTP (plus gRPC and
     metrics when their ports are not None; gRPC over TLS with `grpc_tls`) until SIGTERM/SIGINT.
 
-    Signals are caught only in the main thread. `front_ready` runs for gRPC and metrics before
-    `ready_callback` runs for HTTP, so once the HTTP callback runs every front end is ready.
+    An HTTP connection that holds part of a request and reads nothing for `http_read_timeout_s` is
+    closed (None: never). Signals are caught only in the main thread. `front_ready` runs for gRPC and
+    metrics before `ready_callback` runs for HTTP, so once the HTTP callback runs every front end is ready.
 
     Example:
         serve(builtin_models(), port=0, ready_callback=lambda host, port: print(host, port),
@@ -72,7 +75,7 @@ def serve(models: dict[str, Model] | ModelHost, host: str = "127.0.0.1", port: i
     app = TritonApp(models)
     try:
         with ThreadPoolExecutor(workers, thread_name_prefix="infer") as executor:
-            context = ServerContext(app, executor)
+            context = ServerContext(app, executor, connections(http_read_timeout_s))
             with asyncio.Runner(loop_factory=_loop_factory()) as runner:
                 fronts = _Fronts(grpc_port, metrics_port, front_ready, grpc_tls)
                 runner.run(_serve_until_signal(context, host, port, ready_callback, fronts))
@@ -124,7 +127,8 @@ async def _start_fronts(context: ServerContext, host: str, fronts: _Fronts, star
         started.push_async_callback(grpc_server.stop, None)
         announce("grpc", host, bound)
     if fronts.metrics_port is not None:
-        metrics = ServerContext(MetricsApp(build_registry(context.app.host)), context.executor)
+        metrics = ServerContext(MetricsApp(build_registry(context.app.host)), context.executor,
+                                connections(context.connections.options.read_timeout_s))
         metrics_server = await listen(metrics, host, fronts.metrics_port)
         started.push_async_callback(close, metrics_server, metrics)
         announce("metrics", host, metrics_server.sockets[0].getsockname()[1])
@@ -167,6 +171,9 @@ def build_parser(prog: str = "python -m servers.triton") -> argparse.ArgumentPar
         help="server ready only when every model asked for is ready (default true)")
     add("--mlp-hidden", type=int, default=64, help="hidden size of the built-in mlp model (default 64)")
     add("--seed", type=int, default=0, help="seed of the built-in models' weights (default 0)")
+    add("--http-read-timeout", type=float, default=READ_TIMEOUT_S, metavar="S",
+        help="close an HTTP connection that sent part of a request and then nothing for S seconds "
+             f"(default {READ_TIMEOUT_S:g})")
     add("--workers", type=int, default=4, help="threads for models that do not run inline (default 4)")
     return parser
 
@@ -186,6 +193,8 @@ def _problems(args: argparse.Namespace) -> list[str]:
     problems += _tls_problems(args)
     if args.mlp_hidden < 1:
         problems.append(f"--mlp-hidden must be >= 1, got {args.mlp_hidden}")
+    if not args.http_read_timeout > 0:
+        problems.append(f"--http-read-timeout must be > 0, got {args.http_read_timeout}")
     if args.workers < 1:
         problems.append(f"--workers must be >= 1, got {args.workers}")
     return problems
@@ -244,7 +253,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m servers.trito
     try:
         serve(models, args.host, args.http_port, _print_listening, workers=args.workers,
               grpc_port=args.grpc_port, metrics_port=args.metrics_port, front_ready=_print_front_listening,
-              grpc_tls=grpc_tls)
+              grpc_tls=grpc_tls, http_read_timeout_s=args.http_read_timeout)
     except OSError as exc:
         print(f"error: cannot listen on {args.host}: {exc}", file=sys.stderr)
         return 1

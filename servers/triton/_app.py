@@ -11,6 +11,9 @@ made in the scheduler's callback: a Task per request, as a coroutine needs, cost
 Errors are {"error": "..."} with Triton's status codes (PROTOCOLS.md 1.9): 400 for bad requests,
 404 for an unknown model or version (Triton's NOT_FOUND, as gRPC's NOT_FOUND) and {"error":"Not Found"}
 for unknown paths, 405 for a wrong verb, 500 when a model itself fails. Readiness answers 200 or 400.
+A body over the 64 MiB limit is refused from its head with 400, as Triton does (TritonParser), and
+the connection closed; `connections` makes the set of connections a server needs for that and for
+its read timeout (servers/core/connection.py).
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from collections.abc import Callable, Coroutine
 from typing import Any, NamedTuple
 from urllib.parse import unquote
 
-from servers.core.http1 import Request, json_body
+from servers.core.connection import READ_TIMEOUT_S, Connections, HttpOptions
+from servers.core.http1 import MAX_BODY_BYTES, HttpError, Request, RequestParser, json_body
 from servers.core.model import Model
 from servers.triton._host import RepositoryError, ServedModel
 from servers.triton._infer import (
@@ -234,6 +238,20 @@ def _failure_reply(exc: BaseException) -> Reply:
     if isinstance(exc, ModelFailure):
         return error_reply(500, str(exc))
     return error_reply(500, f"internal error: {exc}")
+
+
+class TritonParser(RequestParser):
+    """servers/core's parser answering a body over the limit as Triton does: 400 and its wording."""
+
+    def too_large(self, length: int) -> HttpError:
+        return HttpError(400, f"Request body size of {length} bytes exceeds the maximum allowed value of "
+                              f"{MAX_BODY_BYTES} bytes")
+
+
+def connections(read_timeout_s: float | None = READ_TIMEOUT_S) -> Connections:
+    """The set of connections of one Triton HTTP port: TritonParser, and `read_timeout_s` to close a
+    connection stalled mid-request (None: never)."""
+    return Connections(HttpOptions(read_timeout_s, TritonParser))
 
 
 def _infer_reply(body: bytes, header_length: int | None) -> Reply:
