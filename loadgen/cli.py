@@ -84,9 +84,11 @@ def run(
         help="kserve-http (default), kserve-grpc (--target grpc://host:port), torchserve-http, torchserve-grpc "
              "(with --payload), or openai (streaming).")] = None,
     payload: Annotated[Path | None, typer.Option(
-        help="torchserve-*: file sent as each request's body (gRPC: its 'data' input).")] = None,
+        help="torchserve-*: file sent as each request's body (gRPC: its 'data' input), or a folder of "
+             "such files that requests cycle through.")] = None,
     content_type: Annotated[str | None, typer.Option(
-        help="torchserve-http: Content-Type of --payload (default by extension: .json -> application/json).")] = None,
+        help="torchserve-http: Content-Type of --payload (default by extension: JSON, image/*, audio/*, "
+             "video/*, else application/octet-stream).")] = None,
     header: Annotated[list[str] | None, typer.Option(
         help='Extra header (gRPC: metadata) on every request, "Name: value"; repeatable.')] = None,
     bearer_token_env: Annotated[str | None, typer.Option(
@@ -248,7 +250,8 @@ def sweep(
     model: Annotated[str | None, typer.Option(help="Model name on the target.")] = None,
     protocol: Annotated[str | None, typer.Option(
         help="kserve-http (default), kserve-grpc, torchserve-http, torchserve-grpc or openai.")] = None,
-    payload: Annotated[Path | None, typer.Option(help="torchserve-*: file sent as each request's body.")] = None,
+    payload: Annotated[Path | None, typer.Option(
+        help="torchserve-*: file sent as each request's body, or a folder of files to cycle through.")] = None,
     slo: Annotated[str | None, typer.Option(help='Objectives each step is judged on, e.g. "p99<150ms,errors<1%".')] = None,
     rates: Annotated[str | None, typer.Option(help="Explicit open-loop rates, e.g. 100,200,400.")] = None,
     start: Annotated[float | None, typer.Option(help="First rate of a growing sweep (req/s).")] = None,

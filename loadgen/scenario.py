@@ -202,16 +202,28 @@ class Target(_Strict):
     """kserve-grpc: send each request on a ModelStreamInfer stream (one stream per request in flight,
     reused) instead of a unary ModelInfer call."""
     payload: str | None = None
-    """torchserve-*: the file whose bytes are each request's body (HTTP) or input "data" (gRPC)."""
+    """torchserve-*: the file whose bytes are each request's body (HTTP) or input "data" (gRPC), or a
+    folder of such files (images, say) that requests cycle through in name order."""
     content_type: str | None = None
     """torchserve-http: the body's Content-Type (default: application/json for .json files, else
     application/octet-stream)."""
 
-    @field_validator("payload", "ca_file", "input_data")
+    @field_validator("ca_file", "input_data")
     @classmethod
     def _file_exists(cls, value: str | None) -> str | None:
         if value is not None and not Path(value).is_file():
             raise ValueError("no such file")
+        return value
+
+    @field_validator("payload")
+    @classmethod
+    def _payload_exists(cls, value: str | None) -> str | None:
+        if value is None or Path(value).is_file():
+            return value
+        if not Path(value).is_dir():
+            raise ValueError("no such file or folder")
+        if not any(item.is_file() and not item.name.startswith(".") for item in Path(value).iterdir()):
+            raise ValueError("the folder holds no files")
         return value
 
     @model_validator(mode="after")

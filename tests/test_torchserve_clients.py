@@ -11,7 +11,14 @@ import httpx
 import pytest
 
 from tests.conftest import run_loadgen
-from tests.test_torchserve_support import MLP_JSON, OPEN, TorchServe, model_store, start_torchserve  # noqa: F401
+from tests.test_torchserve_support import (  # noqa: F401
+    MLP_F32,
+    MLP_JSON,
+    OPEN,
+    TorchServe,
+    model_store,
+    start_torchserve,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -67,3 +74,47 @@ def test_missing_payload_and_unknown_model_are_input_errors(torchserve: TorchSer
                       out=tmp_path / "b")
     # TorchServe answers an unknown model over gRPC with INTERNAL and its Java exception's message
     assert run.returncode == 2 and "Model not found: nope" in run.stderr
+
+
+@pytest.mark.parametrize("protocol", ["torchserve-http", "torchserve-grpc"])
+def test_a_payload_folder_is_cycled_through(torchserve: TorchServe, tmp_path: Path, protocol: str) -> None:
+    target = torchserve.inference if protocol.endswith("http") else f"grpc://{torchserve.grpc_inference}"
+    good = tmp_path / "good"
+    good.mkdir()
+    (good / "a.json").write_text(MLP_JSON)
+    (good / "b.bin").write_bytes(MLP_F32)  # the same input as raw little-endian floats
+    (good / ".hidden").write_text("not a payload")
+    before = _served(torchserve)
+    run = run_loadgen("--protocol", protocol, "--target", target, "--model", "mlp", "--payload", str(good),
+                      "--rate", "50", "--duration", "1s", out=tmp_path / "good-run")
+    assert run.returncode == 0, run.stderr
+    assert run.summary["errors"] == {} and run.summary["sent"] == 50
+    assert _served(torchserve) - before == run.summary["sent"] + run.summary["warmup_requests"]
+    # a rejected file anywhere in the folder is met by the warm-up, which sends every file in turn
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "a.json").write_text(MLP_JSON)
+    (mixed / "b.json").write_text('{"not": "floats"}')
+    run = run_loadgen("--protocol", protocol, "--target", target, "--model", "mlp", "--payload", str(mixed),
+                      "--rate", "10", "--duration", "1s", out=tmp_path / "mixed-run")
+    assert run.returncode == 2 and "warm-up request" in run.stderr
+
+
+def test_an_empty_payload_folder_is_an_input_error(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    run = run_loadgen("--protocol", "torchserve-http", "--target", "http://127.0.0.1:9", "--model", "mlp",
+                      "--payload", str(tmp_path / "empty"), "--rate", "10", "--duration", "1s", out=tmp_path / "run")
+    assert run.returncode == 2 and "target.payload" in run.stderr and "holds no files" in run.stderr
+
+
+def test_payload_content_types_follow_the_extension() -> None:
+    from loadgen.protocols.torchserve import _content_type
+    from loadgen.scenario import Target
+
+    target = Target(url="http://127.0.0.1:1", model="m", protocol="torchserve-http", payload=__file__)
+    kinds = {name: _content_type(target, Path(name)) for name in ("x.json", "cat.jpg", "a.png", "s.wav", "t.txt", "raw")}
+    assert kinds.pop("s.wav").startswith("audio/")  # audio/wav or audio/x-wav, by the host's mime table
+    assert kinds == {"x.json": "application/json", "cat.jpg": "image/jpeg", "a.png": "image/png",
+                     "t.txt": "application/octet-stream", "raw": "application/octet-stream"}
+    forced = target.model_copy(update={"content_type": "image/webp"})
+    assert _content_type(forced, Path("x.json")) == "image/webp"

@@ -2,7 +2,8 @@
 
 TorchServe models declare no inputs, so the request is the user's: `payload` is a file whose bytes
 are each request's body (REST) or the `data` input (gRPC), as perf_analyzer's torchserve mode and
-TorchServe's own examples send them. Before the run, `prepare()` checks /ping (REST) or Ping (gRPC)
+TorchServe's own examples send them, or a folder of such files (images, say) that requests cycle
+through in name order. Before the run, `prepare()` checks /ping (REST) or Ping (gRPC)
 and sends a few unmeasured requests, so a model that rejects the payload stops the run with a clear
 error instead of 10,000 failed requests.
 
@@ -16,6 +17,7 @@ _grpc_common.py for gevent and failures); the stubs are the reference server's
 from __future__ import annotations
 
 import json
+import mimetypes
 import time
 from pathlib import Path
 from typing import Any
@@ -28,15 +30,31 @@ from loadgen.protocols._grpc_common import call_metadata, open_channel, rpc_fail
 from loadgen.protocols.http1 import Http1Pool, build_request
 from loadgen.scenario import Target
 
-__all__ = ["TorchServeGrpcClient", "TorchServeHttpClient"]
+__all__ = ["TorchServeGrpcClient", "TorchServeHttpClient", "payload_files"]
 
 _PREDICTIONS = "/org.pytorch.serve.grpc.inference.InferenceAPIsService/Predictions"
 
 
-def _content_type(target: Target) -> str:
+def payload_files(payload: str | None) -> list[Path]:
+    """The request bodies' files: `payload` itself, or every visible file of a `payload` folder in name
+    order (a folder of images, say); requests cycle through them."""
+    if payload is None:
+        return []
+    path = Path(payload)
+    if not path.is_dir():
+        return [path]
+    return sorted(item for item in path.iterdir() if item.is_file() and not item.name.startswith("."))
+
+
+def _content_type(target: Target, path: Path) -> str:
+    """--content-type, else by extension: JSON, images, audio and video by their media type, anything
+    else application/octet-stream."""
     if target.content_type:
         return target.content_type
-    return "application/json" if str(target.payload).endswith(".json") else "application/octet-stream"
+    guessed = mimetypes.guess_type(path.name)[0] or ""
+    if guessed == "application/json" or guessed.split("/")[0] in ("image", "audio", "video"):
+        return guessed
+    return "application/octet-stream"
 
 
 class TorchServeHttpClient:
@@ -55,10 +73,11 @@ class TorchServeHttpClient:
             path += f"/{quote(target.version, safe='')}"
         self._path = path
         self._pool = self._new_pool(target.timeout)
-        body = Path(target.payload).read_bytes() if target.payload else b""
         self._headers = target.auth_headers()
-        self.request = build_request("POST", self._netloc, path, body,
-                                     {**self._headers, "Content-Type": _content_type(target)})
+        self._requests = [build_request("POST", self._netloc, path, file.read_bytes(),
+                                        {**self._headers, "Content-Type": _content_type(target, file)})
+                          for file in payload_files(target.payload)] or [build_request("POST", self._netloc, path)]
+        self._next = 0
         self.metadata: dict[str, Any] = {}
         self.warmup_requests = 0
 
@@ -85,9 +104,11 @@ class TorchServeHttpClient:
         return self.metadata
 
     def send(self, intended_t: float) -> Outcome:
+        request = self._requests[self._next]
+        self._next = (self._next + 1) % len(self._requests)
         sent_t = time.monotonic()
         try:
-            response = self._pool.send(self.request)
+            response = self._pool.send(request)
         except Exception as exc:  # noqa: BLE001 - mapped to an error kind, the run goes on
             return Outcome(intended_t, sent_t, time.monotonic(), classify_exception(exc), str(exc))
         done_t = max(response.done_t, sent_t)
@@ -114,9 +135,10 @@ class TorchServeGrpcClient:
         self._grpc = grpc
         self._predict = self._channel.unary_unary(_PREDICTIONS, request_serializer=None,
                                                   response_deserializer=None)
-        body = Path(target.payload).read_bytes() if target.payload else b""
-        self.request = inference_pb2.PredictionsRequest(
+        self._requests = [inference_pb2.PredictionsRequest(
             model_name=target.model, model_version=target.version or "", input={"data": body}).SerializeToString()
+            for body in [file.read_bytes() for file in payload_files(target.payload)] or [b""]]
+        self._next = 0
         self.metadata: dict[str, Any] = {}
         self.warmup_requests = 0
 
@@ -141,9 +163,11 @@ class TorchServeGrpcClient:
         return self.metadata
 
     def send(self, intended_t: float) -> Outcome:
+        request = self._requests[self._next]
+        self._next = (self._next + 1) % len(self._requests)
         sent_t = time.monotonic()
         try:
-            response = self._predict(self.request, timeout=self.target.timeout, metadata=self._metadata)
+            response = self._predict(request, timeout=self.target.timeout, metadata=self._metadata)
         except self._grpc.RpcError as exc:
             return rpc_failure(exc, intended_t, sent_t)
         return Outcome(intended_t, sent_t, time.monotonic(), None, "", len(response))
