@@ -171,3 +171,85 @@ def test_read_timeout_flag_is_checked() -> None:
     assert done.returncode == 2 and "--http-read-timeout must be > 0, got 0.0" in done.stderr
 
 
+# -- compression ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("request_encoding", [None, "gzip", "deflate"])
+@pytest.mark.parametrize("response_encoding", [None, "gzip", "deflate"])
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_compressed_requests_and_responses_equal_plain_ones(server: Server, request_encoding: str | None,
+                                                           response_encoding: str | None, binary: bool) -> None:
+    client = httpclient.InferenceServerClient(_address(server))
+    floats = np.random.default_rng(3).standard_normal((3, 40)).astype(np.float32)
+    words = np.array([[f"w{i}-{j}".encode() * (j + 1) for j in range(4)] for i in range(2)], dtype=object)
+    try:
+        for model, data, datatype in (("identity", floats, "FP32"), ("identity_bytes", words, "BYTES")):
+            plain = _infer(client, model, data, datatype, binary)
+            got = _infer(client, model, data, datatype, binary, request_encoding, response_encoding)
+            assert got.shape == plain.shape == data.shape
+            assert got.tolist() == plain.tolist()
+            if datatype == "FP32":
+                np.testing.assert_array_equal(got, data)
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+def test_compressed_response_framing(server: Server, encoding: str) -> None:
+    """Content-Length counts the compressed bytes; Inference-Header-Content-Length the JSON part of the
+    decompressed body, as tritonclient reads it."""
+    data = np.arange(64, dtype=np.float32)
+    head = json.dumps({"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 64],
+                                   "parameters": {"binary_data_size": 256}}],
+                       "parameters": {"binary_data_output": True}}).encode()
+    reply = httpx.post(f"{server.url}/v2/models/identity/infer", content=head + data.tobytes(),
+                       headers={"Inference-Header-Content-Length": str(len(head)),
+                                "Accept-Encoding": f"br;q=0.9, {encoding}"})
+    assert reply.status_code == 200 and reply.headers["content-encoding"] == encoding
+    raw = reply.read()  # httpx decodes gzip and deflate itself: compare with the wire length
+    wire = gzip.compress(raw) if encoding == "gzip" else zlib.compress(raw)
+    assert abs(int(reply.headers["content-length"]) - len(wire)) < 64
+    length = int(reply.headers["inference-header-content-length"])
+    assert json.loads(raw[:length])["outputs"][0]["parameters"] == {"binary_data_size": 256}
+    np.testing.assert_array_equal(np.frombuffer(raw[length:], "<f4"), data)
+    assert int(reply.headers["content-length"]) < len(raw)
+
+
+@pytest.mark.parametrize(("encoding", "body", "error"), [
+    ("br", b"\x0b\x02\x80hi\x03", "Unsupported compression type"),
+    ("gzip", b"\x1f\x8b not really gzip", "failed to decompress the gzip request body"),
+    ("deflate", zlib.compress(b'{"inputs": []}')[:-6], "failed to decompress the deflate request body"),
+    ("gzip", gzip.compress(b"{}") + b"junk", "failed to decompress the gzip request body"),
+])
+def test_bad_encodings_get_400_and_the_connection_goes_on(server: Server, encoding: str, body: bytes,
+                                                          error: str) -> None:
+    request = _post("/v2/models/identity/infer", body, f"Content-Encoding: {encoding}")
+    (status, headers, answer), (good_status, _, good) = _raw_exchange(server, request, _GOOD)
+    assert status == 400 and error in json.loads(answer)["error"]
+    if encoding == "br":
+        assert headers["accept-encoding"] == "gzip, deflate"
+    assert good_status == 200 and json.loads(good)["outputs"][0]["data"] == [1.5, 2.5]
+
+
+def _peak_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def test_zip_bomb_is_refused_without_inflating_it(server: Server) -> None:
+    """512 MiB of zeros in half a MiB of gzip: refused once past the 64 MiB body limit, and the server's
+    peak memory grows by about that limit, not by the bomb."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 31)
+    zeros = bytes(1 << 20)
+    bomb = b"".join(compressor.compress(zeros) for _ in range(512)) + compressor.flush()
+    assert len(bomb) < MAX_BODY // 64
+    before = _peak_rss_kib(server.proc.pid)
+    request = _post("/v2/models/identity/infer", bomb, "Content-Encoding: gzip")
+    (status, _, answer), (good_status, _, _) = _raw_exchange(server, request, _GOOD)
+    assert status == 400
+    assert f"exceeds the maximum allowed value of {MAX_BODY} bytes" in json.loads(answer)["error"]
+    assert good_status == 200
+    assert (_peak_rss_kib(server.proc.pid) - before) * 1024 < 3 * MAX_BODY
+
+

@@ -14,6 +14,10 @@ for unknown paths, 405 for a wrong verb, 500 when a model itself fails. Readines
 A body over the 64 MiB limit is refused from its head with 400, as Triton does (TritonParser), and
 the connection closed; `connections` makes the set of connections a server needs for that and for
 its read timeout (servers/core/connection.py).
+
+An infer request with Content-Encoding is decompressed first, and a response is compressed when
+Accept-Encoding asks (_encoding.py); both headers are looked up once per infer request, and only a
+request that carries one takes the longer path.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from urllib.parse import unquote
 from servers.core.connection import READ_TIMEOUT_S, Connections, HttpOptions
 from servers.core.http1 import MAX_BODY_BYTES, HttpError, Request, RequestParser, json_body
 from servers.core.model import Model
+from servers.triton._encoding import EncodingError, compress, decompress, response_encoding
 from servers.triton._host import RepositoryError, ServedModel
 from servers.triton._infer import (
     EXTENSIONS,
@@ -48,6 +53,8 @@ _MODEL_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([0-9]+))?(?:/(infer|r
 _REPOSITORY_INDEX = re.compile(r"/v2/repository(?:/[^/]+)?/index")
 _REPOSITORY_MODEL = re.compile(r"/v2/repository(?:/[^/]+)?/models/([^/]+)/(load|unload)")
 _INFER_HEADER = "inference-header-content-length"
+_CONTENT_ENCODING = "content-encoding"
+_ACCEPT_ENCODING = "accept-encoding"
 
 
 class Reply(NamedTuple):
@@ -185,12 +192,35 @@ class TritonApp:
 
     def _infer(self, served: ServedModel, request: Request) -> Reply | Job | Pending:
         arrival_ns = time.perf_counter_ns()
+        headers = request.headers
+        if _CONTENT_ENCODING in headers or _ACCEPT_ENCODING in headers:
+            return self._infer_encoded(served, request, arrival_ns)
+        return self._infer_plain(served, request, arrival_ns)
+
+    def _infer_plain(self, served: ServedModel, request: Request, arrival_ns: int) -> Reply | Job | Pending:
         if served.scheduler is not None:
             return self._run_scheduled(served, request, arrival_ns)
         if served.model.inline:
             return self._run_infer(served, request, arrival_ns)
         served.stats.add_pending(1)
         return functools.partial(self._run_infer, served, request, arrival_ns, True)
+
+    def _infer_encoded(self, served: ServedModel, request: Request, arrival_ns: int) -> Reply | Job | Pending:
+        """An infer request with Content-Encoding and/or Accept-Encoding: decompress, answer, compress.
+
+        A body that cannot be decompressed never reaches the model (nor its statistics), as in Triton."""
+        encoding = request.headers.get(_CONTENT_ENCODING)
+        if encoding is not None:
+            try:
+                body = decompress(request.body, encoding)
+            except EncodingError as exc:
+                reply = error_reply(400, str(exc))
+                return reply._replace(headers=f"Accept-Encoding: {exc.accept}\r\n") if exc.accept else reply
+            request = Request(request.method, request.target, request.version, request.headers, body,
+                              request.keep_alive)
+        outcome = self._infer_plain(served, request, arrival_ns)
+        wanted = response_encoding(request.headers.get(_ACCEPT_ENCODING, ""))
+        return outcome if wanted is None else _compressed(outcome, wanted)
 
     def _codec(self, model: Model, request: Request) -> tuple[Callable[[], InferRequest], Callable]:
         def decode() -> InferRequest:
@@ -238,6 +268,26 @@ def _failure_reply(exc: BaseException) -> Reply:
     if isinstance(exc, ModelFailure):
         return error_reply(500, str(exc))
     return error_reply(500, f"internal error: {exc}")
+
+
+def _compressed(outcome: Reply | Job | Pending, encoding: str) -> Reply | Job | Pending:
+    """`outcome` whose successful reply is compressed with `encoding`, when it comes."""
+    if isinstance(outcome, Reply):
+        return _compress_reply(outcome, encoding)
+    if isinstance(outcome, Deferred):
+        compressed = Deferred()
+        outcome.then(lambda reply: compressed.settle(_compress_reply(reply, encoding)))
+        return compressed
+    if callable(outcome):
+        return lambda: _compress_reply(outcome(), encoding)
+    return outcome  # an infer reply is never a coroutine
+
+
+def _compress_reply(reply: Reply, encoding: str) -> Reply:
+    if reply.status != 200:
+        return reply
+    return reply._replace(body=compress(reply.body, encoding),
+                          headers=f"{reply.headers}Content-Encoding: {encoding}\r\n")
 
 
 class TritonParser(RequestParser):
