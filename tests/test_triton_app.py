@@ -53,7 +53,7 @@ def test_binary_response_layout() -> None:
     (b'{"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 1], "data": ["a"]}]}', None, "does not fit"),
     (b'{"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 1], "data": [1]}], "outputs": [{"name": "Y"}]}',
      None, "unexpected inference output 'Y'"),
-    (b'{"inputs": []}', "0", "not supported yet"),
+    (b'{"inputs": []}', "0", "raw input 'INPUT0' has 14 bytes, not a whole number of FP32 elements"),
     (b'{"inputs": []}', "99", "exceeds the body"),
     (b'{"inputs": []}', "x", "Inference-Header-Content-Length"),
 ])

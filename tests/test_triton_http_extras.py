@@ -253,3 +253,50 @@ def test_zip_bomb_is_refused_without_inflating_it(server: Server) -> None:
     assert (_peak_rss_kib(server.proc.pid) - before) * 1024 < 3 * MAX_BODY
 
 
+# -- raw requests ---------------------------------------------------------------------------------------
+
+def _raw(server: Server, model: str, body: bytes, **headers: str) -> httpx.Response:
+    return httpx.post(f"{server.url}/v2/models/{model}/infer", content=body,
+                      headers={"Inference-Header-Content-Length": "0", **headers}, timeout=10)
+
+
+@pytest.mark.parametrize("count", [0, 1, 37])
+def test_raw_request_to_identity_answers_the_input(server: Server, count: int) -> None:
+    data = np.random.default_rng(count).standard_normal(count).astype(np.float32)
+    reply = _raw(server, "identity", data.tobytes())
+    assert reply.status_code == 200, reply.text
+    length = int(reply.headers["inference-header-content-length"])
+    assert reply.headers["content-type"] == "application/octet-stream"
+    output = json.loads(reply.content[:length])["outputs"][0]
+    assert output["shape"] == [1, count] and output["parameters"] == {"binary_data_size": 4 * count}
+    np.testing.assert_array_equal(np.frombuffer(reply.content[length:], "<f4"), data)
+
+
+def test_raw_request_compressed_both_ways(server: Server) -> None:
+    data = np.arange(100, dtype=np.float32)
+    reply = _raw(server, "identity", gzip.compress(data.tobytes()), **{"Content-Encoding": "gzip",
+                                                                        "Accept-Encoding": "deflate"})
+    assert reply.status_code == 200 and reply.headers["content-encoding"] == "deflate"
+    length = int(reply.headers["inference-header-content-length"])
+    np.testing.assert_array_equal(np.frombuffer(reply.content[length:], "<f4"), data)
+
+
+def test_raw_bytes_request_is_one_element(server: Server) -> None:
+    reply = _raw(server, "identity_one", b"427 and more")
+    assert reply.status_code == 200, reply.text
+    length = int(reply.headers["inference-header-content-length"])
+    output = json.loads(reply.content[:length])["outputs"][0]
+    assert output["shape"] == [1, 1] and output["datatype"] == "BYTES"
+    assert reply.content[length:] == struct.pack("<I", 12) + b"427 and more"
+
+
+@pytest.mark.parametrize(("model", "body", "error"), [
+    ("add_sub", np.zeros(16, np.float32).tobytes(),
+     "Raw request must only have 1 input (found 1) to be deduced but got 2 inputs in 'add_sub' model configuration"),
+    ("identity", b"\0" * 7, "raw input 'INPUT0' has 7 bytes, not a whole number of FP32 elements"),
+    ("identity_bytes", b"427", "For BYTE datatype raw input 'INPUT0', the model must have input shape [1]"),
+])
+def test_raw_requests_a_model_cannot_take_are_400(server: Server, model: str, body: bytes, error: str) -> None:
+    reply = _raw(server, model, body)
+    assert reply.status_code == 400 and error in reply.json()["error"]
+    assert _raw(server, "identity", b"\0" * 8).status_code == 200

@@ -15,6 +15,12 @@ the header's bytes and the model's declared tensors, so the answer, errors inclu
 either way: a blob of another length, or a BYTES blob that does not parse, takes the full path.
 A response's JSON is put together from pieces kept per model and output name, the same text as
 json_body of the response object (servers/core/http1.py) without encoding the object each time.
+
+A raw request (`Inference-Header-Content-Length: 0`) has no JSON at all: the body is the blob of the
+model's only input, as a batch of 1, and every output comes back binary. Its shape is the declared
+one with the variable dim (at most one) worked out from the body's size; a BYTES input must be
+declared [1], and the body is that one element (the server adds its length prefix). Errors use
+Triton's wording.
 """
 
 from __future__ import annotations
@@ -71,6 +77,8 @@ _PLANS: weakref.WeakKeyDictionary[Model, dict[bytes, _Plan]] = weakref.WeakKeyDi
 def parse_infer(body: bytes, header_length: str | None, model: Model) -> InferRequest:
     """Split, decode and check one infer request body for `model`."""
     head, blobs = _split(body, header_length)
+    if head is None:
+        return _parse_raw(body, model)
     plans = _plans(model) if blobs else None
     if plans is not None:
         plan = plans.get(head)
@@ -140,20 +148,53 @@ def _load_json(head: bytes) -> Any:
     return json.loads(head)
 
 
-def _split(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
+def _split(body: bytes, header_length: str | None) -> tuple[bytes | None, memoryview]:
+    """(JSON part, blobs); (None, all of it) for a raw request."""
     if header_length is None:
         return body, _NO_BLOBS
     if not header_length.isdigit() or not header_length.isascii():
         raise InferError(f"Unable to parse Inference-Header-Content-Length, got: {header_length[:40]}")
     length = int(header_length)
     if length == 0:
-        raise InferError("raw binary requests (Inference-Header-Content-Length: 0) are not supported yet")
+        return None, memoryview(body)
     if length > len(body):
         raise InferError(f"Inference-Header-Content-Length {length} exceeds the body of {len(body)} bytes")
     return body[:length], memoryview(body)[length:]
 
 
 _NO_BLOBS = memoryview(b"")
+
+
+def _parse_raw(body: bytes, model: Model) -> InferRequest:
+    """A raw request: `body` is the blob of the model's only input, batch 1, all outputs binary."""
+    tag = request_tag(None)
+    if len(model.inputs) != 1:
+        raise InferError(f"{tag}Raw request must only have 1 input (found 1) to be deduced but got "
+                         f"{len(model.inputs)} inputs in '{model.name}' model configuration")
+    spec = model.inputs[0]
+    batch = (1,) if model.max_batch_size > 0 else ()
+    variable = [index for index, dim in enumerate(spec.dims) if dim == -1]
+    if spec.datatype == "BYTES":
+        if spec.dims != (1,):
+            raise InferError(f"{tag}For BYTE datatype raw input '{spec.name}', the model must have input "
+                             "shape [1]")
+        array = np.empty(1, dtype=object)
+        array[0] = body
+        inputs = {spec.name: array.reshape(batch + spec.dims)}
+    else:
+        if len(variable) > 1:
+            raise InferError(f"{tag}The shape of the raw input '{spec.name}' can not be deduced because there "
+                             "are more than one variable-sized dimension")
+        dims = list(spec.dims)
+        if variable:
+            element = math.prod(dim for dim in dims if dim != -1) * NUMPY_DTYPES[spec.datatype].itemsize
+            if len(body) % element:
+                raise InferError(f"{tag}raw input '{spec.name}' has {len(body)} bytes, not a whole number of "
+                                 f"{spec.datatype} elements of shape {list(spec.dims)} ({element} bytes each) "
+                                 f"for model '{model.name}'")
+            dims[variable[0]] = len(body) // element
+        inputs = {spec.name: unpack_fixed(body, spec, batch + tuple(dims), tag)}
+    return InferRequest(None, inputs, tuple((output.name, True) for output in model.outputs), 1)
 
 
 def _decode_inputs(tensors: list[Any], blobs: memoryview, model: Model, tag: str,
