@@ -39,10 +39,10 @@ def _default_out(scenario: Scenario) -> Path:
 
 
 def summarize(result: RunResult) -> dict[str, Any]:
-    pattern = result.scenario.pattern
+    pattern, target = result.scenario.pattern, result.scenario.target
     extra = {
         "pattern": type(pattern).__name__,
-        "target": {"url": result.scenario.target.url, "model": result.scenario.target.model},
+        "target": {"url": target.url, "model": target.model, "batch_size": target.batch_size},
         "interrupted": result.interrupted,
         "in_flight_at_end": result.in_flight_at_end,
         "warmup_requests": result.warmup_requests,
@@ -62,6 +62,7 @@ def summarize(result: RunResult) -> dict[str, Any]:
     # Every request started was either recorded or is still in flight at the end.
     summary["sent"] = summary["requests"] + result.in_flight_at_end
     summary["sent_rps"] = summary["sent"] / result.duration_s
+    summary["achieved_inferences_per_s"] = summary["achieved_rps"] * target.batch_size
     return summary
 
 

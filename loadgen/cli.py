@@ -101,6 +101,8 @@ def run(
     grpc_stream: Annotated[bool, typer.Option(
         "--grpc-stream", help="kserve-grpc: ModelStreamInfer streams (one per request in flight) "
                               "instead of unary ModelInfer.")] = False,
+    batch_size: Annotated[int | None, typer.Option(
+        "--batch-size", "-b", help="kserve-*: rows per request for a batching model (as perf_analyzer's -b).")] = None,
     tensor_format: Annotated[str | None, typer.Option(
         help="kserve-http: binary (the binary tensor extension, as tritonclient and perf_analyzer send), "
              "json, or auto (default: binary when the server lists binary_tensor_data).")] = None,
@@ -174,6 +176,7 @@ def run(
         **_target_extras(header, bearer_token_env, ca_file, shape, input_data),
         "target.stream": True if grpc_stream else None,
         "target.tensor_format": tensor_format,
+        "target.batch_size": batch_size,
         "open_loop.rate": rate,
         "open_loop.arrival": arrival,
         "open_loop.max_in_flight": max_in_flight,

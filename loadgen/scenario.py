@@ -194,6 +194,9 @@ class Target(_Strict):
     input_data: str | None = None
     """kserve-*: a perf_analyzer --input-data JSON file: requests cycle through its "data" entries, and
     when it has "validation_data" every response is checked (a mismatch is an invalid_response error)."""
+    batch_size: int = Field(default=1, ge=1)
+    """kserve-*: rows per request for a batching model (perf_analyzer's -b): synthetic tensors get this
+    leading dimension, input_data entries are repeated this many times."""
     tensor_format: Literal["auto", "binary", "json"] = "auto"
     """kserve-http: inputs and outputs as the binary tensor data extension (what tritonclient and
     perf_analyzer send) or as JSON values; "auto": binary when the server lists binary_tensor_data
@@ -238,8 +241,9 @@ class Target(_Strict):
             raise ValueError(f"tensor_format: only for protocol kserve-http, not {self.protocol!r}")
         if self.stream and self.protocol != "kserve-grpc":
             raise ValueError(f"stream: only for protocol kserve-grpc, not {self.protocol!r}")
-        if not self.protocol.startswith("kserve") and (self.shapes or self.input_data is not None):
-            raise ValueError(f"shapes, input_data: only for the kserve protocols, not {self.protocol!r}")
+        if not self.protocol.startswith("kserve") and (self.shapes or self.input_data is not None
+                                                       or self.batch_size != 1):
+            raise ValueError(f"shapes, input_data, batch_size: only for the kserve protocols, not {self.protocol!r}")
         if self.bearer_token_env is not None and not os.environ.get(self.bearer_token_env):
             raise ValueError(f"bearer_token_env: environment variable {self.bearer_token_env} is not set")
         return self

@@ -90,7 +90,8 @@ class KServeGrpcClient:
             "inputs": [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in metadata.inputs],
             "outputs": [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in metadata.outputs],
         }
-        data = request_data(self.metadata, self.seed, self.target.shapes, self.target.input_data)
+        data = request_data(self.metadata, self.seed, self.target.shapes, self.target.input_data,
+                            self.target.batch_size)
         self._requests = [build_infer_request(model, version, tensors) for tensors in data.tensors]
         self.request = self._requests[0]
         self._expected = data.expected

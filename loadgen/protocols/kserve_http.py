@@ -113,7 +113,8 @@ class KServeHttpClient:
                 self.target.tensor_format == "auto" and "binary_tensor_data" in self._extensions(control))
         finally:
             control.close()
-        data = request_data(self.metadata, self.seed, self.target.shapes, self.target.input_data)
+        data = request_data(self.metadata, self.seed, self.target.shapes, self.target.input_data,
+                            self.target.batch_size)
         for tensors in data.tensors:
             body, headers = _binary_body(tensors) if self.binary else _json_body(tensors)
             headers = {**self._headers, **headers}

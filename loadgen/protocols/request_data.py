@@ -10,7 +10,9 @@ perf_analyzer's format (the one Triton users already have):
 
 Requests cycle through the entries in order. A flat entry takes the model's declared shape, with a
 leading batch dimension of 1 for batching models and other dynamic dimensions from `shapes` (or
-from the value count when only one is dynamic). With validation data, each response is compared
+from the value count when only one is dynamic). With a batch size N > 1 (perf_analyzer's -b), each
+request of a batching model carries its entry N times along the batch dimension, and the expected
+outputs are repeated likewise. With validation data, each response is compared
 with its entry's expected outputs (np.allclose, rtol 1e-5, atol 1e-6); a mismatch is an
 `invalid_response` error of the run, which goes on.
 """
@@ -27,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from loadgen.errors import ProtocolMismatch
-from loadgen.protocols.payloads import synthetic_inputs
+from loadgen.protocols.payloads import has_batch_dim, synthetic_inputs
 from servers.core.model import NUMPY_DTYPES
 
 __all__ = ["RequestData", "check_outputs", "from_raw", "request_data", "to_raw"]
@@ -43,10 +45,14 @@ class RequestData:
 
 
 def request_data(metadata: dict[str, Any], seed: int, shapes: dict[str, list[int]],
-                 input_data: str | None) -> RequestData:
-    """The requests for a model with `metadata`; raises ProtocolMismatch naming a bad entry."""
+                 input_data: str | None, batch_size: int = 1) -> RequestData:
+    """The requests for a model with `metadata`; raises ProtocolMismatch naming a bad entry, or a
+    batch size the model cannot take."""
+    if batch_size > 1 and not any(has_batch_dim(spec["shape"]) for spec in metadata["inputs"]):
+        raise ProtocolMismatch(f"batch_size {batch_size}: model {metadata.get('name', '')!r} has no batch "
+                               "dimension (its inputs declare no leading -1: max_batch_size 0)")
     if input_data is None:
-        return RequestData([synthetic_inputs(metadata["inputs"], seed, shapes or None)])
+        return RequestData([synthetic_inputs(metadata["inputs"], seed, shapes or None, batch_size)])
     try:
         document = json.loads(Path(input_data).read_text())
     except (OSError, ValueError) as exc:
@@ -60,14 +66,16 @@ def request_data(metadata: dict[str, Any], seed: int, shapes: dict[str, list[int
         where = f"input_data {input_data}: data[{index}]"
         if not isinstance(entry, dict) or set(entry) != set(specs):
             raise ProtocolMismatch(f"{where}: needs exactly the model's inputs {sorted(specs)}")
-        tensors.append([_tensor(name, entry[name], specs[name], shapes, where) for name in specs])
+        tensors.append([_batched(_tensor(name, entry[name], specs[name], shapes, where), specs[name], batch_size)
+                        for name in specs])
     expected = None
     validation = document.get("validation_data")
     if validation is not None:
         if not isinstance(validation, list) or len(validation) != len(entries):
             raise ProtocolMismatch(f"input_data {input_data}: validation_data needs one entry per data entry")
         outputs = {spec["name"]: spec for spec in metadata.get("outputs", [])}
-        expected = [{name: _expected(name, value, outputs.get(name), f"{input_data}: validation_data[{i}]")
+        expected = [{name: _expected(name, value, outputs.get(name), f"{input_data}: validation_data[{i}]",
+                               batch_size)
                      for name, value in entry.items()} for i, entry in enumerate(validation)]
     return RequestData(tensors, expected)
 
@@ -94,6 +102,14 @@ def _tensor(name: str, value: Any, spec: dict[str, Any], shapes: dict[str, list[
     return {"name": name, "shape": shape, "datatype": datatype, "data": data}
 
 
+def _batched(tensor: dict[str, Any], spec: dict[str, Any], batch_size: int) -> dict[str, Any]:
+    """The entry `batch_size` times along the batch dimension (unchanged for inputs without one)."""
+    if batch_size == 1 or not has_batch_dim(spec["shape"]) or not tensor["shape"]:
+        return tensor
+    return {**tensor, "shape": [tensor["shape"][0] * batch_size, *tensor["shape"][1:]],
+            "data": tensor["data"] * batch_size}
+
+
 def _shape_for(declared: list[int], count: int, override: list[int] | None, where: str, name: str) -> list[int]:
     if override is not None:
         return list(override)
@@ -117,7 +133,7 @@ def _flatten(values: list[Any]) -> Any:
             yield value
 
 
-def _expected(name: str, value: Any, spec: dict[str, Any] | None, where: str) -> np.ndarray:
+def _expected(name: str, value: Any, spec: dict[str, Any] | None, where: str, batch_size: int = 1) -> np.ndarray:
     if isinstance(value, dict):
         content, shape = value.get("content"), value.get("shape")
     else:
@@ -126,6 +142,8 @@ def _expected(name: str, value: Any, spec: dict[str, Any] | None, where: str) ->
         raise ProtocolMismatch(f"{where}: {name} needs a list of values")
     dtype = object if spec is not None and spec["datatype"] == "BYTES" else np.float64
     array = np.array(list(_flatten(content)), dtype=dtype)
+    if batch_size > 1:  # the entry's rows repeated, as the request repeats its inputs
+        return np.tile(array, batch_size)
     return array.reshape(shape) if shape is not None else array
 
 
