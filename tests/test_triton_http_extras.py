@@ -10,6 +10,7 @@ stalled and oversized bodies over raw sockets.
 
 from __future__ import annotations
 
+import base64
 import gzip
 import json
 import shutil
@@ -17,6 +18,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import zlib
@@ -300,3 +302,94 @@ def test_raw_requests_a_model_cannot_take_are_400(server: Server, model: str, bo
     reply = _raw(server, model, body)
     assert reply.status_code == 400 and error in reply.json()["error"]
     assert _raw(server, "identity", b"\0" * 8).status_code == 200
+
+
+# -- load parameters ------------------------------------------------------------------------------------
+
+def _identity_onnx(width: int) -> bytes:
+    """An ONNX graph Y = Identity(X), FP32 [batch, width]."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["X"], ["Y"])], "identity",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", width])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def _load(server: Server, name: str, parameters: dict) -> httpx.Response:
+    return httpx.post(f"{server.url}/v2/repository/models/{name}/load", json={"parameters": parameters}, timeout=60)
+
+
+def test_config_parameter_overrides_the_repository_config(server: Server) -> None:
+    client = httpclient.InferenceServerClient(_address(server))
+    data = np.ones((3, 2), np.float32)
+    try:
+        config = client.get_model_config("identity")
+        assert config["max_batch_size"] == 8
+        client.load_model("identity", config=json.dumps({**config, "max_batch_size": 2}))
+        assert client.get_model_config("identity")["max_batch_size"] == 2
+        np.testing.assert_array_equal(_infer(client, "identity", data[:2], "FP32", True), data[:2])
+        with pytest.raises(Exception, match="batch-size must be <= 2"):
+            _infer(client, "identity", data, "FP32", True)
+        client.load_model("identity")  # no parameters: the repository's folder again
+        assert client.get_model_config("identity")["max_batch_size"] == 8
+        np.testing.assert_array_equal(_infer(client, "identity", data, "FP32", True), data)
+    finally:
+        client.load_model("identity")
+        client.close()
+
+
+def test_files_parameters_load_a_model_from_nothing_but_the_request(server: Server) -> None:
+    """An ONNX model the repository does not have: its folder is the request's files, its config the
+    'config' parameter (inputs and outputs completed from the graph). tritonclient 2.73.0's
+    load_model(files=...) cannot send this (it puts base64 bytes in json.dumps), so httpx sends the
+    body it means to."""
+    config = {"backend": "onnxruntime", "max_batch_size": 4}
+    reply = _load(server, "from_files", {"config": json.dumps(config),
+                                         "file:1/model.onnx": base64.b64encode(_identity_onnx(3)).decode()})
+    assert reply.status_code == 200, reply.text
+    folders = [path for path in Path(tempfile.gettempdir()).glob("triton-load-*") if (path / "from_files").is_dir()]
+    assert len(folders) == 1 and (folders[0] / "from_files" / "1" / "model.onnx").is_file()
+    client = httpclient.InferenceServerClient(_address(server))
+    try:
+        metadata = client.get_model_metadata("from_files")
+        assert metadata["platform"] == "onnxruntime_onnx" and metadata["inputs"][0]["shape"] == [-1, 3]
+        data = np.arange(12, dtype=np.float32).reshape(4, 3)
+        tensor = httpclient.InferInput("X", [4, 3], "FP32")
+        tensor.set_data_from_numpy(data)
+        np.testing.assert_array_equal(client.infer("from_files", [tensor]).as_numpy("Y"), data)
+        client.unload_model("from_files")
+        assert not client.is_model_ready("from_files")
+        assert not folders[0].exists()  # the temporary folder goes with the model
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize(("parameters", "error"), [
+    ({"config": "{not json"}, "load parameter 'config' is not a ModelConfig in JSON"),
+    ({"config": '{"max_batch_size": "many"}'}, "load parameter 'config' is not a ModelConfig in JSON"),
+    ({"config": {"max_batch_size": 2}}, "load parameter 'config' must be a string"),
+    ({"config": "{}", "file:1/model.onnx": "not base64!"}, "load parameter 'file:1/model.onnx' is not valid base64"),
+    ({"file:1/model.onnx": "AAAA"}, "load parameter 'file:1/model.onnx' needs the 'config' parameter too"),
+    ({"config": "{}", "file:../escape/model.onnx": "AAAA"}, "load parameter 'file:../escape/model.onnx': the path"),
+    ({"config": "{}", "file:model.onnx": "AAAA"}, "load parameter 'file:model.onnx': the path"),
+    ({"cofnig": "{}"}, "load parameter 'cofnig' is not supported"),
+])
+def test_bad_load_parameters_are_400_naming_the_parameter(server: Server, parameters: dict, error: str) -> None:
+    reply = _load(server, "identity", parameters)
+    assert reply.status_code == 400 and error in reply.json()["error"], reply.text
+    assert httpx.get(f"{server.url}/v2/models/identity/ready").status_code == 200
+    assert httpx.post(f"{server.url}/v2/models/identity/infer",
+                      content=_GOOD.partition(b"\r\n\r\n")[2]).status_code == 200
+
+
+def test_a_config_the_model_cannot_load_with_keeps_the_serving_version(server: Server) -> None:
+    config = httpx.get(f"{server.url}/v2/models/identity_bytes/config").json()
+    reply = _load(server, "identity_bytes", {"config": json.dumps({**config, "backend": "tensorflow"})})
+    assert reply.status_code == 400 and "backend 'tensorflow' is not supported" in reply.json()["error"]
+    assert httpx.get(f"{server.url}/v2/models/identity_bytes/ready").status_code == 200

@@ -170,22 +170,27 @@ class TritonApp:
         return Reply(200, json_body(self.host.index(ready_only=bool(options.get("ready", False)))))
 
     def _repository_change(self, name: str, action: str, body: bytes) -> Reply | Pending:
+        """Load (with Triton's load parameters, _host.py) or unload one model. Unload's only parameter,
+        unload_dependents, has nothing to act on here: no model depends on another (no ensembles)."""
         options = _json_options(body)
         if isinstance(options, Reply):
             return options
-        if options.get("parameters"):
-            return error_reply(400, f"{action} parameters are not supported; send an empty body")
+        parameters = options.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            return error_reply(400, f"{action} request 'parameters' must be a JSON object")
         if action == "unload":
+            if not isinstance(parameters.get("unload_dependents", False), bool):
+                return error_reply(400, "Unable to parse 'unload_dependents': expected a boolean")
             try:
                 self.host.unload(name)
             except RepositoryError as exc:
                 return error_reply(400, str(exc))
             return _EMPTY_OK
-        return self._load(name)
+        return self._load(name, parameters)
 
-    async def _load(self, name: str) -> Reply:
+    async def _load(self, name: str, parameters: dict[str, Any]) -> Reply:
         try:
-            await self.host.load(name)
+            await self.host.load(name, parameters)
         except RepositoryError as exc:
             return error_reply(400, str(exc))
         return _EMPTY_OK

@@ -10,14 +10,26 @@ load/unload requests; `explicit` loads only the models named at start (`*` = all
 load/unload. A model that fails to load is kept in the index as UNAVAILABLE with the loader's reason
 (which names the model and the field), and the other models load and serve as usual. With strict
 readiness (Triton's default) the server is ready only when every model it was asked to load is READY.
+
+A load request may carry Triton's load parameters (PROTOCOLS.md 1.12), the same from HTTP (strings,
+files in base64) and gRPC (ModelRepositoryParameter: string_param, files in bytes_param): "config",
+a ModelConfig in JSON that replaces the model's config.pbtxt, and "file:<version>/<path>" files that,
+with "config", make the whole model folder instead of the repository's (then the model need not be
+in the repository). Such files are written to a temporary folder that lives as long as the model
+is loaded from it. A load without parameters loads the repository's folder again. A bad parameter
+is refused before anything loads, with a RepositoryError naming it.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+import base64
+import binascii
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from google.protobuf import descriptor, json_format
@@ -92,6 +104,7 @@ class ModelHost:
         self.control_mode = control_mode
         self.strict_readiness = strict_readiness
         self._entries: dict[str, _Entry] = {}
+        self._folders: dict[str, Path] = {}  # temporary model folders made from load parameters, by model
         for model in (models or {}).values():
             config = json_format.ParseDict(model.config(), model_config_pb2.ModelConfig())
             served = ServedModel(model, config, ModelStats(model))
@@ -176,22 +189,36 @@ class ModelHost:
         assert self.repository is not None
         wanted = _model_names(self.repository) if names is None or "*" in names else list(names)
         for name in wanted:
-            self._install(name, *_load(self.repository, name))
+            loaded, reason, _ = _load(self.repository, name)
+            self._install(name, loaded, reason)
 
-    async def load(self, name: str) -> None:
-        """Load (or reload) one repository model without stopping the loop; raises RepositoryError."""
-        self._check_control(name, "load")
+    async def load(self, name: str, parameters: Mapping[str, str | bytes] | None = None) -> None:
+        """Load (or reload) one model without stopping the loop; raises RepositoryError.
+
+        `parameters` are Triton's load parameters (module docstring): {"config": JSON text,
+        "file:<version>/<path>": base64 text (HTTP) or bytes (gRPC)}. From gRPC's
+        RepositoryModelLoadRequest: {key: getattr(value, value.WhichOneof("parameter_choice") or
+        "string_param") for key, value in request.parameters.items()}.
+        """
+        override = _Override.parse(parameters) if parameters else None
+        self._check_control(name, "load", in_repository=override is None or not override.files)
+        if override is not None and override.files and (name in ("", ".", "..") or "/" in name or "\\" in name):
+            raise RepositoryError(f"failed to load '{name}': a model name is one folder name")
         entry = self._entries.setdefault(name, _Entry(name, state="UNKNOWN"))
         if entry.state != "READY":
             entry.state = "LOADING"
-        loaded, reason = await asyncio.get_running_loop().run_in_executor(None, _load, self.repository, name)
+        loaded, reason, folder = await asyncio.get_running_loop().run_in_executor(
+            None, _load, self.repository, name, override)
         self._install(name, loaded, reason)
         if loaded is None:
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
             raise RepositoryError(f"failed to load '{name}': {reason}")
+        self._keep_folder(name, folder)
 
     def unload(self, name: str) -> None:
         """Unload one repository model: new requests are refused, queued ones fail; raises RepositoryError."""
-        self._check_control(name, "unload")
+        self._check_control(name, "unload", in_repository=name not in self._entries)
         entry = self._entries.get(name)
         if entry is None:
             return  # Triton answers success for a model that is not loaded
@@ -199,17 +226,29 @@ class ModelHost:
             served.close()
         entry.versions = {}
         entry.state, entry.reason = "UNAVAILABLE", "unloaded"
+        self._keep_folder(name, None)
 
     def close(self) -> None:
         for entry in self._entries.values():
             for served in entry.versions.values():
                 served.close()
+        for name in list(self._folders):
+            self._keep_folder(name, None)
 
-    def _check_control(self, name: str, action: str) -> None:
+    def _keep_folder(self, name: str, folder: Path | None) -> None:
+        """Remember the temporary folder the model now serves from (None: the repository's), and
+        remove the one it served from before."""
+        old = self._folders.pop(name, None)
+        if folder is not None:
+            self._folders[name] = folder
+        if old is not None and old != folder:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _check_control(self, name: str, action: str, in_repository: bool = True) -> None:
         if self.repository is None or self.control_mode != "explicit":
             raise RepositoryError(f"explicit model {action} is not allowed: start the server with "
                                   "--model-repository DIR --model-control-mode explicit")
-        if name not in _model_names(self.repository):
+        if in_repository and name not in _model_names(self.repository):
             raise RepositoryError(f"failed to {action} '{name}', failed to poll from model repository")
 
     def _install(self, name: str, loaded: Any, reason: str) -> None:
@@ -232,16 +271,82 @@ class ModelHost:
                 served.close()
 
 
-def _load(repository: Path, name: str) -> tuple[Any, str]:
-    """(LoadedModel, "") or (None, reason); never raises for a problem of the model."""
+@dataclass(frozen=True)
+class _Override:
+    """Checked load parameters: the config that replaces config.pbtxt, and the files of the folder."""
+
+    config: model_config_pb2.ModelConfig | None
+    files: dict[PurePosixPath, bytes]
+
+    @classmethod
+    def parse(cls, parameters: Mapping[str, Any]) -> _Override:
+        """Check every parameter; raises RepositoryError naming the first bad one."""
+        config = None
+        files: dict[PurePosixPath, bytes] = {}
+        for key, value in parameters.items():
+            if key == "config":
+                config = _config_parameter(value)
+            elif isinstance(key, str) and key.startswith("file:"):
+                files[_file_path(key)] = _file_content(key, value)
+            else:
+                raise RepositoryError(f"load parameter '{key}' is not supported (supported: 'config', "
+                                      "'file:<version>/<filename>')")
+        if files and config is None:
+            raise RepositoryError(f"load parameter '{next(iter(parameters))}' needs the 'config' parameter too: "
+                                  "files make a new model folder, and its config comes only from 'config'")
+        return cls(config, files)
+
+
+def _config_parameter(value: Any) -> model_config_pb2.ModelConfig:
+    if not isinstance(value, str):
+        raise RepositoryError(f"load parameter 'config' must be a string, a ModelConfig in JSON; got "
+                              f"{type(value).__name__}")
+    try:
+        return json_format.Parse(value, model_config_pb2.ModelConfig())
+    except json_format.ParseError as exc:
+        raise RepositoryError(f"load parameter 'config' is not a ModelConfig in JSON: {exc}") from None
+
+
+def _file_path(key: str) -> PurePosixPath:
+    path = PurePosixPath(key[len("file:"):])
+    parts = path.parts
+    if len(parts) < 2 or path.is_absolute() or any(part in ("", ".", "..") for part in parts):
+        raise RepositoryError(f"load parameter '{key}': the path must be <version>/<filename> inside the "
+                              "model folder")
+    return path
+
+
+def _file_content(key: str, value: Any) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if not isinstance(value, str):
+        raise RepositoryError(f"load parameter '{key}' must be the file's contents in base64, got "
+                              f"{type(value).__name__}")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise RepositoryError(f"load parameter '{key}' is not valid base64: {exc}") from None
+
+
+def _load(repository: Path, name: str, override: _Override | None = None) -> tuple[Any, str, Path | None]:
+    """(LoadedModel, "", folder) or (None, reason, folder); never raises for a problem of the model.
+    `folder` is the temporary folder made from the override's files (None without files)."""
     from servers.triton.repository import ModelLoadError, load_model
 
+    folder = None
     try:
-        return load_model(repository, name), ""
+        if override is not None and override.files:
+            folder = Path(tempfile.mkdtemp(prefix="triton-load-"))
+            repository = folder
+            for path, content in override.files.items():
+                target = folder / name / path
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(content)
+        return load_model(repository, name, override.config if override else None), "", folder
     except ModelLoadError as exc:
-        return None, str(exc)
+        return None, str(exc), folder
     except Exception as exc:  # noqa: BLE001 - a model's own code failing must not stop the server
-        return None, f"model '{name}': {type(exc).__name__}: {exc}"
+        return None, f"model '{name}': {type(exc).__name__}: {exc}", folder
 
 
 def _model_names(repository: Path) -> list[str]:

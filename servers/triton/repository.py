@@ -7,7 +7,8 @@
 whose message names the model and the field or file at fault:
 
 1. config.pbtxt is parsed with protobuf's text_format into tritonclient's ModelConfig (it may be
-   absent for an ONNX model: the ONNX backend fills the config in from the graph);
+   absent for an ONNX model: the ONNX backend fills the config in from the graph); a config passed
+   in (a load request's "config" parameter) takes its place, and config.pbtxt is not read;
 2. platform/backend are resolved to one supported backend and both written as Triton reports them;
 3. the version policy (default latest 1) selects version folders, each must hold the model file
    (`default_model_filename` or the backend's default name);
@@ -102,8 +103,9 @@ def model_names(repository: Path) -> list[str]:
     return sorted(entry.name for entry in repository.iterdir() if entry.is_dir() and not entry.name.startswith("."))
 
 
-def load_model(repository: Path, name: str) -> LoadedModel:
+def load_model(repository: Path, name: str, config: model_config_pb2.ModelConfig | None = None) -> LoadedModel:
     """Read, check and load the model folder `repository/name`; raises ModelLoadError for any problem.
+    `config`, when given, is used instead of the folder's config.pbtxt (and is not changed).
 
     Example:
         loaded = load_model(Path("models"), "mlp")
@@ -116,7 +118,10 @@ def load_model(repository: Path, name: str) -> LoadedModel:
     versions = _version_folders(model_dir)
     if not versions:
         raise ModelLoadError(name, "no version folder (1/, 2/, ...)")
-    config = _read_config(model_dir, name, versions)
+    if config is None:
+        config = _read_config(model_dir, name, versions)
+    else:
+        config = _overriding_config(config, name)
     backend = _resolve_backend(config, name)
     selected = _select_versions(config, versions, name)
     files = {version: _model_file(versions[version], config, backend, name) for version in selected}
@@ -164,6 +169,15 @@ def _read_config(model_dir: Path, name: str, versions: dict[int, Path]) -> model
         raise ModelLoadError(name, f"config.pbtxt {where}: {message}") from exc
     if config.name and config.name != name:
         raise ModelLoadError(name, f"config.pbtxt name: '{config.name}' differs from the folder name '{name}'")
+    config.name = name
+    return config
+
+
+def _overriding_config(override: model_config_pb2.ModelConfig, name: str) -> model_config_pb2.ModelConfig:
+    if override.name and override.name != name:
+        raise ModelLoadError(name, f"config name: '{override.name}' differs from the model name '{name}'")
+    config = model_config_pb2.ModelConfig()
+    config.CopyFrom(override)
     config.name = name
     return config
 
