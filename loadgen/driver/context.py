@@ -9,8 +9,9 @@ A client that streams (`client.streams`, protocol openai) returns StreamOutcomes
 then `record_stream`, chosen once here, so other protocols pay nothing per request for it.
 
 In a distributed run (loadgen/driver/worker.py) a worker's context sends one `share` of the open-loop
-schedule, may take over more shares mid-run (`take_over`, a dispatcher each), and hands each closed
-interval to `on_interval`, which ships it to the master.
+schedule, may take over more shares mid-run (`take_over`, a dispatcher each), may be told to leave its
+shares from an instant on (`end_dispatching_at`, when the master reshuffles the schedule for a worker
+that joined), and hands each closed interval to `on_interval`, which ships it to the master.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ class LoadContext:
         self.dispatcher: Dispatcher | None = None
         self.share = share
         """The arrivals of the open-loop schedule this process sends: (k, n) keeps every n-th from k."""
+        self.share_start_s = 0.0
+        """Seconds into the run from which `share` is sent (a worker that joined a run mid-way)."""
         self.takeovers: list[Dispatcher] = []
         """Dispatchers of shares taken over mid-run from a lost worker (distributed runs)."""
         self.on_interval: Callable[[], None] | None = None
@@ -155,23 +158,33 @@ class LoadContext:
     def record_dropped(self, intended_t: float) -> None:
         self.recorder.record_dropped(intended_t)
 
-    def run_open_loop(self) -> None:
-        """Dispatch the whole open-loop schedule (blocks until it ends or is stopped)."""
+    def record_unsent(self, count: int) -> None:
+        self.recorder.record_unsent(count)
+
+    def _dispatcher(self) -> Dispatcher:
         pattern = self.pattern
         assert isinstance(pattern, OpenLoop)
-        self.dispatcher = Dispatcher(
-            self.client.send, self.on_outcome, self.record_dropped, pattern.max_in_flight
-        )
-        self.dispatcher.run(self.start_t, schedule(pattern, share=self.share))
+        return Dispatcher(self.client.send, self.on_outcome, self.record_dropped, pattern.max_in_flight,
+                          on_unsent=self.record_unsent)
+
+    def run_open_loop(self) -> None:
+        """Dispatch the whole open-loop schedule (blocks until it ends or is stopped)."""
+        self.dispatcher = self._dispatcher()
+        self.dispatcher.run(self.start_t, schedule(self.pattern, share=self.share, start_s=self.share_start_s))
 
     def take_over(self, share: tuple[int, int], start_s: float) -> None:
         """Dispatch `share` of the schedule from `start_s` on, beside this process's own share (blocks
         until it ends or is stopped). Its arrivals have their own in-flight cap of max_in_flight."""
-        pattern = self.pattern
-        assert isinstance(pattern, OpenLoop)
-        dispatcher = Dispatcher(self.client.send, self.on_outcome, self.record_dropped, pattern.max_in_flight)
+        dispatcher = self._dispatcher()
         self.takeovers.append(dispatcher)
-        dispatcher.run(self.start_t, schedule(pattern, share=share, start_s=start_s))
+        dispatcher.run(self.start_t, schedule(self.pattern, share=share, start_s=start_s))
+
+    def end_dispatching_at(self, end_s: float) -> None:
+        """Leave every arrival from `end_s` seconds into the run on to other dispatchers: each share this
+        process sends now stops there (a distributed run reshuffles its shares from that instant)."""
+        for dispatcher in (self.dispatcher, *self.takeovers):
+            if dispatcher is not None:
+                dispatcher.end_at(self.start_t + end_s)
 
     def stop_dispatching(self) -> None:
         """Start no further open-loop arrivals, of any share (in-flight requests go on)."""

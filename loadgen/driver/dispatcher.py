@@ -9,7 +9,15 @@ Measurement rules kept here:
 - an arrival whose instant has passed is started at once and keeps its intended time, so the
   waiting counts in its latency (no coordinated omission) and shows as lag;
 - an arrival that finds `max_in_flight` requests outstanding is dropped and counted, never
-  queued or delayed silently.
+  queued or delayed silently;
+- an arrival still ahead of the dispatcher when it is stopped (the run ended, or was stopped, while
+  the dispatcher was behind: a host stall longer than the run's backstop) is counted as unsent when its
+  instant had come by the stop, so every arrival due in the run window is exactly one of started,
+  dropped or unsent. Arrivals after the stop instant were never due and are not counted.
+
+A dispatcher can also be given an end (`end_at`): arrivals from that instant on belong to another
+dispatcher (a distributed run reshuffled its shares) and it returns, counting nothing, when it
+reaches the first of them.
 """
 
 from __future__ import annotations
@@ -41,7 +49,8 @@ _SPIN_FRACTION = 0.1
 class Dispatcher:
     """Walks `schedule` from `start_t`, calling `send(intended_t)` in a greenlet per arrival.
 
-    `on_outcome` receives every Outcome; `on_dropped` every intended time that was dropped.
+    `on_outcome` receives every Outcome; `on_dropped` every intended time that was dropped;
+    `on_unsent` the count of arrivals left unsent when it was stopped (once, when it returns).
     """
 
     def __init__(
@@ -50,49 +59,92 @@ class Dispatcher:
         on_outcome: Callable[[Outcome], None],
         on_dropped: Callable[[float], None],
         max_in_flight: int,
+        on_unsent: Callable[[int], None] | None = None,
     ) -> None:
         self._send = send
         self._on_outcome = on_outcome
         self._on_dropped = on_dropped
+        self._on_unsent = on_unsent
         self.max_in_flight = max_in_flight
         self.in_flight = 0
         self.peak_in_flight = 0
+        self.unsent = 0
+        """Arrivals due by the stop instant that were never started."""
         self._stop = Event()
+        self._stop_t = float("inf")  # arrivals due before this instant and not started are unsent
+        self._end_t = float("inf")  # arrivals from this instant on are not this dispatcher's
+        self._waiting_for = float("inf")
         self._timer: TimerFD | None = None
         self._idle = Event()
         self._idle.set()
 
     def stop(self) -> None:
-        """Start no further arrivals (in-flight requests go on)."""
-        self._stop.set()
+        """Start no further arrivals (in-flight requests go on); those already due count as unsent."""
+        if not self._stop.is_set():
+            self._stop_t = time.monotonic()
+            self._stop.set()
         if self._timer is not None:
             self._timer.arm(0.0)  # wake the dispatcher now rather than at the next arrival
 
+    def end_at(self, end_t: float) -> None:
+        """Leave the arrivals from `end_t` (monotonic) on to another dispatcher: return on reaching one."""
+        self._end_t = min(self._end_t, end_t)
+        if self._timer is not None and self._waiting_for >= self._end_t:
+            self._timer.arm(self._end_t)  # waiting for an arrival that is no longer ours: stop waiting
+
     def run(self, start_t: float, schedule: Iterable[np.ndarray]) -> None:
-        """Dispatch every arrival of `schedule` (offsets in seconds) unless stopped first."""
+        """Dispatch every arrival of `schedule` (offsets in seconds) unless stopped first.
+
+        However it returns (stopped, or its greenlet killed: a kill counts as a stop at that instant),
+        the arrivals it had not reached that were due by the stop are counted as unsent.
+        """
         reduce_timer_slack()
         timer = self._timer = TimerFD()
         hub = get_hub()
         watcher = hub.loop.io(timer.fileno(), 1)
+        chunks = iter(schedule)
+        arrivals: list[float] = []
+        handled = 0  # arrivals[:handled] were started or dropped
         try:
-            for chunk in schedule:
-                for intended_t in (start_t + chunk).tolist():
-                    if self._stop.is_set():
+            for chunk in chunks:
+                arrivals, handled = (start_t + chunk).tolist(), 0
+                for intended_t in arrivals:
+                    if intended_t >= self._end_t or self._stop.is_set():
                         return
                     wait = intended_t - time.monotonic()
                     if wait > _EARLY_S:
-                        timer.arm(intended_t - min(_SPIN_S, wait * _SPIN_FRACTION))
+                        self._waiting_for = intended_t
+                        timer.arm(min(intended_t - min(_SPIN_S, wait * _SPIN_FRACTION), self._end_t))
                         hub.wait(watcher)
                         timer.consume()
-                        if self._stop.is_set():
+                        self._waiting_for = float("inf")
+                        if intended_t >= self._end_t or self._stop.is_set():
                             return
                     while time.monotonic() < intended_t:  # never early, even by microseconds
                         pass
+                    handled += 1
                     self._start(intended_t)
         finally:
             watcher.close()
             self._timer = None
             timer.close()
+            self._count_unsent(start_t, arrivals[handled:], chunks)
+
+    def _count_unsent(self, start_t: float, rest: list[float], chunks: Iterable[np.ndarray]) -> None:
+        """Count the arrivals of `rest` and of the chunks after it that were due by the stop (and ours)."""
+        if not self._stop.is_set():
+            self._stop_t = time.monotonic()  # ended otherwise than by stop(): by a kill, at this instant
+        limit = min(self._stop_t, self._end_t)
+        count = sum(1 for intended_t in rest if intended_t < limit)
+        if not rest or rest[-1] < limit:
+            for chunk in chunks:
+                due = int(np.count_nonzero(start_t + chunk < limit))
+                count += due
+                if due < len(chunk):
+                    break
+        self.unsent += count
+        if count and self._on_unsent is not None:
+            self._on_unsent(count)
 
     def _start(self, intended_t: float) -> None:
         if self.in_flight >= self.max_in_flight:

@@ -281,6 +281,8 @@ def combined_generator(
     lag = merged.percentiles_ms("lag")
     if open_loop and lag["p99"] > max_lag_ms and not any(r.startswith("schedule lag") for r in reasons):
         reasons.append(f"schedule lag p99 {lag['p99']:.3f} ms > {max_lag_ms} ms (all workers)")
+    if open_loop and merged.unsent and not any("never sent" in r for r in reasons):
+        reasons.append(f"{merged.unsent} scheduled arrivals never sent (all workers)")
     if master_cpu > 0.95:
         reasons.append(f"generator CPU at {master_cpu:.0%} of a core on the master")
     finals = [worker.get("generator") or {} for worker in workers]
@@ -290,6 +292,7 @@ def combined_generator(
         "bound_workers": sorted(set(bound_workers), key=str),
         "lag_ms": lag,
         "dropped": merged.dropped,
+        "unsent": merged.unsent,
         "cpu_fraction": round(max([g.get("cpu_fraction", 0.0) for g in finals] or [0.0]), 3),
         "master_cpu_fraction": round(master_cpu, 3),
         "peak_in_flight": sum(g.get("peak_in_flight", 0) or 0 for g in finals),

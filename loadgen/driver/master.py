@@ -123,6 +123,7 @@ class _Worker:
             "ok": figures.ok,
             "errors": dict(sorted(figures.errors.items())),
             "dropped": figures.dropped,
+            "unsent": figures.unsent,
             "sent": figures.sent,
             "completed_in_window": figures.completed_in_window,
             "latency_ms": figures.percentiles_ms("latency"),

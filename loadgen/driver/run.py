@@ -39,7 +39,7 @@ from servers.core.keepawake import KeepAwake
 if TYPE_CHECKING:
     from loadgen.driver.master import Cluster
 
-__all__ = ["RunResult", "drain", "execute", "result_of", "self_check"]
+__all__ = ["RunResult", "drain", "execute", "result_of", "self_check", "unsent_reason"]
 
 _LEAD_S = 0.05  # the run starts this long after setup, so the dispatcher is waiting at t = 0
 
@@ -200,6 +200,12 @@ def _offered_rps(pattern: Any, duration: float) -> float:
     return profile_of(pattern).count_by(duration) / duration
 
 
+def unsent_reason(unsent: int) -> str:
+    """The self-check's words for arrivals never sent (kept by a sweep's measured-part re-judging)."""
+    return (f"{unsent} scheduled arrivals never sent: the generator was still behind its schedule when "
+            "dispatching stopped (a stalled host?)")
+
+
 def self_check(ctx: LoadContext, scenario: Scenario, cpu: float) -> dict[str, Any]:
     """The generator's own health: could it keep its schedule? Every output carries this."""
     figures = ctx.recorder.cumulative
@@ -210,6 +216,8 @@ def self_check(ctx: LoadContext, scenario: Scenario, cpu: float) -> dict[str, An
     reasons = []
     if dropped:
         reasons.append(f"{dropped} arrivals dropped at the in-flight cap of {dispatcher.max_in_flight}")
+    if figures.unsent:
+        reasons.append(unsent_reason(figures.unsent))
     if dispatcher is not None and lag["p99"] > scenario.output.max_lag_ms:
         reasons.append(f"schedule lag p99 {lag['p99']:.3f} ms > {scenario.output.max_lag_ms} ms")
     if cpu > 0.95:
@@ -219,6 +227,7 @@ def self_check(ctx: LoadContext, scenario: Scenario, cpu: float) -> dict[str, An
         "reasons": reasons,
         "lag_ms": lag,
         "dropped": dropped,
+        "unsent": figures.unsent,
         "cpu_fraction": round(cpu, 3),
         "peak_in_flight": peak if dispatcher else ctx.peak_in_flight,
         "max_in_flight": dispatcher.max_in_flight if dispatcher else None,

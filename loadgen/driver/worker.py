@@ -151,6 +151,7 @@ class _WorkerRun:
         interrupted = self.stop.is_set() and time.monotonic() < ctx.end_t
         ctx.stopping = True
         ctx.stop_dispatching()
+        gevent.joinall(self._extra, timeout=1.0)  # stopped take-overs return, counting what they left unsent
         drain(ctx, _INTERRUPT_DRAIN_S if interrupted else scenario.target.timeout + 1.0)
         runner.user_greenlets.kill(block=True)
         end_t = time.monotonic()

@@ -21,7 +21,7 @@ from loadgen.recorder._hdr import mean_value, new_histogram, values_at_percentil
 
 HISTOGRAMS = ("latency", "service", "lag")
 """Names of the histogram fields, in the order the sinks show them."""
-COUNTERS = ("ok", "dropped", "out_of_range", "completed_in_window", "sent")
+COUNTERS = ("ok", "dropped", "out_of_range", "completed_in_window", "sent", "unsent")
 """Names of the integer counter fields (errors, a dict, is handled beside them)."""
 STREAM_HISTOGRAMS = ("ttft", "ttft_service", "itl", "tpot")
 """Names of the StreamFigures histogram fields, in the order the sinks show them."""
@@ -98,6 +98,9 @@ class HistogramSet:
     """Failed responses by error kind ("http_503", "timeout", ...)."""
     dropped: int = 0
     """Arrivals that could not be started (in-flight cap reached); they have no latency."""
+    unsent: int = 0
+    """Arrivals of the run window never started: the run ended or was stopped while the dispatcher was
+    behind them (a stalled host); they have no latency."""
     out_of_range: int = 0
     """Values clamped into the histogram range before recording (all three histograms)."""
     completed_in_window: int = 0

@@ -17,6 +17,9 @@ when it succeeded, else a short string such as "http_503", "timeout", "connect",
 - Only successful requests enter the latency and service histograms. Every request, ok or error,
   enters lag. Errors are counted by kind.
 - A dropped arrival (could not be started: in-flight cap reached) is counted and has no latency.
+- An unsent arrival (scheduled inside the run window, never started: the dispatcher was stopped, by
+  the end of the run or a stop, while still behind it) is counted and has no latency. Every arrival
+  of the window is exactly one of: started (sent, or still in flight at the end), dropped, unsent.
 - completed_in_window counts responses (ok or error) with done_t <= window_end_t, judged when the
   sample is flushed; achieved rate is that count over the run's duration.
 - sent counts record() calls.
@@ -112,6 +115,7 @@ class Recorder:
         self._ok_done: list[float] = []
         self._failed: list[tuple[float, float, float, str]] = []
         self._dropped = 0
+        self._unsent = 0
         self._streams: list[tuple[float, float, float, Sequence[float], int]] = []
 
     def _new_set(self) -> HistogramSet:
@@ -144,6 +148,10 @@ class Recorder:
     def record_dropped(self, intended_t: float) -> None:
         """Count an arrival that could not be started; it has no latency."""
         self._dropped += 1
+
+    def record_unsent(self, count: int) -> None:
+        """Count `count` arrivals of the run window that were never started; they have no latency."""
+        self._unsent += count
 
     def flush(self) -> None:
         """Move every buffered sample into the current interval's histograms and counters."""
@@ -203,17 +211,19 @@ class Recorder:
         self.cumulative.add(interval.figures)
         self.intervals.append(interval)
 
-    def _take_buffers(self) -> tuple[list[float], list[float], list[float], list, int, list]:
+    def _take_buffers(self) -> tuple[list[float], list[float], list[float], list, tuple[int, int], list]:
         """Hand over every buffered sample and start empty buffers (record() appends to the new ones)."""
-        taken = (self._ok_intended, self._ok_sent, self._ok_done, self._failed, self._dropped, self._streams)
+        taken = (self._ok_intended, self._ok_sent, self._ok_done, self._failed, (self._dropped, self._unsent),
+                 self._streams)
         self._ok_intended, self._ok_sent, self._ok_done, self._failed = [], [], [], []
-        self._dropped = 0
+        self._dropped = self._unsent = 0
         self._streams = []
         return taken
 
     def _flush_steps(self, figures: HistogramSet, taken: tuple) -> Iterator[None]:
-        ok_intended, ok_sent, ok_done, failed, dropped, streams = taken
+        ok_intended, ok_sent, ok_done, failed, (dropped, unsent), streams = taken
         figures.dropped += dropped
+        figures.unsent += unsent
         if ok_done:
             intended, sent, done = (np.array(column, dtype=np.float64) for column in (ok_intended, ok_sent, ok_done))
             figures.out_of_range += record_many(figures.latency, _to_us(done - intended))
@@ -276,4 +286,4 @@ def _to_us(seconds: np.ndarray) -> np.ndarray:
 
 
 def _is_empty(figures: HistogramSet) -> bool:
-    return figures.sent == 0 and figures.requests == 0 and figures.dropped == 0
+    return figures.sent == 0 and figures.requests == 0 and figures.dropped == 0 and figures.unsent == 0

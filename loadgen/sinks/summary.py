@@ -28,6 +28,10 @@ def build_summary(
     `generator` carries the generator's own health (lag, CPU, in-flight figures, "bound" and its
     "reasons"); it is kept whole. `extra` keys are added last.
 
+    Every arrival of an open-loop run window is in exactly one count: started ("sent": answered, or
+    still in flight at the end), "dropped" (in-flight cap) or "unsent" (never started: the dispatcher was
+    still behind it when dispatching stopped).
+
     >>> summary = build_summary(rec, offered_rps=500.0, duration_s=60.0, generator=health)  # doctest: +SKIP
     >>> summary["latency_ms"]["p99"]  # doctest: +SKIP
     12.345
@@ -42,6 +46,7 @@ def build_summary(
         "ok": figures.ok,
         "errors": dict(sorted(figures.errors.items())),
         "dropped": figures.dropped,
+        "unsent": figures.unsent,
         "out_of_range": figures.out_of_range,
         "sent": figures.sent,
         "completed_in_window": figures.completed_in_window,

@@ -8,7 +8,7 @@ text, so it reads the same in a CI log as in a terminal.
     service       2.539     3.637     3.923     3.943     3.949     2.502
     lag           0.050     0.050     0.050     0.050     0.050     0.050
     rate     offered 500.0/s   sent 500.0/s   achieved 500.0/s
-    count    1000 requests, 980 ok, 20 errors (http_503 20), 1 dropped
+    count    1000 requests, 980 ok, 20 errors (http_503 20), 1 dropped, 0 unsent
     GENERATOR-BOUND: lag p99 2.1 ms > 1 ms (these figures describe the generator, not the endpoint)
 
 A streamed run (protocol openai) adds rows ttft, itl and tpot after lag, and a tokens line with the
@@ -39,8 +39,8 @@ def render_table(summary: dict[str, Any]) -> str:
     if "output_tokens_per_s" in summary:
         lines.append(_tokens_line(summary))
     lines.append(_counts_line(summary))
-    if summary.get("generator_bound"):
-        lines.append(_bound_line(summary.get("generator", {})))
+    if summary.get("generator_bound") or summary.get("unsent"):
+        lines.append(_bound_line(summary.get("generator", {}), summary.get("unsent", 0)))
     if "slo" in summary:
         lines.extend(_slo_lines(summary["slo"]))
     return "\n".join(lines)
@@ -82,13 +82,19 @@ def _counts_line(summary: dict[str, Any]) -> str:
     kinds = ", ".join(f"{kind} {count}" for kind, count in sorted(errors.items()))
     parts.append(f"{error_count} errors ({kinds})" if kinds else "0 errors")
     parts.append(f"{summary.get('dropped', 0)} dropped")
+    parts.append(f"{summary.get('unsent', 0)} unsent")
     if summary.get("out_of_range"):
         parts.append(f"{summary['out_of_range']} values out of histogram range (clamped)")
     return f"{'count':<{_LABEL_WIDTH}}" + ", ".join(parts)
 
 
-def _bound_line(generator: dict[str, Any]) -> str:
-    reasons = generator.get("reasons") or "no reason given"
-    if not isinstance(reasons, str):
-        reasons = "; ".join(str(reason) for reason in reasons)
+def _bound_line(generator: dict[str, Any], unsent: int = 0) -> str:
+    """The generator-bound warning; arrivals never sent are always named in it."""
+    reasons = generator.get("reasons") or []
+    if isinstance(reasons, str):
+        reasons = [reasons]
+    reasons = [str(reason) for reason in reasons]
+    if unsent and not any("never sent" in reason for reason in reasons):
+        reasons.append(f"{unsent} scheduled arrivals never sent")
+    reasons = "; ".join(reasons) or "no reason given"
     return f"GENERATOR-BOUND: {reasons} (these figures describe the generator, not the endpoint)"
