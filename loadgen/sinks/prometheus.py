@@ -11,6 +11,8 @@ Metrics (all times in seconds; latency, service and lag as measured in loadgen/r
   error kind ("http_503", "timeout", ...).
 - `loadgen_sent_total`, `loadgen_dropped_total`, `loadgen_out_of_range_total`  counters: requests
   sent, arrivals dropped at the in-flight cap, values clamped into the histogram range.
+- `loadgen_unsent_total`  counter: arrivals of the run window never sent (the generator was still
+  behind them when dispatching stopped).
 - `loadgen_latency_seconds`, `loadgen_service_seconds`  histograms of the run's successful
   requests, with log-spaced buckets (`BUCKETS_S`: x1.25 from 100 us to 60 s). A bucket counts every
   HDR bucket that starts at or below its bound, so it is exact to HDR's precision (0.1 %); `+Inf`
@@ -117,6 +119,7 @@ class _Counts:
     sent: int
     dropped: int
     out_of_range: int
+    unsent: int = 0
 
 
 @dataclass(frozen=True)
@@ -222,6 +225,7 @@ def _snapshot_of(recorder: Recorder, window: HistogramSet) -> _Snapshot:
         sent=cumulative.sent,
         dropped=cumulative.dropped,
         out_of_range=cumulative.out_of_range,
+        unsent=cumulative.unsent,
     )
     return _Snapshot(
         intervals=len(intervals),
@@ -269,6 +273,7 @@ def _counter_families(counts: _Counts) -> Iterator[Metric]:
     yield CounterMetricFamily("loadgen_dropped", "Arrivals dropped at the in-flight cap.", value=counts.dropped)
     yield CounterMetricFamily("loadgen_out_of_range", "Values clamped into the histogram range.",
                               value=counts.out_of_range)
+    yield CounterMetricFamily("loadgen_unsent", "Arrivals of the run window never sent.", value=counts.unsent)
 
 
 def _histogram_families(snapshot: _Snapshot) -> Iterator[Metric]:
