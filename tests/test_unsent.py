@@ -19,11 +19,14 @@ from pathlib import Path
 import gevent
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry
 
 from loadgen.driver.dispatcher import Dispatcher
 from loadgen.outcome import Outcome
 from loadgen.patterns.schedule import schedule, schedule_offsets
+from loadgen.recorder import Recorder
 from loadgen.scenario import OpenLoop
+from loadgen.sinks.prometheus import RunCollector
 from tests.conftest import ROOT, loadgen_cmd, pin, stop_process
 from tests.test_distributed import Master, start_worker
 
@@ -190,3 +193,23 @@ def test_distributed_run_with_a_stalled_worker_counts_every_arrival(calibration_
     assert summary["generator_bound"] and not summary["distributed"]["lost"]
     assert any("never sent" in reason and "worker" in reason for reason in summary["generator"]["reasons"])
     assert server.info()["requests"] == summary["sent"] + summary["warmup_requests"]
+
+
+def test_unsent_arrivals_are_exported_to_prometheus() -> None:
+    class View:
+        in_flight = 0
+
+        def __init__(self, recorder: Recorder) -> None:
+            self.recorder = recorder
+
+        def offered_rps_now(self) -> float:
+            return 0.0
+
+    recorder = Recorder(start_t=10.0)
+    recorder.record(10.0, 10.0, 10.001, None)
+    recorder.record_unsent(7)
+    recorder.finish(11.0)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(RunCollector(View(recorder)))
+    assert registry.get_sample_value("loadgen_unsent_total") == 7
+    assert registry.get_sample_value("loadgen_dropped_total") == 0
