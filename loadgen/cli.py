@@ -103,6 +103,9 @@ def run(
                               "instead of unary ModelInfer.")] = False,
     batch_size: Annotated[int | None, typer.Option(
         "--batch-size", "-b", help="kserve-*: rows per request for a batching model (as perf_analyzer's -b).")] = None,
+    check_response: Annotated[bool, typer.Option(
+        "--check-response", help="kserve-*: check each answer's output names, datatypes and shapes against "
+                                 "the model's metadata (a wrong one is an invalid_response error).")] = False,
     tensor_format: Annotated[str | None, typer.Option(
         help="kserve-http: binary (the binary tensor extension, as tritonclient and perf_analyzer send), "
              "json, or auto (default: binary when the server lists binary_tensor_data).")] = None,
@@ -177,6 +180,7 @@ def run(
         "target.stream": True if grpc_stream else None,
         "target.tensor_format": tensor_format,
         "target.batch_size": batch_size,
+        "target.check_response": True if check_response else None,
         "open_loop.rate": rate,
         "open_loop.arrival": arrival,
         "open_loop.max_in_flight": max_in_flight,

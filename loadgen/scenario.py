@@ -197,6 +197,9 @@ class Target(_Strict):
     batch_size: int = Field(default=1, ge=1)
     """kserve-*: rows per request for a batching model (perf_analyzer's -b): synthetic tensors get this
     leading dimension, input_data entries are repeated this many times."""
+    check_response: bool = False
+    """kserve-*: check every answer against the model's metadata: each declared output present, with
+    its datatype and shape (a wrong one is an invalid_response error; the run goes on)."""
     tensor_format: Literal["auto", "binary", "json"] = "auto"
     """kserve-http: inputs and outputs as the binary tensor data extension (what tritonclient and
     perf_analyzer send) or as JSON values; "auto": binary when the server lists binary_tensor_data
@@ -242,8 +245,9 @@ class Target(_Strict):
         if self.stream and self.protocol != "kserve-grpc":
             raise ValueError(f"stream: only for protocol kserve-grpc, not {self.protocol!r}")
         if not self.protocol.startswith("kserve") and (self.shapes or self.input_data is not None
-                                                       or self.batch_size != 1):
-            raise ValueError(f"shapes, input_data, batch_size: only for the kserve protocols, not {self.protocol!r}")
+                                                       or self.batch_size != 1 or self.check_response):
+            raise ValueError("shapes, input_data, batch_size, check_response: only for the kserve protocols, "
+                             f"not {self.protocol!r}")
         if self.bearer_token_env is not None and not os.environ.get(self.bearer_token_env):
             raise ValueError(f"bearer_token_env: environment variable {self.bearer_token_env} is not set")
         return self

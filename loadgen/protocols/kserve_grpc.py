@@ -25,7 +25,7 @@ from loadgen.outcome import Outcome
 from loadgen.protocols import warm_up
 from loadgen.protocols._grpc_common import call_metadata, grpc_address, open_channel, rpc_failure
 from loadgen.protocols.grpc_h2 import STATUS_NAMES, H2Channel
-from loadgen.protocols.request_data import check_outputs, from_raw, request_data, to_raw
+from loadgen.protocols.request_data import check_answer, from_raw, request_data, to_raw
 from loadgen.scenario import Target
 
 __all__ = ["KServeGrpcClient", "build_infer_request"]
@@ -43,7 +43,7 @@ class KServeGrpcClient:
         self._channel = open_channel(target.url, target.ca_file)
         self._metadata = call_metadata(target.auth_headers())
         self._requests: list[bytes] = []
-        self._expected: list[dict] | None = None
+        self._checks: list[tuple] | None = None  # per request: (expected values, output specs)
         self._next = 0
         import grpc
 
@@ -94,7 +94,9 @@ class KServeGrpcClient:
                             self.target.batch_size)
         self._requests = [build_infer_request(model, version, tensors) for tensors in data.tensors]
         self.request = self._requests[0]
-        self._expected = data.expected
+        if self.target.check_response:
+            data.with_specs(self.metadata)
+        self._checks = data.checks()
         if not self.target.stream:
             self._h2 = self._open_h2()
         warm_up(self, f"ModelInfer of {self.target.model!r}")
@@ -123,10 +125,10 @@ class KServeGrpcClient:
         if reply.status != 0:
             return Outcome(intended_t, sent_t, done_t, f"grpc_{STATUS_NAMES.get(reply.status, 'unknown')}",
                            reply.message)
-        if self._expected is not None:
+        if self._checks is not None:
             from tritonclient.grpc import service_pb2 as pb
 
-            problem = _check(pb.ModelInferResponse.FromString(response), self._expected[index])
+            problem = _check(pb.ModelInferResponse.FromString(response), *self._checks[index])
             if problem is not None:
                 return Outcome(intended_t, sent_t, done_t, "invalid_response", problem, len(response))
         return Outcome(intended_t, sent_t, done_t, None, "", len(response))
@@ -155,8 +157,8 @@ class KServeGrpcClient:
         message = pb.ModelStreamInferResponse.FromString(raw)
         if message.error_message:
             return Outcome(intended_t, sent_t, done_t, "stream_error", message.error_message, len(raw))
-        if self._expected is not None:
-            problem = _check(message.infer_response, self._expected[index])
+        if self._checks is not None:
+            problem = _check(message.infer_response, *self._checks[index])
             if problem is not None:
                 return Outcome(intended_t, sent_t, done_t, "invalid_response", problem, len(raw))
         return Outcome(intended_t, sent_t, done_t, None, "", len(raw))
@@ -205,11 +207,15 @@ class _Stream:
         self._responses.cancel()
 
 
-def _check(message: Any, expected: dict) -> str | None:
-    """A ModelInferResponse's raw outputs against the expected ones (perf_analyzer validation data)."""
-    outputs = {tensor.name: from_raw(tensor.datatype, list(tensor.shape), raw)
-               for tensor, raw in zip(message.outputs, message.raw_output_contents)}
-    return check_outputs(outputs, expected)
+def _check(message: Any, expected: dict | None, specs: dict | None) -> str | None:
+    """A ModelInferResponse's raw outputs against the model's declared outputs and the expected values
+    (perf_analyzer validation data), whichever are given."""
+    try:
+        outputs = {tensor.name: (tensor.datatype, list(tensor.shape), from_raw(tensor.datatype, list(tensor.shape), raw))
+                   for tensor, raw in zip(message.outputs, message.raw_output_contents, strict=True)}
+    except ValueError as exc:  # raw contents that do not fit the shape, or not one per output
+        return f"outputs do not match their raw contents: {exc}"
+    return check_answer(outputs, expected, specs)
 
 
 def build_infer_request(model: str, version: str, tensors: list[dict[str, Any]]) -> bytes:

@@ -29,7 +29,7 @@ from loadgen.errors import (
 from loadgen.outcome import Outcome
 from loadgen.protocols import warm_up
 from loadgen.protocols.http1 import Http1Pool, Response, build_request
-from loadgen.protocols.request_data import check_outputs, from_raw, request_data, to_raw
+from loadgen.protocols.request_data import check_answer, from_raw, request_data, to_raw
 from loadgen.scenario import Target
 
 __all__ = ["KServeHttpClient"]
@@ -58,7 +58,7 @@ class KServeHttpClient:
         self.metadata: dict[str, Any] = {}
         self.request = b""
         self._requests: list[bytes] = []
-        self._expected: list[dict] | None = None
+        self._checks: list[tuple] | None = None  # per request: (expected values, output specs)
         self._next = 0
         self._headers = target.auth_headers()
         self.warmup_requests = 0
@@ -120,7 +120,9 @@ class KServeHttpClient:
             headers = {**self._headers, **headers}
             self._requests.append(build_request("POST", self._netloc, self._infer_path, body, headers))
         self.request = self._requests[0]
-        self._expected = data.expected
+        if self.target.check_response:
+            data.with_specs(self.metadata)
+        self._checks = data.checks()
         warm_up(self, f"POST {self._infer_path}")
         return self.metadata
 
@@ -139,8 +141,8 @@ class KServeHttpClient:
         if response.status != 200:
             error = f"http_{response.status}"
             return Outcome(intended_t, sent_t, done_t, error, _error_text(response.body), len(response.body))
-        if self._expected is not None:
-            problem = _check(response, self._expected[index])
+        if self._checks is not None:
+            problem = _check(response, *self._checks[index])
             if problem is not None:
                 return Outcome(intended_t, sent_t, done_t, "invalid_response", problem, len(response.body))
         return Outcome(intended_t, sent_t, done_t, None, "", len(response.body))
@@ -166,26 +168,27 @@ def _binary_body(tensors: list[dict[str, Any]]) -> tuple[bytes, dict[str, str]]:
                                       "Inference-Header-Content-Length": str(len(header))}
 
 
-def _check(response: Response, expected: dict) -> str | None:
-    """The response's outputs (JSON values or binary blobs) against the expected ones (perf_analyzer
-    validation data)."""
+def _check(response: Response, expected: dict | None, specs: dict | None) -> str | None:
+    """The response's outputs (JSON values or binary blobs) against the model's declared outputs and
+    the expected values (perf_analyzer validation data), whichever are given."""
     body = response.body
     header_length = response.headers.get("inference-header-content-length")
     try:
         size = int(header_length) if header_length is not None else len(body)
         offset, outputs = size, {}
         for tensor in json.loads(body[:size])["outputs"]:
+            datatype, shape = tensor["datatype"], [int(dim) for dim in tensor["shape"]]
             blob_size = (tensor.get("parameters") or {}).get("binary_data_size")
             if blob_size is None:
-                outputs[tensor["name"]] = np.array(tensor["data"]).reshape(tensor["shape"])
+                outputs[tensor["name"]] = (datatype, shape, np.array(tensor["data"]).reshape(shape))
                 continue
             if offset + blob_size > len(body):
                 return f"output {tensor['name']}: binary_data_size {blob_size} runs past the body"
-            outputs[tensor["name"]] = from_raw(tensor["datatype"], tensor["shape"], body[offset:offset + blob_size])
+            outputs[tensor["name"]] = (datatype, shape, from_raw(datatype, shape, body[offset:offset + blob_size]))
             offset += blob_size
     except (ValueError, KeyError, TypeError) as exc:
         return f"response is not a KServe v2 answer: {exc}"
-    return check_outputs(outputs, expected)
+    return check_answer(outputs, expected, specs)
 
 
 def _error_text(body: bytes) -> str:

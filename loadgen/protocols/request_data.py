@@ -32,7 +32,10 @@ from loadgen.errors import ProtocolMismatch
 from loadgen.protocols.payloads import has_batch_dim, synthetic_inputs
 from servers.core.model import NUMPY_DTYPES
 
-__all__ = ["RequestData", "check_outputs", "from_raw", "request_data", "to_raw"]
+__all__ = ["RequestData", "check_answer", "check_outputs", "from_raw", "request_data", "to_raw"]
+
+OutputSpecs = dict[str, tuple[str, list[int]]]
+"""Per output name: the datatype and the shape an answer must have (-1: any size)."""
 
 
 @dataclass
@@ -42,6 +45,29 @@ class RequestData:
     tensors: list[list[dict[str, Any]]]
     expected: list[dict[str, np.ndarray]] | None = None
     sources: list[str] = field(default_factory=list)
+    specs: list[OutputSpecs] | None = None
+    """With response checks on: per request, the outputs the model's metadata promises."""
+
+    def checks(self) -> list[tuple[dict[str, np.ndarray] | None, OutputSpecs | None]] | None:
+        """Per request, what its answer is checked against (check_answer's last two arguments); None
+        when answers are not checked."""
+        if self.expected is None and self.specs is None:
+            return None
+        return [(self.expected[i] if self.expected else None, self.specs[i] if self.specs else None)
+                for i in range(len(self.tensors))]
+
+    def with_specs(self, metadata: dict[str, Any]) -> RequestData:
+        """The same requests, each answer to be checked against the model's declared outputs: every
+        output there, with its datatype and its shape (the batch dimension as the request's)."""
+        outputs = metadata.get("outputs") or []
+        if not outputs:
+            raise ProtocolMismatch("check_response: the model's metadata declares no outputs to check")
+        self.specs = []  # per request: its batch size sets the outputs' batch dimension
+        for tensors in self.tensors:
+            batch = next((t["shape"][0] for t, spec in zip(tensors, metadata["inputs"])
+                          if has_batch_dim(spec["shape"]) and t["shape"]), None)
+            self.specs.append({spec["name"]: (spec["datatype"], _pattern(spec["shape"], batch)) for spec in outputs})
+        return self
 
 
 def request_data(metadata: dict[str, Any], seed: int, shapes: dict[str, list[int]],
@@ -145,6 +171,30 @@ def _expected(name: str, value: Any, spec: dict[str, Any] | None, where: str, ba
     if batch_size > 1:  # the entry's rows repeated, as the request repeats its inputs
         return np.tile(array, batch_size)
     return array.reshape(shape) if shape is not None else array
+
+
+def _pattern(declared: list[int], batch: int | None) -> list[int]:
+    shape = [int(dim) for dim in declared]
+    if batch is not None and has_batch_dim(shape):
+        shape[0] = batch
+    return shape
+
+
+def check_answer(got: dict[str, tuple[str, list[int], np.ndarray]], expected: dict[str, np.ndarray] | None,
+                 specs: OutputSpecs | None) -> str | None:
+    """None when an answer's outputs (name -> datatype, shape, values) have the promised names,
+    datatypes and shapes (`specs`) and the expected values (`expected`), else what differs."""
+    for name, (datatype, pattern) in (specs or {}).items():
+        if name not in got:
+            return f"output {name} missing"
+        have_type, have_shape, _ = got[name]
+        if have_type != datatype:
+            return f"output {name}: datatype {have_type}, the model declares {datatype}"
+        if len(have_shape) != len(pattern) or any(want not in (-1, have) for have, want in zip(have_shape, pattern)):
+            return f"output {name}: shape {list(have_shape)}, expected {pattern}"
+    if expected is None:
+        return None
+    return check_outputs({name: values for name, (_, _, values) in got.items()}, expected)
 
 
 def check_outputs(got: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> str | None:
