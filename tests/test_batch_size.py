@@ -85,3 +85,19 @@ def test_batch_size_is_for_the_kserve_protocols(tmp_path: Path) -> None:
     run = run_loadgen("--protocol", "torchserve-http", "--target", "http://127.0.0.1:9", "--model", "m",
                       "--payload", str(payload), "-b", "4", "--rate", "10", "--duration", "1s", out=tmp_path / "r")
     assert run.returncode == 2 and "batch_size" in run.stderr
+
+
+@pytest.mark.parametrize("datatype", ["FP32", "FP16", "BF16", "INT8", "UINT64", "BOOL", "BYTES"])
+def test_raw_tensor_forms_round_trip(datatype: str) -> None:
+    from loadgen.protocols.payloads import synthetic_inputs
+    from loadgen.protocols.request_data import from_raw, to_raw
+
+    (tensor,) = synthetic_inputs([{"name": "X", "datatype": datatype, "shape": [-1, 6]}], seed=5, batch_size=2)
+    back = from_raw(datatype, tensor["shape"], to_raw(datatype, tensor["data"]))
+    if datatype == "BYTES":
+        assert [item.decode() for item in back] == tensor["data"]
+    elif datatype == "BF16":  # 8 bits of mantissa kept
+        np.testing.assert_allclose(back.ravel(), tensor["data"], rtol=2 ** -7)
+    else:
+        np.testing.assert_array_equal(back.ravel(), np.asarray(tensor["data"]).astype(back.dtype))
+        assert back.shape == (2, 6)

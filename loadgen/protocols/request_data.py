@@ -223,11 +223,15 @@ def to_raw(datatype: str, data: list[Any]) -> bytes:
             raw = item if isinstance(item, bytes) else str(item).encode()
             parts += [len(raw).to_bytes(4, "little"), raw]
         return b"".join(parts)
+    if datatype == "BF16":  # the upper half of each float32, as Triton stores bfloat16
+        return (np.asarray(data, dtype="<f4").view("<u4") >> 16).astype("<u2").tobytes()
     return np.asarray(data, dtype=NUMPY_DTYPES[datatype]).tobytes()
 
 
 def from_raw(datatype: str, shape: list[int], raw: bytes) -> np.ndarray:
     """The inverse of `to_raw`: BYTES come back as a flat object array, the others in `shape`."""
+    if datatype == "BF16":
+        return (np.frombuffer(raw, dtype="<u2").astype("<u4") << 16).view("<f4").reshape(shape)
     if datatype != "BYTES":
         return np.frombuffer(raw, dtype=NUMPY_DTYPES[datatype]).reshape(shape)
     items, offset = [], 0
