@@ -9,13 +9,16 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from servers.core.model import Model, RequestError, TensorSpec
 from servers.triton._scheduler import Batching, Scheduler
 from servers.triton._stats import ModelStats
+from servers.triton.repository import load_model
 from tests.conftest import TIMING
 
 
@@ -203,3 +206,72 @@ def test_a_sub_millisecond_queue_delay_is_kept_to_the_microsecond_scale(loop_fac
     assert waits_us[0] >= 500  # never leaves before the delay
     median, p90 = waits_us[len(waits_us) // 2], waits_us[len(waits_us) * 9 // 10]
     assert median < 700 and p90 < 900, (median, p90)
+
+
+class _Doubler(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+
+class _ThreadProbe(Model):
+    """An instance as the scheduler sees it: runs the backend's instance, then reads torch's intra-op
+    thread count on the thread that ran it (the instance thread)."""
+
+    def __init__(self, instance: Model) -> None:
+        self.instance = instance
+        self.name, self.max_batch_size = instance.name, instance.max_batch_size
+        self.inputs, self.outputs = instance.inputs, instance.outputs
+        self.seen: list[tuple[str, int]] = []
+
+    def infer_batch(self, requests: list[dict[str, np.ndarray]]) -> list:
+        results = self.instance.infer_batch(requests)
+        self.seen.append((threading.current_thread().name, torch.get_num_threads()))
+        return results
+
+    def close(self) -> None:
+        self.instance.close()
+
+
+def _torchscript_doubler(repository: Path, name: str, threads: int) -> None:
+    folder = repository / name
+    (folder / "1").mkdir(parents=True)
+    torch.jit.save(torch.jit.script(_Doubler()), str(folder / "1" / "model.pt"))
+    (folder / "config.pbtxt").write_text(
+        'platform: "pytorch_libtorch"\nmax_batch_size: 4\ninstance_group [ { count: 2 kind: KIND_CPU } ]\n'
+        'input [ { name: "INPUT__0" data_type: TYPE_FP32 dims: [ 4 ] } ]\n'
+        'output [ { name: "OUTPUT__0" data_type: TYPE_FP32 dims: [ 4 ] } ]\n'
+        f'parameters {{ key: "INTRA_OP_THREAD_COUNT" value: {{ string_value: "{threads}" }} }}\n')
+
+
+def test_intra_op_thread_count_reaches_the_instance_threads(tmp_path: Path) -> None:
+    # torch.set_num_threads sets the count a thread takes when it first uses torch. So when a second
+    # model with another count loads before the first model's instance threads ran anything, those
+    # threads would take the second count: the backend sets its own on each instance thread.
+    default = torch.get_num_threads()
+    wanted, other = default + 1, default + 2
+    _torchscript_doubler(tmp_path, "first", wanted)
+    _torchscript_doubler(tmp_path, "second", other)
+    try:
+        probes = [_ThreadProbe(instance) for instance in load_model(tmp_path, "first").versions["1"].instances]
+        scheduler = Scheduler(probes, ModelStats(probes[0]), None)  # its two threads start, idle
+        second = load_model(tmp_path, "second").versions["1"].instances
+        fresh: list[int] = []
+        untouched = threading.Thread(target=lambda: fresh.append(torch.get_num_threads()))
+        untouched.start()
+        untouched.join()
+        assert fresh == [other]  # what a thread that never set its own count now takes
+
+        async def four() -> list:
+            return await asyncio.gather(*(scheduler.submit({"INPUT__0": np.full((1, 4), value, np.float32)}, 1,
+                                                           time.perf_counter_ns()) for value in (1.0, 2.0, 3.0, 4.0)))
+
+        results = asyncio.run(four())
+        scheduler.close()
+        for instance in second:
+            instance.close()
+    finally:
+        torch.set_num_threads(default)
+    assert [float(result.outputs["OUTPUT__0"][0, 0]) for result in results] == [2.0, 4.0, 6.0, 8.0]
+    seen = [pair for probe in probes for pair in probe.seen]
+    assert len({name for name, _ in seen}) == 2  # both instance threads ran
+    assert {count for _, count in seen} == {wanted}
