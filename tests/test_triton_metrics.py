@@ -21,7 +21,7 @@ import pytest
 import tritonclient.http as tritonclient_http
 from prometheus_client.parser import text_string_to_metric_families
 
-from servers.core.gpu import GpuSampler
+from servers.core.gpu import GpuSampler, visible_devices
 from servers.models.builtin import builtin_models
 from servers.triton._infer import ModelHost
 from servers.triton._metrics import CpuUtilizationCollector, build_registry, render
@@ -157,7 +157,9 @@ def test_scrape_has_sane_host_families() -> None:
 
 
 def test_gpu_families_follow_the_machine() -> None:
-    gpus = _nvidia_smi("uuid", "memory.total", "power.limit", "mig.mode.current")
+    listed = _nvidia_smi("uuid", "memory.total", "power.limit", "mig.mode.current")  # all, in NVML's order
+    gpus = [listed[index] for index in visible_devices([row[0] for row in listed],
+                                                        os.environ.get("CUDA_VISIBLE_DEVICES"))]
     sampler = GpuSampler()
     registry = build_registry(ModelHost(builtin_models()), sampler)
     if not gpus:
@@ -189,6 +191,41 @@ def test_gpu_families_follow_the_machine() -> None:
     time.sleep(0.5)
     after = {sample.labels["gpu_uuid"]: sample.value for sample in _scrape(registry)["nv_energy_consumption"]}
     assert all(after[uuid] >= before[uuid] for uuid in uuids)  # a counter
+
+
+UUIDS = ["GPU-8932f937-d72c-4106-c12f-20bd9faed9f6", "GPU-8932aaaa-0000-0000-0000-000000000001",
+         "GPU-1c0ffee0-0000-0000-0000-000000000002", "GPU-77777777-0000-0000-0000-000000000003"]
+
+
+@pytest.mark.parametrize(("setting", "chosen"), [
+    (None, [0, 1, 2, 3]),  # unset: every GPU
+    ("", []),  # set and empty: none
+    ("2", [2]),
+    ("3,0", [3, 0]),  # in the order named
+    (" 1 , 2 ", [1, 2]),
+    ("1,1,2", [1, 2]),  # named twice, sampled once
+    ("0,4,1", [0]),  # an index out of range ends the list
+    ("-1", []),
+    ("2,-1,0", [2]),
+    ("GPU-1c0ffee0-0000-0000-0000-000000000002", [2]),
+    ("GPU-1c0f,GPU-7777", [2, 3]),  # a prefix that fits one GPU names it
+    ("GPU-8932,1", []),  # a prefix that fits two names none, and ends the list
+    ("GPU-8932f,GPU-0000", [0]),  # an unknown UUID ends the list
+    ("1,GPU-77777777-0000-0000-0000-000000000003", [1, 3]),
+    ("MIG-GPU-1c0ffee0-0000-0000-0000-000000000002/1/0", [2]),  # a MIG device of GPU 2
+    ("MIG-4b1d38e2-0000-5a3c-9c6e-0b53d2fd77aa,0", [0]),  # a MIG UUID: no GPU listed here; passed over
+    ("0,,1", [0]),  # an empty entry ends the list
+    ("nvidia0", []),
+])
+def test_cuda_visible_devices_selects_the_gpus_sampled(setting: str | None, chosen: list[int]) -> None:
+    assert visible_devices(UUIDS, setting) == chosen
+
+
+def test_a_gpu_nvml_cannot_open_is_named_by_index_only() -> None:
+    uuids = ["GPU-aaaa", "", "GPU-cccc"]  # NVML lists three; the second could not be opened
+    assert visible_devices(uuids, "1,2") == [1, 2]  # the sampler then leaves out the unopened one
+    assert visible_devices(uuids, "GPU-cccc") == [2]
+    assert visible_devices([], "0") == [] and visible_devices([], None) == []
 
 
 def test_metrics_port_answers_fast_with_every_family(fronts) -> None:

@@ -14,19 +14,26 @@ being the power management limit, as DCGM's POWER_MGMT_LIMIT which Triton reads)
 joules consumed since the sampler started (NVML: millijoules since the driver loaded; a counter that
 never goes down, even if the driver's count restarts).
 
-Every GPU NVML lists is sampled; CUDA_VISIBLE_DEVICES is not applied (Triton maps CUDA devices to
-DCGM ones by PCI bus id, which needs the CUDA runtime; NVML's order can differ from CUDA's).
+The GPUs sampled are those a CUDA process here may use, as Triton exports only its own: every GPU NVML
+lists, or with CUDA_VISIBLE_DEVICES set, those it names (`visible_devices`, read as CUDA reads it; ""
+means none). NVML sees all GPUs whatever the variable says. An index in it is taken in NVML's order,
+which is PCI bus order: CUDA's order with CUDA_DEVICE_ORDER=PCI_BUS_ID, and under CUDA's default
+(fastest first) too when the GPUs are alike. Triton maps CUDA devices to DCGM ones by PCI bus id
+through the CUDA runtime, which a server without CUDA does not have; a GPU-UUID entry is exact either way.
+Each GPU is labelled by its UUID, as Triton labels it.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+import os
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, NamedTuple
 
-__all__ = ["GIVE_UP_AFTER", "GpuSample", "GpuSampler"]
+__all__ = ["GIVE_UP_AFTER", "GpuSample", "GpuSampler", "visible_devices"]
 
 GIVE_UP_AFTER = 3
 """Failures in a row after which a reading of one device is no longer asked for."""
@@ -65,6 +72,7 @@ class GpuSampler:
     """
 
     def __init__(self) -> None:
+        """Start NVML and pick the GPUs to sample (CUDA_VISIBLE_DEVICES is read now)."""
         self._nvml: ModuleType | None = None
         self._devices: list[_Device] = []
         self.unavailable_reason = ""
@@ -76,9 +84,15 @@ class GpuSampler:
             self._nvml = None
             self.unavailable_reason = f"NVML not available: {type(exc).__name__}: {exc}"
             return
-        self._devices = self._find_devices(self._nvml)
-        if not self._devices:
+        listed = self._find_devices(self._nvml)
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        chosen = visible_devices([device.uuid if device else "" for device in listed], visible)
+        self._devices = [listed[index] for index in chosen if listed[index] is not None]
+        if not listed:
             self.unavailable_reason = "NVML lists no GPU"
+        elif not self._devices:
+            self.unavailable_reason = (f"CUDA_VISIBLE_DEVICES={visible!r} leaves none of the {len(listed)} GPU(s) "
+                                       "NVML lists (or NVML cannot open them)")
         for device in self._devices:
             self._energy(device)  # the baseline: energy counts from now
 
@@ -88,13 +102,13 @@ class GpuSampler:
         return bool(self._devices)
 
     @staticmethod
-    def _find_devices(nvml: ModuleType) -> list[_Device]:
+    def _find_devices(nvml: ModuleType) -> list[_Device | None]:
+        """Every GPU NVML lists, by index; None for one it cannot open."""
         try:
             count = nvml.nvmlDeviceGetCount()
         except Exception:  # noqa: BLE001 - NVMLError, or a library older than these bindings
             return []
-        opened = (_open(nvml, index) for index in range(count))
-        return [device for device in opened if device is not None]
+        return [_open(nvml, index) for index in range(count)]
 
     def read(self) -> list[GpuSample]:
         """A sample of every GPU, now; [] without NVML or a GPU."""
@@ -153,3 +167,51 @@ def _open(nvml: ModuleType, index: int) -> _Device | None:
     except Exception:  # noqa: BLE001 - that device is not sampled; the others are
         return None
     return _Device(handle, uuid.decode() if isinstance(uuid, bytes) else str(uuid))
+
+
+_INDEX = re.compile(r"[0-9]+")
+_MIG_OF_GPU = re.compile(r"MIG-(GPU-[^/]+)/.*")
+
+
+def visible_devices(uuids: Sequence[str], cuda_visible_devices: str | None) -> list[int]:
+    """The GPUs CUDA_VISIBLE_DEVICES leaves to a CUDA process: indices into `uuids` (each GPU's
+    "GPU-..." UUID in NVML's order, "" where unknown), in the order the variable names them.
+
+    None (unset): every GPU. "" (set and empty): none. Otherwise comma-separated entries, read as CUDA
+    reads them: a whole number is an index; "GPU-<uuid>", or a prefix of one that fits only one GPU,
+    names that GPU; the first entry that names no GPU (an index out of range, "-1", an unknown or
+    ambiguous UUID) ends the list, and CUDA ignores it and every entry after it. A GPU named twice
+    counts once. A MIG device's entry in the "MIG-GPU-<uuid>/<gi>/<ci>" form stands for its GPU; one
+    in the "MIG-<uuid>" form names no GPU NVML lists here and is passed over.
+
+    Example:
+        visible_devices(["GPU-aa", "GPU-bb", "GPU-cc"], "2,GPU-a")  # -> [2, 0]
+    """
+    if cuda_visible_devices is None:
+        return list(range(len(uuids)))
+    chosen: list[int] = []
+    for entry in (part.strip() for part in cuda_visible_devices.split(",")):
+        if not entry:
+            break
+        index = _device_named(uuids, entry)
+        if index is None:
+            break
+        if index >= 0 and index not in chosen:
+            chosen.append(index)
+    return chosen
+
+
+def _device_named(uuids: Sequence[str], entry: str) -> int | None:
+    """The index `entry` names, -1 for a MIG device it cannot place, None when it names none."""
+    if _INDEX.fullmatch(entry):
+        index = int(entry)
+        return index if index < len(uuids) else None
+    mig = _MIG_OF_GPU.fullmatch(entry)
+    if mig is not None:
+        entry = mig.group(1)
+    elif entry.startswith("MIG-"):
+        return -1
+    if not entry.startswith("GPU-"):
+        return None
+    matches = [index for index, uuid in enumerate(uuids) if uuid and uuid.startswith(entry)]
+    return matches[0] if len(matches) == 1 else None
