@@ -55,6 +55,42 @@ def test_a_lost_share_split_among_the_others_covers_it_from_the_takeover_instant
                                   theirs[theirs >= 6.0])
 
 
+def test_a_reshuffle_for_a_joining_worker_covers_the_rest_of_the_schedule_once() -> None:
+    """Share 0/2, and 1/2 until 2 s then split in two (a lost worker's handover), end at 5.1 s; three
+    fresh shares from there: together, exactly the schedule, no arrival twice."""
+    pattern = OpenLoop(rate=300, duration=10, arrival="poisson", seed=4)
+    before = [Share(0, 2), Share(1, 2).ended(2.0), *Share(1, 2).split(2, 2.0)]
+    assert before[2:] == [Share(1, 4, 2.0), Share(3, 4, 2.0)]
+    ended = [share.ended(5.1) for share in before]
+    assert ended[0] == Share(0, 2, 0.0, 5.1) and not ended[0].sends_after(5.1) and Share(0, 2).sends_after(9.9)
+    after = Share.reshuffle(3, 5.1)
+    sent = [offsets_of(pattern, s) for s in (*ended, *after)]
+    sent = [o[o < s.end_s] if s.end_s is not None else o for o, s in zip(sent, (*ended, *after), strict=True)]
+    np.testing.assert_array_equal(np.sort(np.concatenate(sent)), schedule_offsets(pattern))
+    # a share that had ended splits into pieces that end there too (a worker lost before the reshuffle)
+    assert ended[2].split(2, 3.0) == [Share(1, 8, 3.0, 5.1), Share(5, 8, 3.0, 5.1)]
+
+
+def test_shares_travel_as_json_with_and_without_an_end() -> None:
+    for share in (Share(1, 4, 2.5), Share(0, 2, 0.0, 3.25)):
+        assert Share.from_json(share.as_json()) == share
+    assert Share.from_json([1, 3, 2.0]) == Share(1, 3, 2.0)
+    assert str(Share(0, 2, 1.5, 4.0)) == "0/2 from 1.500 s until 4.000 s"
+
+
+def test_a_worker_joining_mid_run_holds_back_only_the_slots_not_merged_yet() -> None:
+    merged = Recorder(0.0, 1.0)
+    merger = IntervalMerger(merged, ["a"])
+    merger.add("a", 0.0, 1.0, HistogramSet(ok=5))
+    merger.join("b")
+    merger.add("b", 0.0, 1.0, HistogramSet())  # before it joined: nothing to add to a merged slot
+    merger.add("a", 1.0, 2.0, HistogramSet(ok=3))
+    assert [i.figures.ok for i in merged.intervals] == [5]  # slot 1 waits for b
+    merger.add("b", 1.0, 2.0, HistogramSet(ok=2))
+    assert [i.figures.ok for i in merged.intervals] == [5, 5]
+    assert merged.cumulative.ok == 10
+
+
 def test_count_in_counts_a_shares_arrivals_in_a_window() -> None:
     pattern = OpenLoop(rate=200, duration=10)
     assert count_in(pattern, (0, 2), 0.0, 10.0) == 1000

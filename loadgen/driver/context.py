@@ -172,10 +172,13 @@ class LoadContext:
         self.dispatcher = self._dispatcher()
         self.dispatcher.run(self.start_t, schedule(self.pattern, share=self.share, start_s=self.share_start_s))
 
-    def take_over(self, share: tuple[int, int], start_s: float) -> None:
-        """Dispatch `share` of the schedule from `start_s` on, beside this process's own share (blocks
-        until it ends or is stopped). Its arrivals have their own in-flight cap of max_in_flight."""
+    def take_over(self, share: tuple[int, int], start_s: float, end_s: float | None = None) -> None:
+        """Dispatch `share` of the schedule from `start_s` on (until `end_s`), beside this process's own
+        share (blocks until it ends or is stopped). Its arrivals have their own in-flight cap of
+        max_in_flight."""
         dispatcher = self._dispatcher()
+        if end_s is not None:
+            dispatcher.end_at(self.start_t + end_s)
         self.takeovers.append(dispatcher)
         dispatcher.run(self.start_t, schedule(self.pattern, share=share, start_s=start_s))
 

@@ -13,6 +13,8 @@ One run, as the messages go (M: master, W: every worker)
     M -> W  START     the start instant as an epoch time, and the worker's share of the load
     W -> M  INTERVAL  every closed interval: its HistogramSet, encoded (exact), and the worker's health
     M -> W  TAKEOVER  a lost worker's load, from a given instant (the run goes on without it)
+    M -> W  RESHARE   a worker joined mid-run: leave your shares at a given instant and send this one
+                      from there (the joiner got SETUP, READY, then START with its share from that instant)
     M -> W  STOP      end now (Ctrl-C on the master, or --stop-on-worker-loss)
     W -> M  DONE      the worker's own generator self-check, after its last interval
 
@@ -21,6 +23,12 @@ n-th arrival from the i-th, loadgen/patterns/schedule.py), so the workers togeth
 single-process schedule; closed loop, the users are split as evenly as they go. Every worker converts the
 start epoch to its own monotonic clock once, so all start at the same wall-clock instant (as close as
 the hosts' clocks agree: NTP keeps them within a millisecond or so on a LAN).
+
+A worker that connects while an open-loop run goes is set up (SETUP, READY) beside it; once it is ready,
+the master picks an instant a little ahead and reshuffles what is left of the schedule over every worker
+still sending, the joiner included (`Share.reshuffle`): each one's old shares end at that instant, and
+share (j, m) of the schedule from that instant is worker j's. As with a lost worker's handover, every
+arrival is still sent by exactly one worker.
 
 Intervals are the recorder's, on the same beat everywhere (start + k * interval), so the master sums
 the k-th interval of every worker into the k-th interval of one Recorder (`IntervalMerger`): histograms
@@ -44,6 +52,7 @@ __all__ = [
     "MSG_FAILED",
     "MSG_INTERVAL",
     "MSG_READY",
+    "MSG_RESHARE",
     "MSG_SETUP",
     "MSG_START",
     "MSG_STOP",
@@ -62,6 +71,7 @@ MSG_FAILED = "loadgen_failed"
 MSG_START = "loadgen_start"
 MSG_INTERVAL = "loadgen_interval"
 MSG_TAKEOVER = "loadgen_takeover"
+MSG_RESHARE = "loadgen_reshare"
 MSG_STOP = "loadgen_stop"
 MSG_DONE = "loadgen_done"
 
@@ -134,11 +144,13 @@ class DistributedOptions:
 
 @dataclass(frozen=True)
 class Share:
-    """Arrivals k, k + n, k + 2n, ... of the open-loop schedule, from `start_s` seconds into the run."""
+    """Arrivals k, k + n, k + 2n, ... of the open-loop schedule, from `start_s` seconds into the run
+    until `end_s` (None: its end)."""
 
     k: int
     n: int
     start_s: float = 0.0
+    end_s: float | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.k < self.n:
@@ -148,23 +160,43 @@ class Share:
         """This share divided among `parts` takers from `start_s` on: taker j gets k + j*n mod n*parts.
 
         >>> Share(1, 2).split(2, 4.0)
-        [Share(k=1, n=4, start_s=4.0), Share(k=3, n=4, start_s=4.0)]
+        [Share(k=1, n=4, start_s=4.0, end_s=None), Share(k=3, n=4, start_s=4.0, end_s=None)]
         """
         if parts < 1:
             raise ValueError("a share is split among one taker or more")
         begin = max(self.start_s, start_s)
-        return [Share(self.k + j * self.n, self.n * parts, begin) for j in range(parts)]
+        return [Share(self.k + j * self.n, self.n * parts, begin, self.end_s) for j in range(parts)]
 
-    def as_json(self) -> list[float]:
-        return [self.k, self.n, self.start_s]
+    def ended(self, end_s: float) -> Share:
+        """This share, sent no longer from `end_s` on."""
+        return Share(self.k, self.n, self.start_s, end_s if self.end_s is None else min(self.end_s, end_s))
+
+    def sends_after(self, at_s: float) -> bool:
+        """Whether any of this share's arrivals fall at or after `at_s`."""
+        return self.end_s is None or self.end_s > at_s
+
+    @staticmethod
+    def reshuffle(parts: int, start_s: float) -> list[Share]:
+        """The whole schedule from `start_s` on, in `parts` shares (a worker joined mid-run).
+
+        >>> Share.reshuffle(3, 4.0)
+        [Share(k=0, n=3, start_s=4.0, end_s=None), Share(k=1, n=3, start_s=4.0, end_s=None), \
+Share(k=2, n=3, start_s=4.0, end_s=None)]
+        """
+        return [Share(j, parts, start_s) for j in range(parts)]
+
+    def as_json(self) -> list[float | None]:
+        return [self.k, self.n, self.start_s, self.end_s]
 
     @classmethod
-    def from_json(cls, data: Iterable[float]) -> Share:
-        k, n, start_s = data
-        return cls(int(k), int(n), float(start_s))
+    def from_json(cls, data: Iterable[float | None]) -> Share:
+        k, n, start_s, *end = data
+        end_s = end[0] if end else None
+        return cls(int(k), int(n), float(start_s), None if end_s is None else float(end_s))
 
     def __str__(self) -> str:
-        return f"{self.k}/{self.n}" + (f" from {self.start_s:.3f} s" if self.start_s else "")
+        return (f"{self.k}/{self.n}" + (f" from {self.start_s:.3f} s" if self.start_s else "")
+                + (f" until {self.end_s:.3f} s" if self.end_s is not None else ""))
 
 
 def split_users(users: int, workers: int) -> list[int]:
@@ -209,6 +241,8 @@ class IntervalMerger:
     def add(self, worker: str, start_s: float, end_s: float, figures: HistogramSet) -> None:
         """Keep `worker`'s interval [start_s, end_s) of the run (seconds from its start)."""
         k = round(start_s / self.recorder.interval_s)
+        if k < self._next and _empty(figures):
+            return  # nothing to add to a slot merged already (a worker that joined sends such intervals)
         if k < self._next:
             # A slot already merged (its sender was taken for done or lost): merge it on its own.
             self._merge(k, _Slot(figures, end_s, {worker}))
@@ -221,6 +255,11 @@ class IntervalMerger:
         slot.end_s = max(slot.end_s, end_s)
         slot.senders.add(worker)
         self._release()
+
+    def join(self, worker: str) -> None:
+        """`worker` sends intervals from now on (it joined mid-run): the slots not merged yet wait for it.
+        The empty intervals it sends for slots already merged (before it joined) are ignored."""
+        self._sending.add(worker)
 
     def close(self, worker: str) -> None:
         """`worker` sends no more intervals (done, or lost): it holds no slot back any longer."""
@@ -246,6 +285,10 @@ class IntervalMerger:
             end_s = (k + 1) * step
         start_t = self.recorder.start_t
         self.recorder.merge_interval(Interval(start_t + start_s, start_t + end_s, slot.figures))
+
+
+def _empty(figures: HistogramSet) -> bool:
+    return not (figures.sent or figures.requests or figures.dropped or figures.unsent or figures.out_of_range)
 
 
 def combined_generator(

@@ -16,8 +16,15 @@ summary.json "distributed.lost" at the end: which worker, when, the last interva
 many of its arrivals fall after that report), keeps every interval it had received, and either stops
 the run (--stop-on-worker-loss) or has the others take over its load from a moment later: its open-loop
 shares split among them (each a finer share of the same schedule, from that instant), or its
-closed-loop users spread over them. A worker that connects during a run gets its share from the next
-run (the next sweep step); the running one is not reshuffled.
+closed-loop users spread over them.
+
+Joining workers: a worker that connects while an open-loop run goes is set up beside it (SETUP, READY:
+its target check and warm-up), and once it is ready the rest of the schedule is reshuffled, the lost
+worker's handover in reverse: from an instant RESHARE_LEAD_S ahead, every worker still sending (the joiner
+included) sends share (j, m) of the schedule, and its earlier shares end there (RESHARE to the others,
+START with the run's own start epoch to the joiner, whose intervals then join the merge). The rate asked
+for is unchanged across the join; it is only spread over one more worker. A worker that connects during a
+closed-loop run, or too late in an open-loop one, takes part from the next run (the next sweep step).
 
 The master computes every percentile of the run, from the merged recorder: summary.json, latency.hlog,
 the table and --metrics-port (the merged figures, plus per-worker health gauges labelled by worker).
@@ -47,6 +54,7 @@ from loadgen.driver.distributed import (
     MSG_FAILED,
     MSG_INTERVAL,
     MSG_READY,
+    MSG_RESHARE,
     MSG_SETUP,
     MSG_START,
     MSG_STOP,
@@ -73,6 +81,8 @@ START_LEAD_S = 0.5
 """The run starts this long after START is sent, so every worker has it and is waiting at t = 0."""
 TAKEOVER_LEAD_S = 0.25
 """A lost worker's load is taken over from this long after the loss is seen."""
+RESHARE_LEAD_S = 0.5
+"""A joining worker's reshuffle takes effect this long after it is ready, so every worker has it by then."""
 _SETUP_GRACE_S = 30.0  # beyond the connect timeout, for the warm-up requests
 _DONE_GRACE_S = 10.0  # beyond the end of the run and the request timeout, for the last intervals
 _POLL_S = 0.2
@@ -292,6 +302,10 @@ class _DistributedRun:
         self._profile = profile_of(self.pattern) if self.open_loop else None
         self._stopped_on_loss = False
         self._stopping = False  # STOP was sent: a worker's early DONE is then no departure
+        self._joining: dict[str, _Worker] = {}  # connected mid-run, set up, not started yet
+        self._seen: set[str] = set()  # every client id this run has dealt with
+        self._epoch = 0.0  # the run's start instant, as an epoch time (START)
+        self._next_index = 0  # the index (label) the next worker to join gets
 
     # -- RunView (the exporter) -------------------------------------------------------------------
     @property
@@ -322,6 +336,14 @@ class _DistributedRun:
     def receive(self, kind: str, client_id: str, data: dict[str, Any]) -> None:
         worker = self.workers.get(client_id)
         if worker is None:
+            joiner = self._joining.get(client_id)
+            if joiner is not None and kind == MSG_READY:
+                joiner.ready = data
+            elif joiner is not None and kind == MSG_FAILED:
+                del self._joining[client_id]
+                print(f"master: worker {joiner.label} connected mid-run but cannot take part: "
+                      f"{data.get('error')}", file=sys.stderr, flush=True)
+            self._changed.set()
             return
         if kind == MSG_READY:
             worker.ready = data
@@ -358,6 +380,8 @@ class _DistributedRun:
         if not ids:
             raise LoadgenError("no worker is connected to the master")
         self.workers = {cid: _Worker(cid, i) for i, cid in enumerate(ids)}
+        self._seen = set(ids)
+        self._next_index = len(ids)
         self._setup()
         exporter = self._start_exporter()
         stop = Event()
@@ -419,7 +443,7 @@ class _DistributedRun:
             worker.index = i
             worker.shares = [Share(i, n)] if self.open_loop else []
             worker.users = users[i]
-        epoch = time.time() + START_LEAD_S
+        epoch = self._epoch = time.time() + START_LEAD_S
         self.start_t = monotonic_of_epoch(epoch)
         self.recorder = Recorder(self.start_t, self.scenario.output.interval,
                                  window_end_t=self.start_t + self.pattern.total_duration,
@@ -441,6 +465,8 @@ class _DistributedRun:
         stop_sent_t: float | None = None
         while any(w.sending for w in self.workers.values()):
             self._check_losses()
+            if stop_sent_t is None:
+                self._check_joins()
             now = time.monotonic()
             if (stop.is_set() or self._stopped_on_loss) and stop_sent_t is None:
                 stop_sent_t = now
@@ -456,6 +482,59 @@ class _DistributedRun:
                 break
             self._changed.clear()
             gevent.wait([self._changed, stop], count=1, timeout=_POLL_S)
+        for joiner in self._joining.values():  # set up, never started: let it go
+            self.cluster.send(MSG_STOP, {"run": self.run_id}, joiner.client_id)
+        self._joining.clear()
+
+    def _check_joins(self) -> None:
+        """Set up workers that connected mid-run; reshuffle the schedule over them once they are ready."""
+        for cid in self.cluster.connected():
+            if cid in self._seen:
+                continue
+            self._seen.add(cid)
+            index, self._next_index = self._next_index, self._next_index + 1
+            if not self.open_loop:
+                print(f"master: worker {index} connected during the run; a closed-loop run keeps its users, "
+                      "so it takes part from the next run", file=sys.stderr, flush=True)
+                continue
+            joiner = self._joining[cid] = _Worker(cid, index)
+            print(f"master: worker {joiner.label} connected during the run; setting it up to take a share",
+                  file=sys.stderr, flush=True)
+            self.cluster.send(MSG_SETUP, {"run": self.run_id, "scenario": self.scenario.model_dump(mode="json"),
+                                          "index": index, "count": index + 1,
+                                          "seed": self.pattern.seed + index}, cid)
+        connected = set(self.cluster.connected())
+        for cid, joiner in list(self._joining.items()):
+            if cid not in connected:
+                del self._joining[cid]
+            elif joiner.ready is not None:
+                del self._joining[cid]
+                self._join(joiner)
+
+    def _join(self, joiner: _Worker) -> None:
+        """Reshuffle the rest of the schedule over the workers still sending and `joiner`, from a moment
+        later; too late in the run, the joiner is let go until the next run."""
+        from_s = time.monotonic() - self.start_t + RESHARE_LEAD_S
+        if from_s >= self.pattern.total_duration:
+            self.cluster.send(MSG_STOP, {"run": self.run_id}, joiner.client_id)
+            print(f"master: worker {joiner.label} is ready too late in the run; it takes part from the next run",
+                  file=sys.stderr, flush=True)
+            return
+        senders = [w for w in self.workers.values() if w.sending]
+        shares = Share.reshuffle(len(senders) + 1, from_s)
+        for worker, share in zip(senders, shares, strict=False):
+            worker.shares = [s.ended(from_s) for s in worker.shares if s.start_s < from_s] + [share]
+            self.cluster.send(MSG_RESHARE, {"run": self.run_id, "from_s": from_s, "shares": [share.as_json()]},
+                              worker.client_id)
+        joiner.shares = [shares[-1]]
+        self.workers[joiner.client_id] = joiner
+        self._merger.join(joiner.client_id)
+        self.cluster.send(MSG_START, {"run": self.run_id, "start_epoch_s": self._epoch,
+                                      "share": shares[-1].as_json(), "users": 0}, joiner.client_id)
+        described = ", ".join(f"{w.label}: {w.shares[-1]}" for w in (*senders, joiner))
+        print(f"master: worker {joiner.label} joined; the schedule from {from_s:.2f} s is reshuffled ({described})",
+              file=sys.stderr, flush=True)
+        self._changed.set()
 
     def _check_losses(self) -> None:
         clients = self.cluster.runner.clients
@@ -488,7 +567,8 @@ class _DistributedRun:
         if self.open_loop:
             total = self.pattern.total_duration
             record["arrivals_after_last_report"] = sum(
-                count_in(self.pattern, (s.k, s.n), max(s.start_s, worker.last_report_s), min(from_s, total))
+                count_in(self.pattern, (s.k, s.n), max(s.start_s, worker.last_report_s),
+                         min(from_s, total, total if s.end_s is None else s.end_s))
                 for s in worker.shares)
         print(f"master: worker {worker.label} (host {record['host']}, pid {record['pid']}) lost {at_s:.1f} s "
               f"into the run ({why}); its {worker.figures.requests} requests reported up to "
@@ -505,7 +585,7 @@ class _DistributedRun:
 
     def _take_over(self, lost: _Worker, takers: list[_Worker], from_s: float) -> str:
         if self.open_loop:
-            parts = [share.split(len(takers), from_s) for share in lost.shares]
+            parts = [share.split(len(takers), from_s) for share in lost.shares if share.sends_after(from_s)]
             for j, taker in enumerate(takers):
                 mine = [pieces[j] for pieces in parts]
                 taker.shares += mine

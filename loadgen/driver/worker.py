@@ -12,6 +12,11 @@ the master encoded (HistogramSet.encode: exact), with the worker's health beside
 computes a percentile that goes into the run's figures. After the run it sends its own generator
 self-check (DONE) and waits for the next run, until the master says quit.
 
+Mid-run, the master may hand it more: a lost worker's shares (TAKEOVER, a dispatcher each, beside its
+own), or a reshuffle when a worker joined (RESHARE: every share it sends ends at the given instant and
+the new one starts there). A worker that joins mid-run is started with a share from that instant; its
+recorder and interval beat are the run's own, so its intervals merge with the others'.
+
 `--debug-dir DIR` also appends every shipped interval, as sent, to DIR/worker-<pid>.jsonl: what the
 master received can then be merged independently (tests/test_distributed.py does).
 """
@@ -40,6 +45,7 @@ from loadgen.driver.distributed import (
     MSG_FAILED,
     MSG_INTERVAL,
     MSG_READY,
+    MSG_RESHARE,
     MSG_SETUP,
     MSG_START,
     MSG_STOP,
@@ -102,6 +108,7 @@ class _WorkerRun:
         start_t = monotonic_of_epoch(float(data["start_epoch_s"]))
         share = Share.from_json(data["share"])
         ctx.share = (share.k, share.n)
+        ctx.share_start_s = share.start_s  # > 0 for a worker that joined the run mid-way
         ctx.on_interval = self.ship
         self.started = True
         ctx.begin(start_t)
@@ -146,8 +153,14 @@ class _WorkerRun:
                 runner.spawn_users({ClosedLoopUser.__name__: users})
         backstop = 1.0 if isinstance(ctx.pattern, OpenLoop) else 0.0
         gevent.wait([self.stop, ctx.done], count=1, timeout=max(0.0, ctx.end_t - time.monotonic()) + backstop)
-        if not self.stop.is_set():
-            gevent.joinall(self._extra, timeout=max(0.0, ctx.end_t - time.monotonic()) + 1.0)
+        deadline = ctx.end_t + backstop
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            # Shares taken over or reshuffled in; one that arrives while waiting is waited for next turn.
+            pending = [greenlet for greenlet in self._extra if not greenlet.dead]
+            if not pending:
+                break
+            gevent.wait([*pending, self.stop], count=len(pending),
+                        timeout=max(0.0, deadline - time.monotonic()))
         interrupted = self.stop.is_set() and time.monotonic() < ctx.end_t
         ctx.stopping = True
         ctx.stop_dispatching()
@@ -165,7 +178,7 @@ class _WorkerRun:
             "interrupted": interrupted,
         }
 
-    # -- TAKEOVER / STOP ------------------------------------------------------------------------
+    # -- TAKEOVER / RESHARE / STOP ------------------------------------------------------------
     def take_over(self, data: dict[str, Any]) -> None:
         """A lost worker's shares (open loop) or users (closed loop), from the instant the master gave."""
         ctx = self.ctx
@@ -173,11 +186,19 @@ class _WorkerRun:
             return
         for item in data.get("shares", []):
             share = Share.from_json(item)
-            self._extra.append(gevent.spawn(ctx.take_over, (share.k, share.n), share.start_s))
+            self._extra.append(gevent.spawn(ctx.take_over, (share.k, share.n), share.start_s, share.end_s))
         users = int(data.get("users", 0))
         if users:
             start = ctx.start_t + float(data.get("start_s", 0.0))
             gevent.spawn_later(max(0.0, start - time.monotonic()), self._more_users, users)
+
+    def reshare(self, data: dict[str, Any]) -> None:
+        """A worker joined: leave every share sent now at `from_s` and send the new `shares` from there."""
+        ctx = self.ctx
+        if ctx.stopping:
+            return
+        ctx.end_dispatching_at(float(data["from_s"]))
+        self.take_over(data)
 
     def _more_users(self, users: int) -> None:
         if not self.ctx.stopping:
@@ -229,6 +250,7 @@ class WorkerAgent:
         runner.register_message(MSG_SETUP, self._on_setup, concurrent=True)
         runner.register_message(MSG_START, self._on_start)
         runner.register_message(MSG_TAKEOVER, self._on_takeover)
+        runner.register_message(MSG_RESHARE, self._on_reshare)
         runner.register_message(MSG_STOP, self._on_stop)
 
     def send(self, kind: str, data: dict[str, Any]) -> None:
@@ -272,6 +294,11 @@ class WorkerAgent:
         run = self._run_of(msg)
         if run is not None and run.started:
             run.take_over(msg.data)
+
+    def _on_reshare(self, environment: Environment, msg: Any) -> None:
+        run = self._run_of(msg)
+        if run is not None and run.started:
+            run.reshare(msg.data)
 
     def _on_stop(self, environment: Environment, msg: Any) -> None:
         run = self._run_of(msg)
