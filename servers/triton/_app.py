@@ -196,13 +196,10 @@ class TritonApp:
         return _EMPTY_OK
 
     def _infer(self, served: ServedModel, request: Request) -> Reply | Job | Pending:
-        arrival_ns = time.perf_counter_ns()
         headers = request.headers
         if _CONTENT_ENCODING in headers or _ACCEPT_ENCODING in headers:
-            return self._infer_encoded(served, request, arrival_ns)
-        return self._infer_plain(served, request, arrival_ns)
-
-    def _infer_plain(self, served: ServedModel, request: Request, arrival_ns: int) -> Reply | Job | Pending:
+            return self._infer_encoded(served, request)
+        arrival_ns = time.perf_counter_ns()
         if served.scheduler is not None:
             return self._run_scheduled(served, request, arrival_ns)
         if served.model.inline:
@@ -210,21 +207,25 @@ class TritonApp:
         served.stats.add_pending(1)
         return functools.partial(self._run_infer, served, request, arrival_ns, True)
 
-    def _infer_encoded(self, served: ServedModel, request: Request, arrival_ns: int) -> Reply | Job | Pending:
-        """An infer request with Content-Encoding and/or Accept-Encoding: decompress, answer, compress.
+    def _infer_encoded(self, served: ServedModel, request: Request) -> Reply | Job | Pending:
+        """An infer request with Content-Encoding and/or Accept-Encoding: decompress, answer as a plain
+        request (without those two headers), compress.
 
-        A body that cannot be decompressed never reaches the model (nor its statistics), as in Triton."""
-        encoding = request.headers.get(_CONTENT_ENCODING)
+        As in Triton, decompression comes before the request reaches the model: a body that cannot be
+        decompressed is not counted in the model's statistics, and the time decompressing is not queue
+        time."""
+        headers = dict(request.headers)
+        encoding = headers.pop(_CONTENT_ENCODING, None)
+        wanted = response_encoding(headers.pop(_ACCEPT_ENCODING, ""))
+        body = request.body
         if encoding is not None:
             try:
-                body = decompress(request.body, encoding)
+                body = decompress(body, encoding)
             except EncodingError as exc:
                 reply = error_reply(400, str(exc))
                 return reply._replace(headers=f"Accept-Encoding: {exc.accept}\r\n") if exc.accept else reply
-            request = Request(request.method, request.target, request.version, request.headers, body,
-                              request.keep_alive)
-        outcome = self._infer_plain(served, request, arrival_ns)
-        wanted = response_encoding(request.headers.get(_ACCEPT_ENCODING, ""))
+        outcome = self._infer(served, Request(request.method, request.target, request.version, headers, body,
+                                              request.keep_alive))
         return outcome if wanted is None else _compressed(outcome, wanted)
 
     def _codec(self, model: Model, request: Request) -> tuple[Callable[[], InferRequest], Callable]:
