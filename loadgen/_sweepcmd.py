@@ -6,6 +6,13 @@ DIR/sweep.json, DIR/curve.csv and DIR/steps/NN-<load>/{summary.json,latency.hlog
 
 Imported only by the sweep verb: importing locust monkey-patches the process with gevent.
 
+Live figures (--metrics-port): the sweep holds the port from its first step to its end (a
+MetricsListener, loadgen/driver/exporter.py) and serves a SweepCollector (loadgen/sinks/prometheus.py)
+on it: the step running now, each completed step's throughput, percentiles and error ratio, and the
+verdict of the steps so far. Each step's run joins the same port with its own live families while it
+runs. After the last step the port stays open until one more scrape (at most LINGER_S) when something
+has been scraping, so the final verdict reaches that Prometheus.
+
 Distributed (--processes / --master): one Cluster of Locust workers serves every step in turn, each
 step's figures merged on the master (loadgen/driver/master.py); a step where any worker was
 generator-bound, or lost, is marked generator-bound.
@@ -27,10 +34,12 @@ import locust  # noqa: F401  (gevent monkey-patching must come before the other 
 
 from loadgen._runcmd import WORKER_LOST_EXIT, write_outputs
 from loadgen.driver.distributed import DistributedOptions
+from loadgen.driver.exporter import MetricsListener
 from loadgen.driver.master import Cluster, open_cluster
 from loadgen.driver.run import RunResult, execute
 from loadgen.scenario import OpenLoop, Scenario, ScenarioError, load_scenario
 from loadgen.serverside import ServerMetrics, server_figures
+from loadgen.sinks.prometheus import SweepCollector
 from loadgen.slo import Objective, parse_slo
 from loadgen.sweep.plan import Plan, adaptive, adaptive_bound, geometric, ladder, linear
 from loadgen.sweep.step import (
@@ -43,7 +52,11 @@ from loadgen.sweep.step import (
 )
 from loadgen.sweep.verdict import verdict
 
-__all__ = ["SweepSpec", "run_sweep"]
+__all__ = ["LINGER_S", "SweepSpec", "run_sweep"]
+
+LINGER_S = 15.0
+"""Longest wait, after the last step, for one more scrape of the sweep's /metrics (Prometheus's default
+scrape interval); only when something scraped it during the sweep."""
 
 CURVE_COLUMNS = ("step", "offered_rps", "achieved_rps", "p50_ms", "p90_ms", "p99_ms", "p99_9_ms",
                  "errors", "dropped", "generator_bound", "slo_met", "stable",
@@ -129,6 +142,16 @@ def _at_load(base: Scenario, load: float, run_s: float) -> Scenario:
 
 def _step_dir(out: Path, index: int, load: float, closed: bool) -> Path:
     return out / "steps" / f"{index:02d}-{load:g}{'users' if closed else 'rps'}"
+
+
+def _open_listener(base: Scenario, live: SweepCollector) -> tuple[Scenario, MetricsListener | None]:
+    """With output.metrics_port, open the sweep's /metrics (serving `live`) and point the steps at it."""
+    output = base.output
+    if output.metrics_port is None:
+        return base, None
+    listener = MetricsListener(output.metrics_host, output.metrics_port, [live]).start()
+    print(f"sweep metrics on {listener.url}", file=sys.stderr, flush=True)
+    return base.model_copy(update={"output": output.model_copy(update={"metrics_port": listener.port})}), listener
 
 
 def _run_step(base: Scenario, spec: SweepSpec, index: int, load: float, out: Path,
@@ -226,22 +249,35 @@ def run_sweep(path: Path | None, overrides: dict[str, Any], spec: SweepSpec, out
     objectives = parse_slo(base.slo) if base.slo else None
     print(f"sweep: {described}; {spec.warmup_s:g} s warm-up + {spec.step_duration_s:g} s a step", flush=True)
     metrics = ServerMetrics(spec.server_metrics, base.target.model) if spec.server_metrics else None
+    live = SweepCollector(closed_loop=closed)
+    base, listener = _open_listener(base, live)
     steps: list[StepResult] = []
     interrupted = worker_lost = False
-    with open_cluster(distributed) if distributed else nullcontext() as cluster:
-        while True:
-            step, raw = _run_step(base, spec, len(steps) + 1, load, out, objectives, metrics, cluster)
-            steps.append(step)
-            print(_progress(step, total, closed), flush=True)
-            if raw.interrupted:
-                interrupted = True
-                worker_lost = bool((raw.distributed or {}).get("stopped_on_worker_loss"))
-                break
-            try:
-                load = plan.send(step)
-            except StopIteration:
-                break
+    try:
+        with open_cluster(distributed) if distributed else nullcontext() as cluster:
+            while True:
+                live.begin_step(len(steps) + 1, load)
+                step, raw = _run_step(base, spec, len(steps) + 1, load, out, objectives, metrics, cluster)
+                steps.append(step)
+                live.end_step(step)
+                live.judge(verdict(steps, has_slo=objectives is not None, tolerance=spec.tolerance))
+                print(_progress(step, total, closed), flush=True)
+                if raw.interrupted:
+                    interrupted = True
+                    worker_lost = bool((raw.distributed or {}).get("stopped_on_worker_loss"))
+                    break
+                try:
+                    load = plan.send(step)
+                except StopIteration:
+                    break
+    except BaseException:
+        if listener is not None:
+            listener.stop()
+        raise
     judged = verdict(steps, has_slo=objectives is not None, tolerance=spec.tolerance)
+    live.judge(judged, finished=True)
+    if listener is not None:
+        listener.stop(linger_s=LINGER_S)
     if metrics is not None and metrics.error:
         judged["notes"].append(f"server-side figures incomplete: {metrics.error}")
     meta = {"plan": described, "slo": base.slo, "warmup_s": spec.warmup_s,

@@ -47,6 +47,8 @@ MasterBindHost = Annotated[str | None, typer.Option(
     rich_help_panel=_DIST, help="Interface workers connect to (--master: all, --processes: 127.0.0.1).")]
 MasterBindPort = Annotated[int | None, typer.Option(
     rich_help_panel=_DIST, help="Port workers connect to (--master: 5557, --processes: a free one).")]
+MetricsHost = Annotated[str | None, typer.Option(
+    help="Address /metrics listens on (default 127.0.0.1; 0.0.0.0 lets a Prometheus on another host scrape).")]
 StopOnWorkerLoss = Annotated[bool, typer.Option(
     "--stop-on-worker-loss", rich_help_panel=_DIST,
     help="Stop the run (exit 3) when a worker is lost, instead of handing its load to the others.")]
@@ -146,6 +148,7 @@ def run(
         int | None,
         typer.Option(help="Serve Prometheus /metrics on this port during the run (0: a free port, printed)."),
     ] = None,
+    metrics_host: MetricsHost = None,
     server_metrics: Annotated[str | None, typer.Option(
         help="The target's Prometheus metrics URL (Triton: http://HOST:8002/metrics): the server's own "
              "queue/compute time, batch size, GPU use and energy for the run, in summary.json.")] = None,
@@ -192,6 +195,7 @@ def run(
         "output.dir": str(out) if out else None,
         "output.keep_awake": keep_awake,
         "output.metrics_port": metrics_port,
+        "output.metrics_host": metrics_host,
         "slo": slo,
     }
     if rate is not None and users is not None:
@@ -248,7 +252,8 @@ def _numbers(text: str | None, kind: type, flag: str) -> tuple:
     epilog="Examples:\n\n"
     "  loadgen sweep --target URL --model NAME --rates 100,200,400 --slo \"p99<150ms\" --out runs/sweep\n\n"
     "  loadgen sweep --target URL --model NAME --start 50 --max 2000 --factor 1.5 --out runs/sweep\n\n"
-    "  loadgen sweep scenarios/closed-loop-kserve.toml --users 1,2,4,8 --step-duration 20s --out runs/sweep"
+    "  loadgen sweep scenarios/closed-loop-kserve.toml --users 1,2,4,8 --step-duration 20s --out runs/sweep\n\n"
+    "  loadgen sweep --target URL --model NAME --start 50 --max 2000 --metrics-port 9646 --out runs/sweep"
 )
 def sweep(
     scenario: Annotated[Path | None, typer.Argument(help="Scenario TOML file (optional).")] = None,
@@ -276,6 +281,10 @@ def sweep(
              "time, batch size, GPU use and energy per step.")] = None,
     cost_per_hour: Annotated[float | None, typer.Option(
         help="Price of the server per hour ($), for $ per million inferences (needs --server-metrics).")] = None,
+    metrics_port: Annotated[int | None, typer.Option(
+        help="Serve Prometheus /metrics on this port for the whole sweep (0: a free port, printed): each "
+             "step's live figures, the curve so far and the verdict.")] = None,
+    metrics_host: MetricsHost = None,
     processes: Processes = 0,
     master: Master = False,
     expect_workers: ExpectWorkers = 0,
@@ -296,7 +305,8 @@ def sweep(
         _fail(ScenarioError([f"--step-duration/--warmup: {exc}"], "flags"))
     overrides = {"target.url": target, "target.model": model, "target.protocol": protocol,
                  "target.payload": str(payload) if payload else None, "open_loop.arrival": arrival,
-                 "output.keep_awake": keep_awake, "slo": slo}
+                 "output.keep_awake": keep_awake, "output.metrics_port": metrics_port,
+                 "output.metrics_host": metrics_host, "slo": slo}
     distributed = _distributed(processes, master, expect_workers, expect_workers_max_wait, master_bind_host,
                                master_bind_port, stop_on_worker_loss)
     from loadgen._sweepcmd import SweepSpec, run_sweep  # imports locust: only for verbs that send load

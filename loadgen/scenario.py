@@ -361,6 +361,32 @@ class Output(_Strict):
     keep_awake: bool = True
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     """Serve Prometheus /metrics on this port during the run (0: a free port, printed); None: off."""
+    metrics_host: str = "127.0.0.1"
+    """Address /metrics listens on: an IP address (0.0.0.0 or :: for every interface) or a host name."""
+
+    @field_validator("metrics_host")
+    @classmethod
+    def _host_is_an_address(cls, value: str) -> str:
+        if not _is_host(value):
+            raise ValueError("expected an IP address (e.g. 127.0.0.1, 0.0.0.0, ::) or a host name")
+        return value
+
+
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def _is_host(value: str) -> bool:
+    """An IPv4/IPv6 address, or a host name of RFC 1123 labels whose last label is not all digits."""
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(value)
+        return True
+    except ValueError:
+        pass
+    labels = value.removesuffix(".").split(".")
+    return (0 < len(value) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in labels)
+            and not labels[-1].isdigit())
 
 
 _ONE_PATTERN = "give exactly one load pattern: [open_loop] (--rate) or [closed_loop] (--users)"

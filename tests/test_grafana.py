@@ -1,9 +1,13 @@
 """grafana/: the dashboards are well-formed Grafana dashboard models, and every PromQL expression in
-every panel returns data from a real Prometheus scraping a real run and a real server."""
+every panel returns data from a real Prometheus scraping a real run, a real sweep and a real server.
+
+Panels whose targets are instant queries (the sweep's per-step bar charts, curve and table) are asked
+as Grafana asks them: one instant query at the end of the window, $__range standing for the window."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -23,8 +27,12 @@ GRAFANA = ROOT / "grafana"
 DASHBOARDS = sorted((GRAFANA / "dashboards").glob("*.json"))
 
 
-def expressions() -> list[tuple[str, str, str]]:
-    return [(board.name, panel["title"], target["expr"])
+PANEL_TYPES = {"timeseries", "barchart", "xychart", "table", "stat"}
+
+
+def expressions() -> list[tuple[str, str, str, bool]]:
+    """(dashboard, panel title, PromQL, whether it is an instant query) of every panel target."""
+    return [(board.name, panel["title"], target["expr"], bool(target.get("instant")))
             for board in DASHBOARDS
             for panel in json.loads(board.read_text())["panels"]
             for target in panel["targets"]]
@@ -42,7 +50,7 @@ def test_dashboards_are_grafana_models() -> None:
         ids = [panel["id"] for panel in board["panels"]]
         assert len(ids) == len(set(ids)), path.name
         for panel in board["panels"]:
-            assert panel["type"] == "timeseries" and panel["datasource"]["uid"] == datasource_uid
+            assert panel["type"] in PANEL_TYPES and panel["datasource"]["uid"] == datasource_uid
             assert set(panel["gridPos"]) == {"x", "y", "w", "h"} and panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24
             assert panel["targets"] and all(target["expr"].strip() for target in panel["targets"])
     assert yaml.safe_load((GRAFANA / "provisioning/dashboards/loadgen.yml").read_text())["providers"]
@@ -56,12 +64,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_prometheus(tmp_path: Path, loadgen_port: int, server_port: int,
+def start_prometheus(tmp_path: Path, loadgen_ports: list[int], server_port: int,
                      torchserve_port: int) -> tuple[subprocess.Popen, str]:
     config = yaml.safe_load((GRAFANA / "prometheus.yml").read_text())
-    targets = {"loadgen": loadgen_port, "inference-server": server_port, "torchserve": torchserve_port}
+    targets = {"loadgen": loadgen_ports, "inference-server": [server_port], "torchserve": [torchserve_port]}
     for job in config["scrape_configs"]:
-        job["static_configs"] = [{"targets": [f"127.0.0.1:{targets[job['job_name']]}"]}]
+        job["static_configs"] = [{"targets": [f"127.0.0.1:{port}" for port in targets[job["job_name"]]]}]
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()
     proc = subprocess.Popen(
@@ -91,9 +99,9 @@ def test_every_panel_has_data_from_a_real_prometheus(tmp_path: Path, model_store
     metrics_port = int(server.proc.args[server.proc.args.index("--metrics-port") + 1])
     torchserve = start_torchserve(model_store, tmp_path, "--models", "mlp=mlp.mar",
                                   config=[*OPEN, "metrics_mode=prometheus"], grpc=False)
-    loadgen_port = free_port()
+    loadgen_port, sweep_port = free_port(), free_port()
     ts_metrics_port = int(torchserve.metrics.rsplit(":", 1)[1])
-    prometheus, prom_url = start_prometheus(tmp_path, loadgen_port, metrics_port, ts_metrics_port)
+    prometheus, prom_url = start_prometheus(tmp_path, [loadgen_port, sweep_port], metrics_port, ts_metrics_port)
     payload = tmp_path / "input.json"
     payload.write_text(MLP_JSON)
     try:
@@ -115,11 +123,30 @@ def test_every_panel_has_data_from_a_real_prometheus(tmp_path: Path, model_store
         assert run.returncode == 0, err
         _out, err = ts_run.communicate(timeout=60)
         assert ts_run.returncode == 0, err
+        # Then a short sweep on its own port: the sweep dashboard's curve, table and verdict. A lag of a
+        # few ms on a shared machine is no concern of this test (max_lag_ms).
+        scenario = tmp_path / "sweep.toml"
+        scenario.write_text(f'[target]\nurl = "{server.url}"\nmodel = "mlp"\n\n[open_loop]\nrate = 1\n'
+                            'duration = "1s"\n\n[output]\nmax_lag_ms = 50\n')
+        sweep = subprocess.Popen(
+            loadgen_cmd("sweep", str(scenario), "--rates", "20,40", "--step-duration", "2s", "--warmup", "1s",
+                        "--slo", "p99<5s", "--no-keep-awake", "--metrics-port", str(sweep_port),
+                        "--out", str(tmp_path / "sweep")),
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        pin(sweep.pid, 0)
+        out, err = sweep.communicate(timeout=90)
+        assert sweep.returncode == 0, out + err
         time.sleep(2.0)  # one more scrape of the server after the run
         missing = []
-        for board, title, expr in expressions():
-            answer = httpx.get(prom_url + "/api/v1/query_range", timeout=10, params={
-                "query": expr, "start": started, "end": time.time(), "step": "1s"}).json()
+        end = time.time()
+        window = f"{math.ceil(end - started)}s"
+        for board, title, expr, instant in expressions():
+            expr = expr.replace("$__range", window)
+            params = {"query": expr, "time": end} if instant else {
+                "query": expr, "start": started, "end": end, "step": "1s"}
+            answer = httpx.get(prom_url + ("/api/v1/query" if instant else "/api/v1/query_range"), timeout=10,
+                               params=params).json()
             assert answer["status"] == "success", (board, title, expr, answer)
             if not answer["data"]["result"]:
                 missing.append(f"{board} / {title}: {expr}")

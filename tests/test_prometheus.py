@@ -1,4 +1,5 @@
-"""Prometheus collector: counters, histograms and percentile gauges equal the recorder's figures."""
+"""Prometheus collectors: counters, histograms and percentile gauges equal the recorder's figures; the
+sweep's families equal its steps and verdict."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
 from loadgen.recorder import Recorder
-from loadgen.sinks.prometheus import BUCKETS_S, QUANTILES, RunCollector
+from loadgen.sinks.prometheus import BUCKETS_S, QUANTILES, RunCollector, SweepCollector
+from loadgen.sweep import StepResult, verdict
 
 START = 1000.0
 
@@ -189,3 +191,60 @@ def _seconds(work) -> float:
     began = time.perf_counter()
     work()
     return time.perf_counter() - began
+
+
+def _sweep_step(index: int, load: float, achieved: float, *, errors: int = 0, requests: int = 100,
+                slo: bool | None = None) -> StepResult:
+    latency = {"p50": 10.0 * index, "p90": 12.0 * index, "p99": 20.0 * index, "p99_9": 30.0 * index}
+    return StepResult(index=index, load=load, offered_rps=load, achieved_rps=achieved, latency_ms=latency,
+                      errors=errors, dropped=0, generator_bound=False, stable=True, slo_met=slo,
+                      requests=requests)
+
+
+def test_sweep_families_follow_the_steps_and_the_verdict() -> None:
+    live = SweepCollector(closed_loop=False)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(live)
+    assert registry.get_sample_value("loadgen_sweep_current_step") == 0
+    assert registry.get_sample_value("loadgen_sweep_info", {"unit": "rps"}) == 1
+    steps = [_sweep_step(1, 50, 50.0), _sweep_step(2, 100, 99.0, errors=3, requests=200),
+             _sweep_step(3, 150, 120.0)]
+    for done, step in enumerate(steps):
+        live.begin_step(step.index, step.load)
+        assert registry.get_sample_value("loadgen_sweep_current_step") == step.index
+        assert registry.get_sample_value("loadgen_sweep_current_load") == step.load
+        # Only the finished steps have series: the label set grows by one step at a time.
+        series = [s for s in registry.collect() for s in s.samples if s.name == "loadgen_sweep_step_achieved_rps"]
+        assert len(series) == done
+        live.end_step(step)
+        live.judge(verdict(steps[:done + 1], has_slo=False))
+        assert registry.get_sample_value("loadgen_sweep_finished") == 0
+    labels = {"step": "2", "load": "100"}
+    assert registry.get_sample_value("loadgen_sweep_step_achieved_rps", labels) == 99.0
+    assert registry.get_sample_value("loadgen_sweep_step_offered_rps", labels) == 100.0
+    assert registry.get_sample_value("loadgen_sweep_step_error_ratio", labels) == 3 / 200
+    for quantile, key in QUANTILES.items():
+        assert registry.get_sample_value("loadgen_sweep_step_latency_seconds", {**labels, "quantile": quantile}) \
+            == pytest.approx(steps[1].latency_ms[key] / 1000.0)
+    assert registry.get_sample_value("loadgen_sweep_step_slo_met", labels) is None  # no SLO, no series
+    judged = verdict(steps, has_slo=False)
+    live.judge(judged, finished=True)
+    assert registry.get_sample_value("loadgen_sweep_finished") == 1
+    assert registry.get_sample_value("loadgen_sweep_saturation_rps") == judged["saturation_rps"] == 120.0
+    assert registry.get_sample_value("loadgen_sweep_saturated") == 1.0
+    assert registry.get_sample_value("loadgen_sweep_knee_load") == judged["knee"]["load"] == 100
+    assert registry.get_sample_value("loadgen_sweep_knee_rps") == 99.0
+    assert registry.get_sample_value("loadgen_sweep_max_rps_meeting_slo") is None
+
+
+def test_sweep_families_in_closed_loop_and_with_an_slo() -> None:
+    live = SweepCollector(closed_loop=True)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(live)
+    step = _sweep_step(1, 4, 200.0, slo=True)
+    step.offered_rps = 0.0
+    live.end_step(step)
+    live.judge(verdict([step], has_slo=True))
+    assert registry.get_sample_value("loadgen_sweep_info", {"unit": "users"}) == 1
+    assert registry.get_sample_value("loadgen_sweep_step_slo_met", {"step": "1", "load": "4"}) == 1.0
+    assert registry.get_sample_value("loadgen_sweep_max_rps_meeting_slo") == 200.0

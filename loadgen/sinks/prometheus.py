@@ -35,6 +35,25 @@ them, labelled `worker` (its index) and `host`, as of its last shipped interval:
 - `loadgen_worker_cpu_ratio`  gauge: the worker process's CPU time over wall time over its last interval.
 - `loadgen_worker_in_flight`  gauge: the worker's requests sent and not yet answered.
 
+Sweeps (`loadgen sweep --metrics-port P`) add `SweepCollector`'s families on the same port, which
+stays open for the whole sweep (each step's run families join it while the step runs). They draw the
+throughput-under-load curve as it is measured; their label set is bounded by the step count:
+- `loadgen_sweep_info{unit}`  gauge 1: unit "rps" (open loop: a step's load is a rate) or "users".
+- `loadgen_sweep_current_step`, `loadgen_sweep_current_load`  gauges: the step running now (1-based;
+  0 before the first) and its load; they keep the last step's values once the sweep has ended.
+- `loadgen_sweep_step_offered_rps{step,load}`, `loadgen_sweep_step_achieved_rps{step,load}`  gauges,
+  one series per completed step: the step's offered rate (0 in closed loop) and achieved throughput,
+  as in sweep.json (warm-up cut). `load` is the step's load as the plan gave it (req/s or users).
+- `loadgen_sweep_step_latency_seconds{step,load,quantile}`  gauge: the step's latency percentiles
+  (quantiles as above) from its HDR histogram, the figures of curve.csv.
+- `loadgen_sweep_step_error_ratio{step,load}`  gauge: errors over responses in the step.
+- `loadgen_sweep_step_generator_bound{step,load}`, `loadgen_sweep_step_stable{step,load}` and, with an
+  SLO, `loadgen_sweep_step_slo_met{step,load}`  gauges 0/1.
+- `loadgen_sweep_saturation_rps`, `loadgen_sweep_saturated` (0/1), `loadgen_sweep_knee_rps`,
+  `loadgen_sweep_knee_load`, `loadgen_sweep_max_rps_meeting_slo`  gauges: the verdict of the steps so
+  far (loadgen/sweep/verdict.py), each present once it is known; `loadgen_sweep_finished` is 1 once
+  the last step is done and the verdict is the sweep's own.
+
 Cost: everything read from closed intervals is computed once per closed-interval count and cached
 (about 1 ms at 1,000 intervals; the 10 s window is merged with one numpy add per histogram, into
 histograms kept for it), so most scrapes only format cached numbers (~0.7 ms for ~160 samples).
@@ -49,7 +68,7 @@ import resource
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from hdrh.histogram import HdrHistogram
@@ -59,7 +78,8 @@ from prometheus_client.utils import floatToGoString
 from loadgen.recorder import HistogramSet, Recorder, sum_histograms
 from loadgen.recorder._hdr import counts_indices, counts_view, mean_value, values_at_percentiles
 
-__all__ = ["BUCKETS_S", "QUANTILES", "WINDOW_S", "RunCollector", "RunView", "WorkerHealth"]
+__all__ = ["BUCKETS_S", "QUANTILES", "WINDOW_S", "RunCollector", "RunView", "SweepCollector", "SweepStep",
+           "WorkerHealth"]
 
 WINDOW_S = 10.0
 """Length of the recent window of the percentile gauges (window="10s"), in seconds of closed intervals."""
@@ -321,3 +341,108 @@ def _worker_families(workers: list[WorkerHealth]) -> Iterator[Metric]:
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, documentation, value=value)
+
+
+class SweepStep(Protocol):
+    """What the sweep families read of a finished step (loadgen.sweep.step.StepResult has these)."""
+
+    index: int
+    load: float
+    offered_rps: float
+    achieved_rps: float
+    latency_ms: dict[str, float]
+    generator_bound: bool
+    stable: bool
+    slo_met: bool | None
+
+    @property
+    def error_ratio(self) -> float: ...
+
+
+_VERDICT_GAUGES = (
+    ("saturation_rps", "Highest achieved throughput of a healthy step so far (req/s)."),
+    ("max_rps_meeting_slo", "Highest achieved throughput of a healthy step that met the SLO (req/s)."),
+)
+
+
+class SweepCollector:
+    """A prometheus_client collector of a sweep's curve and verdict, updated by the sweep between steps.
+
+    >>> sweep = SweepCollector(closed_loop=False)
+    >>> sweep.begin_step(1, 100.0)
+    >>> sweep.end_step(step)  # doctest: +SKIP  (a StepResult)
+    >>> sweep.judge(verdict(steps, has_slo=False), finished=True)  # doctest: +SKIP
+    """
+
+    def __init__(self, *, closed_loop: bool) -> None:
+        self.unit = "users" if closed_loop else "rps"
+        self._current: tuple[int, float] = (0, 0.0)
+        self._steps: list[SweepStep] = []
+        self._verdict: dict[str, Any] = {}
+        self._finished = False
+
+    def begin_step(self, index: int, load: float) -> None:
+        self._current = (index, load)
+
+    def end_step(self, step: SweepStep) -> None:
+        self._steps = [*self._steps, step]
+
+    def judge(self, judged: dict[str, Any], *, finished: bool = False) -> None:
+        """The verdict of the steps so far (the sweep's own once `finished`)."""
+        self._verdict, self._finished = dict(judged), finished
+
+    def collect(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily("loadgen_sweep_info", "A sweep is running; unit of its steps' load.",
+                                 labels=["unit"])
+        info.add_metric([self.unit], 1.0)
+        yield info
+        index, load = self._current
+        yield _gauge("loadgen_sweep_current_step", "The sweep step running now (1-based; 0 before the first).",
+                     index)
+        yield _gauge("loadgen_sweep_current_load", "Load of the step running now (req/s, or users).", load)
+        yield from _step_families(self._steps)
+        yield from _verdict_families(self._verdict)
+        yield _gauge("loadgen_sweep_finished", "1 once the sweep's last step is done.", float(self._finished))
+
+
+def _step_families(steps: list[SweepStep]) -> Iterator[Metric]:
+    labels = ["step", "load"]
+    offered = GaugeMetricFamily("loadgen_sweep_step_offered_rps", "A completed step's offered rate (0: closed "
+                                "loop).", labels=labels)
+    achieved = GaugeMetricFamily("loadgen_sweep_step_achieved_rps", "A completed step's achieved throughput.",
+                                 labels=labels)
+    latency = GaugeMetricFamily("loadgen_sweep_step_latency_seconds", "A completed step's latency percentiles "
+                                "from its HDR histogram, in seconds.", labels=[*labels, "quantile"])
+    errors = GaugeMetricFamily("loadgen_sweep_step_error_ratio", "A completed step's errors over responses.",
+                               labels=labels)
+    bound = GaugeMetricFamily("loadgen_sweep_step_generator_bound", "1 when the generator was the bottleneck "
+                              "of the step.", labels=labels)
+    stable = GaugeMetricFamily("loadgen_sweep_step_stable", "1 when the step's throughput and p99 were stable.",
+                               labels=labels)
+    slo = GaugeMetricFamily("loadgen_sweep_step_slo_met", "1 when the step met every objective.", labels=labels)
+    for step in steps:
+        key = [str(step.index), f"{step.load:g}"]
+        offered.add_metric(key, step.offered_rps)
+        achieved.add_metric(key, step.achieved_rps)
+        for quantile, name in QUANTILES.items():
+            latency.add_metric([*key, quantile], step.latency_ms[name] / 1000.0)
+        errors.add_metric(key, step.error_ratio)
+        bound.add_metric(key, float(step.generator_bound))
+        stable.add_metric(key, float(step.stable))
+        if step.slo_met is not None:
+            slo.add_metric(key, float(step.slo_met))
+    yield from (offered, achieved, latency, errors, bound, stable, slo)
+
+
+def _verdict_families(judged: dict[str, Any]) -> Iterator[Metric]:
+    for key, documentation in _VERDICT_GAUGES:
+        if judged.get(key) is not None:
+            yield _gauge(f"loadgen_sweep_{key}", documentation, judged[key])
+    if "saturated" in judged:
+        yield _gauge("loadgen_sweep_saturated", "1 when some healthy step fell behind or stopped adding "
+                     "throughput (else saturation_rps is a lower bound).", float(judged["saturated"]))
+    knee = judged.get("knee")
+    if knee:
+        yield _gauge("loadgen_sweep_knee_rps", "Achieved throughput at the knee of the curve (req/s).",
+                     knee["achieved_rps"])
+        yield _gauge("loadgen_sweep_knee_load", "Load of the knee step (req/s, or users).", knee["load"])

@@ -61,6 +61,13 @@ class StepResult:
     out_dir: str = ""
     server: dict[str, Any] | None = None
     """What the target's own metrics say about this step (loadgen/serverside.py), when scraped."""
+    requests: int = 0
+    """Responses in the measured part, ok and errors (the error ratio's denominator)."""
+
+    @property
+    def error_ratio(self) -> float:
+        """Errors over responses (0 when there were none)."""
+        return self.errors / self.requests if self.requests else 0.0
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -167,6 +174,7 @@ def step_result(index: int, load: float, summary: dict[str, Any], judged: dict[s
         achieved_rps=float(summary["achieved_rps"]),
         latency_ms=dict(summary["latency_ms"]),
         errors=sum(summary.get("errors", {}).values()),
+        requests=int(summary.get("requests", 0)),
         dropped=int(summary.get("dropped", 0)),
         generator_bound=bool(summary.get("generator_bound", False)),
         generator_reasons=list(summary.get("generator", {}).get("reasons", [])),

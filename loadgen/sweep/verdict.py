@@ -9,7 +9,7 @@ Place in the flow: plan -> step -> **verdict** -> sweep.json, curve.csv, exit co
   when there is no SLO or no step met it).
 - knee: the highest-load healthy step that still kept up with its offered rate (achieved within
   the tolerance of offered) and was stable (any that kept up when none was); past it, the
-  endpoint queues.
+  endpoint queues. It gives its `load` (req/s, or users) beside its figures.
 - saturated: whether some healthy step fell behind its offered rate (or stopped growing); when
   none did, saturation_rps is only a lower bound.
 - slo_met: at least one healthy step met every objective (True when there is no SLO).
@@ -33,7 +33,7 @@ def _kept_up(step: StepResult, tolerance: float) -> bool:
 def _summary(step: StepResult | None) -> dict[str, Any] | None:
     if step is None:
         return None
-    return {"step": step.index, "offered_rps": round(step.offered_rps, 3),
+    return {"step": step.index, "load": step.load, "offered_rps": round(step.offered_rps, 3),
             "achieved_rps": round(step.achieved_rps, 3), "p99_ms": step.latency_ms.get("p99")}
 
 
