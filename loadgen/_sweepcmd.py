@@ -41,7 +41,16 @@ from loadgen.scenario import OpenLoop, Scenario, ScenarioError, load_scenario
 from loadgen.serverside import ServerMetrics, server_figures
 from loadgen.sinks.prometheus import SweepCollector
 from loadgen.slo import Objective, parse_slo
-from loadgen.sweep.plan import Plan, adaptive, adaptive_bound, geometric, ladder, linear
+from loadgen.sweep.plan import (
+    Plan,
+    adaptive,
+    adaptive_bound,
+    adaptive_users,
+    adaptive_users_bound,
+    geometric,
+    ladder,
+    linear,
+)
 from loadgen.sweep.step import (
     StepResult,
     measured_generator,
@@ -74,6 +83,8 @@ class SweepSpec:
 
     rates: tuple[float, ...] = ()
     users: tuple[int, ...] = ()
+    users_range: tuple[int, int] | None = None
+    """(lowest, highest) user count of an adaptive closed-loop search (--users 1..64)."""
     start: float | None = None
     max: float | None = None
     factor: float = 1.5
@@ -94,6 +105,11 @@ class SweepSpec:
             return ladder(self.rates), len(self.rates), "rates " + ", ".join(f"{r:g}" for r in self.rates)
         if self.users:
             return ladder(self.users), len(self.users), "users " + ", ".join(str(u) for u in self.users)
+        if self.users_range:
+            low, high = self.users_range
+            return (adaptive_users(low, high, self.factor, self.tolerance),
+                    adaptive_users_bound(low, high, self.factor, self.tolerance),
+                    f"adaptive users from {low} x{self.factor:g} up to {high}, bisect to the knee")
         start, stop = self.start, self.max
         if self.increment is not None:
             values = linear(start, stop, self.increment)
@@ -108,9 +124,14 @@ class SweepSpec:
     def check(self) -> None:
         """Raise ScenarioError (exit 2) naming every problem with the sweep flags."""
         problems = []
-        given = [bool(self.rates), bool(self.users), self.start is not None or self.max is not None]
+        given = [bool(self.rates), bool(self.users) or self.users_range is not None,
+                 self.start is not None or self.max is not None]
         if sum(given) != 1:
             problems.append("give exactly one of --rates, --start/--max or --users")
+        elif self.users_range is not None and not 0 < self.users_range[0] <= self.users_range[1]:
+            problems.append(f"--users {self.users_range[0]}..{self.users_range[1]}: need 0 < lowest <= highest")
+        elif self.users_range is not None and (self.increment is not None or self.fixed):
+            problems.append("--users LOW..HIGH is an adaptive search: --increment and --fixed do not apply")
         elif given[2] and (self.start is None or self.max is None):
             problems.append("--start and --max go together")
         elif given[2] and not 0 < self.start <= self.max:
@@ -224,12 +245,14 @@ def write_sweep(out: Path, steps: list[StepResult], judged: dict[str, Any], meta
         writer.writerows(_curve_row(step) for step in sorted(steps, key=lambda s: s.load))
 
 
-def _print_verdict(judged: dict[str, Any], has_slo: bool) -> None:
+def _print_verdict(judged: dict[str, Any], has_slo: bool, closed: bool = False) -> None:
     sat = judged["saturation_rps"]
     bound = "" if judged["saturated"] else " (lower bound: not saturated)"
     print(f"saturation: {sat:.1f} req/s{bound}" if sat is not None else "saturation: unknown")
     if judged["knee"]:
-        print(f"knee: {judged['knee']['achieved_rps']:.1f} req/s (p99 {judged['knee']['p99_ms']} ms)")
+        knee = judged["knee"]
+        users = f"{knee['load']:g} users, " if closed else ""
+        print(f"knee: {users}{knee['achieved_rps']:.1f} req/s (p99 {knee['p99_ms']} ms)")
     if has_slo:
         best = judged["max_rps_meeting_slo"]
         print(f"max rate meeting the SLO: {best:.1f} req/s" if best is not None else "no step met the SLO")
@@ -243,7 +266,7 @@ def run_sweep(path: Path | None, overrides: dict[str, Any], spec: SweepSpec, out
     spec.check()
     plan, total, described = spec.plan()
     load = next(plan)
-    key = "closed_loop.users" if spec.users else "open_loop.rate"
+    key = "closed_loop.users" if spec.users or spec.users_range else "open_loop.rate"
     base = load_scenario(path, {**overrides, key: load, "open_loop.duration": spec.step_duration_s})
     closed = not isinstance(base.pattern, OpenLoop)
     objectives = parse_slo(base.slo) if base.slo else None
@@ -285,7 +308,7 @@ def run_sweep(path: Path | None, overrides: dict[str, Any], spec: SweepSpec, out
             "target": {"url": base.target.url, "model": base.target.model},
             "server_metrics": spec.server_metrics, "cost_per_hour": spec.cost_per_hour}
     write_sweep(out, steps, judged, meta)
-    _print_verdict(judged, objectives is not None)
+    _print_verdict(judged, objectives is not None, closed)
     print(f"results in {out}/ (sweep.json, curve.csv, steps/)", file=sys.stderr)
     if worker_lost:
         return WORKER_LOST_EXIT

@@ -248,11 +248,24 @@ def _numbers(text: str | None, kind: type, flag: str) -> tuple:
     return ()
 
 
+def _user_range(text: str | None) -> tuple[int, int] | None:
+    """"1..64" -> (1, 64); None when `text` is no range; a bad range is an input error (exit 2)."""
+    if not text or ".." not in text:
+        return None
+    low, _, high = text.partition("..")
+    try:
+        return int(low), int(high)
+    except ValueError:
+        _fail(ScenarioError([f"--users: expected a range of user counts such as 1..64 (got {text!r})"], "flags"))
+    return None
+
+
 @app.command(
     epilog="Examples:\n\n"
     "  loadgen sweep --target URL --model NAME --rates 100,200,400 --slo \"p99<150ms\" --out runs/sweep\n\n"
     "  loadgen sweep --target URL --model NAME --start 50 --max 2000 --factor 1.5 --out runs/sweep\n\n"
     "  loadgen sweep scenarios/closed-loop-kserve.toml --users 1,2,4,8 --step-duration 20s --out runs/sweep\n\n"
+    "  loadgen sweep --target URL --model NAME --users 1..64 --factor 2 --out runs/sweep   (adaptive)\n\n"
     "  loadgen sweep --target URL --model NAME --start 50 --max 2000 --metrics-port 9646 --out runs/sweep"
 )
 def sweep(
@@ -271,7 +284,9 @@ def sweep(
     factor: Annotated[float, typer.Option(help="Growth factor between steps of a growing sweep.")] = 1.5,
     increment: Annotated[float | None, typer.Option(help="Linear ladder: add this much a step (with --start/--max).")] = None,
     fixed: Annotated[bool, typer.Option("--fixed", help="Run the whole geometric ladder; no stop, no bisection.")] = False,
-    users: Annotated[str | None, typer.Option(help="Closed-loop ladder of user counts, e.g. 1,2,4,8.")] = None,
+    users: Annotated[str | None, typer.Option(
+        help="Closed-loop user counts: a ladder, e.g. 1,2,4,8, or a range searched adaptively, e.g. 1..64 "
+             "(grows by --factor, then bisects to the knee).")] = None,
     step_duration: Annotated[str, typer.Option(help="Measured length of each step, e.g. 10s.")] = "10s",
     warmup: Annotated[str, typer.Option(help="Unmeasured start of each step (rounded up to whole intervals).")] = "2s",
     arrival: Annotated[str | None, typer.Option(help="Open loop: constant or poisson.")] = None,
@@ -311,10 +326,11 @@ def sweep(
                                master_bind_port, stop_on_worker_loss)
     from loadgen._sweepcmd import SweepSpec, run_sweep  # imports locust: only for verbs that send load
 
+    users_range = _user_range(users)
     spec = SweepSpec(
-        rates=_numbers(rates, float, "--rates"), users=_numbers(users, int, "--users"), start=start,
-        max=max_rate, factor=factor, increment=increment, fixed=fixed, step_duration_s=step_s, warmup_s=warmup_s,
-        server_metrics=server_metrics, cost_per_hour=cost_per_hour,
+        rates=_numbers(rates, float, "--rates"), users=() if users_range else _numbers(users, int, "--users"),
+        users_range=users_range, start=start, max=max_rate, factor=factor, increment=increment, fixed=fixed,
+        step_duration_s=step_s, warmup_s=warmup_s, server_metrics=server_metrics, cost_per_hour=cost_per_hour,
     )
     try:
         code = run_sweep(scenario, overrides, spec, out, distributed=distributed)

@@ -56,11 +56,33 @@ def test_sweep_finds_the_capacity_and_the_slo_limit(queue_server, tmp_path) -> N
     assert "step 3/3" in run.stdout
 
 
+def test_adaptive_user_search_finds_the_worker_count(calibration_server, tmp_path) -> None:
+    """4 FIFO workers of 40 ms, no think time: throughput grows with the users up to 4 (100 req/s), then
+    extra users only queue. The adaptive search over 1..16 users must put the knee at 4."""
+    server = calibration_server("--service-ms", "40", "--workers", "4")
+    out = tmp_path / "users"
+    run = run_loadgen("--target", server.url, "--model", "m", "--users", "1..16", "--factor", "2",
+                      "--step-duration", "2s", "--warmup", "1s", out=out, verb="sweep", timeout=120)
+    assert run.returncode == 0, run.stderr
+    sweep = json.loads((out / "sweep.json").read_text())
+    users = [step["load"] for step in sweep["steps"]]
+    assert all(count == int(count) for count in users) and len(users) == len(set(users)), users
+    assert not any(step["generator_bound"] for step in sweep["steps"]), run.stdout
+    assert sweep["knee"]["load"] == 4, run.stdout
+    assert sweep["saturated"] is True
+    assert sweep["saturation_rps"] == pytest.approx(100.0, rel=0.10)
+    assert {5, 8} & set(users)  # a count past the knee was measured, not assumed
+    assert "knee: 4 users" in run.stdout
+
+
 def test_sweep_rejects_conflicting_flags(tmp_path) -> None:
     run = run_loadgen("--target", "http://127.0.0.1:9", "--model", "m", "--rates", "10", "--users", "2",
                       out=tmp_path / "x", verb="sweep", timeout=30)
     assert run.returncode == 2
     assert "exactly one of" in run.stderr
+    run = run_loadgen("--target", "http://127.0.0.1:9", "--model", "m", "--users", "8..2",
+                      out=tmp_path / "y", verb="sweep", timeout=30)
+    assert run.returncode == 2 and "--users 8..2" in run.stderr
 
 
 def test_poisson_mean_latency_matches_md1(queue_server, tmp_path) -> None:

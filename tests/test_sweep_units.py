@@ -18,7 +18,7 @@ from loadgen.sweep import (
     stability,
     verdict,
 )
-from loadgen.sweep.plan import adaptive_bound
+from loadgen.sweep.plan import adaptive_bound, adaptive_users, adaptive_users_bound, efficient
 from loadgen.sweep.step import windows_of
 
 
@@ -178,3 +178,66 @@ def test_verdict_not_saturated_is_a_lower_bound() -> None:
 def test_verdict_all_generator_bound() -> None:
     judged = verdict([step(1, 50, 50, bound=True)], has_slo=True)
     assert judged["saturation_rps"] is None and judged["slo_met"] is False
+
+
+def workers(count: int, per_user_rps: float = 50.0):
+    """Closed loop against `count` identical workers, no think time: throughput min(users, count) x rate."""
+    def respond(users: float) -> Fake:
+        return Fake(0.0, min(users, count) * per_user_rps)
+    return respond
+
+
+@pytest.mark.parametrize("count", [1, 3, 4, 5, 7, 8, 12, 40])
+@pytest.mark.parametrize("factor", [1.5, 2.0])
+def test_adaptive_users_finds_the_worker_count(count: int, factor: float) -> None:
+    loads = drive(adaptive_users(1, 64, factor), workers(count))
+    assert all(load == int(load) for load in loads)
+    assert len(loads) == len(set(loads))  # never a count twice
+    assert len(loads) <= adaptive_users_bound(1, 64, factor)
+    steps = [step(k + 1, load, workers(count)(load).achieved_rps) for k, load in enumerate(loads)]
+    for s in steps:
+        s.offered_rps = 0.0
+    knee = verdict(steps, has_slo=False)["knee"]["load"]
+    good = [load for load in loads if efficient(load, workers(count)(load).achieved_rps, 50.0)]
+    assert knee == max(good)  # the verdict's knee is the plan's last good count
+    if count <= 8:
+        assert knee == count  # N workers saturate at N users
+    else:
+        assert count <= knee <= count / 0.9
+        bad = min(load for load in loads if load > knee)
+        assert bad - knee <= max(1, 0.05 * knee)  # bisected to the tolerance
+
+
+def test_adaptive_users_exact_knee_for_small_counts() -> None:
+    assert drive(adaptive_users(1, 16, 2), workers(4)) == [1.0, 2.0, 4.0, 8.0, 6.0, 5.0]
+    assert drive(adaptive_users(1, 16, 2), workers(5)) == [1.0, 2.0, 4.0, 8.0, 6.0, 5.0]
+    assert drive(adaptive_users(2, 16, 2), workers(1)) == [2.0, 4.0, 3.0]  # 2 already past: 3 is no better
+    assert drive(adaptive_users(1, 6, 2), workers(100)) == [1.0, 2.0, 4.0, 6.0]  # every count good: up to max
+
+
+def test_adaptive_users_stops_on_the_slo_and_on_the_generator() -> None:
+    def slo_until(users_ok: int):
+        return lambda users: Fake(0.0, users * 50.0, users <= users_ok)
+    loads = drive(adaptive_users(1, 64, 2), slo_until(11))
+    assert max(load for load in loads if load <= 11) == 11 and min(load for load in loads if load > 11) == 12
+    loads = drive(adaptive_users(1, 64, 2), lambda users: Fake(0.0, users * 50.0, None, users >= 8))
+    assert 7.0 in loads and all(load <= 8 for load in loads)
+    assert drive(adaptive_users(1, 64, 2), lambda users: Fake(0.0, 50.0, None, True)) == [1.0]
+
+
+def test_adaptive_users_rejects_bad_settings() -> None:
+    for start, stop, factor in ((0, 8, 2), (8, 4, 2), (1, 8, 1.0), (1.5, 8, 2)):
+        with pytest.raises(ValueError):
+            next(adaptive_users(start, stop, factor))
+
+
+def test_closed_loop_verdict_knee_is_where_users_stop_adding_throughput() -> None:
+    ladder_steps = [step(k + 1, users, min(users, 4) * 50.0) for k, users in enumerate([1, 2, 4, 8, 16])]
+    for s in ladder_steps:
+        s.offered_rps = 0.0
+    judged = verdict(ladder_steps, has_slo=False)
+    assert judged["knee"]["load"] == 4 and judged["knee"]["achieved_rps"] == 200.0
+    assert judged["saturated"] is True and judged["saturation_rps"] == 200.0
+    scaling = verdict(ladder_steps[:3], has_slo=False)
+    assert scaling["knee"]["load"] == 4 and scaling["saturated"] is False  # still scaling: a lower bound
+    assert efficient(10, 450.0, 50.0) and not efficient(10, 440.0, 50.0)  # 90 % of 50 req/s a user

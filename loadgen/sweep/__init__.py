@@ -6,7 +6,7 @@
 These modules are pure (no locust, no gevent); loadgen/_sweepcmd.py runs the steps and writes the files.
 """
 
-from loadgen.sweep.plan import Plan, adaptive, geometric, ladder, linear
+from loadgen.sweep.plan import Plan, adaptive, adaptive_users, geometric, ladder, linear
 from loadgen.sweep.step import StepResult, Window, measured_recorder, stability
 from loadgen.sweep.verdict import verdict
 
@@ -15,6 +15,7 @@ __all__ = [
     "StepResult",
     "Window",
     "adaptive",
+    "adaptive_users",
     "geometric",
     "ladder",
     "linear",

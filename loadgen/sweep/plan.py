@@ -17,15 +17,43 @@ Ladders (explicit, linear, geometric) ignore the results and run every value. `a
 geometrically until a step is *bad* (missed the SLO, fell behind the offered rate, throughput grew
 by less than the tolerance, or the generator was the bottleneck), then bisects between the last good
 and the first bad load until they are within the tolerance of each other.
+
+`adaptive_users` is the same search over closed-loop user counts, in whole users, never running a
+count twice. There is no offered rate to keep up with: a count is good when each of its users still
+gets KNEE_EFFICIENCY (90 %) of the best per-user throughput of the good counts so far (by Little's
+law, with no think time, X / users = 1 / mean latency: the latency has not yet risen by more than
+~11 % over its best), and it met the SLO with a healthy generator. Below the knee throughput rises
+with the user count; past it extra users only queue and per-user throughput falls as knee / users:
+with N identical workers and no think time the knee is N users, found exactly up to N = 8 (N + 1
+users get N / (N + 1) < 90 % each) and to within 11 % above. The verdict reads the same criterion
+(loadgen/sweep/verdict.py), so the plan's last good count is the verdict's knee.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Generator, Sequence
+from itertools import pairwise
 from typing import Protocol
 
-__all__ = ["Plan", "StepOutcome", "adaptive", "adaptive_bound", "geometric", "is_good", "ladder", "linear"]
+__all__ = [
+    "KNEE_EFFICIENCY",
+    "Plan",
+    "StepOutcome",
+    "adaptive",
+    "adaptive_bound",
+    "adaptive_users",
+    "adaptive_users_bound",
+    "efficient",
+    "geometric",
+    "is_good",
+    "ladder",
+    "linear",
+]
+
+KNEE_EFFICIENCY = 0.9
+"""Closed loop: the share of the best per-user throughput a user count must still give each user to be
+below the knee."""
 
 Plan = Generator[float, "StepOutcome | None", None]
 """Yields loads (req/s, or users in closed loop); receives each step's outcome via send()."""
@@ -124,6 +152,77 @@ def adaptive_bound(start: float, stop: float, factor: float, tolerance: float = 
     growth = len(geometric(start, stop, factor))
     bisections = max(0, math.ceil(math.log2(max(factor - 1, tolerance) / tolerance)))
     return growth + bisections
+
+
+def efficient(users: float, rps: float, best_per_user: float) -> bool:
+    """Closed loop: `users` users at `rps` still give each user KNEE_EFFICIENCY of `best_per_user`
+    (req/s a user; 0: nothing measured yet).
+
+    >>> efficient(4, 200.0, 50.0), efficient(5, 200.0, 50.0), efficient(9, 400.0, 50.0)
+    (True, False, False)
+    """
+    return users > 0 and rps / users >= KNEE_EFFICIENCY * best_per_user
+
+
+def _users_good(result: StepOutcome | None, users: int, best_per_user: float) -> bool:
+    if result is None or result.generator_bound or result.slo_met is False:
+        return False
+    return efficient(users, result.achieved_rps, best_per_user)
+
+
+def _user_ladder(start: int, stop: int, factor: float) -> list[int]:
+    """start, then x factor (at least one more user each time), capped at stop."""
+    counts = [start]
+    while counts[-1] < stop:
+        counts.append(min(max(counts[-1] + 1, round(counts[-1] * factor)), stop))
+    return counts
+
+
+def adaptive_users(start: int, stop: int, factor: float = 2.0, tolerance: float = 0.05) -> Plan:
+    """Closed loop: grow the user count from `start` by `factor` (whole users, capped at `stop`) while
+    each count is below the knee (see `efficient`), then bisect between the last good and the first bad
+    count until they are adjacent (or within `tolerance` of each other, for large counts).
+
+    Ends without bisecting when the first step is already bad or `stop` was good.
+
+    >>> plan = adaptive_users(1, 16)
+    >>> [next(plan)]  # then plan.send(step) for each result
+    [1.0]
+    """
+    _check_users(start, stop, factor)
+    good_users: int | None = None
+    best = 0.0  # req/s a user, the best of the good counts
+    for users in _user_ladder(int(start), int(stop), factor):
+        result = yield float(users)
+        if not _users_good(result, users, best):
+            bad_users = users
+            break
+        good_users, best = users, max(best, result.achieved_rps / users)
+    else:
+        return
+    if good_users is None:
+        return
+    while bad_users - good_users > max(1, math.floor(tolerance * good_users)):
+        users = (good_users + bad_users) // 2
+        result = yield float(users)
+        if _users_good(result, users, best):
+            good_users, best = users, max(best, result.achieved_rps / users)
+        else:
+            bad_users = users
+
+
+def adaptive_users_bound(start: int, stop: int, factor: float = 2.0, tolerance: float = 0.05) -> int:
+    """The most steps `adaptive_users` can take with these settings (for "step k of at most n")."""
+    _check_users(start, stop, factor)
+    counts = _user_ladder(int(start), int(stop), factor)
+    widest = max((b - a for a, b in pairwise(counts)), default=1)
+    return len(counts) + math.ceil(math.log2(widest))
+
+
+def _check_users(start: int, stop: int, factor: float) -> None:
+    if int(start) != start or int(stop) != stop:
+        raise ValueError("user counts are whole numbers")
+    _check_growth(start, stop, factor)
 
 
 def _check_growth(start: float, stop: float, factor: float) -> None:

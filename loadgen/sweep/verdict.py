@@ -9,9 +9,12 @@ Place in the flow: plan -> step -> **verdict** -> sweep.json, curve.csv, exit co
   when there is no SLO or no step met it).
 - knee: the highest-load healthy step that still kept up with its offered rate (achieved within
   the tolerance of offered) and was stable (any that kept up when none was); past it, the
-  endpoint queues. It gives its `load` (req/s, or users) beside its figures.
-- saturated: whether some healthy step fell behind its offered rate (or stopped growing); when
-  none did, saturation_rps is only a lower bound.
+  endpoint queues. Closed loop (no offered rate): the healthy steps in user-count order, the last
+  one of the first run of steps whose users each still got 90 % of the best per-user throughput
+  so far (loadgen.sweep.plan.efficient, the criterion of the adaptive user search); past it,
+  extra users only queue. It gives its `load` (req/s, or users) beside its figures.
+- saturated: whether some healthy step fell behind its offered rate (or, closed loop, lies past
+  the knee); when none did, saturation_rps is only a lower bound.
 - slo_met: at least one healthy step met every objective (True when there is no SLO).
 """
 
@@ -21,6 +24,7 @@ from collections.abc import Sequence
 from itertools import pairwise
 from typing import Any
 
+from loadgen.sweep.plan import efficient
 from loadgen.sweep.step import StepResult
 
 __all__ = ["verdict"]
@@ -38,12 +42,26 @@ def _summary(step: StepResult | None) -> dict[str, Any] | None:
 
 
 def _saturated(healthy: list[StepResult], tolerance: float) -> bool:
-    """Some step fell behind its offered rate, or (closed loop) more load stopped adding throughput."""
+    """Some step fell behind its offered rate, or (closed loop) some step lies past the knee."""
     if any(not _kept_up(step, tolerance) for step in healthy):
         return True
+    if healthy and all(step.offered_rps <= 0 for step in healthy):
+        knee = _closed_loop_knee(healthy)
+        return knee is not None and knee.load < max(step.load for step in healthy)
     ordered = sorted(healthy, key=lambda step: step.load)
     return any(b.offered_rps <= 0 and b.achieved_rps < (1 + tolerance) * a.achieved_rps
                for a, b in pairwise(ordered))
+
+
+def _closed_loop_knee(healthy: list[StepResult]) -> StepResult | None:
+    """In user-count order, the last step of the first run whose users each still got KNEE_EFFICIENCY
+    of the best per-user throughput before them."""
+    knee, best = None, 0.0
+    for step in sorted(healthy, key=lambda step: step.load):
+        if not efficient(step.load, step.achieved_rps, best):
+            break
+        knee, best = step, max(best, step.achieved_rps / step.load)
+    return knee
 
 
 def _notes(steps: Sequence[StepResult], best: StepResult | None, saturated: bool) -> list[str]:
@@ -66,8 +84,11 @@ def verdict(steps: Sequence[StepResult], *, has_slo: bool, tolerance: float = 0.
     best = max(healthy, key=lambda step: step.achieved_rps, default=None)
     meeting = [step for step in healthy if step.slo_met]
     best_meeting = max(meeting, key=lambda step: step.achieved_rps, default=None)
-    kept_up = [s for s in healthy if _kept_up(s, tolerance)]
-    knee = max([s for s in kept_up if s.stable] or kept_up, key=lambda step: step.load, default=None)
+    if healthy and all(step.offered_rps <= 0 for step in healthy):
+        knee = _closed_loop_knee(healthy)
+    else:
+        kept_up = [s for s in healthy if _kept_up(s, tolerance)]
+        knee = max([s for s in kept_up if s.stable] or kept_up, key=lambda step: step.load, default=None)
     saturated = _saturated(healthy, tolerance)
     return {
         "saturation_rps": round(best.achieved_rps, 3) if best else None,
