@@ -30,7 +30,10 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 
+from servers.core.http1 import Request
+from servers.models.builtin import Identity
 from servers.models.make_repo import make_repo
+from servers.triton._app import Reply, TritonApp
 from tests.conftest import ROOT, Server, start_server, stop_process
 
 pytestmark = pytest.mark.integration
@@ -393,3 +396,32 @@ def test_a_config_the_model_cannot_load_with_keeps_the_serving_version(server: S
     reply = _load(server, "identity_bytes", {"config": json.dumps({**config, "backend": "tensorflow"})})
     assert reply.status_code == 400 and "backend 'tensorflow' is not supported" in reply.json()["error"]
     assert httpx.get(f"{server.url}/v2/models/identity_bytes/ready").status_code == 200
+
+
+# -- in process: every kind of reply compresses ---------------------------------------------------------
+
+class _Pooled(Identity):
+    """The built-in identity, run in the worker pool (a Job) instead of inline."""
+
+    inline = False
+
+
+@pytest.mark.parametrize("model", [Identity("inline"), _Pooled("pooled")], ids=["inline", "job"])
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+def test_inline_and_job_replies_are_compressed(model: Identity, encoding: str) -> None:
+    app = TritonApp({model.name: model})
+    body = json.dumps({"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}]})
+    packed = gzip.compress(body.encode()) if encoding == "gzip" else zlib.compress(body.encode())
+    request = Request("POST", f"/v2/models/{model.name}/infer", "HTTP/1.1",
+                      {"content-encoding": encoding, "accept-encoding": encoding}, packed)
+    outcome = app.handle(request)
+    reply = outcome if isinstance(outcome, Reply) else outcome()
+    assert isinstance(outcome, Reply) == model.inline
+    assert reply.status == 200 and f"Content-Encoding: {encoding}\r\n" in reply.headers
+    plain = gzip.decompress(reply.body) if encoding == "gzip" else zlib.decompress(reply.body)
+    assert json.loads(plain)["outputs"][0]["data"] == [1.0, 2.0, 3.0]
+    failed = app.handle(Request("POST", f"/v2/models/{model.name}/infer", "HTTP/1.1",
+                                {"accept-encoding": encoding}, b'{"inputs": []}'))
+    failed = failed if isinstance(failed, Reply) else failed()
+    assert failed.status == 400 and "Content-Encoding" not in failed.headers  # errors go out plain
+    assert "expected 1 inputs" in json.loads(failed.body)["error"]
