@@ -10,8 +10,9 @@ Live figures (--metrics-port): the sweep holds the port from its first step to i
 MetricsListener, loadgen/driver/exporter.py) and serves a SweepCollector (loadgen/sinks/prometheus.py)
 on it: the step running now, each completed step's throughput, percentiles and error ratio, and the
 verdict of the steps so far. Each step's run joins the same port with its own live families while it
-runs. After the last step the port stays open until one more scrape (at most LINGER_S) when something
-has been scraping, so the final verdict reaches that Prometheus.
+runs. After the last step, once the files are written, the port stays open until one more scrape (at
+most LINGER_S) when something has been scraping, so the final verdict reaches that Prometheus; not
+after an interrupted sweep.
 
 Distributed (--processes / --master): one Cluster of Locust workers serves every step in turn, each
 step's figures merged on the master (loadgen/driver/master.py); a step where any worker was
@@ -299,8 +300,6 @@ def run_sweep(path: Path | None, overrides: dict[str, Any], spec: SweepSpec, out
         raise
     judged = verdict(steps, has_slo=objectives is not None, tolerance=spec.tolerance)
     live.judge(judged, finished=True)
-    if listener is not None:
-        listener.stop(linger_s=LINGER_S)
     if metrics is not None and metrics.error:
         judged["notes"].append(f"server-side figures incomplete: {metrics.error}")
     meta = {"plan": described, "slo": base.slo, "warmup_s": spec.warmup_s,
@@ -309,7 +308,10 @@ def run_sweep(path: Path | None, overrides: dict[str, Any], spec: SweepSpec, out
             "server_metrics": spec.server_metrics, "cost_per_hour": spec.cost_per_hour}
     write_sweep(out, steps, judged, meta)
     _print_verdict(judged, objectives is not None, closed)
-    print(f"results in {out}/ (sweep.json, curve.csv, steps/)", file=sys.stderr)
+    print(f"results in {out}/ (sweep.json, curve.csv, steps/)", file=sys.stderr, flush=True)
+    if listener is not None:  # the files are written: now let the watching Prometheus see the verdict
+        sys.stdout.flush()
+        listener.stop(linger_s=0.0 if interrupted else LINGER_S)
     if worker_lost:
         return WORKER_LOST_EXIT
     if interrupted:
