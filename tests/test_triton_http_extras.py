@@ -10,6 +10,7 @@ stalled and oversized bodies over raw sockets.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import gzip
 import json
@@ -34,6 +35,7 @@ from servers.core.http1 import Request
 from servers.models.builtin import Identity
 from servers.models.make_repo import make_repo
 from servers.triton._app import Reply, TritonApp
+from servers.triton._host import ModelHost, RepositoryError
 from tests.conftest import ROOT, Server, start_server, stop_process
 
 pytestmark = pytest.mark.integration
@@ -425,3 +427,27 @@ def test_inline_and_job_replies_are_compressed(model: Identity, encoding: str) -
     failed = failed if isinstance(failed, Reply) else failed()
     assert failed.status == 400 and "Content-Encoding" not in failed.headers  # errors go out plain
     assert "expected 1 inputs" in json.loads(failed.body)["error"]
+
+
+def test_grpc_load_parameters_map_onto_the_same_load(tmp_path: Path) -> None:
+    """RepositoryModelLoadRequest's parameters (string_param config, bytes_param files) through the
+    mapping ModelHost.load documents for the gRPC handler: the same load as over HTTP."""
+    from tritonclient.grpc import service_pb2
+
+    request = service_pb2.RepositoryModelLoadRequest(model_name="over_grpc")
+    request.parameters["config"].string_param = json.dumps({"backend": "onnxruntime", "max_batch_size": 2})
+    request.parameters["file:1/model.onnx"].bytes_param = _identity_onnx(5)
+    parameters = {key: getattr(value, value.WhichOneof("parameter_choice") or "string_param")
+                  for key, value in request.parameters.items()}
+    host = ModelHost(repository=tmp_path, control_mode="explicit")
+    try:
+        asyncio.run(host.load(request.model_name, parameters))
+        model = host.lookup("over_grpc").model
+        data = np.arange(10, dtype=np.float32).reshape(2, 5)
+        np.testing.assert_array_equal(model.infer({"X": data})["Y"], data)
+        request.parameters["file:1/model.onnx"].string_param = "not base64!"
+        with pytest.raises(RepositoryError, match="'file:1/model.onnx' is not valid base64"):
+            asyncio.run(host.load(request.model_name, {key: getattr(value, value.WhichOneof("parameter_choice"))
+                                                       for key, value in request.parameters.items()}))
+    finally:
+        host.close()
