@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import gevent
 import locust  # noqa: F401  (gevent monkey-patching must come before the other imports)
 
 from loadgen._runcmd import WORKER_LOST_EXIT, write_outputs
@@ -273,7 +274,7 @@ def run_sweep(path: Path | None, overrides: dict[str, Any], spec: SweepSpec, out
     objectives = parse_slo(base.slo) if base.slo else None
     print(f"sweep: {described}; {spec.warmup_s:g} s warm-up + {spec.step_duration_s:g} s a step", flush=True)
     metrics = ServerMetrics(spec.server_metrics, base.target.model) if spec.server_metrics else None
-    live = SweepCollector(closed_loop=closed)
+    live = SweepCollector(closed_loop=closed, pause=gevent.idle)
     base, listener = _open_listener(base, live)
     steps: list[StepResult] = []
     interrupted = worker_lost = False

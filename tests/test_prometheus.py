@@ -248,3 +248,13 @@ def test_sweep_families_in_closed_loop_and_with_an_slo() -> None:
     assert registry.get_sample_value("loadgen_sweep_info", {"unit": "users"}) == 1
     assert registry.get_sample_value("loadgen_sweep_step_slo_met", {"step": "1", "load": "4"}) == 1.0
     assert registry.get_sample_value("loadgen_sweep_max_rps_meeting_slo") == 200.0
+
+
+def test_sweep_scrape_pauses_between_step_families() -> None:
+    """The sweep's scrape runs on the loop of a running step: it yields to it after each per-step family."""
+    pauses = []
+    live = SweepCollector(closed_loop=False, pause=lambda: pauses.append(1))
+    live.end_step(_sweep_step(1, 50, 50.0))
+    families = list(live.collect())
+    step_families = [f for f in families if f.name.startswith("loadgen_sweep_step_")]
+    assert len(pauses) == len(step_families) == 7

@@ -374,8 +374,10 @@ class SweepCollector:
     >>> sweep.judge(verdict(steps, has_slo=False), finished=True)  # doctest: +SKIP
     """
 
-    def __init__(self, *, closed_loop: bool) -> None:
+    def __init__(self, *, closed_loop: bool, pause: Callable[[], None] | None = None) -> None:
         self.unit = "users" if closed_loop else "rps"
+        self._pause = pause
+        """Called after each per-step family: a scrape shares the generator's loop with a running step."""
         self._current: tuple[int, float] = (0, 0.0)
         self._steps: list[SweepStep] = []
         self._verdict: dict[str, Any] = {}
@@ -400,7 +402,10 @@ class SweepCollector:
         yield _gauge("loadgen_sweep_current_step", "The sweep step running now (1-based; 0 before the first).",
                      index)
         yield _gauge("loadgen_sweep_current_load", "Load of the step running now (req/s, or users).", load)
-        yield from _step_families(self._steps)
+        for family in _step_families(self._steps):
+            yield family
+            if self._pause is not None:
+                self._pause()
         yield from _verdict_families(self._verdict)
         yield _gauge("loadgen_sweep_finished", "1 once the sweep's last step is done.", float(self._finished))
 
