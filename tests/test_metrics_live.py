@@ -149,12 +149,15 @@ def test_sweep_serves_its_curve_and_verdict_live(calibration_server, tmp_path) -
     assert during["loadgen_sweep_finished{}"] == 0.0
 
 
-def test_metrics_host_binds_that_address(calibration_server, tmp_path) -> None:
-    """--metrics-host 127.0.0.2: /metrics answers there and not on 127.0.0.1 (the same port)."""
+@pytest.mark.parametrize("distributed", [[], ["--processes", "1"]], ids=["run", "distributed-master"])
+def test_metrics_host_binds_that_address(calibration_server, tmp_path, distributed: list[str]) -> None:
+    """--metrics-host 127.0.0.2: /metrics answers there and not on 127.0.0.1 (the same port); in a
+    distributed run, the master's merged /metrics."""
     server = calibration_server("--delay-ms", "2")
     proc = subprocess.Popen(
         loadgen_cmd("run", "--target", server.url, "--model", "m", "--rate", "50", "--duration", "3s",
-                    "--metrics-port", "0", "--metrics-host", "127.0.0.2", "--quiet", "--out", str(tmp_path)),
+                    "--metrics-port", "0", "--metrics-host", "127.0.0.2", "--quiet", "--out", str(tmp_path),
+                    *distributed),
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
     )
     pin(proc.pid, 0)
