@@ -288,13 +288,15 @@ def test_help_describes_grpc() -> None:
 
 
 def _health_check(channel: grpc.Channel, service: str) -> int:
-    check = channel.unary_unary(f"/{HEALTH_SERVICE}/Check", request_serializer=HealthCheckRequest.SerializeToString,
+    check = channel.unary_unary(f"/{HEALTH_SERVICE}/Check",
+                                request_serializer=HealthCheckRequest.SerializeToString,
                                 response_deserializer=HealthCheckResponse.FromString)
     return check(HealthCheckRequest(service=service), timeout=5).status
 
 
 def test_health_messages_are_health_protos_wire_form() -> None:
-    # grpc/health/v1/health.proto: HealthCheckRequest{string service = 1}, HealthCheckResponse{enum status = 1}
+    # grpc/health/v1/health.proto: HealthCheckRequest{string service = 1},
+    # HealthCheckResponse{ServingStatus status = 1}
     assert HealthCheckRequest(service="inference.GRPCInferenceService").SerializeToString() == (
         b"\x0a\x1einference.GRPCInferenceService")
     assert HealthCheckResponse(status=ServingStatus.NOT_SERVING).SerializeToString() == b"\x08\x02"
@@ -409,10 +411,41 @@ def test_stream_end_waits_for_the_requests_in_flight_and_errors_name_their_reque
                                             raw_input_contents=[np.array([0.3], np.float32).tobytes()])
     request.inputs.add(name="INPUT0", datatype="FP32", shape=[1])
     unknown = service_pb2.ModelInferRequest(model_name="nope", id="bad")
+    wrong = service_pb2.ModelInferRequest(model_name="sleeper", id="wrong", raw_input_contents=[b"\x00" * 8])
+    wrong.inputs.add(name="INPUT0", datatype="FP64", shape=[1])
     with grpc.insecure_channel(sleeper.grpc_url) as channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
         # the client half-closes at once after its requests; the slow answer still comes before the end
-        responses = list(stub.ModelStreamInfer(iter([request, unknown]), timeout=10))
-    assert [response.infer_response.id for response in responses] == ["bad", "slow"]
+        responses = list(stub.ModelStreamInfer(iter([request, unknown, wrong]), timeout=10))
+    assert [response.infer_response.id for response in responses] == ["bad", "wrong", "slow"]
     assert "Request for unknown model: 'nope'" in responses[0].error_message
-    assert responses[1].error_message == "" and responses[1].infer_response.raw_output_contents
+    assert "data-type is 'FP64', but model 'sleeper' expects 'FP32'" in responses[1].error_message
+    assert responses[2].error_message == "" and responses[2].infer_response.raw_output_contents
+
+
+def test_stream_requests_for_a_model_in_the_worker_pool_are_answered_in_process() -> None:
+    host = ModelHost({"threaded": _Threaded("threaded")})
+    requests = []
+    for index in range(3):
+        request = service_pb2.ModelInferRequest(model_name="threaded", id=str(index),
+                                                raw_input_contents=[np.float32(index).tobytes()])
+        request.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 1])
+        requests.append(request)
+
+    async def run() -> list[service_pb2.ModelStreamInferResponse]:
+        with ThreadPoolExecutor(2, thread_name_prefix="infer") as executor:
+            server, port = await start_grpc(host, executor, "127.0.0.1", 0)
+            try:
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                    call = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(iter(requests))
+                    return [response async for response in call]
+            finally:
+                await server.stop(None)
+
+    responses = asyncio.run(run())
+    assert sorted(response.infer_response.id for response in responses) == ["0", "1", "2"]
+    for response in responses:
+        assert response.error_message == ""
+        index = int(response.infer_response.id)
+        assert response.infer_response.raw_output_contents == [np.float32(index).tobytes()]
+    assert host.stats["threaded"].snapshot()["inference_stats"]["success"]["count"] == 3

@@ -10,8 +10,9 @@ unknown model, INVALID_ARGUMENT for a bad request or a refused load, INTERNAL wh
 
 ModelStreamInfer answers one response per request, errors in `error_message` (with the request's id,
 so a client can tell which one failed), and the stream stays open. As in Triton, the requests of one
-stream run concurrently: each becomes a task as soon as it is read, and its response is written when
-it completes, so a slow request does not hold back the ones after it (responses may come back out of
+stream run concurrently: each starts as soon as it is read (with a callback, not a task: an inline
+model answers at once, a scheduled one when its execution ends) and its response is written when it
+completes, so a slow request does not hold back the ones after it (responses may come back out of
 order; clients match them by id). At most STREAM_CONCURRENCY requests of one stream are in flight;
 past that the stream is not read until one completes, and gRPC's flow control holds the client back.
 When the client has sent its last request, the stream ends once every response is written.
@@ -23,8 +24,9 @@ certificate signed by the root CA with `mutual` (--grpc-use-ssl-mutual).
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
@@ -47,6 +49,7 @@ from servers.triton._infer import (
     UnknownModel,
     execute,
     execute_scheduled,
+    submit_scheduled,
 )
 
 MAX_MESSAGE_BYTES = 2**31 - 1
@@ -59,6 +62,7 @@ answered."""
 _STATUS = {UnknownModel: grpc.StatusCode.NOT_FOUND, InferError: grpc.StatusCode.INVALID_ARGUMENT,
            ModelFailure: grpc.StatusCode.INTERNAL}
 Context = grpc.aio.ServicerContext
+_Encode = Callable[[InferRequest, dict], pb.ModelInferResponse]
 
 
 class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
@@ -141,54 +145,47 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
                                context: Context) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        answers: asyncio.Queue[pb.ModelStreamInferResponse | BaseException | None] = asyncio.Queue()
-        reader = asyncio.ensure_future(self._read_stream(request_iterator, answers))
+        stream = _Stream(STREAM_CONCURRENCY)
+        reader = asyncio.ensure_future(self._read_stream(request_iterator, stream))
         try:
-            while (answer := await answers.get()) is not None:
+            while (answer := await stream.answers.get()) is not None:
                 if isinstance(answer, BaseException):
                     raise answer
                 yield answer
             await reader  # what ended the reading, if it was not the client's last request
         finally:
-            reader.cancel()  # the call is over (cancelled, or failed): the requests in flight go too
+            reader.cancel()  # the call is over (cancelled, or failed)
 
-    async def _read_stream(self, requests: AsyncIterator[pb.ModelInferRequest],
-                           answers: asyncio.Queue[pb.ModelStreamInferResponse | BaseException | None]) -> None:
-        """Start a task per request as it is read, then wait for all; None in `answers` says the end."""
-        slots = asyncio.Semaphore(STREAM_CONCURRENCY)
-        running: set[asyncio.Task] = set()
-
-        def finished(task: asyncio.Task) -> None:
-            running.discard(task)
-            slots.release()
-
+    async def _read_stream(self, requests: AsyncIterator[pb.ModelInferRequest], stream: _Stream) -> None:
+        """Start each request as it is read, then wait for every answer; None in the answers says the end."""
         try:
             async for request in requests:
-                await slots.acquire()
-                task = asyncio.ensure_future(self._answer_in_stream(request, answers))
-                running.add(task)
-                task.add_done_callback(finished)
-            while running:
-                await asyncio.wait(set(running))
+                await stream.take_slot()
+                self._start(request, functools.partial(stream.answer, request))
+            await stream.drained()
         finally:
-            for task in running:
-                task.cancel()
-            answers.put_nowait(None)
+            stream.answers.put_nowait(None)
 
-    async def _answer_in_stream(self, request: pb.ModelInferRequest,
-                                answers: asyncio.Queue[pb.ModelStreamInferResponse | BaseException | None]) -> None:
+    def _start(self, message: pb.ModelInferRequest,
+               done: Callable[[pb.ModelInferResponse | BaseException], None]) -> None:
+        """Start one request without a task (as the HTTP front end does); done(response, or the error)
+        runs on the loop once: at once for an inline model or a request refused before it runs."""
         try:
-            response = await self._infer(request)
-        except (UnknownModel, InferError, ModelFailure) as exc:
-            answers.put_nowait(pb.ModelStreamInferResponse(error_message=str(exc),
-                                                           infer_response=pb.ModelInferResponse(id=request.id)))
-            return
-        except Exception as exc:  # noqa: BLE001 - a bug ends the call with its error, as a unary call would
-            answers.put_nowait(exc)
-            return
-        if _wants_final_flag(request):
-            response.parameters["triton_final_response"].bool_param = True
-        answers.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
+            served, arrival_ns, decode, encode = self._prepare(message)
+            if served.scheduler is not None:
+                submit_scheduled(served, arrival_ns, decode, encode, done)
+                return
+            if not served.model.inline:
+                served.stats.add_pending(1)
+                future = asyncio.get_running_loop().run_in_executor(
+                    self._executor, execute, served.model, served.stats, arrival_ns, decode, encode, True)
+                future.add_done_callback(lambda finished: done(_outcome(finished)))
+                return
+            outcome: pb.ModelInferResponse | BaseException = execute(served.model, served.stats, arrival_ns,
+                                                                      decode, encode)
+        except Exception as exc:  # noqa: BLE001 - the request's answer: an error response, or the call's end
+            outcome = exc
+        done(outcome)
 
     async def _lookup(self, name: str, version: str, context: Context) -> ServedModel:
         try:
@@ -198,9 +195,23 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             raise  # abort raises; this line only tells type checkers so
 
     async def _infer(self, message: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        served, arrival_ns, decode, encode = self._prepare(message)
+        if served.scheduler is not None:
+            return await execute_scheduled(served, arrival_ns, decode, encode)
+        model, stats = served.model, served.stats
+        if model.inline:
+            return execute(model, stats, arrival_ns, decode, encode)
+        stats.add_pending(1)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, execute, model, stats, arrival_ns, decode, encode,
+                                          True)
+
+    def _prepare(self, message: pb.ModelInferRequest) -> tuple[ServedModel, int, Callable[[], InferRequest],
+                                                              _Encode]:
+        """The model `message` is for (raises UnknownModel), its arrival time, and its decode and encode."""
         arrival_ns = time.perf_counter_ns()
         served = self._host.lookup(message.model_name, message.model_version)
-        model, stats = served.model, served.stats
+        model = served.model
 
         def decode() -> InferRequest:
             return decode_request(message, model)
@@ -208,14 +219,51 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         def encode(request: InferRequest, outputs: dict) -> pb.ModelInferResponse:
             return encode_response(model, request, outputs)
 
-        if served.scheduler is not None:
-            return await execute_scheduled(served, arrival_ns, decode, encode)
-        if model.inline:
-            return execute(model, stats, arrival_ns, decode, encode)
-        stats.add_pending(1)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, execute, model, stats, arrival_ns, decode, encode,
-                                          True)
+        return served, arrival_ns, decode, encode
+
+
+class _Stream:
+    """One ModelStreamInfer call's answers, in the order they complete, and its requests in flight."""
+
+    def __init__(self, limit: int) -> None:
+        self.answers: asyncio.Queue[pb.ModelStreamInferResponse | BaseException | None] = asyncio.Queue()
+        self._limit = limit
+        self._in_flight = 0
+        self._answered = asyncio.Event()
+
+    async def take_slot(self) -> None:
+        """Wait until fewer than `limit` requests are in flight, and count one more."""
+        while self._in_flight >= self._limit:
+            self._answered.clear()
+            await self._answered.wait()
+        self._in_flight += 1
+
+    async def drained(self) -> None:
+        """Wait until every request started is answered."""
+        while self._in_flight:
+            self._answered.clear()
+            await self._answered.wait()
+
+    def answer(self, request: pb.ModelInferRequest, outcome: pb.ModelInferResponse | BaseException) -> None:
+        """Queue the response to `request`: its result, an error response, or an error that ends the call."""
+        self._in_flight -= 1
+        self._answered.set()
+        if isinstance(outcome, UnknownModel | InferError | ModelFailure):
+            self.answers.put_nowait(pb.ModelStreamInferResponse(
+                error_message=str(outcome), infer_response=pb.ModelInferResponse(id=request.id)))
+        elif isinstance(outcome, BaseException):
+            self.answers.put_nowait(outcome)  # a bug ends the call with its error, as a unary call would
+        else:
+            if _wants_final_flag(request):
+                outcome.parameters["triton_final_response"].bool_param = True
+            self.answers.put_nowait(pb.ModelStreamInferResponse(infer_response=outcome))
+
+
+def _outcome(future: asyncio.Future) -> object:
+    """A finished worker job's result, or the error it raised."""
+    if future.cancelled():
+        return RuntimeError("the server is shutting down")
+    return future.exception() or future.result()
 
 
 def _wants_final_flag(message: pb.ModelInferRequest) -> bool:
