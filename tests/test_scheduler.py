@@ -252,7 +252,8 @@ def test_intra_op_thread_count_reaches_the_instance_threads(tmp_path: Path) -> N
     _torchscript_doubler(tmp_path, "first", wanted)
     _torchscript_doubler(tmp_path, "second", other)
     try:
-        probes = [_ThreadProbe(instance) for instance in load_model(tmp_path, "first").versions["1"].instances]
+        first = load_model(tmp_path, "first").versions["1"].instances
+        probes = [_ThreadProbe(instance) for instance in first]
         scheduler = Scheduler(probes, ModelStats(probes[0]), None)  # its two threads start, idle
         second = load_model(tmp_path, "second").versions["1"].instances
         fresh: list[int] = []
@@ -262,8 +263,9 @@ def test_intra_op_thread_count_reaches_the_instance_threads(tmp_path: Path) -> N
         assert fresh == [other]  # what a thread that never set its own count now takes
 
         async def four() -> list:
-            return await asyncio.gather(*(scheduler.submit({"INPUT__0": np.full((1, 4), value, np.float32)}, 1,
-                                                           time.perf_counter_ns()) for value in (1.0, 2.0, 3.0, 4.0)))
+            requests = [{"INPUT__0": np.full((1, 4), value, np.float32)} for value in (1.0, 2.0, 3.0, 4.0)]
+            return await asyncio.gather(*(scheduler.submit(request, 1, time.perf_counter_ns())
+                                          for request in requests))
 
         results = asyncio.run(four())
         scheduler.close()

@@ -28,7 +28,8 @@ def ca(tmp_path_factory: pytest.TempPathFactory) -> PrivateCa:
 @pytest.fixture(scope="module")
 def server(ca: PrivateCa) -> Iterator[Server]:
     started = start_server(["--grpc-port", "0", "--grpc-use-ssl", "--grpc-server-cert", str(ca.server_cert),
-                            "--grpc-server-key", str(ca.server_key)], module="servers.triton", port_flag="--http-port")
+                            "--grpc-server-key", str(ca.server_key)],
+                           module="servers.triton", port_flag="--http-port")
     yield started
     stop_process(started.proc)
 
@@ -51,7 +52,8 @@ def test_tritonclient_with_the_ca_infers_and_without_tls_it_cannot(server: Serve
     try:
         assert client.is_server_ready()
         result = client.infer("identity", _identity_input())
-        np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), np.arange(4, dtype=np.float32).reshape(1, 4))
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT0"),
+                                      np.arange(4, dtype=np.float32).reshape(1, 4))
         with pytest.raises(InferenceServerException) as raised:
             plain.is_server_live(client_timeout=5)
     finally:
@@ -60,10 +62,12 @@ def test_tritonclient_with_the_ca_infers_and_without_tls_it_cannot(server: Serve
     assert raised.value.status() == "StatusCode.UNAVAILABLE"
 
 
-def test_loadgen_over_grpcs_counts_what_the_server_counts(server: Server, ca: PrivateCa, tmp_path: Path) -> None:
+def test_loadgen_over_grpcs_counts_what_the_server_counts(server: Server, ca: PrivateCa,
+                                                          tmp_path: Path) -> None:
     before = _success_count(server, "identity")
     run = run_loadgen("--protocol", "kserve-grpc", "--target", f"grpcs://{server.fronts['grpc']}", "--model",
-                      "identity", "--ca-file", str(ca.ca), "--rate", "50", "--duration", "1s", out=tmp_path / "run")
+                      "identity", "--ca-file", str(ca.ca), "--rate", "50", "--duration", "1s",
+                      out=tmp_path / "run")
     assert run.returncode == 0, run.stderr
     summary = run.summary
     assert summary["errors"] == {} and summary["sent"] == 50 and summary["ok"] == 50
@@ -79,8 +83,9 @@ def test_loadgen_without_the_ca_is_refused_with_a_certificate_error(server: Serv
 
 
 def test_mutual_tls_needs_a_client_certificate(ca: PrivateCa) -> None:
-    server = start_server(["--grpc-port", "0", "--grpc-use-ssl-mutual", "--grpc-server-cert", str(ca.server_cert),
-                           "--grpc-server-key", str(ca.server_key), "--grpc-root-cert", str(ca.ca)],
+    server = start_server(["--grpc-port", "0", "--grpc-use-ssl-mutual", "--grpc-server-cert",
+                           str(ca.server_cert), "--grpc-server-key", str(ca.server_key), "--grpc-root-cert",
+                           str(ca.ca)],
                           module="servers.triton", port_flag="--http-port")
     url = server.fronts["grpc"]
     with_cert = tritonclient_grpc.InferenceServerClient(url, ssl=True, root_certificates=str(ca.ca),
@@ -112,7 +117,8 @@ def test_tls_flags_are_checked_before_serving(ca: PrivateCa, tmp_path: Path) -> 
         "--grpc-use-ssl-mutual needs --grpc-root-cert": (
             "--grpc-port", "0", "--grpc-use-ssl-mutual", "--grpc-server-cert", str(ca.server_cert),
             "--grpc-server-key", str(ca.server_key)),
-        "--grpc-server-cert needs --grpc-use-ssl": ("--grpc-port", "0", "--grpc-server-cert", str(ca.server_cert)),
+        "--grpc-server-cert needs --grpc-use-ssl": ("--grpc-port", "0", "--grpc-server-cert",
+                                                    str(ca.server_cert)),
         "--grpc-use-ssl needs --grpc-port": ("--grpc-use-ssl", "--grpc-server-cert", str(ca.server_cert),
                                              "--grpc-server-key", str(ca.server_key)),
         f"--grpc-server-key {not_pem}: not a PEM file with a private key": (

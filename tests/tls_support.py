@@ -24,9 +24,10 @@ def private_ca(folder: Path) -> PrivateCa:
     def openssl(*args: str) -> None:
         subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True, timeout=60)
 
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-            "-subj", "/CN=loadgen test CA")
-    for name, extension in (("server", "subjectAltName=IP:127.0.0.1\n"), ("client", "extendedKeyUsage=clientAuth\n")):
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+            "-days", "2", "-subj", "/CN=loadgen test CA")
+    for name, extension in (("server", "subjectAltName=IP:127.0.0.1\n"),
+                            ("client", "extendedKeyUsage=clientAuth\n")):
         openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
                 "-subj", f"/CN={'127.0.0.1' if name == 'server' else 'loadgen test client'}")
         (folder / f"{name}.cnf").write_text(extension)

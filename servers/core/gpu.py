@@ -91,8 +91,8 @@ class GpuSampler:
         if not listed:
             self.unavailable_reason = "NVML lists no GPU"
         elif not self._devices:
-            self.unavailable_reason = (f"CUDA_VISIBLE_DEVICES={visible!r} leaves none of the {len(listed)} GPU(s) "
-                                       "NVML lists (or NVML cannot open them)")
+            self.unavailable_reason = (f"CUDA_VISIBLE_DEVICES={visible!r} leaves none of the {len(listed)} "
+                                       "GPU(s) NVML lists (or NVML cannot open them)")
         for device in self._devices:
             self._energy(device)  # the baseline: energy counts from now
 

@@ -4,7 +4,8 @@
     python -m servers.triton --http-port 0 --grpc-port 0
     python -m servers.triton --http-port 8000 --grpc-port 8001 --mlp-hidden 256
     python -m servers.triton --model-repository ./models --http-port 8000 --grpc-port 8001 --metrics-port 8002
-    python -m servers.triton --grpc-port 8001 --grpc-use-ssl --grpc-server-cert cert.pem --grpc-server-key key.pem
+    python -m servers.triton --grpc-port 8001 --grpc-use-ssl --grpc-server-cert cert.pem \
+        --grpc-server-key key.pem
 
 Without --model-repository it serves the built-in models (servers/models/builtin.py); with it, the
 models of that Triton model repository (`python -m servers make-repo DIR` writes one), each loaded
@@ -93,7 +94,8 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 @dataclass(frozen=True)
 class _Fronts:
-    """The front ends besides HTTP: a port (None = not served) each, who hears they are ready, and gRPC's TLS."""
+    """The front ends besides HTTP: a port (None = not served) each, who hears they are ready, and
+    gRPC's TLS."""
 
     grpc_port: int | None
     metrics_port: int | None
@@ -152,7 +154,8 @@ def build_parser(prog: str = "python -m servers.triton") -> argparse.ArgumentPar
     add("--grpc-use-ssl-mutual", type=_boolean, nargs="?", const=True, default=False, metavar="BOOL",
         help="gRPC over TLS, and clients must present a certificate signed by --grpc-root-cert; "
              "implies --grpc-use-ssl (default false)")
-    add("--grpc-server-cert", default=None, metavar="FILE", help="PEM file of the gRPC server's certificate (chain)")
+    add("--grpc-server-cert", default=None, metavar="FILE",
+        help="PEM file of the gRPC server's certificate (chain)")
     add("--grpc-server-key", default=None, metavar="FILE", help="PEM file of the gRPC server's private key")
     add("--grpc-root-cert", default=None, metavar="FILE",
         help="PEM file of the CA that client certificates must chain to (for --grpc-use-ssl-mutual)")
@@ -211,7 +214,8 @@ def _tls_problems(args: argparse.Namespace) -> list[str]:
               if path is None]
     if args.grpc_use_ssl_mutual and args.grpc_root_cert is None:
         needed.append("--grpc-root-cert")
-    problems = [f"--grpc-use-ssl{'-mutual' if args.grpc_use_ssl_mutual else ''} needs {flag}" for flag in needed]
+    mode = "--grpc-use-ssl-mutual" if args.grpc_use_ssl_mutual else "--grpc-use-ssl"
+    problems = [f"{mode} needs {flag}" for flag in needed]
     if args.grpc_port is None:
         problems.append("--grpc-use-ssl needs --grpc-port")
     for (flag, path), marker in zip(files, ("CERTIFICATE-----", "PRIVATE KEY-----", "CERTIFICATE-----")):

@@ -53,7 +53,8 @@ def _health_file() -> descriptor_pb2.FileDescriptorProto:
 
 _POOL = descriptor_pool.DescriptorPool()
 _POOL.Add(_health_file())
-HealthCheckRequest = message_factory.GetMessageClass(_POOL.FindMessageTypeByName("grpc.health.v1.HealthCheckRequest"))
+HealthCheckRequest = message_factory.GetMessageClass(
+    _POOL.FindMessageTypeByName("grpc.health.v1.HealthCheckRequest"))
 HealthCheckResponse = message_factory.GetMessageClass(
     _POOL.FindMessageTypeByName("grpc.health.v1.HealthCheckResponse"))
 
