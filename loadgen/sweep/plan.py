@@ -26,7 +26,8 @@ law, with no think time, X / users = 1 / mean latency: the latency has not yet r
 with the user count; past it extra users only queue and per-user throughput falls as knee / users:
 with N identical workers and no think time the knee is N users, found exactly up to N = 8 (N + 1
 users get N / (N + 1) < 90 % each) and to within 11 % above. The verdict reads the same criterion
-(loadgen/sweep/verdict.py), so the plan's last good count is the verdict's knee.
+(loadgen/sweep/verdict.py), so the plan's last good count is the verdict's knee, unless the SLO
+failed first (then it is the highest count that met the SLO: the verdict's max_rps_meeting_slo).
 """
 
 from __future__ import annotations
