@@ -235,8 +235,11 @@ def test_a_worker_stopped_on_its_host_leaves_cleanly_and_the_other_takes_over(ca
     assert alive_entry["taken_over"]
     # every request the server answered is in the output: the leaving worker reported all of its own
     assert server.info()["requests"] == summary["requests"] + summary["warmup_requests"]
-    # only the arrivals between its leaving and the takeover (0.25 s of its share) were not sent
+    # only the arrivals between its leaving and the takeover (0.25 s of its share) were not sent, and
+    # they are counted: every arrival of the schedule is sent, dropped or unsent
     assert 2400 - 60 <= summary["requests"] < 2400
+    assert summary["sent"] + summary["dropped"] + summary["unsent"] == 2400
+    assert summary["unsent"] == alive_entry["unsent"] > 0
 
 
 def test_stop_on_worker_loss_ends_the_run_with_exit_3(calibration_server, tmp_path) -> None:

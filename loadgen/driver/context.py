@@ -189,11 +189,13 @@ class LoadContext:
             if dispatcher is not None:
                 dispatcher.end_at(self.start_t + end_s)
 
-    def stop_dispatching(self) -> None:
-        """Start no further open-loop arrivals, of any share (in-flight requests go on)."""
+    def stop_dispatching(self, at_t: float | None = None) -> None:
+        """Start no further open-loop arrivals, of any share (in-flight requests go on); those due by
+        `at_t` (default now) and not started are unsent."""
+        at_t = time.monotonic() if at_t is None else at_t
         for dispatcher in (self.dispatcher, *self.takeovers):
             if dispatcher is not None:
-                dispatcher.stop()
+                dispatcher.stop(at_t)
 
     @property
     def in_flight(self) -> int:

@@ -78,10 +78,11 @@ class Dispatcher:
         self._idle = Event()
         self._idle.set()
 
-    def stop(self) -> None:
-        """Start no further arrivals (in-flight requests go on); those already due count as unsent."""
+    def stop(self, at_t: float | None = None) -> None:
+        """Start no further arrivals (in-flight requests go on); those due by `at_t` (monotonic; default
+        now) and not started count as unsent."""
         if not self._stop.is_set():
-            self._stop_t = time.monotonic()
+            self._stop_t = time.monotonic() if at_t is None else at_t
             self._stop.set()
         if self._timer is not None:
             self._timer.arm(0.0)  # wake the dispatcher now rather than at the next arrival

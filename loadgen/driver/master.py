@@ -359,7 +359,7 @@ class _DistributedRun:
             if self._merger is not None:
                 self._merger.close(client_id)
                 if data.get("interrupted") and not self._stopping:  # stopped on its own host mid-run
-                    self._lose(worker, time.monotonic(), "it left (stopped on its host)")
+                    self._lose(worker, time.monotonic(), "it left (stopped on its host)", data.get("stopped_s"))
         self._changed.set()
 
     def _interval(self, worker: _Worker, data: dict[str, Any]) -> None:
@@ -548,8 +548,11 @@ class _DistributedRun:
             elif node.state == STATE_MISSING:
                 self._lose(worker, now, "its heartbeats stopped")
 
-    def _lose(self, worker: _Worker, now: float, why: str) -> None:
-        """Report `worker` lost; keep what it sent; stop the run or hand its load to the others."""
+    def _lose(self, worker: _Worker, now: float, why: str, stopped_s: float | None = None) -> None:
+        """Report `worker` lost; keep what it sent; stop the run or hand its load to the others.
+
+        `stopped_s`: when a worker that left cleanly stopped dispatching; its arrivals from then to the
+        takeover are nobody's, and the takers count them as unsent."""
         at_s = now - self.start_t
         worker.lost_at_s = round(at_s, 3)
         self._merger.close(worker.client_id)
@@ -579,19 +582,26 @@ class _DistributedRun:
         elif not takers or from_s >= self.pattern.total_duration:
             record["then"] = "nothing left to take over" if takers else "no worker left"
         else:
-            record["then"] = self._take_over(worker, takers, from_s)
+            record["then"] = self._take_over(worker, takers, from_s, stopped_s)
         self.lost.append(record)
         self._changed.set()
 
-    def _take_over(self, lost: _Worker, takers: list[_Worker], from_s: float) -> str:
+    def _take_over(self, lost: _Worker, takers: list[_Worker], from_s: float, stopped_s: float | None) -> str:
         if self.open_loop:
             parts = [share.split(len(takers), from_s) for share in lost.shares if share.sends_after(from_s)]
+            gaps = [0] * len(takers)
+            if stopped_s is not None:  # [stopped_s, from_s) of each share: counted unsent by its takers
+                for share in lost.shares:
+                    begin = max(share.start_s, stopped_s)
+                    end = min(from_s, self.pattern.total_duration, from_s if share.end_s is None else share.end_s)
+                    for j, piece in enumerate(share.split(len(takers), 0.0)):
+                        gaps[j] += count_in(self.pattern, (piece.k, piece.n), begin, end) if begin < end else 0
             for j, taker in enumerate(takers):
                 mine = [pieces[j] for pieces in parts]
                 taker.shares += mine
                 taker.taken_over += [f"{share} (from worker {lost.label})" for share in mine]
-                self.cluster.send(MSG_TAKEOVER, {"run": self.run_id, "shares": [s.as_json() for s in mine]},
-                                  taker.client_id)
+                self.cluster.send(MSG_TAKEOVER, {"run": self.run_id, "shares": [s.as_json() for s in mine],
+                                                 "unsent": gaps[j]}, taker.client_id)
         else:
             for taker, users in zip(takers, split_users(lost.users, len(takers)), strict=True):
                 if users:

@@ -163,7 +163,8 @@ class _WorkerRun:
                         timeout=max(0.0, deadline - time.monotonic()))
         interrupted = self.stop.is_set() and time.monotonic() < ctx.end_t
         ctx.stopping = True
-        ctx.stop_dispatching()
+        stopped_t = time.monotonic()
+        ctx.stop_dispatching(stopped_t)
         gevent.joinall(self._extra, timeout=1.0)  # stopped take-overs return, counting what they left unsent
         drain(ctx, _INTERRUPT_DRAIN_S if interrupted else scenario.target.timeout + 1.0)
         runner.user_greenlets.kill(block=True)
@@ -175,6 +176,7 @@ class _WorkerRun:
             "generator": self_check(ctx, scenario, cpu),
             "in_flight_at_end": ctx.in_flight,
             "end_s": end_t - ctx.start_t,
+            "stopped_s": stopped_t - ctx.start_t,
             "interrupted": interrupted,
         }
 
@@ -187,6 +189,8 @@ class _WorkerRun:
         for item in data.get("shares", []):
             share = Share.from_json(item)
             self._extra.append(gevent.spawn(ctx.take_over, (share.k, share.n), share.start_s, share.end_s))
+        if data.get("unsent"):  # a leaving worker's arrivals between its leaving and this takeover
+            ctx.record_unsent(int(data["unsent"]))
         users = int(data.get("users", 0))
         if users:
             start = ctx.start_t + float(data.get("start_s", 0.0))
