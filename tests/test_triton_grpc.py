@@ -449,3 +449,43 @@ def test_stream_requests_for_a_model_in_the_worker_pool_are_answered_in_process(
         index = int(response.infer_response.id)
         assert response.infer_response.raw_output_contents == [np.float32(index).tobytes()]
     assert host.stats["threaded"].snapshot()["inference_stats"]["success"]["count"] == 3
+
+
+def test_stream_requests_in_flight_are_bounded(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import servers.triton._grpc as grpc_front
+
+    monkeypatch.setattr(grpc_front, "STREAM_CONCURRENCY", 2)
+    (tmp_path / "sleeper" / "1").mkdir(parents=True)
+    (tmp_path / "sleeper" / "1" / "model.py").write_text(_SLEEPER)
+    (tmp_path / "sleeper" / "config.pbtxt").write_text(
+        'backend: "python"\nmax_batch_size: 0\ninstance_group [ { count: 4 } ]\n'
+        'input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
+        'output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 1 ] } ]\n')
+    host = ModelHost(repository=tmp_path)
+    host.load_repository()
+    requests = []
+    for index in range(4):
+        request = service_pb2.ModelInferRequest(model_name="sleeper", id=str(index),
+                                                raw_input_contents=[np.float32(0.2).tobytes()])
+        request.inputs.add(name="INPUT0", datatype="FP32", shape=[1])
+        requests.append(request)
+
+    async def run() -> tuple[list[str], float]:
+        with ThreadPoolExecutor(1) as executor:
+            server, port = await start_grpc(host, executor, "127.0.0.1", 0)
+            try:
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                    start = time.perf_counter()
+                    call = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(iter(requests))
+                    ids = [response.infer_response.id async for response in call]
+                    return ids, time.perf_counter() - start
+            finally:
+                await server.stop(None)
+
+    try:
+        ids, elapsed = asyncio.run(run())
+    finally:
+        host.close()
+    assert sorted(ids) == ["0", "1", "2", "3"]
+    # four instances could run all four at once (0.2 s); two in flight at a time take two rounds
+    assert 0.4 <= elapsed < 0.75
