@@ -10,7 +10,6 @@ stalled and oversized bodies over raw sockets.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import gzip
 import json
@@ -35,7 +34,6 @@ from servers.core.http1 import Request
 from servers.models.builtin import Identity
 from servers.models.make_repo import make_repo
 from servers.triton._app import Reply, TritonApp
-from servers.triton._host import ModelHost, RepositoryError
 from tests.conftest import ROOT, Server, start_server, stop_process
 
 pytestmark = pytest.mark.integration
@@ -60,7 +58,7 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(repository: Path) -> Iterator[Server]:
     loads = [arg for name in _LOADED for arg in ("--load-model", name)]
     started = start_server(["--model-repository", str(repository), "--model-control-mode", "explicit", *loads,
-                            "--http-read-timeout", str(READ_TIMEOUT_S)],
+                            "--http-read-timeout", str(READ_TIMEOUT_S), "--grpc-port", "0"],
                            module="servers.triton", port_flag="--http-port", timeout=120)
     yield started
     stop_process(started.proc)
@@ -429,25 +427,23 @@ def test_inline_and_job_replies_are_compressed(model: Identity, encoding: str) -
     assert "expected 1 inputs" in json.loads(failed.body)["error"]
 
 
-def test_grpc_load_parameters_map_onto_the_same_load(tmp_path: Path) -> None:
-    """RepositoryModelLoadRequest's parameters (string_param config, bytes_param files) through the
-    mapping ModelHost.load documents for the gRPC handler: the same load as over HTTP."""
-    from tritonclient.grpc import service_pb2
+def test_grpc_load_parameters_make_the_same_load(server: Server) -> None:
+    """RepositoryModelLoad's parameters over real gRPC (tritonclient.grpc: config a string_param, files
+    bytes_param): the model loads from them and serves; a bad config is INVALID_ARGUMENT naming it."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
 
-    request = service_pb2.RepositoryModelLoadRequest(model_name="over_grpc")
-    request.parameters["config"].string_param = json.dumps({"backend": "onnxruntime", "max_batch_size": 2})
-    request.parameters["file:1/model.onnx"].bytes_param = _identity_onnx(5)
-    parameters = {key: getattr(value, value.WhichOneof("parameter_choice") or "string_param")
-                  for key, value in request.parameters.items()}
-    host = ModelHost(repository=tmp_path, control_mode="explicit")
+    client = grpcclient.InferenceServerClient(server.fronts["grpc"])
     try:
-        asyncio.run(host.load(request.model_name, parameters))
-        model = host.lookup("over_grpc").model
+        client.load_model("over_grpc", config=json.dumps({"backend": "onnxruntime", "max_batch_size": 2}),
+                          files={"file:1/model.onnx": _identity_onnx(5)})
         data = np.arange(10, dtype=np.float32).reshape(2, 5)
-        np.testing.assert_array_equal(model.infer({"X": data})["Y"], data)
-        request.parameters["file:1/model.onnx"].string_param = "not base64!"
-        with pytest.raises(RepositoryError, match="'file:1/model.onnx' is not valid base64"):
-            asyncio.run(host.load(request.model_name, {key: getattr(value, value.WhichOneof("parameter_choice"))
-                                                       for key, value in request.parameters.items()}))
+        infer_input = grpcclient.InferInput("X", [2, 5], "FP32")
+        infer_input.set_data_from_numpy(data)
+        np.testing.assert_array_equal(client.infer("over_grpc", [infer_input]).as_numpy("Y"), data)
+        with pytest.raises(InferenceServerException, match="config"):
+            client.load_model("over_grpc", config="{not json")
+        assert client.is_model_ready("over_grpc")  # a refused reload keeps the serving version
+        client.unload_model("over_grpc")
     finally:
-        host.close()
+        client.close()

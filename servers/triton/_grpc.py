@@ -121,9 +121,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest,
                                   context: Context) -> pb.RepositoryModelLoadResponse:
         try:
-            if request.parameters:
-                raise RepositoryError("load parameters are not supported; send none")
-            await self._host.load(request.model_name)
+            await self._host.load(request.model_name, _load_parameters(request))
         except RepositoryError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return pb.RepositoryModelLoadResponse()
@@ -317,3 +315,10 @@ async def start_grpc(host: ModelHost, executor: Executor, address: str, port: in
         raise OSError(f"cannot bind gRPC to {shown}:{port}{unusable}{reason}")
     await server.start()
     return server, bound
+
+
+def _load_parameters(request: pb.RepositoryModelLoadRequest) -> dict[str, str | bytes | bool | int]:
+    """A load request's parameters as ModelHost.load takes them: `config` a JSON string, `file:...`
+    raw bytes (bytes_param; a string_param is read as base64, as over HTTP)."""
+    return {key: getattr(value, value.WhichOneof("parameter_choice") or "string_param")
+            for key, value in request.parameters.items()}
