@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ import pytest
 from servers.models.builtin import MLP
 from tests.conftest import run_loadgen, start_server, stop_process
 from tests.test_torchserve_support import MLP_JSON, model_store, start_torchserve  # noqa: F401
+from tests.tls_support import private_ca
 
 pytestmark = pytest.mark.integration
 
@@ -63,23 +63,9 @@ def test_bad_input_data_names_the_entry(tmp_path: Path) -> None:
     assert run.returncode == 2 and "data[1]" in run.stderr and "INPUT0" in run.stderr
 
 
-def _private_ca(folder: Path) -> tuple[Path, Path, Path]:
-    """A CA and a certificate for 127.0.0.1 signed by it (openssl)."""
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True, timeout=60)
-
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-            "-subj", "/CN=loadgen test CA")
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
-            "-subj", "/CN=127.0.0.1")
-    (folder / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
-    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf")
-    return folder / "ca.pem", folder / "server.pem", folder / "server.key"
-
-
 def test_https_with_a_private_ca(tmp_path: Path) -> None:
-    ca, cert, key = _private_ca(tmp_path)
+    made = private_ca(tmp_path)
+    ca, cert, key = made.ca, made.server_cert, made.server_key
     server = start_server(["--delay-ms", "2", "--tls-cert", str(cert), "--tls-key", str(key)])
     try:
         assert server.url.startswith("https://")

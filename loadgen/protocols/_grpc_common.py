@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 
 from loadgen.outcome import Outcome
 
-__all__ = ["call_metadata", "grpc_address", "init_gevent", "open_channel", "rpc_failure"]
+__all__ = ["call_metadata", "grpc_address", "init_gevent", "open_channel", "rpc_failure", "unreachable"]
 
 MAX_MESSAGE = 2**31 - 1
 _gevent_ready = False
@@ -55,6 +55,38 @@ def open_channel(url: str, ca_file: str | None = None) -> Any:
         roots = Path(ca_file).read_bytes() if ca_file else None
         return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=roots), options=options)
     return grpc.insecure_channel(address, options=options)
+
+
+def unreachable(url: str, ca_file: str | None, timeout: float) -> str:
+    """The error the user sees when no channel to `url` became ready. grpc only logs a failed TLS
+    handshake, so for grpcs:// a handshake of our own (same roots) names a certificate problem."""
+    reason = _why_unreachable(url, ca_file, timeout)
+    hint = "" if reason.startswith("TLS") else "; is the server running, and is --target right?"
+    return f"cannot reach {url} ({reason}){hint}"
+
+
+def _why_unreachable(url: str, ca_file: str | None, timeout: float) -> str:
+    address, tls = grpc_address(url)
+    reason = f"connect: no gRPC channel within {timeout:g} s"
+    if not tls:
+        return reason
+    import socket
+    import ssl
+
+    host, _, port = address.rpartition(":")
+    context = ssl.create_default_context(cafile=ca_file)
+    context.set_alpn_protocols(["h2"])
+    try:
+        with (socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as sock,
+              context.wrap_socket(sock, server_hostname=host.strip("[]"))):
+            return reason
+    except ssl.SSLCertVerificationError as exc:
+        hint = "" if ca_file else "; give the CA that signed it with --ca-file"
+        return f"TLS: the server's certificate is not trusted ({exc.verify_message}){hint}"
+    except ssl.SSLError as exc:
+        return f"TLS handshake failed ({exc.reason or exc})"
+    except (OSError, ValueError) as exc:
+        return f"connect: {exc or type(exc).__name__}"
 
 
 def call_metadata(headers: dict[str, str]) -> tuple[tuple[str, str], ...] | None:

@@ -23,7 +23,7 @@ from typing import Any
 from loadgen.errors import ProtocolMismatch, TargetNotReady, TargetUnreachable
 from loadgen.outcome import Outcome
 from loadgen.protocols import warm_up
-from loadgen.protocols._grpc_common import call_metadata, grpc_address, open_channel, rpc_failure
+from loadgen.protocols._grpc_common import call_metadata, grpc_address, open_channel, rpc_failure, unreachable
 from loadgen.protocols.grpc_h2 import STATUS_NAMES, H2Channel
 from loadgen.protocols.request_data import check_answer, from_raw, request_data, to_raw
 from loadgen.scenario import Target
@@ -81,8 +81,7 @@ class KServeGrpcClient:
             metadata = stub.ModelMetadata(pb.ModelMetadataRequest(name=model, version=version), timeout=timeout,
                                           metadata=meta)
         except grpc.FutureTimeoutError:
-            raise TargetUnreachable(f"cannot reach {self.target.url} (connect: no gRPC channel within "
-                                    f"{timeout:g} s); is the server running, and is --target right?") from None
+            raise TargetUnreachable(unreachable(self.target.url, self.target.ca_file, timeout)) from None
         except grpc.RpcError as exc:
             raise ProtocolMismatch(f"{self.target.url}: {exc.code().name}: {exc.details()}") from None
         self.metadata = {

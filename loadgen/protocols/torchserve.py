@@ -26,7 +26,7 @@ from urllib.parse import quote, urlsplit
 from loadgen.errors import TargetNotReady, TargetUnreachable, classify_exception
 from loadgen.outcome import Outcome
 from loadgen.protocols import warm_up
-from loadgen.protocols._grpc_common import call_metadata, open_channel, rpc_failure
+from loadgen.protocols._grpc_common import call_metadata, open_channel, rpc_failure, unreachable
 from loadgen.protocols.http1 import Http1Pool, build_request
 from loadgen.scenario import Target
 
@@ -154,8 +154,7 @@ class TorchServeGrpcClient:
             health = inference_pb2_grpc.InferenceAPIsServiceStub(self._channel).Ping(
                 empty_pb2.Empty(), timeout=timeout, metadata=self._metadata)
         except grpc.FutureTimeoutError:
-            raise TargetUnreachable(f"cannot reach {self.target.url} (connect: no gRPC channel within "
-                                    f"{timeout:g} s); is the server running, and is --target right?") from None
+            raise TargetUnreachable(unreachable(self.target.url, self.target.ca_file, timeout)) from None
         except grpc.RpcError as exc:
             raise TargetNotReady(f"{self.target.url}: Ping failed: {exc.code().name}: {exc.details()}") from None
         warm_up(self, f"Predictions of {self.target.model!r}")
