@@ -82,3 +82,29 @@ def test_a_worker_joining_mid_run_takes_half_of_the_rest_of_the_schedule(calibra
         assert abs(count - RATE) <= SLOT_TOLERANCE * RATE, (k, counts, from_s)
     around = counts[max(0, math.floor(from_s) - 1): math.floor(from_s) + 2]
     assert abs(sum(around) - RATE * len(around)) <= 0.02 * RATE * len(around), (counts, from_s)
+
+
+def test_a_worker_joining_a_closed_loop_run_waits_for_the_next_run(calibration_server, tmp_path) -> None:
+    """Closed-loop users are not moved mid-run: the joiner is told so, sends nothing, and the figures
+    are the first worker's alone."""
+    server = calibration_server("--delay-ms", "5")
+    master = Master(["--target", server.url, "--model", "m", "--users", "2", "--duration", "5s"],
+                    tmp_path / "run", workers=1)
+    first = start_worker(master.port, tmp_path / "shipped")
+    second = None
+    try:
+        master.wait_for("master: run on 1 worker(s)")
+        second = start_worker(master.port, tmp_path / "shipped")
+        master.wait_for("master: worker 1 connected during the run; a closed-loop run keeps its users",
+                        timeout=10)
+        code, stderr = master.finish()
+    finally:
+        for worker in (first, second):
+            if worker is not None:
+                stop_process(worker)
+    assert code == 0, stderr
+    summary = master.summary
+    assert [w["pid"] for w in summary["distributed"]["workers"]] == [first.pid]
+    assert shipped(tmp_path / "shipped", second.pid) == []
+    assert summary["requests"] == worker_entry(summary, first.pid)["requests"] > 0
+    assert server.info()["requests"] == summary["requests"] + summary["warmup_requests"]
