@@ -172,15 +172,17 @@ class LoadContext:
         self.dispatcher = self._dispatcher()
         self.dispatcher.run(self.start_t, schedule(self.pattern, share=self.share, start_s=self.share_start_s))
 
-    def take_over(self, share: tuple[int, int], start_s: float, end_s: float | None = None) -> None:
-        """Dispatch `share` of the schedule from `start_s` on (until `end_s`), beside this process's own
-        share (blocks until it ends or is stopped). Its arrivals have their own in-flight cap of
-        max_in_flight."""
+    def take_over(self, share: tuple[int, int], start_s: float, end_s: float | None = None) -> Callable[[], None]:
+        """A dispatcher for `share` of the schedule from `start_s` on (until `end_s`), beside this process's
+        own share; its arrivals have their own in-flight cap of max_in_flight. It is registered at once, so
+        a stop or an end_dispatching_at that comes before it runs reaches it; returns the call that
+        dispatches (blocks until it ends or is stopped), to run in a greenlet of its own."""
         dispatcher = self._dispatcher()
         if end_s is not None:
             dispatcher.end_at(self.start_t + end_s)
         self.takeovers.append(dispatcher)
-        dispatcher.run(self.start_t, schedule(self.pattern, share=share, start_s=start_s))
+        arrivals = schedule(self.pattern, share=share, start_s=start_s)
+        return lambda: dispatcher.run(self.start_t, arrivals)
 
     def end_dispatching_at(self, end_s: float) -> None:
         """Leave every arrival from `end_s` seconds into the run on to other dispatchers: each share this

@@ -188,7 +188,7 @@ class _WorkerRun:
             return
         for item in data.get("shares", []):
             share = Share.from_json(item)
-            self._extra.append(gevent.spawn(ctx.take_over, (share.k, share.n), share.start_s, share.end_s))
+            self._extra.append(gevent.spawn(ctx.take_over((share.k, share.n), share.start_s, share.end_s)))
         if data.get("unsent"):  # a leaving worker's arrivals between its leaving and this takeover
             ctx.record_unsent(int(data["unsent"]))
         users = int(data.get("users", 0))
