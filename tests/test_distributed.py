@@ -240,6 +240,7 @@ def test_a_worker_stopped_on_its_host_leaves_cleanly_and_the_other_takes_over(ca
     assert 2400 - 60 <= summary["requests"] < 2400
     assert summary["sent"] + summary["dropped"] + summary["unsent"] == 2400
     assert summary["unsent"] == alive_entry["unsent"] > 0
+    assert any("a leaving worker's" in reason for reason in summary["generator"]["reasons"])
 
 
 def test_stop_on_worker_loss_ends_the_run_with_exit_3(calibration_server, tmp_path) -> None:

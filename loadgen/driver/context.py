@@ -57,6 +57,8 @@ class LoadContext:
         """The arrivals of the open-loop schedule this process sends: (k, n) keeps every n-th from k."""
         self.share_start_s = 0.0
         """Seconds into the run from which `share` is sent (a worker that joined a run mid-way)."""
+        self.handover_unsent = 0
+        """Of the unsent arrivals, those a leaving worker left before the takeover (distributed runs)."""
         self.takeovers: list[Dispatcher] = []
         """Dispatchers of shares taken over mid-run from a lost worker (distributed runs)."""
         self.on_interval: Callable[[], None] | None = None
@@ -159,6 +161,11 @@ class LoadContext:
         self.recorder.record_dropped(intended_t)
 
     def record_unsent(self, count: int) -> None:
+        self.recorder.record_unsent(count)
+
+    def record_handover_unsent(self, count: int) -> None:
+        """Arrivals of a worker that left, between its leaving and this process's takeover: unsent."""
+        self.handover_unsent += count
         self.recorder.record_unsent(count)
 
     def _dispatcher(self) -> Dispatcher:

@@ -216,8 +216,12 @@ def self_check(ctx: LoadContext, scenario: Scenario, cpu: float) -> dict[str, An
     reasons = []
     if dropped:
         reasons.append(f"{dropped} arrivals dropped at the in-flight cap of {dispatcher.max_in_flight}")
-    if figures.unsent:
-        reasons.append(unsent_reason(figures.unsent))
+    behind = figures.unsent - ctx.handover_unsent
+    if behind:
+        reasons.append(unsent_reason(behind))
+    if ctx.handover_unsent:
+        reasons.append(f"{ctx.handover_unsent} scheduled arrivals never sent: a leaving worker's, between its "
+                       "leaving and the takeover")
     if dispatcher is not None and lag["p99"] > scenario.output.max_lag_ms:
         reasons.append(f"schedule lag p99 {lag['p99']:.3f} ms > {scenario.output.max_lag_ms} ms")
     if cpu > 0.95:

@@ -190,7 +190,7 @@ class _WorkerRun:
             share = Share.from_json(item)
             self._extra.append(gevent.spawn(ctx.take_over((share.k, share.n), share.start_s, share.end_s)))
         if data.get("unsent"):  # a leaving worker's arrivals between its leaving and this takeover
-            ctx.record_unsent(int(data["unsent"]))
+            ctx.record_handover_unsent(int(data["unsent"]))
         users = int(data.get("users", 0))
         if users:
             start = ctx.start_t + float(data.get("start_s", 0.0))
