@@ -12,7 +12,8 @@ One run, as the messages go (M: master, W: every worker)
     W -> M  READY     the target checked and warmed up (or FAILED, with the error)
     M -> W  START     the start instant as an epoch time, and the worker's share of the load
     W -> M  INTERVAL  every closed interval: its HistogramSet, encoded (exact), and the worker's health
-    M -> W  TAKEOVER  a lost worker's load, from a given instant (the run goes on without it)
+    M -> W  TAKEOVER  a lost worker's load, from a given instant (the run goes on without it), and the
+                      count of its arrivals that nobody sent before that instant when it left cleanly
     M -> W  RESHARE   a worker joined mid-run: leave your shares at a given instant and send this one
                       from there (the joiner got SETUP, READY, then START with its share from that instant)
     M -> W  STOP      end now (Ctrl-C on the master, or --stop-on-worker-loss)

@@ -16,7 +16,10 @@ summary.json "distributed.lost" at the end: which worker, when, the last interva
 many of its arrivals fall after that report), keeps every interval it had received, and either stops
 the run (--stop-on-worker-loss) or has the others take over its load from a moment later: its open-loop
 shares split among them (each a finer share of the same schedule, from that instant), or its
-closed-loop users spread over them.
+closed-loop users spread over them. A worker that left cleanly says when it stopped dispatching; its
+arrivals from then to the takeover instant are counted as unsent by the takers (each for its pieces), so
+sent + dropped + unsent is still the whole schedule. A worker that died leaves no such account: its
+arrivals after its last report are only estimated (`arrivals_after_last_report`).
 
 Joining workers: a worker that connects while an open-loop run goes is set up beside it (SETUP, READY:
 its target check and warm-up), and once it is ready the rest of the schedule is reshuffled, the lost
