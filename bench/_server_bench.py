@@ -263,11 +263,11 @@ class Clients:
                         _delta(server, stats_model, before))
 
     def loadgen_run(self, server: ServerProcess, model: str, users: int, duration_s: float,
-                    stats_model: str | None = None, protocol: str = "http") -> Measured:
+                    stats_model: str | None = None, protocol: str = "http", batch: int = 1) -> Measured:
         """`loadgen run --users N --think none` (closed loop) for `duration_s`: over HTTP with binary tensors
         (`protocol` "http": the default against a server with the extension) or JSON tensors ("http-json"),
-        or raw tensors over gRPC ("grpc", --protocol kserve-grpc); one row per request."""
-        out = self.work / f"lg-{server.proc.pid}-{model}-{protocol}-u{users}"
+        or raw tensors over gRPC ("grpc", --protocol kserve-grpc); `batch` rows per request (--batch-size)."""
+        out = self.work / f"lg-{server.proc.pid}-{model}-{protocol}-u{users}-b{batch}"
         target = f"grpc://{server.grpc}" if protocol == "grpc" else server.url
         cmd = [str(BIN / "loadgen"), "run", "--target", target, "--model", model, "--users", str(users),
                "--think", "none", "--duration", f"{duration_s:g}s", "--out", str(out), "-q"]
@@ -275,6 +275,8 @@ class Clients:
             cmd += ["--protocol", "kserve-grpc"]
         elif protocol == "http-json":
             cmd += ["--tensor-format", "json"]
+        if batch > 1:
+            cmd += ["--batch-size", str(batch)]
         before = model_stats(server, stats_model) if stats_model else None
         _, trace = run_child(cmd, self.core, duration_s + 60, self.work / f"{out.name}.log", server)
         summary = json.loads((out / "summary.json").read_text())
@@ -282,7 +284,7 @@ class Clients:
             raise SystemExit(f"loadgen saw errors against {target}: {summary['errors']}")
         start = summary["clock"]["start_epoch_s"]
         server_cpu, client_cpu = trace.fractions(start, start + summary["duration_s"])
-        return Measured("loadgen", protocol, users, 1, summary["achieved_rps"], summary["service_ms"]["p99"],
+        return Measured("loadgen", protocol, users, batch, summary["achieved_rps"], summary["service_ms"]["p99"],
                         server_cpu, client_cpu, _delta(server, stats_model, before))
 
 

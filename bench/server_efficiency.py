@@ -29,8 +29,8 @@ the TorchScript module itself (torch.jit.load, inference_mode, numpy in and out)
 those batch sizes, the most the server's own batcher could ever run. Through the server, in
 inferences/s, the best of a few levels (BATCHING_LEVELS): perf_analyzer HTTP and gRPC with ordinary
 requests (batch 1, 16 and 64 in flight: the server forms the batches) and with batched requests
-(-b 8, -b 32), and loadgen (batch 1; HTTP with binary and with JSON tensors, and gRPC; 16 and 64
-users); each divided by the ceiling. The table ends with where the ratio crosses TARGET_RATIO: the
+(-b 8, -b 32), and loadgen (batch 1: HTTP with binary and with JSON tensors, and gRPC, 16 and 64
+users; --batch-size 8 and 32 over HTTP at perf_analyzer's levels); each divided by the ceiling. The table ends with where the ratio crosses TARGET_RATIO: the
 smallest model (by in-process microseconds per inference) at which each client reaches it.
 
     .venv/bin/python bench/server_efficiency.py            # ~9 minutes
@@ -355,7 +355,8 @@ def _calls_per_loop(call, data: np.ndarray) -> int:
 
 def measure_batching(clients: Clients, server: ServerProcess, levels: dict[int, tuple[int, ...]],
                      users: tuple[int, ...], loadgen_s: float) -> list[Measured]:
-    """perf_analyzer at every batch size sent and level, both protocols, then loadgen (batch 1)."""
+    """perf_analyzer at every batch size sent and level, both protocols, then loadgen (batch 1 over
+    HTTP binary, HTTP JSON and gRPC; the larger batches over HTTP binary, at perf_analyzer's levels)."""
     steps: list[Measured] = []
     for batch, concurrencies in levels.items():
         for level in concurrencies:
@@ -363,6 +364,9 @@ def measure_batching(clients: Clients, server: ServerProcess, levels: dict[int, 
                 step = clients.perf_analyzer_run(server, MODEL, protocol, level, batch, stats_model=MODEL)
                 if step is not None:
                     steps.append(announce(step))
+            if batch > 1:
+                steps.append(announce(clients.loadgen_run(server, MODEL, level, loadgen_s, stats_model=MODEL,
+                                                          batch=batch)))
     for level in users:
         for protocol in ("http", "http-json", "grpc"):
             steps.append(announce(clients.loadgen_run(server, MODEL, level, loadgen_s, stats_model=MODEL,
