@@ -1,4 +1,5 @@
-"""A worker that connects while a distributed open-loop run goes takes a share of the rest of it.
+"""A worker that connects while a distributed run goes takes a share of the rest of it (open loop) or of
+the users (closed loop).
 
 Real processes on 127.0.0.1: a master expecting one worker, that worker, and a second one started once
 the run is under way. When the second is ready, the master reshuffles what is left of the schedule from
@@ -84,27 +85,44 @@ def test_a_worker_joining_mid_run_takes_half_of_the_rest_of_the_schedule(calibra
     assert abs(sum(around) - RATE * len(around)) <= 0.02 * RATE * len(around), (counts, from_s)
 
 
-def test_a_worker_joining_a_closed_loop_run_waits_for_the_next_run(calibration_server, tmp_path) -> None:
-    """Closed-loop users are not moved mid-run: the joiner is told so, sends nothing, and the figures
-    are the first worker's alone."""
-    server = calibration_server("--delay-ms", "5")
-    master = Master(["--target", server.url, "--model", "m", "--users", "2", "--duration", "5s"],
-                    tmp_path / "run", workers=1)
-    first = start_worker(master.port, tmp_path / "shipped")
+def test_a_worker_joining_a_closed_loop_run_takes_half_of_the_users(calibration_server, tmp_path) -> None:
+    """Closed loop: from the join the first worker lets 2 of its 4 users go (each after its answer) and
+    the joiner starts 2; the user count, and so the throughput users / latency, is kept every second."""
+    users, duration_s = 4, 8
+    server = calibration_server("--delay-ms", "20")
+    debug = tmp_path / "shipped"
+    master = Master(["--target", server.url, "--model", "m", "--users", str(users), "--think", "none",
+                     "--duration", f"{duration_s}s"], tmp_path / "run", workers=1)
+    first = start_worker(master.port, debug)
     second = None
     try:
         master.wait_for("master: run on 1 worker(s)")
-        second = start_worker(master.port, tmp_path / "shipped")
-        master.wait_for("master: worker 1 connected during the run; a closed-loop run keeps its users",
-                        timeout=10)
+        time.sleep(0.5 + 2.0)
+        second = start_worker(master.port, debug)
+        joined = master.wait_for("master: worker 1 joined", timeout=duration_s)
         code, stderr = master.finish()
     finally:
         for worker in (first, second):
             if worker is not None:
                 stop_process(worker)
     assert code == 0, stderr
+    assert "the users are spread again (0: 2 users, 1: 2 users)" in joined, joined
+    from_s = float(re.search(r"from (\d+\.\d+) s the users", joined).group(1))
+    assert 2.5 < from_s < duration_s, joined
     summary = master.summary
-    assert [w["pid"] for w in summary["distributed"]["workers"]] == [first.pid]
-    assert shipped(tmp_path / "shipped", second.pid) == []
-    assert summary["requests"] == worker_entry(summary, first.pid)["requests"] > 0
+    assert summary["errors"] == {}
+    one, two = worker_entry(summary, first.pid), worker_entry(summary, second.pid)
+    assert one["requests"] + two["requests"] == summary["requests"]
+    assert two["requests"] == requests_of(shipped(debug, second.pid)) > 0
     assert server.info()["requests"] == summary["requests"] + summary["warmup_requests"]
+    after = math.ceil(from_s) + 1
+    for pid in (first.pid, second.pid):  # both sent load after the join
+        assert requests_of([m for m in shipped(debug, pid) if m["start_s"] >= after - 1e-6]) > 0, pid
+
+    # `users` in flight all along: each whole second holds users / latency completions (a user cut
+    # off, or started twice, would move a second's count by a quarter or more)
+    expected = users / (summary["latency_ms"]["mean"] / 1000)
+    counts = [h.get_total_count() for h in read_hlog(tmp_path / "run" / "latency.hlog")[None]][:duration_s]
+    assert len(counts) == duration_s
+    for k, count in enumerate(counts):
+        assert abs(count - expected) <= SLOT_TOLERANCE * expected, (k, counts, expected, from_s)

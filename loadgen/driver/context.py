@@ -66,6 +66,7 @@ class LoadContext:
         self.done = Event()  # dispatching is over (open loop) or the run was stopped
         self._finished = Event()
         self.stopping = False  # closed-loop users send nothing more once set
+        self._retiring = 0  # closed-loop users to stop at their next request (a worker joined)
         self._user_requests = 0
         self._ticker: gevent.Greenlet | None = None
         self.peak_in_flight = 0
@@ -197,6 +198,18 @@ class LoadContext:
         for dispatcher in (self.dispatcher, *self.takeovers):
             if dispatcher is not None:
                 dispatcher.end_at(self.start_t + end_s)
+
+    def retire_users(self, count: int) -> None:
+        """Let `count` closed-loop users go, each once its request in flight is answered (a worker that
+        joined takes them): none is cut off mid-request, so every request sent is recorded."""
+        self._retiring += count
+
+    def user_retires(self) -> bool:
+        """Called by a closed-loop user before each request: whether it is one of those to let go."""
+        if self._retiring <= 0:
+            return False
+        self._retiring -= 1
+        return True
 
     def stop_dispatching(self, at_t: float | None = None) -> None:
         """Start no further open-loop arrivals, of any share (in-flight requests go on); those due by

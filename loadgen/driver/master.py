@@ -26,8 +26,10 @@ its target check and warm-up), and once it is ready the rest of the schedule is 
 worker's handover in reverse: from an instant RESHARE_LEAD_S ahead, every worker still sending (the joiner
 included) sends share (j, m) of the schedule, and its earlier shares end there (RESHARE to the others,
 START with the run's own start epoch to the joiner, whose intervals then join the merge). The rate asked
-for is unchanged across the join; it is only spread over one more worker. A worker that connects during a
-closed-loop run, or too late in an open-loop one, takes part from the next run (the next sweep step).
+for is unchanged across the join; it is only spread over one more worker. In a closed-loop run the users
+are spread again the same way: from that instant each worker with more than its new part lets the
+surplus go (each user once its request in flight is answered: none is cut off) and the joiner starts as
+many. A worker ready too late in the run takes part from the next run (the next sweep step).
 
 The master computes every percentile of the run, from the merged recorder: summary.json, latency.hlog,
 the table and --metrics-port (the merged figures, plus per-worker health gauges labelled by worker).
@@ -496,10 +498,6 @@ class _DistributedRun:
                 continue
             self._seen.add(cid)
             index, self._next_index = self._next_index, self._next_index + 1
-            if not self.open_loop:
-                print(f"master: worker {index} connected during the run; a closed-loop run keeps its users, "
-                      "so it takes part from the next run", file=sys.stderr, flush=True)
-                continue
             joiner = self._joining[cid] = _Worker(cid, index)
             print(f"master: worker {joiner.label} connected during the run; setting it up to take a share",
                   file=sys.stderr, flush=True)
@@ -515,8 +513,8 @@ class _DistributedRun:
                 self._join(joiner)
 
     def _join(self, joiner: _Worker) -> None:
-        """Reshuffle the rest of the schedule over the workers still sending and `joiner`, from a moment
-        later; too late in the run, the joiner is let go until the next run."""
+        """Reshuffle the rest of the schedule (or the users) over the workers still sending and `joiner`,
+        from a moment later; too late in the run, the joiner is let go until the next run."""
         from_s = time.monotonic() - self.start_t + RESHARE_LEAD_S
         if from_s >= self.pattern.total_duration:
             self.cluster.send(MSG_STOP, {"run": self.run_id}, joiner.client_id)
@@ -524,6 +522,9 @@ class _DistributedRun:
                   file=sys.stderr, flush=True)
             return
         senders = [w for w in self.workers.values() if w.sending]
+        if not self.open_loop:
+            self._join_users(joiner, senders, from_s)
+            return
         shares = Share.reshuffle(len(senders) + 1, from_s)
         for worker, share in zip(senders, shares, strict=False):
             worker.shares = [s.ended(from_s) for s in worker.shares if s.start_s < from_s] + [share]
@@ -537,6 +538,31 @@ class _DistributedRun:
         described = ", ".join(f"{w.label}: {w.shares[-1]}" for w in (*senders, joiner))
         print(f"master: worker {joiner.label} joined; the schedule from {from_s:.2f} s is reshuffled ({described})",
               file=sys.stderr, flush=True)
+        self._changed.set()
+
+    def _join_users(self, joiner: _Worker, senders: list[_Worker], from_s: float) -> None:
+        """Closed loop: the users spread over one more worker, as split_users would at the start. From
+        `from_s` each sender lets its surplus go, each user once its request in flight is answered, and
+        the joiner starts as many: the user count is kept (within one request per moved user)."""
+        counts = split_users(sum(w.users for w in senders), len(senders) + 1)
+        for worker, count in zip(senders, counts, strict=False):
+            if count != worker.users:
+                change = {"retire_users": worker.users - count} if count < worker.users \
+                    else {"users": count - worker.users}
+                self.cluster.send(MSG_TAKEOVER, {"run": self.run_id, "start_s": from_s, **change},
+                                  worker.client_id)
+                worker.users = count
+        joiner.users = counts[-1]
+        self.workers[joiner.client_id] = joiner
+        self._merger.join(joiner.client_id)
+        self.cluster.send(MSG_START, {"run": self.run_id, "start_epoch_s": self._epoch,
+                                      "share": Share(0, 1).as_json(), "users": 0}, joiner.client_id)
+        if joiner.users:
+            self.cluster.send(MSG_TAKEOVER, {"run": self.run_id, "start_s": from_s, "users": joiner.users},
+                              joiner.client_id)
+        described = ", ".join(f"{w.label}: {w.users} users" for w in (*senders, joiner))
+        print(f"master: worker {joiner.label} joined; from {from_s:.2f} s the users are spread again "
+              f"({described})", file=sys.stderr, flush=True)
         self._changed.set()
 
     def _check_losses(self) -> None:

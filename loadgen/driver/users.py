@@ -41,6 +41,6 @@ class ClosedLoopUser(User):
     @task
     def infer(self) -> None:
         ctx = context_of(self.environment)
-        if ctx.stopping:
+        if ctx.stopping or ctx.user_retires():
             raise StopUser()
         ctx.send_closed()

@@ -182,7 +182,8 @@ class _WorkerRun:
 
     # -- TAKEOVER / RESHARE / STOP ------------------------------------------------------------
     def take_over(self, data: dict[str, Any]) -> None:
-        """A lost worker's shares (open loop) or users (closed loop), from the instant the master gave."""
+        """A lost worker's shares (open loop) or users (closed loop), from the instant the master gave;
+        or, when a worker joined a closed-loop run, users to let go at that instant."""
         ctx = self.ctx
         if ctx.stopping:
             return
@@ -191,10 +192,12 @@ class _WorkerRun:
             self._extra.append(gevent.spawn(ctx.take_over((share.k, share.n), share.start_s, share.end_s)))
         if data.get("unsent"):  # a leaving worker's arrivals between its leaving and this takeover
             ctx.record_handover_unsent(int(data["unsent"]))
-        users = int(data.get("users", 0))
+        users, retire = int(data.get("users", 0)), int(data.get("retire_users", 0))
+        start = ctx.start_t + float(data.get("start_s", 0.0))
         if users:
-            start = ctx.start_t + float(data.get("start_s", 0.0))
             gevent.spawn_later(max(0.0, start - time.monotonic()), self._more_users, users)
+        if retire:  # a worker joined a closed-loop run: it takes these users from `start`
+            gevent.spawn_later(max(0.0, start - time.monotonic()), ctx.retire_users, retire)
 
     def reshare(self, data: dict[str, Any]) -> None:
         """A worker joined: leave every share sent now at `from_s` and send the new `shares` from there."""
