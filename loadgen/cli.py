@@ -345,13 +345,17 @@ def worker(
     master_port: Annotated[int, typer.Option(help="Its --master-bind-port.")] = 5557,
     debug_dir: Annotated[Path | None, typer.Option(
         help="Also append every interval shipped to the master to DIR/worker-<pid>.jsonl.")] = None,
+    keep_awake: Annotated[bool, typer.Option(
+        "--keep-awake/--no-keep-awake",
+        help="Keep this host's CPUs awake during runs whose scenario asks for it (off when another "
+             "process on the host already does: --processes workers leave it to their master).")] = True,
 ) -> None:
     """Be a Locust worker of a distributed run: send this host's share of each run the master starts
     (its histograms go to the master, which merges them), until the master quits (exit 0)."""
     from loadgen.driver.worker import serve  # imports locust: only for verbs that send load
 
     try:
-        code = serve(master_host, master_port, debug_dir)
+        code = serve(master_host, master_port, debug_dir, keep_awake=keep_awake)
     except LoadgenError as exc:
         _fail(exc)
     raise typer.Exit(code)

@@ -9,6 +9,7 @@ with that merge, with the server's own request count, and with the true latency 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -327,3 +328,36 @@ def test_sweep_runs_every_step_on_the_same_workers(calibration_server, tmp_path)
         pids |= {w["pid"] for w in workers}
     assert len(pids) == 2  # the same two processes ran both steps
     assert server.info()["requests"] == total
+
+
+def test_local_workers_share_the_masters_cpu_spinners(calibration_server, tmp_path) -> None:
+    """--processes with keep_awake: the master alone starts the idle-priority spinners, and its workers
+    stay in its session (so in its scheduling group, where those spinners yield to them): a worker
+    spinning in a group of its own took CPU from the others (tens of ms of lag)."""
+    import psutil
+
+    server = calibration_server()
+    proc = subprocess.Popen(loadgen_cmd("run", "--target", server.url, "--model", "m", "--rate", "100",
+                                        "--duration", "4s", "--processes", "2", "--quiet",
+                                        "--out", str(tmp_path / "run")),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        master = psutil.Process(proc.pid)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            children = master.children()
+            spinners = [c for c in children if "sched_setaffinity" in " ".join(c.cmdline())]
+            workers = [c for c in children if "worker" in c.cmdline()]
+            if spinners and len(workers) == 2:
+                break
+            time.sleep(0.2)
+        assert spinners and len(workers) == 2, [c.cmdline() for c in master.children()]
+        for worker in workers:
+            assert "--no-keep-awake" in worker.cmdline()
+            assert os.getsid(worker.pid) == os.getsid(proc.pid)
+            assert os.getpgid(worker.pid) != os.getpgid(proc.pid)  # a terminal's Ctrl-C reaches the master only
+            assert not any("sched_setaffinity" in " ".join(c.cmdline()) for c in worker.children())
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        stop_process(proc)
+    assert proc.returncode == 0, stderr

@@ -177,11 +177,16 @@ class Cluster:
             log = tempfile.TemporaryFile()  # noqa: SIM115
             self._logs.append(log)
             self._procs.append(subprocess.Popen(
+                # One set of CPU spinners for the host: the master's (run.execute). A spinner is idle
+                # priority only within its scheduling group (one group a session, with the kernel's
+                # autogroups): each worker spinning beside the other processes' groups took CPU from
+                # them, tens of ms of schedule lag. So the workers stay in the master's session (its
+                # group) and start none of their own.
                 [sys.executable, "-m", "loadgen", "worker", "--master-host", "127.0.0.1",
-                 "--master-port", str(self.port)],
+                 "--master-port", str(self.port), "--no-keep-awake"],
                 stdout=subprocess.DEVNULL,
                 stderr=log,
-                start_new_session=True,  # Ctrl-C reaches the master only; it stops and quits them
+                process_group=0,  # not the terminal's foreground group: Ctrl-C reaches the master only
             ))
 
     @property

@@ -80,13 +80,12 @@ def _cpu_seconds() -> float:
 
 def execute(scenario: Scenario, cluster: Cluster | None = None) -> RunResult:
     """Run `scenario` (see _execute), with the generator's CPUs kept awake if the scenario asks; on
-    `cluster`'s workers when one is given."""
-    if cluster is not None:
-        return cluster.run(scenario)
-    if not scenario.output.keep_awake:
-        return _execute(scenario)
+    `cluster`'s workers when one is given (local workers leave keeping the CPUs awake to this process,
+    remote ones do it on their hosts)."""
+    if not scenario.output.keep_awake or (cluster is not None and not cluster.local_pids):
+        return cluster.run(scenario) if cluster is not None else _execute(scenario)
     with KeepAwake(os.sched_getaffinity(0)):
-        return _execute(scenario)
+        return cluster.run(scenario) if cluster is not None else _execute(scenario)
 
 
 def _execute(scenario: Scenario) -> RunResult:

@@ -119,7 +119,8 @@ class _WorkerRun:
         ctx = self.ctx
         runner = self.agent.runner
         runner.worker_state = "running"
-        keep = KeepAwake(os.sched_getaffinity(0)) if self.scenario.output.keep_awake else None
+        keep = KeepAwake(os.sched_getaffinity(0)) if self.scenario.output.keep_awake and self.agent.keep_awake \
+            else None
         done: dict[str, Any] = {"run": self.run_id}
         if keep is not None:
             keep.__enter__()
@@ -246,9 +247,12 @@ class _WorkerRun:
 class WorkerAgent:
     """loadgen's side of a Locust worker: answers the master's run messages (one run at a time)."""
 
-    def __init__(self, runner: Any, environment: Environment, debug_dir: Path | None = None) -> None:
+    def __init__(self, runner: Any, environment: Environment, debug_dir: Path | None = None,
+                 keep_awake: bool = True) -> None:
         self.runner = runner
         self.environment = environment
+        self.keep_awake = keep_awake
+        """Start CPU spinners for runs that ask (False: another process on this host keeps it awake)."""
         self.current: _WorkerRun | None = None
         self._debug = None
         if debug_dir is not None:
@@ -319,7 +323,7 @@ class WorkerAgent:
                 run.ctx.client.close()
 
 
-def serve(master_host: str, master_port: int, debug_dir: Path | None = None) -> int:
+def serve(master_host: str, master_port: int, debug_dir: Path | None = None, keep_awake: bool = True) -> int:
     """Connect to the master and serve its runs until it says quit (exit 0) or SIGINT/SIGTERM (130)."""
     environment = Environment(user_classes=[OpenLoopUser, ClosedLoopUser], events=Events())
     environment.loadgen = None
@@ -329,7 +333,7 @@ def serve(master_host: str, master_port: int, debug_dir: Path | None = None) -> 
     except ConnectionError:
         raise LoadgenError(f"no loadgen master answered at {master_host}:{master_port}; start "
                            "`loadgen run ... --master` there first, or check --master-host/--master-port") from None
-    agent = WorkerAgent(runner, environment, debug_dir)
+    agent = WorkerAgent(runner, environment, debug_dir, keep_awake)
     print(f"worker: connected as worker {runner.worker_index} (pid {os.getpid()})", file=sys.stderr, flush=True)
     signalled = Event()
 
