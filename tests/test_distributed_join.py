@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 import re
 import time
+from pathlib import Path
+from subprocess import Popen
 
 import pytest
 
@@ -30,24 +32,31 @@ interval open when it is recorded, so a few move across a boundary whenever the 
 one. A share lost or sent twice across the join would be off by half the rate, or all of it."""
 
 
-def test_a_worker_joining_mid_run_takes_half_of_the_rest_of_the_schedule(calibration_server, tmp_path) -> None:
-    server = calibration_server("--delay-ms", "5")
-    debug = tmp_path / "shipped"
-    master = Master(["--target", server.url, "--model", "m", "--rate", str(RATE), "--duration", f"{DURATION_S}s"],
-                    tmp_path / "run", workers=1)
+def _join_two_seconds_in(master: Master, debug: Path, duration_s: float) -> tuple[Popen, Popen, str]:
+    """One worker from the start, a second started two seconds into the run (it connects and warms up
+    while the run goes); the run to its end. Returns both workers and the master's line on the join."""
     first = start_worker(master.port, debug)
     second = None
     try:
         master.wait_for("master: run on 1 worker(s)")
-        time.sleep(0.5 + 2.0)  # two seconds into the run
-        second = start_worker(master.port, debug)  # connects (and warms up) while the run goes
-        joined = master.wait_for("master: worker 1 joined", timeout=DURATION_S)
+        time.sleep(0.5 + 2.0)
+        second = start_worker(master.port, debug)
+        joined = master.wait_for("master: worker 1 joined", timeout=duration_s)
         code, stderr = master.finish()
     finally:
         for worker in (first, second):
             if worker is not None:
                 stop_process(worker)
     assert code == 0, stderr
+    return first, second, joined
+
+
+def test_a_worker_joining_mid_run_takes_half_of_the_rest_of_the_schedule(calibration_server, tmp_path) -> None:
+    server = calibration_server("--delay-ms", "5")
+    debug = tmp_path / "shipped"
+    master = Master(["--target", server.url, "--model", "m", "--rate", str(RATE), "--duration", f"{DURATION_S}s"],
+                    tmp_path / "run", workers=1)
+    first, second, joined = _join_two_seconds_in(master, debug, DURATION_S)
     from_s = float(re.search(r"from (\d+\.\d+) s is reshuffled", joined).group(1))
     assert 2.5 < from_s < DURATION_S, joined
     summary = master.summary
@@ -93,19 +102,7 @@ def test_a_worker_joining_a_closed_loop_run_takes_half_of_the_users(calibration_
     debug = tmp_path / "shipped"
     master = Master(["--target", server.url, "--model", "m", "--users", str(users), "--think", "none",
                      "--duration", f"{duration_s}s"], tmp_path / "run", workers=1)
-    first = start_worker(master.port, debug)
-    second = None
-    try:
-        master.wait_for("master: run on 1 worker(s)")
-        time.sleep(0.5 + 2.0)
-        second = start_worker(master.port, debug)
-        joined = master.wait_for("master: worker 1 joined", timeout=duration_s)
-        code, stderr = master.finish()
-    finally:
-        for worker in (first, second):
-            if worker is not None:
-                stop_process(worker)
-    assert code == 0, stderr
+    first, second, joined = _join_two_seconds_in(master, debug, duration_s)
     assert "the users are spread again (0: 2 users, 1: 2 users)" in joined, joined
     from_s = float(re.search(r"from (\d+\.\d+) s the users", joined).group(1))
     assert 2.5 < from_s < duration_s, joined
