@@ -16,6 +16,7 @@ otherwise; 0.0.0.0 lets a Prometheus on another host scrape).
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -132,6 +133,12 @@ class MetricsExporter:
         self._listener = MetricsListener(self.host, self.port, [self.collector]).start()
         self.port = self._listener.port
         return self
+
+    def announce(self) -> None:
+        """Say on stderr where /metrics is served, when this run opened the port (a sweep's listener
+        said it once for all its steps)."""
+        if self._joined is None:
+            print(f"metrics on {self.url}", file=sys.stderr, flush=True)
 
     @property
     def registry(self) -> CollectorRegistry:

@@ -652,7 +652,7 @@ class _DistributedRun:
         if port is None:
             return None
         exporter = MetricsExporter(self, port).start()
-        print(f"metrics on {exporter.url}", file=sys.stderr, flush=True)
+        exporter.announce()
         return exporter
 
     def _result(self, epoch: float, end_t: float, interrupted: bool, cpu: float,

@@ -16,7 +16,6 @@ import logging
 import os
 import resource
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -148,7 +147,7 @@ def _start_exporter(ctx: LoadContext, port: int | None) -> MetricsExporter | Non
     if port is None:
         return None
     exporter = MetricsExporter(ctx, port).start()
-    print(f"metrics on {exporter.url}", file=sys.stderr, flush=True)
+    exporter.announce()
     return exporter
 
 
