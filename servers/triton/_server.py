@@ -19,6 +19,7 @@ from typing import Protocol
 from servers.core.connection import HttpConnection
 from servers.core.http1 import HttpError, Request, continue_response, format_response
 from servers.triton._app import Deferred, Job, Pending, Reply, error_reply
+from servers.triton._app import connections as triton_connections
 
 
 class App(Protocol):
@@ -33,7 +34,8 @@ class ServerContext:
 
     app: App
     executor: Executor
-    connections: set[TritonProtocol] = field(default_factory=set)
+    connections: set[TritonProtocol] = field(default_factory=triton_connections)
+    """Its open connections, carrying Triton's parser and read timeout (`_app.connections`)."""
 
 
 class _Slot:
