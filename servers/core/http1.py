@@ -4,8 +4,9 @@ Shared by the calibration and Triton-compatible servers (servers/calibration, se
 Only what a KServe v2 client needs, kept lean because a server must answer well over 8,000 small
 requests a second on one core: request line + headers, bodies framed by Content-Length (up to
 64 MiB, as Triton's --http-max-input-size), keep-alive by HTTP version and the Connection header.
-Chunked bodies and POSTs without a length are refused (the server has to know where a request ends
-to time it). A framing error is fatal to the connection: the stream can no longer be split. A body
+POSTs without a length are refused (the server has to know where a request ends to time it), and
+chunked bodies too unless the parser accepts them (`accepts_chunked`: Triton's does, as Triton; the
+request is complete, and timed, when its last chunk has come). A framing error is fatal to the connection: the stream can no longer be split. A body
 over the limit is refused from its head alone, 413 here (a server answers its own status by
 overriding RequestParser.too_large: Triton's is 400). The parser counts the bytes it is fed and says
 whether it holds part of a request (`partial`), so a connection can drop a client that stalls
@@ -28,6 +29,9 @@ MAX_BODY_BYTES = 64 * 1024 * 1024
 MAX_HEAD_BYTES = 64 * 1024
 _HEAD_END = b"\r\n\r\n"
 _METHOD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]*")
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,15}")
+CHUNKED = -1
+"""`_Head.body_length` of a chunked body: framed by its chunks, not by a length."""
 """A method is an HTTP token (RFC 9110 5.6.2)."""
 
 REASONS = {
@@ -76,6 +80,9 @@ class _Head:
     request: Request
     body_length: int
     continued: bool = False
+    chunk_left: int | None = None  # chunked: bytes of the current chunk to come; None: a size line next
+    trailers: bool = False  # chunked: the last chunk came; trailer lines until an empty one
+    decoded: bytearray = field(default_factory=bytearray)  # chunked: the body so far
 
 
 @dataclass
@@ -86,6 +93,8 @@ class RequestParser:
     _head: _Head | None = None
     received: int = 0
     """Bytes fed so far: a connection that sees it unchanged knows no byte came in between."""
+    accepts_chunked = False
+    """Whether `Transfer-Encoding: chunked` bodies are taken (else 411)."""
 
     def feed(self, data: bytes) -> None:
         self._buffer += data
@@ -106,6 +115,13 @@ class RequestParser:
             if self._head is None:
                 return None
         length = self._head.body_length
+        if length == CHUNKED:
+            body = self._read_chunks(self._head)
+            if body is None:
+                return None
+            request, self._head = self._head.request, None
+            request.body = body
+            return request
         if len(self._buffer) < length:
             return None
         request = self._head.request
@@ -114,6 +130,40 @@ class RequestParser:
             del self._buffer[:length]
         self._head = None
         return request
+
+    def _read_chunks(self, head: _Head) -> bytes | None:
+        """Decode the chunks buffered so far; the whole body once the last chunk and the trailers came."""
+        buffer = self._buffer
+        while True:
+            if head.chunk_left is None or head.trailers:
+                end = buffer.find(b"\r\n")
+                if end < 0:
+                    if len(buffer) > MAX_HEAD_BYTES:
+                        raise HttpError(400, "chunk size or trailer line too long")
+                    return None
+                line = bytes(buffer[:end])
+                del buffer[:end + 2]
+                if head.trailers:
+                    if not line:
+                        return bytes(head.decoded)
+                    continue  # a trailer field: not used
+                size = _CHUNK_SIZE.fullmatch(line.split(b";", 1)[0].strip())
+                if size is None:
+                    raise HttpError(400, f"malformed chunk size line: {line[:40]!r}")
+                head.chunk_left = int(size.group(), 16)
+                if head.chunk_left == 0:
+                    head.trailers = True
+                    continue
+                if len(head.decoded) + head.chunk_left > MAX_BODY_BYTES:
+                    raise self.too_large(len(head.decoded) + head.chunk_left)
+            size = head.chunk_left
+            if len(buffer) < size + 2:
+                return None
+            if buffer[size:size + 2] != b"\r\n":
+                raise HttpError(400, "chunk data not followed by CRLF")
+            head.decoded += buffer[:size]
+            del buffer[:size + 2]
+            head.chunk_left = None
 
     def continue_due(self) -> bool:
         """True once for a head that asked for `100-continue` and waits for its body: answer it now."""
@@ -138,7 +188,7 @@ class RequestParser:
         finally:
             del buffer[: end + len(_HEAD_END)]
         request = _parse_lines(text.lstrip("\r\n").split("\r\n"))
-        length = _body_length(request)
+        length = _body_length(request, self.accepts_chunked)
         if length > MAX_BODY_BYTES:
             raise self.too_large(length)
         return _Head(request, length)
@@ -185,10 +235,17 @@ def _parse_lines(lines: list[str]) -> Request:
     return Request(method, target, version, headers, keep_alive=keep_alive)
 
 
-def _body_length(request: Request) -> int:
+def _body_length(request: Request, accepts_chunked: bool = False) -> int:
     headers = request.headers
     if "transfer-encoding" in headers:
-        raise HttpError(411, "Transfer-Encoding is not supported; send the body with a Content-Length")
+        if not accepts_chunked:
+            raise HttpError(411, "Transfer-Encoding is not supported; send the body with a Content-Length")
+        if headers["transfer-encoding"].lower() != "chunked":
+            raise HttpError(501, f"Transfer-Encoding {headers['transfer-encoding'][:40]!r} is not supported "
+                                 "(only chunked)")
+        if "content-length" in headers:  # RFC 9112 6.3: ambiguous framing, refused
+            raise HttpError(400, "both Transfer-Encoding and Content-Length")
+        return CHUNKED
     raw = headers.get("content-length")
     if raw is None:
         if request.method == "POST":

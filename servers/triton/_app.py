@@ -297,7 +297,10 @@ def _compress_reply(reply: Reply, encoding: str) -> Reply:
 
 
 class TritonParser(RequestParser):
-    """servers/core's parser answering a body over the limit as Triton does: 400 and its wording."""
+    """servers/core's parser answering a body over the limit as Triton does (400 and its wording), and
+    taking chunked request bodies, as Triton does."""
+
+    accepts_chunked = True
 
     def too_large(self, length: int) -> HttpError:
         return HttpError(400, f"Request body size of {length} bytes exceeds the maximum allowed value of "
