@@ -316,13 +316,15 @@ def write_json(name: str, results: dict) -> Path:
 
 
 def busy_host_note(cores: int = 2) -> str:
-    """A warning line when other work kept the host busy (1-minute load above the cores the benchmark
-    uses): then every figure is a lower bound. Empty when the host looked quiet."""
+    """A warning line when other work may have kept the host busy (1-minute load above the cores the
+    benchmark uses): then the figures may be lower bounds. Empty when the host looked quiet. The load
+    average also counts the idle-priority CPU spinners the generators and servers run (keep_awake),
+    always runnable though they yield at once, so a high figure is a hint to look, not proof."""
     load = os.getloadavg()[0]
     if load <= cores + 0.5:
         return ""
-    return (f"NOTE: load average {load:.1f} on a benchmark that needs {cores} quiet cores: other processes "
-            f"shared them, the figures are lower bounds")
+    return (f"NOTE: load average {load:.1f} on a benchmark that needs {cores} quiet cores (idle-priority "
+            f"spinners count in it too): if other processes shared them, the figures are lower bounds")
 
 
 def git_state() -> dict:
