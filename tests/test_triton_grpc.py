@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import grpc
@@ -32,7 +33,7 @@ from servers.triton._grpc import start_grpc
 from servers.triton._health import HEALTH_SERVICE, HealthCheckRequest, HealthCheckResponse, ServingStatus
 from servers.triton._infer import ModelHost
 from tests.conftest import ROOT, pin, stop_process
-from tests.triton_support import MODELS, assert_matches, sample_input
+from tests.triton_support import MODELS, assert_matches, sample_input, write_paced_model
 
 pytestmark = pytest.mark.integration
 BATCHING = [name for name, model in MODELS.items() if model.max_batch_size > 0]
@@ -364,16 +365,17 @@ class TritonPythonModel:
 '''
 
 
+def _write_sleeper(repository: Path) -> None:
+    """The `sleeper` model (four instances, FP32 [1]) in `repository`: the paced model's config, _SLEEPER's code."""
+    write_paced_model(repository, 0.0, width=1, instances=4, name="sleeper")
+    (repository / "sleeper" / "1" / "model.py").write_text(_SLEEPER)
+
+
 @pytest.fixture(scope="module")
 def sleeper(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fronts]:
     """A server whose `sleeper` model (four instances) sleeps as many seconds as its first input says."""
     repository = tmp_path_factory.mktemp("repo")
-    (repository / "sleeper" / "1").mkdir(parents=True)
-    (repository / "sleeper" / "1" / "model.py").write_text(_SLEEPER)
-    (repository / "sleeper" / "config.pbtxt").write_text(
-        'backend: "python"\nmax_batch_size: 0\ninstance_group [ { count: 4 } ]\n'
-        'input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
-        'output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 1 ] } ]\n')
+    _write_sleeper(repository)
     started = start_fronts("--model-repository", str(repository))
     yield started
     stop_process(started.proc)
@@ -455,12 +457,7 @@ def test_stream_requests_in_flight_are_bounded(tmp_path, monkeypatch: pytest.Mon
     import servers.triton._grpc as grpc_front
 
     monkeypatch.setattr(grpc_front, "STREAM_CONCURRENCY", 2)
-    (tmp_path / "sleeper" / "1").mkdir(parents=True)
-    (tmp_path / "sleeper" / "1" / "model.py").write_text(_SLEEPER)
-    (tmp_path / "sleeper" / "config.pbtxt").write_text(
-        'backend: "python"\nmax_batch_size: 0\ninstance_group [ { count: 4 } ]\n'
-        'input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
-        'output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 1 ] } ]\n')
+    _write_sleeper(tmp_path)
     host = ModelHost(repository=tmp_path)
     host.load_repository()
     requests = []
