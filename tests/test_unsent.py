@@ -170,15 +170,17 @@ def _run_with_stall(args: list[str], out: Path, stall: tuple[float, float] | Non
 
 @pytest.mark.integration
 def test_distributed_run_with_a_stalled_worker_counts_every_arrival(calibration_server, tmp_path) -> None:
-    """Two workers, 200 req/s for 3 s; one is SIGSTOPped 2.5 s into the run for 1.6 s (less than the
-    heartbeats' patience, so it is not lost). Its unsent arrivals reach the master's merge."""
+    """Two workers, 200 req/s for 3 s; one is SIGSTOPped 2.2 s into the run for 2.2 s (less than the
+    heartbeats' patience, so it is not lost; resumed 0.4 s after the window's end plus the 1 s grace, so
+    the rest of its share stays unsent even when the run starts a little later than the line says).
+    Its unsent arrivals reach the master's merge."""
     server = calibration_server("--delay-ms", "2")
     master = Master(["--target", server.url, "--model", "m", "--rate", "200", "--duration", "3s"],
                     tmp_path / "run")
     workers = [start_worker(master.port, tmp_path / "shipped") for _ in range(2)]
     try:
         master.wait_for("master: run on 2 worker(s)")
-        _stall(workers[1].pid, 0.5 + 2.5, 1.6)  # the run starts 0.5 s after that line
+        _stall(workers[1].pid, 0.5 + 2.2, 2.2)  # the run starts 0.5 s after that line
         code, stderr = master.finish()
     finally:
         for worker in workers:
