@@ -42,7 +42,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from loadgen.protocols.payloads import synthetic_inputs
+from loadgen.protocols.common.payloads import synthetic_inputs
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent

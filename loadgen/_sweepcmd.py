@@ -28,6 +28,7 @@ import math
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,8 @@ from loadgen.driver.distributed import DistributedOptions
 from loadgen.driver.exporter import MetricsListener
 from loadgen.driver.master import Cluster, open_cluster
 from loadgen.driver.run import RunResult, execute
-from loadgen.scenario import OpenLoop, Scenario, ScenarioError, load_scenario
+from loadgen.errors import ScenarioError
+from loadgen.scenario import ClosedLoop, OpenLoop, Scenario, load_scenario, read_scenario_file
 from loadgen.serverside import ServerMetrics, server_figures
 from loadgen.sinks.prometheus import SweepCollector
 from loadgen.slo import Objective, parse_slo
@@ -63,7 +65,7 @@ from loadgen.sweep.step import (
 )
 from loadgen.sweep.verdict import verdict
 
-__all__ = ["LINGER_S", "SweepSpec", "run_sweep"]
+__all__ = ["LINGER_S", "Probe", "SweepSpec", "run_sweep"]
 
 LINGER_S = 15.0
 """Longest wait, after the last step, for one more scrape of the sweep's /metrics (Prometheus's default
@@ -101,6 +103,12 @@ class SweepSpec:
     cost_per_hour: float | None = None
     """Price of the server per hour, for $ per million inferences."""
 
+    @property
+    def given(self) -> bool:
+        """Whether the flags name a plan (else the sweep probes the target and plans from that)."""
+        return bool(self.rates or self.users or self.users_range or self.start is not None
+                    or self.max is not None)
+
     def plan(self) -> tuple[Plan, int | None, str]:
         """(the plan, its step count or upper bound, a short description)."""
         if self.rates:
@@ -128,12 +136,14 @@ class SweepSpec:
         problems = []
         given = [bool(self.rates), bool(self.users) or self.users_range is not None,
                  self.start is not None or self.max is not None]
-        if sum(given) != 1:
-            problems.append("give exactly one of --rates, --start/--max or --users")
+        if sum(given) > 1:
+            problems.append("give one of --rates, --start/--max or --users (or none: the sweep probes the target)")
         elif self.users_range is not None and not 0 < self.users_range[0] <= self.users_range[1]:
             problems.append(f"--users {self.users_range[0]}..{self.users_range[1]}: need 0 < lowest <= highest")
         elif self.users_range is not None and (self.increment is not None or self.fixed):
             problems.append("--users LOW..HIGH is an adaptive search: --increment and --fixed do not apply")
+        elif not any(given) and (self.increment is not None or self.fixed):
+            problems.append("--increment and --fixed need --start/--max")
         elif given[2] and (self.start is None or self.max is None):
             problems.append("--start and --max go together")
         elif given[2] and not 0 < self.start <= self.max:
@@ -262,25 +272,111 @@ def _print_verdict(judged: dict[str, Any], has_slo: bool, closed: bool = False) 
         print(f"note: {note}")
 
 
-def run_sweep(path: Path | None, overrides: dict[str, Any], spec: SweepSpec, out: Path, *,
+PROBE_S = 2.0
+"""Length of each closed-loop probe run of a sweep without a plan."""
+PROBE_MAX_USERS = 1024
+PROBE_GROWTH = 1.1
+"""The probe doubles its users while throughput still grows by at least this factor."""
+PROBE_HEADROOM = 4.0
+"""The planned search may go up to this many times the probe's capacity estimate (a closed loop can
+underestimate an endpoint that needs more concurrency than the probe reached)."""
+AUTO_MAX_USERS = 1024
+"""Highest user count of the adaptive search of a closed-loop scenario swept without a plan."""
+
+
+@dataclass
+class Probe:
+    """What a sweep without a plan measured before planning: closed-loop runs at 1, 2, 4, ... users."""
+
+    steps: list[dict[str, Any]]
+    service_time_ms: float | None
+    """Mean latency with one user: the endpoint's service time, as seen from here."""
+    capacity_rps: float | None
+    """The highest throughput of a healthy probe step: the first capacity estimate."""
+
+    def as_json(self) -> dict[str, Any]:
+        return {"steps": self.steps, "service_time_ms": self.service_time_ms, "capacity_estimate_rps":
+                self.capacity_rps, "step_s": PROBE_S}
+
+
+def _closed(base: Scenario, users: int, duration_s: float) -> Scenario:
+    """`base` as a closed loop of `users` users without think time, for `duration_s`."""
+    seed = base.pattern.seed
+    return base.model_copy(update={"open_loop": None, "closed_loop": ClosedLoop(
+        users=users, duration=duration_s, seed=seed)})
+
+
+def probe(base: Scenario, out: Path, cluster: Cluster | None = None) -> tuple[Probe, bool]:
+    """Closed-loop runs at 1, 2, 4, ... users (PROBE_S each, no think time) until throughput stops
+    growing by PROBE_GROWTH, a step fails or the generator is bound; returns the Probe and whether the
+    sweep was interrupted meanwhile. Each probe run's files go to OUT/probe/NN-<users>users/."""
+    steps: list[dict[str, Any]] = []
+    users, best, service_ms = 1, None, None
+    while users <= PROBE_MAX_USERS:
+        result = execute(_closed(base, users, PROBE_S), cluster)
+        summary = write_outputs(result, out / "probe" / f"{len(steps) + 1:02d}-{users}users")
+        errors = sum(summary.get("errors", {}).values())
+        step = {"users": users, "achieved_rps": round(summary["achieved_rps"], 3),
+                "mean_ms": summary["latency_ms"]["mean"], "p99_ms": summary["latency_ms"]["p99"],
+                "errors": errors, "generator_bound": bool(summary["generator_bound"])}
+        steps.append(step)
+        print(f"probe: {users} users  achieved {step['achieved_rps']:8.1f} req/s  mean {step['mean_ms']:.3f} ms"
+              + ("  GENERATOR-BOUND" if step["generator_bound"] else ""), flush=True)
+        if result.interrupted:
+            return Probe(steps, service_ms, best), True
+        if errors or step["generator_bound"] or summary["requests"] == 0:
+            break
+        if users == 1:
+            service_ms = step["mean_ms"]
+        if best is not None and step["achieved_rps"] < PROBE_GROWTH * best:
+            best = max(best, step["achieved_rps"])
+            break
+        best = max(best or 0.0, step["achieved_rps"])
+        users *= 2
+    return Probe(steps, service_ms, best), False
+
+
+def _default_out(base: Scenario) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{stamp}-{base.target.model}-sweep"
+
+
+def run_sweep(path: Path | None, overrides: dict[Any, Any], spec: SweepSpec, *,
               distributed: DistributedOptions | None = None) -> int:
-    """Run the sweep, write its files, print a line per step and the verdict. Returns the exit code."""
+    """Run the sweep, write its files, print a line per step and the verdict. Returns the exit code.
+
+    Without a plan in `spec`, an open-loop scenario is probed first (`probe`) and searched adaptively
+    from half the capacity estimate up to PROBE_HEADROOM times it; a closed-loop one is searched over
+    1..AUTO_MAX_USERS users."""
     spec.check()
-    plan, total, described = spec.plan()
-    load = next(plan)
-    key = "closed_loop.users" if spec.users or spec.users_range else "open_loop.rate"
-    base = load_scenario(path, {**overrides, key: load, "open_loop.duration": spec.step_duration_s})
+    file_closed = path is not None and "closed_loop" in read_scenario_file(path)
+    closed_plan = bool(spec.users or spec.users_range) or (not spec.given and file_closed)
+    key = ("closed_loop", "users") if closed_plan else ("open_loop", "rate")
+    base = load_scenario(path, {**overrides, key: 1, ("open_loop", "duration"): spec.step_duration_s})
+    out = Path(base.output.dir) if base.output.dir else _default_out(base)
     closed = not isinstance(base.pattern, OpenLoop)
     objectives = parse_slo(base.slo) if base.slo else None
-    print(f"sweep: {described}; {spec.warmup_s:g} s warm-up + {spec.step_duration_s:g} s a step", flush=True)
     metrics = ServerMetrics(spec.server_metrics, base.target.model) if spec.server_metrics else None
     live = SweepCollector(closed_loop=closed, pause=gevent.idle)
     base, listener = _open_listener(base, live)
     steps: list[StepResult] = []
     interrupted = worker_lost = False
+    found: Probe | None = None
     try:
         with open_cluster(distributed) if distributed else nullcontext() as cluster:
-            while True:
+            if spec.given:
+                plan, total, described = spec.plan()
+            elif closed:
+                plan, total, described = dataclasses.replace(spec, users_range=(1, AUTO_MAX_USERS)).plan()
+            else:
+                print(f"sweep: no plan given: probing {base.target.url} with a closed loop of 1, 2, 4, ... users",
+                      flush=True)
+                found, interrupted = probe(base, out, cluster)
+                plan, total, described = _planned(found, spec)
+            print(f"sweep: {described}; {spec.warmup_s:g} s warm-up + {spec.step_duration_s:g} s a step",
+                  flush=True)
+            load = next(plan) if plan is not None and not interrupted else None
+            while load is not None:
                 live.begin_step(len(steps) + 1, load)
                 step, raw = _run_step(base, spec, len(steps) + 1, load, out, objectives, metrics, cluster)
                 steps.append(step)
@@ -307,6 +403,8 @@ def run_sweep(path: Path | None, overrides: dict[str, Any], spec: SweepSpec, out
             "step_duration_s": spec.step_duration_s, "interrupted": interrupted,
             "target": {"url": base.target.url, "model": base.target.model},
             "server_metrics": spec.server_metrics, "cost_per_hour": spec.cost_per_hour}
+    if found is not None:
+        meta["probe"] = found.as_json()
     write_sweep(out, steps, judged, meta)
     _print_verdict(judged, objectives is not None, closed)
     print(f"results in {out}/ (sweep.json, curve.csv, steps/)", file=sys.stderr, flush=True)
@@ -318,3 +416,15 @@ def run_sweep(path: Path | None, overrides: dict[str, Any], spec: SweepSpec, out
     if interrupted:
         return 130
     return 0 if judged["slo_met"] else 1
+
+
+def _planned(found: Probe, spec: SweepSpec) -> tuple[Plan | None, int | None, str]:
+    """The adaptive open-loop search the probe suggests (None when it measured no capacity)."""
+    if not found.capacity_rps:
+        return None, 0, "none: the probe measured no throughput"
+    start = round(found.capacity_rps / 2, 3)
+    stop = round(found.capacity_rps * PROBE_HEADROOM, 3)
+    chosen = dataclasses.replace(spec, start=start, max=stop)
+    plan, total, described = chosen.plan()
+    service = f"service time {found.service_time_ms:.3f} ms, " if found.service_time_ms else ""
+    return plan, total, f"probe: {service}capacity estimate {found.capacity_rps:.1f} req/s; {described}"

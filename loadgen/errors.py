@@ -1,7 +1,7 @@
 """The error tree of loadgen, and the exit codes the CLI returns for run-level failures.
 
     LoadgenError (exit 2 unless stated)
-    +-- ScenarioError        a scenario file or flag that cannot run (loadgen.scenario)
+    +-- ScenarioError        a scenario file or flag that cannot run (each bad key named)
     +-- TargetError          the target cannot be used
     |   +-- TargetUnreachable    nothing answers at the URL within the connect timeout
     |   +-- TargetNotReady       it answers, but the server or the model is not ready
@@ -23,6 +23,7 @@ __all__ = [
     "InvalidResponse",
     "LoadgenError",
     "ProtocolMismatch",
+    "ScenarioError",
     "TargetError",
     "TargetNotReady",
     "TargetUnreachable",
@@ -34,6 +35,16 @@ class LoadgenError(Exception):
     """A run-level failure: the CLI prints the message (no traceback) and exits with exit_code."""
 
     exit_code = 2
+
+
+class ScenarioError(LoadgenError, ValueError):
+    """A scenario that cannot run; `problems` lists each bad key (or flag) with what is wrong with it."""
+
+    def __init__(self, problems: list[str], source: str = "scenario") -> None:
+        self.problems = problems
+        self.source = source
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s):\n{lines}")
 
 
 class TargetError(LoadgenError):

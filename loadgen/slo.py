@@ -20,7 +20,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from loadgen.scenario import ScenarioError
+from loadgen.errors import ScenarioError
 
 __all__ = ["Check", "Objective", "judge", "parse_slo"]
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from loadgen.errors import ProtocolMismatch
-from loadgen.protocols.request_data import request_data
+from loadgen.protocols.common.request_data import request_data
 from tests.conftest import Server, run_loadgen, start_server, stop_process
 from tests.test_target_options import _input_data
 
@@ -89,8 +89,8 @@ def test_batch_size_is_for_the_kserve_protocols(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("datatype", ["FP32", "FP16", "BF16", "INT8", "UINT64", "BOOL", "BYTES"])
 def test_raw_tensor_forms_round_trip(datatype: str) -> None:
-    from loadgen.protocols.payloads import synthetic_inputs
-    from loadgen.protocols.request_data import from_raw, to_raw
+    from loadgen.protocols.common.payloads import synthetic_inputs
+    from loadgen.protocols.common.request_data import from_raw, to_raw
 
     (tensor,) = synthetic_inputs([{"name": "X", "datatype": datatype, "shape": [-1, 6]}], seed=5, batch_size=2)
     back = from_raw(datatype, tensor["shape"], to_raw(datatype, tensor["data"]))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from loadgen.protocols.kserve_http import KServeHttpClient
-from loadgen.scenario import Target
+from loadgen.scenario import make_target
 from tests.conftest import Server, run_loadgen, start_server, stop_process
 from tests.test_target_options import _input_data
 
@@ -52,7 +52,7 @@ def test_bytes_tensors_travel_binary(triton: Server, tmp_path: Path) -> None:
 
 
 def _prepared(server: Server, model: str = "mlp", tensor_format: str = "auto") -> KServeHttpClient:
-    client = KServeHttpClient(Target(url=server.url, model=model, tensor_format=tensor_format))
+    client = KServeHttpClient(make_target(url=server.url, model=model, tensor_format=tensor_format))
     client.prepare()
     client.close()
     return client

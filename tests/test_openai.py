@@ -20,7 +20,7 @@ import pytest
 
 from loadgen.protocols.openai import OpenAIClient
 from loadgen.recorder import Recorder
-from loadgen.scenario import Target
+from loadgen.scenario import make_target
 from loadgen.sinks import read_hlog
 from tests.conftest import TIMING, Server, run_loadgen, start_server, stop_process
 
@@ -120,7 +120,7 @@ def test_a_late_send_counts_in_ttft_but_not_in_the_service_ttft(openai_mock) -> 
     """The client and recorder without Locust (plain sockets): a request whose intended instant was
     0.5 s before it could be sent has TTFT 0.5 s + ttft, and service-side TTFT ttft."""
     server = openai_mock("--ttft-ms", "20", "--itl-ms", "4")
-    target = Target(url=server.url, model=MODEL, protocol="openai", max_tokens=6, input_tokens=8)
+    target = make_target(url=server.url, model=MODEL, protocol="openai", max_tokens=6, input_tokens=8)
     client = OpenAIClient(target, seed=1)
     try:
         client.prepare()

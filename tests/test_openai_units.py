@@ -13,7 +13,7 @@ import pytest
 
 from loadgen.errors import ConnectionClosed
 from loadgen.protocols import openai as openai_client
-from loadgen.protocols.http1 import _Reader
+from loadgen.protocols.common.http1 import _Reader
 from loadgen.protocols.openai import (
     SseStream,
     _read_streamed,

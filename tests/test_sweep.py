@@ -75,11 +75,31 @@ def test_adaptive_user_search_finds_the_worker_count(calibration_server, tmp_pat
     assert "knee: 4 users" in run.stdout
 
 
+def test_sweep_without_a_plan_probes_and_finds_the_capacity(calibration_server, tmp_path) -> None:
+    """No --rates, --start/--max or --users: a closed-loop probe estimates the capacity and the adaptive
+    open-loop search from it finds saturation. Two FIFO workers of 4 ms: 500 req/s."""
+    server = calibration_server("--service-ms", "4", "--workers", "2")
+    out = tmp_path / "auto"
+    run = run_loadgen("--target", server.url, "--model", "m", "--step-duration", "2s", "--warmup", "1s",
+                      out=out, verb="sweep", timeout=150)
+    assert run.returncode == 0, run.stderr
+    sweep = json.loads((out / "sweep.json").read_text())
+    probe = sweep["probe"]
+    assert [step["users"] for step in probe["steps"]][:2] == [1, 2]
+    assert probe["service_time_ms"] == pytest.approx(4.0, abs=1.0)
+    assert probe["capacity_estimate_rps"] == pytest.approx(500, rel=0.15)
+    assert sweep["plan"].startswith("probe: service time") and "adaptive from" in sweep["plan"]
+    assert "sweep: probe: service time" in run.stdout
+    assert sweep["saturated"] is True, run.stdout
+    assert sweep["saturation_rps"] == pytest.approx(500, rel=0.05), run.stdout
+    assert (out / "probe" / "01-1users" / "summary.json").exists()
+
+
 def test_sweep_rejects_conflicting_flags(tmp_path) -> None:
     run = run_loadgen("--target", "http://127.0.0.1:9", "--model", "m", "--rates", "10", "--users", "2",
                       out=tmp_path / "x", verb="sweep", timeout=30)
     assert run.returncode == 2
-    assert "exactly one of" in run.stderr
+    assert "give one of --rates, --start/--max or --users" in run.stderr
     run = run_loadgen("--target", "http://127.0.0.1:9", "--model", "m", "--users", "8..2",
                       out=tmp_path / "y", verb="sweep", timeout=30)
     assert run.returncode == 2 and "--users 8..2" in run.stderr

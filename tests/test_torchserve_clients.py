@@ -108,10 +108,10 @@ def test_an_empty_payload_folder_is_an_input_error(tmp_path: Path) -> None:
 
 
 def test_payload_content_types_follow_the_extension() -> None:
-    from loadgen.protocols.torchserve import _content_type
-    from loadgen.scenario import Target
+    from loadgen.protocols.torchserve_http import _content_type
+    from loadgen.scenario import make_target
 
-    target = Target(url="http://127.0.0.1:1", model="m", protocol="torchserve-http", payload=__file__)
+    target = make_target(url="http://127.0.0.1:1", model="m", protocol="torchserve-http", payload=__file__)
     kinds = {name: _content_type(target, Path(name)) for name in ("x.json", "cat.jpg", "a.png", "s.wav", "t.txt", "raw")}
     assert kinds.pop("s.wav").startswith("audio/")  # audio/wav or audio/x-wav, by the host's mime table
     assert kinds == {"x.json": "application/json", "cat.jpg": "image/jpeg", "a.png": "image/png",

@@ -5,7 +5,7 @@ classes serve a headless `loadgen run` and `locust -f loadgen/driver/locustfile.
 UI. It owns the protocol client and the recorder, forwards each Outcome to the recorder and to
 Locust's `request` event (Locust's own stats and UI), and keeps the interval clock.
 
-A client that streams (`client.streams`, protocol openai) returns StreamOutcomes: `on_outcome` is
+A client whose protocol streams (its ProtocolSpec's `streams`: openai) returns StreamOutcomes: `on_outcome` is
 then `record_stream`, chosen once here, so other protocols pay nothing per request for it.
 
 In a distributed run (loadgen/driver/worker.py) a worker's context sends one `share` of the open-loop
@@ -27,6 +27,8 @@ from gevent.event import Event
 from loadgen.driver.dispatcher import Dispatcher
 from loadgen.outcome import Outcome, StreamOutcome
 from loadgen.patterns.schedule import profile_of, schedule
+from loadgen.protocols import spec_of
+from loadgen.protocols.base import Client
 from loadgen.recorder import Recorder
 from loadgen.scenario import ClosedLoop, OpenLoop, Scenario
 
@@ -39,7 +41,7 @@ class LoadContext:
     def __init__(
         self,
         scenario: Scenario,
-        client: Any,
+        client: Client,
         environment: Any = None,
         *,
         share: tuple[int, int] = (0, 1),
@@ -70,10 +72,10 @@ class LoadContext:
         self._user_requests = 0
         self._ticker: gevent.Greenlet | None = None
         self.peak_in_flight = 0
-        self._rng = np.random.default_rng(getattr(self.pattern, "seed", 0) if seed is None else seed)
+        self._rng = np.random.default_rng(self.pattern.seed if seed is None else seed)
         self._fire = environment.events.request.fire if environment is not None else None
-        self._name = getattr(client, "request_name", None) or f"{scenario.target.model} infer"
-        self.streams = bool(getattr(client, "streams", False))
+        self._name = client.request_name
+        self.streams = spec_of(scenario.target.protocol).streams
         """Outcomes carry token timings (StreamOutcome) and the recorder keeps TTFT, ITL and TPOT."""
         self.on_outcome = self.record_stream if self.streams else self.record
         """Where each Outcome of the run goes."""

@@ -18,7 +18,7 @@ import resource
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import gevent
 from gevent.event import Event
@@ -35,10 +35,8 @@ from loadgen.recorder import Recorder
 from loadgen.scenario import OpenLoop, Scenario
 from servers.core.keepawake import KeepAwake
 
-if TYPE_CHECKING:
-    from loadgen.driver.master import Cluster
 
-__all__ = ["RunResult", "drain", "execute", "result_of", "self_check", "unsent_reason"]
+__all__ = ["Cluster", "RunResult", "drain", "execute", "result_of", "self_check", "unsent_reason"]
 
 _LEAD_S = 0.05  # the run starts this long after setup, so the dispatcher is waiting at t = 0
 
@@ -52,6 +50,15 @@ class _QuietSpawnWarning(logging.Filter):
 
 logging.getLogger("locust.runners").addFilter(_QuietSpawnWarning())
 _INTERRUPT_DRAIN_S = 2.0
+
+
+class Cluster(Protocol):
+    """Workers that send a run for this process (loadgen/driver/master.py's Cluster is one)."""
+
+    local_pids: list[int]
+    """Workers started on this host (--processes); empty for remote ones."""
+
+    def run(self, scenario: Scenario) -> RunResult: ...
 
 
 @dataclass
@@ -173,7 +180,7 @@ def result_of(
         generator=self_check(ctx, ctx.scenario, cpu),
         interrupted=interrupted,
         in_flight_at_end=ctx.in_flight,
-        warmup_requests=getattr(ctx.client, "warmup_requests", 0),
+        warmup_requests=ctx.client.warmup_requests,
         start_epoch_s=start_epoch_s,
         metadata=metadata or {},
     )

@@ -97,7 +97,7 @@ class _WorkerRun:
             "run": self.run_id,
             "pid": os.getpid(),
             "host": socket.gethostname(),
-            "warmup_requests": getattr(client, "warmup_requests", 0),
+            "warmup_requests": client.warmup_requests,
             "streams": self.ctx.streams,
             "metadata": metadata or {},
         }

@@ -1,59 +1,61 @@
-"""Protocol clients, one module each; `make_client` picks one by the target's protocol name.
+"""The protocol registry: every protocol plug-in by name, and the client for a target.
 
-A client has `prepare() -> metadata` (readiness check, raises TargetError), `send(intended_t)
--> Outcome` (never raises for a failed request) and `close()`. A client whose `streams` attribute is
-true returns StreamOutcomes (token timings too) and the driver records them as such.
+A protocol is a module directly in this package that defines `PROTOCOL` (a ProtocolSpec, see
+base.py): its target options model, its flags and its client. Adding one is adding such a module (and
+its tests): the registry finds it, the scenario's `[target]` accepts its `protocol = "<name>"` with its
+keys, and `run`, `sweep` and every other verb that sends load offer its flags. Protocols from other
+packages register through the `loadgen.protocols` entry-point group (each entry point names a
+ProtocolSpec). Helpers shared by several protocols live in common/, and nothing there is a protocol.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Collection
-from typing import Any
+import importlib
+import pkgutil
+from functools import cache
+from importlib.metadata import entry_points
 
-from loadgen.errors import ProtocolMismatch
-from loadgen.scenario import Target
+from loadgen.protocols.base import Client, ProtocolSpec, TargetOptions
 
-__all__ = ["PROTOCOLS", "WARMUP_REQUESTS", "make_client", "warm_up"]
+__all__ = ["DEFAULT_PROTOCOL", "make_client", "owners_of", "protocol_names", "protocols", "spec_of"]
 
-WARMUP_REQUESTS = 8
-
-PROTOCOLS = ("kserve-http", "kserve-grpc", "torchserve-http", "torchserve-grpc", "openai")
-
-
-def make_client(target: Target, seed: int = 0) -> Any:
-    if target.protocol == "kserve-http":
-        from loadgen.protocols.kserve_http import KServeHttpClient
-
-        return KServeHttpClient(target, seed)
-    if target.protocol == "kserve-grpc":
-        from loadgen.protocols.kserve_grpc import KServeGrpcClient
-
-        return KServeGrpcClient(target, seed)
-    if target.protocol == "torchserve-http":
-        from loadgen.protocols.torchserve import TorchServeHttpClient
-
-        return TorchServeHttpClient(target, seed)
-    if target.protocol == "torchserve-grpc":
-        from loadgen.protocols.torchserve import TorchServeGrpcClient
-
-        return TorchServeGrpcClient(target, seed)
-    if target.protocol == "openai":
-        from loadgen.protocols.openai import OpenAIClient
-
-        return OpenAIClient(target, seed)
-    raise ValueError(f"unknown protocol {target.protocol!r}; known: {', '.join(PROTOCOLS)}")
+DEFAULT_PROTOCOL = "kserve-http"
+_NOT_PROTOCOLS = {"base", "common"}
 
 
-def warm_up(client: Any, what: str, tolerated: Collection[str] = ("invalid_response",),
-            count: int = WARMUP_REQUESTS) -> None:
-    """Unmeasured requests through the client's own `send`: open a connection, warm both sides' code
-    paths, and learn before the run (not thousands of errors into it) that the target rejects the
-    request built. Error kinds in `tolerated` are the behaviour under test (a wrong answer, a cut
-    stream), counted by the run rather than fatal here."""
-    for _ in range(count):
-        outcome = client.send(time.monotonic())
-        client.warmup_requests += 1
-        if outcome.error is not None and outcome.error not in tolerated:
-            raise ProtocolMismatch(f"the warm-up request to {what} failed "
-                                   f"({outcome.error}: {outcome.message or 'no detail'})")
+@cache
+def protocols() -> dict[str, ProtocolSpec]:
+    """Every protocol by name: the modules of this package, then the `loadgen.protocols` entry points."""
+    found: dict[str, ProtocolSpec] = {}
+    for module in pkgutil.iter_modules(__path__):
+        if module.ispkg or module.name.startswith("_") or module.name in _NOT_PROTOCOLS:
+            continue
+        spec = importlib.import_module(f"{__name__}.{module.name}").PROTOCOL
+        found[spec.name] = spec
+    for entry in entry_points(group="loadgen.protocols"):
+        spec = entry.load()
+        found.setdefault(spec.name, spec)
+    return dict(sorted(found.items(), key=lambda item: (item[0] != DEFAULT_PROTOCOL, item[0])))
+
+
+def protocol_names() -> tuple[str, ...]:
+    return tuple(protocols())
+
+
+def spec_of(name: str) -> ProtocolSpec:
+    """The protocol called `name`; ValueError naming the known ones otherwise."""
+    try:
+        return protocols()[name]
+    except KeyError:
+        raise ValueError(f"unknown protocol {name!r}; known: {', '.join(protocols())}") from None
+
+
+def make_client(target: TargetOptions, seed: int = 0) -> Client:
+    """The client of `target`'s protocol (not yet prepared)."""
+    return spec_of(target.protocol).client(target, seed)
+
+
+def owners_of(key: str) -> list[str]:
+    """The protocols whose `[target]` table has `key` (for naming the owner of a misplaced key)."""
+    return [name for name, spec in protocols().items() if key in spec.options.model_fields]
+

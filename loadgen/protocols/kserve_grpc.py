@@ -18,26 +18,46 @@ from __future__ import annotations
 
 import ssl
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from loadgen.errors import ProtocolMismatch, TargetNotReady, TargetUnreachable
+from loadgen.flags import Flag, if_set
 from loadgen.outcome import Outcome
-from loadgen.protocols import warm_up
-from loadgen.protocols._grpc_common import call_metadata, grpc_address, open_channel, rpc_failure, unreachable
-from loadgen.protocols.grpc_h2 import STATUS_NAMES, H2Channel
-from loadgen.protocols.request_data import check_answer, from_raw, request_data, to_raw
-from loadgen.scenario import Target
+from loadgen.protocols.base import ProtocolSpec, warm_up
+from loadgen.protocols.common import kserve
+from loadgen.protocols.common.grpc_channel import (
+    call_metadata,
+    grpc_address,
+    open_channel,
+    rpc_failure,
+    unreachable,
+)
+from loadgen.protocols.common.request_data import check_answer, from_raw, request_data, to_raw
 
-__all__ = ["KServeGrpcClient", "build_infer_request"]
+if TYPE_CHECKING:
+    from loadgen.protocols.common.grpc_h2 import H2Channel
+
+__all__ = ["PROTOCOL", "KServeGrpcClient", "KServeGrpcTarget", "build_infer_request"]
 
 _INFER = "/inference.GRPCInferenceService/ModelInfer"
 _STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
 
 
+class KServeGrpcTarget(kserve.KServeOptions):
+    """`[target]` of protocol kserve-grpc: grpc(s)://host:port."""
+
+    SCHEMES: ClassVar[tuple[str, ...]] = ("grpc", "grpcs")
+
+    protocol: Literal["kserve-grpc"]
+    stream: bool = False
+    """Send each request on a ModelStreamInfer stream (one stream per request in flight, reused)
+    instead of a unary ModelInfer call."""
+
+
 class KServeGrpcClient:
     """One target model over KServe v2 gRPC, on one HTTP/2 channel."""
 
-    def __init__(self, target: Target, seed: int = 0) -> None:
+    def __init__(self, target: KServeGrpcTarget, seed: int = 0) -> None:
         self.target = target
         self.seed = seed
         self._channel = open_channel(target.url, target.ca_file)
@@ -59,6 +79,10 @@ class KServeGrpcClient:
         self.metadata: dict[str, Any] = {}
         self.request = b""
         self.warmup_requests = 0
+        self.request_name = f"{target.model} infer"
+        from loadgen.protocols.common.grpc_h2 import STATUS_NAMES  # gevent: only once load is sent
+
+        self._status_names = STATUS_NAMES
 
     # -- before the run -------------------------------------------------------------------------
     def prepare(self) -> dict[str, Any]:
@@ -122,7 +146,7 @@ class KServeGrpcClient:
         done_t = max(reply.done_t, sent_t)
         response = reply.body
         if reply.status != 0:
-            return Outcome(intended_t, sent_t, done_t, f"grpc_{STATUS_NAMES.get(reply.status, 'unknown')}",
+            return Outcome(intended_t, sent_t, done_t, f"grpc_{self._status_names.get(reply.status, 'unknown')}",
                            reply.message)
         if self._checks is not None:
             from tritonclient.grpc import service_pb2 as pb
@@ -163,6 +187,8 @@ class KServeGrpcClient:
         return Outcome(intended_t, sent_t, done_t, None, "", len(raw))
 
     def _open_h2(self) -> H2Channel:
+        from loadgen.protocols.common.grpc_h2 import H2Channel
+
         address, tls = grpc_address(self.target.url)
         host, _, port = address.rpartition(":")
         context = ssl.create_default_context(cafile=self.target.ca_file) if tls else None
@@ -226,3 +252,15 @@ def build_infer_request(model: str, version: str, tensors: list[dict[str, Any]])
         message.inputs.add(name=tensor["name"], datatype=tensor["datatype"], shape=tensor["shape"])
         message.raw_input_contents.append(to_raw(tensor["datatype"], tensor["data"]))
     return message.SerializeToString()
+
+
+PROTOCOL = ProtocolSpec(
+    name="kserve-grpc",
+    options=KServeGrpcTarget,
+    client=KServeGrpcClient,
+    flags=(*kserve.FLAGS,
+           Flag("grpc_stream", bool, "ModelStreamInfer streams (one per request in flight) instead of unary "
+                "ModelInfer.", key=("target", "stream"), to_scenario=if_set, default=False,
+                decls=("--grpc-stream",))),
+    summary="KServe v2 / Triton over gRPC (--target grpc://host:port)",
+)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -26,20 +26,31 @@ from loadgen.errors import (
     TargetUnreachable,
     classify_exception,
 )
+from loadgen.flags import Flag
 from loadgen.outcome import Outcome
-from loadgen.protocols import warm_up
-from loadgen.protocols.http1 import Http1Pool, Response, build_request
-from loadgen.protocols.request_data import check_answer, from_raw, request_data, to_raw
-from loadgen.scenario import Target
+from loadgen.protocols.base import ProtocolSpec, warm_up
+from loadgen.protocols.common import kserve
+from loadgen.protocols.common.http1 import Http1Pool, Response, build_request
+from loadgen.protocols.common.request_data import check_answer, from_raw, request_data, to_raw
 
-__all__ = ["KServeHttpClient"]
+__all__ = ["PROTOCOL", "KServeHttpClient", "KServeHttpTarget"]
+
+
+class KServeHttpTarget(kserve.KServeOptions):
+    """`[target]` of protocol kserve-http (the default): http(s)://host:port[/prefix]."""
+
+    protocol: Literal["kserve-http"] = "kserve-http"
+    tensor_format: Literal["auto", "binary", "json"] = "auto"
+    """Inputs and outputs as the binary tensor data extension (what tritonclient and perf_analyzer send)
+    or as JSON values; "auto": binary when the server lists binary_tensor_data among its extensions
+    (GET /v2), else JSON."""
 
 
 
 class KServeHttpClient:
     """One target model over KServe v2 HTTP, on a keep-alive pool that grows to the in-flight count."""
 
-    def __init__(self, target: Target, seed: int = 0) -> None:
+    def __init__(self, target: KServeHttpTarget, seed: int = 0) -> None:
         self.target = target
         self.seed = seed
         parts = urlsplit(target.url)
@@ -62,6 +73,7 @@ class KServeHttpClient:
         self._next = 0
         self._headers = target.auth_headers()
         self.warmup_requests = 0
+        self.request_name = f"{target.model} infer"
         self.binary = False
         """Whether tensors travel as the binary extension (decided by prepare())."""
 
@@ -207,3 +219,15 @@ def _parse_metadata(body: bytes, path: str) -> dict[str, Any]:
     except (ValueError, KeyError, TypeError) as exc:
         raise ProtocolMismatch(f"GET {path}: not KServe v2 model metadata ({exc})") from None
     return metadata
+
+
+PROTOCOL = ProtocolSpec(
+    name="kserve-http",
+    options=KServeHttpTarget,
+    client=KServeHttpClient,
+    flags=(*kserve.FLAGS,
+           Flag("tensor_format", str | None, "binary (the binary tensor extension, as tritonclient and "
+                "perf_analyzer send), json, or auto (default: binary when the server lists "
+                "binary_tensor_data).", key=("target", "tensor_format"))),
+    summary="KServe v2 / Triton over HTTP (the default)",
+)

@@ -35,21 +35,24 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import numpy as np
+from pydantic import field_validator, model_validator
 
 from loadgen.errors import (
     ConnectionClosed,
     ProtocolMismatch,
+    ScenarioError,
     TargetNotReady,
     TargetUnreachable,
     classify_exception,
 )
+from loadgen.flags import Flag, as_path_text
 from loadgen.outcome import StreamOutcome
-from loadgen.protocols import warm_up
-from loadgen.protocols.http1 import (
+from loadgen.protocols.base import ProtocolSpec, TargetOptions, existing_file, warm_up
+from loadgen.protocols.common.http1 import (
     Http1Pool,
     HTTPError,
     Response,
@@ -59,9 +62,10 @@ from loadgen.protocols.http1 import (
     _Reader,
     build_request,
 )
-from loadgen.scenario import ScenarioError, Target, TokenCount
+from loadgen.protocols.common.tokens import TokenCount, TokenCountField
 
-__all__ = ["DEFAULT_INPUT_TOKENS", "DEFAULT_MAX_TOKENS", "OpenAIClient", "SseStream", "StreamPool"]
+__all__ = ["DEFAULT_INPUT_TOKENS", "DEFAULT_MAX_TOKENS", "PROTOCOL", "OpenAIClient", "OpenAITarget", "SseStream",
+           "StreamPool"]
 
 DEFAULT_MAX_TOKENS = TokenCount(value=128)
 DEFAULT_INPUT_TOKENS = TokenCount(value=128)
@@ -85,6 +89,31 @@ _WORDS = (
     "help", "through", "much", "before", "line", "right", "too", "mean", "old", "any", "same", "tell",
     "boy", "follow", "came",
 )
+
+
+class OpenAITarget(TargetOptions):
+    """`[target]` of protocol openai: the base URL of an OpenAI-compatible server (it may end in /v1)."""
+
+    protocol: Literal["openai"]
+    endpoint: Literal["chat", "completions"] | None = None
+    """POST /v1/chat/completions ("chat", the default) or /v1/completions."""
+    max_tokens: TokenCountField | None = None
+    """Output tokens asked for per request (max_tokens); default 128."""
+    input_tokens: TokenCountField | None = None
+    """Words of each synthetic prompt (about one token each); default 128."""
+    prompt_file: str | None = None
+    """JSONL prompts instead of synthetic ones, one {"prompt": ...} or {"messages": [...]} a line."""
+
+    @field_validator("prompt_file")
+    @classmethod
+    def _prompt_file_exists(cls, value: str | None) -> str | None:
+        return existing_file(value)
+
+    @model_validator(mode="after")
+    def _one_prompt_source(self) -> OpenAITarget:
+        if self.prompt_file is not None and self.input_tokens is not None:
+            raise ValueError("give input_tokens (synthetic prompts) or prompt_file, not both")
+        return self
 
 
 class SseStream:
@@ -287,10 +316,7 @@ def _feed_length(reader: _Reader, sse: SseStream, length: int) -> None:
 class OpenAIClient:
     """One model behind an OpenAI-compatible server, streamed, on a keep-alive pool."""
 
-    streams = True
-    """Outcomes are StreamOutcomes: the driver records them with their token timings."""
-
-    def __init__(self, target: Target, seed: int = 0) -> None:
+    def __init__(self, target: OpenAITarget, seed: int = 0) -> None:
         self.target = target
         self.seed = seed
         parts = urlsplit(target.url)
@@ -506,3 +532,21 @@ def _prompt_line(entry: Any, endpoint: str) -> tuple[str | list[Any], int | None
             raise ValueError('"messages" needs the chat endpoint; the completions endpoint takes "prompt"')
         return messages, max_tokens
     raise ValueError('expected "prompt" (a string) or "messages" (a list of {"role", "content"} objects)')
+
+
+PROTOCOL = ProtocolSpec(
+    name="openai",
+    options=OpenAITarget,
+    client=OpenAIClient,
+    streams=True,
+    flags=(
+        Flag("endpoint", str | None, "chat (default) or completions.", key=("target", "endpoint")),
+        Flag("max_tokens", str | None, 'Output tokens a request: 128, "uniform:8,32", "normal:128,16".',
+             key=("target", "max_tokens")),
+        Flag("input_tokens", str | None, "Words a synthetic prompt (~a token each), as --max-tokens.",
+             key=("target", "input_tokens")),
+        Flag("prompt_file", Path | None, 'JSONL prompts, {"prompt": ...} or {"messages": [...]} a line.',
+             key=("target", "prompt_file"), to_scenario=as_path_text),
+    ),
+    summary="OpenAI-compatible streaming completions (LLM servers)",
+)

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from loadgen.errors import ProtocolMismatch
-from loadgen.protocols.payloads import has_batch_dim, synthetic_inputs
+from loadgen.protocols.common.payloads import has_batch_dim, synthetic_inputs
 from servers.core.model import NUMPY_DTYPES
 
 __all__ = ["RequestData", "check_answer", "check_outputs", "from_raw", "request_data", "to_raw"]

@@ -1,17 +1,13 @@
-"""TorchServe inference over REST (`POST /predictions/{model}[/{version}]`) and gRPC (Predictions).
+"""TorchServe inference over REST: `POST /predictions/{model}[/{version}]` (protocol torchserve-http).
 
 TorchServe models declare no inputs, so the request is the user's: `payload` is a file whose bytes
-are each request's body (REST) or the `data` input (gRPC), as perf_analyzer's torchserve mode and
-TorchServe's own examples send them, or a folder of such files (images, say) that requests cycle
-through in name order. Before the run, `prepare()` checks /ping (REST) or Ping (gRPC)
-and sends a few unmeasured requests, so a model that rejects the payload stops the run with a clear
-error instead of 10,000 failed requests.
+are each request's body, as perf_analyzer's torchserve mode and TorchServe's own examples send them,
+or a folder of such files (images, say) that requests cycle through in name order. Before the run,
+`prepare()` checks /ping and sends a few unmeasured requests, so a model that rejects the payload
+stops the run with a clear error instead of 10,000 failed requests.
 
 REST runs on the same lean keep-alive HTTP/1.1 client as kserve-http (prebuilt request bytes,
-kernel receive timestamps); any status other than 200 is `http_<status>`. gRPC sends a prebuilt
-PredictionsRequest through a bytes-in/bytes-out unary call on one HTTP/2 channel (see
-_grpc_common.py for gevent and failures); the stubs are the reference server's
-(servers/torchserve/proto), generated from TorchServe's own service and message definitions.
+kernel receive timestamps); any status other than 200 is `http_<status>`.
 """
 
 from __future__ import annotations
@@ -20,33 +16,29 @@ import json
 import mimetypes
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote, urlsplit
 
 from loadgen.errors import TargetNotReady, TargetUnreachable, classify_exception
+from loadgen.flags import Flag
 from loadgen.outcome import Outcome
-from loadgen.protocols import warm_up
-from loadgen.protocols._grpc_common import call_metadata, open_channel, rpc_failure, unreachable
-from loadgen.protocols.http1 import Http1Pool, build_request
-from loadgen.scenario import Target
+from loadgen.protocols.base import ProtocolSpec, warm_up
+from loadgen.protocols.common.http1 import Http1Pool, build_request
+from loadgen.protocols.common.torchserve import PAYLOAD_FLAG, TorchServeOptions, payload_files
 
-__all__ = ["TorchServeGrpcClient", "TorchServeHttpClient", "payload_files"]
-
-_PREDICTIONS = "/org.pytorch.serve.grpc.inference.InferenceAPIsService/Predictions"
+__all__ = ["PROTOCOL", "TorchServeHttpClient", "TorchServeHttpTarget", "payload_files"]
 
 
-def payload_files(payload: str | None) -> list[Path]:
-    """The request bodies' files: `payload` itself, or every visible file of a `payload` folder in name
-    order (a folder of images, say); requests cycle through them."""
-    if payload is None:
-        return []
-    path = Path(payload)
-    if not path.is_dir():
-        return [path]
-    return sorted(item for item in path.iterdir() if item.is_file() and not item.name.startswith("."))
+class TorchServeHttpTarget(TorchServeOptions):
+    """`[target]` of protocol torchserve-http: http(s)://host:port (the inference API)."""
+
+    protocol: Literal["torchserve-http"]
+    content_type: str | None = None
+    """The body's Content-Type (default by extension: JSON, image/*, audio/*, video/*, else
+    application/octet-stream)."""
 
 
-def _content_type(target: Target, path: Path) -> str:
+def _content_type(target: TorchServeHttpTarget, path: Path) -> str:
     """--content-type, else by extension: JSON, images, audio and video by their media type, anything
     else application/octet-stream."""
     if target.content_type:
@@ -60,7 +52,7 @@ def _content_type(target: Target, path: Path) -> str:
 class TorchServeHttpClient:
     """One TorchServe model over the inference REST API."""
 
-    def __init__(self, target: Target, seed: int = 0) -> None:
+    def __init__(self, target: TorchServeHttpTarget, seed: int = 0) -> None:
         self.target = target
         parts = urlsplit(target.url)
         self._tls = parts.scheme == "https"
@@ -80,6 +72,7 @@ class TorchServeHttpClient:
         self._next = 0
         self.metadata: dict[str, Any] = {}
         self.warmup_requests = 0
+        self.request_name = f"{target.model} infer"
 
     def _new_pool(self, timeout: float) -> Http1Pool:
         context = self.target.ssl_context()
@@ -121,60 +114,6 @@ class TorchServeHttpClient:
         self._pool.close()
 
 
-class TorchServeGrpcClient:
-    """One TorchServe model over the gRPC inference API (org.pytorch.serve.grpc.inference)."""
-
-    def __init__(self, target: Target, seed: int = 0) -> None:
-        self.target = target
-        self._channel = open_channel(target.url, target.ca_file)
-        self._metadata = call_metadata(target.auth_headers())
-        import grpc
-
-        from servers.torchserve.proto import inference_pb2
-
-        self._grpc = grpc
-        self._predict = self._channel.unary_unary(_PREDICTIONS, request_serializer=None,
-                                                  response_deserializer=None)
-        self._requests = [inference_pb2.PredictionsRequest(
-            model_name=target.model, model_version=target.version or "", input={"data": body}).SerializeToString()
-            for body in [file.read_bytes() for file in payload_files(target.payload)] or [b""]]
-        self._next = 0
-        self.metadata: dict[str, Any] = {}
-        self.warmup_requests = 0
-
-    def prepare(self) -> dict[str, Any]:
-        from google.protobuf import empty_pb2
-
-        from servers.torchserve.proto import inference_pb2_grpc
-
-        grpc = self._grpc
-        timeout = self.target.connect_timeout
-        try:
-            grpc.channel_ready_future(self._channel).result(timeout=timeout)
-            health = inference_pb2_grpc.InferenceAPIsServiceStub(self._channel).Ping(
-                empty_pb2.Empty(), timeout=timeout, metadata=self._metadata)
-        except grpc.FutureTimeoutError:
-            raise TargetUnreachable(unreachable(self.target.url, self.target.ca_file, timeout)) from None
-        except grpc.RpcError as exc:
-            raise TargetNotReady(f"{self.target.url}: Ping failed: {exc.code().name}: {exc.details()}") from None
-        warm_up(self, f"Predictions of {self.target.model!r}")
-        self.metadata = {"name": self.target.model, "ping": _json(health.health.encode())}
-        return self.metadata
-
-    def send(self, intended_t: float) -> Outcome:
-        request = self._requests[self._next]
-        self._next = (self._next + 1) % len(self._requests)
-        sent_t = time.monotonic()
-        try:
-            response = self._predict(request, timeout=self.target.timeout, metadata=self._metadata)
-        except self._grpc.RpcError as exc:
-            return rpc_failure(exc, intended_t, sent_t)
-        return Outcome(intended_t, sent_t, time.monotonic(), None, "", len(response))
-
-    def close(self) -> None:
-        self._channel.close()
-
-
 def _json(body: bytes) -> Any:
     try:
         return json.loads(body)
@@ -187,3 +126,14 @@ def _error_text(body: bytes) -> str:
     if isinstance(parsed, dict):
         return str(parsed.get("message") or parsed.get("error") or parsed)
     return str(parsed)
+
+
+PROTOCOL = ProtocolSpec(
+    name="torchserve-http",
+    options=TorchServeHttpTarget,
+    client=TorchServeHttpClient,
+    flags=(PAYLOAD_FLAG,
+           Flag("content_type", str | None, "Content-Type of --payload (default by extension: JSON, image/*, "
+                "audio/*, video/*, else application/octet-stream).", key=("target", "content_type"))),
+    summary="TorchServe's inference REST API (with --payload)",
+)

@@ -1,0 +1,222 @@
+"""Every option of the verbs that send load, declared once: `run`, `sweep` and any later verb take their
+flags from here, and `load_command` turns them into the verb's typer parameters.
+
+- TARGET: where the load goes and how (common to every protocol).
+- protocol_flags(): each protocol's own flags, as its module declares them (loadgen/protocols/),
+  merged by name (kserve-http and kserve-grpc share --shape, ...); their help names the protocols.
+- PATTERN: the load pattern's knobs a sweep keeps (arrival, think time, seed, in-flight cap);
+  RUN_LOAD: the load itself for one run (--rate, --users, --duration), which a sweep replaces by its
+  plan (SWEEP_PLAN).
+- OUTPUT: results, live metrics, SLO, server-side figures; DISTRIBUTED: Locust master/worker.
+
+Each Flag with a `key` is a row of the table from flags to scenario keys (`scenario_overrides`); the
+others are read by the verb itself. NOT_IN_SWEEP says, for each `run` flag a sweep does not take, why
+(tests/test_options.py fails when a run flag is neither in sweep nor there).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from loadgen.errors import ScenarioError
+from loadgen.flags import Flag, as_path_text, to_scenario_values
+from loadgen.protocols import protocols
+
+__all__ = [
+    "DISTRIBUTED",
+    "NOT_IN_SWEEP",
+    "OUTPUT",
+    "PATTERN",
+    "RUN_LOAD",
+    "SWEEP_PLAN",
+    "TARGET",
+    "load_command",
+    "parse_headers",
+    "protocol_flags",
+    "run_flags",
+    "scenario_overrides",
+    "sweep_flags",
+]
+
+_PROTOCOL_PANEL = "Protocol options"
+_DIST = "Distributed (Locust master/worker)"
+_SWEEP = "Sweep plan"
+
+
+def parse_headers(items: list[str]) -> dict[str, str] | None:
+    """["Name: value"] -> {"Name": "value"}; a bad item raises ValueError naming it."""
+    headers = {}
+    for item in items:
+        name, sep, value = item.partition(":")
+        if not sep or not name.strip():
+            raise ValueError(f'{item!r}: expected "Name: value"')
+        headers[name.strip()] = value.strip()
+    return headers or None
+
+
+def _protocol_help() -> str:
+    names = list(protocols())
+    return f"One of {', '.join(names)} (default {names[0]}); each protocol's own flags are in its panel."
+
+
+TARGET = (
+    Flag("target", str | None, "Base URL, e.g. http://127.0.0.1:8000 (gRPC protocols: grpc://host:port).",
+         key=("target", "url")),
+    Flag("model", str | None, "Model name on the target.", key=("target", "model")),
+    Flag("protocol", str | None, "", key=("target", "protocol")),  # help: the registry's, at build time
+    Flag("header", list[str] | None, 'Extra header (gRPC: metadata) on every request, "Name: value"; '
+         "repeatable.", key=("target", "headers"), to_scenario=parse_headers),
+    Flag("bearer_token_env", str | None, "Environment variable holding a bearer token (sent as "
+         "Authorization; never printed).", key=("target", "bearer_token_env")),
+    Flag("ca_file", Path | None, "CA certificate (PEM) for https:// and grpcs:// targets.",
+         key=("target", "ca_file"), to_scenario=as_path_text),
+    Flag("timeout", str | None, "Per-request timeout, e.g. 10s.", key=("target", "timeout")),
+    Flag("connect_timeout", str | None, "Connect and readiness-check timeout, e.g. 3s.",
+         key=("target", "connect_timeout")),
+)
+
+RUN_LOAD = (
+    Flag("rate", float | None, "Open loop: requests per second.", key=("open_loop", "rate")),
+    Flag("users", int | None, "Closed loop: concurrent users.", key=("closed_loop", "users")),
+    Flag("duration", str | None, "e.g. 30s, 2m.", key=("open_loop", "duration")),
+)
+
+PATTERN = (
+    Flag("arrival", str | None, "Open loop: constant or poisson.", key=("open_loop", "arrival")),
+    Flag("max_in_flight", int | None, "Open loop in-flight cap.", key=("open_loop", "max_in_flight")),
+    Flag("think_time", str | None, "Closed loop: think time, e.g. 50ms.", key=("closed_loop", "think_time")),
+    Flag("think", str | None, "Closed loop: none, constant or exponential.", key=("closed_loop", "think")),
+    Flag("seed", int | None, "Seed of the arrival process and data.", key=("open_loop", "seed")),
+)
+
+OUTPUT = (
+    Flag("out", Path | None, "Output folder (default runs/<time>-<model>, a sweep's: ...-sweep).",
+         key=("output", "dir"), to_scenario=as_path_text),
+    Flag("keep_awake", bool | None, "Keep the generator's CPUs out of deep idle with idle-priority "
+         "spinners (default on).", key=("output", "keep_awake"), decls=("--keep-awake/--no-keep-awake",)),
+    Flag("slo", str | None, 'Objectives, e.g. "p99<150ms,errors<1%"; exit 1 when one is missed (a sweep: '
+         "each step is judged).", key=("slo",)),
+    Flag("metrics_port", int | None, "Serve Prometheus /metrics on this port (0: a free port, printed): "
+         "live figures of the run, or of each step, the curve and the verdict of a sweep.",
+         key=("output", "metrics_port")),
+    Flag("metrics_host", str | None, "Address /metrics listens on (default 127.0.0.1; 0.0.0.0 lets a "
+         "Prometheus on another host scrape).", key=("output", "metrics_host")),
+    Flag("server_metrics", str | None, "The target's Prometheus metrics URL (Triton: "
+         "http://HOST:8002/metrics): the server's own queue/compute time, batch size, GPU use and energy "
+         "(per step in a sweep), in summary.json."),
+    Flag("cost_per_hour", float | None, "Price of the server per hour ($), for $ per million inferences "
+         "(needs --server-metrics)."),
+)
+
+QUIET = Flag("quiet", bool, "No table on stdout.", default=False, decls=("--quiet", "-q"))
+
+DISTRIBUTED = (
+    Flag("processes", int, "Start N local worker processes (-1: one per CPU) and be their master.",
+         default=0, panel=_DIST),
+    Flag("master", bool, "Be the master of workers started with `loadgen worker`.", default=False,
+         decls=("--master",), panel=_DIST),
+    Flag("expect_workers", int, "--master: workers to wait for.", default=0, panel=_DIST),
+    Flag("expect_workers_max_wait", float | None, "--master: seconds to wait for them (default: for ever).",
+         panel=_DIST),
+    Flag("master_bind_host", str | None, "Interface workers connect to (--master: all, --processes: "
+         "127.0.0.1).", panel=_DIST),
+    Flag("master_bind_port", int | None, "Port workers connect to (--master: 5557, --processes: a free one).",
+         panel=_DIST),
+    Flag("stop_on_worker_loss", bool, "Stop the run (exit 3) when a worker is lost, instead of handing its "
+         "load to the others.", default=False, decls=("--stop-on-worker-loss",), panel=_DIST),
+)
+
+SWEEP_PLAN = (
+    Flag("rates", str | None, "Explicit open-loop rates, e.g. 100,200,400.", panel=_SWEEP),
+    Flag("start", float | None, "First rate of a growing sweep (req/s).", panel=_SWEEP),
+    Flag("max_rate", float | None, "Highest rate a growing sweep may try.", decls=("--max",), panel=_SWEEP),
+    Flag("factor", float, "Growth factor between steps of a growing sweep.", default=1.5, panel=_SWEEP),
+    Flag("increment", float | None, "Linear ladder: add this much a step (with --start/--max).",
+         panel=_SWEEP),
+    Flag("fixed", bool, "Run the whole geometric ladder; no stop, no bisection.", default=False,
+         decls=("--fixed",), panel=_SWEEP),
+    Flag("users", str | None, "Closed-loop user counts: a ladder, e.g. 1,2,4,8, or a range searched "
+         "adaptively, e.g. 1..64 (grows by --factor, then bisects to the knee).", panel=_SWEEP),
+    Flag("step_duration", str, "Measured length of each step, e.g. 10s.", default="10s", panel=_SWEEP),
+    Flag("warmup", str, "Unmeasured start of each step (rounded up to whole intervals).", default="2s",
+         panel=_SWEEP),
+)
+
+NOT_IN_SWEEP = {
+    "--rate": "a sweep's rates come from its plan: --rates, --start/--max, or none (it probes the target)",
+    "--users": "a sweep's --users is a list or range of user counts, not one count",
+    "--duration": "each step runs --warmup + --step-duration",
+    "--quiet": "a sweep prints a line a step and its verdict, never a table",
+}
+"""`run` flags a sweep does not take, or takes with another meaning, and why."""
+
+
+def protocol_flags() -> tuple[Flag, ...]:
+    """Every protocol's own flags, one per name, each help prefixed with the protocols that take it."""
+    owners: dict[str, list[str]] = {}
+    flags: dict[str, Flag] = {}
+    for name, spec in protocols().items():
+        for flag in spec.flags:
+            known = flags.setdefault(flag.name, flag)
+            if known != flag:
+                raise ValueError(f"protocols {owners[flag.name]} and {name} declare {flag.flag} differently")
+            owners.setdefault(flag.name, []).append(name)
+    return tuple(Flag(flag.name, flag.type, f"{', '.join(owners[flag.name])}: {flag.help}", key=flag.key,
+                      to_scenario=flag.to_scenario, default=flag.default, decls=flag.decls,
+                      panel=_PROTOCOL_PANEL) for flag in flags.values())
+
+
+def _with_protocol_help(flags: Sequence[Flag]) -> tuple[Flag, ...]:
+    return tuple(Flag(f.name, f.type, _protocol_help(), key=f.key, decls=f.decls) if f.name == "protocol" else f
+                 for f in flags)
+
+
+def run_flags() -> tuple[Flag, ...]:
+    return (*_with_protocol_help(TARGET), *protocol_flags(), *RUN_LOAD, *PATTERN, *OUTPUT, QUIET, *DISTRIBUTED)
+
+
+def sweep_flags() -> tuple[Flag, ...]:
+    return (*_with_protocol_help(TARGET), *protocol_flags(), *SWEEP_PLAN, *PATTERN, *OUTPUT, *DISTRIBUTED)
+
+
+def scenario_overrides(flags: Sequence[Flag], values: dict[str, Any]) -> dict[tuple[str, ...], Any]:
+    """The scenario values the given flags set (by the table: each Flag's key); a flag value that does
+    not convert is an input error naming the flag (exit 2)."""
+    given, problems = to_scenario_values(flags, values)
+    if problems:
+        raise ScenarioError(problems, "flags")
+    return given
+
+
+def _parameter(flag: Flag) -> inspect.Parameter:
+    option = typer.Option(*flag.decls, help=flag.help, rich_help_panel=flag.panel)
+    return inspect.Parameter(flag.name, inspect.Parameter.KEYWORD_ONLY, default=flag.default,
+                             annotation=Annotated[flag.type, option])
+
+
+_SCENARIO_ARGUMENT = inspect.Parameter(
+    "scenario", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
+    annotation=Annotated[Path | None, typer.Argument(help="Scenario TOML file (optional).")])
+
+
+def load_command(app: typer.Typer, flags: Sequence[Flag], **command: Any) -> Callable[[Callable], Callable]:
+    """Register `func(scenario, values)` as a verb of `app` whose options are `flags` (each a typer option
+    named and typed as the Flag says); `values` holds every flag's value by parameter name."""
+
+    def decorate(func: Callable[[Path | None, dict[str, Any]], None]) -> Callable:
+        def verb(**values: Any) -> None:
+            func(values.pop("scenario"), values)
+
+        parameters = [_SCENARIO_ARGUMENT, *(_parameter(flag) for flag in flags)]
+        verb.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+        verb.__annotations__ = {p.name: p.annotation for p in parameters}
+        verb.__name__, verb.__doc__ = func.__name__, func.__doc__
+        app.command(**command)(verb)
+        return func
+
+    return decorate

@@ -1,0 +1,160 @@
+"""What every protocol plug-in is made of: its target options, its flags, its client.
+
+A protocol is one module directly in loadgen/protocols/ that defines `PROTOCOL`, a ProtocolSpec:
+
+- `options`: a pydantic model of the `[target]` table for this protocol: TargetOptions (where the load
+  goes, timeouts, headers, TLS) plus the protocol's own keys, with `protocol: Literal["<name>"]`. The
+  scenario's `target` is the union of every protocol's model, told apart by `protocol`
+  (loadgen/scenario.py), so a key of another protocol is an error naming its owner.
+- `flags`: the protocol's own command-line flags (loadgen/flags.py), each mapped to its target key.
+  Protocols that share a flag share the Flag object (loadgen/protocols/common/).
+- `client`: a factory `(options, seed) -> Client`; `streams` says whether its outcomes are
+  StreamOutcomes (token timings: TTFT, ITL) rather than Outcomes.
+
+A client (the Client protocol below) is used in three calls: `prepare()` once before the run
+(readiness check, request building, warm-up; raises a TargetError, exit 2, when the run cannot
+start), `send(intended_t)` for each request (never raises for a failed request: the error kind is in
+the Outcome), `close()` at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+import time
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from loadgen.errors import ProtocolMismatch
+from loadgen.flags import Flag
+from loadgen.outcome import Outcome, StreamOutcome
+from loadgen.units import Duration
+
+__all__ = [
+    "WARMUP_REQUESTS",
+    "Client",
+    "ProtocolSpec",
+    "StreamingClient",
+    "TargetOptions",
+    "existing_file",
+    "warm_up",
+]
+
+WARMUP_REQUESTS = 8
+
+
+def existing_file(value: str | None) -> str | None:
+    """A field validator's check: the path names a file."""
+    if value is not None and not Path(value).is_file():
+        raise ValueError("no such file")
+    return value
+
+
+class TargetOptions(BaseModel):
+    """The `[target]` keys every protocol takes; each protocol's model adds its own."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    SCHEMES: ClassVar[tuple[str, ...]] = ("http", "https")
+    """URL schemes the protocol speaks (gRPC protocols: grpc, grpcs)."""
+
+    url: str = Field(pattern=r"^(https?|grpcs?)://[^/\s]+")
+    """http(s)://host:port[/prefix] for HTTP protocols, grpc(s)://host:port for gRPC ones."""
+    model: str = Field(min_length=1)
+    protocol: str
+    version: str | None = None
+    connect_timeout: Duration = Field(default=3.0, gt=0)
+    timeout: Duration = Field(default=30.0, gt=0)
+    """Per-request timeout; for a stream, the longest wait for its next bytes."""
+    headers: dict[str, str] = Field(default_factory=dict)
+    """Extra HTTP headers (or gRPC metadata) sent with every request, e.g. an API gateway's key."""
+    bearer_token_env: str | None = None
+    """Name of an environment variable holding a bearer token: `Authorization: Bearer <token>` is sent,
+    and the token itself is never printed or written to results."""
+    ca_file: str | None = None
+    """PEM file of the CA that signed the target's certificate (https:// or grpcs://)."""
+
+    @field_validator("ca_file")
+    @classmethod
+    def _ca_exists(cls, value: str | None) -> str | None:
+        return existing_file(value)
+
+    @model_validator(mode="after")
+    def _common_checks(self) -> TargetOptions:
+        scheme = self.url.split("://", 1)[0]
+        if scheme not in self.SCHEMES:
+            wanted = " or ".join(f"{s}://host:port" for s in self.SCHEMES)
+            raise ValueError(f"url {self.url!r} does not fit protocol {self.protocol!r}: use {wanted}")
+        if self.bearer_token_env is not None and not os.environ.get(self.bearer_token_env):
+            raise ValueError(f"bearer_token_env: environment variable {self.bearer_token_env} is not set")
+        return self
+
+    def auth_headers(self) -> dict[str, str]:
+        """`headers` plus the bearer token read from its environment variable (never stored elsewhere)."""
+        headers = dict(self.headers)
+        if self.bearer_token_env:
+            headers["Authorization"] = f"Bearer {os.environ[self.bearer_token_env]}"
+        return headers
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context for https:// targets: the system's CAs, or only `ca_file` when given."""
+        if not self.url.startswith("https"):
+            return None
+        return ssl.create_default_context(cafile=self.ca_file)
+
+
+class Client(Protocol):
+    """A protocol client: prepare once, send per request, close at the end."""
+
+    request_name: str
+    """The name the run's requests are reported under (Locust's stats), e.g. "mlp infer"."""
+    warmup_requests: int
+    """Unmeasured requests `prepare()` sent."""
+
+    def prepare(self) -> dict[str, Any]:
+        """Check the target, build the requests, warm up; returns what was learnt (the model's
+        metadata). Raises a TargetError when the run cannot start."""
+        ...
+
+    def send(self, intended_t: float) -> Outcome:
+        """One request, meant to start at `intended_t` (monotonic); never raises for a failed one."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class StreamingClient(Client, Protocol):
+    """A client whose answers stream (tokens): its outcomes carry each token's arrival."""
+
+    def send(self, intended_t: float) -> StreamOutcome: ...
+
+
+@dataclass(frozen=True)
+class ProtocolSpec:
+    """One protocol plug-in (see the module's docstring)."""
+
+    name: str
+    options: type[TargetOptions]
+    client: Callable[[Any, int], Client]
+    flags: tuple[Flag, ...] = ()
+    streams: bool = False
+    summary: str = ""
+    """One line for --help: what it speaks and to what."""
+
+
+def warm_up(client: Client, what: str, tolerated: Collection[str] = ("invalid_response",),
+            count: int = WARMUP_REQUESTS) -> None:
+    """Unmeasured requests through the client's own `send`: open a connection, warm both sides' code
+    paths, and learn before the run (not thousands of errors into it) that the target rejects the
+    request built. Error kinds in `tolerated` are the behaviour under test (a wrong answer, a cut
+    stream), counted by the run rather than fatal here."""
+    for _ in range(count):
+        outcome = client.send(time.monotonic())
+        client.warmup_requests += 1
+        if outcome.error is not None and outcome.error not in tolerated:
+            raise ProtocolMismatch(f"the warm-up request to {what} failed "
+                                   f"({outcome.error}: {outcome.message or 'no detail'})")

@@ -1,0 +1,61 @@
+"""The `[target]` keys and flags kserve-http and kserve-grpc share: request data and answer checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+
+from loadgen.flags import Flag, as_path_text, if_set
+from loadgen.protocols.base import TargetOptions, existing_file
+
+__all__ = ["FLAGS", "KServeOptions", "parse_shapes"]
+
+
+class KServeOptions(TargetOptions):
+    """The tensor side of a KServe v2 target."""
+
+    shapes: dict[str, list[int]] = Field(default_factory=dict)
+    """Concrete shapes of inputs with dynamic dimensions, e.g. {INPUT0 = [1, 224]}."""
+    input_data: str | None = None
+    """A perf_analyzer --input-data JSON file: requests cycle through its "data" entries, and when it
+    has "validation_data" every response is checked (a mismatch is an invalid_response error)."""
+    batch_size: int = Field(default=1, ge=1)
+    """Rows per request for a batching model (perf_analyzer's -b): synthetic tensors get this leading
+    dimension, input_data entries are repeated this many times."""
+    check_response: bool = False
+    """Check every answer against the model's metadata: each declared output present, with its
+    datatype and shape (a wrong one is an invalid_response error; the run goes on)."""
+
+    @field_validator("input_data")
+    @classmethod
+    def _input_data_exists(cls, value: str | None) -> str | None:
+        return existing_file(value)
+
+
+def parse_shapes(items: list[str]) -> dict[str, list[int]] | None:
+    """["INPUT0:1,224"] -> {"INPUT0": [1, 224]}; a bad item raises ValueError naming it."""
+    shapes = {}
+    for item in items:
+        name, sep, dims = item.rpartition(":")
+        try:
+            shapes[name] = [int(dim) for dim in dims.split(",")]
+        except ValueError:
+            sep = ""
+        if not sep or not name:
+            raise ValueError(f"{item!r}: expected NAME:DIM,DIM,...")
+    return shapes or None
+
+
+FLAGS = (
+    Flag("shape", list[str] | None, "Shape of an input with dynamic dims, NAME:1,224 ; repeatable.",
+         key=("target", "shapes"), to_scenario=parse_shapes),
+    Flag("input_data", Path | None,
+         "perf_analyzer --input-data JSON (requests cycle; validation_data checks answers).",
+         key=("target", "input_data"), to_scenario=as_path_text),
+    Flag("batch_size", int | None, "Rows per request for a batching model (as perf_analyzer's -b).",
+         key=("target", "batch_size"), decls=("--batch-size", "-b")),
+    Flag("check_response", bool, "Check each answer's output names, datatypes and shapes against the "
+         "model's metadata (a wrong one is an invalid_response error).",
+         key=("target", "check_response"), to_scenario=if_set, default=False, decls=("--check-response",)),
+)
