@@ -39,7 +39,7 @@ def summarize(result: RunResult) -> dict[str, Any]:
     pattern, target = result.scenario.pattern, result.scenario.target
     extra = {
         "pattern": type(pattern).__name__,
-        "target": {"url": target.url, "model": target.model, "batch_size": target.batch_size},
+        "target": {"url": target.url, "model": target.model, "batch_size": target.inferences_per_request},
         "interrupted": result.interrupted,
         "in_flight_at_end": result.in_flight_at_end,
         "warmup_requests": result.warmup_requests,
@@ -53,13 +53,13 @@ def summarize(result: RunResult) -> dict[str, Any]:
         result.recorder,
         offered_rps=result.offered_rps,
         duration_s=result.duration_s,
-        generator=result.generator,
+        generator=result.generator.as_json(),
         extra=extra,
     )
     # Every request started was either recorded or is still in flight at the end.
     summary["sent"] = summary["requests"] + result.in_flight_at_end
     summary["sent_rps"] = summary["sent"] / result.duration_s
-    summary["achieved_inferences_per_s"] = summary["achieved_rps"] * target.batch_size
+    summary["achieved_inferences_per_s"] = summary["achieved_rps"] * target.inferences_per_request
     return summary
 
 

@@ -205,7 +205,7 @@ def _run_step(base: Scenario, spec: SweepSpec, index: int, load: float, out: Pat
     measured = dataclasses.replace(
         result,
         recorder=recorder,
-        generator=measured_generator(result.generator, recorder, base.output.max_lag_ms),
+        generator=measured_generator(result.generator, recorder),
         duration_s=max(result.duration_s - warmup, 1e-9),
         start_epoch_s=result.start_epoch_s + warmup,
     )

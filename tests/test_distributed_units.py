@@ -15,6 +15,7 @@ from loadgen.driver.distributed import (
     combined_generator,
     split_users,
 )
+from loadgen.driver.selfcheck import SelfCheck
 from loadgen.patterns.schedule import count_in, schedule, schedule_offsets
 from loadgen.recorder import HistogramSet, Recorder
 from loadgen.scenario import OpenLoop, Stage
@@ -169,21 +170,26 @@ def test_flush_merges_what_is_left_in_order() -> None:
     assert [(i.start_t, i.figures.ok) for i in merged.intervals] == [(0.0, 1), (1.0, 1)]
 
 
-def generator_of(bound: bool = False, reasons: tuple[str, ...] = (), cpu: float = 0.3) -> dict:
-    return {"bound": bound, "reasons": list(reasons), "cpu_fraction": cpu, "peak_in_flight": 3}
+def generator_of(lag_p99_ms: float = 0.2, cpu: float = 0.3) -> dict:
+    """A worker's self-check as it ships it: open loop, cap 100, lag p99 as given."""
+    return SelfCheck(lag_ms={"p50": 0.05, "p99": lag_p99_ms}, cpu_fraction=cpu, peak_in_flight=3,
+                     max_in_flight=100, max_lag_ms=1.0).as_json()
 
 
 def test_combined_check_is_bound_when_any_worker_was_and_names_it() -> None:
     workers = [
         {"worker": "0", "generator": generator_of(), "lost_at_s": None, "last_report_s": 10.0},
-        {"worker": "1", "generator": generator_of(True, ("schedule lag p99 3.000 ms > 1.0 ms",), 0.5),
+        {"worker": "1", "generator": generator_of(3.0, 0.5),
          "lost_at_s": None, "last_report_s": 10.0},
     ]
     check = combined_generator(workers, HistogramSet(), open_loop=True, max_in_flight=100, max_lag_ms=1.0,
                                master_cpu=0.1)
-    assert check["bound"] and check["bound_workers"] == ["1"]
-    assert check["reasons"] == ["schedule lag p99 3.000 ms > 1.0 ms on worker 1"]
-    assert check["cpu_fraction"] == 0.5 and check["peak_in_flight"] == 6 and check["max_in_flight"] == 100
+    assert check.bound and check.bound_workers == ["1"]
+    assert check.reasons == ["schedule lag p99 3.000 ms > 1.0 ms on worker 1"]
+    assert check.cpu_fraction == 0.5 and check.peak_in_flight == 6 and check.max_in_flight == 100
+    # a sweep judges lag again on the measured part: the worker's whole-run lag gives way to it
+    assert not check.measured({"p50": 0.1, "p99": 0.5}, 0).bound
+    assert check.measured({"p50": 0.1, "p99": 2.0}, 0).reasons == ["schedule lag p99 2.000 ms > 1.0 ms (all workers)"]
 
 
 def test_combined_check_reports_a_lost_worker_and_a_busy_master() -> None:
@@ -193,10 +199,11 @@ def test_combined_check_reports_a_lost_worker_and_a_busy_master() -> None:
     ]
     check = combined_generator(workers, HistogramSet(), open_loop=False, max_in_flight=None, max_lag_ms=1.0,
                                master_cpu=0.99)
-    assert check["bound"] and check["bound_workers"] == ["1"]
-    assert "worker 1 lost 4.5 s into the run" in check["reasons"][0]
-    assert "after 3.0 s" in check["reasons"][0]
-    assert "on the master" in check["reasons"][1]
+    assert check.bound and check.bound_workers == ["1"]
+    assert "worker 1 lost 4.5 s into the run" in check.reasons[0]
+    assert "after 3.0 s" in check.reasons[0]
+    assert "on the master" in check.reasons[1]
+    assert check.measured({"p99": 0.1}, 0).bound  # a lost worker stays a finding of the measured part
 
 
 def test_healthy_workers_make_a_healthy_run() -> None:
@@ -204,7 +211,8 @@ def test_healthy_workers_make_a_healthy_run() -> None:
                for i in range(3)]
     check = combined_generator(workers, HistogramSet(), open_loop=True, max_in_flight=10, max_lag_ms=1.0,
                                master_cpu=0.05)
-    assert not check["bound"] and check["reasons"] == [] and check["bound_workers"] == []
+    assert not check.bound and check.reasons == [] and check.bound_workers == []
+    assert check.as_json()["bound"] is False and check.as_json()["bound_workers"] == []
 
 
 def test_flags_single_process_local_workers_and_master() -> None:

@@ -11,7 +11,6 @@ those under TYPE_CHECKING and inside functions):
 from __future__ import annotations
 
 import ast
-from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -46,6 +46,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from loadgen.driver.selfcheck import Finding, SelfCheck
 from loadgen.recorder import HistogramSet, Interval, Recorder
 
 __all__ = [
@@ -300,45 +301,34 @@ def combined_generator(
     max_in_flight: int | None,
     max_lag_ms: float,
     master_cpu: float,
-) -> dict[str, Any]:
+) -> SelfCheck:
     """The run's generator self-check from every worker's own (`workers`: label, generator, lost).
 
-    Bound when any worker was bound (each reason names its worker, in the words of the single-process
-    check, so a sweep re-judges lag and dropped arrivals on its measured part), when the merged lag p99
+    Bound when any worker was bound (each of its findings names the worker), when the merged lag p99
     exceeds `max_lag_ms`, when the master's CPU was saturated, or when a worker failed or was lost (its
     requests after its last report are missing from the figures).
     """
-    reasons: list[str] = []
-    bound_workers = []
+    found: list[tuple[str, Finding]] = []
     for worker in workers:
-        own = worker.get("generator") or {}
-        if own.get("bound"):
-            bound_workers.append(worker["worker"])
-            reasons += [f"{reason} on worker {worker['worker']}" for reason in own.get("reasons", [])]
+        label = str(worker["worker"])
+        own = SelfCheck.from_json(worker["generator"]) if worker.get("generator") else None
+        if own is not None:
+            found += [(label, Finding(f.kind, f"{f.text} on worker {label}")) for f in own.findings]
         if worker.get("error"):
-            bound_workers.append(worker["worker"])
-            reasons.append(f"worker {worker['worker']} failed: {worker['error']}")
+            found.append((label, Finding("failed", f"worker {label} failed: {worker['error']}")))
         if worker.get("lost_at_s") is not None:
-            bound_workers.append(worker["worker"])
-            reasons.append(f"worker {worker['worker']} lost {worker['lost_at_s']:.1f} s into the run: its "
-                           f"requests after {worker['last_report_s']:.1f} s are not in the figures")
-    lag = merged.percentiles_ms("lag")
-    if open_loop and lag["p99"] > max_lag_ms and not any(r.startswith("schedule lag") for r in reasons):
-        reasons.append(f"schedule lag p99 {lag['p99']:.3f} ms > {max_lag_ms} ms (all workers)")
-    if open_loop and merged.unsent and not any("never sent" in r for r in reasons):
-        reasons.append(f"{merged.unsent} scheduled arrivals never sent (all workers)")
-    if master_cpu > 0.95:
-        reasons.append(f"generator CPU at {master_cpu:.0%} of a core on the master")
+            found.append((label, Finding("lost", f"worker {label} lost {worker['lost_at_s']:.1f} s into the run: "
+                                                 f"its requests after {worker['last_report_s']:.1f} s are not in "
+                                                 "the figures")))
     finals = [worker.get("generator") or {} for worker in workers]
-    return {
-        "bound": bool(reasons),
-        "reasons": reasons,
-        "bound_workers": sorted(set(bound_workers), key=str),
-        "lag_ms": lag,
-        "dropped": merged.dropped,
-        "unsent": merged.unsent,
-        "cpu_fraction": round(max([g.get("cpu_fraction", 0.0) for g in finals] or [0.0]), 3),
-        "master_cpu_fraction": round(master_cpu, 3),
-        "peak_in_flight": sum(g.get("peak_in_flight", 0) or 0 for g in finals),
-        "max_in_flight": max_in_flight if open_loop else None,
-    }
+    return SelfCheck(
+        lag_ms=merged.percentiles_ms("lag"),
+        dropped=merged.dropped,
+        unsent=merged.unsent,
+        cpu_fraction=max([float(g.get("cpu_fraction", 0.0)) for g in finals] or [0.0]),
+        peak_in_flight=sum(int(g.get("peak_in_flight", 0) or 0) for g in finals),
+        max_in_flight=max_in_flight if open_loop else None,
+        max_lag_ms=max_lag_ms,
+        master_cpu_fraction=master_cpu,
+        workers=tuple(found),
+    )

@@ -27,6 +27,7 @@ from locust.event import Events
 
 from loadgen.driver.context import LoadContext
 from loadgen.driver.exporter import MetricsExporter
+from loadgen.driver.selfcheck import SelfCheck
 from loadgen.driver.users import ClosedLoopUser, OpenLoopUser
 from loadgen.errors import LoadgenError
 from loadgen.patterns.schedule import profile_of
@@ -35,8 +36,7 @@ from loadgen.recorder import Recorder
 from loadgen.scenario import OpenLoop, Scenario
 from servers.core.keepawake import KeepAwake
 
-
-__all__ = ["Cluster", "RunResult", "drain", "execute", "result_of", "self_check", "unsent_reason"]
+__all__ = ["Cluster", "RunResult", "drain", "execute", "result_of", "self_check"]
 
 _LEAD_S = 0.05  # the run starts this long after setup, so the dispatcher is waiting at t = 0
 
@@ -67,7 +67,7 @@ class RunResult:
     recorder: Recorder
     duration_s: float
     offered_rps: float
-    generator: dict[str, Any]
+    generator: SelfCheck
     interrupted: bool = False
     in_flight_at_end: int = 0
     start_epoch_s: float = 0.0
@@ -205,39 +205,18 @@ def _offered_rps(pattern: Any, duration: float) -> float:
     return profile_of(pattern).count_by(duration) / duration
 
 
-def unsent_reason(unsent: int) -> str:
-    """The self-check's words for arrivals never sent (kept by a sweep's measured-part re-judging)."""
-    return (f"{unsent} scheduled arrivals never sent: the generator was still behind its schedule when "
-            "dispatching stopped (a stalled host?)")
-
-
-def self_check(ctx: LoadContext, scenario: Scenario, cpu: float) -> dict[str, Any]:
+def self_check(ctx: LoadContext, scenario: Scenario, cpu: float) -> SelfCheck:
     """The generator's own health: could it keep its schedule? Every output carries this."""
     figures = ctx.recorder.cumulative
-    lag = figures.percentiles_ms("lag")
     dispatcher = ctx.dispatcher
     peak = dispatcher.peak_in_flight + sum(d.peak_in_flight for d in ctx.takeovers) if dispatcher else 0
-    dropped = figures.dropped
-    reasons = []
-    if dropped:
-        reasons.append(f"{dropped} arrivals dropped at the in-flight cap of {dispatcher.max_in_flight}")
-    behind = figures.unsent - ctx.handover_unsent
-    if behind:
-        reasons.append(unsent_reason(behind))
-    if ctx.handover_unsent:
-        reasons.append(f"{ctx.handover_unsent} scheduled arrivals never sent: a leaving worker's, between its "
-                       "leaving and the takeover")
-    if dispatcher is not None and lag["p99"] > scenario.output.max_lag_ms:
-        reasons.append(f"schedule lag p99 {lag['p99']:.3f} ms > {scenario.output.max_lag_ms} ms")
-    if cpu > 0.95:
-        reasons.append(f"generator CPU at {cpu:.0%} of a core")
-    return {
-        "bound": bool(reasons),
-        "reasons": reasons,
-        "lag_ms": lag,
-        "dropped": dropped,
-        "unsent": figures.unsent,
-        "cpu_fraction": round(cpu, 3),
-        "peak_in_flight": peak if dispatcher else ctx.peak_in_flight,
-        "max_in_flight": dispatcher.max_in_flight if dispatcher else None,
-    }
+    return SelfCheck(
+        lag_ms=figures.percentiles_ms("lag"),
+        dropped=figures.dropped,
+        unsent=figures.unsent,
+        handover_unsent=ctx.handover_unsent,
+        cpu_fraction=cpu,
+        peak_in_flight=peak if dispatcher else ctx.peak_in_flight,
+        max_in_flight=dispatcher.max_in_flight if dispatcher else None,
+        max_lag_ms=scenario.output.max_lag_ms,
+    )

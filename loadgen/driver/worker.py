@@ -174,7 +174,7 @@ class _WorkerRun:
         cpu = (_cpu_seconds() - cpu0) / max(end_t - wall0, 1e-9)
         self.ship()
         return {
-            "generator": self_check(ctx, scenario, cpu),
+            "generator": self_check(ctx, scenario, cpu).as_json(),
             "in_flight_at_end": ctx.in_flight,
             "end_s": end_t - ctx.start_t,
             "stopped_s": stopped_t - ctx.start_t,

@@ -93,6 +93,11 @@ class TargetOptions(BaseModel):
             raise ValueError(f"bearer_token_env: environment variable {self.bearer_token_env} is not set")
         return self
 
+    @property
+    def inferences_per_request(self) -> int:
+        """Inferences each request carries (rows of a batch): 1 unless the protocol batches."""
+        return 1
+
     def auth_headers(self) -> dict[str, str]:
         """`headers` plus the bearer token read from its environment variable (never stored elsewhere)."""
         headers = dict(self.headers)

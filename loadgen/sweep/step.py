@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from loadgen.driver.selfcheck import SelfCheck
 from loadgen.recorder import Interval, Recorder
 
 __all__ = [
@@ -97,22 +98,14 @@ def measured_recorder(recorder: Recorder, warmup_s: float) -> Recorder:
     return measured
 
 
-def measured_generator(generator: dict[str, Any], measured: Recorder, max_lag_ms: float) -> dict[str, Any]:
+def measured_generator(generator: SelfCheck, measured: Recorder) -> SelfCheck:
     """The run's generator self-check, with lag and dropped arrivals judged on the measured part only.
 
     The warm-up exists to absorb start-up (connections, first collections): its lag says nothing
     about the measured figures. CPU and in-flight figures stay those of the whole run.
     """
     figures = measured.cumulative
-    lag = figures.percentiles_ms("lag")
-    reasons = [r for r in generator.get("reasons", []) if not r.startswith(("schedule lag", "arrivals"))
-               and "dropped" not in r]
-    if figures.dropped:
-        reasons.insert(0, f"{figures.dropped} arrivals dropped at the in-flight cap of "
-                          f"{generator.get('max_in_flight')}")
-    if generator.get("max_in_flight") is not None and lag["p99"] > max_lag_ms:
-        reasons.append(f"schedule lag p99 {lag['p99']:.3f} ms > {max_lag_ms} ms")
-    return {**generator, "bound": bool(reasons), "reasons": reasons, "lag_ms": lag, "dropped": figures.dropped}
+    return generator.measured(figures.percentiles_ms("lag"), figures.dropped)
 
 
 def windows_of(recorder: Recorder) -> list[Window]:

@@ -27,6 +27,10 @@ class KServeOptions(TargetOptions):
     """Check every answer against the model's metadata: each declared output present, with its
     datatype and shape (a wrong one is an invalid_response error; the run goes on)."""
 
+    @property
+    def inferences_per_request(self) -> int:
+        return self.batch_size
+
     @field_validator("input_data")
     @classmethod
     def _input_data_exists(cls, value: str | None) -> str | None:
