@@ -49,18 +49,15 @@ def summarize(result: RunResult) -> dict[str, Any]:
         extra["metrics_port"] = result.metrics_port
     if result.distributed is not None:
         extra["distributed"] = result.distributed
-    summary = build_summary(
+    return build_summary(
         result.recorder,
         offered_rps=result.offered_rps,
         duration_s=result.duration_s,
         generator=result.generator.as_json(),
+        in_flight_at_end=result.in_flight_at_end,
+        inferences_per_request=target.inferences_per_request,
         extra=extra,
     )
-    # Every request started was either recorded or is still in flight at the end.
-    summary["sent"] = summary["requests"] + result.in_flight_at_end
-    summary["sent_rps"] = summary["sent"] / result.duration_s
-    summary["achieved_inferences_per_s"] = summary["achieved_rps"] * target.inferences_per_request
-    return summary
 
 
 def write_outputs(result: RunResult, out_dir: Path, objectives: list[Objective] | None = None, *,

@@ -21,6 +21,8 @@ def build_summary(
     offered_rps: float,
     duration_s: float,
     generator: dict[str, Any],
+    in_flight_at_end: int = 0,
+    inferences_per_request: int = 1,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Summarise the recorder's cumulative figures (closed intervals only: call finish() first).
@@ -29,7 +31,7 @@ def build_summary(
     "reasons"); it is kept whole. `extra` keys are added last.
 
     Every arrival of an open-loop run window is in exactly one count: started ("sent": answered, or
-    still in flight at the end), "dropped" (in-flight cap) or "unsent" (never started: the dispatcher was
+    still in flight at the end: `in_flight_at_end`), "dropped" (in-flight cap) or "unsent" (never started: the dispatcher was
     still behind it when dispatching stopped).
 
     >>> summary = build_summary(rec, offered_rps=500.0, duration_s=60.0, generator=health)  # doctest: +SKIP
@@ -39,8 +41,9 @@ def build_summary(
     figures = recorder.cumulative
     summary: dict[str, Any] = {
         "offered_rps": float(offered_rps),
-        "sent_rps": _rate(figures.sent, duration_s),
+        "sent_rps": _rate(figures.sent + in_flight_at_end, duration_s),
         "achieved_rps": _rate(figures.completed_in_window, duration_s),
+        "achieved_inferences_per_s": _rate(figures.completed_in_window * inferences_per_request, duration_s),
         "duration_s": float(duration_s),
         "requests": figures.requests,
         "ok": figures.ok,
@@ -48,7 +51,7 @@ def build_summary(
         "dropped": figures.dropped,
         "unsent": figures.unsent,
         "out_of_range": figures.out_of_range,
-        "sent": figures.sent,
+        "sent": figures.sent + in_flight_at_end,
         "completed_in_window": figures.completed_in_window,
         "generator_bound": bool(generator.get("bound", False)),
         "generator": dict(generator),
