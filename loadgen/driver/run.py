@@ -29,11 +29,11 @@ from loadgen.driver.context import LoadContext
 from loadgen.driver.exporter import MetricsExporter
 from loadgen.driver.users import ClosedLoopUser, OpenLoopUser
 from loadgen.errors import LoadgenError
+from loadgen.lowlevel.keepawake import KeepAwake
 from loadgen.patterns.schedule import profile_of
 from loadgen.protocols import make_client
 from loadgen.recorder import Recorder
 from loadgen.scenario import OpenLoop, Scenario
-from servers.core.keepawake import KeepAwake
 
 if TYPE_CHECKING:
     from loadgen.driver.master import Cluster

@@ -10,8 +10,8 @@ error instead of 10,000 failed requests.
 REST runs on the same lean keep-alive HTTP/1.1 client as kserve-http (prebuilt request bytes,
 kernel receive timestamps); any status other than 200 is `http_<status>`. gRPC sends a prebuilt
 PredictionsRequest through a bytes-in/bytes-out unary call on one HTTP/2 channel (see
-_grpc_common.py for gevent and failures); the stubs are the reference server's
-(servers/torchserve/proto), generated from TorchServe's own service and message definitions.
+_grpc_common.py for gevent and failures); the stubs, shared with the reference server, are in
+loadgen/lowlevel/torchserve_proto, generated from TorchServe's own service and message definitions.
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ class TorchServeGrpcClient:
         self._metadata = call_metadata(target.auth_headers())
         import grpc
 
-        from servers.torchserve.proto import inference_pb2
+        from loadgen.lowlevel.torchserve_proto import inference_pb2
 
         self._grpc = grpc
         self._predict = self._channel.unary_unary(_PREDICTIONS, request_serializer=None,
@@ -145,7 +145,7 @@ class TorchServeGrpcClient:
     def prepare(self) -> dict[str, Any]:
         from google.protobuf import empty_pb2
 
-        from servers.torchserve.proto import inference_pb2_grpc
+        from loadgen.lowlevel.torchserve_proto import inference_pb2_grpc
 
         grpc = self._grpc
         timeout = self.target.connect_timeout
