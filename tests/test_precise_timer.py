@@ -1,11 +1,11 @@
-"""Tests of servers/core/precise_timer.py: order, cancellation, and no early firing."""
+"""Tests of loadgen/lowlevel/precise_timer.py: order, cancellation, and no early firing."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 
-from servers.core.precise_timer import PreciseScheduler
+from loadgen.lowlevel.precise_timer import PreciseScheduler
 
 
 async def _run_schedule(offsets_s: list[float], cancel: set[int]) -> list[tuple[int, float, float]]:

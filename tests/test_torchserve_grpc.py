@@ -1,4 +1,4 @@
-"""The TorchServe-compatible server's gRPC APIs through stubs generated from servers/torchserve/proto.
+"""The TorchServe-compatible server's gRPC APIs through the stubs of loadgen/lowlevel/torchserve_proto.
 
 grpc.json's calls are made again, in order, against this server started as the recorded one was
 (config.properties, mlp loaded at start): the same status code, and the same response message (compared
@@ -19,8 +19,13 @@ import grpc
 import pytest
 from google.protobuf import empty_pb2, text_format
 
-from servers.torchserve.proto import inference_pb2, inference_pb2_grpc, management_pb2, management_pb2_grpc
-from servers.torchserve.proto.generate import generate
+from loadgen.lowlevel.torchserve_proto import (
+    inference_pb2,
+    inference_pb2_grpc,
+    management_pb2,
+    management_pb2_grpc,
+)
+from loadgen.lowlevel.torchserve_proto.generate import generate
 from tests.test_torchserve_support import (
     MLP_JSON,
     OPEN,

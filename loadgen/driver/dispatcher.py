@@ -2,7 +2,7 @@
 
 One dispatcher greenlet per process walks the schedule (offsets from the run start, fixed in
 advance) and, at each intended instant, starts the request in its own greenlet. It wakes on a
-timerfd armed for the exact instant (servers/core/timerfd.py): gevent's own sleeps round to whole
+timerfd armed for the exact instant (loadgen/lowlevel/timerfd.py): gevent's own sleeps round to whole
 milliseconds, and that error would land in every open-loop latency.
 
 Measurement rules kept here:
@@ -31,8 +31,8 @@ from gevent.event import Event
 from gevent.hub import get_hub
 from greenlet import getcurrent, greenlet
 
+from loadgen.lowlevel.timerfd import TimerFD, reduce_timer_slack
 from loadgen.outcome import Outcome
-from servers.core.timerfd import TimerFD, reduce_timer_slack
 
 __all__ = ["Dispatcher"]
 

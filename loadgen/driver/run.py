@@ -30,11 +30,11 @@ from loadgen.driver.exporter import MetricsExporter
 from loadgen.driver.selfcheck import SelfCheck
 from loadgen.driver.users import ClosedLoopUser, OpenLoopUser
 from loadgen.errors import LoadgenError
+from loadgen.lowlevel.keepawake import KeepAwake
 from loadgen.patterns.schedule import profile_of
 from loadgen.protocols import make_client
 from loadgen.recorder import Recorder
 from loadgen.scenario import OpenLoop, Scenario
-from servers.core.keepawake import KeepAwake
 
 __all__ = ["Cluster", "RunResult", "drain", "execute", "result_of", "self_check"]
 

@@ -56,9 +56,9 @@ from loadgen.driver.distributed import (
 from loadgen.driver.run import drain, self_check
 from loadgen.driver.users import ClosedLoopUser, OpenLoopUser
 from loadgen.errors import LoadgenError
+from loadgen.lowlevel.keepawake import KeepAwake
 from loadgen.protocols import make_client
 from loadgen.scenario import OpenLoop, validate_scenario
-from servers.core.keepawake import KeepAwake
 
 __all__ = ["WorkerAgent", "serve"]
 

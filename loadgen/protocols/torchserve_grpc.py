@@ -5,8 +5,8 @@
 requests cycle through in name order (see common/torchserve.py). Before the run, `prepare()` waits
 for the channel, calls Ping and sends a few unmeasured requests. Each request is a prebuilt
 PredictionsRequest sent through a bytes-in/bytes-out unary call on one HTTP/2 channel (see
-common/grpc_channel.py for gevent and failures); the stubs are generated from TorchServe's own
-service and message definitions.
+common/grpc_channel.py for gevent and failures); the stubs, shared with the reference server, are in
+loadgen/lowlevel/torchserve_proto, generated from TorchServe's own service and message definitions.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class TorchServeGrpcClient:
         self._metadata = call_metadata(target.auth_headers())
         import grpc
 
-        from servers.torchserve.proto import inference_pb2
+        from loadgen.lowlevel.torchserve_proto import inference_pb2
 
         self._grpc = grpc
         self._predict = self._channel.unary_unary(_PREDICTIONS, request_serializer=None,
@@ -59,7 +59,7 @@ class TorchServeGrpcClient:
     def prepare(self) -> dict[str, Any]:
         from google.protobuf import empty_pb2
 
-        from servers.torchserve.proto import inference_pb2_grpc
+        from loadgen.lowlevel.torchserve_proto import inference_pb2_grpc
 
         grpc = self._grpc
         timeout = self.target.connect_timeout

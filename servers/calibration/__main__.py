@@ -23,12 +23,12 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 
+from loadgen.lowlevel.keepawake import KeepAwake
+from loadgen.lowlevel.precise_timer import PreciseScheduler
+from loadgen.lowlevel.timerfd import reduce_timer_slack
 from servers.calibration._app import CalibrationApp, ServerConfig
 from servers.calibration._server import ServerContext, run_server
 from servers.calibration.timing import TimingConfig, TimingModel
-from servers.core.keepawake import KeepAwake
-from servers.core.precise_timer import PreciseScheduler
-from servers.core.timerfd import reduce_timer_slack
 
 ReadyCallback = Callable[[str, int], None]
 # Problems name config fields; on the command line, show the flag that sets each one.

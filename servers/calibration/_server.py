@@ -2,7 +2,7 @@
 
 Per connection: bytes -> RequestParser (servers/core/http1.py) -> CalibrationApp (_app.py) -> a reply that is
 written at once, or, for a successful infer, held until the done instant of TimingModel (timing.py)
-and written from a PreciseScheduler (servers/core/precise_timer.py) callback. Replies leave in request
+and written from a PreciseScheduler (loadgen/lowlevel/precise_timer.py) callback. Replies leave in request
 order even when requests are pipelined: a reply waits behind any earlier one still held.
 
 Measurement rule: the arrival instant is time.monotonic() right after the complete request (head and
@@ -17,11 +17,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from loadgen.lowlevel.precise_timer import PreciseScheduler
 from servers.calibration._app import CalibrationApp, error_reply
 from servers.calibration.timing import TimingModel
 from servers.core.connection import HttpConnection
 from servers.core.http1 import HttpError, Request, continue_response, format_response
-from servers.core.precise_timer import PreciseScheduler
 
 
 @dataclass

@@ -14,24 +14,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["CONFIG_TYPES", "NUMPY_DTYPES", "Model", "RequestError", "TensorSpec"]
+from loadgen.lowlevel.dtypes import NUMPY_DTYPES
 
-NUMPY_DTYPES: dict[str, np.dtype] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype(np.uint8),
-    "UINT16": np.dtype("<u2"),
-    "UINT32": np.dtype("<u4"),
-    "UINT64": np.dtype("<u8"),
-    "INT8": np.dtype(np.int8),
-    "INT16": np.dtype("<i2"),
-    "INT32": np.dtype("<i4"),
-    "INT64": np.dtype("<i8"),
-    "FP16": np.dtype("<f2"),
-    "FP32": np.dtype("<f4"),
-    "FP64": np.dtype("<f8"),
-    "BYTES": np.dtype(object),
-}
-"""KServe v2 datatype -> numpy dtype; fixed sizes are little-endian, the wire byte order."""
+__all__ = ["CONFIG_TYPES", "NUMPY_DTYPES", "Model", "RequestError", "TensorSpec"]
 
 CONFIG_TYPES: dict[str, str] = {name: f"TYPE_{name}" for name in NUMPY_DTYPES}
 CONFIG_TYPES["BYTES"] = "TYPE_STRING"

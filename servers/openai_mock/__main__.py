@@ -19,9 +19,9 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 
-from servers.core.keepawake import KeepAwake
-from servers.core.precise_timer import PreciseScheduler
-from servers.core.timerfd import reduce_timer_slack
+from loadgen.lowlevel.keepawake import KeepAwake
+from loadgen.lowlevel.precise_timer import PreciseScheduler
+from loadgen.lowlevel.timerfd import reduce_timer_slack
 from servers.openai_mock._app import DEFAULT_MODEL, MockApp, MockConfig
 from servers.openai_mock._server import ServerContext, run_server
 

@@ -7,7 +7,7 @@ Timing rule (the ground truth a client is checked against): a completion request
 its arrival, the instant right after the complete request (head and body) was parsed, or, when it
 waited behind an earlier answer on the same connection, the instant that answer ended. With that
 start s, token chunk k (0-based) is written at s + ttft + k * itl, from a PreciseScheduler
-(servers/core/precise_timer.py) callback: each instant is computed from s, so no error accumulates.
+(loadgen/lowlevel/precise_timer.py) callback: each instant is computed from s, so no error accumulates.
 A stream's response head is written at s; a non-streamed answer is written whole at
 s + ttft + (tokens - 1) * itl, when its last token would have been generated.
 
@@ -24,9 +24,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from loadgen.lowlevel.precise_timer import PreciseScheduler
 from servers.core.connection import HttpConnection
 from servers.core.http1 import HttpError, Request, continue_response, format_response
-from servers.core.precise_timer import PreciseScheduler
 from servers.openai_mock._app import Completion, MockApp, Renderer, Reply, error_reply
 
 _STREAM_HEAD = ("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\n"

@@ -1,7 +1,7 @@
 """The gRPC front ends of the TorchServe-compatible server (PROTOCOLS.md 5.6): TorchServe's
 `org.pytorch.serve.grpc.inference.InferenceAPIsService` (default port 7070) and
 `org.pytorch.serve.grpc.management.ManagementAPIsService` (7071), on grpc.aio in the server's event loop,
-over the same ModelManager as HTTP; stubs generated from servers/torchserve/proto/*.proto.
+over the same ModelManager as HTTP; stubs generated from loadgen/lowlevel/torchserve_proto/*.proto.
 
 What TorchServe 0.12's InferenceImpl, ManagementImpl and GRPCJob answer (captures grpc.json, and its
 classes): each entry of `input` is a handler input of that name with no content type (bytes, as the
@@ -28,11 +28,16 @@ from typing import Any
 import grpc
 from google.protobuf import empty_pb2
 
+from loadgen.lowlevel.torchserve_proto import (
+    inference_pb2,
+    inference_pb2_grpc,
+    management_pb2,
+    management_pb2_grpc,
+)
 from servers.torchserve._auth import TokenAuth
 from servers.torchserve._handler import Answer, Failure, Request
 from servers.torchserve._models import ModelManager, RegisterRequest
 from servers.torchserve._wire import TsError, gson
-from servers.torchserve.proto import inference_pb2, inference_pb2_grpc, management_pb2, management_pb2_grpc
 
 __all__ = ["grpc_status", "start_grpc"]
 

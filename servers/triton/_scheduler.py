@@ -13,7 +13,7 @@ per model version; an idle instance takes work from its head:
   overflow the batch waits for the next one. So under load (every instance busy) batches form by
   themselves, and with a queue delay they form even when instances are free.
 
-The queue delay is timed by a PreciseScheduler (servers/core/precise_timer.py, a timerfd the loop
+The queue delay is timed by a PreciseScheduler (loadgen/lowlevel/precise_timer.py, a timerfd the loop
 watches), not by loop.call_later, which is whole milliseconds: asyncio rounds a wait up (a 500 us
 delay held a batch 1.08 ms, median, on the development machine) and uvloop truncates it (a 500 us delay
 became a 0 ms timer, re-armed until the delay had passed: on time, but the loop spun all along). The
@@ -44,8 +44,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from loadgen.lowlevel.precise_timer import PreciseScheduler, ScheduledCall
 from servers.core.model import Model, RequestError
-from servers.core.precise_timer import PreciseScheduler, ScheduledCall
 from servers.triton._stats import ModelStats
 
 __all__ = ["Batching", "Done", "Executed", "Scheduler"]

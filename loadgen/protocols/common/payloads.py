@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from servers.core.model import NUMPY_DTYPES
+from loadgen.lowlevel.dtypes import NUMPY_DTYPES
 
 __all__ = ["has_batch_dim", "synthetic_inputs"]
 

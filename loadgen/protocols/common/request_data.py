@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 
 from loadgen.errors import ProtocolMismatch
+from loadgen.lowlevel.dtypes import NUMPY_DTYPES
 from loadgen.protocols.common.payloads import has_batch_dim, synthetic_inputs
-from servers.core.model import NUMPY_DTYPES
 
 __all__ = ["RequestData", "check_answer", "check_outputs", "from_raw", "request_data", "to_raw"]
 

@@ -3,7 +3,7 @@
 asyncio (and uvloop) round timer waits to whole milliseconds, so `loop.call_at` can run a callback
 up to ~1 ms late. Servers that promise a latency (the calibration server, injected delays in the
 reference servers) schedule through PreciseScheduler instead: a heap of (deadline, seq, call) and one
-TimerFD (servers/core/timerfd.py) armed at the earliest deadline and watched with `loop.add_reader`.
+TimerFD (loadgen/lowlevel/timerfd.py) armed at the earliest deadline and watched with `loop.add_reader`.
 When it becomes readable every call whose deadline has passed runs, in deadline order (ties in the
 order they were scheduled), and the timer is re-armed for the next one.
 
@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from servers.core.timerfd import TimerFD
+from loadgen.lowlevel.timerfd import TimerFD
 
 # An idle core takes ~120 us (p50) to ~200 us (p99) to wake on these VMs, so the timer is armed this
 # much early and the rest is spun. Spinning is paid from a budget that refills at _SPIN_SHARE of

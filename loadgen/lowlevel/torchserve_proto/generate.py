@@ -1,4 +1,5 @@
-"""Regenerate the Python stubs of TorchServe's gRPC protocol: `python -m servers.torchserve.proto.generate`.
+"""Regenerate the Python stubs of TorchServe's gRPC protocol:
+`python -m loadgen.lowlevel.torchserve_proto.generate`.
 
 grpcio-tools' protoc compiles inference.proto, management.proto and the google/rpc/status.proto copy
 into *_pb2.py and *_pb2_grpc.py beside them. protoc writes top-level imports (`import inference_pb2`);
@@ -15,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-PACKAGE = "servers.torchserve.proto"
+PACKAGE = "loadgen.lowlevel.torchserve_proto"
 PROTOS = ("inference.proto", "management.proto", "google/rpc/status.proto")
 
 _STATUS_IMPORT = re.compile(r"^from google\.rpc import status_pb2 as (\w+)$", re.MULTILINE)

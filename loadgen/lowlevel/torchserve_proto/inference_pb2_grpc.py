@@ -5,7 +5,7 @@ import grpc
 import warnings
 
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
-from servers.torchserve.proto import inference_pb2 as inference__pb2
+from loadgen.lowlevel.torchserve_proto import inference_pb2 as inference__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__

@@ -4,7 +4,7 @@
 import grpc
 import warnings
 
-from servers.torchserve.proto import management_pb2 as management__pb2
+from loadgen.lowlevel.torchserve_proto import management_pb2 as management__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
