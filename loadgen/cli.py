@@ -15,7 +15,7 @@ import typer
 
 from loadgen.errors import LoadgenError, ScenarioError
 from loadgen.flags import Flag
-from loadgen.options import load_command, run_flags, scenario_overrides, sweep_flags
+from loadgen.options import compare_flags, load_command, run_flags, scenario_overrides, sweep_flags
 
 if TYPE_CHECKING:
     from loadgen.driver.distributed import DistributedOptions
@@ -147,6 +147,53 @@ def sweep(scenario: Path | None, values: dict[str, Any]) -> None:
     )
     try:
         code = run_sweep(scenario, overrides, spec, distributed=distributed)
+    except LoadgenError as exc:
+        _fail(exc)
+    raise typer.Exit(code)
+
+
+_COMPARE_FLAGS = compare_flags()
+
+
+@load_command(app, _COMPARE_FLAGS, epilog="Examples:\n\n"
+    "  loadgen compare --target http://127.0.0.1:8000 --models digits_cnn,digits_cnn_int8,digits_student "
+    "--input-data models/_data/digits_test.json --labels models/_data/digits_test_labels.json "
+    "--rate 200 --duration 20s --out runs/compare\n\n"
+    "  loadgen compare --target URL --models a,b --input-data d.json --labels l.json --sweep --step-duration 5s")
+def compare(scenario: Path | None, values: dict[str, Any]) -> None:
+    """Compare model variants under the same load: accuracy (every answer scored against --labels),
+    latency, throughput (saturation with --sweep), size, energy and $ per million inferences.
+
+    Writes DIR/compare.json, DIR/compare.csv and one run (or sweep) folder per variant; prints the table
+    with the Pareto-optimal variants marked. Exit 1 when --slo is met by no variant, 2 when no variant
+    could be run."""
+    problems = []
+    if values["rate"] is not None and values["users"] is not None:
+        problems.append("--rate (open loop) and --users (closed loop) exclude each other")
+    if values["sweep"] and (values["rate"] is not None or values["users"] is not None or values["duration"]):
+        problems.append("--sweep plans each variant's load itself: --rate, --users and --duration do not apply")
+    if problems:
+        _fail(ScenarioError(problems, "flags"))
+    overrides = _overrides(_COMPARE_FLAGS, values)
+    distributed = _distributed(values)
+    from loadgen._comparecmd import CompareSpec, run_compare  # imports locust: only for verbs that send load
+    from loadgen._sweepcmd import SweepSpec
+    from loadgen.units import parse_duration
+
+    sweep_spec = None
+    if values["sweep"]:
+        try:
+            step_s, warmup_s = parse_duration(values["step_duration"]), parse_duration(values["warmup"])
+        except ValueError as exc:
+            _fail(ScenarioError([f"--step-duration/--warmup: {exc}"], "flags"))
+        sweep_spec = SweepSpec(rates=_numbers(values["rates"], float, "--rates"), start=values["start"],
+                               max=values["max_rate"], factor=values["factor"], increment=values["increment"],
+                               fixed=values["fixed"], step_duration_s=step_s, warmup_s=warmup_s)
+    spec = CompareSpec(models=tuple(m.strip() for m in values["models"].split(",")), sweep=sweep_spec,
+                       server_metrics=values["server_metrics"], cost_per_hour=values["cost_per_hour"],
+                       model_repository=str(values["model_repository"]) if values["model_repository"] else None)
+    try:
+        code = run_compare(scenario, overrides, spec, distributed=distributed, quiet=values["quiet"])
     except LoadgenError as exc:
         _fail(exc)
     raise typer.Exit(code)

@@ -28,13 +28,16 @@ from loadgen.flags import Flag, as_path_text, to_scenario_values
 from loadgen.protocols import protocols
 
 __all__ = [
+    "COMPARE",
     "DISTRIBUTED",
+    "NOT_IN_COMPARE",
     "NOT_IN_SWEEP",
     "OUTPUT",
     "PATTERN",
     "RUN_LOAD",
     "SWEEP_PLAN",
     "TARGET",
+    "compare_flags",
     "load_command",
     "parse_headers",
     "protocol_flags",
@@ -147,6 +150,20 @@ SWEEP_PLAN = (
          panel=_SWEEP),
 )
 
+COMPARE = (
+    Flag("models", str, "The variants to compare, comma-separated, e.g. digits_cnn,digits_cnn_int8 (each is "
+         "--model of one run).", default=..., panel="Compare"),
+    Flag("sweep", bool, "Sweep each variant to its saturation (the sweep's plan flags apply; none: it probes) "
+         "instead of one run at --rate/--users.", default=False, decls=("--sweep",), panel="Compare"),
+    Flag("model_repository", Path | None, "A local copy of the server's model repository: each variant's size "
+         "on disk is read from it.", panel="Compare"),
+)
+
+NOT_IN_COMPARE = {
+    "--model": "compare takes --models, each variant one run (or sweep)",
+}
+"""`run` flags compare does not take, and why."""
+
 NOT_IN_SWEEP = {
     "--rate": "a sweep's rates come from its plan: --rates, --start/--max, or none (it probes the target)",
     "--users": "a sweep's --users is a list or range of user counts, not one count",
@@ -182,6 +199,14 @@ def run_flags() -> tuple[Flag, ...]:
 
 def sweep_flags() -> tuple[Flag, ...]:
     return (*_with_protocol_help(TARGET), *protocol_flags(), *SWEEP_PLAN, *PATTERN, *OUTPUT, *DISTRIBUTED)
+
+
+def compare_flags() -> tuple[Flag, ...]:
+    """run's flags but --model, the compare flags, and the sweep's plan flags for --sweep (its --users
+    list is not taken: --users is run's, one count)."""
+    target = tuple(flag for flag in _with_protocol_help(TARGET) if flag.name != "model")
+    plan = tuple(flag for flag in SWEEP_PLAN if flag.name != "users")
+    return (*target, *COMPARE, *protocol_flags(), *RUN_LOAD, *PATTERN, *OUTPUT, QUIET, *plan, *DISTRIBUTED)
 
 
 def scenario_overrides(flags: Sequence[Flag], values: dict[str, Any]) -> dict[tuple[str, ...], Any]:

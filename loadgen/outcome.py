@@ -10,6 +10,9 @@ A failed request is data, not an exception: `error` holds its kind (see errors.p
 A streamed response (protocol openai) comes as a StreamOutcome: the same six fields first, then
 the arrival instant of each chunk that carried output tokens and the output token count. It is a
 separate type so that protocols that do not stream build nothing more per request.
+
+A client that scores its answers (a classifier compared with labels) says how many rows of the answer
+it scored and how many were right (`scored`, `correct`); the recorder sums them into an accuracy.
 """
 
 from __future__ import annotations
@@ -27,6 +30,10 @@ class Outcome(NamedTuple):
     error: str | None = None
     message: str = ""
     response_bytes: int = 0
+    scored: int = 0
+    """Answers (rows) scored against a label (--labels, --reference); 0 when the run scores nothing."""
+    correct: int = 0
+    """Of those, the answers whose predicted class was the label."""
 
 
 class StreamOutcome(NamedTuple):

@@ -26,7 +26,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("loadgen.driver",),  # Locust users, dispatcher, run, distributed master/worker
     ("loadgen.sweep",),  # plans, steps, verdict: above the runs they order
     # The verbs' work; locustfile is Locust's own -f entry point, a command like them.
-    ("loadgen._runcmd", "loadgen._sweepcmd", "loadgen._democmd", "loadgen.report", "loadgen.driver.locustfile"),
+    ("loadgen._runcmd", "loadgen._sweepcmd", "loadgen._democmd", "loadgen._comparecmd", "loadgen.compare",
+     "loadgen.report", "loadgen.driver.locustfile"),
     ("loadgen.options",),
     ("loadgen.cli", "loadgen.__main__"),
     ("loadgen",),  # the package's lazy re-exports

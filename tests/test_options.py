@@ -10,7 +10,15 @@ import pytest
 from typer.testing import CliRunner
 
 from loadgen.cli import app
-from loadgen.options import NOT_IN_SWEEP, protocol_flags, run_flags, scenario_overrides, sweep_flags
+from loadgen.options import (
+    NOT_IN_COMPARE,
+    NOT_IN_SWEEP,
+    compare_flags,
+    protocol_flags,
+    run_flags,
+    scenario_overrides,
+    sweep_flags,
+)
 from loadgen.protocols import protocols
 from loadgen.scenario import ScenarioError, load_scenario
 
@@ -23,6 +31,14 @@ def test_every_run_flag_is_in_sweep_or_says_why_not() -> None:
     missing = _names(run_flags()) - _names(sweep_flags()) - set(NOT_IN_SWEEP)
     assert not missing, f"run flags missing from sweep without a reason in NOT_IN_SWEEP: {sorted(missing)}"
     assert set(NOT_IN_SWEEP) <= _names(run_flags()), "NOT_IN_SWEEP names a flag run does not have"
+
+
+def test_every_run_flag_is_in_compare_or_says_why_not() -> None:
+    missing = _names(run_flags()) - _names(compare_flags()) - set(NOT_IN_COMPARE)
+    assert not missing, f"run flags missing from compare without a reason in NOT_IN_COMPARE: {sorted(missing)}"
+    assert set(NOT_IN_COMPARE) <= _names(run_flags())
+    plan = _names(sweep_flags()) - _names(run_flags())
+    assert plan - {"--users"} <= _names(compare_flags()), "compare --sweep takes the sweep's plan flags"
 
 
 def test_sweep_help_offers_every_target_and_payload_option_of_run() -> None:

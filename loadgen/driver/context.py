@@ -134,6 +134,8 @@ class LoadContext:
     # -- what the user classes call --------------------------------------------------------------
     def record(self, outcome: Outcome) -> None:
         self.recorder.record(outcome.intended_t, outcome.sent_t, outcome.done_t, outcome.error)
+        if outcome.scored:
+            self.recorder.record_score(outcome.scored, outcome.correct)
         if self._fire is not None:
             self._fire(
                 request_type="POST",

@@ -32,7 +32,7 @@ from loadgen.protocols.common.grpc_channel import (
     rpc_failure,
     unreachable,
 )
-from loadgen.protocols.common.request_data import check_answer, from_raw, request_data, to_raw
+from loadgen.protocols.common.request_data import AnswerJudge, Outputs, from_raw, request_data, to_raw
 
 if TYPE_CHECKING:
     from loadgen.protocols.common.grpc_h2 import H2Channel
@@ -63,7 +63,8 @@ class KServeGrpcClient:
         self._channel = open_channel(target.url, target.ca_file)
         self._metadata = call_metadata(target.auth_headers())
         self._requests: list[bytes] = []
-        self._checks: list[tuple] | None = None  # per request: (expected values, output specs)
+        self._judge: AnswerJudge | None = None
+        """Checks and scores each answer (validation data, declared outputs, labels); None: neither."""
         self._next = 0
         import grpc
 
@@ -119,7 +120,7 @@ class KServeGrpcClient:
         self.request = self._requests[0]
         if self.target.check_response:
             data.with_specs(self.metadata)
-        self._checks = data.checks()
+        self._judge = data.judge(self.metadata, self.target.labels)
         if not self.target.stream:
             self._h2 = self._open_h2()
         warm_up(self, f"ModelInfer of {self.target.model!r}")
@@ -148,12 +149,13 @@ class KServeGrpcClient:
         if reply.status != 0:
             return Outcome(intended_t, sent_t, done_t, f"grpc_{self._status_names.get(reply.status, 'unknown')}",
                            reply.message)
-        if self._checks is not None:
+        if self._judge is not None:
             from tritonclient.grpc import service_pb2 as pb
 
-            problem = _check(pb.ModelInferResponse.FromString(response), *self._checks[index])
+            problem, scored, correct = self._judge.judge(_outputs(pb.ModelInferResponse.FromString(response)), index)
             if problem is not None:
                 return Outcome(intended_t, sent_t, done_t, "invalid_response", problem, len(response))
+            return Outcome(intended_t, sent_t, done_t, None, "", len(response), scored, correct)
         return Outcome(intended_t, sent_t, done_t, None, "", len(response))
 
     def _send_streamed(self, intended_t: float, index: int) -> Outcome:
@@ -180,10 +182,11 @@ class KServeGrpcClient:
         message = pb.ModelStreamInferResponse.FromString(raw)
         if message.error_message:
             return Outcome(intended_t, sent_t, done_t, "stream_error", message.error_message, len(raw))
-        if self._checks is not None:
-            problem = _check(message.infer_response, *self._checks[index])
+        if self._judge is not None:
+            problem, scored, correct = self._judge.judge(_outputs(message.infer_response), index)
             if problem is not None:
                 return Outcome(intended_t, sent_t, done_t, "invalid_response", problem, len(raw))
+            return Outcome(intended_t, sent_t, done_t, None, "", len(raw), scored, correct)
         return Outcome(intended_t, sent_t, done_t, None, "", len(raw))
 
     def _open_h2(self) -> H2Channel:
@@ -232,15 +235,14 @@ class _Stream:
         self._responses.cancel()
 
 
-def _check(message: Any, expected: dict | None, specs: dict | None) -> str | None:
-    """A ModelInferResponse's raw outputs against the model's declared outputs and the expected values
-    (perf_analyzer validation data), whichever are given."""
+def _outputs(message: Any) -> Outputs | str:
+    """A ModelInferResponse's raw outputs, decoded, or what makes them no answer."""
     try:
         outputs = {tensor.name: (tensor.datatype, list(tensor.shape), from_raw(tensor.datatype, list(tensor.shape), raw))
                    for tensor, raw in zip(message.outputs, message.raw_output_contents, strict=True)}
     except ValueError as exc:  # raw contents that do not fit the shape, or not one per output
         return f"outputs do not match their raw contents: {exc}"
-    return check_answer(outputs, expected, specs)
+    return outputs
 
 
 def build_infer_request(model: str, version: str, tensors: list[dict[str, Any]]) -> bytes:

@@ -31,7 +31,7 @@ from loadgen.outcome import Outcome
 from loadgen.protocols.base import ProtocolSpec, warm_up
 from loadgen.protocols.common import kserve
 from loadgen.protocols.common.http1 import Http1Pool, Response, build_request
-from loadgen.protocols.common.request_data import check_answer, from_raw, request_data, to_raw
+from loadgen.protocols.common.request_data import AnswerJudge, Outputs, from_raw, request_data, to_raw
 
 __all__ = ["PROTOCOL", "KServeHttpClient", "KServeHttpTarget"]
 
@@ -69,7 +69,8 @@ class KServeHttpClient:
         self.metadata: dict[str, Any] = {}
         self.request = b""
         self._requests: list[bytes] = []
-        self._checks: list[tuple] | None = None  # per request: (expected values, output specs)
+        self._judge: AnswerJudge | None = None
+        """Checks and scores each answer (validation data, declared outputs, labels); None: neither."""
         self._next = 0
         self._headers = target.auth_headers()
         self.warmup_requests = 0
@@ -134,7 +135,7 @@ class KServeHttpClient:
         self.request = self._requests[0]
         if self.target.check_response:
             data.with_specs(self.metadata)
-        self._checks = data.checks()
+        self._judge = data.judge(self.metadata, self.target.labels)
         warm_up(self, f"POST {self._infer_path}")
         return self.metadata
 
@@ -153,10 +154,11 @@ class KServeHttpClient:
         if response.status != 200:
             error = f"http_{response.status}"
             return Outcome(intended_t, sent_t, done_t, error, _error_text(response.body), len(response.body))
-        if self._checks is not None:
-            problem = _check(response, *self._checks[index])
+        if self._judge is not None:
+            problem, scored, correct = self._judge.judge(_outputs(response), index)
             if problem is not None:
                 return Outcome(intended_t, sent_t, done_t, "invalid_response", problem, len(response.body))
+            return Outcome(intended_t, sent_t, done_t, None, "", len(response.body), scored, correct)
         return Outcome(intended_t, sent_t, done_t, None, "", len(response.body))
 
     def close(self) -> None:
@@ -180,9 +182,8 @@ def _binary_body(tensors: list[dict[str, Any]]) -> tuple[bytes, dict[str, str]]:
                                       "Inference-Header-Content-Length": str(len(header))}
 
 
-def _check(response: Response, expected: dict | None, specs: dict | None) -> str | None:
-    """The response's outputs (JSON values or binary blobs) against the model's declared outputs and
-    the expected values (perf_analyzer validation data), whichever are given."""
+def _outputs(response: Response) -> Outputs | str:
+    """The response's outputs (JSON values or binary blobs, decoded), or what makes it no answer."""
     body = response.body
     header_length = response.headers.get("inference-header-content-length")
     try:
@@ -200,7 +201,7 @@ def _check(response: Response, expected: dict | None, specs: dict | None) -> str
             offset += blob_size
     except (ValueError, KeyError, TypeError) as exc:
         return f"response is not a KServe v2 answer: {exc}"
-    return check_answer(outputs, expected, specs)
+    return outputs
 
 
 def _error_text(body: bytes) -> str:

@@ -21,7 +21,7 @@ from loadgen.recorder._hdr import mean_value, new_histogram, values_at_percentil
 
 HISTOGRAMS = ("latency", "service", "lag")
 """Names of the histogram fields, in the order the sinks show them."""
-COUNTERS = ("ok", "dropped", "out_of_range", "completed_in_window", "sent", "unsent")
+COUNTERS = ("ok", "dropped", "out_of_range", "completed_in_window", "sent", "unsent", "scored", "correct")
 """Names of the integer counter fields (errors, a dict, is handled beside them)."""
 STREAM_HISTOGRAMS = ("ttft", "ttft_service", "itl", "tpot")
 """Names of the StreamFigures histogram fields, in the order the sinks show them."""
@@ -107,6 +107,10 @@ class HistogramSet:
     """Responses, ok or not, that completed by the recorder's window_end_t."""
     sent: int = 0
     """Requests recorded (one per Recorder.record call)."""
+    scored: int = 0
+    """Answers (rows) scored against a label: successful responses of a run that scores."""
+    correct: int = 0
+    """Of the scored answers, those whose predicted class was the label."""
     stream: StreamFigures | None = None
     """Token-level figures when the responses were streamed (protocol openai), else None."""
 

@@ -116,6 +116,8 @@ class Recorder:
         self._failed: list[tuple[float, float, float, str]] = []
         self._dropped = 0
         self._unsent = 0
+        self._scored = 0
+        self._correct = 0
         self._streams: list[tuple[float, float, float, Sequence[float], int]] = []
 
     def _new_set(self) -> HistogramSet:
@@ -144,6 +146,11 @@ class Recorder:
         self.record(intended_t, sent_t, done_t, error)
         if error is None:
             self._streams.append((intended_t, sent_t, done_t, token_times, output_tokens))
+
+    def record_score(self, scored: int, correct: int) -> None:
+        """Count `scored` answers (rows) compared with their labels, `correct` of them right."""
+        self._scored += scored
+        self._correct += correct
 
     def record_dropped(self, intended_t: float) -> None:
         """Count an arrival that could not be started; it has no latency."""
@@ -211,19 +218,21 @@ class Recorder:
         self.cumulative.add(interval.figures)
         self.intervals.append(interval)
 
-    def _take_buffers(self) -> tuple[list[float], list[float], list[float], list, tuple[int, int], list]:
+    def _take_buffers(self) -> tuple[list[float], list[float], list[float], list, tuple[int, ...], list]:
         """Hand over every buffered sample and start empty buffers (record() appends to the new ones)."""
-        taken = (self._ok_intended, self._ok_sent, self._ok_done, self._failed, (self._dropped, self._unsent),
-                 self._streams)
+        taken = (self._ok_intended, self._ok_sent, self._ok_done, self._failed,
+                 (self._dropped, self._unsent, self._scored, self._correct), self._streams)
         self._ok_intended, self._ok_sent, self._ok_done, self._failed = [], [], [], []
-        self._dropped = self._unsent = 0
+        self._dropped = self._unsent = self._scored = self._correct = 0
         self._streams = []
         return taken
 
     def _flush_steps(self, figures: HistogramSet, taken: tuple) -> Iterator[None]:
-        ok_intended, ok_sent, ok_done, failed, (dropped, unsent), streams = taken
+        ok_intended, ok_sent, ok_done, failed, (dropped, unsent, scored, correct), streams = taken
         figures.dropped += dropped
         figures.unsent += unsent
+        figures.scored += scored
+        figures.correct += correct
         if ok_done:
             intended, sent, done = (np.array(column, dtype=np.float64) for column in (ok_intended, ok_sent, ok_done))
             figures.out_of_range += record_many(figures.latency, _to_us(done - intended))

@@ -59,6 +59,9 @@ def build_summary(
         "service_ms": figures.percentiles_ms("service"),
         "lag_ms": figures.percentiles_ms("lag"),
     }
+    if figures.scored:
+        summary["accuracy"] = {"scored": figures.scored, "correct": figures.correct,
+                               "top1": round(figures.correct / figures.scored, 6)}
     if figures.stream is not None:
         summary.update(stream_summary(figures, duration_s))
     summary.update(extra or {})

@@ -39,6 +39,10 @@ def render_table(summary: dict[str, Any]) -> str:
     if "output_tokens_per_s" in summary:
         lines.append(_tokens_line(summary))
     lines.append(_counts_line(summary))
+    if "accuracy" in summary:
+        accuracy = summary["accuracy"]
+        lines.append(f"{'accuracy':<{_LABEL_WIDTH}}top-1 {accuracy['top1']:.4f}   {accuracy['correct']} of "
+                     f"{accuracy['scored']} answers scored against the labels")
     if summary.get("generator_bound") or summary.get("unsent"):
         lines.append(_bound_line(summary.get("generator", {}), summary.get("unsent", 0)))
     if "slo" in summary:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from loadgen.flags import Flag, as_path_text, if_set
 from loadgen.protocols.base import TargetOptions, existing_file
+from loadgen.protocols.common.request_data import count_entries, read_labels
 
 __all__ = ["FLAGS", "KServeOptions", "parse_shapes"]
 
@@ -23,6 +24,10 @@ class KServeOptions(TargetOptions):
     batch_size: int = Field(default=1, ge=1)
     """Rows per request for a batching model (perf_analyzer's -b): synthetic tensors get this leading
     dimension, input_data entries are repeated this many times."""
+    labels: str | None = None
+    """A JSON list of integer class labels, one per input_data entry in order: every answer's predicted
+    class (the argmax of the model's first output, per row) is scored against its entry's label, and
+    summary.json gets the accuracy."""
     check_response: bool = False
     """Check every answer against the model's metadata: each declared output present, with its
     datatype and shape (a wrong one is an invalid_response error; the run goes on)."""
@@ -35,6 +40,19 @@ class KServeOptions(TargetOptions):
     @classmethod
     def _input_data_exists(cls, value: str | None) -> str | None:
         return existing_file(value)
+
+    @model_validator(mode="after")
+    def _labels_fit_input_data(self) -> KServeOptions:
+        if self.labels is None:
+            return self
+        if self.input_data is None:
+            raise ValueError("labels needs input_data (--input-data): one label per entry")
+        labels = read_labels(existing_file(self.labels) or "")
+        entries = count_entries(self.input_data)
+        if len(labels) != entries:
+            raise ValueError(f"labels {self.labels} has {len(labels)} labels for the {entries} entries of "
+                             f"input_data {self.input_data}")
+        return self
 
 
 def parse_shapes(items: list[str]) -> dict[str, list[int]] | None:
@@ -59,6 +77,8 @@ FLAGS = (
          key=("target", "input_data"), to_scenario=as_path_text),
     Flag("batch_size", int | None, "Rows per request for a batching model (as perf_analyzer's -b).",
          key=("target", "batch_size"), decls=("--batch-size", "-b")),
+    Flag("labels", Path | None, "JSON list of integer class labels, one per --input-data entry: every answer "
+         "is scored (top-1) and summary.json gets the accuracy.", key=("target", "labels"), to_scenario=as_path_text),
     Flag("check_response", bool, "Check each answer's output names, datatypes and shapes against the "
          "model's metadata (a wrong one is an invalid_response error).",
          key=("target", "check_response"), to_scenario=if_set, default=False, decls=("--check-response",)),

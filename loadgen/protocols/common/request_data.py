@@ -32,7 +32,8 @@ from loadgen.errors import ProtocolMismatch
 from loadgen.lowlevel.dtypes import NUMPY_DTYPES
 from loadgen.protocols.common.payloads import has_batch_dim, synthetic_inputs
 
-__all__ = ["RequestData", "check_answer", "check_outputs", "from_raw", "request_data", "to_raw"]
+__all__ = ["AnswerJudge", "RequestData", "check_answer", "check_outputs", "count_entries", "from_raw", "read_labels",
+           "request_data", "score", "to_raw"]
 
 OutputSpecs = dict[str, tuple[str, list[int]]]
 """Per output name: the datatype and the shape an answer must have (-1: any size)."""
@@ -56,6 +57,21 @@ class RequestData:
         return [(self.expected[i] if self.expected else None, self.specs[i] if self.specs else None)
                 for i in range(len(self.tensors))]
 
+    def judge(self, metadata: dict[str, Any], labels: str | None) -> AnswerJudge | None:
+        """The AnswerJudge of these requests: their checks, and with a `labels` file (one label per
+        entry, in order) the scoring of the model's first output; None when answers are neither
+        checked nor scored."""
+        checks = self.checks()
+        if labels is None:
+            return AnswerJudge(checks) if checks is not None else None
+        outputs = metadata.get("outputs") or []
+        if not outputs:
+            raise ProtocolMismatch("labels: the model's metadata declares no output to score")
+        values = read_labels(labels)
+        if len(values) != len(self.tensors):
+            raise ProtocolMismatch(f"labels {labels}: {len(values)} labels for {len(self.tensors)} input-data entries")
+        return AnswerJudge(checks, values, outputs[0]["name"])
+
     def with_specs(self, metadata: dict[str, Any]) -> RequestData:
         """The same requests, each answer to be checked against the model's declared outputs: every
         output there, with its datatype and its shape (the batch dimension as the request's)."""
@@ -68,6 +84,70 @@ class RequestData:
                           if has_batch_dim(spec["shape"]) and t["shape"]), None)
             self.specs.append({spec["name"]: (spec["datatype"], _pattern(spec["shape"], batch)) for spec in outputs})
         return self
+
+
+Outputs = dict[str, tuple[str, list[int], np.ndarray]]
+"""An answer's outputs as a client decoded them: name -> (datatype, shape, values)."""
+
+
+@dataclass
+class AnswerJudge:
+    """What a client does with each answer it decodes: check it (validation data, declared outputs)
+    and score it against the label of its request's entry (the predicted class is the argmax of
+    `output` over its last dimension, one prediction per row)."""
+
+    checks: list[tuple[dict[str, np.ndarray] | None, OutputSpecs | None]] | None = None
+    labels: list[int] | None = None
+    output: str = ""
+
+    def judge(self, outputs: Outputs | str, index: int) -> tuple[str | None, int, int]:
+        """(what is wrong with the answer or None, rows scored, rows right) for request `index`;
+        `outputs` is the problem text when the answer could not be decoded."""
+        if isinstance(outputs, str):
+            return outputs, 0, 0
+        if self.checks is not None:
+            problem = check_answer(outputs, *self.checks[index])
+            if problem is not None:
+                return problem, 0, 0
+        if self.labels is None:
+            return None, 0, 0
+        if self.output not in outputs:
+            return f"output {self.output} missing (it is scored against the labels)", 0, 0
+        scored, correct = score(outputs[self.output][2], self.labels[index])
+        return None, scored, correct
+
+
+def score(values: np.ndarray, label: int) -> tuple[int, int]:
+    """(rows, rows whose argmax is `label`) of a classifier's output: one row per leading index, the
+    classes along the rest (a 1-D output is one row).
+
+    >>> score(np.array([[0.1, 0.9], [0.8, 0.2]]), 1)
+    (2, 1)
+    """
+    rows = np.asarray(values, dtype=np.float64)
+    rows = rows.reshape(1, -1) if rows.ndim <= 1 else rows.reshape(rows.shape[0], -1)
+    predicted = rows.argmax(axis=1)
+    return int(predicted.size), int(np.count_nonzero(predicted == label))
+
+
+def read_labels(path: str) -> list[int]:
+    """The class labels of a labels file: a JSON list of integers, one per input-data entry."""
+    try:
+        labels = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from None
+    if not isinstance(labels, list) or not labels or not all(type(label) is int for label in labels):
+        raise ValueError(f"{path}: expected a JSON list of integer class labels, e.g. [3, 0, 7]")
+    return labels
+
+
+def count_entries(input_data: str) -> int:
+    """How many "data" entries a perf_analyzer input-data file has (0 when it cannot be read)."""
+    try:
+        entries = json.loads(Path(input_data).read_text(encoding="utf-8")).get("data")
+    except (OSError, ValueError, AttributeError):
+        return 0
+    return len(entries) if isinstance(entries, list) else 0
 
 
 def request_data(metadata: dict[str, Any], seed: int, shapes: dict[str, list[int]],
