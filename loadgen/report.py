@@ -8,6 +8,8 @@ sweep that was interrupted (its files hold what was measured; the report says it
 Plots (matplotlib, Agg backend, no display needed):
 - run: latency over time (p50, p99, max per interval) and the HDR percentile spectrum (latency and
   service time against 1/(1-percentile) on a log axis, the usual HdrHistogram view);
+- compare: the variants' table, accuracy against p99 latency and against throughput (the Pareto
+  fronts joined), and against $ per million inferences when priced;
 - sweep: latency against achieved throughput (p50, p99 per step: the throughput-under-load curve),
   achieved against offered load, the percentile spectrum of each step, latency over time across
   the steps, and the server's own figures per step when the sweep scraped them.
@@ -37,7 +39,11 @@ def write_report(folder: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
-    if (folder / "sweep.json").is_file():
+    if (folder / "compare.json").is_file():
+        document = _load_json(folder / "compare.json")
+        title = f"Comparison of {len(document.get('models', []))} model variants"
+        sections = _compare_sections(folder, document)
+    elif (folder / "sweep.json").is_file():
         document = _load_json(folder / "sweep.json")
         title = f"Sweep of {document.get('target', {}).get('model', '?')} at {document.get('target', {}).get('url', '?')}"
         sections = _sweep_sections(folder, document)
@@ -46,7 +52,8 @@ def write_report(folder: Path) -> Path:
         title = f"Run on {document.get('target', {}).get('model', '?')} at {document.get('target', {}).get('url', '?')}"
         sections = _run_sections(folder, document)
     else:
-        raise ReportError(f"{folder}: no sweep.json or summary.json (is it a loadgen run or sweep folder?)")
+        raise ReportError(f"{folder}: no compare.json, sweep.json or summary.json (is it a loadgen run, sweep or "
+                          "compare folder?)")
     path = folder / "report.html"
     path.write_text(_page(title, document, sections), encoding="utf-8")
     return path
@@ -57,6 +64,54 @@ def _load_json(path: Path) -> dict[str, Any]:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ReportError(f"{path}: cannot read it: {exc}") from exc
+
+
+# -- compare --------------------------------------------------------------------------------------
+
+def _compare_sections(folder: Path, document: dict[str, Any]) -> list[str]:
+    models = document.get("models", [])
+    head = ["model", "status", "accuracy", "p50 ms", "p99 ms", "achieved/s", "saturation/s", "bytes", "J/inference",
+            "$/M", "front: latency", "front: throughput", "error"]
+    rows = [[m["model"], m["status"], m.get("accuracy"), (m.get("latency_ms") or {}).get("p50"),
+             (m.get("latency_ms") or {}).get("p99"), m.get("achieved_rps"), m.get("saturation_rps"),
+             m.get("model_bytes"), m.get("energy_j_per_inference"), m.get("cost_per_million"),
+             m.get("pareto_latency"), m.get("pareto_throughput"), m.get("error")] for m in models]
+    cells = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(cell))}</td>" for cell in row) + "</tr>" for row in rows)
+    header = "".join(f"<th>{html.escape(name)}</th>" for name in head)
+    sections = [f"<h2>Variants</h2><table><tr>{header}</tr>{cells}</table>",
+                _table("Notes", [("note", note) for note in document.get("notes", [])] or [("note", "none")])]
+    scored = [m for m in models if m.get("status") == "ok" and m.get("accuracy") is not None]
+    if not scored:
+        return sections
+    sections.append(_figure(folder, "accuracy-vs-p99", "Accuracy against p99 latency (Pareto front joined)",
+                            lambda ax: _pareto_plot(ax, scored, lambda m: m["latency_ms"]["p99"], "pareto_latency",
+                                                    "p99 latency (ms)", lower_is_better=True)))
+    rate = "saturation_rps" if any(m.get("saturation_rps") is not None for m in scored) else "achieved_rps"
+    with_rate = [m for m in scored if m.get(rate) is not None]
+    if with_rate:
+        sections.append(_figure(folder, "accuracy-vs-throughput", f"Accuracy against {rate.replace('_', ' ')}",
+                                lambda ax: _pareto_plot(ax, with_rate, lambda m: m[rate], "pareto_throughput",
+                                                        "throughput (req/s)", lower_is_better=False)))
+    with_cost = [m for m in scored if m.get("cost_per_million") is not None]
+    if with_cost:
+        sections.append(_figure(folder, "accuracy-vs-cost", "Accuracy against $ per million inferences",
+                                lambda ax: _pareto_plot(ax, with_cost, lambda m: m["cost_per_million"], None,
+                                                        "$ per million inferences", lower_is_better=True)))
+    return sections
+
+
+def _pareto_plot(ax, models: list[dict[str, Any]], x_of: Callable[[dict[str, Any]], float], front: str | None,
+                 xlabel: str, *, lower_is_better: bool) -> None:
+    for model in models:
+        on_front = bool(front and model.get(front))
+        ax.plot(x_of(model), model["accuracy"], "o" if on_front else "x", color="C0" if on_front else "C7")
+        ax.annotate(model["model"], (x_of(model), model["accuracy"]), textcoords="offset points", xytext=(4, 4),
+                    fontsize=8)
+    if front:
+        line = sorted((m for m in models if m.get(front)), key=x_of)
+        ax.plot([x_of(m) for m in line], [m["accuracy"] for m in line], "-", color="C0", alpha=0.6)
+    ax.set_xlabel(xlabel + (" (lower is better)" if lower_is_better else " (higher is better)"))
+    ax.set_ylabel("accuracy (top-1)")
 
 
 # -- run ------------------------------------------------------------------------------------------
