@@ -35,6 +35,7 @@ from loadgen.driver.distributed import DistributedOptions
 from loadgen.driver.master import open_cluster
 from loadgen.driver.run import execute
 from loadgen.errors import LoadgenError, ScenarioError
+from loadgen.protocols.base import TargetOptions
 from loadgen.scenario import load_scenario
 from loadgen.serverside import ServerMetrics, server_figures
 from loadgen.slo import parse_slo
@@ -101,6 +102,7 @@ def _run_variant(base_overrides: dict[Any, Any], path: Path | None, variant: Var
                  spec: CompareSpec, cluster: Any) -> None:
     overrides = {**base_overrides, ("target", "model"): variant.model, ("output", "dir"): str(out)}
     scenario = load_scenario(path, overrides)
+    variant.memory = _memory_usage(scenario.target)
     objectives = parse_slo(scenario.slo) if scenario.slo else None
     metrics = ServerMetrics(spec.server_metrics, variant.model) if spec.server_metrics else None
     before = metrics.sample() if metrics else None
@@ -181,11 +183,32 @@ def run_compare(path: Path | None, overrides: dict[Any, Any], spec: CompareSpec,
     return 0
 
 
+def _memory_usage(target: TargetOptions) -> dict[str, int] | None:
+    """memory_usage of the model's statistics (GET /v2/models/{m}/stats), by type; None when the server
+    reports none (or the protocol has no statistics over HTTP)."""
+    if target.protocol != "kserve-http":
+        return None
+    import httpx
+
+    url = f"{target.url.rstrip('/')}/v2/models/{target.model}/stats"
+    try:
+        response = httpx.get(url, headers=target.auth_headers(), verify=target.ssl_context() or True,
+                             timeout=target.connect_timeout)
+        stats = response.json()["model_stats"] if response.status_code == 200 else []
+    except (httpx.HTTPError, ValueError, KeyError):
+        return None
+    usage: dict[str, int] = {}
+    for entry in stats[:1]:
+        for item in entry.get("memory_usage") or []:
+            usage[str(item.get("type"))] = usage.get(str(item.get("type")), 0) + int(item.get("byte_size", 0))
+    return usage or None
+
+
 def _finish(variant: Variant, spec: CompareSpec) -> None:
     variant.model_bytes = _model_bytes(spec.model_repository, variant.model)
     server = variant.server or {}
-    if server.get("gpu_memory_used_bytes") is not None:
-        variant.memory_mb = round(server["gpu_memory_used_bytes"] / 2**20, 1)
+    if variant.memory:
+        variant.memory_mb = round(sum(variant.memory.values()) / 2**20, 3)
     variant.energy_j_per_inference = server.get("energy_j_per_inference")
     inferences = variant.saturation_rps if variant.saturation_rps is not None else variant.achieved_inferences_per_s
     variant.cost_per_million = _cost_per_million(spec.cost_per_hour, inferences)

@@ -40,7 +40,10 @@ class Variant:
     """With --sweep: the sweep's saturation throughput (req/s)."""
     model_bytes: int | None = None
     memory_mb: float | None = None
-    """The server's GPU memory in use at the end of the variant's run (from --server-metrics)."""
+    """What loading the model took on the server (CPU and GPU), from its statistics' memory_usage
+    (Triton's statistics extension; the reference server measures it at load), in MiB."""
+    memory: dict[str, int] | None = None
+    """memory_usage by type (CPU, CPU_PINNED, GPU), in bytes."""
     energy_j_per_inference: float | None = None
     cost_per_million: float | None = None
     """$ per million inferences at the variant's throughput (saturation with --sweep) and --cost-per-hour."""
@@ -116,8 +119,10 @@ def _notes(variants: list[Variant], server_metrics: str | None, model_repository
         notes.append("no answer was scored: give --input-data and --labels for accuracy")
     if model_repository is None:
         notes.append("model size on disk not read: give --model-repository (a local copy of the repository)")
+    if all(v.memory_mb is None for v in variants if v.status == "ok"):
+        notes.append("the server reports no memory_usage in its model statistics: memory per model absent")
     if server_metrics is None:
-        notes.append("no server-side figures (memory, energy): give --server-metrics")
+        notes.append("no server-side energy figures: give --server-metrics")
     elif all(v.energy_j_per_inference is None for v in variants if v.status == "ok"):
         notes.append("the server reports no energy counter (no GPU with NVML): energy per inference absent")
     if any(v.generator_bound for v in variants):
@@ -129,7 +134,7 @@ def render_compare(variants: list[Variant]) -> str:
     """The comparison table; `*` marks the variants on the accuracy-vs-p99 Pareto front, `+` those on
     the accuracy-vs-throughput front."""
     header = (f"{'model':<24}{'acc':>8}{'p50 ms':>10}{'p99 ms':>10}{'req/s':>10}{'sat req/s':>11}"
-              f"{'MB disk':>9}{'J/inf':>9}{'$/M':>9}  front")
+              f"{'MB disk':>9}{'MiB mem':>9}{'J/inf':>9}{'$/M':>9}  front")
     lines = [header]
     for v in variants:
         if v.status != "ok":
@@ -140,7 +145,7 @@ def render_compare(variants: list[Variant]) -> str:
         lines.append(
             f"{v.model:<24}{_num(v.accuracy, '.4f'):>8}{_num(lat.get('p50'), '.3f'):>10}{_num(lat.get('p99'), '.3f'):>10}"
             f"{_num(v.achieved_rps, '.1f'):>10}{_num(v.saturation_rps, '.1f'):>11}"
-            f"{_num(v.model_bytes / 1e6 if v.model_bytes else None, '.3f'):>9}"
+            f"{_num(v.model_bytes / 1e6 if v.model_bytes else None, '.3f'):>9}{_num(v.memory_mb, '.2f'):>9}"
             f"{_num(v.energy_j_per_inference, '.4f'):>9}{_num(v.cost_per_million, '.3f'):>9}  {marks}"
             + ("  GENERATOR-BOUND" if v.generator_bound else "") + ("  SLO MISSED" if v.slo_met is False else ""))
     lines.append("front: * accuracy vs p99 latency, + accuracy vs throughput (no other variant is better on both)")

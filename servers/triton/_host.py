@@ -25,7 +25,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -189,8 +191,8 @@ class ModelHost:
         assert self.repository is not None
         wanted = _model_names(self.repository) if names is None or "*" in names else list(names)
         for name in wanted:
-            loaded, reason, _ = _load(self.repository, name)
-            self._install(name, loaded, reason)
+            loaded, reason, _, memory = _load(self.repository, name)
+            self._install(name, loaded, reason, memory)
 
     async def load(self, name: str, parameters: Mapping[str, str | bytes] | None = None) -> None:
         """Load (or reload) one model without stopping the loop; raises RepositoryError.
@@ -207,9 +209,9 @@ class ModelHost:
         entry = self._entries.setdefault(name, _Entry(name, state="UNKNOWN"))
         if entry.state != "READY":
             entry.state = "LOADING"
-        loaded, reason, folder = await asyncio.get_running_loop().run_in_executor(
+        loaded, reason, folder, memory = await asyncio.get_running_loop().run_in_executor(
             None, _load, self.repository, name, override)
-        self._install(name, loaded, reason)
+        self._install(name, loaded, reason, memory)
         if loaded is None:
             if folder is not None:
                 shutil.rmtree(folder, ignore_errors=True)
@@ -251,7 +253,7 @@ class ModelHost:
         if in_repository and name not in _model_names(self.repository):
             raise RepositoryError(f"failed to {action} '{name}', failed to poll from model repository")
 
-    def _install(self, name: str, loaded: Any, reason: str) -> None:
+    def _install(self, name: str, loaded: Any, reason: str, memory: list[dict[str, Any]] | None = None) -> None:
         old = self._entries.get(name)
         if loaded is None:
             if old is not None and old.state == "READY":
@@ -262,7 +264,7 @@ class ModelHost:
         batching = _batching(loaded.config)
         versions = {}
         for version, instances in ((v, lv.instances) for v, lv in loaded.versions.items()):
-            stats = ModelStats(instances[0])
+            stats = ModelStats(instances[0], memory)
             versions[version] = ServedModel(instances[0], loaded.config, stats,
                                             Scheduler(instances, stats, batching))
         self._entries[name] = _Entry(name, versions)
@@ -328,9 +330,51 @@ def _file_content(key: str, value: Any) -> bytes:
         raise RepositoryError(f"load parameter '{key}' is not valid base64: {exc}") from None
 
 
-def _load(repository: Path, name: str, override: _Override | None = None) -> tuple[Any, str, Path | None]:
-    """(LoadedModel, "", folder) or (None, reason, folder); never raises for a problem of the model.
-    `folder` is the temporary folder made from the override's files (None without files)."""
+def _load(repository: Path, name: str,
+          override: _Override | None = None) -> tuple[Any, str, Path | None, list[dict[str, Any]]]:
+    """(LoadedModel, "", folder, memory) or (None, reason, folder, []); never raises for a problem of the
+    model. `folder` is the temporary folder made from the override's files (None without files);
+    `memory` is what the load took (memory_usage of Triton's statistics: the process's resident memory
+    grew by the CPU byte_size, the GPU's allocated memory by the GPU one)."""
+    _import_runtime(repository / name if repository is not None else None)
+    before = _memory_now()
+    loaded, reason, folder = _load_model(repository, name, override)
+    if loaded is None:
+        return loaded, reason, folder, []
+    after = _memory_now()
+    memory = [{"type": kind, "id": 0, "byte_size": max(0, after[kind] - before.get(kind, 0))} for kind in after]
+    return loaded, reason, folder, memory
+
+
+def _import_runtime(folder: Path | None) -> None:
+    """Import the runtime a model folder's files need (torch for .pt, onnxruntime for .onnx) before its
+    memory is measured, so that the first model of a backend is not charged with the library."""
+    if folder is None or not folder.is_dir():
+        return
+    suffixes = {path.suffix for path in folder.rglob("*") if path.is_file()}
+    for suffix, module in ((".pt", "torch"), (".onnx", "onnxruntime")):
+        if suffix in suffixes:
+            try:
+                __import__(module)
+            except ImportError:
+                pass  # the load itself says what is missing
+
+
+def _memory_now() -> dict[str, int]:
+    """The process's resident bytes (CPU) and, when torch is in use with CUDA, the GPU bytes allocated."""
+    usage = {}
+    try:
+        with open("/proc/self/statm", encoding="ascii") as fh:
+            usage["CPU"] = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        pass
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        usage["GPU"] = int(torch.cuda.memory_allocated())
+    return usage
+
+
+def _load_model(repository: Path, name: str, override: _Override | None) -> tuple[Any, str, Path | None]:
     from servers.triton.repository import ModelLoadError, load_model
 
     folder = None

@@ -24,8 +24,10 @@ _DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "com
 class ModelStats:
     """The counters of one model version; safe to update from worker threads."""
 
-    def __init__(self, model: Model) -> None:
+    def __init__(self, model: Model, memory_usage: list[dict[str, Any]] | None = None) -> None:
         self.name = model.name
+        self.memory_usage = list(memory_usage or [])
+        """What loading the model took, as Triton's statistics report it: [{type, id, byte_size}]."""
         self.version = model.version
         self._batches: dict[int, list[int]] = {}
         self._lock = threading.Lock()
@@ -103,5 +105,5 @@ class ModelStats:
                     {"batch_size": size, **{key: {"count": count, "ns": ns} for key, ns in
                                             zip(("compute_input", "compute_infer", "compute_output"), times)}}
                     for size, (count, *times) in sorted(self._batches.items())],
-                "memory_usage": [],
+                "memory_usage": [dict(usage) for usage in self.memory_usage],
             }
