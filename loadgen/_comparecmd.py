@@ -135,6 +135,7 @@ def _sweep_variant(base_overrides: dict[Any, Any], path: Path | None, variant: V
     correct = sum(s.get("accuracy", {}).get("correct", 0) for s in steps)
     variant.accuracy, variant.scored = (round(correct / scored, 6), scored) if scored else (None, 0)
     variant.saturation_rps = document.get("saturation_rps")
+    variant.max_rps_meeting_slo = document.get("max_rps_meeting_slo")
     variant.slo_met = document.get("slo_met") if document.get("slo") else None
     variant.server = best.get("server")
 

@@ -38,6 +38,8 @@ class Variant:
     achieved_inferences_per_s: float | None = None
     saturation_rps: float | None = None
     """With --sweep: the sweep's saturation throughput (req/s)."""
+    max_rps_meeting_slo: float | None = None
+    """With --sweep and --slo: the highest throughput of a step that met the SLO (req/s)."""
     model_bytes: int | None = None
     memory_mb: float | None = None
     """What loading the model took on the server (CPU and GPU), from its statistics' memory_usage
