@@ -11,7 +11,6 @@ loadgen/lowlevel/torchserve_proto, generated from TorchServe's own service and m
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any, ClassVar, Literal
 
@@ -19,7 +18,7 @@ from loadgen.errors import TargetNotReady, TargetUnreachable
 from loadgen.outcome import Outcome
 from loadgen.protocols.base import ProtocolSpec, warm_up
 from loadgen.protocols.common.grpc_channel import call_metadata, open_channel, rpc_failure, unreachable
-from loadgen.protocols.common.torchserve import PAYLOAD_FLAG, TorchServeOptions, payload_files
+from loadgen.protocols.common.torchserve import PAYLOAD_FLAG, TorchServeOptions, json_or_text, payload_files
 
 __all__ = ["PROTOCOL", "TorchServeGrpcClient", "TorchServeGrpcTarget"]
 
@@ -72,7 +71,7 @@ class TorchServeGrpcClient:
         except grpc.RpcError as exc:
             raise TargetNotReady(f"{self.target.url}: Ping failed: {exc.code().name}: {exc.details()}") from None
         warm_up(self, f"Predictions of {self.target.model!r}")
-        self.metadata = {"name": self.target.model, "ping": _json(health.health.encode())}
+        self.metadata = {"name": self.target.model, "ping": json_or_text(health.health.encode())}
         return self.metadata
 
     def send(self, intended_t: float) -> Outcome:
@@ -87,14 +86,6 @@ class TorchServeGrpcClient:
 
     def close(self) -> None:
         self._channel.close()
-
-
-
-def _json(body: bytes) -> Any:
-    try:
-        return json.loads(body)
-    except ValueError:
-        return body[:200].decode("utf-8", "replace")
 
 
 PROTOCOL = ProtocolSpec(

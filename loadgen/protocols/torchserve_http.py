@@ -12,7 +12,6 @@ kernel receive timestamps); any status other than 200 is `http_<status>`.
 
 from __future__ import annotations
 
-import json
 import mimetypes
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from loadgen.flags import Flag
 from loadgen.outcome import Outcome
 from loadgen.protocols.base import ProtocolSpec, warm_up
 from loadgen.protocols.common.http1 import Http1Pool, build_request
-from loadgen.protocols.common.torchserve import PAYLOAD_FLAG, TorchServeOptions, payload_files
+from loadgen.protocols.common.torchserve import PAYLOAD_FLAG, TorchServeOptions, json_or_text, payload_files
 
 __all__ = ["PROTOCOL", "TorchServeHttpClient", "TorchServeHttpTarget", "payload_files"]
 
@@ -93,7 +92,7 @@ class TorchServeHttpClient:
             raise TargetNotReady(f"{self.target.url}: not healthy (GET /ping -> {response.status} "
                                  f"{_error_text(response.body)})")
         warm_up(self, f"POST {self._path}")
-        self.metadata = {"name": self.target.model, "ping": _json(response.body)}
+        self.metadata = {"name": self.target.model, "ping": json_or_text(response.body)}
         return self.metadata
 
     def send(self, intended_t: float) -> Outcome:
@@ -114,15 +113,8 @@ class TorchServeHttpClient:
         self._pool.close()
 
 
-def _json(body: bytes) -> Any:
-    try:
-        return json.loads(body)
-    except ValueError:
-        return body[:200].decode("utf-8", "replace")
-
-
 def _error_text(body: bytes) -> str:
-    parsed = _json(body)
+    parsed = json_or_text(body)
     if isinstance(parsed, dict):
         return str(parsed.get("message") or parsed.get("error") or parsed)
     return str(parsed)

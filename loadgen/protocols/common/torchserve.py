@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 from pydantic import field_validator, model_validator
 
 from loadgen.flags import Flag, as_path_text
 from loadgen.protocols.base import TargetOptions
 
-__all__ = ["PAYLOAD_FLAG", "TorchServeOptions", "payload_files"]
+__all__ = ["PAYLOAD_FLAG", "TorchServeOptions", "json_or_text", "payload_files"]
 
 
 class TorchServeOptions(TargetOptions):
@@ -50,6 +52,14 @@ def payload_files(payload: str | None) -> list[Path]:
     if not path.is_dir():
         return [path]
     return sorted(item for item in path.iterdir() if item.is_file() and not item.name.startswith("."))
+
+
+def json_or_text(body: bytes) -> Any:
+    """A TorchServe answer's body as JSON, or its first 200 characters when it is not JSON."""
+    try:
+        return json.loads(body)
+    except ValueError:
+        return body[:200].decode("utf-8", "replace")
 
 
 PAYLOAD_FLAG = Flag(
