@@ -215,6 +215,7 @@ def mixed(tmp_path_factory: pytest.TempPathFactory, repo: Path) -> Path:
     (path / "good_onnx" / "config.pbtxt").write_text(
         (repo / "mlp_onnx" / "config.pbtxt").read_text().replace('"mlp_onnx"', '"good_onnx"'))
     (path / ".hidden").mkdir()
+    (path / "_data").mkdir()  # make-repo's test data: not a model
     (path / "README.md").write_text("not a model")
     return path
 
