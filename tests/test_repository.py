@@ -319,10 +319,10 @@ def test_make_repo_refuses_a_non_empty_dest_without_force(tmp_path: Path, capsys
     assert not (tmp_path / "new").exists()
 
 
-def test_make_repo_force_writes_the_seeded_weights(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_make_repo_force_writes_the_seeded_weights(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
     (tmp_path / "mlp" / "2").mkdir(parents=True)  # a stale version folder: replaced with the model folder
     assert main([str(tmp_path), "--mlp-hidden", "8", "--seed", "3", "--force"]) == 0
-    assert "wrote 8 models" in capsys.readouterr().out
+    assert "wrote 8 models" in capfd.readouterr().out  # from the child with PYTHONHASHSEED=0
     assert not (tmp_path / "mlp" / "2").exists()
     x = rows(4, 16)
     expected = MLP(hidden=8, seed=3).infer({"INPUT0": x})["OUTPUT0"]

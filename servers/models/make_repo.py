@@ -20,13 +20,17 @@ precision, each with a known answer to compare against:
 
 Every torch model batches up to 32 with dynamic batching on (preferred 8, 16, 32; 500 us delay); every
 other instance group leaves kind unset (KIND_AUTO: GPU when the server has one, else CPU), count 1.
-Nothing is downloaded: torch makes the weights, from numpy's default_rng(seed).
+Nothing is downloaded: torch makes the weights, from numpy's default_rng(seed). Two runs of the
+command on one machine write the same bytes (it runs with PYTHONHASHSEED=0: see
+_rerun_with_fixed_hash_seed).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import subprocess
 import sys
 import warnings
 from collections.abc import Sequence
@@ -48,6 +52,8 @@ _MLP_IO: tuple[tuple[Tensor, ...], tuple[Tensor, ...]] = (
     (("INPUT0", "TYPE_FP32", (MLP.in_features,)),), (("OUTPUT0", "TYPE_FP32", (MLP.out_features,)),))
 _BATCHING = "dynamic_batching { preferred_batch_size: [ 8, 16, 32 ] max_queue_delay_microseconds: 500 }"
 _TORCH_BATCH = 32
+_HASH_SEED = "0"
+"""PYTHONHASHSEED of the command: it makes torch.jit.save byte-deterministic (_rerun_with_fixed_hash_seed)."""
 
 IDENTITY_PY = '''"""OUTPUT0 = INPUT0 (Triton Python backend; written by servers/models/make_repo.py)."""
 
@@ -96,7 +102,8 @@ def make_repo(dest: Path, *, mlp_hidden: int = 64, seed: int = 0) -> list[str]:
     """Write the built-in models into `dest` (created if needed) and return their names.
 
     Each model folder is replaced whole; other entries of `dest` are left alone. Needs torch (and
-    onnx export support, which torch has).
+    onnx export support, which torch has). The same arguments write the same bytes in interpreters
+    with the same PYTHONHASHSEED (the command fixes it).
 
     Example:
         make_repo(Path("models"), mlp_hidden=256)   # then: python -m servers.triton --model-repository models
@@ -278,6 +285,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m servers.model
         parser.print_usage(sys.stderr)
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    if os.environ.get("PYTHONHASHSEED") != _HASH_SEED:
+        return _rerun_with_fixed_hash_seed(list(sys.argv[1:] if argv is None else argv))
     try:
         names = make_repo(args.dest, mlp_hidden=args.mlp_hidden, seed=args.seed)
     except ImportError as exc:
@@ -285,6 +294,20 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m servers.model
         return 2
     print(f"wrote {len(names)} models to {args.dest}: {', '.join(names)}")
     return 0
+
+
+def _rerun_with_fixed_hash_seed(argv: list[str]) -> int:
+    """The command again in a child interpreter with PYTHONHASHSEED=0; its exit code.
+
+    torch.jit.script writes a module's constants (Linear's in_features and out_features, a Conv2d's
+    stride, padding, ...) into the saved code in the iteration order of a Python set of their names,
+    which follows the interpreter's string-hash seed: without a fixed seed two runs write the same
+    weights in different bytes (and a different .data/serialization_id, a checksum of the records).
+    """
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONHASHSEED": _HASH_SEED,
+           "PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))}
+    return subprocess.call([sys.executable, "-m", "servers.models.make_repo", *argv], env=env)
 
 
 def _problem(args: argparse.Namespace) -> str | None:
