@@ -276,7 +276,7 @@ def write_repository(size: Size, scratch: Path) -> Path:
     repository.mkdir(parents=True)
     if size.make_repo_hidden is not None:
         made = scratch / f"make-repo-{size.label}"
-        make_repo(made, mlp_hidden=size.make_repo_hidden)
+        make_repo(made, mlp_hidden=size.make_repo_hidden, digits=False)
         shutil.copytree(made / MODEL, repository / MODEL)
         shutil.rmtree(made)
     else:

@@ -14,7 +14,7 @@ from tritonclient.grpc import model_config_pb2
 
 from servers.core.model import TensorSpec
 from servers.models.builtin import MLP
-from servers.models.make_repo import IDENTITY_PY, MODEL_NAMES, config_text, main, make_repo
+from servers.models.make_repo import IDENTITY_PY, SEEDED_NAMES, config_text, main, make_repo
 from servers.triton.repository import LoadedModel, ModelLoadError, load_model, model_names
 
 GPU_KIND = "KIND_GPU" if torch.cuda.is_available() else "KIND_CPU"
@@ -28,7 +28,7 @@ RUNTIMES = {"identity": ("", "python"), "identity_bytes": ("", "python"), "add_s
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("repo")
-    assert make_repo(path) == list(MODEL_NAMES)
+    assert make_repo(path, digits=False) == list(SEEDED_NAMES)  # the digits: tests/test_digits_models.py
     return path
 
 
@@ -53,7 +53,7 @@ def rows(count: int, *shape: int, seed: int = 0) -> np.ndarray:
 
 
 def test_every_model_loads_with_a_completed_config(loaded: dict[str, LoadedModel]) -> None:
-    assert sorted(loaded) == sorted(MODEL_NAMES)
+    assert sorted(loaded) == sorted(SEEDED_NAMES)
     for name, model in loaded.items():
         config = model.config
         assert (config.name, (config.platform, config.backend)) == (name, RUNTIMES[name])
@@ -215,6 +215,7 @@ def mixed(tmp_path_factory: pytest.TempPathFactory, repo: Path) -> Path:
     (path / "good_onnx" / "config.pbtxt").write_text(
         (repo / "mlp_onnx" / "config.pbtxt").read_text().replace('"mlp_onnx"', '"good_onnx"'))
     (path / ".hidden").mkdir()
+    (path / "_data").mkdir()  # make-repo's test data: not a model
     (path / "README.md").write_text("not a model")
     return path
 
@@ -318,10 +319,10 @@ def test_make_repo_refuses_a_non_empty_dest_without_force(tmp_path: Path, capsys
     assert not (tmp_path / "new").exists()
 
 
-def test_make_repo_force_writes_the_seeded_weights(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_make_repo_force_writes_the_seeded_weights(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
     (tmp_path / "mlp" / "2").mkdir(parents=True)  # a stale version folder: replaced with the model folder
-    assert main([str(tmp_path), "--mlp-hidden", "8", "--seed", "3", "--force"]) == 0
-    assert "wrote 8 models" in capsys.readouterr().out
+    assert main([str(tmp_path), "--mlp-hidden", "8", "--seed", "3", "--no-digits", "--force"]) == 0
+    assert "wrote 8 models" in capfd.readouterr().out  # from the child with PYTHONHASHSEED=0
     assert not (tmp_path / "mlp" / "2").exists()
     x = rows(4, 16)
     expected = MLP(hidden=8, seed=3).infer({"INPUT0": x})["OUTPUT0"]

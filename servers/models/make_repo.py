@@ -1,6 +1,6 @@
 """`make-repo`: write a Triton model repository of built-in models, made in code from a seed.
 
-    python -m servers.models.make_repo models/ [--mlp-hidden 64] [--seed 0] [--force]
+    python -m servers.models.make_repo models/ [--mlp-hidden 64] [--seed 0] [--no-digits] [--force]
 
 The repository gives the Triton-compatible server (--model-repository) one model per backend and
 precision, each with a known answer to compare against:
@@ -18,18 +18,38 @@ precision, each with a known answer to compare against:
                               exporter: the dynamo one needs onnxscript), for ONNX Runtime
     cnn                       TorchScript, FP32 [3, 32, 32] -> [10]: two conv+relu+maxpool, a linear head
 
+and models trained on scikit-learn's 8x8 digits (servers/models/digits.py; --no-digits leaves them
+out), each FP32 INPUT0 [64] of raw pixels 0-16 -> OUTPUT0 [10] logits, for accuracy-vs-speed runs:
+
+    digits_cnn                TorchScript FP32 CNN (two 3x3 convs, maxpool, two linear layers), ~0.98
+    digits_cnn_fp16, _bf16    the same weights in half precision / bfloat16
+    digits_cnn_int8           torch dynamic quantization of its Linear layers (KIND_CPU)
+    digits_cnn_int8_static    torch FX post-training static quantization, calibrated (KIND_CPU)
+    digits_cnn_onnx           exported with torch.onnx.export
+    digits_cnn_onnx_int8      onnxruntime.quantization.quantize_dynamic of that (KIND_CPU)
+    digits_cnn_pruned50, _pruned90  50 % / 90 % of the weights pruned (global L1), fine-tuned
+    digits_student            an MLP 64 -> 32 -> 10 distilled from the CNN
+
+    _data/                    not a model: digits_test.json (the 360 test images, perf_analyzer's
+                              --input-data form), digits_test_labels.json, digits_accuracy.json
+
 Every torch model batches up to 32 with dynamic batching on (preferred 8, 16, 32; 500 us delay); every
 other instance group leaves kind unset (KIND_AUTO: GPU when the server has one, else CPU), count 1.
-Nothing is downloaded: torch makes the weights, from numpy's default_rng(seed).
+Nothing is downloaded: torch makes the weights, from numpy's default_rng(seed), and trains the digits
+models in seconds on one core from torch.manual_seed(seed). Two runs of the command on one machine
+write the same bytes (it runs with PYTHONHASHSEED=0: see _rerun_with_fixed_hash_seed).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import subprocess
 import sys
+import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,17 +57,29 @@ import numpy as np
 
 from servers.models.builtin import MLP
 
-__all__ = ["MODEL_NAMES", "main", "make_repo"]
+__all__ = ["DIGITS_NAMES", "MODEL_NAMES", "SEEDED_NAMES", "main", "make_repo"]
 
-MODEL_NAMES = ("identity", "identity_bytes", "add_sub", "mlp", "mlp_fp16", "mlp_int8", "mlp_onnx", "cnn")
+SEEDED_NAMES = ("identity", "identity_bytes", "add_sub", "mlp", "mlp_fp16", "mlp_int8", "mlp_onnx", "cnn")
+"""The models made from a seed, without training."""
+DIGITS_NAMES = ("digits_cnn", "digits_cnn_fp16", "digits_cnn_bf16", "digits_cnn_int8",
+                "digits_cnn_int8_static", "digits_cnn_onnx", "digits_cnn_onnx_int8", "digits_cnn_pruned50",
+                "digits_cnn_pruned90", "digits_student")
+"""The models trained on the digits (servers/models/digits.py)."""
+MODEL_NAMES = SEEDED_NAMES + DIGITS_NAMES
+DATA_FOLDER = "_data"
+"""Where the digits models' test data and accuracies go, in the repository: the Triton-compatible server
+skips folders whose name starts with _ (Triton itself would report it as a model that fails to load)."""
 
 Tensor = tuple[str, str, tuple[int, ...]]
 """(name, config data_type, dims) of one declared tensor."""
 
 _MLP_IO: tuple[tuple[Tensor, ...], tuple[Tensor, ...]] = (
     (("INPUT0", "TYPE_FP32", (MLP.in_features,)),), (("OUTPUT0", "TYPE_FP32", (MLP.out_features,)),))
-_BATCHING = "dynamic_batching { preferred_batch_size: [ 8, 16, 32 ] max_queue_delay_microseconds: 500 }"
-_TORCH_BATCH = 32
+BATCHING = "dynamic_batching { preferred_batch_size: [ 8, 16, 32 ] max_queue_delay_microseconds: 500 }"
+TORCH_BATCH = 32
+_HASH_SEED = "0"
+"""PYTHONHASHSEED of the command: it makes torch.jit.save byte-deterministic (_rerun_with_fixed_hash_seed)."""
+_TORCH_CPU_ONLY = "torch's dynamically quantized kernels run on the CPU only"
 
 IDENTITY_PY = '''"""OUTPUT0 = INPUT0 (Triton Python backend; written by servers/models/make_repo.py)."""
 
@@ -92,21 +124,31 @@ class TritonPythonModel:
 '''
 
 
-def make_repo(dest: Path, *, mlp_hidden: int = 64, seed: int = 0) -> list[str]:
+def make_repo(dest: Path, *, mlp_hidden: int = 64, seed: int = 0, digits: bool = True,
+              log: Callable[[str], None] | None = None) -> list[str]:
     """Write the built-in models into `dest` (created if needed) and return their names.
 
-    Each model folder is replaced whole; other entries of `dest` are left alone. Needs torch (and
-    onnx export support, which torch has).
+    Each model folder is replaced whole, and the files of `_data/`; other entries of `dest` are left
+    alone. Needs torch (and onnx export support, which torch has); the digits models (`digits`: seconds
+    of training) also need scikit-learn and onnxruntime. `log` gets a line on what training took and the
+    test accuracies. The same arguments write the same bytes in interpreters with the same
+    PYTHONHASHSEED (the command fixes it).
 
     Example:
         make_repo(Path("models"), mlp_hidden=256)   # then: python -m servers.triton --model-repository models
     """
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
+    if digits:  # imported first: it needs the most (scikit-learn, onnxruntime), so a missing one stops it early
+        from servers.models.digits import write_digits
+
     mlp = MLP(hidden=mlp_hidden, seed=seed)
     _write_python_models(dest)
     _write_torch_models(dest, mlp, seed)
-    return list(MODEL_NAMES)
+    if digits:
+        write_digits(dest, seed, log)
+        return list(MODEL_NAMES)
+    return list(SEEDED_NAMES)
 
 
 def _write_python_models(dest: Path) -> None:
@@ -116,7 +158,7 @@ def _write_python_models(dest: Path) -> None:
     pair_out = (("OUTPUT0", "TYPE_FP32", (16,)), ("OUTPUT1", "TYPE_FP32", (16,)))
     for name, io, batch, source in (("identity", one, 8, IDENTITY_PY), ("identity_bytes", words, 8, IDENTITY_PY),
                                     ("add_sub", (pair_in, pair_out), 0, ADD_SUB_PY)):
-        version = _model_folder(dest, name, config_text(name, 'backend: "python"', batch, *io))
+        version = model_folder(dest, name, config_text(name, 'backend: "python"', batch, *io))
         (version / "model.py").write_text(source, encoding="utf-8")
 
 
@@ -131,20 +173,20 @@ def _write_torch_models(dest: Path, mlp: MLP, seed: int) -> None:
         warnings.simplefilter("ignore")
         for name, module, kind in (("mlp", fp32, ""), ("mlp_fp16", nets.half(nets.mlp(mlp)), ""),
                                    ("mlp_int8", nets.int8(nets.mlp(mlp)), "KIND_CPU")):
-            version = _model_folder(dest, name, config_text(name, torchscript, _TORCH_BATCH, *_MLP_IO,
-                                                            batching=_BATCHING, kind=kind))
+            version = model_folder(dest, name, config_text(name, torchscript, TORCH_BATCH, *_MLP_IO,
+                                                            batching=BATCHING, kind=kind))
             torch.jit.save(torch.jit.script(module), str(version / "model.pt"))
-        version = _model_folder(dest, "mlp_onnx", config_text("mlp_onnx", 'platform: "onnxruntime_onnx"',
-                                                              _TORCH_BATCH, *_MLP_IO, batching=_BATCHING))
+        version = model_folder(dest, "mlp_onnx", config_text("mlp_onnx", 'platform: "onnxruntime_onnx"',
+                                                              TORCH_BATCH, *_MLP_IO, batching=BATCHING))
         torch.onnx.export(fp32, (example,), str(version / "model.onnx"), dynamo=False, input_names=["INPUT0"],
                           output_names=["OUTPUT0"], dynamic_axes={"INPUT0": {0: "batch"}, "OUTPUT0": {0: "batch"}})
         cnn_io = ((("INPUT0", "TYPE_FP32", (3, 32, 32)),), (("OUTPUT0", "TYPE_FP32", (10,)),))
-        version = _model_folder(dest, "cnn", config_text("cnn", torchscript, _TORCH_BATCH, *cnn_io,
-                                                         batching=_BATCHING))
+        version = model_folder(dest, "cnn", config_text("cnn", torchscript, TORCH_BATCH, *cnn_io,
+                                                         batching=BATCHING))
         torch.jit.save(torch.jit.script(nets.cnn(seed)), str(version / "model.pt"))
 
 
-def _model_folder(dest: Path, name: str, config: str) -> Path:
+def model_folder(dest: Path, name: str, config: str) -> Path:
     """A fresh `dest/name` with config.pbtxt and an empty version folder 1/, which it returns."""
     folder = dest / name
     if folder.exists():
@@ -156,8 +198,8 @@ def _model_folder(dest: Path, name: str, config: str) -> Path:
 
 
 def config_text(name: str, runtime: str, max_batch_size: int, inputs: Sequence[Tensor], outputs: Sequence[Tensor],
-                *, batching: str = "", kind: str = "") -> str:
-    """config.pbtxt text in the layout of Triton's examples.
+                *, batching: str = "", kind: str = "", why: str = "") -> str:
+    """config.pbtxt text in the layout of Triton's examples; `why` is the comment above a `kind`.
 
     >>> print(config_text("m", 'backend: "python"', 0, [("X", "TYPE_FP32", (2,))], [("Y", "TYPE_FP32", (2,))]))
     name: "m"
@@ -180,7 +222,7 @@ def config_text(name: str, runtime: str, max_batch_size: int, inputs: Sequence[T
     if batching:
         lines.append(batching)
     if kind:
-        lines.append(f"# {kind}: torch's dynamically quantized kernels run on the CPU only")
+        lines.append(f"# {kind}: {why or _TORCH_CPU_ONLY}")
     lines.append(f"instance_group [ {{ count: 1{f' kind: {kind}' if kind else ''} }} ]")
     return "\n".join(lines) + "\n"
 
@@ -264,6 +306,9 @@ def build_parser(prog: str = "python -m servers.models.make_repo") -> argparse.A
     parser.add_argument("dest", metavar="DEST", type=Path, help="repository folder to write (created if missing)")
     parser.add_argument("--mlp-hidden", type=int, default=64, help="hidden size of the mlp models (default 64)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights (default 0)")
+    parser.add_argument("--no-digits", action="store_true",
+                        help="leave out the models trained on scikit-learn's digits (digits_*: seconds of "
+                             "training)")
     parser.add_argument("--force", action="store_true",
                         help="write into a DEST that is not empty, replacing the model folders of the same names")
     return parser
@@ -278,13 +323,33 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m servers.model
         parser.print_usage(sys.stderr)
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    if os.environ.get("PYTHONHASHSEED") != _HASH_SEED:
+        return _rerun_with_fixed_hash_seed(list(sys.argv[1:] if argv is None else argv))
+    started = time.perf_counter()
     try:
-        names = make_repo(args.dest, mlp_hidden=args.mlp_hidden, seed=args.seed)
+        names = make_repo(args.dest, mlp_hidden=args.mlp_hidden, seed=args.seed, digits=not args.no_digits,
+                          log=print)
     except ImportError as exc:
-        print(f"error: make-repo needs torch and onnx ({exc}): pip install 'loadgen[models]'", file=sys.stderr)
+        print(f"error: make-repo needs torch, onnx, onnxruntime and scikit-learn ({exc}): "
+              "pip install 'loadgen[models]'", file=sys.stderr)
         return 2
-    print(f"wrote {len(names)} models to {args.dest}: {', '.join(names)}")
+    seconds = time.perf_counter() - started
+    print(f"wrote {len(names)} models to {args.dest} in {seconds:.1f} s: {', '.join(names)}")
     return 0
+
+
+def _rerun_with_fixed_hash_seed(argv: list[str]) -> int:
+    """The command again in a child interpreter with PYTHONHASHSEED=0; its exit code.
+
+    torch.jit.script writes a module's constants (Linear's in_features and out_features, a Conv2d's
+    stride, padding, ...) into the saved code in the iteration order of a Python set of their names,
+    which follows the interpreter's string-hash seed: without a fixed seed two runs write the same
+    weights in different bytes (and a different .data/serialization_id, a checksum of the records).
+    """
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONHASHSEED": _HASH_SEED,
+           "PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))}
+    return subprocess.call([sys.executable, "-m", "servers.models.make_repo", *argv], env=env)
 
 
 def _problem(args: argparse.Namespace) -> str | None:
@@ -294,7 +359,8 @@ def _problem(args: argparse.Namespace) -> str | None:
     if dest.exists() and not dest.is_dir():
         return f"{dest} exists and is not a folder"
     if dest.is_dir() and any(dest.iterdir()) and not args.force:
-        return f"{dest} is not empty; pass --force to replace its model folders ({', '.join(MODEL_NAMES)})"
+        return (f"{dest} is not empty; pass --force to replace its model folders ({', '.join(MODEL_NAMES)}) "
+                f"and {DATA_FOLDER}/")
     return None
 
 

@@ -93,14 +93,16 @@ _Result = TypeVar("_Result")
 
 
 def model_names(repository: Path) -> list[str]:
-    """The model folders of `repository`, sorted; hidden entries and plain files are not models.
+    """The model folders of `repository`, sorted; plain files and folders whose name starts with "." or
+    "_" are not models (make-repo keeps its test data in `_data/`).
 
     >>> model_names(Path("/nonexistent"))
     []
     """
     if not repository.is_dir():
         return []
-    return sorted(entry.name for entry in repository.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+    return sorted(entry.name for entry in repository.iterdir()
+                  if entry.is_dir() and not entry.name.startswith((".", "_")))
 
 
 def load_model(repository: Path, name: str, config: model_config_pb2.ModelConfig | None = None) -> LoadedModel:
