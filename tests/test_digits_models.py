@@ -34,22 +34,19 @@ WITHIN_TWO_POINTS = ("digits_cnn_fp16", "digits_cnn_bf16", "digits_cnn_int8", "d
 
 
 @pytest.fixture(scope="module")
-def repos(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def repos(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """Two repositories written by `python -m servers.models.make_repo`, under different hash seeds of
-    the calling interpreter (one unset, one fixed at 1: the command fixes its own)."""
-    paths = (tmp_path_factory.mktemp("digits_a"), tmp_path_factory.mktemp("digits_b"))
-    runs = []
-    for path, seed in zip(paths, (None, "1")):
-        env = {key: value for key, value in os.environ.items() if key != "PYTHONHASHSEED"}
-        if seed is not None:
-            env["PYTHONHASHSEED"] = seed
-        runs.append(subprocess.Popen([sys.executable, "-m", "servers.models.make_repo", str(path)], cwd=ROOT,
-                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    for run in runs:
-        out, err = run.communicate(timeout=300)
-        assert run.returncode == 0, err
-        assert f"wrote {len(MODEL_NAMES)} models" in out and "digits: trained in" in out
-    return paths
+    the calling interpreter (the session's, run without one, and one here with PYTHONHASHSEED=1: the
+    command fixes its own); both at once when the session's is not made yet (training uses one thread)."""
+    path = tmp_path_factory.mktemp("digits_b")
+    env = {**os.environ, "PYTHONHASHSEED": "1"}
+    second = subprocess.Popen([sys.executable, "-m", "servers.models.make_repo", str(path)], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = request.getfixturevalue("digits_repository")
+    out, err = second.communicate(timeout=300)
+    assert second.returncode == 0, err
+    assert f"wrote {len(MODEL_NAMES)} models" in out and "digits: trained in" in out
+    return first, path
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,99 @@
+"""Integration: `loadgen compare` of digits model variants on the Triton-compatible server.
+
+Every answer is scored: the accuracy compare reports for a variant equals the one computed here from
+the same model's answers fetched with tritonclient, entry by entry (one user in closed loop, so each
+request is a batch of one, as tritonclient's are). A variant the server does not have is reported as
+failed and the others still run; an SLO no variant meets exits 1 with every file written.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+
+from loadgen.protocols.base import WARMUP_REQUESTS
+from servers.models.make_repo import DATA_FOLDER
+from tests.conftest import ROOT, Server, loadgen_cmd, run_loadgen, start_server, stop_process
+
+pytestmark = pytest.mark.integration
+
+VARIANTS = ("digits_cnn", "digits_cnn_int8", "digits_student")
+
+
+@pytest.fixture(scope="module")
+def server(digits_repository: Path) -> Iterator[Server]:
+    started = start_server(["--model-repository", str(digits_repository)], module="servers.triton",
+                           port_flag="--http-port", timeout=60)
+    yield started
+    stop_process(started.proc)
+
+
+def _correct_by_entry(server: Server, model: str, entries: list[dict], labels: list[int]) -> list[bool]:
+    """Whether the model's answer to each entry, fetched with tritonclient, names the entry's label."""
+    client = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
+    correct = []
+    for entry, label in zip(entries, labels):
+        tensor = httpclient.InferInput("INPUT0", [1, 64], "FP32")
+        tensor.set_data_from_numpy(np.array([entry["INPUT0"]], dtype=np.float32))
+        logits = client.infer(model, [tensor]).as_numpy("OUTPUT0")
+        correct.append(int(np.argmax(logits[0])) == label)
+    client.close()
+    return correct
+
+
+def test_compare_scores_every_answer_and_reports_a_failed_variant(server: Server, digits_repository: Path,
+                                                                   tmp_path: Path) -> None:
+    data = digits_repository / DATA_FOLDER / "digits_test.json"
+    labels_path = digits_repository / DATA_FOLDER / "digits_test_labels.json"
+    out = tmp_path / "compare"
+    run = run_loadgen("--target", server.url, "--models", ",".join((*VARIANTS, "digits_absent")),
+                      "--input-data", str(data), "--labels", str(labels_path), "--users", "1", "--duration", "1.5s",
+                      "--model-repository", str(digits_repository), "--cost-per-hour", "3.6",
+                      "--slo", "p99<0.001ms", out=out, verb="compare", timeout=180)
+    assert run.returncode == 1, run.stderr  # no variant meets a p99 of a microsecond
+    document = json.loads((out / "compare.json").read_text())
+    by_model = {entry["model"]: entry for entry in document["models"]}
+    assert list(by_model) == [*VARIANTS, "digits_absent"]
+    absent = by_model["digits_absent"]
+    assert absent["status"] == "failed" and "digits_absent" in absent["error"] and "not ready" in absent["error"]
+    assert "FAILED" in run.stdout and "digits_absent" in run.stdout
+
+    entries = json.loads(data.read_text())["data"]
+    labels = json.loads(labels_path.read_text())
+    for model in VARIANTS:
+        entry = by_model[model]
+        assert entry["status"] == "ok", entry
+        summary = json.loads((out / model / "summary.json").read_text())
+        scored = summary["accuracy"]["scored"]
+        assert scored == summary["ok"] == summary["requests"] > 50
+        # the warm-up requests went first, then the run went on through the entries in turn
+        correct = _correct_by_entry(server, model, entries, labels)
+        expected = sum(correct[(WARMUP_REQUESTS + k) % len(entries)] for k in range(scored))
+        assert summary["accuracy"]["correct"] == expected, model
+        assert entry["accuracy"] == pytest.approx(expected / scored, abs=1e-6)
+        assert entry["accuracy"] > 0.9
+        assert entry["model_bytes"] == sum(p.stat().st_size for p in (digits_repository / model).rglob("*")
+                                           if p.is_file())
+        assert entry["memory_mb"] is not None and entry["memory_mb"] > 0  # the server measured the load
+        assert entry["slo_met"] is False
+        # $ per million at 3.6 $/h: 1000 / (inferences per second)
+        assert entry["cost_per_million"] == pytest.approx(1000 / summary["achieved_inferences_per_s"], rel=1e-3)
+    # the student is smaller on disk than the CNN it learnt from
+    assert by_model["digits_student"]["model_bytes"] < by_model["digits_cnn"]["model_bytes"] / 4
+    assert any(entry["pareto_latency"] for entry in document["models"])
+    with (out / "compare.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [row["model"] for row in rows] == [*VARIANTS, "digits_absent"]
+
+    report = subprocess.run(loadgen_cmd("report", str(out)), cwd=ROOT, capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert report.returncode == 0, report.stderr
+    assert (out / "plots" / "accuracy-vs-p99.png").stat().st_size > 1000
+    assert "digits_student" in (out / "report.html").read_text()
