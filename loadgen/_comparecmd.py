@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import locust  # noqa: F401  (gevent monkey-patching must come before the other imports)
+import numpy as np
 
 from loadgen._runcmd import write_outputs
 from loadgen._sweepcmd import SweepSpec, run_sweep
@@ -34,9 +35,11 @@ from loadgen.compare import Variant, mark_pareto, render_compare, write_compare
 from loadgen.driver.distributed import DistributedOptions
 from loadgen.driver.master import open_cluster
 from loadgen.driver.run import execute
-from loadgen.errors import LoadgenError, ScenarioError
+from loadgen.errors import LoadgenError, ProtocolMismatch, ScenarioError
+from loadgen.protocols import make_client
 from loadgen.protocols.base import TargetOptions
-from loadgen.scenario import load_scenario
+from loadgen.protocols.common.kserve import KServeOptions, TensorClient
+from loadgen.scenario import Scenario, load_scenario
 from loadgen.serverside import ServerMetrics, server_figures
 from loadgen.slo import parse_slo
 
@@ -48,6 +51,8 @@ class CompareSpec:
     """The compare verb's own settings."""
 
     models: tuple[str, ...]
+    reference: str | None = None
+    """A model whose answers the variants are scored against, entry by entry (no labels needed)."""
     sweep: SweepSpec | None = None
     """Sweep each variant to its saturation instead of one run at the scenario's load."""
     server_metrics: str | None = None
@@ -88,6 +93,7 @@ def _from_summary(variant: Variant, summary: dict[str, Any]) -> None:
     accuracy = summary.get("accuracy")
     if accuracy:
         variant.accuracy, variant.scored = accuracy["top1"], accuracy["scored"]
+        variant.mean_cosine = accuracy.get("mean_cosine")
     variant.latency_ms = summary["latency_ms"]
     variant.achieved_rps = summary["achieved_rps"]
     variant.achieved_inferences_per_s = summary.get("achieved_inferences_per_s")
@@ -149,6 +155,12 @@ def run_compare(path: Path | None, overrides: dict[Any, Any], spec: CompareSpec,
     out = Path(first.output.dir) if first.output.dir else \
         Path("runs") / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-compare"
     overrides = {key: value for key, value in overrides.items() if key != ("output", "dir")}
+    if spec.reference is not None:
+        if ("target", "labels") in overrides:
+            raise ScenarioError(["--reference and --labels: give one (what answers are scored against)"], "flags")
+        reference = _reference_outputs(load_scenario(path, {**overrides, ("target", "model"): spec.reference}),
+                                       out / "reference_outputs.json")
+        overrides[("target", "reference_outputs")] = str(reference)
     variants = [Variant(model=model, dir=model) for model in spec.models]
     interrupted = False
     print(f"compare: {len(variants)} variants, " + ("each swept to its saturation" if spec.sweep else
@@ -182,6 +194,36 @@ def run_compare(path: Path | None, overrides: dict[Any, Any], spec: CompareSpec,
     if first.slo and not any(v.slo_met for v in variants if v.status == "ok"):
         return 1
     return 0
+
+
+def _reference_outputs(scenario: Scenario, path: Path) -> Path:
+    """The reference model's answer to each input-data entry (its first output), fetched once and
+    written to `path`; raises a TargetError when it cannot be had."""
+    target = scenario.target
+    if not isinstance(target, KServeOptions) or target.input_data is None:
+        problem = ("--reference needs a kserve protocol and --input-data: the reference's answer to each entry "
+                   "is what the variants are scored against")
+        raise ScenarioError([problem], "flags")
+    client = make_client(target, scenario.pattern.seed)
+    try:
+        metadata = client.prepare()
+        if not isinstance(client, TensorClient):
+            raise ProtocolMismatch(f"protocol {target.protocol} cannot hand back answers")
+        answers = client.answers()
+    finally:
+        client.close()
+    output = (metadata.get("outputs") or [{}])[0].get("name")
+    rows = []
+    for index, answer in enumerate(answers):
+        if isinstance(answer, str) or output not in answer:
+            raise ProtocolMismatch(f"reference model {target.model!r}: entry {index} has no {output} in its answer "
+                                   f"({answer if isinstance(answer, str) else sorted(answer)})")
+        values = np.asarray(answer[output][2], dtype=np.float64)
+        rows.append(values.reshape(values.shape[0], -1)[0].tolist() if values.ndim > 1 else values.tolist())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"model": target.model, "output": output, "data": rows}) + "\n", encoding="utf-8")
+    print(f"compare: scored against {target.model}'s answers to the {len(rows)} entries ({path})", flush=True)
+    return path
 
 
 def _memory_usage(target: TargetOptions) -> dict[str, int] | None:

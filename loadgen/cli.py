@@ -190,6 +190,7 @@ def compare(scenario: Path | None, values: dict[str, Any]) -> None:
                                max=values["max_rate"], factor=values["factor"], increment=values["increment"],
                                fixed=values["fixed"], step_duration_s=step_s, warmup_s=warmup_s)
     spec = CompareSpec(models=tuple(m.strip() for m in values["models"].split(",")), sweep=sweep_spec,
+                       reference=values["reference"],
                        server_metrics=values["server_metrics"], cost_per_hour=values["cost_per_hour"],
                        model_repository=str(values["model_repository"]) if values["model_repository"] else None)
     try:

@@ -31,7 +31,10 @@ class Variant:
     error: str | None = None
     dir: str = ""
     accuracy: float | None = None
-    """Top-1 accuracy of the scored answers (None when nothing was scored: no --labels)."""
+    """Top-1 accuracy of the scored answers: against --labels, or agreement with the --reference model's
+    argmax (None when nothing was scored)."""
+    mean_cosine: float | None = None
+    """Against --reference: the answers' mean cosine similarity with the reference's (embeddings)."""
     scored: int = 0
     latency_ms: dict[str, float] | None = None
     achieved_rps: float | None = None

@@ -155,6 +155,9 @@ COMPARE = (
          "--model of one run).", default=..., panel="Compare"),
     Flag("sweep", bool, "Sweep each variant to its saturation (the sweep's plan flags apply; none: it probes) "
          "instead of one run at --rate/--users.", default=False, decls=("--sweep",), panel="Compare"),
+    Flag("reference", str | None, "A model whose answers the others are scored against (same argmax, cosine "
+         "similarity), e.g. the fp32 one, when there are no labels: its answer to each --input-data entry is "
+         "fetched first.", panel="Compare"),
     Flag("model_repository", Path | None, "A local copy of the server's model repository: each variant's size "
          "on disk is read from it.", panel="Compare"),
 )

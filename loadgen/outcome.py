@@ -33,7 +33,10 @@ class Outcome(NamedTuple):
     scored: int = 0
     """Answers (rows) scored against a label (--labels, --reference); 0 when the run scores nothing."""
     correct: int = 0
-    """Of those, the answers whose predicted class was the label."""
+    """Of those, the answers whose predicted class was the label (or the reference's)."""
+    similarity_ppm: int = 0
+    """Scored against reference outputs by cosine: the sum of each row's cosine similarity with its
+    reference, in millionths (an integer, so it sums and merges exactly)."""
 
 
 class StreamOutcome(NamedTuple):

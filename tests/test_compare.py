@@ -97,3 +97,21 @@ def test_compare_scores_every_answer_and_reports_a_failed_variant(server: Server
     assert report.returncode == 0, report.stderr
     assert (out / "plots" / "accuracy-vs-p99.png").stat().st_size > 1000
     assert "digits_student" in (out / "report.html").read_text()
+
+
+def test_compare_against_a_reference_model(server: Server, digits_repository: Path, tmp_path: Path) -> None:
+    """No labels: each variant is scored by agreement with the fp32 model's answers, fetched once. The
+    reference itself agrees with itself exactly; the student less than the fp16 copy."""
+    data = digits_repository / DATA_FOLDER / "digits_test.json"
+    out = tmp_path / "reference"
+    run = run_loadgen("--target", server.url, "--models", "digits_cnn,digits_cnn_fp16,digits_student",
+                      "--reference", "digits_cnn", "--input-data", str(data), "--users", "1", "--duration", "1s",
+                      out=out, verb="compare", timeout=180)
+    assert run.returncode == 0, run.stderr
+    reference = json.loads((out / "reference_outputs.json").read_text())
+    assert reference["model"] == "digits_cnn" and reference["output"] == "OUTPUT0"
+    assert len(reference["data"]) == len(json.loads(data.read_text())["data"]) and len(reference["data"][0]) == 10
+    models = {entry["model"]: entry for entry in json.loads((out / "compare.json").read_text())["models"]}
+    assert models["digits_cnn"]["accuracy"] == 1.0 and models["digits_cnn"]["mean_cosine"] == pytest.approx(1.0)
+    assert models["digits_cnn_fp16"]["accuracy"] > 0.97 and models["digits_cnn_fp16"]["mean_cosine"] > 0.999
+    assert models["digits_student"]["accuracy"] < models["digits_cnn_fp16"]["accuracy"]

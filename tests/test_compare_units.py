@@ -9,7 +9,7 @@ import pytest
 
 from loadgen.compare import Variant, mark_pareto, pareto, render_compare
 from loadgen.errors import ProtocolMismatch
-from loadgen.protocols.common.request_data import AnswerJudge, RequestData, score
+from loadgen.protocols.common.request_data import AnswerJudge, RequestData, agree, read_references, score
 from loadgen.scenario import ScenarioError, make_target
 
 
@@ -38,9 +38,9 @@ def test_score_takes_the_argmax_of_each_row() -> None:
 def test_judge_scores_the_first_output_and_names_a_missing_one() -> None:
     judge = AnswerJudge(labels=[2, 0], output="OUTPUT0")
     logits = np.array([[0.0, 0.1, 0.9]])
-    assert judge.judge({"OUTPUT0": ("FP32", [1, 3], logits)}, 0) == (None, 1, 1)
-    assert judge.judge({"OUTPUT0": ("FP32", [1, 3], logits)}, 1) == (None, 1, 0)
-    problem, scored, _ = judge.judge({"OTHER": ("FP32", [1, 3], logits)}, 0)
+    assert judge.judge({"OUTPUT0": ("FP32", [1, 3], logits)}, 0) == (None, 1, 1, 0)
+    assert judge.judge({"OUTPUT0": ("FP32", [1, 3], logits)}, 1) == (None, 1, 0, 0)
+    problem, scored, _, _ = judge.judge({"OTHER": ("FP32", [1, 3], logits)}, 0)
     assert "OUTPUT0 missing" in problem and scored == 0
 
 
@@ -49,7 +49,7 @@ def test_labels_must_match_the_entries(tmp_path) -> None:
     data.write_text(json.dumps({"data": [{"INPUT0": [1.0, 2.0]}, {"INPUT0": [3.0, 4.0]}]}))
     labels = tmp_path / "labels.json"
     labels.write_text("[1, 0, 1]")
-    with pytest.raises(ScenarioError, match=r"labels .*labels.json has 3 labels for the 2 entries of input_data"):
+    with pytest.raises(ScenarioError, match=r"labels .*labels.json has 3 entries for the 2 entries of input_data"):
         make_target(url="http://127.0.0.1:1", model="m", input_data=str(data), labels=str(labels))
     labels.write_text('["cat", "dog"]')
     with pytest.raises(ScenarioError, match="integer class labels"):
@@ -66,3 +66,22 @@ def test_a_model_without_outputs_cannot_be_scored(tmp_path) -> None:
     data = RequestData(tensors=[[{"name": "INPUT0", "datatype": "FP32", "shape": [1], "data": [0.0]}]])
     with pytest.raises(ProtocolMismatch, match="no output to score"):
         data.judge({"outputs": []}, str(labels))
+
+
+def test_agreement_with_reference_outputs_counts_argmax_and_cosine(tmp_path) -> None:
+    reference = np.array([0.6, 0.8])
+    rows, same, ppm = agree(np.array([[0.6, 0.8], [0.8, 0.6], [-0.6, -0.8]]), reference)
+    assert (rows, same) == (3, 1)  # the reference's argmax is 1; the other two rows' is 0
+    assert ppm == 1_000_000 + 960_000 - 1_000_000
+    judge = AnswerJudge(output="EMBEDDING", references=[reference])
+    assert judge.judge({"EMBEDDING": ("FP32", [1, 2], np.array([[0.6, 0.8]]))}, 0) == (None, 1, 1, 1_000_000)
+    path = tmp_path / "reference.json"
+    path.write_text(json.dumps({"model": "m", "data": [[0.6, 0.8], [1.0, 0.0]]}))
+    assert [list(row) for row in read_references(str(path))] == [[0.6, 0.8], [1.0, 0.0]]
+    path.write_text(json.dumps({"validation_data": [{"OUT": [1, 2]}, {"OUT": {"content": [3, 4]}}]}))
+    assert [list(row) for row in read_references(str(path))] == [[1.0, 2.0], [3.0, 4.0]]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps({"data": [{"INPUT0": [1.0]}]}))
+    with pytest.raises(ScenarioError, match="give labels or reference_outputs"):
+        make_target(url="http://127.0.0.1:1", model="m", input_data=str(data), labels=str(path),
+                    reference_outputs=str(path))

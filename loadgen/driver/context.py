@@ -135,7 +135,7 @@ class LoadContext:
     def record(self, outcome: Outcome) -> None:
         self.recorder.record(outcome.intended_t, outcome.sent_t, outcome.done_t, outcome.error)
         if outcome.scored:
-            self.recorder.record_score(outcome.scored, outcome.correct)
+            self.recorder.record_score(outcome.scored, outcome.correct, outcome.similarity_ppm)
         if self._fire is not None:
             self._fire(
                 request_type="POST",

@@ -120,7 +120,7 @@ class KServeGrpcClient:
         self.request = self._requests[0]
         if self.target.check_response:
             data.with_specs(self.metadata)
-        self._judge = data.judge(self.metadata, self.target.labels)
+        self._judge = data.judge(self.metadata, self.target.labels, self.target.reference_outputs)
         if not self.target.stream:
             self._h2 = self._open_h2()
         warm_up(self, f"ModelInfer of {self.target.model!r}")
@@ -152,11 +152,26 @@ class KServeGrpcClient:
         if self._judge is not None:
             from tritonclient.grpc import service_pb2 as pb
 
-            problem, scored, correct = self._judge.judge(_outputs(pb.ModelInferResponse.FromString(response)), index)
+            answer = _outputs(pb.ModelInferResponse.FromString(response))
+            problem, scored, correct, similar = self._judge.judge(answer, index)
             if problem is not None:
                 return Outcome(intended_t, sent_t, done_t, "invalid_response", problem, len(response))
-            return Outcome(intended_t, sent_t, done_t, None, "", len(response), scored, correct)
+            return Outcome(intended_t, sent_t, done_t, None, "", len(response), scored, correct, similar)
         return Outcome(intended_t, sent_t, done_t, None, "", len(response))
+
+    def answers(self) -> list[Outputs | str]:
+        """Each request sent once, in order (after prepare), and its answer decoded (or what was wrong)."""
+        from tritonclient.grpc import service_pb2 as pb
+
+        results: list[Outputs | str] = []
+        for request in self._requests:
+            try:
+                raw = self._infer(request, timeout=self.target.timeout, metadata=self._metadata)
+            except self._grpc.RpcError as exc:
+                results.append(f"{exc.code().name}: {exc.details()}")
+                continue
+            results.append(_outputs(pb.ModelInferResponse.FromString(raw)))
+        return results
 
     def _send_streamed(self, intended_t: float, index: int) -> Outcome:
         """One request and its response on an idle stream of the pool (a new stream when none is idle).
@@ -183,10 +198,10 @@ class KServeGrpcClient:
         if message.error_message:
             return Outcome(intended_t, sent_t, done_t, "stream_error", message.error_message, len(raw))
         if self._judge is not None:
-            problem, scored, correct = self._judge.judge(_outputs(message.infer_response), index)
+            problem, scored, correct, similar = self._judge.judge(_outputs(message.infer_response), index)
             if problem is not None:
                 return Outcome(intended_t, sent_t, done_t, "invalid_response", problem, len(raw))
-            return Outcome(intended_t, sent_t, done_t, None, "", len(raw), scored, correct)
+            return Outcome(intended_t, sent_t, done_t, None, "", len(raw), scored, correct, similar)
         return Outcome(intended_t, sent_t, done_t, None, "", len(raw))
 
     def _open_h2(self) -> H2Channel:

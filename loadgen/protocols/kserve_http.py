@@ -135,7 +135,7 @@ class KServeHttpClient:
         self.request = self._requests[0]
         if self.target.check_response:
             data.with_specs(self.metadata)
-        self._judge = data.judge(self.metadata, self.target.labels)
+        self._judge = data.judge(self.metadata, self.target.labels, self.target.reference_outputs)
         warm_up(self, f"POST {self._infer_path}")
         return self.metadata
 
@@ -155,11 +155,20 @@ class KServeHttpClient:
             error = f"http_{response.status}"
             return Outcome(intended_t, sent_t, done_t, error, _error_text(response.body), len(response.body))
         if self._judge is not None:
-            problem, scored, correct = self._judge.judge(_outputs(response), index)
+            problem, scored, correct, similar = self._judge.judge(_outputs(response), index)
             if problem is not None:
                 return Outcome(intended_t, sent_t, done_t, "invalid_response", problem, len(response.body))
-            return Outcome(intended_t, sent_t, done_t, None, "", len(response.body), scored, correct)
+            return Outcome(intended_t, sent_t, done_t, None, "", len(response.body), scored, correct, similar)
         return Outcome(intended_t, sent_t, done_t, None, "", len(response.body))
+
+    def answers(self) -> list[Outputs | str]:
+        """Each request sent once, in order (after prepare), and its answer decoded (or what was wrong)."""
+        results: list[Outputs | str] = []
+        for request in self._requests:
+            response = self._pool.send(request)
+            results.append(_outputs(response) if response.status == 200 else
+                           f"http_{response.status}: {_error_text(response.body)}")
+        return results
 
     def close(self) -> None:
         self._pool.close()

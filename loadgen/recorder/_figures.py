@@ -21,7 +21,8 @@ from loadgen.recorder._hdr import mean_value, new_histogram, values_at_percentil
 
 HISTOGRAMS = ("latency", "service", "lag")
 """Names of the histogram fields, in the order the sinks show them."""
-COUNTERS = ("ok", "dropped", "out_of_range", "completed_in_window", "sent", "unsent", "scored", "correct")
+COUNTERS = ("ok", "dropped", "out_of_range", "completed_in_window", "sent", "unsent", "scored", "correct",
+            "similarity_ppm")
 """Names of the integer counter fields (errors, a dict, is handled beside them)."""
 STREAM_HISTOGRAMS = ("ttft", "ttft_service", "itl", "tpot")
 """Names of the StreamFigures histogram fields, in the order the sinks show them."""
@@ -110,7 +111,9 @@ class HistogramSet:
     scored: int = 0
     """Answers (rows) scored against a label: successful responses of a run that scores."""
     correct: int = 0
-    """Of the scored answers, those whose predicted class was the label."""
+    """Of the scored answers, those whose predicted class was the label (or the reference's)."""
+    similarity_ppm: int = 0
+    """Sum over scored rows of the cosine similarity with the reference output, in millionths."""
     stream: StreamFigures | None = None
     """Token-level figures when the responses were streamed (protocol openai), else None."""
 

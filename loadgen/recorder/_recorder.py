@@ -118,6 +118,7 @@ class Recorder:
         self._unsent = 0
         self._scored = 0
         self._correct = 0
+        self._similarity = 0
         self._streams: list[tuple[float, float, float, Sequence[float], int]] = []
 
     def _new_set(self) -> HistogramSet:
@@ -147,10 +148,12 @@ class Recorder:
         if error is None:
             self._streams.append((intended_t, sent_t, done_t, token_times, output_tokens))
 
-    def record_score(self, scored: int, correct: int) -> None:
-        """Count `scored` answers (rows) compared with their labels, `correct` of them right."""
+    def record_score(self, scored: int, correct: int, similarity_ppm: int = 0) -> None:
+        """Count `scored` answers (rows) compared with their labels, `correct` of them right (and, against
+        reference outputs, their summed cosine similarity in millionths)."""
         self._scored += scored
         self._correct += correct
+        self._similarity += similarity_ppm
 
     def record_dropped(self, intended_t: float) -> None:
         """Count an arrival that could not be started; it has no latency."""
@@ -221,18 +224,19 @@ class Recorder:
     def _take_buffers(self) -> tuple[list[float], list[float], list[float], list, tuple[int, ...], list]:
         """Hand over every buffered sample and start empty buffers (record() appends to the new ones)."""
         taken = (self._ok_intended, self._ok_sent, self._ok_done, self._failed,
-                 (self._dropped, self._unsent, self._scored, self._correct), self._streams)
+                 (self._dropped, self._unsent, self._scored, self._correct, self._similarity), self._streams)
         self._ok_intended, self._ok_sent, self._ok_done, self._failed = [], [], [], []
-        self._dropped = self._unsent = self._scored = self._correct = 0
+        self._dropped = self._unsent = self._scored = self._correct = self._similarity = 0
         self._streams = []
         return taken
 
     def _flush_steps(self, figures: HistogramSet, taken: tuple) -> Iterator[None]:
-        ok_intended, ok_sent, ok_done, failed, (dropped, unsent, scored, correct), streams = taken
+        ok_intended, ok_sent, ok_done, failed, (dropped, unsent, scored, correct, similarity), streams = taken
         figures.dropped += dropped
         figures.unsent += unsent
         figures.scored += scored
         figures.correct += correct
+        figures.similarity_ppm += similarity
         if ok_done:
             intended, sent, done = (np.array(column, dtype=np.float64) for column in (ok_intended, ok_sent, ok_done))
             figures.out_of_range += record_many(figures.latency, _to_us(done - intended))

@@ -62,6 +62,8 @@ def build_summary(
     if figures.scored:
         summary["accuracy"] = {"scored": figures.scored, "correct": figures.correct,
                                "top1": round(figures.correct / figures.scored, 6)}
+        if figures.similarity_ppm:
+            summary["accuracy"]["mean_cosine"] = round(figures.similarity_ppm / figures.scored / 1e6, 6)
     if figures.stream is not None:
         summary.update(stream_summary(figures, duration_s))
     summary.update(extra or {})

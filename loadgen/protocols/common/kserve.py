@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 from pydantic import Field, field_validator, model_validator
 
 from loadgen.flags import Flag, as_path_text, if_set
 from loadgen.protocols.base import TargetOptions, existing_file
-from loadgen.protocols.common.request_data import count_entries, read_labels
+from loadgen.protocols.common.request_data import Outputs, count_entries, read_labels, read_references
 
-__all__ = ["FLAGS", "KServeOptions", "parse_shapes"]
+__all__ = ["FLAGS", "KServeOptions", "TensorClient", "parse_shapes"]
 
 
 class KServeOptions(TargetOptions):
@@ -28,6 +29,10 @@ class KServeOptions(TargetOptions):
     """A JSON list of integer class labels, one per input_data entry in order: every answer's predicted
     class (the argmax of the model's first output, per row) is scored against its entry's label, and
     summary.json gets the accuracy."""
+    reference_outputs: str | None = None
+    """Instead of labels: per input_data entry, a reference answer's output values (JSON list of lists,
+    e.g. the fp32 model's embeddings): each answer is scored by its agreement with it (same argmax, and
+    cosine similarity: summary.json's accuracy.top1 and accuracy.mean_cosine)."""
     check_response: bool = False
     """Check every answer against the model's metadata: each declared output present, with its
     datatype and shape (a wrong one is an invalid_response error; the run goes on)."""
@@ -42,17 +47,27 @@ class KServeOptions(TargetOptions):
         return existing_file(value)
 
     @model_validator(mode="after")
-    def _labels_fit_input_data(self) -> KServeOptions:
-        if self.labels is None:
-            return self
-        if self.input_data is None:
-            raise ValueError("labels needs input_data (--input-data): one label per entry")
-        labels = read_labels(existing_file(self.labels) or "")
-        entries = count_entries(self.input_data)
-        if len(labels) != entries:
-            raise ValueError(f"labels {self.labels} has {len(labels)} labels for the {entries} entries of "
-                             f"input_data {self.input_data}")
+    def _scores_fit_input_data(self) -> KServeOptions:
+        if self.labels is not None and self.reference_outputs is not None:
+            raise ValueError("give labels or reference_outputs (what answers are scored against), not both")
+        for key, path, read in (("labels", self.labels, read_labels),
+                                ("reference_outputs", self.reference_outputs, read_references)):
+            if path is None:
+                continue
+            if self.input_data is None:
+                raise ValueError(f"{key} needs input_data (--input-data): one entry each")
+            count, entries = len(read(existing_file(path) or "")), count_entries(self.input_data)
+            if count != entries:
+                raise ValueError(f"{key} {path} has {count} entries for the {entries} entries of input_data "
+                                 f"{self.input_data}")
         return self
+
+
+@runtime_checkable
+class TensorClient(Protocol):
+    """A KServe client, which can also hand back each request's decoded answer (compare --reference)."""
+
+    def answers(self) -> list[Outputs | str]: ...
 
 
 def parse_shapes(items: list[str]) -> dict[str, list[int]] | None:
@@ -79,6 +94,9 @@ FLAGS = (
          key=("target", "batch_size"), decls=("--batch-size", "-b")),
     Flag("labels", Path | None, "JSON list of integer class labels, one per --input-data entry: every answer "
          "is scored (top-1) and summary.json gets the accuracy.", key=("target", "labels"), to_scenario=as_path_text),
+    Flag("reference_outputs", Path | None, "Instead of --labels: JSON list of each --input-data entry's reference "
+         "output values; answers are scored by agreement (argmax, cosine).", key=("target", "reference_outputs"),
+         to_scenario=as_path_text),
     Flag("check_response", bool, "Check each answer's output names, datatypes and shapes against the "
          "model's metadata (a wrong one is an invalid_response error).",
          key=("target", "check_response"), to_scenario=if_set, default=False, decls=("--check-response",)),

@@ -32,8 +32,8 @@ from loadgen.errors import ProtocolMismatch
 from loadgen.lowlevel.dtypes import NUMPY_DTYPES
 from loadgen.protocols.common.payloads import has_batch_dim, synthetic_inputs
 
-__all__ = ["AnswerJudge", "RequestData", "check_answer", "check_outputs", "count_entries", "from_raw", "read_labels",
-           "request_data", "score", "to_raw"]
+__all__ = ["AnswerJudge", "RequestData", "agree", "check_answer", "check_outputs", "count_entries", "from_raw",
+           "read_labels", "read_references", "request_data", "score", "to_raw"]
 
 OutputSpecs = dict[str, tuple[str, list[int]]]
 """Per output name: the datatype and the shape an answer must have (-1: any size)."""
@@ -57,20 +57,25 @@ class RequestData:
         return [(self.expected[i] if self.expected else None, self.specs[i] if self.specs else None)
                 for i in range(len(self.tensors))]
 
-    def judge(self, metadata: dict[str, Any], labels: str | None) -> AnswerJudge | None:
+    def judge(self, metadata: dict[str, Any], labels: str | None,
+              references: str | None = None) -> AnswerJudge | None:
         """The AnswerJudge of these requests: their checks, and with a `labels` file (one label per
-        entry, in order) the scoring of the model's first output; None when answers are neither
-        checked nor scored."""
+        entry, in order) or a `references` file (one reference output per entry) the scoring of the
+        model's first output; None when answers are neither checked nor scored."""
         checks = self.checks()
-        if labels is None:
+        if labels is None and references is None:
             return AnswerJudge(checks) if checks is not None else None
         outputs = metadata.get("outputs") or []
         if not outputs:
             raise ProtocolMismatch("labels: the model's metadata declares no output to score")
-        values = read_labels(labels)
-        if len(values) != len(self.tensors):
-            raise ProtocolMismatch(f"labels {labels}: {len(values)} labels for {len(self.tensors)} input-data entries")
-        return AnswerJudge(checks, values, outputs[0]["name"])
+        path = labels or references
+        values = read_labels(labels) if labels else None
+        expected = read_references(references) if references else None
+        count = len(values if values is not None else expected)
+        if count != len(self.tensors):
+            raise ProtocolMismatch(f"{'labels' if labels else 'reference_outputs'} {path}: {count} entries for "
+                                   f"{len(self.tensors)} input-data entries")
+        return AnswerJudge(checks, values, outputs[0]["name"], expected)
 
     def with_specs(self, metadata: dict[str, Any]) -> RequestData:
         """The same requests, each answer to be checked against the model's declared outputs: every
@@ -99,22 +104,28 @@ class AnswerJudge:
     checks: list[tuple[dict[str, np.ndarray] | None, OutputSpecs | None]] | None = None
     labels: list[int] | None = None
     output: str = ""
+    references: list[np.ndarray] | None = None
+    """Per entry, a reference answer's output values (another model's, say): each answer is scored by
+    its agreement with it (same argmax, and cosine similarity) instead of against a label."""
 
-    def judge(self, outputs: Outputs | str, index: int) -> tuple[str | None, int, int]:
-        """(what is wrong with the answer or None, rows scored, rows right) for request `index`;
-        `outputs` is the problem text when the answer could not be decoded."""
+    def judge(self, outputs: Outputs | str, index: int) -> tuple[str | None, int, int, int]:
+        """(what is wrong with the answer or None, rows scored, rows right, summed cosine similarity in
+        millionths) for request `index`; `outputs` is the problem text when the answer could not be
+        decoded."""
         if isinstance(outputs, str):
-            return outputs, 0, 0
+            return outputs, 0, 0, 0
         if self.checks is not None:
             problem = check_answer(outputs, *self.checks[index])
             if problem is not None:
-                return problem, 0, 0
-        if self.labels is None:
-            return None, 0, 0
+                return problem, 0, 0, 0
+        if self.labels is None and self.references is None:
+            return None, 0, 0, 0
         if self.output not in outputs:
-            return f"output {self.output} missing (it is scored against the labels)", 0, 0
-        scored, correct = score(outputs[self.output][2], self.labels[index])
-        return None, scored, correct
+            return f"output {self.output} missing (it is the output scored)", 0, 0, 0
+        values = outputs[self.output][2]
+        if self.references is not None:
+            return None, *agree(values, self.references[index])
+        return None, *score(values, self.labels[index]), 0
 
 
 def score(values: np.ndarray, label: int) -> tuple[int, int]:
@@ -128,6 +139,49 @@ def score(values: np.ndarray, label: int) -> tuple[int, int]:
     rows = rows.reshape(1, -1) if rows.ndim <= 1 else rows.reshape(rows.shape[0], -1)
     predicted = rows.argmax(axis=1)
     return int(predicted.size), int(np.count_nonzero(predicted == label))
+
+
+def agree(values: np.ndarray, reference: np.ndarray) -> tuple[int, int, int]:
+    """(rows, rows whose argmax is the reference's, summed cosine similarity with the reference in
+    millionths) of an output whose rows should each equal `reference`.
+
+    >>> agree(np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([1.0, 0.0]))
+    (2, 1, 1000000)
+    """
+    rows = np.asarray(values, dtype=np.float64)
+    rows = rows.reshape(1, -1) if rows.ndim <= 1 else rows.reshape(rows.shape[0], -1)
+    want = np.asarray(reference, dtype=np.float64).reshape(-1)
+    if rows.shape[1] != want.size:
+        return int(rows.shape[0]), 0, 0
+    norms = np.linalg.norm(rows, axis=1) * np.linalg.norm(want)
+    cosine = np.divide(rows @ want, norms, out=np.zeros(rows.shape[0]), where=norms > 0)
+    same = np.count_nonzero(rows.argmax(axis=1) == want.argmax())
+    return int(rows.shape[0]), int(same), int(np.rint(cosine * 1e6).sum())
+
+
+def read_references(path: str) -> list[np.ndarray]:
+    """Per input-data entry, the reference output values: a JSON list of lists of numbers, or
+    {"data": [...]} of them, or perf_analyzer's {"validation_data": [{OUTPUT: values}, ...]} (its first
+    output)."""
+    try:
+        document = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from None
+    if isinstance(document, dict):
+        document = document.get("data", document.get("validation_data"))
+    entries = []
+    for entry in document if isinstance(document, list) else []:
+        if isinstance(entry, dict) and entry:
+            entry = next(iter(entry.values()))
+            entry = entry.get("content", entry) if isinstance(entry, dict) else entry
+        try:
+            entries.append(np.array(list(_flatten(entry)), dtype=np.float64))
+        except (TypeError, ValueError):
+            entries = []
+            break
+    if not entries:
+        raise ValueError(f"{path}: expected a JSON list with each entry's reference output values")
+    return entries
 
 
 def read_labels(path: str) -> list[int]:
