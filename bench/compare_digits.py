@@ -64,7 +64,7 @@ def main() -> int:
     if len(os.sched_getaffinity(0)) < 2:
         raise SystemExit("needs two cores: the server on one, the generator on the other")
     work = Path(tempfile.mkdtemp(prefix="compare-digits-"))
-    repository, out = work / "models", ROOT / "bench" / "results" / "compare_digits"
+    repository, out = work / "models", work / "compare"
     started = time.monotonic()
     subprocess.run([sys.executable, "-m", "servers.models.make_repo", str(repository)], cwd=ROOT, check=True,
                    stdout=subprocess.DEVNULL)
