@@ -50,6 +50,8 @@ _GPU_GAUGES = {
     "gpu_power_w": "nv_gpu_power_usage",
 }
 _ENERGY = "nv_energy_consumption"
+_CPU_ENERGY = "cpu_energy_consumption"
+"""The Triton-compatible server's CPU package energy (RAPL), used where no GPU energy counter is."""
 _CPU = "nv_cpu_utilization"
 
 
@@ -101,6 +103,8 @@ def parse_sample(text: str, model: str, t: float) -> Sample:
                 per_gpu[labels.get("gpu_uuid", "")][gauges.get(name, "energy_j")] = value
             elif name == _CPU:
                 sample.gauges["cpu_utilization"] = value
+            elif name == _CPU_ENERGY:
+                sample.gauges["cpu_energy_j"] = value
     sample.gpus = len(per_gpu)
     for readings in per_gpu.values():
         for key, value in readings.items():
@@ -151,6 +155,13 @@ def server_figures(before: Sample | None, after: Sample | None,
             figures["energy_j"] = round(joules, 3)
             figures["mean_power_w"] = round(joules / seconds, 3)
             figures["energy_j_per_inference"] = round(joules / inferences, 6) if inferences else None
+            figures["energy_source"] = "gpu (NVML)"
+    if "energy_j" not in figures and "cpu_energy_j" in gauges and "cpu_energy_j" in before.gauges:
+        joules = gauges["cpu_energy_j"] - before.gauges["cpu_energy_j"]  # the whole CPU package, not only the model
+        figures["energy_j"] = round(joules, 3)
+        figures["mean_power_w"] = round(joules / seconds, 3)
+        figures["energy_j_per_inference"] = round(joules / inferences, 6) if inferences else None
+        figures["energy_source"] = "cpu packages (RAPL)"
     if cost_per_hour is not None:
         figures["cost_per_hour"] = cost_per_hour
         per_hour = inferences / seconds * 3600

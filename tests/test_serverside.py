@@ -72,6 +72,16 @@ def test_no_gpu_and_no_scrape_are_absent_not_zero() -> None:
 
 
 @pytest.mark.integration
+def test_cpu_energy_stands_in_where_no_gpu_counts_energy() -> None:
+    page = ('nv_inference_count{{model="m",version="1"}} {n}\n'
+            "# TYPE cpu_energy_consumption counter\ncpu_energy_consumption {j}\n")
+    before = parse_sample(page.format(n=0, j=10.0), "m", 0.0)
+    after = parse_sample(page.format(n=200, j=30.0), "m", 2.0)
+    figures = server_figures(before, after)
+    assert figures["energy_j"] == 20.0 and figures["mean_power_w"] == 10.0
+    assert figures["energy_j_per_inference"] == 0.1 and figures["energy_source"] == "cpu packages (RAPL)"
+
+
 def test_sweep_attaches_the_servers_own_figures_to_each_step(tmp_path) -> None:
     server = start_server(["--metrics-port", "0"], module="servers.triton", port_flag="--http-port")
     try:

@@ -242,3 +242,26 @@ def test_metrics_port_answers_fast_with_every_family(fronts) -> None:
     assert {"nv_cpu_utilization", "nv_cpu_memory_total_bytes", "nv_cpu_memory_used_bytes"} <= names
     assert ("nv_gpu_utilization" in names or "nv_gpu_memory_total_bytes" in names) == bool(
         _nvidia_smi("uuid"))
+
+
+def test_cpu_energy_follows_rapl_counters_across_a_wrap(tmp_path) -> None:
+    """cpu_energy_consumption sums the package domains' energy_uj steps (not their subdomains), follows a
+    counter past max_energy_range_uj, and is absent where no RAPL domain can be read."""
+    from servers.triton._metrics import CpuEnergyCollector
+
+    def write(domain: str, energy: int, limit: int = 1_000_000) -> None:
+        folder = tmp_path / domain
+        folder.mkdir(exist_ok=True)
+        (folder / "energy_uj").write_text(f"{energy}\n")
+        (folder / "max_energy_range_uj").write_text(f"{limit}\n")
+
+    write("intel-rapl:0", 900_000)
+    write("intel-rapl:1", 100)
+    write("intel-rapl:0:0", 5)  # a core subdomain: inside package 0's count already
+    collector = CpuEnergyCollector(tmp_path)
+    write("intel-rapl:0", 100_000)  # wrapped: +200,000 uJ
+    write("intel-rapl:1", 500_100)  # +500,000 uJ
+    write("intel-rapl:0:0", 999_999)
+    (family,) = list(collector.collect())
+    assert family.name == "cpu_energy_consumption" and family.samples[0].value == pytest.approx(0.7)
+    assert list(CpuEnergyCollector(tmp_path / "absent").collect()) == []

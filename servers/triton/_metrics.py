@@ -192,6 +192,46 @@ class CpuUtilizationCollector:
         yield family
 
 
+class CpuEnergyCollector:
+    """cpu_energy_consumption: the CPU packages' energy in joules since this collector was made, from
+    the kernel's RAPL counters (/sys/class/powercap/intel-rapl:N/energy_uj, the package domains; AMD
+    exposes its own the same way). Triton has no CPU energy family; this one mirrors its GPU
+    nv_energy_consumption. A counter that wraps (at max_energy_range_uj) is followed across the wrap;
+    where RAPL is absent or unreadable (most VMs, or without root) the family is absent."""
+
+    NAME = "cpu_energy_consumption"
+
+    def __init__(self, powercap: Path = Path("/sys/class/powercap")) -> None:
+        self._domains = sorted(path for path in powercap.glob("intel-rapl:*") if path.name.count(":") == 1)
+        self._last = {domain: self._read(domain) for domain in self._domains}
+        self._joules = 0.0
+
+    @staticmethod
+    def _read(domain: Path) -> tuple[int, int] | None:
+        try:
+            energy = int((domain / "energy_uj").read_text())
+            limit = int((domain / "max_energy_range_uj").read_text())
+        except (OSError, ValueError):
+            return None
+        return energy, limit
+
+    def collect(self) -> Iterator[Metric]:
+        readable = False
+        for domain in self._domains:
+            now, last = self._read(domain), self._last.get(domain)
+            if now is None or last is None:
+                continue
+            readable = True
+            step = now[0] - last[0]
+            self._joules += (step if step >= 0 else step + now[1]) / 1e6
+            self._last[domain] = now
+        if readable:
+            family = Metric(self.NAME, "CPU package energy consumption in joules since the server started (RAPL)",
+                            "counter")
+            family.add_sample(self.NAME, {}, self._joules)
+            yield family
+
+
 def build_registry(host: ModelHost, gpu: GpuSampler | None = None) -> CollectorRegistry:
     """A fresh registry holding every family this server exports; `gpu` defaults to a new GpuSampler
     (NVML is initialised there, once, not at each scrape)."""
@@ -199,6 +239,7 @@ def build_registry(host: ModelHost, gpu: GpuSampler | None = None) -> CollectorR
     registry.register(ModelMetricsCollector(host))
     registry.register(GpuMetricsCollector(gpu if gpu is not None else GpuSampler()))
     registry.register(CpuUtilizationCollector())
+    registry.register(CpuEnergyCollector())
     registry.register(HostMemoryCollector())
     ProcessCollector(registry=registry)
     return registry
