@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from servers.calibration.timing import TimingConfig, TimingModel
-from tests.conftest import TIMING
+from tests.support.timing import TIMING
 
 pytestmark = pytest.mark.integration
 

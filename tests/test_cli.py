@@ -13,7 +13,8 @@ import pytest
 from hdrh.histogram import HdrHistogram
 from hdrh.log import HistogramLogReader
 
-from tests.conftest import ROOT, TIMING, loadgen_cmd, pin, run_loadgen
+from tests.support.processes import ROOT, loadgen_cmd, pin, run_loadgen
+from tests.support.timing import TIMING
 
 pytestmark = pytest.mark.integration
 

@@ -19,8 +19,8 @@ from subprocess import Popen
 import pytest
 
 from loadgen.sinks.hlog import read_hlog
-from tests.conftest import stop_process
-from tests.test_distributed import Master, requests_of, shipped, start_worker, worker_entry
+from tests.support.distributed import Master, requests_of, shipped, start_worker, worker_entry
+from tests.support.processes import stop_process
 
 pytestmark = pytest.mark.integration
 

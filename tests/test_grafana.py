@@ -20,8 +20,8 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import ROOT, loadgen_cmd, pin, start_server, stop_process
-from tests.test_torchserve_support import MLP_JSON, OPEN, model_store, start_torchserve  # noqa: F401
+from tests.support.processes import ROOT, loadgen_cmd, pin, start_server, stop_process
+from tests.support.torchserve import MLP_JSON, OPEN, start_torchserve
 
 GRAFANA = ROOT / "grafana"
 DASHBOARDS = sorted((GRAFANA / "dashboards").glob("*.json"))
@@ -93,7 +93,7 @@ def start_prometheus(tmp_path: Path, loadgen_ports: list[int], server_port: int,
 
 
 @pytest.mark.integration
-def test_every_panel_has_data_from_a_real_prometheus(tmp_path: Path, model_store: Path) -> None:  # noqa: F811
+def test_every_panel_has_data_from_a_real_prometheus(tmp_path: Path, model_store: Path) -> None:
     assert shutil.which("prometheus"), "Debian's prometheus package is required (.ci/run installs it)"
     server = start_server(["--metrics-port", str(free_port())], module="servers.triton", port_flag="--http-port")
     metrics_port = int(server.proc.args[server.proc.args.index("--metrics-port") + 1])

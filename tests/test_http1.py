@@ -15,7 +15,7 @@ import pytest
 from loadgen.errors import classify_exception
 from loadgen.protocols.http1 import ConnectionClosed, Http1Pool, HTTPError, _read_response, build_request
 from servers.core.http1 import HttpError, RequestParser
-from tests.conftest import TIMING
+from tests.support.timing import TIMING
 
 
 class ScriptedServer:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, pin
+from tests.support.processes import ROOT, pin
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ROOT, loadgen_cmd, pin, stop_process
+from tests.support.processes import ROOT, loadgen_cmd, pin, stop_process
 
 RUN_S = 4.0
 

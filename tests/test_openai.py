@@ -22,7 +22,8 @@ from loadgen.protocols.openai import OpenAIClient
 from loadgen.recorder import Recorder
 from loadgen.scenario import Target
 from loadgen.sinks import read_hlog
-from tests.conftest import TIMING, Server, run_loadgen, start_server, stop_process
+from tests.support.processes import Server, run_loadgen, start_server, stop_process
+from tests.support.timing import TIMING
 
 pytestmark = pytest.mark.integration
 

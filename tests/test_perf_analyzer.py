@@ -7,19 +7,16 @@ latencies that make sense, and the server's own count must hold at least every r
 reports it measured. The mlp runs carry validation data (the model run in this process), so any
 answer that differs from the in-process result makes perf_analyzer itself fail.
 
-Where perf_analyzer comes from: $LOADGEN_PERF_ANALYZER, else .peers/perf_analyzer/perf_analyzer, else
-../shared/peers/perf_analyzer.sh installs it there (.ci/run installs it before `make test`). When it
-cannot be had the tests fail: a missing peer is not a reason to pass. Shared memory stays off (the
-server does not offer the shared-memory extensions).
+Where perf_analyzer comes from: the `perf_analyzer` fixture (tests/support/perf_analyzer.py); when it
+cannot be had the tests fail. Shared memory stays off (the server does not offer the shared-memory
+extensions).
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,15 +25,11 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, TIMING, pin, stop_process
-from tests.test_triton_grpc import Fronts, start_fronts
-from tests.triton_support import MODELS
+from tests.support.processes import pin, stop_process
+from tests.support.timing import TIMING
+from tests.support.triton import MODELS, Fronts, start_fronts
 
 pytestmark = pytest.mark.integration
-
-ENV_VAR = "LOADGEN_PERF_ANALYZER"
-PEER_DIR = ROOT / ".peers" / "perf_analyzer"
-INSTALLER = ROOT.parent / "shared" / "peers" / "perf_analyzer.sh"
 
 WINDOW_MS = 500
 MAX_TRIALS = 4
@@ -53,49 +46,6 @@ capacity, so only a host stall moves it)."""
 VALIDATION_ROWS = 4
 LATENCY_COLUMNS = ("p50 latency", "p90 latency", "p95 latency", "p99 latency")
 SERVER_COLUMNS = ("Server Compute Input", "Server Compute Infer", "Server Compute Output")
-
-
-# -- the peer -------------------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def perf_analyzer() -> str:
-    """Path of a working perf_analyzer (its wrapper); installs it into .peers/ when it is not there."""
-    given = os.environ.get(ENV_VAR)
-    if given:
-        _check_runs(given, f"${ENV_VAR}")
-        return given
-    wrapper = PEER_DIR / "perf_analyzer"
-    if not _runs(wrapper):
-        _install()
-    _check_runs(str(wrapper), str(wrapper.relative_to(ROOT)))
-    return str(wrapper)
-
-
-def _runs(path: Path | str) -> bool:
-    try:
-        done = subprocess.run([str(path), "--version"], capture_output=True, timeout=30, check=False)
-    except OSError:
-        return False
-    return done.returncode == 0
-
-
-def _check_runs(path: str, source: str) -> None:
-    if not _runs(path):
-        pytest.fail(f"perf_analyzer from {source} ({path}) does not run: `{path} --version` failed. "
-                    f"Install it with ../shared/peers/perf_analyzer.sh .peers/perf_analyzer")
-
-
-def _install() -> None:
-    if not INSTALLER.is_file():
-        pytest.fail(f"perf_analyzer is needed and not installed: set ${ENV_VAR} to its path, or put it in "
-                    f"{PEER_DIR.relative_to(ROOT)} ({INSTALLER} is missing, so it cannot be installed here)")
-    try:
-        done = subprocess.run(["bash", str(INSTALLER), str(PEER_DIR)], capture_output=True, text=True,
-                              timeout=600, check=False, env={**os.environ, "PYTHON": sys.executable})
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"installing perf_analyzer with {INSTALLER} took more than 600 s")
-    if done.returncode != 0:
-        pytest.fail(f"installing perf_analyzer with {INSTALLER} failed (exit {done.returncode}):\n"
-                    f"{done.stderr[-3000:]}")
 
 
 @pytest.fixture(scope="module")

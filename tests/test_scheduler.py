@@ -19,7 +19,7 @@ from servers.core.model import Model, RequestError, TensorSpec
 from servers.triton._scheduler import Batching, Scheduler
 from servers.triton._stats import ModelStats
 from servers.triton.repository import load_model
-from tests.conftest import TIMING
+from tests.support.timing import TIMING
 
 
 class _Scaled(Model):

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from loadgen.serverside import parse_sample, server_figures
-from tests.conftest import run_loadgen, start_server, stop_process
+from tests.support.processes import run_loadgen, start_server, stop_process
 
 _PAGE = """\
 # TYPE nv_inference_request_success counter

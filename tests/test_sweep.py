@@ -12,7 +12,8 @@ import json
 
 import pytest
 
-from tests.conftest import TIMING, run_loadgen
+from tests.support.processes import run_loadgen
+from tests.support.timing import TIMING
 
 pytestmark = [pytest.mark.integration, TIMING]
 

@@ -22,12 +22,11 @@ import httpx
 import pytest
 import torch
 
-from tests.conftest import TIMING
-from tests.test_torchserve_support import (
+from tests.support.timing import TIMING
+from tests.support.torchserve import (
     OPEN,
     TorchServe,
     archive,
-    model_store,  # noqa: F401 - the session fixture
     start_torchserve,
 )
 
@@ -65,7 +64,7 @@ class Probe(BaseHandler):
 
 
 @pytest.fixture(scope="module")
-def server(model_store: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: F811
+def server(model_store: Path, tmp_path_factory: pytest.TempPathFactory):
     store = tmp_path_factory.mktemp("store")
     shutil.copy(model_store / "mlp.mar", store / "mlp.mar")
     work = tmp_path_factory.mktemp("work")
@@ -257,7 +256,7 @@ def test_scaling_down_and_unregistering_end_the_worker_processes(server: TorchSe
     assert _wait_for(lambda: not _alive(left[0]), 10)
 
 
-def test_thread_workers_on_request(model_store: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_thread_workers_on_request(model_store: Path, tmp_path: Path) -> None:
     """worker_mode=thread: the workers are threads of the server process, and still run in parallel."""
     store = tmp_path / "store"
     store.mkdir()

@@ -14,8 +14,8 @@ import pytest
 import tritonclient.grpc as tritonclient_grpc
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import ROOT, Server, run_loadgen, start_server, stop_process
-from tests.tls_support import PrivateCa, private_ca
+from tests.support.processes import ROOT, Server, run_loadgen, start_server, stop_process
+from tests.support.tls import PrivateCa, private_ca
 
 pytestmark = pytest.mark.integration
 

@@ -11,13 +11,10 @@ import numpy as np
 import pytest
 
 from servers.calibration.timing import TimingConfig, TimingModel
-from tests.conftest import TIMING, run_loadgen
+from tests.support.processes import run_loadgen
+from tests.support.timing import TIMING, truth_percentiles, within
 
 pytestmark = [pytest.mark.integration, TIMING]
-
-
-def within(measured: float, truth: float, rel: float, floor_ms: float = 0.0) -> bool:
-    return abs(measured - truth) <= max(floor_ms, rel * truth)
 
 
 def test_fixed_delay_open_loop(calibration_server, tmp_path) -> None:
@@ -47,11 +44,6 @@ def test_fixed_delay_open_loop(calibration_server, tmp_path) -> None:
         pytest.fail(f"p99 off by more than 1 ms in three runs: {seen}")
     # every request the server answered was counted (warm-up requests are not measured)
     assert server.info()["requests"] == (attempt + 1) * (1000 + summary["warmup_requests"])
-
-
-def truth_percentiles(latencies_ms: np.ndarray) -> dict[str, float]:
-    points = {"p90": 90.0, "p99": 99.0, "p99_9": 99.9}
-    return {k: float(np.percentile(latencies_ms, q, method="inverted_cdf")) for k, q in points.items()}
 
 
 def test_stalls_open_loop_tails_match_the_schedule(calibration_server, tmp_path) -> None:
