@@ -9,6 +9,7 @@ import pytest
 
 from tests.support import perf_analyzer as _perf_analyzer
 from tests.support.processes import Server, start_server, stop_process
+from tests.support.timing import HostNoise, NoiseProbes
 from tests.support.torchserve import build_store
 
 
@@ -49,3 +50,16 @@ def perf_analyzer() -> str:
     """Path of a working perf_analyzer (its wrapper); installs it into .peers/ when it is not there."""
     return _perf_analyzer.find_or_install()
 
+
+@pytest.fixture(scope="session")
+def noise_probes() -> Iterator[NoiseProbes]:
+    """The host-noise probes (one pinned to each core), from the first timing test to the session's end."""
+    probes = NoiseProbes()
+    yield probes
+    probes.stop()
+
+
+@pytest.fixture
+def host_noise(noise_probes: NoiseProbes) -> HostNoise:
+    """The host's timer noise around this test, and the timing checks that allow for it (capped)."""
+    return HostNoise(noise_probes)

@@ -25,7 +25,7 @@ from loadgen.sinks.hlog import read_hlog
 from servers.calibration.timing import TimingConfig, TimingModel
 from tests.support.distributed import Master, requests_of, shipped, start_worker, worker_entry
 from tests.support.processes import ROOT, loadgen_cmd, pin, run_loadgen, stop_process
-from tests.support.timing import TIMING, truth_percentiles, within
+from tests.support.timing import HostNoise, truth_percentiles
 
 pytestmark = pytest.mark.integration
 
@@ -51,8 +51,8 @@ def assert_percentiles_equal(summary: dict, messages: list[dict]) -> None:
         assert {key: figures[key] for key in expected} == expected, which
 
 
-@TIMING
-def test_two_workers_counts_rate_and_merged_percentiles_are_exact(calibration_server, tmp_path) -> None:
+def test_two_workers_counts_rate_and_merged_percentiles_are_exact(calibration_server, host_noise: HostNoise,
+                                                                  tmp_path) -> None:
     """400 req/s for 10 s over two worker processes: merged count == workers' counts == the server's,
     achieved rate within 2 %, and every percentile equal to one histogram fed every worker's samples."""
     server = calibration_server("--delay-ms", "5")
@@ -78,8 +78,10 @@ def test_two_workers_counts_rate_and_merged_percentiles_are_exact(calibration_se
     assert summary["warmup_requests"] == sum(w["warmup_requests"] for w in summary["distributed"]["workers"]) > 0
     assert summary["dropped"] == 0
     assert summary["offered_rps"] == pytest.approx(400.0)
-    assert summary["sent_rps"] == pytest.approx(400.0, rel=0.02)
-    assert summary["achieved_rps"] == pytest.approx(400.0, rel=0.02)
+    # 2 % of a 10 s run is 200 ms: only a host stall that long moves the rates so far
+    for key in ("sent_rps", "achieved_rps"):
+        host_noise.assert_holds(summary[key] == pytest.approx(400.0, rel=0.02), what=f"{key} {summary[key]}",
+                                margin_ms=200.0)
     assert_percentiles_equal(summary, everything)
 
     # the master's k-th interval is the sum of every worker's k-th interval
@@ -92,8 +94,8 @@ def test_two_workers_counts_rate_and_merged_percentiles_are_exact(calibration_se
     assert sorted(share for w in summary["distributed"]["workers"] for share in w["share"]) == ["0/2", "1/2"]
 
 
-@TIMING
-def test_stall_tails_match_the_truth_with_local_worker_processes(calibration_server, tmp_path) -> None:
+def test_stall_tails_match_the_truth_with_local_worker_processes(calibration_server, host_noise: HostNoise,
+                                                                 tmp_path) -> None:
     """As tests/test_truth.py's stall test, with `--processes 2`: two workers, one schedule."""
     server = calibration_server("--delay-ms", "10", "--stall-every", "5", "--stall-for", "1")
     run = run_loadgen("--target", server.url, "--model", "m", "--rate", "200", "--duration", "20s",
@@ -110,7 +112,7 @@ def test_stall_tails_match_the_truth_with_local_worker_processes(calibration_ser
     truth = truth_percentiles((np.array(model.done_all(intended)) - intended) * 1000.0)
     assert truth["p99_9"] > 900  # the run did cover stalls
     for key, value in truth.items():
-        assert within(summary["latency_ms"][key], value, 0.05), (key, summary["latency_ms"], truth)
+        host_noise.assert_near(summary["latency_ms"][key], value, 0.05 * value, what=f"latency {key} (ms)")
 
 
 def run_and_kill_one(server_url: str, tmp_path: Path, extra: list[str], kill_after_s: float = 4.0,

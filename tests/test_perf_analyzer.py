@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from tests.support.processes import pin, stop_process
-from tests.support.timing import TIMING
+from tests.support.timing import HostNoise
 from tests.support.triton import MODELS, Fronts, start_fronts
 
 pytestmark = pytest.mark.integration
@@ -109,7 +109,7 @@ def validation_data(path: Path) -> Path:
     return path
 
 
-def run_perf_analyzer(binary: str, fronts: Fronts, case: Case, work: Path) -> Outcome:
+def run_perf_analyzer(binary: str, fronts: Fronts, case: Case, work: Path, host_noise: HostNoise) -> Outcome:
     url = fronts.http_url if case.protocol == "http" else fronts.grpc_url
     data = (["--input-data", str(validation_data(work / "mlp-input.json"))] if case.model == "mlp"
             else ["--shape", "INPUT0:16"])
@@ -125,7 +125,9 @@ def run_perf_analyzer(binary: str, fronts: Fronts, case: Case, work: Path) -> Ou
         proc.kill()
         output, _ = proc.communicate()
         pytest.fail(f"perf_analyzer ran past {RUN_TIMEOUT_S:g} s:\n{output[-3000:]}")
-    assert proc.returncode == 0, f"perf_analyzer exited {proc.returncode}:\n{' '.join(cmd)}\n{output[-3000:]}"
+    # a host that stalls either side for long (100 ms) can make perf_analyzer give up (exit 2)
+    host_noise.assert_holds(proc.returncode == 0, margin_ms=100.0,
+                            what=f"perf_analyzer exited {proc.returncode}:\n{' '.join(cmd)}\n{output[-3000:]}")
     with open(work / "out.csv", newline="") as report:
         rows = list(csv.DictReader(report))
     experiments = json.loads((work / "export.json").read_text())["experiments"]
@@ -140,11 +142,11 @@ def model_stats(fronts: Fronts, model: str) -> dict:
 
 
 # -- the test -------------------------------------------------------------------------------------
-@TIMING  # a host that stalls either side for long can make perf_analyzer give up (exit 2) or miss a rate
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.protocol}-{c.mode}-{c.model}")
-def test_perf_analyzer_run(perf_analyzer: str, fronts: Fronts, case: Case, tmp_path: Path) -> None:
+def test_perf_analyzer_run(perf_analyzer: str, fronts: Fronts, case: Case, host_noise: HostNoise,
+                           tmp_path: Path) -> None:
     before = model_stats(fronts, case.model)
-    outcome = run_perf_analyzer(perf_analyzer, fronts, case, tmp_path)
+    outcome = run_perf_analyzer(perf_analyzer, fronts, case, tmp_path, host_noise)
     after = model_stats(fronts, case.model)
 
     # The CSV lists the levels by throughput, the export in the order they ran.
@@ -152,7 +154,7 @@ def test_perf_analyzer_run(perf_analyzer: str, fronts: Fronts, case: Case, tmp_p
     assert len(rows) == len(outcome.rows) and sorted(rows) == list(case.levels), outcome.output
     assert [e["experiment"]["value"] for e in outcome.experiments] == list(case.levels)
     for experiment in outcome.experiments:
-        check_row(case, rows[experiment["experiment"]["value"]], experiment)
+        check_row(case, rows[experiment["experiment"]["value"]], experiment, host_noise)
 
     measured = sum(len(e["requests"]) for e in outcome.experiments)
     inferred = after["inference_count"] - before["inference_count"]
@@ -162,7 +164,7 @@ def test_perf_analyzer_run(perf_analyzer: str, fronts: Fronts, case: Case, tmp_p
     assert after["inference_stats"]["fail"]["count"] == before["inference_stats"]["fail"]["count"]
 
 
-def check_row(case: Case, row: dict[str, str], experiment: dict) -> None:
+def check_row(case: Case, row: dict[str, str], experiment: dict, host_noise: HostNoise) -> None:
     """One level: its throughput agrees with the requests it exported, latencies ordered and > 0, and
     the server-side columns (read from the statistics extension) were filled in."""
     level = row[case.level_column]
@@ -175,8 +177,9 @@ def check_row(case: Case, row: dict[str, str], experiment: dict) -> None:
     assert throughput > 0
     agree = f"{level}: CSV {throughput}/s, export {exported:.1f}/s"
     assert throughput == pytest.approx(exported, rel=0.01), agree
-    if case.mode == "request-rate":
-        assert throughput == pytest.approx(float(level), rel=RATE_TOLERANCE), f"rate {level}: {throughput}"
+    if case.mode == "request-rate":  # 20 % of a 500 ms window: only a 100 ms stall moves it so far
+        host_noise.assert_holds(throughput == pytest.approx(float(level), rel=RATE_TOLERANCE),
+                                what=f"rate {level}: {throughput}", margin_ms=RATE_TOLERANCE * WINDOW_MS)
     latencies = [float(row[column]) for column in LATENCY_COLUMNS]
     assert latencies[0] > 0 and latencies == sorted(latencies), f"{level}: {latencies}"
     assert sum(float(row[column]) for column in SERVER_COLUMNS) > 0, f"{level}: no server-side figures"

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from tests.support.processes import pin
-from tests.support.timing import TIMING
+from tests.support.timing import HostNoise
 from tests.support.torchserve import (
     MLP_INPUT,
     MLP_JSON,
@@ -68,8 +68,7 @@ def _input_data(work: Path) -> Path:
     return data
 
 
-@TIMING  # a host that stalls either side for long can make perf_analyzer give up (exit 2)
-def test_perf_analyzer_torchserve_mode_runs(perf_analyzer: str, server: TorchServe,
+def test_perf_analyzer_torchserve_mode_runs(perf_analyzer: str, server: TorchServe, host_noise: HostNoise,
                                             tmp_path: Path) -> None:
     before = _counters(server)
     host_port = server.inference.removeprefix("http://")
@@ -85,7 +84,9 @@ def test_perf_analyzer_torchserve_mode_runs(perf_analyzer: str, server: TorchSer
         proc.kill()
         output, _ = proc.communicate()
         pytest.fail(f"perf_analyzer ran past {RUN_TIMEOUT_S:g} s:\n{output[-3000:]}")
-    assert proc.returncode == 0, f"perf_analyzer exited {proc.returncode}:\n{' '.join(cmd)}\n{output[-3000:]}"
+    # a host that stalls either side for long (100 ms) can make perf_analyzer give up (exit 2)
+    host_noise.assert_holds(proc.returncode == 0, margin_ms=100.0,
+                            what=f"perf_analyzer exited {proc.returncode}:\n{' '.join(cmd)}\n{output[-3000:]}")
     assert "Service Kind: TorchServe" in output
 
     with open(tmp_path / "out.csv", newline="") as report:
