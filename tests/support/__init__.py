@@ -4,6 +4,7 @@
   run as a child process (run_loadgen, loadgen_cmd);
 - timing: the ground truth's percentiles, and the host's own timer noise (cyclictest-like), by which the
   timing tests widen their tolerances up to a cap;
+- fake_clock: a Clock for the open-loop dispatcher whose time moves only when it waits;
 - triton, torchserve, distributed, perf_analyzer, tls: what the tests of one area share (sample inputs,
   a server started a particular way, the peer tool found or installed, a private CA).
 

@@ -100,7 +100,8 @@ class _Probe:
         data = data[: len(data) - len(data) % 16]
         self._offset += len(data)
         pairs = np.frombuffer(data, dtype=np.float64).reshape(-1, 2)
-        keep = self.t > (pairs[-1, 0] if len(pairs) else np.inf) - 600.0  # the last 10 minutes
+        newest = pairs[-1, 0] if len(pairs) else (self.t[-1] if len(self.t) else 0.0)
+        keep = self.t > newest - 600.0  # the last 10 minutes
         self.t = np.concatenate([self.t[keep], pairs[:, 0]])
         self.late = np.concatenate([self.late[keep], pairs[:, 1]])
 
