@@ -1,90 +1,19 @@
-"""Shared fixtures: real servers on 127.0.0.1 (port 0), and `loadgen` run as a real process.
-
-The generator runs in its own process in every integration test: importing locust monkey-patches
-the interpreter with gevent, which the test process must not be.
-"""
+"""Fixtures shared by the test modules; the helpers behind them live in tests/support."""
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-
-TIMING = pytest.mark.flaky(reruns=2, reruns_delay=1)
-"""For tests that compare measured times with the truth to a millisecond or less. These VMs lose a
-core to the host for 1-3 ms a few times a second, in bursts; such a burst can push one run's tail
-past the tolerance whatever the code does. A rerun (fresh processes) stands in for a quieter
-machine; a systematic error still fails every run."""
-_CPUS = sorted(os.sched_getaffinity(0))
-
-
-def pin(pid: int, index: int) -> None:
-    """Keep a child on one core: the generator on the first, servers on the second.
-
-    As in a real deployment, the server must not run on the generator's core: a server process
-    sharing it reads each request late by whatever the generator was doing, and reports a later
-    arrival than the true one (DESIGN.md: timing traps).
-    """
-    if len(_CPUS) >= 2:
-        os.sched_setaffinity(pid, {_CPUS[index]})
-
-
-@dataclass
-class Server:
-    proc: subprocess.Popen
-    url: str
-    fronts: dict[str, str] = field(default_factory=dict)
-    """Other front ends the server announced before its http line: {"grpc": "HOST:PORT", "metrics": URL}."""
-
-    def info(self) -> dict:
-        return httpx.get(self.url + "/calibration", timeout=5).json()
-
-
-def start_server(args: list[str], timeout: float = 20.0, module: str = "servers.calibration",
-                 port_flag: str = "--port") -> Server:
-    """`python -m MODULE PORT_FLAG 0 ARGS` pinned to the server core; waits for its `listening on` line."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", module, port_flag, "0", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    pin(proc.pid, 1)
-    deadline = time.monotonic() + timeout
-    fronts: dict[str, str] = {}
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if line.startswith("listening on "):
-            return Server(proc, line.split()[-1].strip(), fronts)
-        if " listening on " in line:
-            fronts[line.split()[0]] = line.split()[-1].strip()
-        if not line and proc.poll() is not None:
-            break
-    stop_process(proc)
-    raise RuntimeError(f"{module} did not start: {proc.stderr.read()}")
-
-
-def stop_process(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+from tests.support import perf_analyzer as _perf_analyzer
+from tests.support.processes import ROOT, Server, start_server, stop_process
+from tests.support.timing import HostNoise, NoiseProbes
+from tests.support.torchserve import build_store
 
 
 @pytest.fixture
@@ -110,16 +39,13 @@ def triton_server() -> Iterator[Server]:
     stop_process(server.proc)
 
 
-@dataclass
-class LoadgenRun:
-    returncode: int
-    stdout: str
-    stderr: str
-    out: Path
-
-    @property
-    def summary(self) -> dict:
-        return json.loads((self.out / "summary.json").read_text())
+@pytest.fixture(scope="session")
+def model_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The TorchServe captures' model store, one per test session (built on first use)."""
+    store = tmp_path_factory.getbasetemp() / "torchserve-store"
+    if not (store / "slow.mar").is_file():
+        build_store(store)
+    return store
 
 
 @pytest.fixture(scope="session")
@@ -134,25 +60,21 @@ def digits_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def loadgen_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "loadgen", *args]
+@pytest.fixture(scope="session")
+def perf_analyzer() -> str:
+    """Path of a working perf_analyzer (its wrapper); installs it into .peers/ when it is not there."""
+    return _perf_analyzer.find_or_install()
 
 
-def run_loadgen(*args: str, out: Path, timeout: float = 120.0, verb: str = "run") -> LoadgenRun:
-    """`loadgen VERB ARGS --out OUT` in a child process on the generator core; returns its exit code,
-    output and folder."""
-    proc = subprocess.Popen(
-        loadgen_cmd(verb, *args, "--out", str(out)),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
-    pin(proc.pid, 0)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    return LoadgenRun(proc.returncode, stdout, stderr, out)
+@pytest.fixture(scope="session")
+def noise_probes() -> Iterator[NoiseProbes]:
+    """The host-noise probes (one pinned to each core), from the first timing test to the session's end."""
+    probes = NoiseProbes()
+    yield probes
+    probes.stop()
+
+
+@pytest.fixture
+def host_noise(noise_probes: NoiseProbes) -> HostNoise:
+    """The host's timer noise around this test, and the timing checks that allow for it (capped)."""
+    return HostNoise(noise_probes)

@@ -13,8 +13,8 @@ import pytest
 
 from loadgen.errors import ProtocolMismatch
 from loadgen.protocols.common.request_data import request_data
-from tests.conftest import Server, run_loadgen, start_server, stop_process
-from tests.test_target_options import _input_data
+from tests.support.processes import Server, run_loadgen, start_server, stop_process
+from tests.support.triton import mlp_input_data
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def test_each_request_carries_the_batch(server: Server, protocol: str, tmp_path:
     target = server.url if protocol == "kserve-http" else f"grpc://{server.fronts['grpc']}"
     rows_before, requests_before = _stats(server)
     run = run_loadgen("--protocol", protocol, "--target", target, "--model", "mlp", "--batch-size", "8",
-                      "--input-data", str(_input_data(tmp_path / "good.json")), "--rate", "40", "--duration", "1s",
+                      "--input-data", str(mlp_input_data(tmp_path / "good.json")), "--rate", "40", "--duration", "1s",
                       out=tmp_path / "good")
     assert run.returncode == 0, run.stderr
     summary = run.summary
@@ -48,7 +48,7 @@ def test_each_request_carries_the_batch(server: Server, protocol: str, tmp_path:
     assert summary["achieved_inferences_per_s"] == pytest.approx(8 * summary["achieved_rps"])
     # a wrong expected row is still caught when the entry is repeated 8 times
     bad = run_loadgen("--protocol", protocol, "--target", target, "--model", "mlp", "-b", "8",
-                      "--input-data", str(_input_data(tmp_path / "bad.json", wrong=True)), "--rate", "40",
+                      "--input-data", str(mlp_input_data(tmp_path / "bad.json", wrong=True)), "--rate", "40",
                       "--duration", "1s", out=tmp_path / "bad")
     assert bad.returncode == 0 and bad.summary["errors"] == {"invalid_response": 40}
 
@@ -64,8 +64,8 @@ def test_synthetic_tensors_get_the_batch_dimension() -> None:
 def test_entries_are_repeated_along_the_batch(tmp_path: Path) -> None:
     metadata = {"name": "mlp", "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [-1, 16]}],
                 "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "shape": [-1, 10]}]}
-    data = request_data(metadata, 0, {}, str(_input_data(tmp_path / "in.json")), batch_size=3)
-    one = request_data(metadata, 0, {}, str(_input_data(tmp_path / "in.json")))
+    data = request_data(metadata, 0, {}, str(mlp_input_data(tmp_path / "in.json")), batch_size=3)
+    one = request_data(metadata, 0, {}, str(mlp_input_data(tmp_path / "in.json")))
     (tensor,) = data.tensors[0]
     assert tensor["shape"] == [3, 16] and tensor["data"] == one.tensors[0][0]["data"] * 3
     np.testing.assert_array_equal(data.expected[0]["OUTPUT0"], np.tile(one.expected[0]["OUTPUT0"].ravel(), 3))

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Server, run_loadgen, start_server, stop_process
-from tests.triton_support import write_paced_model
+from tests.support.processes import Server, run_loadgen, start_server, stop_process
+from tests.support.triton import write_paced_model
 
 pytestmark = pytest.mark.integration
 

@@ -20,7 +20,7 @@ import tritonclient.http as httpclient
 
 from loadgen.protocols.base import WARMUP_REQUESTS
 from servers.models.make_repo import DATA_FOLDER
-from tests.conftest import ROOT, Server, loadgen_cmd, run_loadgen, start_server, stop_process
+from tests.support.processes import ROOT, Server, loadgen_cmd, run_loadgen, start_server, stop_process
 
 pytestmark = pytest.mark.integration
 

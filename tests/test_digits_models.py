@@ -25,7 +25,7 @@ from loadgen.protocols.common.request_data import request_data
 from servers.core.model import Model
 from servers.models.make_repo import DATA_FOLDER, DIGITS_NAMES, MODEL_NAMES
 from servers.triton.repository import load_model, model_names
-from tests.conftest import ROOT, Server, start_server, stop_process
+from tests.support.processes import ROOT, Server, start_server, stop_process
 
 FP32_AS_TRAINED = ("digits_cnn", "digits_cnn_onnx")
 """The FP32 CNN and its ONNX export: the same predictions as the TorchScript FP32 model, image for image."""

@@ -23,71 +23,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from loadgen.sinks.hlog import read_hlog
 from servers.calibration.timing import TimingConfig, TimingModel
-from tests.conftest import ROOT, TIMING, loadgen_cmd, pin, run_loadgen, stop_process
-from tests.test_truth import truth_percentiles, within
+from tests.support.distributed import Master, requests_of, shipped, start_worker, worker_entry
+from tests.support.processes import ROOT, loadgen_cmd, pin, run_loadgen, stop_process
+from tests.support.timing import HostNoise, truth_percentiles
 
 pytestmark = pytest.mark.integration
 
 PERCENTILES = {"p50": 50.0, "p90": 90.0, "p99": 99.0, "p99_9": 99.9}
-
-
-class Master:
-    """`loadgen run ... --master --expect-workers N` on a free port, read line by line from stderr."""
-
-    def __init__(self, args: list[str], out: Path, workers: int = 2) -> None:
-        self.out = out
-        self.proc = subprocess.Popen(
-            loadgen_cmd("run", *args, "--master", "--expect-workers", str(workers), "--master-bind-host",
-                        "127.0.0.1", "--master-bind-port", "0", "--quiet", "--out", str(out)),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-        )
-        pin(self.proc.pid, 0)
-        self.lines: list[str] = []
-        line = self.wait_for("master: listening for workers on ")
-        self.port = int(line.split()[5].rsplit(":", 1)[1])
-
-    def wait_for(self, prefix: str, timeout: float = 60.0) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = self.proc.stderr.readline()
-            self.lines.append(line)
-            if line.startswith(prefix):
-                return line
-            if not line and self.proc.poll() is not None:
-                break
-        stop_process(self.proc)
-        raise AssertionError(f"no {prefix!r} line from the master: {''.join(self.lines)}")
-
-    def finish(self, timeout: float = 90.0) -> tuple[int, str]:
-        try:
-            _, rest = self.proc.communicate(timeout=timeout)
-        finally:
-            stop_process(self.proc)
-        return self.proc.returncode, "".join(self.lines) + rest
-
-    @property
-    def summary(self) -> dict:
-        return json.loads((self.out / "summary.json").read_text())
-
-
-def start_worker(port: int, debug_dir: Path) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        loadgen_cmd("worker", "--master-host", "127.0.0.1", "--master-port", str(port), "--debug-dir",
-                    str(debug_dir)),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
-    )
-    pin(proc.pid, 0)
-    return proc
-
-
-def shipped(debug_dir: Path, pid: int) -> list[dict]:
-    """Every interval worker `pid` shipped to the master, in order."""
-    path = debug_dir / f"worker-{pid}.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def requests_of(messages: list[dict]) -> int:
-    return sum(m["figures"]["ok"] + sum(m["figures"]["errors"].values()) for m in messages)
 
 
 def merged_by_hdrh(messages: list[dict], which: str) -> HdrHistogram:
@@ -109,17 +51,13 @@ def assert_percentiles_equal(summary: dict, messages: list[dict]) -> None:
         assert {key: figures[key] for key in expected} == expected, which
 
 
-def worker_entry(summary: dict, pid: int) -> dict:
-    return next(w for w in summary["distributed"]["workers"] if w["pid"] == pid)
-
-
-@TIMING
-def test_two_workers_counts_rate_and_merged_percentiles_are_exact(calibration_server, tmp_path) -> None:
-    """400 req/s for 10 s over two worker processes: merged count == workers' counts == the server's,
+def test_two_workers_counts_rate_and_merged_percentiles_are_exact(calibration_server, host_noise: HostNoise,
+                                                                  tmp_path) -> None:
+    """400 req/s for 6 s over two worker processes: merged count == workers' counts == the server's,
     achieved rate within 2 %, and every percentile equal to one histogram fed every worker's samples."""
     server = calibration_server("--delay-ms", "5")
     debug = tmp_path / "shipped"
-    master = Master(["--target", server.url, "--model", "m", "--rate", "400", "--duration", "10s"],
+    master = Master(["--target", server.url, "--model", "m", "--rate", "400", "--duration", "6s"],
                     tmp_path / "run")
     workers = [start_worker(master.port, debug) for _ in range(2)]
     try:
@@ -132,16 +70,18 @@ def test_two_workers_counts_rate_and_merged_percentiles_are_exact(calibration_se
     messages = {w.pid: shipped(debug, w.pid) for w in workers}
     everything = [m for ms in messages.values() for m in ms]
 
-    assert summary["requests"] == summary["ok"] == 4000
+    assert summary["requests"] == summary["ok"] == 2400
     assert summary["requests"] == sum(w["requests"] for w in summary["distributed"]["workers"])
     for worker in workers:
-        assert worker_entry(summary, worker.pid)["requests"] == requests_of(messages[worker.pid]) == 2000
+        assert worker_entry(summary, worker.pid)["requests"] == requests_of(messages[worker.pid]) == 1200
     assert server.info()["requests"] == summary["requests"] + summary["warmup_requests"]
     assert summary["warmup_requests"] == sum(w["warmup_requests"] for w in summary["distributed"]["workers"]) > 0
     assert summary["dropped"] == 0
     assert summary["offered_rps"] == pytest.approx(400.0)
-    assert summary["sent_rps"] == pytest.approx(400.0, rel=0.02)
-    assert summary["achieved_rps"] == pytest.approx(400.0, rel=0.02)
+    # 2 % of a 6 s run is 120 ms: only a host stall that long moves the rates so far
+    for key in ("sent_rps", "achieved_rps"):
+        host_noise.assert_holds(summary[key] == pytest.approx(400.0, rel=0.02), what=f"{key} {summary[key]}",
+                                margin_ms=120.0)
     assert_percentiles_equal(summary, everything)
 
     # the master's k-th interval is the sum of every worker's k-th interval
@@ -154,33 +94,33 @@ def test_two_workers_counts_rate_and_merged_percentiles_are_exact(calibration_se
     assert sorted(share for w in summary["distributed"]["workers"] for share in w["share"]) == ["0/2", "1/2"]
 
 
-@TIMING
-def test_stall_tails_match_the_truth_with_local_worker_processes(calibration_server, tmp_path) -> None:
+def test_stall_tails_match_the_truth_with_local_worker_processes(calibration_server, host_noise: HostNoise,
+                                                                 tmp_path) -> None:
     """As tests/test_truth.py's stall test, with `--processes 2`: two workers, one schedule."""
-    server = calibration_server("--delay-ms", "10", "--stall-every", "5", "--stall-for", "1")
-    run = run_loadgen("--target", server.url, "--model", "m", "--rate", "200", "--duration", "20s",
+    server = calibration_server("--delay-ms", "10", "--stall-every", "2", "--stall-for", "0.4")
+    run = run_loadgen("--target", server.url, "--model", "m", "--rate", "200", "--duration", "8s",
                       "--processes", "2", "--quiet", out=tmp_path / "open")
     assert run.returncode == 0, run.stderr
     summary = run.summary
-    assert [w["requests"] for w in summary["distributed"]["workers"]] == [2000, 2000]
-    assert summary["requests"] == 4000
+    assert [w["requests"] for w in summary["distributed"]["workers"]] == [800, 800]
+    assert summary["requests"] == 1600
     info = server.info()
     assert info["requests"] == summary["requests"] + summary["warmup_requests"]
-    model = TimingModel(TimingConfig(delay_ms=10, stall_every_s=5, stall_for_s=1), t0=info["t0"])
+    model = TimingModel(TimingConfig(delay_ms=10, stall_every_s=2, stall_for_s=0.4), t0=info["t0"])
     start = summary["clock"]["start_monotonic_s"]
-    intended = start + np.arange(4000) / 200.0
+    intended = start + np.arange(1600) / 200.0
     truth = truth_percentiles((np.array(model.done_all(intended)) - intended) * 1000.0)
-    assert truth["p99_9"] > 900  # the run did cover stalls
+    assert truth["p99_9"] > 360  # the run did cover stalls
     for key, value in truth.items():
-        assert within(summary["latency_ms"][key], value, 0.05), (key, summary["latency_ms"], truth)
+        host_noise.assert_near(summary["latency_ms"][key], value, 0.05 * value, what=f"latency {key} (ms)")
 
 
 def run_and_kill_one(server_url: str, tmp_path: Path, extra: list[str], kill_after_s: float = 4.0,
-                     sig: int = signal.SIGKILL):
-    """A 200 req/s, 12 s run on two workers; the second gets `sig` `kill_after_s` into the run."""
+                     sig: int = signal.SIGKILL, duration_s: int = 12):
+    """A 200 req/s run of `duration_s` on two workers; the second gets `sig` `kill_after_s` into the run."""
     debug = tmp_path / "shipped"
-    master = Master(["--target", server_url, "--model", "m", "--rate", "200", "--duration", "12s", *extra],
-                    tmp_path / "run")
+    master = Master(["--target", server_url, "--model", "m", "--rate", "200", "--duration", f"{duration_s}s",
+                     *extra], tmp_path / "run")
     workers = [start_worker(master.port, debug) for _ in range(2)]
     try:
         master.wait_for("master: run on 2 worker(s)")
@@ -221,15 +161,17 @@ def test_a_killed_worker_is_reported_and_what_it_sent_is_kept(calibration_server
 
 def test_a_worker_stopped_on_its_host_leaves_cleanly_and_the_other_takes_over(calibration_server,
                                                                               tmp_path) -> None:
-    """SIGTERM (Ctrl-C) on a worker: it drains, ships its last intervals and leaves; nothing is lost."""
+    """SIGTERM (Ctrl-C) on a worker 2 s into a 6 s run: it drains, ships its last intervals and leaves; it
+    is seen gone at once, and nothing is lost."""
     server = calibration_server("--delay-ms", "5")
-    code, stderr, master, (alive, left), debug = run_and_kill_one(server.url, tmp_path, [], sig=signal.SIGTERM)
+    code, stderr, master, (alive, left), debug = run_and_kill_one(server.url, tmp_path, [], kill_after_s=2.0,
+                                                                  sig=signal.SIGTERM, duration_s=6)
     assert code == 0, stderr
     assert left.wait(10) == 130
     summary = master.summary
     lost = summary["distributed"]["lost"]
     assert len(lost) == 1 and lost[0]["pid"] == left.pid and lost[0]["why"].startswith("it left"), lost
-    assert lost[0]["lost_at_s"] < 6.0  # seen at once, not after missed heartbeats
+    assert lost[0]["lost_at_s"] < 4.0  # seen at once, not after missed heartbeats (4 s)
     left_entry, alive_entry = worker_entry(summary, left.pid), worker_entry(summary, alive.pid)
     assert left_entry["requests"] == requests_of(shipped(debug, left.pid))  # everything it shipped arrived
     assert alive_entry["requests"] == requests_of(shipped(debug, alive.pid))
@@ -238,8 +180,8 @@ def test_a_worker_stopped_on_its_host_leaves_cleanly_and_the_other_takes_over(ca
     assert server.info()["requests"] == summary["requests"] + summary["warmup_requests"]
     # only the arrivals between its leaving and the takeover (0.25 s of its share) were not sent, and
     # they are counted: every arrival of the schedule is sent, dropped or unsent
-    assert 2400 - 60 <= summary["requests"] < 2400
-    assert summary["sent"] + summary["dropped"] + summary["unsent"] == 2400
+    assert 1200 - 60 <= summary["requests"] < 1200
+    assert summary["sent"] + summary["dropped"] + summary["unsent"] == 1200
     assert summary["unsent"] == alive_entry["unsent"] > 0
     assert any("a leaving worker's" in reason for reason in summary["generator"]["reasons"])
 
@@ -298,15 +240,15 @@ def test_closed_loop_users_are_split_and_the_master_serves_merged_metrics_and_sl
 
 
 def test_sweep_runs_every_step_on_the_same_workers(calibration_server, tmp_path) -> None:
-    """Each step (1 s warm-up + 2 s at a constant rate) sends exactly its schedule over the same two
-    workers; its measured part holds the last 2 s of it.
+    """Each step (1 s warm-up + 1 s at a constant rate) sends exactly its schedule over the same two
+    workers; its measured part holds the last 1 s of it.
 
     The measured part counts the responses recorded after the warm-up's last interval closed, so the
     warm-up's requests still in flight then are in it, and on a late close a few of its own requests
     are not: at most the arrivals of one latency max (resp. lag max) before the warm-up's end, plus one
     a worker. On a loaded host that is a few (latency max 42 ms at 200 req/s: +3)."""
     server = calibration_server("--delay-ms", "5")
-    run = run_loadgen("--target", server.url, "--model", "m", "--rates", "100,200", "--step-duration", "2s",
+    run = run_loadgen("--target", server.url, "--model", "m", "--rates", "100,200", "--step-duration", "1s",
                       "--warmup", "1s", "--processes", "2", out=tmp_path / "sweep", verb="sweep")
     assert run.returncode == 0, run.stderr
     sweep = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
@@ -317,13 +259,13 @@ def test_sweep_runs_every_step_on_the_same_workers(calibration_server, tmp_path)
         workers = summary["distributed"]["workers"]
         load = step["load"]
         assert len(workers) == 2 and {w["share"][0] for w in workers} == {"0/2", "1/2"}
-        # the whole step (the workers' own counts): every arrival of its 3 s, exactly
+        # the whole step (the workers' own counts): every arrival of its 2 s, exactly
         assert sum(w["requests"] + w["dropped"] + w["unsent"] for w in workers) + summary["in_flight_at_end"] \
-            == 3 * load, workers
-        # the measured part: 2 s of arrivals, give or take those that crossed the warm-up's end
+            == 2 * load, workers
+        # the measured part: 1 s of arrivals, give or take those that crossed the warm-up's end
         spill_in = load * summary["latency_ms"]["max"] / 1000.0 + sum(summary["errors"].values()) + len(workers)
         late_close = load * max(w["generator"]["lag_ms"]["max"] for w in workers) / 1000.0 + len(workers)
-        assert -late_close <= summary["requests"] - 2 * load <= spill_in, (summary["requests"], summary["latency_ms"])
+        assert -late_close <= summary["requests"] - load <= spill_in, (summary["requests"], summary["latency_ms"])
         total += sum(w["requests"] + w["warmup_requests"] for w in workers)
         pids |= {w["pid"] for w in workers}
     assert len(pids) == 2  # the same two processes ran both steps

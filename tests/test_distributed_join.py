@@ -19,13 +19,13 @@ from subprocess import Popen
 import pytest
 
 from loadgen.sinks.hlog import read_hlog
-from tests.conftest import stop_process
-from tests.test_distributed import Master, requests_of, shipped, start_worker, worker_entry
+from tests.support.distributed import Master, requests_of, shipped, start_worker, worker_entry
+from tests.support.processes import stop_process
 
 pytestmark = pytest.mark.integration
 
 RATE = 200
-DURATION_S = 10
+DURATION_S = 8
 SLOT_TOLERANCE = 0.10
 """Each 1 s interval of the merged output holds RATE completions within 10 %: a response belongs to the
 interval open when it is recorded, so a few move across a boundary whenever the host is late to close

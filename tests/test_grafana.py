@@ -20,8 +20,8 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import ROOT, loadgen_cmd, pin, start_server, stop_process
-from tests.test_torchserve_support import MLP_JSON, OPEN, model_store, start_torchserve  # noqa: F401
+from tests.support.processes import ROOT, loadgen_cmd, pin, start_server, stop_process
+from tests.support.torchserve import MLP_JSON, OPEN, start_torchserve
 
 GRAFANA = ROOT / "grafana"
 DASHBOARDS = sorted((GRAFANA / "dashboards").glob("*.json"))
@@ -93,7 +93,7 @@ def start_prometheus(tmp_path: Path, loadgen_ports: list[int], server_port: int,
 
 
 @pytest.mark.integration
-def test_every_panel_has_data_from_a_real_prometheus(tmp_path: Path, model_store: Path) -> None:  # noqa: F811
+def test_every_panel_has_data_from_a_real_prometheus(tmp_path: Path, model_store: Path) -> None:
     assert shutil.which("prometheus"), "Debian's prometheus package is required (.ci/run installs it)"
     server = start_server(["--metrics-port", str(free_port())], module="servers.triton", port_flag="--http-port")
     metrics_port = int(server.proc.args[server.proc.args.index("--metrics-port") + 1])
@@ -107,14 +107,14 @@ def test_every_panel_has_data_from_a_real_prometheus(tmp_path: Path, model_store
     try:
         started = time.time()
         run = subprocess.Popen(
-            loadgen_cmd("run", "--target", server.url, "--model", "mlp", "--rate", "100", "--duration", "8s",
+            loadgen_cmd("run", "--target", server.url, "--model", "mlp", "--rate", "100", "--duration", "4s",
                         "--metrics-port", str(loadgen_port), "--out", str(tmp_path / "run"), "-q"),
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         pin(run.pid, 0)
         ts_run = subprocess.Popen(
             loadgen_cmd("run", "--protocol", "torchserve-http", "--target", torchserve.inference, "--model", "mlp",
-                        "--payload", str(payload), "--rate", "50", "--duration", "8s", "--no-keep-awake",
+                        "--payload", str(payload), "--rate", "50", "--duration", "4s", "--no-keep-awake",
                         "--out", str(tmp_path / "ts-run"), "-q"),
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
@@ -129,7 +129,7 @@ def test_every_panel_has_data_from_a_real_prometheus(tmp_path: Path, model_store
         scenario.write_text(f'[target]\nurl = "{server.url}"\nmodel = "mlp"\n\n[open_loop]\nrate = 1\n'
                             'duration = "1s"\n\n[output]\nmax_lag_ms = 50\n')
         sweep = subprocess.Popen(
-            loadgen_cmd("sweep", str(scenario), "--rates", "20,40", "--step-duration", "2s", "--warmup", "1s",
+            loadgen_cmd("sweep", str(scenario), "--rates", "20,40", "--step-duration", "1s", "--warmup", "1s",
                         "--slo", "p99<5s", "--no-keep-awake", "--metrics-port", str(sweep_port),
                         "--out", str(tmp_path / "sweep")),
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

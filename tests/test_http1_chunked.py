@@ -11,7 +11,7 @@ import pytest
 
 from servers.core.http1 import HttpError, RequestParser
 from servers.triton._app import TritonParser
-from tests.conftest import start_server, stop_process
+from tests.support.processes import start_server, stop_process
 
 _HEAD = b"POST /v2/models/identity/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
 _CHUNKS = b"5;name=value\r\nhello\r\n1A\r\n" + b"z" * 26 + b"\r\n0\r\nX-Trailer: 1\r\n\r\n"

@@ -10,8 +10,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import TIMING, Server, run_loadgen, start_server, stop_process
-from tests.triton_support import write_paced_model
+from tests.support.processes import Server, run_loadgen, start_server, stop_process
+from tests.support.timing import HostNoise
+from tests.support.triton import write_paced_model
 
 pytestmark = pytest.mark.integration
 
@@ -33,8 +34,8 @@ def _success_count(server: Server, model: str) -> int:
     return stats["inference_stats"]["success"]["count"]
 
 
-@TIMING
-def test_open_loop_over_grpc_measures_the_service_time(server: Server, tmp_path: Path) -> None:
+def test_open_loop_over_grpc_measures_the_service_time(server: Server, host_noise: HostNoise,
+                                                       tmp_path: Path) -> None:
     before = _success_count(server, "paced")
     run = run_loadgen("--protocol", "kserve-grpc", "--target", f"grpc://{server.fronts['grpc']}", "--model", "paced",
                       "--rate", "100", "--duration", "3s", out=tmp_path / "run")
@@ -44,8 +45,10 @@ def test_open_loop_over_grpc_measures_the_service_time(server: Server, tmp_path:
     assert _success_count(server, "paced") - before == summary["sent"] + summary["warmup_requests"]
     # 5 ms of service and four instances at 100 req/s: no queueing, so latency is the service time
     # plus the gRPC round trip
-    assert SERVICE_S * 1000 <= summary["latency_ms"]["p50"] < SERVICE_S * 1000 + 2.0
-    assert summary["latency_ms"]["p99"] < SERVICE_S * 1000 + 6.0
+    assert SERVICE_S * 1000 <= summary["latency_ms"]["p50"]
+    host_noise.assert_below(summary["latency_ms"]["p50"], SERVICE_S * 1000 + 2.0, what="latency p50 (ms)",
+                            quantile="p95", cap_ms=1.0)
+    host_noise.assert_below(summary["latency_ms"]["p99"], SERVICE_S * 1000 + 6.0, what="latency p99 (ms)")
 
 
 def test_closed_loop_over_grpc_on_a_builtin_model(server: Server, tmp_path: Path) -> None:

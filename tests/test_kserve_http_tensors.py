@@ -11,8 +11,8 @@ import pytest
 
 from loadgen.protocols.kserve_http import KServeHttpClient
 from loadgen.scenario import make_target
-from tests.conftest import Server, run_loadgen, start_server, stop_process
-from tests.test_target_options import _input_data
+from tests.support.processes import Server, run_loadgen, start_server, stop_process
+from tests.support.triton import mlp_input_data
 
 pytestmark = pytest.mark.integration
 
@@ -35,8 +35,8 @@ def calibration() -> Iterator[Server]:
 def test_answers_validate_in_either_form(triton: Server, tensor_format: str, tmp_path: Path) -> None:
     common = ("--target", triton.url, "--model", "mlp", "--tensor-format", tensor_format, "--rate", "50",
               "--duration", "1s")
-    good = run_loadgen(*common, "--input-data", str(_input_data(tmp_path / "good.json")), out=tmp_path / "good")
-    bad = run_loadgen(*common, "--input-data", str(_input_data(tmp_path / "bad.json", wrong=True)),
+    good = run_loadgen(*common, "--input-data", str(mlp_input_data(tmp_path / "good.json")), out=tmp_path / "good")
+    bad = run_loadgen(*common, "--input-data", str(mlp_input_data(tmp_path / "bad.json", wrong=True)),
                       out=tmp_path / "bad")
     assert good.returncode == 0, good.stderr
     assert good.summary["errors"] == {} and good.summary["ok"] == 50

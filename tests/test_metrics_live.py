@@ -11,7 +11,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ROOT, loadgen_cmd, pin, stop_process
+from tests.support.processes import ROOT, loadgen_cmd, pin, stop_process
 
 RUN_S = 4.0
 
@@ -102,7 +102,7 @@ def test_sweep_serves_its_curve_and_verdict_live(calibration_server, tmp_path) -
     """One port for the whole sweep: the running step's own families while it runs, each finished
     step's figures as sweep.json gives them, and the final verdict before the port closes."""
     server = calibration_server("--service-ms", "10", "--workers", "1")  # capacity 100 req/s
-    proc, url = start_sweep(server.url, tmp_path, "--rates", "40,80", "--step-duration", "2s", "--warmup", "1s")
+    proc, url = start_sweep(server.url, tmp_path, "--rates", "40,80", "--step-duration", "1s", "--warmup", "1s")
     scrapes, refused_after_first = [], 0
     try:
         while proc.poll() is None:
@@ -155,7 +155,7 @@ def test_metrics_host_binds_that_address(calibration_server, tmp_path, distribut
     distributed run, the master's merged /metrics."""
     server = calibration_server("--delay-ms", "2")
     proc = subprocess.Popen(
-        loadgen_cmd("run", "--target", server.url, "--model", "m", "--rate", "50", "--duration", "3s",
+        loadgen_cmd("run", "--target", server.url, "--model", "m", "--rate", "50", "--duration", "2s",
                     "--metrics-port", "0", "--metrics-host", "127.0.0.2", "--quiet", "--out", str(tmp_path),
                     *distributed),
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,

@@ -22,7 +22,8 @@ from loadgen.protocols.openai import OpenAIClient
 from loadgen.recorder import Recorder
 from loadgen.scenario import make_target
 from loadgen.sinks import read_hlog
-from tests.conftest import TIMING, Server, run_loadgen, start_server, stop_process
+from tests.support.processes import Server, run_loadgen, start_server, stop_process
+from tests.support.timing import HostNoise
 
 pytestmark = pytest.mark.integration
 
@@ -54,38 +55,39 @@ def run_openai(server: Server, *args: str, out: Path) -> dict:
     return run.summary
 
 
-def near(figures: dict, truth_ms: float, tolerance_ms: float) -> bool:
-    """p50 and mean within tolerance_ms of the truth."""
-    return all(abs(figures[key] - truth_ms) <= tolerance_ms for key in ("p50", "mean"))
+def assert_near(host_noise: HostNoise, figures: dict, truth_ms: float, tolerance_ms: float,
+                what: str) -> None:
+    """p50 and mean within tolerance_ms of the truth, plus the host's p95 noise (at most 0.5 ms)."""
+    __tracebackhide__ = True
+    for key in ("p50", "mean"):
+        host_noise.assert_near(figures[key], truth_ms, tolerance_ms, what=f"{what} {key} (ms)",
+                               quantile="p95", cap_ms=0.5)
 
 
 # -- the numbers against the declared truth ---------------------------------------------------------
 
 
-@TIMING
-def test_closed_loop_20_streams_measure_the_declared_ttft_and_itl(openai_mock, tmp_path) -> None:
-    """20 concurrent streams, ttft 30 ms, itl 10 ms, 16 tokens: p50 and mean within 2 ms in every run.
+def test_closed_loop_20_streams_measure_the_declared_ttft_and_itl(openai_mock, host_noise: HostNoise,
+                                                                  tmp_path) -> None:
+    """20 concurrent streams, ttft 30 ms, itl 10 ms, 16 tokens: p50 and mean within 2 ms, p99 within 5 ms
+    (TPOT 2 ms).
 
     The host takes a core away for 1-3 ms a few times a second, sometimes in bursts of tens of ms
-    (tests/test_truth.py); a burst delays the chunks due in it, which lifts p99 in some runs whatever
-    the generator does. So p99 (within 5 ms) gets up to three runs, p50 and mean must hold in each.
+    (tests/support/timing.py); a burst delays the chunks due in it, which lifts p99 in some runs whatever
+    the generator does. So p99 is allowed the host's p99.9 wake-up lateness over the test (at most 2 ms).
     """
     server = openai_mock("--ttft-ms", "30", "--itl-ms", "10")
-    tails = []
-    for attempt in range(3):
-        summary = run_openai(server, "--users", "20", "--max-tokens", "16", "--duration", "5s",
-                             out=tmp_path / f"run{attempt}")
-        assert summary["errors"] == {} and summary["ok"] == summary["requests"] > 400
-        ttft, itl, tpot = summary["ttft_ms"], summary["itl_ms"], summary["tpot_ms"]
-        assert near(ttft, 30.0, 2.0), ttft
-        assert near(itl, 10.0, 2.0), itl
-        assert near(tpot, 10.0, 2.0), tpot
-        assert ttft["p50"] >= 30.0 and itl["p50"] >= 9.9  # never earlier than the server wrote them
-        tails.append((ttft["p99"], itl["p99"], tpot["p99"]))
-        if ttft["p99"] < 35.0 and itl["p99"] < 15.0 and tpot["p99"] < 12.0:
-            break
-    else:
-        pytest.fail(f"p99 (ttft, itl, tpot) off by more than 5 ms in three runs: {tails}")
+    summary = run_openai(server, "--users", "20", "--max-tokens", "16", "--duration", "5s",
+                         out=tmp_path / "run")
+    assert summary["errors"] == {} and summary["ok"] == summary["requests"] > 400
+    ttft, itl, tpot = summary["ttft_ms"], summary["itl_ms"], summary["tpot_ms"]
+    assert_near(host_noise, ttft, 30.0, 2.0, "ttft")
+    assert_near(host_noise, itl, 10.0, 2.0, "itl")
+    assert_near(host_noise, tpot, 10.0, 2.0, "tpot")
+    assert ttft["p50"] >= 30.0 and itl["p50"] >= 9.9  # never earlier than the server wrote them
+    host_noise.assert_below(ttft["p99"], 35.0, what="ttft p99 (ms)")
+    host_noise.assert_below(itl["p99"], 15.0, what="itl p99 (ms)")
+    host_noise.assert_below(tpot["p99"], 12.0, what="tpot p99 (ms)")
     # every response is 16 tokens; 20 users each waiting 30 + 15 * 10 ms per response
     assert summary["output_tokens"] == 16 * summary["ok"]
     per_user = 16 / ((30 + 15 * 10) / 1000)
@@ -93,15 +95,13 @@ def test_closed_loop_20_streams_measure_the_declared_ttft_and_itl(openai_mock, t
     # response a user, 1.8 % of 5 s here
     assert 0.95 * 20 * per_user <= summary["output_tokens_per_s"] <= 1.01 * 20 * per_user, summary
     # every request the mock accepted was measured or a warm-up
-    runs = [json.loads((tmp_path / f"run{k}" / "summary.json").read_text()) for k in range(attempt + 1)]
-    assert mock_info(server)["completions"] == sum(run["requests"] + run["warmup_requests"] for run in runs)
-    hlog = read_hlog(tmp_path / f"run{attempt}" / "latency.hlog")
+    assert mock_info(server)["completions"] == summary["requests"] + summary["warmup_requests"]
+    hlog = read_hlog(tmp_path / "run" / "latency.hlog")
     assert sum(h.get_total_count() for h in hlog["itl"]) == 15 * summary["ok"]
     assert {"ttft", "ttft_service", "tpot"} <= set(hlog)
 
 
-@TIMING
-def test_open_loop_ttft_counts_from_the_intended_send(openai_mock, tmp_path) -> None:
+def test_open_loop_ttft_counts_from_the_intended_send(openai_mock, host_noise: HostNoise, tmp_path) -> None:
     """Poisson arrivals: TTFT is measured from each intended instant, so it is the service-side TTFT
     (from the actual send) plus the schedule lag, request by request."""
     server = openai_mock("--ttft-ms", "20", "--itl-ms", "5")
@@ -109,14 +109,15 @@ def test_open_loop_ttft_counts_from_the_intended_send(openai_mock, tmp_path) -> 
                          "--max-tokens", "8", "--endpoint", "completions", out=tmp_path / "run")
     assert summary["errors"] == {} and summary["dropped"] == 0 and summary["requests"] > 100
     ttft, service, lag = summary["ttft_ms"], summary["ttft_service_ms"], summary["lag_ms"]
-    assert near(ttft, 20.0, 2.0) and near(summary["itl_ms"], 5.0, 2.0), (ttft, summary["itl_ms"])
+    assert_near(host_noise, ttft, 20.0, 2.0, "ttft")
+    assert_near(host_noise, summary["itl_ms"], 5.0, 2.0, "itl")
     # mean(first - intended) = mean(first - sent) + mean(sent - intended); HDR buckets are 0.1 % wide
     assert ttft["mean"] == pytest.approx(service["mean"] + lag["mean"], abs=0.05)
-    assert summary["latency_ms"]["p50"] == pytest.approx(20 + 7 * 5, abs=2.0)
+    host_noise.assert_near(summary["latency_ms"]["p50"], 20 + 7 * 5, 2.0, what="latency p50 (ms)",
+                           quantile="p95", cap_ms=0.5)
 
 
-@TIMING
-def test_a_late_send_counts_in_ttft_but_not_in_the_service_ttft(openai_mock) -> None:
+def test_a_late_send_counts_in_ttft_but_not_in_the_service_ttft(openai_mock, host_noise: HostNoise) -> None:
     """The client and recorder without Locust (plain sockets): a request whose intended instant was
     0.5 s before it could be sent has TTFT 0.5 s + ttft, and service-side TTFT ttft."""
     server = openai_mock("--ttft-ms", "20", "--itl-ms", "4")
@@ -133,14 +134,14 @@ def test_a_late_send_counts_in_ttft_but_not_in_the_service_ttft(openai_mock) -> 
                       outcome.output_tokens)
     rec.finish(outcome.done_t + 1)
     figures = rec.cumulative
-    assert figures.percentiles_ms("ttft")["max"] == pytest.approx(520.0, abs=2.0)
-    assert figures.percentiles_ms("ttft_service")["max"] == pytest.approx(20.0, abs=2.0)
-    assert figures.percentiles_ms("lag")["max"] == pytest.approx(500.0, abs=1.0)
-    assert figures.percentiles_ms("tpot")["max"] == pytest.approx(4.0, abs=1.0)
+    # one request: each figure is one event, allowed the host's largest wake-up lateness (at most 2 ms)
+    for which, truth, tolerance in (("ttft", 520.0, 2.0), ("ttft_service", 20.0, 2.0), ("lag", 500.0, 1.0),
+                                    ("tpot", 4.0, 1.0)):
+        host_noise.assert_near(figures.percentiles_ms(which)["max"], truth, tolerance, what=f"{which} (ms)",
+                               quantile="max")
 
 
-@TIMING
-def test_the_mock_keeps_its_declared_timing_on_the_wire(openai_mock) -> None:
+def test_the_mock_keeps_its_declared_timing_on_the_wire(openai_mock, host_noise: HostNoise) -> None:
     """A plain blocking socket times one stream: the ground truth is exact before loadgen measures it."""
     server = openai_mock("--ttft-ms", "25", "--itl-ms", "8")
     host, port = server.url.removeprefix("http://").split(":")
@@ -163,9 +164,15 @@ def test_the_mock_keeps_its_declared_timing_on_the_wire(openai_mock) -> None:
             if stream:
                 ttfts.append((arrivals[0] - sent) * 1000)
                 gaps += [(b - a) * 1000 for a, b in itertools.pairwise(arrivals)]
-    assert statistics.median(ttfts) == pytest.approx(25.0, abs=0.5), ttfts
-    assert statistics.median(gaps) == pytest.approx(8.0, abs=0.1), gaps
-    assert sum(abs(g - 8.0) < 0.5 for g in gaps) >= 0.9 * len(gaps), gaps  # a host pause may move one
+    # a mock on the loop's millisecond timers would be off by up to 1 ms: the caps keep that failing
+    host_noise.assert_near(statistics.median(ttfts), 25.0, 0.5, what=f"median ttft (ms) of {ttfts}",
+                           quantile="p95", cap_ms=0.3)
+    host_noise.assert_near(statistics.median(gaps), 8.0, 0.1, what=f"median gap (ms) of {gaps}",
+                           quantile="p95", cap_ms=0.3)
+    host_noise.assert_within(  # a host pause may move one gap, and the p99 noise each a little
+        lambda allowance_ms: sum(abs(g - 8.0) < 0.5 + allowance_ms for g in gaps) >= 0.9 * len(gaps),
+        lambda allowance_ms: f"under 90 % of the gaps within {0.5 + allowance_ms:.3f} ms of 8 ms: {gaps}",
+        quantile="p99", cap_ms=0.3)
 
 
 # -- errors -------------------------------------------------------------------------------------

@@ -7,19 +7,16 @@ latencies that make sense, and the server's own count must hold at least every r
 reports it measured. The mlp runs carry validation data (the model run in this process), so any
 answer that differs from the in-process result makes perf_analyzer itself fail.
 
-Where perf_analyzer comes from: $LOADGEN_PERF_ANALYZER, else .peers/perf_analyzer/perf_analyzer, else
-../shared/peers/perf_analyzer.sh installs it there (.ci/run installs it before `make test`). When it
-cannot be had the tests fail: a missing peer is not a reason to pass. Shared memory stays off (the
-server does not offer the shared-memory extensions).
+Where perf_analyzer comes from: the `perf_analyzer` fixture (tests/support/perf_analyzer.py); when it
+cannot be had the tests fail. Shared memory stays off (the server does not offer the shared-memory
+extensions).
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,17 +25,14 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, TIMING, pin, stop_process
-from tests.test_triton_grpc import Fronts, start_fronts
-from tests.triton_support import MODELS
+from tests.support.processes import pin, stop_process
+from tests.support.timing import HostNoise
+from tests.support.triton import MODELS, Fronts, start_fronts
 
 pytestmark = pytest.mark.integration
 
-ENV_VAR = "LOADGEN_PERF_ANALYZER"
-PEER_DIR = ROOT / ".peers" / "perf_analyzer"
-INSTALLER = ROOT.parent / "shared" / "peers" / "perf_analyzer.sh"
-
-WINDOW_MS = 500
+WINDOW_MS = 300
+"""A measurement window: 60 to 180 requests at the request rates, enough for a rate within 20 %."""
 MAX_TRIALS = 4
 STABILITY_PERCENT = 1000
 """perf_analyzer repeats a level until three windows agree within this many percent, and exits 2 when
@@ -53,49 +47,6 @@ capacity, so only a host stall moves it)."""
 VALIDATION_ROWS = 4
 LATENCY_COLUMNS = ("p50 latency", "p90 latency", "p95 latency", "p99 latency")
 SERVER_COLUMNS = ("Server Compute Input", "Server Compute Infer", "Server Compute Output")
-
-
-# -- the peer -------------------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def perf_analyzer() -> str:
-    """Path of a working perf_analyzer (its wrapper); installs it into .peers/ when it is not there."""
-    given = os.environ.get(ENV_VAR)
-    if given:
-        _check_runs(given, f"${ENV_VAR}")
-        return given
-    wrapper = PEER_DIR / "perf_analyzer"
-    if not _runs(wrapper):
-        _install()
-    _check_runs(str(wrapper), str(wrapper.relative_to(ROOT)))
-    return str(wrapper)
-
-
-def _runs(path: Path | str) -> bool:
-    try:
-        done = subprocess.run([str(path), "--version"], capture_output=True, timeout=30, check=False)
-    except OSError:
-        return False
-    return done.returncode == 0
-
-
-def _check_runs(path: str, source: str) -> None:
-    if not _runs(path):
-        pytest.fail(f"perf_analyzer from {source} ({path}) does not run: `{path} --version` failed. "
-                    f"Install it with ../shared/peers/perf_analyzer.sh .peers/perf_analyzer")
-
-
-def _install() -> None:
-    if not INSTALLER.is_file():
-        pytest.fail(f"perf_analyzer is needed and not installed: set ${ENV_VAR} to its path, or put it in "
-                    f"{PEER_DIR.relative_to(ROOT)} ({INSTALLER} is missing, so it cannot be installed here)")
-    try:
-        done = subprocess.run(["bash", str(INSTALLER), str(PEER_DIR)], capture_output=True, text=True,
-                              timeout=600, check=False, env={**os.environ, "PYTHON": sys.executable})
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"installing perf_analyzer with {INSTALLER} took more than 600 s")
-    if done.returncode != 0:
-        pytest.fail(f"installing perf_analyzer with {INSTALLER} failed (exit {done.returncode}):\n"
-                    f"{done.stderr[-3000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +110,7 @@ def validation_data(path: Path) -> Path:
     return path
 
 
-def run_perf_analyzer(binary: str, fronts: Fronts, case: Case, work: Path) -> Outcome:
+def run_perf_analyzer(binary: str, fronts: Fronts, case: Case, work: Path, host_noise: HostNoise) -> Outcome:
     url = fronts.http_url if case.protocol == "http" else fronts.grpc_url
     data = (["--input-data", str(validation_data(work / "mlp-input.json"))] if case.model == "mlp"
             else ["--shape", "INPUT0:16"])
@@ -175,7 +126,9 @@ def run_perf_analyzer(binary: str, fronts: Fronts, case: Case, work: Path) -> Ou
         proc.kill()
         output, _ = proc.communicate()
         pytest.fail(f"perf_analyzer ran past {RUN_TIMEOUT_S:g} s:\n{output[-3000:]}")
-    assert proc.returncode == 0, f"perf_analyzer exited {proc.returncode}:\n{' '.join(cmd)}\n{output[-3000:]}"
+    # a host that stalls either side for long (100 ms) can make perf_analyzer give up (exit 2)
+    host_noise.assert_holds(proc.returncode == 0, margin_ms=100.0,
+                            what=f"perf_analyzer exited {proc.returncode}:\n{' '.join(cmd)}\n{output[-3000:]}")
     with open(work / "out.csv", newline="") as report:
         rows = list(csv.DictReader(report))
     experiments = json.loads((work / "export.json").read_text())["experiments"]
@@ -190,11 +143,11 @@ def model_stats(fronts: Fronts, model: str) -> dict:
 
 
 # -- the test -------------------------------------------------------------------------------------
-@TIMING  # a host that stalls either side for long can make perf_analyzer give up (exit 2) or miss a rate
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.protocol}-{c.mode}-{c.model}")
-def test_perf_analyzer_run(perf_analyzer: str, fronts: Fronts, case: Case, tmp_path: Path) -> None:
+def test_perf_analyzer_run(perf_analyzer: str, fronts: Fronts, case: Case, host_noise: HostNoise,
+                           tmp_path: Path) -> None:
     before = model_stats(fronts, case.model)
-    outcome = run_perf_analyzer(perf_analyzer, fronts, case, tmp_path)
+    outcome = run_perf_analyzer(perf_analyzer, fronts, case, tmp_path, host_noise)
     after = model_stats(fronts, case.model)
 
     # The CSV lists the levels by throughput, the export in the order they ran.
@@ -202,7 +155,7 @@ def test_perf_analyzer_run(perf_analyzer: str, fronts: Fronts, case: Case, tmp_p
     assert len(rows) == len(outcome.rows) and sorted(rows) == list(case.levels), outcome.output
     assert [e["experiment"]["value"] for e in outcome.experiments] == list(case.levels)
     for experiment in outcome.experiments:
-        check_row(case, rows[experiment["experiment"]["value"]], experiment)
+        check_row(case, rows[experiment["experiment"]["value"]], experiment, host_noise)
 
     measured = sum(len(e["requests"]) for e in outcome.experiments)
     inferred = after["inference_count"] - before["inference_count"]
@@ -212,7 +165,7 @@ def test_perf_analyzer_run(perf_analyzer: str, fronts: Fronts, case: Case, tmp_p
     assert after["inference_stats"]["fail"]["count"] == before["inference_stats"]["fail"]["count"]
 
 
-def check_row(case: Case, row: dict[str, str], experiment: dict) -> None:
+def check_row(case: Case, row: dict[str, str], experiment: dict, host_noise: HostNoise) -> None:
     """One level: its throughput agrees with the requests it exported, latencies ordered and > 0, and
     the server-side columns (read from the statistics extension) were filled in."""
     level = row[case.level_column]
@@ -225,8 +178,9 @@ def check_row(case: Case, row: dict[str, str], experiment: dict) -> None:
     assert throughput > 0
     agree = f"{level}: CSV {throughput}/s, export {exported:.1f}/s"
     assert throughput == pytest.approx(exported, rel=0.01), agree
-    if case.mode == "request-rate":
-        assert throughput == pytest.approx(float(level), rel=RATE_TOLERANCE), f"rate {level}: {throughput}"
+    if case.mode == "request-rate":  # 20 % of a 500 ms window: only a 100 ms stall moves it so far
+        host_noise.assert_holds(throughput == pytest.approx(float(level), rel=RATE_TOLERANCE),
+                                what=f"rate {level}: {throughput}", margin_ms=RATE_TOLERANCE * WINDOW_MS)
     latencies = [float(row[column]) for column in LATENCY_COLUMNS]
     assert latencies[0] > 0 and latencies == sorted(latencies), f"{level}: {latencies}"
     assert sum(float(row[column]) for column in SERVER_COLUMNS) > 0, f"{level}: no server-side figures"

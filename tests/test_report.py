@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT, loadgen_cmd, pin, run_loadgen
+from tests.support.processes import ROOT, loadgen_cmd, pin, run_loadgen
 
 pytestmark = pytest.mark.integration
 _PNG = b"\x89PNG\r\n\x1a\n"

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from loadgen.serverside import parse_sample, server_figures
-from tests.conftest import run_loadgen, start_server, stop_process
+from tests.support.processes import run_loadgen, start_server, stop_process
 
 _PAGE = """\
 # TYPE nv_inference_request_success counter
@@ -86,7 +86,7 @@ def test_sweep_attaches_the_servers_own_figures_to_each_step(tmp_path) -> None:
     server = start_server(["--metrics-port", "0"], module="servers.triton", port_flag="--http-port")
     try:
         metrics_url = server.fronts["metrics"] + "/metrics"
-        run = run_loadgen("--target", server.url, "--model", "mlp", "--users", "1,4", "--step-duration", "2s",
+        run = run_loadgen("--target", server.url, "--model", "mlp", "--users", "1,4", "--step-duration", "1s",
                           "--warmup", "1s", "--server-metrics", metrics_url, "--cost-per-hour", "2.5",
                           out=tmp_path / "sweep", verb="sweep")
     finally:

@@ -17,10 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import pin, run_loadgen, stop_process
-from tests.test_perf_analyzer import perf_analyzer  # noqa: F401 - the fixture that finds/installs it
-from tests.test_triton_grpc import Fronts, start_fronts
-from tests.triton_support import write_paced_model
+from tests.support.processes import pin, run_loadgen, stop_process
+from tests.support.triton import Fronts, start_fronts, write_paced_model
 
 pytestmark = pytest.mark.integration
 
@@ -38,7 +36,7 @@ def fronts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fronts]:
 
 def _perf_analyzer_best(binary: str, fronts: Fronts, work: Path) -> float:
     cmd = [binary, "-m", "paced", "-u", fronts.http_url, "-i", "http", "--concurrency-range", "1:7:3",
-           "--measurement-interval", "1500", "--max-trials", "4", "--stability-percentage", "1000",
+           "--measurement-interval", "800", "--max-trials", "4", "--stability-percentage", "1000",
            "-f", str(work / "pa.csv")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=work)
     pin(proc.pid, 0)
@@ -48,11 +46,11 @@ def _perf_analyzer_best(binary: str, fronts: Fronts, work: Path) -> float:
         return max(float(row["Inferences/Second"]) for row in csv.DictReader(report))
 
 
-def test_sweep_saturation_matches_perf_analyzer(perf_analyzer: str, fronts: Fronts,  # noqa: F811
+def test_sweep_saturation_matches_perf_analyzer(perf_analyzer: str, fronts: Fronts,
                                                 tmp_path: Path) -> None:
     peer = _perf_analyzer_best(perf_analyzer, fronts, tmp_path)
     run = run_loadgen("--target", f"http://{fronts.http_url}", "--model", "paced", "--users", "1,2,4,8",
-                      "--step-duration", "3s", "--warmup", "1s", out=tmp_path / "sweep", verb="sweep", timeout=240)
+                      "--step-duration", "2s", "--warmup", "1s", out=tmp_path / "sweep", verb="sweep", timeout=240)
     assert run.returncode == 0, run.stderr
     ours = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["saturation_rps"]
     capacity = 1 / SERVICE_S

@@ -8,27 +8,14 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from servers.models.builtin import MLP
-from tests.conftest import run_loadgen, start_server, stop_process
-from tests.test_torchserve_support import MLP_JSON, model_store, start_torchserve  # noqa: F401
-from tests.tls_support import private_ca
+from tests.support.processes import run_loadgen, start_server, stop_process
+from tests.support.tls import private_ca
+from tests.support.torchserve import MLP_JSON, start_torchserve
+from tests.support.triton import mlp_input_data
 
 pytestmark = pytest.mark.integration
-
-
-def _input_data(path: Path, wrong: bool = False) -> Path:
-    model, rng = MLP(), np.random.default_rng(3)
-    data, expected = [], []
-    for _ in range(3):
-        row = rng.standard_normal((1, 16)).astype(np.float32)
-        out = model.infer({"INPUT0": row})["OUTPUT0"] + (1.0 if wrong else 0.0)
-        data.append({"INPUT0": {"content": row.ravel().tolist(), "shape": [1, 16]}})
-        expected.append({"OUTPUT0": {"content": out.ravel().tolist(), "shape": [1, 10]}})
-    path.write_text(json.dumps({"data": data, "validation_data": expected}))
-    return path
 
 
 @pytest.mark.parametrize("protocol", ["kserve-http", "kserve-grpc"])
@@ -37,10 +24,10 @@ def test_input_data_is_sent_and_answers_are_validated(protocol: str, tmp_path: P
     target = server.url if protocol == "kserve-http" else f"grpc://{server.fronts['grpc']}"
     try:
         good = run_loadgen("--protocol", protocol, "--target", target, "--model", "mlp", "--input-data",
-                           str(_input_data(tmp_path / "good.json")), "--rate", "60", "--duration", "1s",
+                           str(mlp_input_data(tmp_path / "good.json")), "--rate", "60", "--duration", "1s",
                            out=tmp_path / "good")
         bad = run_loadgen("--protocol", protocol, "--target", target, "--model", "mlp", "--input-data",
-                          str(_input_data(tmp_path / "bad.json", wrong=True)), "--rate", "60", "--duration", "1s",
+                          str(mlp_input_data(tmp_path / "bad.json", wrong=True)), "--rate", "60", "--duration", "1s",
                           out=tmp_path / "bad")
     finally:
         stop_process(server.proc)
@@ -81,7 +68,7 @@ def test_https_with_a_private_ca(tmp_path: Path) -> None:
     assert "cannot reach" in untrusted.stderr and "CERTIFICATE_VERIFY_FAILED" in untrusted.stderr
 
 
-def test_bearer_token_reaches_the_server_and_never_the_results(model_store: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_bearer_token_reaches_the_server_and_never_the_results(model_store: Path, tmp_path: Path) -> None:
     server = start_torchserve(model_store, tmp_path, "--models", "mlp=mlp.mar")  # token authorization on
     payload = tmp_path / "input.json"
     payload.write_text(MLP_JSON)

@@ -21,12 +21,11 @@ import httpx
 import pytest
 import torch
 
-from tests.test_torchserve_support import (
+from tests.support.torchserve import (
     OPEN,
     TorchServe,
     archive,
     captures,
-    model_store,  # noqa: F401 - the session fixture
     start_torchserve,
 )
 
@@ -109,7 +108,7 @@ def handle(data, context):
 
 
 @pytest.fixture(scope="module")
-def server(model_store: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: F811
+def server(model_store: Path, tmp_path_factory: pytest.TempPathFactory):
     """A server with the model API on, over a store of its own (archives are added by the tests)."""
     store = tmp_path_factory.mktemp("store")
     shutil.copy(model_store / "mlp.mar", store / "mlp.mar")
@@ -261,7 +260,7 @@ def test_archives_that_do_not_load(server: TorchServe, tmp_path: Path) -> None:
     assert len(httpx.post(f"{server.inference}/predictions/mlp", json=[0.0] * 784, timeout=30).json()) == 10
 
 
-def test_startup_model_that_fails_leaves_the_others_serving(model_store: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_startup_model_that_fails_leaves_the_others_serving(model_store: Path, tmp_path: Path) -> None:
     """--models mlp=mlp.mar broken=broken.mar nope=nope.mar: the failures are reported on stderr, the
     server starts, mlp answers, broken is registered without workers."""
     server = start_torchserve(model_store, tmp_path, "--models", "mlp=mlp.mar", "broken=broken.mar",

@@ -10,13 +10,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import run_loadgen
-from tests.test_torchserve_support import (  # noqa: F401
+from tests.support.processes import run_loadgen
+from tests.support.torchserve import (
     MLP_F32,
     MLP_JSON,
     OPEN,
     TorchServe,
-    model_store,
     start_torchserve,
 )
 
@@ -24,7 +23,7 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def torchserve(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchServe]:  # noqa: F811
+def torchserve(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchServe]:
     folder = tmp_path_factory.mktemp("ts")
     server = start_torchserve(model_store, folder, "--models", "mlp=mlp.mar", config=[*OPEN, "metrics_mode=prometheus"])
     yield server

@@ -26,14 +26,13 @@ from loadgen.lowlevel.torchserve_proto import (
     management_pb2_grpc,
 )
 from loadgen.lowlevel.torchserve_proto.generate import generate
-from tests.test_torchserve_support import (
+from tests.support.torchserve import (
     MLP_JSON,
     OPEN,
     TorchServe,
     archive,
     assert_same,
     load_capture,
-    model_store,  # noqa: F401 - the session fixture
     start_torchserve,
 )
 
@@ -69,7 +68,7 @@ class Stubs:
 
 
 @pytest.fixture(scope="module")
-def server(model_store: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: F811
+def server(model_store: Path, tmp_path_factory: pytest.TempPathFactory):
     store = tmp_path_factory.mktemp("store")
     for name in ("mlp", "echo"):
         shutil.copy(model_store / f"{name}.mar", store / f"{name}.mar")
@@ -202,7 +201,7 @@ def test_management_errors_over_grpc(stubs: Stubs) -> None:
     assert listed == {"nextPageToken": "1", "models": [{"modelName": "mlp", "modelUrl": "mlp.mar"}]}
 
 
-def test_token_authorization_and_model_api_gate_over_grpc(model_store: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_token_authorization_and_model_api_gate_over_grpc(model_store: Path, tmp_path: Path) -> None:
     """With TorchServe's default security: no key or a wrong one is PERMISSION_DENIED, each service takes
     its own key, and register/unregister are refused while the model API is off."""
     server = start_torchserve(model_store, tmp_path, "--models", "mlp=mlp.mar")

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.test_torchserve_support import (
+from tests.support.torchserve import (
     MLP_JSON,
     OPEN,
     TorchServe,
@@ -30,7 +30,6 @@ from tests.test_torchserve_support import (
     by_name,
     captures,
     load_capture,
-    model_store,  # noqa: F401 - the session fixture
     replay,
     start_torchserve,
 )
@@ -92,7 +91,7 @@ def _check_concurrent_echo(client: httpx.Client, server: TorchServe, exchange: d
 
 
 @pytest.fixture(scope="module")
-def open_server(model_store: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: F811
+def open_server(model_store: Path, tmp_path_factory: pytest.TempPathFactory):
     server = start_torchserve(model_store, tmp_path_factory.mktemp("open"), "--models", "mlp=mlp.mar",
                               config=[*OPEN, MLP_TWO_WORKERS], grpc=False)
     yield server
@@ -108,7 +107,7 @@ def test_open_settings_replay_b_open(open_server: TorchServe) -> None:
     assert _replay_all(open_server, load_capture("B_open.json"), special) == []
 
 
-def test_extra_replay_broken_model_and_full_queue(model_store: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_extra_replay_broken_model_and_full_queue(model_store: Path, tmp_path: Path) -> None:
     """extra.json: the API descriptions of all three ports, a model whose initialize raises (500, the
     server stays up and keeps it registered with no workers), a model with 0 workers, bad scale and
     register parameters, and a slow model whose job queue (100 places) fills."""
@@ -181,7 +180,7 @@ def _check_busy_describe(client: httpx.Client, server: TorchServe, exchange: dic
     assert status["pendingRequests"] >= 90
 
 
-def test_default_security_replay_a(model_store: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_default_security_replay_a(model_store: Path, tmp_path: Path) -> None:
     """A_default_security.json: token authorization on (keys from key_file.json), model API off."""
     server = start_torchserve(model_store, tmp_path, "--models", "mlp=mlp.mar", config=[MLP_TWO_WORKERS],
                               grpc=False)
@@ -221,7 +220,7 @@ def _families(text: str) -> list[tuple[str, str, str, list[tuple[str, ...]]]]:
     return [tuple(family) for family in families]
 
 
-def test_prometheus_metrics_like_recorded(model_store: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_prometheus_metrics_like_recorded(model_store: Path, tmp_path: Path) -> None:
     """C_prometheus.json and metrics_prometheus.txt: after the recorded traffic the page lists the same
     families (HELP, TYPE, order) with the same label names, and the counters count that traffic."""
     server = start_torchserve(model_store, tmp_path, "--models", "mlp=mlp.mar",

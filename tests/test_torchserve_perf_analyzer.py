@@ -22,14 +22,13 @@ import httpx
 import pytest
 import torch
 
-from tests.conftest import TIMING, pin
-from tests.test_perf_analyzer import perf_analyzer  # noqa: F401 - the session fixture
-from tests.test_torchserve_support import (
+from tests.support.processes import pin
+from tests.support.timing import HostNoise
+from tests.support.torchserve import (
     MLP_INPUT,
     MLP_JSON,
     OPEN,
     TorchServe,
-    model_store,  # noqa: F401 - the session fixture
     start_torchserve,
 )
 
@@ -47,7 +46,7 @@ LATENCIES = ("p50 latency", "p90 latency", "p95 latency", "p99 latency")
 
 
 @pytest.fixture(scope="module")
-def server(model_store: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: F811
+def server(model_store: Path, tmp_path_factory: pytest.TempPathFactory):
     config = [*OPEN, "metrics_mode=prometheus",
               'models={"mlp": {"1.0": {"minWorkers": 2, "maxWorkers": 2, "batchSize": 4, "maxBatchDelay": 5}}}']
     running = start_torchserve(model_store, tmp_path_factory.mktemp("server"), "--models", "mlp=mlp.mar",
@@ -69,8 +68,7 @@ def _input_data(work: Path) -> Path:
     return data
 
 
-@TIMING  # a host that stalls either side for long can make perf_analyzer give up (exit 2)
-def test_perf_analyzer_torchserve_mode_runs(perf_analyzer: str, server: TorchServe,  # noqa: F811
+def test_perf_analyzer_torchserve_mode_runs(perf_analyzer: str, server: TorchServe, host_noise: HostNoise,
                                             tmp_path: Path) -> None:
     before = _counters(server)
     host_port = server.inference.removeprefix("http://")
@@ -86,7 +84,9 @@ def test_perf_analyzer_torchserve_mode_runs(perf_analyzer: str, server: TorchSer
         proc.kill()
         output, _ = proc.communicate()
         pytest.fail(f"perf_analyzer ran past {RUN_TIMEOUT_S:g} s:\n{output[-3000:]}")
-    assert proc.returncode == 0, f"perf_analyzer exited {proc.returncode}:\n{' '.join(cmd)}\n{output[-3000:]}"
+    # a host that stalls either side for long (100 ms) can make perf_analyzer give up (exit 2)
+    host_noise.assert_holds(proc.returncode == 0, margin_ms=100.0,
+                            what=f"perf_analyzer exited {proc.returncode}:\n{' '.join(cmd)}\n{output[-3000:]}")
     assert "Service Kind: TorchServe" in output
 
     with open(tmp_path / "out.csv", newline="") as report:

@@ -33,9 +33,8 @@ import tritonclient.grpc as tritonclient_grpc
 import tritonclient.http as tritonclient_http
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from tests.conftest import stop_process
-from tests.test_triton_grpc import Fronts, start_fronts
-from tests.triton_support import MODELS, assert_matches, sample_input
+from tests.support.processes import stop_process
+from tests.support.triton import MODELS, Fronts, assert_matches, sample_input, start_fronts
 
 pytestmark = pytest.mark.integration
 

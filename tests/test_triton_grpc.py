@@ -7,7 +7,6 @@ from the same built-in models run in this process.
 from __future__ import annotations
 
 import asyncio
-import os
 import queue
 import subprocess
 import sys
@@ -15,7 +14,6 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -32,41 +30,11 @@ from servers.models.builtin import Identity
 from servers.triton._grpc import start_grpc
 from servers.triton._health import HEALTH_SERVICE, HealthCheckRequest, HealthCheckResponse, ServingStatus
 from servers.triton._infer import ModelHost
-from tests.conftest import ROOT, pin, stop_process
-from tests.triton_support import MODELS, assert_matches, sample_input, write_paced_model
+from tests.support.processes import ROOT, stop_process
+from tests.support.triton import MODELS, Fronts, assert_matches, sample_input, start_fronts, write_paced_model
 
 pytestmark = pytest.mark.integration
 BATCHING = [name for name, model in MODELS.items() if model.max_batch_size > 0]
-
-
-@dataclass
-class Fronts:
-    proc: subprocess.Popen
-    lines: list[str]
-    grpc_url: str
-    http_url: str
-
-
-def start_fronts(*args: str, timeout: float = 20.0) -> Fronts:
-    """`python -m servers.triton --http-port 0 --grpc-port 0 ARGS`; reads every line up to the http one."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "servers.triton", "--http-port", "0", "--grpc-port", "0", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    pin(proc.pid, 1)
-    lines: list[str] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line and proc.poll() is not None:
-            break
-        lines.append(line.strip())
-        if line.startswith("listening on http://"):
-            grpc_line = next((seen for seen in lines if seen.startswith("grpc listening on ")), "")
-            return Fronts(proc, lines, grpc_line.split()[-1], line.split()[-1].removeprefix("http://"))
-    stop_process(proc)
-    raise RuntimeError(f"servers.triton did not start: {proc.stderr.read()}")
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ import pytest
 import tritonclient.grpc as tritonclient_grpc
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import ROOT, Server, run_loadgen, start_server, stop_process
-from tests.tls_support import PrivateCa, private_ca
+from tests.support.processes import ROOT, Server, run_loadgen, start_server, stop_process
+from tests.support.tls import PrivateCa, private_ca
 
 pytestmark = pytest.mark.integration
 
@@ -76,7 +76,7 @@ def test_loadgen_over_grpcs_counts_what_the_server_counts(server: Server, ca: Pr
 
 def test_loadgen_without_the_ca_is_refused_with_a_certificate_error(server: Server, tmp_path: Path) -> None:
     run = run_loadgen("--protocol", "kserve-grpc", "--target", f"grpcs://{server.fronts['grpc']}", "--model",
-                      "identity", "--rate", "10", "--duration", "1s", "--connect-timeout", "5s",
+                      "identity", "--rate", "10", "--duration", "1s", "--connect-timeout", "2s",
                       out=tmp_path / "run")
     assert run.returncode == 2 and f"cannot reach grpcs://{server.fronts['grpc']}" in run.stderr
     # loadgen's own error says why (grpc itself only logs the failed handshake)

@@ -17,8 +17,8 @@ import pytest
 import tritonclient.http as tritonclient_http
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import ROOT, Server, loadgen_cmd, run_loadgen, start_server
-from tests.triton_support import MODELS, assert_matches, sample_input
+from tests.support.processes import ROOT, Server, loadgen_cmd, run_loadgen, start_server
+from tests.support.triton import MODELS, assert_matches, sample_input
 
 pytestmark = pytest.mark.integration
 BATCHING = [name for name, model in MODELS.items() if model.max_batch_size > 0]

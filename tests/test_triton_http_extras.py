@@ -34,7 +34,7 @@ from servers.core.http1 import Request
 from servers.models.builtin import Identity
 from servers.models.make_repo import make_repo
 from servers.triton._app import Reply, TritonApp
-from tests.conftest import ROOT, Server, start_server, stop_process
+from tests.support.processes import ROOT, Server, start_server, stop_process
 
 pytestmark = pytest.mark.integration
 

@@ -25,8 +25,8 @@ from servers.core.gpu import GpuSampler, visible_devices
 from servers.models.builtin import builtin_models
 from servers.triton._infer import ModelHost
 from servers.triton._metrics import CpuUtilizationCollector, build_registry, render
-from tests.conftest import stop_process
-from tests.test_triton_grpc import start_fronts
+from tests.support.processes import stop_process
+from tests.support.triton import start_fronts
 
 GPU_FAMILIES = ("nv_gpu_utilization", "nv_gpu_memory_total_bytes", "nv_gpu_memory_used_bytes",
                 "nv_gpu_power_usage", "nv_gpu_power_limit", "nv_energy_consumption")

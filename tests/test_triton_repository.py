@@ -25,8 +25,8 @@ from tritonclient.utils import InferenceServerException
 from servers.core.model import NUMPY_DTYPES, Model
 from servers.models.make_repo import make_repo
 from servers.triton.repository import load_model
-from tests.conftest import stop_process
-from tests.test_triton_grpc import Fronts, start_fronts
+from tests.support.processes import stop_process
+from tests.support.triton import Fronts, start_fronts
 
 pytestmark = pytest.mark.integration
 

@@ -11,84 +11,79 @@ import numpy as np
 import pytest
 
 from servers.calibration.timing import TimingConfig, TimingModel
-from tests.conftest import TIMING, run_loadgen
+from tests.support.processes import run_loadgen
+from tests.support.timing import HostNoise, truth_percentiles
 
-pytestmark = [pytest.mark.integration, TIMING]
-
-
-def within(measured: float, truth: float, rel: float, floor_ms: float = 0.0) -> bool:
-    return abs(measured - truth) <= max(floor_ms, rel * truth)
+pytestmark = pytest.mark.integration
 
 
-def test_fixed_delay_open_loop(calibration_server, tmp_path) -> None:
-    """20 ms server, 100 req/s for 10 s: p50 and p99 within max(1 ms, 5 %) of 20 ms.
+def test_fixed_delay_open_loop(calibration_server, host_noise: HostNoise, tmp_path) -> None:
+    """20 ms server, 100 req/s for 5 s: p50 and p99 within 1 ms of 20 ms, plus the host's noise.
 
     On the 2-vCPU VMs this runs on, the host takes a core away for 1-3 ms a few times a second (a
     busy loop pinned to each core sees such gaps every 0.3-0.5 s), in bursts. With two requests
-    in flight a pause delays one or two of them, and a burst of pauses delays 1-2 % of a 10 s run,
-    which pushes p99 past 21 ms (once to 22.5 ms) in about one run in four whatever the generator
-    does. So p99 gets up to three runs to meet the tolerance, while every run must meet it at p50:
-    a systematic error (a late timer, a slow path) fails every attempt.
+    in flight a pause delays one or two of them, and a burst of pauses pushes p99 past 21 ms in
+    some runs whatever the generator does. So p99 is allowed the host's p99.9 wake-up lateness over
+    the test (a request meets about ten wake-ups' worth of chances to be delayed: tests/support/timing.py),
+    at most 2 ms, and p50 its p95, at most 0.5 ms: a systematic error (a late timer, a slow path) of
+    more than that fails.
     """
     server = calibration_server("--delay-ms", "20")
-    seen = []
-    for attempt in range(3):
-        run = run_loadgen("--target", server.url, "--model", "m", "--rate", "100", "--duration", "10s",
-                          out=tmp_path / f"run{attempt}")
-        assert run.returncode == 0, run.stderr
-        summary = run.summary
-        assert summary["requests"] == summary["ok"] == 1000
-        latency = summary["latency_ms"]
-        seen.append(latency)
-        assert within(latency["p50"], 20.0, 0.05, floor_ms=1.0), latency
-        if within(latency["p99"], 20.0, 0.05, floor_ms=1.0):
-            break
-    else:
-        pytest.fail(f"p99 off by more than 1 ms in three runs: {seen}")
+    run = run_loadgen("--target", server.url, "--model", "m", "--rate", "100", "--duration", "5s",
+                      out=tmp_path / "run")
+    assert run.returncode == 0, run.stderr
+    summary = run.summary
+    assert summary["requests"] == summary["ok"] == 500
+    latency = summary["latency_ms"]
+    host_noise.assert_near(latency["p50"], 20.0, 1.0, what="latency p50 (ms)", quantile="p95", cap_ms=0.5)
+    host_noise.assert_near(latency["p99"], 20.0, 1.0, what="latency p99 (ms)", cap_ms=2.0)
     # every request the server answered was counted (warm-up requests are not measured)
-    assert server.info()["requests"] == (attempt + 1) * (1000 + summary["warmup_requests"])
+    assert server.info()["requests"] == 500 + summary["warmup_requests"]
 
 
-def truth_percentiles(latencies_ms: np.ndarray) -> dict[str, float]:
-    points = {"p90": 90.0, "p99": 99.0, "p99_9": 99.9}
-    return {k: float(np.percentile(latencies_ms, q, method="inverted_cdf")) for k, q in points.items()}
-
-
-def test_stalls_open_loop_tails_match_the_schedule(calibration_server, tmp_path) -> None:
-    server = calibration_server("--delay-ms", "10", "--stall-every", "5", "--stall-for", "1")
-    run = run_loadgen("--target", server.url, "--model", "m", "--rate", "200", "--duration", "20s",
+def test_stalls_open_loop_tails_match_the_schedule(calibration_server, host_noise: HostNoise,
+                                                   tmp_path) -> None:
+    """A 10 ms server that stalls 0.4 s in every 2 s, 200 req/s for 8 s (four stalls): p90, p99 and p99.9
+    within 5 % of the truth the server's timing model gives for the schedule's instants. In closed loop
+    a user stuck in a stall sends nothing else, so there the stall is one sample per user."""
+    config = TimingConfig(delay_ms=10, stall_every_s=2, stall_for_s=0.4)
+    server = calibration_server("--delay-ms", "10", "--stall-every", "2", "--stall-for", "0.4")
+    run = run_loadgen("--target", server.url, "--model", "m", "--rate", "200", "--duration", "8s",
                       out=tmp_path / "open")
     assert run.returncode == 0, run.stderr
     summary = run.summary
     info = server.info()
-    model = TimingModel(TimingConfig(delay_ms=10, stall_every_s=5, stall_for_s=1), t0=info["t0"])
+    model = TimingModel(config, t0=info["t0"])
     start = summary["clock"]["start_monotonic_s"]
-    intended = start + np.arange(4000) / 200.0
+    intended = start + np.arange(1600) / 200.0
     truth = truth_percentiles((np.array(model.done_all(intended)) - intended) * 1000.0)
-    assert truth["p99_9"] > 900  # the run did cover stalls
+    assert truth["p99_9"] > 360  # the run did cover stalls
     for key, value in truth.items():
-        assert within(summary["latency_ms"][key], value, 0.05), (key, summary["latency_ms"], truth)
+        host_noise.assert_near(summary["latency_ms"][key], value, 0.05 * value, what=f"latency {key} (ms)")
 
-    closed = run_loadgen("--target", server.url, "--model", "m", "--users", "2", "--duration", "10s",
+    closed = run_loadgen("--target", server.url, "--model", "m", "--users", "2", "--duration", "4s",
                          out=tmp_path / "closed")
     assert closed.returncode == 0, closed.stderr
     closed_latency = closed.summary["latency_ms"]
     # A closed-loop user stuck in a stall sends nothing else: the stall is one sample per user.
     assert closed_latency["p99"] < summary["latency_ms"]["p99"] / 10, closed_latency
-    assert closed_latency["max"] > 500  # it did see a stall, it just weighs it once
+    assert closed_latency["max"] > 200  # it did see a stall (any 4 s hold one), it just weighs it once
 
 
-def test_achieved_rate_is_the_offered_rate(calibration_server, tmp_path) -> None:
+def test_achieved_rate_is_the_offered_rate(calibration_server, host_noise: HostNoise, tmp_path) -> None:
     server = calibration_server()
-    run = run_loadgen("--target", server.url, "--model", "m", "--rate", "500", "--duration", "10s",
+    run = run_loadgen("--target", server.url, "--model", "m", "--rate", "500", "--duration", "5s",
                       out=tmp_path / "run")
     assert run.returncode == 0, run.stderr
     summary = run.summary
-    assert not summary["generator_bound"], summary["generator"]
+    generator = summary["generator"]
+    # the generator kept its schedule: lag p99 under the 1 ms self-check, allowing for the host's noise
+    host_noise.assert_below(generator["lag_ms"]["p99"], 1.0, what="schedule lag p99 (ms)")
+    assert [r for r in generator["reasons"] if not r.startswith("schedule lag")] == [], generator
     assert summary["offered_rps"] == pytest.approx(500.0)
     assert summary["sent_rps"] == pytest.approx(500.0, rel=0.01)
     assert summary["achieved_rps"] == pytest.approx(500.0, rel=0.01)
     assert summary["dropped"] == 0
     assert summary["out_of_range"] == 0  # no negative lag: nothing is ever sent early
-    assert summary["requests"] == 5000
+    assert summary["requests"] == 2500
     assert server.info()["requests"] == summary["requests"] + summary["warmup_requests"]

@@ -27,8 +27,8 @@ from loadgen.patterns.schedule import schedule, schedule_offsets
 from loadgen.recorder import Recorder
 from loadgen.scenario import OpenLoop
 from loadgen.sinks.prometheus import RunCollector
-from tests.conftest import ROOT, loadgen_cmd, pin, stop_process
-from tests.test_distributed import Master, start_worker
+from tests.support.distributed import Master, start_worker
+from tests.support.processes import ROOT, loadgen_cmd, pin, stop_process
 
 _block = time.sleep  # not patched: gevent is used here without monkey patching
 

@@ -18,6 +18,10 @@ Measurement rules kept here:
 A dispatcher can also be given an end (`end_at`): arrivals from that instant on belong to another
 dispatcher (a distributed run reshuffled its shares) and it returns, counting nothing, when it
 reaches the first of them.
+
+It reads the time and waits through a Clock: by default the real one (MonotonicClock: time.monotonic
+and the timerfd, then a spin); tests/test_dispatcher_units.py gives it a fake one to check the rules
+above without wall time.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
 import numpy as np
 from gevent.event import Event
@@ -34,7 +39,7 @@ from greenlet import getcurrent, greenlet
 from loadgen.lowlevel.timerfd import TimerFD, reduce_timer_slack
 from loadgen.outcome import Outcome
 
-__all__ = ["Dispatcher"]
+__all__ = ["Alarm", "Clock", "Dispatcher", "MonotonicClock"]
 
 # Closer than this to the intended instant, arming the timer costs more than it saves.
 _EARLY_S = 15e-6
@@ -46,11 +51,76 @@ _SPIN_S = 200e-6
 _SPIN_FRACTION = 0.1
 
 
+class Alarm(Protocol):
+    """A one-shot alarm that one greenlet sleeps on (the dispatcher's, for one run)."""
+
+    def sleep_until(self, t: float) -> None:
+        """Block the calling greenlet (the others run) until about `t`, or until `set` says otherwise.
+        It may return a little early or late: the caller spins the rest or counts the lateness."""
+
+    def set(self, t: float) -> None:
+        """Move the alarm to `t`: a sleep in progress ends then (at once for an instant past)."""
+
+    def close(self) -> None:
+        """Release what the alarm holds."""
+
+
+class Clock(Protocol):
+    """Where a dispatcher reads the time (monotonic seconds) and waits for an instant."""
+
+    def now(self) -> float:
+        """The current instant."""
+
+    def spin_until(self, t: float) -> None:
+        """Return at `t` or just after, never before (the real clock busy-waits the last microseconds)."""
+
+    def alarm(self) -> Alarm:
+        """A new alarm, for the calling greenlet's sleeps; closed by whoever asked for it."""
+
+
+class MonotonicClock:
+    """The real clock: time.monotonic(), sleeps on a timerfd on the gevent hub, and a spin to the instant."""
+
+    now = staticmethod(time.monotonic)
+
+    @staticmethod
+    def spin_until(t: float) -> None:
+        monotonic = time.monotonic
+        while monotonic() < t:  # never early, even by microseconds
+            pass
+
+    def alarm(self) -> _TimerAlarm:
+        return _TimerAlarm()
+
+
+class _TimerAlarm:
+    """A TimerFD armed for absolute instants, watched by the hub of the greenlet that made it."""
+
+    def __init__(self) -> None:
+        reduce_timer_slack()
+        self._timer = TimerFD()
+        self._hub = get_hub()
+        self._watcher = self._hub.loop.io(self._timer.fileno(), 1)
+
+    def sleep_until(self, t: float) -> None:
+        self._timer.arm(t)
+        self._hub.wait(self._watcher)
+        self._timer.consume()
+
+    def set(self, t: float) -> None:
+        self._timer.arm(t)
+
+    def close(self) -> None:
+        self._watcher.close()
+        self._timer.close()
+
+
 class Dispatcher:
     """Walks `schedule` from `start_t`, calling `send(intended_t)` in a greenlet per arrival.
 
     `on_outcome` receives every Outcome; `on_dropped` every intended time that was dropped;
     `on_unsent` the count of arrivals left unsent when it was stopped (once, when it returns).
+    Instants (`start_t`, `stop(at_t)`, `end_at`) are readings of `clock`, by default time.monotonic().
     """
 
     def __init__(
@@ -60,7 +130,9 @@ class Dispatcher:
         on_dropped: Callable[[float], None],
         max_in_flight: int,
         on_unsent: Callable[[int], None] | None = None,
+        clock: Clock | None = None,
     ) -> None:
+        self._clock: Clock = MonotonicClock() if clock is None else clock
         self._send = send
         self._on_outcome = on_outcome
         self._on_dropped = on_dropped
@@ -74,7 +146,7 @@ class Dispatcher:
         self._stop_t = float("inf")  # arrivals due before this instant and not started are unsent
         self._end_t = float("inf")  # arrivals from this instant on are not this dispatcher's
         self._waiting_for = float("inf")
-        self._timer: TimerFD | None = None
+        self._alarm: Alarm | None = None
         self._idle = Event()
         self._idle.set()
 
@@ -82,16 +154,16 @@ class Dispatcher:
         """Start no further arrivals (in-flight requests go on); those due by `at_t` (monotonic; default
         now) and not started count as unsent."""
         if not self._stop.is_set():
-            self._stop_t = time.monotonic() if at_t is None else at_t
+            self._stop_t = self._clock.now() if at_t is None else at_t
             self._stop.set()
-        if self._timer is not None:
-            self._timer.arm(0.0)  # wake the dispatcher now rather than at the next arrival
+        if self._alarm is not None:
+            self._alarm.set(0.0)  # wake the dispatcher now rather than at the next arrival
 
     def end_at(self, end_t: float) -> None:
         """Leave the arrivals from `end_t` (monotonic) on to another dispatcher: return on reaching one."""
         self._end_t = min(self._end_t, end_t)
-        if self._timer is not None and self._waiting_for >= self._end_t:
-            self._timer.arm(self._end_t)  # waiting for an arrival that is no longer ours: stop waiting
+        if self._alarm is not None and self._waiting_for >= self._end_t:
+            self._alarm.set(self._end_t)  # waiting for an arrival that is no longer ours: stop waiting
 
     def run(self, start_t: float, schedule: Iterable[np.ndarray]) -> None:
         """Dispatch every arrival of `schedule` (offsets in seconds) unless stopped first.
@@ -99,10 +171,9 @@ class Dispatcher:
         However it returns (stopped, or its greenlet killed: a kill counts as a stop at that instant),
         the arrivals it had not reached that were due by the stop are counted as unsent.
         """
-        reduce_timer_slack()
-        timer = self._timer = TimerFD()
-        hub = get_hub()
-        watcher = hub.loop.io(timer.fileno(), 1)
+        now, spin_until = self._clock.now, self._clock.spin_until
+        alarm = self._alarm = self._clock.alarm()
+        sleep_until = alarm.sleep_until
         chunks = iter(schedule)
         arrivals: list[float] = []
         handled = 0  # arrivals[:handled] were started or dropped
@@ -112,29 +183,26 @@ class Dispatcher:
                 for intended_t in arrivals:
                     if intended_t >= self._end_t or self._stop.is_set():
                         return
-                    wait = intended_t - time.monotonic()
-                    if wait > _EARLY_S:
-                        self._waiting_for = intended_t
-                        timer.arm(min(intended_t - min(_SPIN_S, wait * _SPIN_FRACTION), self._end_t))
-                        hub.wait(watcher)
-                        timer.consume()
-                        self._waiting_for = float("inf")
-                        if intended_t >= self._end_t or self._stop.is_set():
-                            return
-                    while time.monotonic() < intended_t:  # never early, even by microseconds
-                        pass
+                    wait = intended_t - now()
+                    if wait > 0.0:  # not yet due (behind schedule, it starts at once)
+                        if wait > _EARLY_S:
+                            self._waiting_for = intended_t
+                            sleep_until(min(intended_t - min(_SPIN_S, wait * _SPIN_FRACTION), self._end_t))
+                            self._waiting_for = float("inf")
+                            if intended_t >= self._end_t or self._stop.is_set():
+                                return
+                        spin_until(intended_t)  # never early, even by microseconds
                     handled += 1
                     self._start(intended_t)
         finally:
-            watcher.close()
-            self._timer = None
-            timer.close()
+            self._alarm = None
+            alarm.close()
             self._count_unsent(start_t, arrivals[handled:], chunks)
 
     def _count_unsent(self, start_t: float, rest: list[float], chunks: Iterable[np.ndarray]) -> None:
         """Count the arrivals of `rest` and of the chunks after it that were due by the stop (and ours)."""
         if not self._stop.is_set():
-            self._stop_t = time.monotonic()  # ended otherwise than by stop(): by a kill, at this instant
+            self._stop_t = self._clock.now()  # ended otherwise than by stop(): by a kill, at this instant
         limit = min(self._stop_t, self._end_t)
         count = sum(1 for intended_t in rest if intended_t < limit)
         if not rest or rest[-1] < limit:

@@ -1,4 +1,4 @@
-"""What the TorchServe-compatible server's tests share (this module has no tests of its own).
+"""What the TorchServe-compatible server's tests share.
 
 - the recorded exchanges of a real TorchServe 0.12.0 (../shared/torchserve-captures, beside the clone,
   as ../shared/peers is for perf_analyzer) and the comparison of an answer with a recorded one: the same
@@ -7,6 +7,8 @@
   real torch-model-archiver (its CLI, from the torch-model-archiver package) archives them with the
   captures' handlers;
 - `start_torchserve`: the server as a real process on 127.0.0.1 with every port 0.
+
+The session's model store is the `model_store` fixture (tests/conftest.py), built by `build_store`.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import ROOT, Server, start_server, stop_process
+from tests.support.processes import ROOT, Server, start_server, stop_process
 
 CAPTURES = ROOT.parent / "shared" / "torchserve-captures"
 ARCHIVER = Path(sys.executable).with_name("torch-model-archiver")
@@ -81,15 +83,6 @@ def build_store(store: Path) -> Path:
     archive(store, "broken", work / "broken_handler.py")
     archive(store, "slow", work / "slow_handler.py")
     shutil.rmtree(work)
-    return store
-
-
-@pytest.fixture(scope="session")
-def model_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One model store per test session (built on first use)."""
-    store = tmp_path_factory.getbasetemp() / "torchserve-store"
-    if not (store / "slow.mar").is_file():
-        build_store(store)
     return store
 
 

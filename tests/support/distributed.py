@@ -1,0 +1,74 @@
+"""Distributed runs as real processes: a master (`loadgen run --master`) read line by line, workers that
+write every interval they ship (`loadgen worker --debug-dir`), and readers of those intervals."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+from tests.support.processes import ROOT, loadgen_cmd, pin, stop_process
+
+
+class Master:
+    """`loadgen run ... --master --expect-workers N` on a free port, read line by line from stderr."""
+
+    def __init__(self, args: list[str], out: Path, workers: int = 2) -> None:
+        self.out = out
+        self.proc = subprocess.Popen(
+            loadgen_cmd("run", *args, "--master", "--expect-workers", str(workers), "--master-bind-host",
+                        "127.0.0.1", "--master-bind-port", "0", "--quiet", "--out", str(out)),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        )
+        pin(self.proc.pid, 0)
+        self.lines: list[str] = []
+        line = self.wait_for("master: listening for workers on ")
+        self.port = int(line.split()[5].rsplit(":", 1)[1])
+
+    def wait_for(self, prefix: str, timeout: float = 60.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.proc.stderr.readline()
+            self.lines.append(line)
+            if line.startswith(prefix):
+                return line
+            if not line and self.proc.poll() is not None:
+                break
+        stop_process(self.proc)
+        raise AssertionError(f"no {prefix!r} line from the master: {''.join(self.lines)}")
+
+    def finish(self, timeout: float = 90.0) -> tuple[int, str]:
+        try:
+            _, rest = self.proc.communicate(timeout=timeout)
+        finally:
+            stop_process(self.proc)
+        return self.proc.returncode, "".join(self.lines) + rest
+
+    @property
+    def summary(self) -> dict:
+        return json.loads((self.out / "summary.json").read_text())
+
+
+def start_worker(port: int, debug_dir: Path) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        loadgen_cmd("worker", "--master-host", "127.0.0.1", "--master-port", str(port), "--debug-dir",
+                    str(debug_dir)),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
+    )
+    pin(proc.pid, 0)
+    return proc
+
+
+def shipped(debug_dir: Path, pid: int) -> list[dict]:
+    """Every interval worker `pid` shipped to the master, in order."""
+    path = debug_dir / f"worker-{pid}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def requests_of(messages: list[dict]) -> int:
+    return sum(m["figures"]["ok"] + sum(m["figures"]["errors"].values()) for m in messages)
+
+
+def worker_entry(summary: dict, pid: int) -> dict:
+    return next(w for w in summary["distributed"]["workers"] if w["pid"] == pid)

@@ -1,0 +1,117 @@
+"""Real processes for the integration tests: servers on 127.0.0.1 (port 0), and `loadgen` as a child.
+
+The generator runs in its own process in every integration test: importing locust monkey-patches
+the interpreter with gevent, which the test process must not be.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[2]
+"""The repository root: servers and loadgen run from here."""
+
+_CPUS = sorted(os.sched_getaffinity(0))
+
+
+def pin(pid: int, index: int) -> None:
+    """Keep a child on one core: the generator on the first, servers on the second.
+
+    As in a real deployment, the server must not run on the generator's core: a server process
+    sharing it reads each request late by whatever the generator was doing, and reports a later
+    arrival than the true one (DESIGN.md: timing traps).
+    """
+    if len(_CPUS) >= 2:
+        os.sched_setaffinity(pid, {_CPUS[index]})
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen
+    url: str
+    fronts: dict[str, str] = field(default_factory=dict)
+    """Other front ends the server announced before its http line: {"grpc": "HOST:PORT", "metrics": URL}."""
+
+    def info(self) -> dict:
+        return httpx.get(self.url + "/calibration", timeout=5).json()
+
+
+def start_server(args: list[str], timeout: float = 20.0, module: str = "servers.calibration",
+                 port_flag: str = "--port") -> Server:
+    """`python -m MODULE PORT_FLAG 0 ARGS` pinned to the server core; waits for its `listening on` line."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module, port_flag, "0", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    pin(proc.pid, 1)
+    deadline = time.monotonic() + timeout
+    fronts: dict[str, str] = {}
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line.startswith("listening on "):
+            return Server(proc, line.split()[-1].strip(), fronts)
+        if " listening on " in line:
+            fronts[line.split()[0]] = line.split()[-1].strip()
+        if not line and proc.poll() is not None:
+            break
+    stop_process(proc)
+    raise RuntimeError(f"{module} did not start: {proc.stderr.read()}")
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+@dataclass
+class LoadgenRun:
+    returncode: int
+    stdout: str
+    stderr: str
+    out: Path
+
+    @property
+    def summary(self) -> dict:
+        return json.loads((self.out / "summary.json").read_text())
+
+
+def loadgen_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "loadgen", *args]
+
+
+def run_loadgen(*args: str, out: Path, timeout: float = 120.0, verb: str = "run") -> LoadgenRun:
+    """`loadgen VERB ARGS --out OUT` in a child process on the generator core; returns its exit code,
+    output and folder."""
+    proc = subprocess.Popen(
+        loadgen_cmd(verb, *args, "--out", str(out)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    pin(proc.pid, 0)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return LoadgenRun(proc.returncode, stdout, stderr, out)
