@@ -30,9 +30,9 @@ serve_app = typer.Typer(no_args_is_help=True, help="Start a reference server.")
 app.add_typer(serve_app, name="serve")
 
 
-def _fail(exc: Exception) -> None:
+def _fail(exc: LoadgenError) -> None:
     typer.echo(f"error: {exc}", err=True)
-    raise typer.Exit(getattr(exc, "exit_code", 2))
+    raise typer.Exit(exc.exit_code)
 
 
 def _distributed(values: dict[str, Any]) -> DistributedOptions | None:

@@ -240,6 +240,7 @@ def test_bad_flags_are_named(flags: dict, message: str) -> None:
 class _View:
     recorder = None
     in_flight = 0
+    metrics_host = "127.0.0.1"
 
     def offered_rps_now(self) -> float:
         return 0.0

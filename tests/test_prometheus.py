@@ -26,8 +26,13 @@ class FakeRun:
     in_flight: int = 0
     offered: float = 0.0
 
+    metrics_host: str = "127.0.0.1"
+
     def offered_rps_now(self) -> float:
         return self.offered
+
+    def worker_health(self) -> None:
+        return None
 
 
 def record_interval(rec: Recorder, index: int, latency_s: float, count: int = 10, errors: int = 0) -> None:

@@ -200,12 +200,16 @@ def test_distributed_run_with_a_stalled_worker_counts_every_arrival(calibration_
 def test_unsent_arrivals_are_exported_to_prometheus() -> None:
     class View:
         in_flight = 0
+        metrics_host = "127.0.0.1"
 
         def __init__(self, recorder: Recorder) -> None:
             self.recorder = recorder
 
         def offered_rps_now(self) -> float:
             return 0.0
+
+        def worker_health(self) -> None:
+            return None
 
     recorder = Recorder(start_t=10.0)
     recorder.record(10.0, 10.0, 10.001, None)

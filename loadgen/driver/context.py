@@ -124,6 +124,14 @@ class LoadContext:
             return profile_of(self.pattern).mean_rate
         return 0.0
 
+    @property
+    def metrics_host(self) -> str:
+        return self.scenario.output.metrics_host
+
+    def worker_health(self) -> None:
+        """A single process: no workers (RunView)."""
+        return
+
     def offered_rps_now(self) -> float:
         """The rate the open-loop schedule asks for at this instant; 0 outside the run or in closed loop."""
         if self._profile is None or self.recorder is None:

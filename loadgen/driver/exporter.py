@@ -164,5 +164,4 @@ class MetricsExporter:
 
 def _scenario_host(view: RunView) -> str:
     """output.metrics_host of the view's scenario (a LoadContext's or a distributed master's run's)."""
-    output = getattr(getattr(view, "scenario", None), "output", None)
-    return getattr(output, "metrics_host", None) or DEFAULT_HOST
+    return view.metrics_host or DEFAULT_HOST

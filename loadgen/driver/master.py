@@ -319,6 +319,10 @@ class _DistributedRun:
 
     # -- RunView (the exporter) -------------------------------------------------------------------
     @property
+    def metrics_host(self) -> str:
+        return self.scenario.output.metrics_host
+
+    @property
     def in_flight(self) -> int:
         return sum(int(w.health.get("in_flight", 0)) for w in self.workers.values() if w.sending)
 

@@ -116,6 +116,13 @@ class RunView(Protocol):
     def offered_rps_now(self) -> float:
         """The rate the schedule asks for at this instant (0 outside an open-loop run)."""
 
+    @property
+    def metrics_host(self) -> str:
+        """The address /metrics listens on (the scenario's output.metrics_host)."""
+
+    def worker_health(self) -> list[WorkerHealth] | None:
+        """Each worker's health in a distributed run (the master's view); None for a single process."""
+
 
 @dataclass(frozen=True)
 class WorkerHealth:
@@ -199,9 +206,9 @@ class RunCollector:
         if cpu is not None:
             yield _gauge("loadgen_generator_cpu_ratio",
                          "Generator process CPU time over wall time since the previous scrape.", cpu)
-        workers = getattr(self._view, "worker_health", None)
+        workers = self._view.worker_health()
         if workers is not None:
-            yield from _worker_families(workers())
+            yield from _worker_families(workers)
 
     def _paced(self, families: Iterator[Metric]) -> Iterator[Metric]:
         """Call `pause` after each family: formatting one takes ~0.1 ms of the generator's loop."""
