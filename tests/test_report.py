@@ -74,4 +74,4 @@ def test_report_of_an_interrupted_sweep(calibration_server, tmp_path) -> None:
 def test_a_folder_without_results_is_an_input_error(tmp_path) -> None:
     done = _report(tmp_path)
     assert done.returncode == 2
-    assert "no sweep.json or summary.json" in done.stderr
+    assert "no compare.json, sweep.json or summary.json" in done.stderr

@@ -97,7 +97,7 @@ def test_sweep_without_a_plan_probes_and_finds_the_capacity(calibration_server, 
     open-loop search from it finds saturation. Two FIFO workers of 4 ms: 500 req/s."""
     server = calibration_server("--service-ms", "4", "--workers", "2")
     out = tmp_path / "auto"
-    run = run_loadgen("--target", server.url, "--model", "m", "--step-duration", "2s", "--warmup", "1s",
+    run = run_loadgen("--target", server.url, "--model", "m", "--step-duration", "1s", "--warmup", "1s",
                       out=out, verb="sweep", timeout=150)
     assert run.returncode == 0, run.stderr
     sweep = json.loads((out / "sweep.json").read_text())
