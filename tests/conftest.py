@@ -50,11 +50,13 @@ def model_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def digits_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A model repository written by `python -m servers.models.make_repo` (built-in and digits models,
-    with _data/ test split and labels), once per session: the training takes seconds."""
+    """A model repository written by `python -m servers.models.make_repo --no-minilm` (built-in and digits
+    models, with _data/ test split and labels), once per session: the training takes seconds. The MiniLM
+    models (260 MB, tests/test_minilm_models.py) are left out."""
     path = tmp_path_factory.mktemp("digits_repository")
     env = {key: value for key, value in os.environ.items() if key != "PYTHONHASHSEED"}  # the command fixes it
-    run = subprocess.run([sys.executable, "-m", "servers.models.make_repo", str(path)], cwd=ROOT, env=env,
+    run = subprocess.run([sys.executable, "-m", "servers.models.make_repo", str(path), "--no-minilm"],
+                         cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300, check=False)
     assert run.returncode == 0, run.stderr
     return path

@@ -23,12 +23,15 @@ import tritonclient.http as httpclient
 
 from loadgen.protocols.common.request_data import request_data
 from servers.core.model import Model
-from servers.models.make_repo import DATA_FOLDER, DIGITS_NAMES, MODEL_NAMES
+from servers.models.make_repo import DATA_FOLDER, DIGITS_NAMES, SEEDED_NAMES
 from servers.triton.repository import load_model, model_names
 from tests.support.processes import ROOT, Server, start_server, stop_process
 
 FP32_AS_TRAINED = ("digits_cnn", "digits_cnn_onnx")
 """The FP32 CNN and its ONNX export: the same predictions as the TorchScript FP32 model, image for image."""
+WRITTEN = SEEDED_NAMES + DIGITS_NAMES
+"""The models of these repositories: make-repo --no-minilm (the MiniLM models:
+tests/test_minilm_models.py)."""
 WITHIN_TWO_POINTS = ("digits_cnn_fp16", "digits_cnn_bf16", "digits_cnn_int8", "digits_cnn_int8_static",
                      "digits_cnn_onnx_int8", "digits_cnn_pruned50")
 
@@ -40,12 +43,12 @@ def repos(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     command fixes its own); both at once when the session's is not made yet (training uses one thread)."""
     path = tmp_path_factory.mktemp("digits_b")
     env = {**os.environ, "PYTHONHASHSEED": "1"}
-    second = subprocess.Popen([sys.executable, "-m", "servers.models.make_repo", str(path)], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    second = subprocess.Popen([sys.executable, "-m", "servers.models.make_repo", str(path), "--no-minilm"],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first = request.getfixturevalue("digits_repository")
     out, err = second.communicate(timeout=300)
     assert second.returncode == 0, err
-    assert f"wrote {len(MODEL_NAMES)} models" in out and "digits: trained in" in out
+    assert f"wrote {len(WRITTEN)} models" in out and "digits: trained in" in out
     return first, path
 
 
@@ -85,7 +88,7 @@ def test_two_runs_write_the_same_bytes(repos: tuple[Path, Path]) -> None:
     first, second = ({path.relative_to(root): path.read_bytes() for path in root.rglob("*") if path.is_file()}
                      for root in repos)
     assert sorted(first) == sorted(second)
-    assert {path.parts[0] for path in first} == {*MODEL_NAMES, DATA_FOLDER}
+    assert {path.parts[0] for path in first} == {*WRITTEN, DATA_FOLDER}
     different = [str(path) for path in sorted(first) if first[path] != second[path]]
     assert different == []
 
@@ -155,7 +158,7 @@ def test_the_server_skips_the_data_folder(server: Server, repo: Path) -> None:
     assert (repo / DATA_FOLDER).is_dir() and DATA_FOLDER not in model_names(repo)
     client = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
     index = client.get_model_repository_index()
-    assert sorted(row["name"] for row in index) == sorted(MODEL_NAMES)
+    assert sorted(row["name"] for row in index) == sorted(WRITTEN)
     assert all(row["state"] == "READY" for row in index)
     assert client.is_server_ready()
 

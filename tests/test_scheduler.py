@@ -122,6 +122,45 @@ def test_requests_are_never_split_and_never_exceed_max_batch_size() -> None:
         assert np.all(result.outputs["OUTPUT0"] == value * 2)
 
 
+class _Lengths(_Scaled):
+    """OUTPUT0 = INPUT0 * 2 for INPUT0 of any length (dims [-1]), stacked by Model.infer_batch; remembers
+    each execution's input shape."""
+
+    inputs = (TensorSpec("INPUT0", "FP32", (-1,)),)
+    outputs = (TensorSpec("OUTPUT0", "FP32", (-1,)),)
+
+    def __init__(self, service_s: float) -> None:
+        super().__init__(service_s, name="lengths")
+        self.shapes: list[tuple[int, ...]] = []
+
+    def infer_batch(self, requests: list[dict[str, np.ndarray]]) -> list:
+        return Model.infer_batch(self, requests)
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.shapes.append(inputs["INPUT0"].shape)
+        time.sleep(self.service_s)
+        return {"OUTPUT0": inputs["INPUT0"] * 2}
+
+
+def test_only_requests_of_the_same_shapes_batch_together(host_noise: HostNoise) -> None:
+    model = _Lengths(0.03)
+    scheduler = Scheduler([model], ModelStats(model), Batching())
+    lengths = [4, 3, 3, 5, 5, 3]
+
+    async def scenario() -> list:
+        tasks = [asyncio.ensure_future(scheduler.submit({"INPUT0": np.full((1, length), float(i), np.float32)}, 1,
+                                                        time.perf_counter_ns()))
+                 for i, length in enumerate(lengths)]
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    results = asyncio.run(scenario())
+    # the first runs alone; behind it, a batch ends where the next request's length differs
+    host_noise.assert_holds(model.shapes == [(1, 4), (2, 3), (2, 5), (1, 3)], what=str(model.shapes),
+                            margin_ms=30.0)  # all six are queued before the first 30 ms execution ends
+    for i, (length, result) in enumerate(zip(lengths, results)):
+        assert np.array_equal(result.outputs["OUTPUT0"], np.full((1, length), 2.0 * i, np.float32))
+
+
 def test_instances_run_in_parallel_on_their_own_threads(host_noise: HostNoise) -> None:
     instances = [_Scaled(0.05, name="scaled") for _ in range(4)]
     scheduler = Scheduler(instances, ModelStats(instances[0]), None)

@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import logging
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -58,6 +57,7 @@ from servers.models.make_repo import (
     TORCH_BATCH,
     config_text,
     model_folder,
+    quiet_root_logger,
 )
 
 __all__ = ["DigitsCNN", "DigitsMLP", "DigitsSplit", "digits_split", "write_digits"]
@@ -316,25 +316,9 @@ def _write_onnx_int8(dest: Path, source: Path) -> Path:
     version = model_folder(dest, "digits_cnn_onnx_int8", config_text(
         "digits_cnn_onnx_int8", _ONNX, TORCH_BATCH, *_IO, batching=BATCHING, kind="KIND_CPU", why=_ORT_CPU))
     path = version / "model.onnx"
-    with _quiet_root_logger():  # quantize_dynamic logs a hint to pre-process the model on the root logger
+    with quiet_root_logger():  # quantize_dynamic logs a hint to pre-process the model on the root logger
         quantize_dynamic(source, path, weight_type=QuantType.QInt8)
     return path
-
-
-@contextlib.contextmanager
-def _quiet_root_logger() -> Iterator[None]:
-    """Root-logger records dropped (a module-level logging.warning would otherwise configure the root
-    logger with a stderr handler: basicConfig)."""
-    root = logging.getLogger()
-    handler = logging.NullHandler()
-    level, handlers = root.level, root.handlers[:]
-    root.handlers = [handler]
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.handlers = handlers
-        root.setLevel(level)
 
 
 def _onnx_run(path: Path, x: np.ndarray) -> np.ndarray:

