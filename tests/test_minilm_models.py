@@ -41,7 +41,7 @@ from servers.models.minilm import (
     model_path,
     tokenizer,
 )
-from tests.conftest import ROOT, Server, run_loadgen, start_server, stop_process
+from tests.support.processes import ROOT, Server, run_loadgen, start_server, stop_process
 
 LEAST_COSINE = {"minilm": 0.9999, "minilm_onnx": 0.9999, "minilm_int8": 0.95, "minilm_onnx_int8": 0.95}
 """The lowest cosine with the reference each variant must reach on every sentence."""
