@@ -36,7 +36,7 @@ def test_fixed_delay_open_loop(calibration_server, host_noise: HostNoise, tmp_pa
     assert summary["requests"] == summary["ok"] == 500
     latency = summary["latency_ms"]
     host_noise.assert_near(latency["p50"], 20.0, 1.0, what="latency p50 (ms)", quantile="p95", cap_ms=0.5)
-    host_noise.assert_near(latency["p99"], 20.0, 1.0, what="latency p99 (ms)", cap_ms=2.0)
+    host_noise.assert_near(latency["p99"], 20.0, 1.0, what="latency p99 (ms)")
     # every request the server answered was counted (warm-up requests are not measured)
     assert server.info()["requests"] == 500 + summary["warmup_requests"]
 

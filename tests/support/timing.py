@@ -45,7 +45,10 @@ BEFORE_S = 0.3
 """A test's noise window opens this long before the test started."""
 MIN_WINDOW_S = 0.3
 """A failed check reads at least this much of the probes (waiting for it when the test was shorter)."""
-DEFAULT_CAP_MS = 2.0
+DEFAULT_CAP_MS = 5.0
+"""The most a check's tolerance is widened by the host's noise: VMs of this kind were seen losing a core for
+3-4 ms at p99.9 of their wake-ups with nothing else running (steal from the hypervisor); a generator
+error of a millisecond still fails on a quiet host, and checks that guard against one set a smaller cap."""
 
 _PROBE = """
 import array, ctypes, os, sys, time
