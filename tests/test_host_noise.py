@@ -80,8 +80,8 @@ def test_a_check_that_passes_strictly_reads_no_noise_and_one_that_fails_says_by_
     with pytest.raises(AssertionError, match=r"p99 23 against 20: off by 3\.000 ms; tolerance 1 ms \+ host "
                                              r"noise 0\.800 ms \(p99 wake-up lateness of 1000 2 ms sleeps"):
         noise.assert_near(23.0, 20.0, 1.0, what="p99", quantile="p99")
-    with pytest.raises(AssertionError, match="the host was too noisy to judge: its max wake-up lateness "
-                                             "0.800 ms is over the 0.5 ms this check allows for. batches"):
+    with pytest.raises(pytest.skip.Exception, match="the host was too noisy to judge: its max wake-up "
+                                                    "lateness 0.800 ms is over the 0.5 ms this check allows for. batches"):
         noise.assert_holds(False, what="batches [1, 3, 12]", margin_ms=0.5)
     assert probes.reads == 3  # one for each check that failed strictly
 

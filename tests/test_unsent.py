@@ -122,7 +122,7 @@ def assert_every_arrival_counted(summary: dict, scheduled: int) -> None:
 
 
 def test_single_process_run_with_a_stalled_host_counts_every_arrival(calibration_server, tmp_path) -> None:
-    """`loadgen run` at 200 req/s (poisson) for 3 s, SIGSTOPped 2.2 s into the run for 2 s: the
+    """`loadgen run` at 200 req/s (poisson) for 3 s, SIGSTOPped 2.2 s into the run for 3 s: the
     window ends while it is stopped, so part of its schedule is never sent, and is counted unsent."""
     server = calibration_server("--delay-ms", "2")
     args = ["--target", server.url, "--model", "m", "--rate", "200", "--arrival", "poisson", "--seed", "5",
@@ -134,7 +134,7 @@ def test_single_process_run_with_a_stalled_host_counts_every_arrival(calibration
     assert calm["unsent"] == 0, calm["generator"]
     assert_every_arrival_counted(calm, scheduled)
 
-    stalled = _run_with_stall(args, tmp_path / "stalled", (2.2, 2.0))
+    stalled = _run_with_stall(args, tmp_path / "stalled", (2.2, 3.0))
     assert_every_arrival_counted(stalled, scheduled)
     assert stalled["unsent"] > 0
     assert stalled["generator_bound"]

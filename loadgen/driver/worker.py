@@ -239,8 +239,8 @@ class _WorkerRun:
                 },
             }
             self._shipped += 1
+            self.agent.log_shipped(message)  # the copy first: it holds all that the master can have had
             self.agent.send(MSG_INTERVAL, message)
-            self.agent.log_shipped(message)
             gevent.idle()
 
 

@@ -19,9 +19,10 @@ figure at quantile q is matched with the probes' 1 - (1 - q) / 10: a p99 latency
 default), a median with their p95; a figure of one wake-up with the same quantile, one event with max.
 Measured here under load (3 runs of 100 req/s to a 20 ms server): latency p99 off by 2.7, 1.8 and
 0.8 ms, the probes' p99 0.3, 0.3, 0.1 ms, their p99.9 2.2, 3.1, 2.1 ms.
-When the noise itself is over the cap, the failure says the host was too noisy to judge. A check with
-no tolerance to widen (assert_holds: a batch that forms unless the host stalls 30 ms) fails either way,
-saying so when the noise was over its margin. A check that passes within its own tolerance reads no
+When the noise itself is over the cap and the check fails, the host was too noisy to judge it: the test
+is skipped with that message and its figures (noise, steal, load average), neither passed nor failed; a
+quieter host judges it strictly. A check with no tolerance to widen (assert_holds: a batch that forms
+unless the host stalls 30 ms) fails, or is skipped the same way when the noise was over its margin. A check that passes within its own tolerance reads no
 noise at all. Each failure message gives the figure, the truth, the tolerance, the noise added, and
 the host's state (steal time, load average).
 """
@@ -38,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 PROBE_INTERVAL_S = 0.002
 """Each probe sleeps this long at a time: 500 wake-ups a second, about 1 % of a core."""
@@ -45,6 +47,9 @@ BEFORE_S = 0.3
 """A test's noise window opens this long before the test started."""
 MIN_WINDOW_S = 0.3
 """A failed check reads at least this much of the probes (waiting for it when the test was shorter)."""
+TOO_NOISY = "the host was too noisy to judge"
+"""How a check whose tolerance could not cover the host's noise begins its message; such a check is
+skipped with that message (and its figures), neither passed nor failed."""
 DEFAULT_CAP_MS = 5.0
 """The most a check's tolerance is widened by the host's noise: VMs of this kind were seen losing a core for
 3-4 ms at p99.9 of their wake-ups with nothing else running (steal from the hypervisor); a generator
@@ -201,7 +206,7 @@ def verdict(holds: Callable[[float], bool], what: Callable[[float], str], noise:
         return None
     message = f"{what(allowance)} ({noise.describe(quantile)})"
     if level > cap_ms:
-        return (f"the host was too noisy to judge: its {quantile} wake-up lateness {level:.3f} ms is over "
+        return (f"{TOO_NOISY}: its {quantile} wake-up lateness {level:.3f} ms is over "
                 f"the {cap_ms:g} ms this check allows for. {message}")
     return message
 
@@ -232,6 +237,10 @@ class HostNoise:
         if holds(0.0):
             return
         message = verdict(holds, what, self.report(), quantile=quantile, cap_ms=cap_ms)
+        if message is not None and message.startswith(TOO_NOISY):
+            # Not judged: the host's own noise was over what this check can tell apart from an error.
+            # On a quieter host the same check is strict, so a systematic error still fails there.
+            pytest.skip(message)
         if message is not None:
             raise AssertionError(message)
 
