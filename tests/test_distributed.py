@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from loadgen.sinks.hlog import read_hlog
 from servers.calibration.timing import TimingConfig, TimingModel
 from tests.support.distributed import Master, requests_of, shipped, start_worker, worker_entry
-from tests.support.processes import ROOT, loadgen_cmd, pin, run_loadgen, stop_process
+from tests.support.processes import RARE_HANG, ROOT, loadgen_cmd, pin, run_loadgen, stop_process
 from tests.support.timing import HostNoise, truth_percentiles
 
 pytestmark = pytest.mark.integration
@@ -186,6 +186,7 @@ def test_a_worker_stopped_on_its_host_leaves_cleanly_and_the_other_takes_over(ca
     assert any("a leaving worker's" in reason for reason in summary["generator"]["reasons"])
 
 
+@RARE_HANG
 def test_stop_on_worker_loss_ends_the_run_with_exit_3(calibration_server, tmp_path) -> None:
     server = calibration_server("--delay-ms", "5")
     code, stderr, master, (alive, dead), _ = run_and_kill_one(

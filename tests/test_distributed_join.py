@@ -20,7 +20,7 @@ import pytest
 
 from loadgen.sinks.hlog import read_hlog
 from tests.support.distributed import Master, requests_of, shipped, start_worker, worker_entry
-from tests.support.processes import stop_process
+from tests.support.processes import RARE_HANG, stop_process
 
 pytestmark = pytest.mark.integration
 
@@ -51,6 +51,7 @@ def _join_two_seconds_in(master: Master, debug: Path, duration_s: float) -> tupl
     return first, second, joined
 
 
+@RARE_HANG
 def test_a_worker_joining_mid_run_takes_half_of_the_rest_of_the_schedule(calibration_server, tmp_path) -> None:
     server = calibration_server("--delay-ms", "5")
     debug = tmp_path / "shipped"

@@ -21,6 +21,7 @@ from loadgen.protocols.common.http1 import (
     build_request,
 )
 from servers.core.http1 import HttpError, RequestParser
+from tests.support.processes import RARE_HANG
 from tests.support.timing import HostNoise
 
 
@@ -183,6 +184,7 @@ def test_refused_connection_is_connect() -> None:
     assert classify_exception(info.value) == "connect"
 
 
+@RARE_HANG
 def test_done_t_is_when_the_response_arrived_not_when_it_was_read(host_noise: HostNoise) -> None:
     # The generator may be busy (or descheduled) when a response arrives: that delay is its own,
     # not the server's, and the kernel's receive timestamp keeps it out of the measurement.

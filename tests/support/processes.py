@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 """The repository root: servers and loadgen run from here."""
@@ -115,3 +116,9 @@ def run_loadgen(*args: str, out: Path, timeout: float = 120.0, verb: str = "run"
             proc.kill()
             proc.wait()
     return LoadgenRun(proc.returncode, stdout, stderr, out)
+
+
+RARE_HANG = pytest.mark.flaky(reruns=1)
+"""One more run, for a test that failed once in several full runs on a noisy VM without an explanation yet
+(a worker silent for seconds, a master that did not stop, a receive timestamp missing): not a timing
+tolerance (those measure the host's noise instead), and to be removed once the cause is found."""
