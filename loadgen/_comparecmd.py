@@ -17,7 +17,6 @@ Imported only by the compare verb: importing locust monkey-patches the process w
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from contextlib import nullcontext
@@ -40,7 +39,7 @@ from loadgen.protocols import make_client
 from loadgen.protocols.base import TargetOptions
 from loadgen.protocols.common.kserve import KServeOptions, TensorClient
 from loadgen.scenario import Scenario, load_scenario
-from loadgen.serverside import ServerMetrics, server_figures
+from loadgen.serverside import ServerMetrics, server_figures, usd_per_million
 from loadgen.slo import parse_slo
 
 __all__ = ["CompareSpec", "run_compare"]
@@ -83,12 +82,6 @@ def _model_bytes(repository: str | None, model: str) -> int | None:
     return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
 
 
-def _cost_per_million(cost_per_hour: float | None, inferences_per_s: float | None) -> float | None:
-    if cost_per_hour is None or not inferences_per_s:
-        return None
-    return round(cost_per_hour / 3600.0 / inferences_per_s * 1e6, 6)
-
-
 def _from_summary(variant: Variant, summary: dict[str, Any]) -> None:
     accuracy = summary.get("accuracy")
     if accuracy:
@@ -125,8 +118,7 @@ def _sweep_variant(base_overrides: dict[Any, Any], path: Path | None, variant: V
                    spec: CompareSpec, distributed: DistributedOptions | None) -> None:
     assert spec.sweep is not None
     overrides = {**base_overrides, ("target", "model"): variant.model, ("output", "dir"): str(out)}
-    sweep_spec = dataclasses.replace(spec.sweep, server_metrics=spec.server_metrics, cost_per_hour=spec.cost_per_hour)
-    code = run_sweep(path, overrides, sweep_spec, distributed=distributed)
+    code = run_sweep(path, overrides, spec.sweep, distributed=distributed)
     document = json.loads((out / "sweep.json").read_text(encoding="utf-8"))
     if code == 130 or document.get("interrupted"):
         raise KeyboardInterrupt
@@ -254,4 +246,4 @@ def _finish(variant: Variant, spec: CompareSpec) -> None:
         variant.memory_mb = round(sum(variant.memory.values()) / 2**20, 3)
     variant.energy_j_per_inference = server.get("energy_j_per_inference")
     inferences = variant.saturation_rps if variant.saturation_rps is not None else variant.achieved_inferences_per_s
-    variant.cost_per_million = _cost_per_million(spec.cost_per_hour, inferences)
+    variant.cost_per_million = usd_per_million(spec.cost_per_hour, inferences) if spec.cost_per_hour else None

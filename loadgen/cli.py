@@ -18,6 +18,7 @@ from loadgen.flags import Flag
 from loadgen.options import compare_flags, load_command, run_flags, scenario_overrides, sweep_flags
 
 if TYPE_CHECKING:
+    from loadgen._sweepcmd import SweepSpec
     from loadgen.driver.distributed import DistributedOptions
 
 app = typer.Typer(
@@ -127,29 +128,36 @@ def sweep(scenario: Path | None, values: dict[str, Any]) -> None:
     and a first capacity estimate, and an adaptive open-loop search starts from there.
     Exit 0 when some healthy step met the SLO (or there is none), 1 when none did, 2 on bad input.
     """
+    spec = _sweep_spec(values, values["users"])
+    overrides = _overrides(_SWEEP_FLAGS, values)
+    distributed = _distributed(values)
+    from loadgen._sweepcmd import run_sweep  # imports locust: only for verbs that send load
+
+    try:
+        code = run_sweep(scenario, overrides, spec, distributed=distributed)
+    except LoadgenError as exc:
+        _fail(exc)
+    raise typer.Exit(code)
+
+
+def _sweep_spec(values: dict[str, Any], users: str | None) -> SweepSpec:
+    """The sweep's plan and step flags (`users`: the --users list or range, None for compare) as a
+    SweepSpec; bad values are an input error (exit 2)."""
+    from loadgen._sweepcmd import SweepSpec  # imports locust: only for verbs that send load
     from loadgen.units import parse_duration
 
     try:
         step_s, warmup_s = parse_duration(values["step_duration"]), parse_duration(values["warmup"])
     except ValueError as exc:
         _fail(ScenarioError([f"--step-duration/--warmup: {exc}"], "flags"))
-    overrides = _overrides(_SWEEP_FLAGS, values)
-    distributed = _distributed(values)
-    from loadgen._sweepcmd import SweepSpec, run_sweep  # imports locust: only for verbs that send load
-
-    users_range = _user_range(values["users"])
-    spec = SweepSpec(
+    users_range = _user_range(users)
+    return SweepSpec(
         rates=_numbers(values["rates"], float, "--rates"),
-        users=() if users_range else _numbers(values["users"], int, "--users"),
+        users=() if users_range else _numbers(users, int, "--users"),
         users_range=users_range, start=values["start"], max=values["max_rate"], factor=values["factor"],
         increment=values["increment"], fixed=values["fixed"], step_duration_s=step_s, warmup_s=warmup_s,
         server_metrics=values["server_metrics"], cost_per_hour=values["cost_per_hour"],
     )
-    try:
-        code = run_sweep(scenario, overrides, spec, distributed=distributed)
-    except LoadgenError as exc:
-        _fail(exc)
-    raise typer.Exit(code)
 
 
 _COMPARE_FLAGS = compare_flags()
@@ -177,18 +185,8 @@ def compare(scenario: Path | None, values: dict[str, Any]) -> None:
     overrides = _overrides(_COMPARE_FLAGS, values)
     distributed = _distributed(values)
     from loadgen._comparecmd import CompareSpec, run_compare  # imports locust: only for verbs that send load
-    from loadgen._sweepcmd import SweepSpec
-    from loadgen.units import parse_duration
 
-    sweep_spec = None
-    if values["sweep"]:
-        try:
-            step_s, warmup_s = parse_duration(values["step_duration"]), parse_duration(values["warmup"])
-        except ValueError as exc:
-            _fail(ScenarioError([f"--step-duration/--warmup: {exc}"], "flags"))
-        sweep_spec = SweepSpec(rates=_numbers(values["rates"], float, "--rates"), start=values["start"],
-                               max=values["max_rate"], factor=values["factor"], increment=values["increment"],
-                               fixed=values["fixed"], step_duration_s=step_s, warmup_s=warmup_s)
+    sweep_spec = _sweep_spec(values, None) if values["sweep"] else None
     spec = CompareSpec(models=tuple(m.strip() for m in values["models"].split(",")), sweep=sweep_spec,
                        reference=values["reference"],
                        server_metrics=values["server_metrics"], cost_per_hour=values["cost_per_hour"],

@@ -16,6 +16,7 @@ others are read by the verb itself. NOT_IN_SWEEP says, for each `run` flag a swe
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -186,14 +187,12 @@ def protocol_flags() -> tuple[Flag, ...]:
             if known != flag:
                 raise ValueError(f"protocols {owners[flag.name]} and {name} declare {flag.flag} differently")
             owners.setdefault(flag.name, []).append(name)
-    return tuple(Flag(flag.name, flag.type, f"{', '.join(owners[flag.name])}: {flag.help}", key=flag.key,
-                      to_scenario=flag.to_scenario, default=flag.default, decls=flag.decls,
-                      panel=_PROTOCOL_PANEL) for flag in flags.values())
+    return tuple(dataclasses.replace(flag, help=f"{', '.join(owners[flag.name])}: {flag.help}", panel=_PROTOCOL_PANEL)
+                 for flag in flags.values())
 
 
 def _with_protocol_help(flags: Sequence[Flag]) -> tuple[Flag, ...]:
-    return tuple(Flag(f.name, f.type, _protocol_help(), key=f.key, decls=f.decls) if f.name == "protocol" else f
-                 for f in flags)
+    return tuple(dataclasses.replace(f, help=_protocol_help()) if f.name == "protocol" else f for f in flags)
 
 
 def run_flags() -> tuple[Flag, ...]:

@@ -114,6 +114,13 @@ def parse_sample(text: str, model: str, t: float) -> Sample:
     return sample
 
 
+def usd_per_million(cost_per_hour: float, inferences_per_s: float | None) -> float | None:
+    """Dollars per million inferences of a server costing `cost_per_hour` at `inferences_per_s`."""
+    if not inferences_per_s:
+        return None
+    return round(cost_per_hour / (inferences_per_s * 3600) * 1e6, 6)
+
+
 def server_figures(before: Sample | None, after: Sample | None,
                    cost_per_hour: float | None = None) -> dict[str, Any] | None:
     """What the server did between two samples, per request and per inference; None without both."""
@@ -164,6 +171,5 @@ def server_figures(before: Sample | None, after: Sample | None,
         figures["energy_source"] = "cpu packages (RAPL)"
     if cost_per_hour is not None:
         figures["cost_per_hour"] = cost_per_hour
-        per_hour = inferences / seconds * 3600
-        figures["usd_per_million_inferences"] = round(cost_per_hour / per_hour * 1e6, 6) if per_hour else None
+        figures["usd_per_million_inferences"] = usd_per_million(cost_per_hour, inferences / seconds)
     return figures

@@ -105,10 +105,11 @@ class SelfCheck:
 
     def as_json(self) -> dict[str, Any]:
         """summary.json's `generator`, and what a worker ships to its master."""
+        findings = self.findings
         data: dict[str, Any] = {
-            "bound": self.bound,
-            "reasons": self.reasons,
-            "findings": [{"kind": kind, "text": text} for kind, text in self.findings],
+            "bound": bool(findings),
+            "reasons": [finding.text for finding in findings],
+            "findings": [{"kind": kind, "text": text} for kind, text in findings],
             "lag_ms": self.lag_ms,
             "max_lag_ms": self.max_lag_ms,
             "dropped": self.dropped,

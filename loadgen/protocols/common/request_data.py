@@ -135,9 +135,7 @@ def score(values: np.ndarray, label: int) -> tuple[int, int]:
     >>> score(np.array([[0.1, 0.9], [0.8, 0.2]]), 1)
     (2, 1)
     """
-    rows = np.asarray(values, dtype=np.float64)
-    rows = rows.reshape(1, -1) if rows.ndim <= 1 else rows.reshape(rows.shape[0], -1)
-    predicted = rows.argmax(axis=1)
+    predicted = _rows(values).argmax(axis=1)
     return int(predicted.size), int(np.count_nonzero(predicted == label))
 
 
@@ -148,8 +146,7 @@ def agree(values: np.ndarray, reference: np.ndarray) -> tuple[int, int, int]:
     >>> agree(np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([1.0, 0.0]))
     (2, 1, 1000000)
     """
-    rows = np.asarray(values, dtype=np.float64)
-    rows = rows.reshape(1, -1) if rows.ndim <= 1 else rows.reshape(rows.shape[0], -1)
+    rows = _rows(values)
     want = np.asarray(reference, dtype=np.float64).reshape(-1)
     if rows.shape[1] != want.size:
         return int(rows.shape[0]), 0, 0
@@ -157,6 +154,12 @@ def agree(values: np.ndarray, reference: np.ndarray) -> tuple[int, int, int]:
     cosine = np.divide(rows @ want, norms, out=np.zeros(rows.shape[0]), where=norms > 0)
     same = np.count_nonzero(rows.argmax(axis=1) == want.argmax())
     return int(rows.shape[0]), int(same), int(np.rint(cosine * 1e6).sum())
+
+
+def _rows(values: np.ndarray) -> np.ndarray:
+    """An output as [rows, values]: one row per leading index (a 1-D output is one row)."""
+    rows = np.asarray(values, dtype=np.float64)
+    return rows.reshape(1, -1) if rows.ndim <= 1 else rows.reshape(rows.shape[0], -1)
 
 
 def read_references(path: str) -> list[np.ndarray]:
