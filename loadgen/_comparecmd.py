@@ -8,7 +8,9 @@ and better in one): on accuracy vs p99 latency, and on accuracy vs throughput.
 
 Every figure is measured in this command: accuracy from the answers of the run (top-1 against
 --labels), latency and throughput from the run's histograms, the server-side figures (energy, GPU
-memory, $ per million) from the server's own metrics scraped around each variant's run. A variant
+memory, $ per million) from the server's own metrics scraped around each variant's run. A swept
+variant shows its saturation throughput beside the latency and throughput of its knee step (the
+highest load it kept up with), and its accuracy over every step's answers. A variant
 that cannot be run (not ready, an input error, every answer invalid) is reported as failed with the
 reason, and the others still run.
 
@@ -29,7 +31,7 @@ import locust  # noqa: F401  (gevent monkey-patching must come before the other 
 import numpy as np
 
 from loadgen._runcmd import write_outputs
-from loadgen._sweepcmd import SweepSpec, run_sweep
+from loadgen._sweepcmd import SweepSpec, run_sweep, step_pattern
 from loadgen.compare import Variant, mark_pareto, render_compare, write_compare
 from loadgen.driver.distributed import DistributedOptions
 from loadgen.driver.master import open_cluster
@@ -127,7 +129,7 @@ def _sweep_variant(base_overrides: dict[Any, Any], path: Path | None, variant: V
     if not steps:
         variant.status, variant.error = "failed", f"the sweep ran no step ({document.get('plan')})"
         return
-    best = max(steps, key=lambda summary: summary["achieved_rps"])
+    best = _at_knee(document, steps)
     _from_summary(variant, best)
     scored = sum(s.get("accuracy", {}).get("scored", 0) for s in steps)
     correct = sum(s.get("accuracy", {}).get("correct", 0) for s in steps)
@@ -138,19 +140,29 @@ def _sweep_variant(base_overrides: dict[Any, Any], path: Path | None, variant: V
     variant.server = best.get("server")
 
 
+def _at_knee(document: dict[str, Any], steps: list[dict[str, Any]]) -> dict[str, Any]:
+    """The step whose latency and throughput a swept variant shows: its knee (the highest load it still
+    kept up with: the figures a user would serve at), else its highest-throughput step. Past the knee
+    the latency is queueing that grows with the step's length, not the variant's."""
+    knee = (document.get("knee") or {}).get("step")
+    numbered = dict(zip((step["step"] for step in document["steps"]), steps))
+    return numbered.get(knee) or max(steps, key=lambda summary: summary["achieved_rps"])
+
+
 def run_compare(path: Path | None, overrides: dict[Any, Any], spec: CompareSpec, *,
                 distributed: DistributedOptions | None = None, quiet: bool = False) -> int:
     """Run every variant, write compare.json and compare.csv, print the table. Returns the exit code:
     0, 1 when --slo was met by no variant, 2 when no variant could be run, 130 when interrupted."""
     spec.check()
-    first = load_scenario(path, {**overrides, ("target", "model"): spec.models[0]})
+    pattern = step_pattern(path, spec.sweep) if spec.sweep is not None else {}
+    first = load_scenario(path, {**overrides, **pattern, ("target", "model"): spec.models[0]})
     out = Path(first.output.dir) if first.output.dir else \
         Path("runs") / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-compare"
     overrides = {key: value for key, value in overrides.items() if key != ("output", "dir")}
     if spec.reference is not None:
         if ("target", "labels") in overrides:
             raise ScenarioError(["--reference and --labels: give one (what answers are scored against)"], "flags")
-        reference = _reference_outputs(load_scenario(path, {**overrides, ("target", "model"): spec.reference}),
+        reference = _reference_outputs(load_scenario(path, {**overrides, **pattern, ("target", "model"): spec.reference}),
                                        out / "reference_outputs.json")
         overrides[("target", "reference_outputs")] = str(reference)
     variants = [Variant(model=model, dir=model) for model in spec.models]

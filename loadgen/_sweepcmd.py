@@ -65,7 +65,7 @@ from loadgen.sweep.step import (
 )
 from loadgen.sweep.verdict import verdict
 
-__all__ = ["LINGER_S", "Probe", "SweepSpec", "run_sweep"]
+__all__ = ["LINGER_S", "Probe", "SweepSpec", "run_sweep", "step_pattern"]
 
 LINGER_S = 15.0
 """Longest wait, after the last step, for one more scrape of the sweep's /metrics (Prometheus's default
@@ -341,6 +341,15 @@ def _default_out(base: Scenario) -> Path:
     return Path("runs") / f"{stamp}-{base.target.model}-sweep"
 
 
+def step_pattern(path: Path | None, spec: SweepSpec) -> dict[tuple[str, str], Any]:
+    """The pattern keys that make a sweep's base scenario valid before any load is chosen: one user or
+    1 req/s (each step sets its own), with the step's duration."""
+    file_closed = path is not None and "closed_loop" in read_scenario_file(path)
+    closed_plan = bool(spec.users or spec.users_range) or (not spec.given and file_closed)
+    key = ("closed_loop", "users") if closed_plan else ("open_loop", "rate")
+    return {key: 1, ("open_loop", "duration"): spec.step_duration_s}
+
+
 def run_sweep(path: Path | None, overrides: dict[Any, Any], spec: SweepSpec, *,
               distributed: DistributedOptions | None = None) -> int:
     """Run the sweep, write its files, print a line per step and the verdict. Returns the exit code.
@@ -349,10 +358,7 @@ def run_sweep(path: Path | None, overrides: dict[Any, Any], spec: SweepSpec, *,
     from half the capacity estimate up to PROBE_HEADROOM times it; a closed-loop one is searched over
     1..AUTO_MAX_USERS users."""
     spec.check()
-    file_closed = path is not None and "closed_loop" in read_scenario_file(path)
-    closed_plan = bool(spec.users or spec.users_range) or (not spec.given and file_closed)
-    key = ("closed_loop", "users") if closed_plan else ("open_loop", "rate")
-    base = load_scenario(path, {**overrides, key: 1, ("open_loop", "duration"): spec.step_duration_s})
+    base = load_scenario(path, {**overrides, **step_pattern(path, spec)})
     out = Path(base.output.dir) if base.output.dir else _default_out(base)
     closed = not isinstance(base.pattern, OpenLoop)
     objectives = parse_slo(base.slo) if base.slo else None

@@ -115,3 +115,31 @@ def test_compare_against_a_reference_model(server: Server, digits_repository: Pa
     assert models["digits_cnn"]["accuracy"] == 1.0 and models["digits_cnn"]["mean_cosine"] == pytest.approx(1.0)
     assert models["digits_cnn_fp16"]["accuracy"] > 0.97 and models["digits_cnn_fp16"]["mean_cosine"] > 0.999
     assert models["digits_student"]["accuracy"] < models["digits_cnn_fp16"]["accuracy"]
+
+
+def test_compare_sweep_reports_saturation_and_the_knee_figures(tmp_path: Path) -> None:
+    """--sweep against a server of known capacity (one worker, 10 ms a request: 100 req/s): each variant
+    shows its sweep's saturation throughput and the latency of its knee step, not the queueing of the
+    overloaded step (which grows with the step's length)."""
+    server = start_server(["--service-ms", "10", "--workers", "1"])
+    try:
+        out = tmp_path / "swept"
+        run = run_loadgen("--target", server.url, "--models", "a", "--sweep", "--rates", "40,80,160",
+                          "--step-duration", "1s", "--warmup", "0.5s", out=out, verb="compare", timeout=120)
+    finally:
+        stop_process(server.proc)
+    assert run.returncode == 0, run.stderr
+    for entry in json.loads((out / "compare.json").read_text())["models"]:
+        sweep = json.loads((out / entry["model"] / "sweep.json").read_text())
+        assert entry["saturation_rps"] == sweep["saturation_rps"]
+        if sweep["saturation_step"] == 3:  # the overloaded step was healthy: it measured the capacity
+            assert 90 <= entry["saturation_rps"] <= 105, sweep["steps"]
+        knee = sweep["knee"]
+        if knee is None and sweep["generator_bound_steps"]:
+            pytest.skip(f"the host was too noisy to judge: steps {sweep['generator_bound_steps']} of "
+                        f"{entry['model']} were generator-bound ({[s['generator_reasons'] for s in sweep['steps']]})")
+        assert knee is not None and knee["load"] in (40, 80), sweep["steps"]
+        at_knee = json.loads((out / entry["model"] / sweep["steps"][knee["step"] - 1]["dir"] / "summary.json")
+                             .read_text())
+        assert entry["latency_ms"] == at_knee["latency_ms"] and entry["achieved_rps"] == at_knee["achieved_rps"]
+        assert entry["latency_ms"]["p99"] < 100  # the 160 req/s step queued for hundreds of ms
