@@ -17,7 +17,8 @@ from loadgen.driver.distributed import DistributedOptions
 from loadgen.driver.master import open_cluster
 from loadgen.driver.run import RunResult, execute
 from loadgen.errors import ScenarioError
-from loadgen.scenario import Scenario, load_scenario
+from loadgen.protocols import spec_of
+from loadgen.scenario import OpenLoop, Scenario, load_scenario
 from loadgen.serverside import ServerMetrics, server_figures
 from loadgen.sinks.hlog import write_hlog
 from loadgen.sinks.summary import build_summary, write_summary
@@ -45,6 +46,11 @@ def summarize(result: RunResult) -> dict[str, Any]:
         "warmup_requests": result.warmup_requests,
         "clock": {"start_monotonic_s": result.recorder.start_t, "start_epoch_s": result.start_epoch_s},
     }
+    trace = result.scenario.trace
+    if trace is not None:
+        assert isinstance(pattern, OpenLoop)
+        extra["trace"] = {**trace.describe(), "speedup": pattern.trace_speedup, "loop": pattern.trace_loop,
+                          "sizes_sent": trace.sized and spec_of(target.protocol).sized}
     if result.metrics_port is not None:
         extra["metrics_port"] = result.metrics_port
     if result.distributed is not None:
@@ -90,6 +96,7 @@ def run_and_report(path: Path | None, overrides: dict[Any, Any], *, quiet: bool 
     out_dir = Path(scenario.output.dir) if scenario.output.dir else _default_out(scenario)
     objectives = parse_slo(scenario.slo) if scenario.slo else None
     metrics = ServerMetrics(server_metrics, scenario.target.model) if server_metrics else None
+    _say_trace(scenario)
     with open_cluster(distributed) if distributed else nullcontext() as cluster:
         before = metrics.sample() if metrics else None
         result = execute(scenario, cluster)
@@ -110,6 +117,24 @@ def run_and_report(path: Path | None, overrides: dict[Any, Any], *, quiet: bool 
     if result.interrupted:
         return 130
     return 1 if objectives and not summary["slo"]["met"] else 0
+
+
+def _say_trace(scenario: Scenario) -> None:
+    """One line on the trace being replayed: its rows, span, speed-up, and what the protocol takes of it."""
+    trace = scenario.trace
+    if trace is None:
+        return
+    pattern = scenario.pattern
+    assert isinstance(pattern, OpenLoop)
+    sizes = ("each row's prompt and output tokens are sent" if spec_of(scenario.target.protocol).sized
+             else f"sizes mean nothing to {scenario.target.protocol}: only the instants are replayed") \
+        if trace.sized else "the trace gives no sizes"
+    loop = f", looped for {pattern.total_duration:g} s" if pattern.trace_loop else ""
+    print(f"trace: {trace.path} ({trace.format}): {len(trace)} rows over {trace.span_s:g} s, replayed "
+          f"x{pattern.trace_speedup:g}{loop}; {sizes}", file=sys.stderr)
+    if trace.sorted_rows:
+        print(f"warning: {trace.sorted_rows} rows of {trace.path} were out of time order and were sorted "
+              "(--trace-strict refuses such a trace)", file=sys.stderr)
 
 
 def _check_server_flags(server_metrics: str | None, cost_per_hour: float | None) -> None:

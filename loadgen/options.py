@@ -38,6 +38,7 @@ __all__ = [
     "RUN_LOAD",
     "SWEEP_PLAN",
     "TARGET",
+    "TRACE",
     "compare_flags",
     "load_command",
     "parse_headers",
@@ -90,8 +91,29 @@ RUN_LOAD = (
     Flag("duration", str | None, "e.g. 30s, 2m.", key=("open_loop", "duration")),
 )
 
+_TRACE = "Trace replay"
+
+TRACE = (
+    Flag("trace", Path | None, "Replay this trace's send instants (and each row's sizes where the protocol "
+         "has them: prompt and output tokens), open loop: JSONL/CSV with a timestamp column, or the Azure LLM, "
+         "Mooncake or BurstGPT formats.", key=("open_loop", "trace"), to_scenario=as_path_text, panel=_TRACE),
+    Flag("trace_format", str | None, "auto (default), jsonl, csv, azure, mooncake or burstgpt.",
+         key=("open_loop", "trace_format"), panel=_TRACE),
+    Flag("trace_speedup", float | None, "Replay N times faster (the instants are divided by N).",
+         key=("open_loop", "trace_speedup"), panel=_TRACE),
+    Flag("trace_loop", bool | None, "Repeat the trace until --duration.", key=("open_loop", "trace_loop"),
+         decls=("--trace-loop",), panel=_TRACE),
+    Flag("trace_time_unit", str | None, "Unit of a jsonl/csv trace's timestamp: s (default) or ms.",
+         key=("open_loop", "trace_time_unit"), panel=_TRACE),
+    Flag("trace_strict", bool | None, "Refuse rows out of time order (else they are sorted, with a count).",
+         key=("open_loop", "trace_strict"), decls=("--trace-strict",), panel=_TRACE),
+)
+
 PATTERN = (
-    Flag("arrival", str | None, "Open loop: constant or poisson.", key=("open_loop", "arrival")),
+    Flag("arrival", str | None, "Open loop: constant, poisson or gamma (see --burstiness).",
+         key=("open_loop", "arrival")),
+    Flag("burstiness", float | None, "Gamma arrivals: shape of the gaps (1: Poisson; < 1 burstier, > 1 more "
+         "even; the mean rate is kept).", key=("open_loop", "burstiness")),
     Flag("max_in_flight", int | None, "Open loop in-flight cap.", key=("open_loop", "max_in_flight")),
     Flag("think_time", str | None, "Closed loop: think time, e.g. 50ms.", key=("closed_loop", "think_time")),
     Flag("think", str | None, "Closed loop: none, constant or exponential.", key=("closed_loop", "think")),
@@ -173,6 +195,7 @@ NOT_IN_SWEEP = {
     "--users": "a sweep's --users is a list or range of user counts, not one count",
     "--duration": "each step runs --warmup + --step-duration",
     "--quiet": "a sweep prints a line a step and its verdict, never a table",
+    **{flag.flag: "a trace gives its own send instants: a sweep's steps set the rate" for flag in TRACE},
 }
 """`run` flags a sweep does not take, or takes with another meaning, and why."""
 
@@ -196,7 +219,8 @@ def _with_protocol_help(flags: Sequence[Flag]) -> tuple[Flag, ...]:
 
 
 def run_flags() -> tuple[Flag, ...]:
-    return (*_with_protocol_help(TARGET), *protocol_flags(), *RUN_LOAD, *PATTERN, *OUTPUT, QUIET, *DISTRIBUTED)
+    return (*_with_protocol_help(TARGET), *protocol_flags(), *RUN_LOAD, *TRACE, *PATTERN, *OUTPUT, QUIET,
+            *DISTRIBUTED)
 
 
 def sweep_flags() -> tuple[Flag, ...]:
@@ -208,7 +232,8 @@ def compare_flags() -> tuple[Flag, ...]:
     list is not taken: --users is run's, one count)."""
     target = tuple(flag for flag in _with_protocol_help(TARGET) if flag.name != "model")
     plan = tuple(flag for flag in SWEEP_PLAN if flag.name != "users")
-    return (*target, *COMPARE, *protocol_flags(), *RUN_LOAD, *PATTERN, *OUTPUT, QUIET, *plan, *DISTRIBUTED)
+    return (*target, *COMPARE, *protocol_flags(), *RUN_LOAD, *TRACE, *PATTERN, *OUTPUT, QUIET, *plan,
+            *DISTRIBUTED)
 
 
 def scenario_overrides(flags: Sequence[Flag], values: dict[str, Any]) -> dict[tuple[str, ...], Any]:

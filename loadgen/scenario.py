@@ -15,6 +15,11 @@ each naming its key, and the CLI turns them into exit code 2.
     duration = "30s"
     seed = 1
 
+An open loop may replay a trace instead of a rate (`trace = "requests.jsonl"`, with trace_format,
+trace_speedup, trace_loop, trace_time_unit, trace_strict; loadgen/patterns/trace.py): the trace is read
+and checked while the scenario is validated, so a bad row is reported (file and line) before anything
+is sent.
+
 CLI flags are applied on top of the file's values (`apply_overrides`) before validation, so a
 flag's value is checked by the same rules as the file's.
 
@@ -34,6 +39,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from loadgen.errors import ScenarioError
+from loadgen.patterns.trace import Trace, TraceError, read_trace
 from loadgen.protocols import DEFAULT_PROTOCOL, owners_of, protocols
 from loadgen.protocols.base import TargetOptions
 from loadgen.protocols.common.tokens import TokenCount
@@ -57,6 +63,10 @@ __all__ = [
     "read_scenario_file",
     "validate_scenario",
 ]
+
+TRACE_TAIL_S = 0.001
+"""A trace replayed once ends this long after its last row (the run window holds every row)."""
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -93,17 +103,36 @@ class Stage(_Strict):
 
 
 class OpenLoop(_Strict):
-    """Arrivals at intended times fixed in advance from the run start, whatever the server does."""
+    """Arrivals at intended times fixed in advance from the run start, whatever the server does: at a
+    rate (constant, Poisson or gamma arrivals; held or ramped by stages), or a trace's own instants."""
 
-    arrival: Literal["constant", "poisson"] = "constant"
+    arrival: Literal["constant", "poisson", "gamma"] = "constant"
     rate: float | None = Field(default=None, ge=0)
     duration: Duration | None = Field(default=None, gt=0)
     stages: list[Stage] = Field(default_factory=list)
     seed: int = 1
     max_in_flight: int = Field(default=2000, gt=0)
+    burstiness: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    """Gamma arrivals: the shape of the gaps (vLLM's burstiness): 1 is Poisson, below 1 burstier, above
+    1 more even; the mean rate stays `rate`."""
+    trace: str | None = None
+    """A trace file to replay (loadgen/patterns/trace.py): its rows' instants are the send instants."""
+    trace_format: Literal["auto", "jsonl", "csv", "azure", "mooncake", "burstgpt"] = "auto"
+    trace_speedup: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    """Replay this many times faster (the instants are divided by it)."""
+    trace_loop: bool = False
+    """Repeat the trace until `duration`."""
+    trace_time_unit: Literal["s", "ms"] = "s"
+    """Unit of a jsonl/csv trace's `timestamp` (Mooncake's are ms, BurstGPT's s, Azure's dates)."""
+    trace_strict: bool = False
+    """Refuse a trace whose rows are out of time order (else they are sorted, and counted)."""
 
     @model_validator(mode="after")
     def _shape(self) -> OpenLoop:
+        if self.burstiness != 1.0 and self.arrival != "gamma":
+            raise ValueError("burstiness is for arrival = \"gamma\"")
+        if self.trace is not None:
+            return self._trace_shape()
         if self.stages:
             if self.duration is not None:
                 raise ValueError("give either duration (with rate) or stages, not both")
@@ -114,10 +143,30 @@ class OpenLoop(_Strict):
                 raise ValueError("duration is required, e.g. duration = \"30s\"")
         return self
 
+    def _trace_shape(self) -> OpenLoop:
+        if self.rate or self.stages or self.arrival != "constant":
+            raise ValueError("a trace gives the send instants: no rate, stages or arrival with it")
+        if self.trace_loop and self.duration is None:
+            raise ValueError("trace_loop repeats the trace until duration: give a duration")
+        try:
+            self.trace_rows()
+        except TraceError as exc:
+            raise ValueError("; ".join(exc.problems)) from None
+        return self
+
+    def trace_rows(self) -> Trace | None:
+        """The trace's rows (read once per file and options), None without a trace."""
+        if self.trace is None:
+            return None
+        return read_trace(self.trace, self.trace_format, self.trace_time_unit, self.trace_strict)
+
     @property
     def total_duration(self) -> float:
         if self.stages:
             return sum(stage.duration for stage in self.stages)
+        if self.duration is None and self.trace is not None:
+            rows = self.trace_rows()
+            return rows.span_s / self.trace_speedup + TRACE_TAIL_S
         return float(self.duration or 0.0)
 
 
@@ -216,6 +265,11 @@ class Scenario(_Strict):
     def pattern(self) -> OpenLoop | ClosedLoop:
         return self.open_loop if self.open_loop is not None else self.closed_loop  # type: ignore[return-value]
 
+    @property
+    def trace(self) -> Trace | None:
+        """The rows of the trace this scenario replays, None when it replays none."""
+        return self.open_loop.trace_rows() if self.open_loop is not None else None
+
 
 def _describe(error: dict[str, Any], data: dict[str, Any]) -> str:
     loc = list(error["loc"])
@@ -296,7 +350,7 @@ def _path(key: str | tuple[str, ...]) -> tuple[str, ...]:
     return tuple(key.split(".", 1)) if isinstance(key, str) else key
 
 
-_PATTERN_KEYS = {"open_loop": {"rate", "arrival"}, "closed_loop": {"users", "think_time", "think"}}
+_PATTERN_KEYS = {"open_loop": {"rate", "arrival", "trace"}, "closed_loop": {"users", "think_time", "think"}}
 _SHARED_KEYS = {"duration", "seed"}
 
 

@@ -17,7 +17,7 @@ that joined), and hands each closed interval to `on_interval`, which ships it to
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import gevent
@@ -26,7 +26,7 @@ from gevent.event import Event
 
 from loadgen.driver.dispatcher import Dispatcher
 from loadgen.outcome import Outcome, StreamOutcome
-from loadgen.patterns.schedule import profile_of, schedule
+from loadgen.patterns.schedule import arrivals, profile_of, schedule
 from loadgen.protocols import spec_of
 from loadgen.protocols.base import Client
 from loadgen.recorder import Recorder
@@ -80,6 +80,8 @@ class LoadContext:
         self.on_outcome = self.record_stream if self.streams else self.record
         """Where each Outcome of the run goes."""
         self._profile = profile_of(self.pattern) if isinstance(self.pattern, OpenLoop) else None
+        self._sized = scenario.trace is not None and spec_of(scenario.target.protocol).sized
+        """Each arrival is sent with its trace row (the client built a request per row)."""
 
     # -- clocks ---------------------------------------------------------------------------------
     def begin(self, start_t: float | None = None) -> None:
@@ -190,7 +192,7 @@ class LoadContext:
     def run_open_loop(self) -> None:
         """Dispatch the whole open-loop schedule (blocks until it ends or is stopped)."""
         self.dispatcher = self._dispatcher()
-        self.dispatcher.run(self.start_t, schedule(self.pattern, share=self.share, start_s=self.share_start_s))
+        self.dispatcher.run(self.start_t, self._arrivals(self.share, self.share_start_s))
 
     def take_over(self, share: tuple[int, int], start_s: float, end_s: float | None = None) -> Callable[[], None]:
         """A dispatcher for `share` of the schedule from `start_s` on (until `end_s`), beside this process's
@@ -201,8 +203,15 @@ class LoadContext:
         if end_s is not None:
             dispatcher.end_at(self.start_t + end_s)
         self.takeovers.append(dispatcher)
-        arrivals = schedule(self.pattern, share=share, start_s=start_s)
+        arrivals = self._arrivals(share, start_s)
         return lambda: dispatcher.run(self.start_t, arrivals)
+
+    def _arrivals(self, share: tuple[int, int], start_s: float) -> Iterator[Any]:
+        """The share's chunks of the schedule: with each arrival's trace row when the client takes rows."""
+        assert isinstance(self.pattern, OpenLoop)
+        if self._sized:
+            return arrivals(self.pattern, share=share, start_s=start_s)
+        return schedule(self.pattern, share=share, start_s=start_s)
 
     def end_dispatching_at(self, end_s: float) -> None:
         """Leave every arrival from `end_s` seconds into the run on to other dispatchers: each share this

@@ -116,7 +116,8 @@ class _TimerAlarm:
 
 
 class Dispatcher:
-    """Walks `schedule` from `start_t`, calling `send(intended_t)` in a greenlet per arrival.
+    """Walks `schedule` from `start_t`, calling `send(intended_t)` in a greenlet per arrival
+    (`send(intended_t, row)` for a schedule of (offsets, rows) chunks: a trace's rows).
 
     `on_outcome` receives every Outcome; `on_dropped` every intended time that was dropped;
     `on_unsent` the count of arrivals left unsent when it was stopped (once, when it returns).
@@ -125,7 +126,7 @@ class Dispatcher:
 
     def __init__(
         self,
-        send: Callable[[float], Outcome],
+        send: Callable[..., Outcome],
         on_outcome: Callable[[Outcome], None],
         on_dropped: Callable[[float], None],
         max_in_flight: int,
@@ -165,8 +166,9 @@ class Dispatcher:
         if self._alarm is not None and self._waiting_for >= self._end_t:
             self._alarm.set(self._end_t)  # waiting for an arrival that is no longer ours: stop waiting
 
-    def run(self, start_t: float, schedule: Iterable[np.ndarray]) -> None:
-        """Dispatch every arrival of `schedule` (offsets in seconds) unless stopped first.
+    def run(self, start_t: float, schedule: Iterable[np.ndarray | tuple[np.ndarray, np.ndarray]]) -> None:
+        """Dispatch every arrival of `schedule` (chunks of offsets in seconds, or of (offsets, rows): each
+        arrival is then sent with its row) unless stopped first.
 
         However it returns (stopped, or its greenlet killed: a kill counts as a stop at that instant),
         the arrivals it had not reached that were due by the stop are counted as unsent.
@@ -179,8 +181,10 @@ class Dispatcher:
         handled = 0  # arrivals[:handled] were started or dropped
         try:
             for chunk in chunks:
-                arrivals, handled = (start_t + chunk).tolist(), 0
-                for intended_t in arrivals:
+                offsets, rows = chunk if isinstance(chunk, tuple) else (chunk, None)
+                arrivals, handled = (start_t + offsets).tolist(), 0
+                each_row = rows.tolist() if rows is not None else [None] * len(arrivals)
+                for intended_t, row in zip(arrivals, each_row):
                     if intended_t >= self._end_t or self._stop.is_set():
                         return
                     wait = intended_t - now()
@@ -193,7 +197,7 @@ class Dispatcher:
                                 return
                         spin_until(intended_t)  # never early, even by microseconds
                     handled += 1
-                    self._start(intended_t)
+                    self._start(intended_t, row)
         finally:
             self._alarm = None
             alarm.close()
@@ -207,15 +211,16 @@ class Dispatcher:
         count = sum(1 for intended_t in rest if intended_t < limit)
         if not rest or rest[-1] < limit:
             for chunk in chunks:
-                due = int(np.count_nonzero(start_t + chunk < limit))
+                offsets = chunk[0] if isinstance(chunk, tuple) else chunk
+                due = int(np.count_nonzero(start_t + offsets < limit))
                 count += due
-                if due < len(chunk):
+                if due < len(offsets):
                     break
         self.unsent += count
         if count and self._on_unsent is not None:
             self._on_unsent(count)
 
-    def _start(self, intended_t: float) -> None:
+    def _start(self, intended_t: float, row: int | None) -> None:
         if self.in_flight >= self.max_in_flight:
             self._on_dropped(intended_t)
             return
@@ -227,11 +232,11 @@ class Dispatcher:
         hub = get_hub()
         request = greenlet(self._one, parent=hub)
         hub.loop.run_callback(getcurrent().switch)
-        request.switch(intended_t)
+        request.switch(intended_t, row)
 
-    def _one(self, intended_t: float) -> None:
+    def _one(self, intended_t: float, row: int | None) -> None:
         try:
-            self._on_outcome(self._send(intended_t))
+            self._on_outcome(self._send(intended_t) if row is None else self._send(intended_t, row))
         except BaseException:  # noqa: BLE001 - an error here must not reach the hub
             get_hub().handle_error(getcurrent(), *sys.exc_info())
         finally:

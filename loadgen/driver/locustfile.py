@@ -38,7 +38,7 @@ def _on_init(environment, **_kwargs) -> None:
     scenario = load_scenario(options.scenario, overrides)
     pattern = scenario.pattern
     is_open = isinstance(pattern, OpenLoop)
-    client = make_client(scenario.target, pattern.seed)
+    client = make_client(scenario.target, pattern.seed, trace=scenario.trace)
     client.prepare()
     environment.loadgen = LoadContext(scenario, client, environment)
     chosen = OpenLoopUser if is_open else ClosedLoopUser

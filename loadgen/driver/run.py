@@ -101,7 +101,7 @@ def _execute(scenario: Scenario) -> RunResult:
     """
     pattern = scenario.pattern
     is_open = isinstance(pattern, OpenLoop)
-    client = make_client(scenario.target, seed=pattern.seed)
+    client = make_client(scenario.target, seed=pattern.seed, trace=scenario.trace)
     metadata = client.prepare()
 
     environment = Environment(user_classes=[OpenLoopUser if is_open else ClosedLoopUser], events=Events())

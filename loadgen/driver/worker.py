@@ -89,7 +89,7 @@ class _WorkerRun:
     # -- SETUP ----------------------------------------------------------------------------------
     def prepare(self) -> dict[str, Any]:
         """Check the target and warm it up (the client's prepare), as a single-process run does."""
-        client = make_client(self.scenario.target, seed=self.seed)
+        client = make_client(self.scenario.target, seed=self.seed, trace=self.scenario.trace)
         metadata = client.prepare()
         self.ctx = LoadContext(self.scenario, client, self.agent.environment, seed=self.seed)
         self.agent.environment.loadgen = self.ctx

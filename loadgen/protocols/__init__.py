@@ -15,6 +15,7 @@ import pkgutil
 from functools import cache
 from importlib.metadata import entry_points
 
+from loadgen.patterns.trace import Trace
 from loadgen.protocols.base import Client, ProtocolSpec, TargetOptions
 
 __all__ = ["DEFAULT_PROTOCOL", "make_client", "owners_of", "protocol_names", "protocols", "spec_of"]
@@ -50,9 +51,14 @@ def spec_of(name: str) -> ProtocolSpec:
         raise ValueError(f"unknown protocol {name!r}; known: {', '.join(protocols())}") from None
 
 
-def make_client(target: TargetOptions, seed: int = 0) -> Client:
-    """The client of `target`'s protocol (not yet prepared)."""
-    return spec_of(target.protocol).client(target, seed)
+def make_client(target: TargetOptions, seed: int = 0, trace: Trace | None = None) -> Client:
+    """The client of `target`'s protocol (not yet prepared); with a trace to replay, a sized protocol's
+    client builds its requests from the trace's rows."""
+    spec = spec_of(target.protocol)
+    client = spec.client(target, seed)
+    if trace is not None and spec.sized:
+        client.use_trace(trace)
+    return client
 
 
 def owners_of(key: str) -> list[str]:

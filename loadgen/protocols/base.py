@@ -32,12 +32,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from loadgen.errors import ProtocolMismatch
 from loadgen.flags import Flag
 from loadgen.outcome import Outcome, StreamOutcome
+from loadgen.patterns.trace import Trace
 from loadgen.units import Duration
 
 __all__ = [
     "WARMUP_REQUESTS",
     "Client",
     "ProtocolSpec",
+    "SizedClient",
     "StreamingClient",
     "TargetOptions",
     "existing_file",
@@ -149,6 +151,19 @@ class ProtocolSpec:
     streams: bool = False
     summary: str = ""
     """One line for --help: what it speaks and to what."""
+    sized: bool = False
+    """Its client is a SizedClient: a trace replay sends each row's own sizes (prompt and output tokens)."""
+
+
+class SizedClient(Client, Protocol):
+    """A client whose requests take a trace row's sizes (protocols whose ProtocolSpec says `sized`)."""
+
+    def use_trace(self, trace: Trace) -> None:
+        """Before prepare(): build one request per row of `trace` from its sizes (a row without a size
+        takes the options' value) instead of the options' pool."""
+
+    def send(self, intended_t: float, row: int | None = None) -> Outcome:
+        """Send the request of trace row `row` (the next of the pool when None)."""
 
 
 def warm_up(client: Client, what: str, tolerated: Collection[str] = ("invalid_response",),
