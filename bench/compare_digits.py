@@ -3,7 +3,8 @@
 make-repo trains the digits CNN and writes its variants (fp16, bf16, int8 dynamic and static, ONNX
 fp32 and int8, pruned 50 % and 90 %, a distilled student); the Triton-compatible server serves them on
 one core (core 1) and `loadgen compare --sweep --slo "p99<SLO"` on the other core sweeps each to its
-saturation, scoring every answer against the test labels. Printed per variant, beside its own figures:
+saturation, scoring every answer against the test labels. Each request carries --batch-size digits
+(default 16), so the server's work per request is the model's, not its HTTP handling. Printed per variant, beside its own figures:
   speed-up at the SLO   its highest throughput meeting the p99 SLO / fp32's (a step counts only when
                         the generator was healthy)
   saturation ratio      its saturation throughput / fp32's
@@ -60,6 +61,9 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=300.0, help="--quick: the rate of each run")
     parser.add_argument("--slo-ms", type=float, default=5.0, help="the p99 SLO of the sweeps")
     parser.add_argument("--step-duration", default="3s")
+    parser.add_argument("-b", "--batch-size", type=int, default=16,
+                        help="digits a request carries: a digit costs the server microseconds, so with one a "
+                             "request the generator's per-request cost would be measured, not the model")
     args = parser.parse_args()
     if len(os.sched_getaffinity(0)) < 2:
         raise SystemExit("needs two cores: the server on one, the generator on the other")
@@ -77,6 +81,7 @@ def main() -> int:
                    "--input-data", str(repository / "_data" / "digits_test.json"),
                    "--labels", str(repository / "_data" / "digits_test_labels.json"),
                    "--model-repository", str(repository), "--slo", f"p99<{args.slo_ms:g}ms", *load,
+                   "-b", str(args.batch_size),
                    "--out", str(out)]
         run = subprocess.Popen(command, cwd=ROOT)
         os.sched_setaffinity(run.pid, {0})
@@ -115,7 +120,7 @@ def main() -> int:
                        for c, w in zip(cells, (8, 9, 9, 9, 7, 9, 7, 7, 7)))
         print(f"{name:<24}{text}" + ("  GENERATOR-BOUND" if row["generator_bound"] else ""))
     result = {"machine": platform.platform(), "cpus": os.cpu_count(), "load": os.getloadavg(),
-              "quick": args.quick, "slo_p99_ms": args.slo_ms, "rows": rows, "compare_folder": str(out)}
+              "quick": args.quick, "batch_size": args.batch_size, "slo_p99_ms": args.slo_ms, "rows": rows, "compare_folder": str(out)}
     (ROOT / "bench" / "results" / "compare_digits.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nload average {os.getloadavg()[0]:.1f} (a shared host moves every figure); "
           "results in bench/results/compare_digits.json")

@@ -120,6 +120,7 @@ def _sweep_variant(base_overrides: dict[Any, Any], path: Path | None, variant: V
                    spec: CompareSpec, distributed: DistributedOptions | None) -> None:
     assert spec.sweep is not None
     overrides = {**base_overrides, ("target", "model"): variant.model, ("output", "dir"): str(out)}
+    variant.memory = _memory_usage(load_scenario(path, {**overrides, **step_pattern(path, spec.sweep)}).target)
     code = run_sweep(path, overrides, spec.sweep, distributed=distributed)
     document = json.loads((out / "sweep.json").read_text(encoding="utf-8"))
     if code == 130 or document.get("interrupted"):

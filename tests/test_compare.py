@@ -143,3 +143,4 @@ def test_compare_sweep_reports_saturation_and_the_knee_figures(tmp_path: Path) -
                              .read_text())
         assert entry["latency_ms"] == at_knee["latency_ms"] and entry["achieved_rps"] == at_knee["achieved_rps"]
         assert entry["latency_ms"]["p99"] < 100  # the 160 req/s step queued for hundreds of ms
+        assert entry["memory_mb"] is None  # the calibration server reports no memory_usage

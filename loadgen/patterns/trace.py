@@ -72,6 +72,8 @@ class Trace:
     """Mooncake's prefix-block ids of each row (rows sharing ids share a prompt prefix)."""
     sorted_rows: int
     """Rows that were out of time order and were sorted into place."""
+    lines: np.ndarray
+    """Each row's line in the file (to name a row that cannot be sent)."""
 
     def __len__(self) -> int:
         return len(self.times_s)
@@ -303,4 +305,5 @@ def _assemble(path: str, fmt: str, rows: list[_Row], time_unit: str, strict: boo
     return Trace(path=path, format=fmt, times_s=times - times[0],
                  input_tokens=np.array([row.input_tokens for row in rows], dtype=np.int64),
                  output_tokens=np.array([row.output_tokens for row in rows], dtype=np.int64),
-                 models=models, hash_ids=ids, sorted_rows=moved)
+                 models=models, hash_ids=ids, sorted_rows=moved,
+                 lines=np.array([row.line for row in rows], dtype=np.int64))
