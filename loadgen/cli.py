@@ -273,6 +273,13 @@ _SERVE = (
      """OpenAI-compatible streaming server whose time to first token (--ttft-ms) and inter-token
     latency (--itl-ms) are exact: the ground truth for `loadgen run --protocol openai`. See --help
     of the server."""),
+    ("llm-sim", "servers.llm_sim.__main__",
+     ("Example: loadgen serve llm-sim --port 8000 --max-batch 32 --prefill-ms-per-token 0.1 --decode-ms 12 "
+      "--decode-ms-per-seq 0.2 --kv-tokens 65536"),
+     """OpenAI-compatible server simulating a continuous-batching LLM engine (FIFO queue, --max-batch,
+    --kv-tokens budget, step time --decode-ms + --decode-ms-per-seq per sequence + --prefill-ms-per-token
+    per admitted prompt token): TTFT, ITL and saturation follow exactly from the flags; GET /sim/log gives
+    each request's instants. See --help of the server."""),
     ("make-repo", "servers.models.make_repo",
      "Example: loadgen serve make-repo ./models && loadgen serve triton --model-repository ./models",
      """Write a Triton model repository of the built-in models (TorchScript, ONNX, Python backend),

@@ -5,6 +5,7 @@
     python -m servers calibration --port 8000 --delay-ms 20
     python -m servers torchserve --model-store ./store --models mlp=mlp.mar
     python -m servers openai-mock --port 8000 --ttft-ms 30 --itl-ms 10
+    python -m servers llm-sim --port 8000 --max-batch 32 --decode-ms 12
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-_USAGE = ("usage: python -m servers {triton,torchserve,openai-mock,calibration,make-repo} [ARGS...] "
+_USAGE = ("usage: python -m servers {triton,torchserve,openai-mock,llm-sim,calibration,make-repo} [ARGS...] "
           "(--help after a command for its flags)")
 
 
@@ -30,6 +31,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from servers.torchserve.__main__ import main as run
     elif command == "openai-mock":
         from servers.openai_mock.__main__ import main as run
+    elif command == "llm-sim":
+        from servers.llm_sim.__main__ import main as run
     elif command == "make-repo":
         from servers.models.make_repo import main as run
     else:

@@ -155,7 +155,7 @@ def test_slo_verdict_sets_the_exit_code(calibration_server, host_noise: HostNois
     assert bad.returncode == 2 and "slo" in bad.stderr
 
 
-@pytest.mark.parametrize("command", ["triton", "torchserve", "openai-mock", "calibration", "make-repo"])
+@pytest.mark.parametrize("command", ["triton", "torchserve", "openai-mock", "llm-sim", "calibration", "make-repo"])
 def test_python_m_servers_knows_every_server(command: str) -> None:
     done = subprocess.run([sys.executable, "-m", "servers", command, "--help"], cwd=ROOT, capture_output=True,
                           text=True, timeout=60, check=False)

@@ -12,18 +12,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import os
-import signal
 import sys
-import threading
 from collections.abc import Callable, Sequence
 
 from loadgen.lowlevel.keepawake import KeepAwake
 from loadgen.lowlevel.precise_timer import PreciseScheduler
-from loadgen.lowlevel.timerfd import reduce_timer_slack
 from servers.openai_mock._app import DEFAULT_MODEL, MockApp, MockConfig
-from servers.openai_mock._server import ServerContext, run_server
+from servers.openai_mock._server import ServerContext, print_listening, run_server, serve_until_signal
 
 ReadyCallback = Callable[[str, int], None]
 _FLAGS = {"ttft_ms": "--ttft-ms", "itl_ms": "--itl-ms", "max_tokens_limit": "--max-tokens-limit",
@@ -36,39 +32,17 @@ def serve(config: MockConfig, host: str = "127.0.0.1", port: int = 8000,
     problems = config.problems()
     if problems:
         raise ValueError("; ".join(problems))
-    reduce_timer_slack()
-    # What exists now lives as long as the server: a full collection must not walk it mid-stream.
-    gc.collect()
-    gc.freeze()
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        runner.run(_serve_until_signal(config, host, port, ready_callback))
 
+    async def serving(stop: asyncio.Event) -> None:
+        scheduler = PreciseScheduler(asyncio.get_running_loop())
 
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
+        def make_context(t0: float) -> ServerContext:
+            app = MockApp(config, t0=t0, pid=os.getpid())
+            return ServerContext(app, scheduler, config.ttft_ms / 1000.0, config.itl_ms / 1000.0)
 
-
-async def _serve_until_signal(config: MockConfig, host: str, port: int,
-                              ready_callback: ReadyCallback | None) -> None:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    signals = (signal.SIGTERM, signal.SIGINT) if threading.current_thread() is threading.main_thread() else ()
-    for signum in signals:
-        loop.add_signal_handler(signum, stop.set)
-
-    def make_context(t0: float) -> ServerContext:
-        app = MockApp(config, t0=t0, pid=os.getpid())
-        return ServerContext(app, PreciseScheduler(loop), config.ttft_ms / 1000.0, config.itl_ms / 1000.0)
-
-    try:
         await run_server(make_context, host, port, stop, ready_callback)
-    finally:
-        for signum in signals:
-            loop.remove_signal_handler(signum)
+
+    serve_until_signal(serving)
 
 
 def build_parser(prog: str = "python -m servers.openai_mock") -> argparse.ArgumentParser:
@@ -129,16 +103,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m servers.opena
         return 2
     try:
         with KeepAwake(os.sched_getaffinity(0) if args.keep_awake else ()):
-            serve(config, args.host, args.port, _print_listening)
+            serve(config, args.host, args.port, print_listening)
     except OSError as exc:
         print(f"error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1
     return 0
-
-
-def _print_listening(host: str, port: int) -> None:
-    shown = f"[{host}]" if ":" in host else host
-    print(f"listening on http://{shown}:{port}", flush=True)
 
 
 if __name__ == "__main__":

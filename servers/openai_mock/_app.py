@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -77,6 +78,7 @@ class Reply(NamedTuple):
 
     status: int
     body: bytes
+    content_type: str = "application/json"
 
 
 @dataclass
@@ -120,7 +122,11 @@ def error_reply(status: int, message: str, param: str | None = None, code: str |
 
 
 class MockApp:
-    """Maps (method, path, body) to a Reply or a Completion; keeps the counters of GET /mock."""
+    """Maps (method, target, body) to a Reply or a Completion; keeps the counters of GET /mock.
+
+    A server built on it (servers/llm_sim) adds its own GET routes (`get_routes`), refuses what it
+    cannot hold (`check_fits`) and may route more itself (`_route`).
+    """
 
     def __init__(self, config: MockConfig, t0: float, pid: int) -> None:
         self.config = config
@@ -135,26 +141,35 @@ class MockApp:
                   for name in config.models]
         self._models = Reply(200, json_body({"object": "list", "data": models}))
 
-    def handle(self, method: str, path: str, body: bytes) -> Reply | Completion:
-        """Route one request; never raises for bad input, answers an error instead."""
-        reply = self._route(method, path, body)
+    def handle(self, method: str, target: str, body: bytes) -> Reply | Completion:
+        """Route one request (target: its path, and a query string if any); never raises for bad
+        input, answers an error instead."""
+        path, _, query = target.partition("?")
+        reply = self._route(method, path, query, body)
         if isinstance(reply, Reply) and 400 <= reply.status < 500:
             self.counters["rejected"] += 1
         return reply
 
-    def _route(self, method: str, path: str, body: bytes) -> Reply | Completion:
+    def get_routes(self) -> dict[str, Callable[[], Reply]]:
+        """The GET routes besides the completions: path -> the answer's maker."""
+        return {"/v1/models": lambda: self._models, "/health": lambda: Reply(200, b""),
+                "/mock": lambda: Reply(200, json_body(self.describe()))}
+
+    def check_fits(self, prompt_tokens: int, tokens: int) -> None:
+        """Raise OpenAIError when a valid request is more than the server can hold (the mock holds any)."""
+
+    def _route(self, method: str, path: str, query: str, body: bytes) -> Reply | Completion:
         if path in ("/v1/chat/completions", "/v1/completions"):
             if method != "POST":
-                return _wrong_method(method, path, "POST")
+                return wrong_method(method, path, "POST")
             try:
                 return self._accept(path == "/v1/chat/completions", body)
             except OpenAIError as exc:
                 return exc.reply()
-        routes = {"/v1/models": lambda: self._models, "/health": lambda: Reply(200, b""),
-                  "/mock": lambda: Reply(200, json_body(self.describe()))}
+        routes = self.get_routes()
         if path in routes:
             if method != "GET":
-                return _wrong_method(method, path, "GET")
+                return wrong_method(method, path, "GET")
             return routes[path]()
         return error_reply(404, f"Unknown request URL: {method} {path}.", code="unknown_url")
 
@@ -176,6 +191,7 @@ class MockApp:
         if n is not None and (type(n) is not int or n != 1):
             raise OpenAIError(400, f"Invalid 'n': this server generates one choice per request, got {n!r}.",
                               "n", "invalid_value")
+        self.check_fits(prompt_tokens, tokens)
         self.counters["completions"] += 1
         serial = self.counters["completions"]
         completion = Completion(chat, model, tokens, prompt_tokens, stream, include_usage, serial)
@@ -193,7 +209,7 @@ class MockApp:
         return None
 
 
-def _wrong_method(method: str, path: str, allowed: str) -> Reply:
+def wrong_method(method: str, path: str, allowed: str) -> Reply:
     message = f"Method {method} not allowed for {path}; use {allowed}."
     return error_reply(405, message, code="method_not_allowed")
 

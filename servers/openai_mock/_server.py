@@ -11,6 +11,11 @@ start s, token chunk k (0-based) is written at s + ttft + k * itl, from a Precis
 A stream's response head is written at s; a non-streamed answer is written whole at
 s + ttft + (tokens - 1) * itl, when its last token would have been generated.
 
+Who decides when a token is generated is apart from how it is written: `Answer` writes token k of
+a completion when told (`emit(k)`), `_TimedAnswer` tells it at the mock's instants, and a server
+built on these connections (servers/llm_sim, whose engine decides) overrides
+`MockProtocol.start_answer` to tell it at its own.
+
 Faults (--truncate-every, --error-every): a picked stream writes its first `fault_after` token
 chunks, then either closes the connection without ending the chunked body (truncate), or writes an
 error event, [DONE] and the body's end (error) and keeps the connection.
@@ -19,12 +24,16 @@ error event, [DONE] and the body's end (error) and keeps the connection.
 from __future__ import annotations
 
 import asyncio
+import gc
+import signal
+import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from loadgen.lowlevel.precise_timer import PreciseScheduler
+from loadgen.lowlevel.timerfd import reduce_timer_slack
 from servers.core.connection import HttpConnection
 from servers.core.http1 import HttpError, Request, continue_response, format_response
 from servers.openai_mock._app import Completion, MockApp, Renderer, Reply, error_reply
@@ -40,12 +49,12 @@ class ServerContext:
 
     app: MockApp
     scheduler: PreciseScheduler
-    ttft_s: float
-    itl_s: float
+    ttft_s: float = 0.0
+    itl_s: float = 0.0
     connections: set[MockProtocol] = field(default_factory=set)
 
 
-class _Job:
+class Job:
     """One request's answer on a connection's queue."""
 
     __slots__ = ("arrival_t", "close", "http10", "reply")
@@ -63,7 +72,7 @@ class MockProtocol(HttpConnection):
     def __init__(self, context: ServerContext) -> None:
         super().__init__(context.connections)
         self._context = context
-        self._jobs: deque[_Job] = deque()
+        self._jobs: deque[Job] = deque()
         self._busy = False  # an answer is being written over time
 
     def data_received(self, data: bytes) -> None:
@@ -77,7 +86,7 @@ class MockProtocol(HttpConnection):
         except HttpError as exc:
             self._reading = False
             body = error_reply(exc.status, exc.message).body
-            self._jobs.append(_Job(Reply(exc.status, body), time.monotonic(), True, False))
+            self._jobs.append(Job(Reply(exc.status, body), time.monotonic(), True, False))
         if self._reading and not self._jobs and not self._busy and parser.continue_due():
             self._transport.write(continue_response())
         self._next()
@@ -92,10 +101,10 @@ class MockProtocol(HttpConnection):
         self._jobs.clear()
 
     def _queue(self, request: Request, arrival_t: float) -> None:
-        reply = self._context.app.handle(request.method, request.path, request.body)
+        reply = self._context.app.handle(request.method, request.target, request.body)
         if not request.keep_alive:
             self._reading = False
-        self._jobs.append(_Job(reply, arrival_t, not request.keep_alive, request.version == "HTTP/1.0"))
+        self._jobs.append(Job(reply, arrival_t, not request.keep_alive, request.version == "HTTP/1.0"))
 
     def _next(self) -> None:
         """Start the answers waiting, in order, until one takes time or none is left."""
@@ -105,14 +114,19 @@ class MockProtocol(HttpConnection):
                 self._write_reply(job)
             else:
                 self._busy = True
-                _Answer(self, job, max(job.arrival_t, time.monotonic())).start()
+                self.start_answer(job, max(job.arrival_t, time.monotonic()))
         if not self._jobs and not self._busy and self._peer_eof and self._transport is not None:
             self._transport.close()
 
-    def _write_reply(self, job: _Job) -> None:
+    def start_answer(self, job: Job, start_t: float) -> None:
+        """Begin writing a completion whose clock starts at start_t (the mock: at its declared delays)."""
+        _TimedAnswer(self, job).start(start_t)
+
+    def _write_reply(self, job: Job) -> None:
         reply = job.reply
         assert isinstance(reply, Reply)
-        data = format_response(reply.status, reply.body, keep_alive=not job.close, http10=job.http10)
+        data = format_response(reply.status, reply.body, reply.content_type, keep_alive=not job.close,
+                               http10=job.http10)
         self._write(data, job.close)
 
     def _write(self, data: bytes, close: bool = False) -> bool:
@@ -138,34 +152,40 @@ class MockProtocol(HttpConnection):
         self._next()
 
 
-class _Answer:
-    """Writes one completion over time: a stream's head now and token chunk k at start + ttft + k * itl,
-    or the whole body at start + ttft + (tokens - 1) * itl."""
+class Answer:
+    """Writes one completion: a stream's head at `open()`, then token chunk k at `emit(k)` (a
+    non-streamed answer: the whole body at the last token's emit). When is the caller's choice."""
 
-    __slots__ = ("_chunked", "_close", "_completion", "_conn", "_context", "_k", "_renderer", "_start_t")
+    __slots__ = ("_chunked", "_close", "_conn", "_context", "_renderer", "completion")
 
-    def __init__(self, conn: MockProtocol, job: _Job, start_t: float) -> None:
+    def __init__(self, conn: MockProtocol, job: Job) -> None:
         assert isinstance(job.reply, Completion)
         self._conn = conn
         self._context = conn._context
-        self._completion = job.reply
+        self.completion = job.reply
         self._renderer = Renderer(job.reply)
-        self._start_t = start_t
         self._close = job.close or job.http10
         self._chunked = not job.http10
-        self._k = 0
 
-    def start(self) -> None:
-        context, completion = self._context, self._completion
-        if not completion.stream:
-            last_t = self._start_t + context.ttft_s + (completion.tokens - 1) * context.itl_s
-            context.scheduler.call_at(last_t, self._whole)
+    def open(self) -> None:
+        """Write a stream's response head (nothing for a non-streamed answer)."""
+        if not self.completion.stream:
             return
         framing = "Transfer-Encoding: chunked\r\n" if self._chunked else ""
         if self._close:
             framing += "Connection: close\r\n"
         self._conn._write(_STREAM_HEAD.format(framing=framing).encode("latin-1"))
-        context.scheduler.call_at(self._start_t + context.ttft_s, self._token)
+
+    def emit(self, k: int) -> bool:
+        """Token k (0-based) is generated now: write what goes with it. False once nothing more will be
+        written (the last token went out, a fault ended the answer, or the client went away)."""
+        completion = self.completion
+        if not completion.stream:
+            if k == completion.tokens - 1:
+                self._whole()
+                return False
+            return True
+        return self._token(k)
 
     def _whole(self) -> None:
         self._context.app.counters["completed"] += 1
@@ -174,12 +194,11 @@ class _Answer:
         if self._conn._write(data, self._close):
             self._conn.answer_done()
 
-    def _token(self) -> None:
-        completion, counters = self._completion, self._context.app.counters
-        k = self._k
+    def _token(self, k: int) -> bool:
+        completion, counters = self.completion, self._context.app.counters
         if completion.fault is not None and k == completion.fault_after:
             self._fault(completion.fault)
-            return
+            return False
         last = k == completion.tokens - 1
         data = self._frame(self._renderer.part(k))
         if last:
@@ -187,13 +206,10 @@ class _Answer:
             data += _END if self._chunked else b""
         counters["tokens"] += 1
         if not self._conn._write(data, last and self._close):
-            return  # the client went away: nothing more to write
+            return False  # the client went away: nothing more to write
         if last:
             self._conn.answer_done()
-            return
-        self._k = k + 1
-        context = self._context
-        context.scheduler.call_at(self._start_t + context.ttft_s + self._k * context.itl_s, self._token)
+        return not last
 
     def _fault(self, fault: str) -> None:
         counters = self._context.app.counters
@@ -210,16 +226,38 @@ class _Answer:
         return b"%x\r\n%s\r\n" % (len(payload), payload) if self._chunked else payload
 
 
+class _TimedAnswer(Answer):
+    """The mock's timing: token k at start + ttft + k * itl (a non-streamed body at the last token's)."""
+
+    __slots__ = ("_start_t",)
+
+    def start(self, start_t: float) -> None:
+        self._start_t = start_t
+        self.open()
+        completion = self.completion
+        self._at(0 if completion.stream else completion.tokens - 1)
+
+    def _at(self, k: int) -> None:
+        context = self._context
+        context.scheduler.call_at(self._start_t + context.ttft_s + k * context.itl_s, self._fire, k)
+
+    def _fire(self, k: int) -> None:
+        if self.emit(k):
+            self._at(k + 1)
+
+
 async def run_server(context_factory: Callable[[float], ServerContext], host: str, port: int,
-                     stop: asyncio.Event, ready_callback: Callable[[str, int], None] | None = None) -> None:
+                     stop: asyncio.Event, ready_callback: Callable[[str, int], None] | None = None,
+                     protocol: Callable[[ServerContext], MockProtocol] = MockProtocol) -> None:
     """Listen on host:port until `stop` is set, then drop every connection and return.
 
     `context_factory(t0)` builds the shared context once t0, the start instant, is known;
-    `ready_callback(host, port)` runs once the socket listens (port is the bound one when 0 was asked).
+    `ready_callback(host, port)` runs once the socket listens (port is the bound one when 0 was asked);
+    `protocol(context)` makes each connection.
     """
     loop = asyncio.get_running_loop()
     context = context_factory(time.monotonic())
-    server = await loop.create_server(lambda: MockProtocol(context), host, port,
+    server = await loop.create_server(lambda: protocol(context), host, port,
                                       reuse_address=True, backlog=1024)
     try:
         if ready_callback is not None:
@@ -231,3 +269,42 @@ async def run_server(context_factory: Callable[[float], ServerContext], host: st
             connection.abort()
         await server.wait_closed()
         context.scheduler.close()
+
+
+def serve_until_signal(serving: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Run `serving(stop)` on a fresh loop (uvloop when installed) until SIGTERM or SIGINT sets `stop`
+    (signals are caught only in the main thread). Timer slack is cut first, and what exists now is
+    frozen out of the garbage collector: it lives as long as the server, and a full collection must
+    not walk it mid-stream."""
+    reduce_timer_slack()
+    gc.collect()
+    gc.freeze()
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(_until_signal(serving))
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+async def _until_signal(serving: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = (signal.SIGTERM, signal.SIGINT) if threading.current_thread() is threading.main_thread() else ()
+    for signum in signals:
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await serving(stop)
+    finally:
+        for signum in signals:
+            loop.remove_signal_handler(signum)
+
+
+def print_listening(host: str, port: int) -> None:
+    """The one line a server prints once listening (tests read the port from it when 0 was asked)."""
+    shown = f"[{host}]" if ":" in host else host
+    print(f"listening on http://{shown}:{port}", flush=True)
