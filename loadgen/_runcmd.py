@@ -39,6 +39,7 @@ def _default_out(scenario: Scenario) -> Path:
 def summarize(result: RunResult) -> dict[str, Any]:
     pattern, target = result.scenario.pattern, result.scenario.target
     extra = {
+        **(result.metadata.get("to_summary") or {}),  # what the client says of its requests (openai)
         "pattern": type(pattern).__name__,
         "target": {"url": target.url, "model": target.model, "batch_size": target.inferences_per_request},
         "interrupted": result.interrupted,

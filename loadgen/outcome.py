@@ -9,7 +9,8 @@ A failed request is data, not an exception: `error` holds its kind (see errors.p
 
 A streamed response (protocol openai) comes as a StreamOutcome: the same six fields first, then
 the arrival instant of each chunk that carried output tokens and the output token count. It is a
-separate type so that protocols that do not stream build nothing more per request.
+separate type so that protocols that do not stream build nothing more per request. A stream the
+client closed on purpose after its first token has error CANCELLED (counted apart, not an error).
 
 A client that scores its answers (a classifier compared with labels) says how many rows of the answer
 it scored and how many were right (`scored`, `correct`); the recorder sums them into an accuracy.
@@ -20,7 +21,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
-__all__ = ["Outcome", "StreamOutcome"]
+__all__ = ["CANCELLED", "Outcome", "StreamOutcome"]
+
+CANCELLED = "cancelled"
+"""The `error` of a stream the client itself closed after its first token (openai's cancel_rate): not a
+failure. The recorder counts it apart (`cancelled`): its TTFT counts, it has no latency, ITL or TPOT."""
 
 
 class Outcome(NamedTuple):

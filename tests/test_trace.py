@@ -72,7 +72,8 @@ def test_a_bursty_trace_is_replayed_row_by_row_on_time(llm_sim: Server, host_noi
     by_prompt = {row["input_tokens"]: row for row in rows}
     assert sorted(entry["prompt_tokens"] for entry in logged) == sorted(by_prompt)  # each row once
     assert all(entry["output_tokens"] == by_prompt[entry["prompt_tokens"]]["output_tokens"] for entry in logged)
-    late_ms = np.array([(entry["arrival"] - start - by_prompt[entry["prompt_tokens"]]["timestamp"]) * 1000
+    first = rows[0]["timestamp"]  # the instants count from the trace's first row
+    late_ms = np.array([(entry["arrival"] - start - (by_prompt[entry["prompt_tokens"]]["timestamp"] - first)) * 1000
                         for entry in logged])
     assert late_ms.min() > 0  # sent at the instant, never before; received after
     host_noise.assert_below(float(np.percentile(late_ms, 99)), 2.0, what="arrival lateness p99 (ms)",
@@ -85,7 +86,7 @@ def test_two_workers_replay_a_looped_trace_each_row_once_a_pass(llm_sim: Server,
     rows = _write_trace(tmp_path / "short.jsonl", 1.0, 40, [0.5], 10, seed=3)
     span = rows[-1]["timestamp"] - rows[0]["timestamp"]
     period = span * len(rows) / (len(rows) - 1)
-    duration = 2 * period + 0.001  # two whole passes
+    duration = 2 * period - (period - span) / 2  # two whole passes: past the second's last row, before a third
     run = run_loadgen("--protocol", "openai", "--target", llm_sim.url, "--model", MODEL, "--trace",
                       str(tmp_path / "short.jsonl"), "--trace-loop", "--duration", f"{duration:.6f}s",
                       "--processes", "2", "-q", out=tmp_path / "run", timeout=120)
@@ -97,3 +98,19 @@ def test_two_workers_replay_a_looped_trace_each_row_once_a_pass(llm_sim: Server,
     for entry in logged:
         counts[entry["prompt_tokens"]] = counts.get(entry["prompt_tokens"], 0) + 1
     assert counts == {row["input_tokens"]: 2 for row in rows}
+
+
+def test_a_row_longer_than_the_models_context_is_refused_before_anything_is_sent(tmp_path: Path) -> None:
+    """The server lists max_model_len (vLLM's key) in GET /v1/models: a trace row of more prompt + output
+    tokens is named by file and line, exit 2, and the server served nothing."""
+    server = start_server(["--kv-tokens", "500", "--decode-ms", "1", "--model", MODEL], module="servers.llm_sim")
+    try:
+        path = tmp_path / "long.csv"
+        path.write_text("timestamp,input_tokens,output_tokens\n0,100,10\n0.1,480,30\n0.2,20,5\n")
+        run = run_loadgen("--protocol", "openai", "--target", server.url, "--model", MODEL, "--trace", str(path),
+                          "-q", out=tmp_path / "run", timeout=60)
+        assert run.returncode == 2, run.stderr
+        assert f"{path}:3: 510 tokens (prompt + output) is over the model's context of 500 tokens" in run.stderr
+        assert _logged_after(server, 0.0) == []
+    finally:
+        stop_process(server.proc)

@@ -25,7 +25,7 @@ import numpy as np
 from gevent.event import Event
 
 from loadgen.driver.dispatcher import Dispatcher
-from loadgen.outcome import Outcome, StreamOutcome
+from loadgen.outcome import CANCELLED, Outcome, StreamOutcome
 from loadgen.patterns.schedule import arrivals, profile_of, schedule
 from loadgen.protocols import spec_of
 from loadgen.protocols.base import Client
@@ -157,7 +157,8 @@ class LoadContext:
             )
 
     def record_stream(self, outcome: StreamOutcome) -> None:
-        """record() for a streamed response: its token chunk instants and token count go along."""
+        """record() for a streamed response: its token chunk instants and token count go along. A stream
+        the client cancelled is no failure in Locust's stats either."""
         self.recorder.record_stream(
             outcome.intended_t, outcome.sent_t, outcome.done_t, outcome.error, outcome.token_times,
             outcome.output_tokens,
@@ -168,7 +169,7 @@ class LoadContext:
                 name=self._name,
                 response_time=(outcome.done_t - outcome.sent_t) * 1000.0,
                 response_length=outcome.response_bytes,
-                exception=_LocustError(outcome) if outcome.error else None,
+                exception=_LocustError(outcome) if outcome.error and outcome.error != CANCELLED else None,
                 context=None,
             )
 

@@ -294,8 +294,9 @@ def _assemble(path: str, fmt: str, rows: list[_Row], time_unit: str, strict: boo
     back = np.flatnonzero(np.diff(times) < 0)
     if len(back) and strict:
         row = rows[back[0] + 1]
-        raise TraceError([f"{path}:{row.line}: timestamp {row.time:g} s is before the previous row's "
-                          f"{rows[back[0]].time:g} s (strict: rows must be in time order)"])
+        message = (f"{path}:{row.line}: timestamp {row.time:g} s is before the previous row's "
+                   f"{rows[back[0]].time:g} s (strict: rows must be in time order)")
+        raise TraceError([message])
     order = np.argsort(times, kind="stable")
     moved = int(np.count_nonzero(order != np.arange(len(order))))
     rows = [rows[i] for i in order]

@@ -1,30 +1,56 @@
-"""OpenAI-compatible streaming completions (protocol "openai"): the protocol-client stage for LLM servers.
+"""OpenAI-compatible completions and embeddings (protocol "openai"): the protocol-client stage for LLM servers.
 
-`prepare()` checks that the server answers and lists the model (GET /v1/models; a server without
-that route is let through to the warm-up), builds a pool of request bodies once (synthetic prompts of
-`input_tokens` words, or the lines of `prompt_file`, each with its `max_tokens`), and sends two
-unmeasured warm-up requests. `send(intended_t)` posts the next body of the pool with
-`"stream": true` and `"stream_options": {"include_usage": true}` to /v1/chat/completions (or
-/v1/completions) and returns a StreamOutcome; the client never records anything.
+`prepare()` builds the pool of request bodies first (so a bad dataset or tokenizer stops the run before
+anything is sent), checks that the server answers and lists the model (GET /v1/models; a server without
+that route is let through to the warm-up), and sends two unmeasured warm-up requests.
+`send(intended_t)` posts the next body of the pool in turn, `send(intended_t, row=k)` the body of row
+k (modulo the pool's length), and returns a StreamOutcome; the client never records anything.
 
-Wire (PROTOCOLS.md 6.1): the answer is Server-Sent Events, `data: {json}` events separated by a
-blank line and ended by `data: [DONE]`, in a chunked (or read-to-close) HTTP/1.1 body. The body is
-parsed as it arrives on the same lean keep-alive connections as kserve-http (loadgen/protocols/
-http1.py), and each event is stamped with the kernel's receive instant of the bytes that completed
-it, so a generator busy elsewhere does not stretch the gaps it measures.
+The pool is made of rows (loadgen/protocols/common/llm_data.py: a prompt or a size in tokens, the
+max_tokens asked for, per-row body extras), each made bytes once before the run:
+- synthetic rows: `input_tokens` / `max_tokens` drawn per row (POOL_SIZE rows), or the per-row
+  `sizes` (input_tokens, output_tokens) the client was made with (a trace replay: one body per trace
+  row, sent with `send(t, row=k)`). A synthetic prompt is common English words: with `tokenizer` it
+  is built to exactly input_tokens tokens, without it input_tokens words (about a token each).
+- dataset rows: `dataset` (ShareGPT JSON or JSONL, `dataset_format` or told by content), a seeded
+  shuffle of its entries cut at `dataset_limit`; max_tokens is a JSONL line's own, or with
+  `dataset_output_tokens` a ShareGPT entry's reference answer length, else drawn from `max_tokens`.
+  `prompt_file` is the older JSONL form: its lines in file order.
+A row that asks for max_tokens also sends `"ignore_eos": true` (vLLM's extension, so the length is
+honoured) when `ignore_eos` says so: by default for synthetic rows, not for dataset rows.
+
+Modes: streamed chat/completions (the default), non-streamed (`stream = false`: one JSON answer,
+latency and usage tokens, no TTFT/ITL), and `endpoint = "embeddings"` (/v1/embeddings with the
+prompts as `input`: latency only; the answer must carry `data[].embedding`).
+
+Wire of a stream (PROTOCOLS.md 6.1): Server-Sent Events, `data: {json}` events separated by a blank
+line and ended by `data: [DONE]`, in a chunked (or read-to-close) HTTP/1.1 body. The body is parsed
+as it arrives on the same lean keep-alive connections as kserve-http (loadgen/protocols/http1.py),
+and each event is stamped with the kernel's receive instant of the bytes that completed it, so a
+generator busy elsewhere does not stretch the gaps it measures.
 
 Timing points (PROTOCOLS.md 6.2 and 8; the recorder computes TTFT, ITL and TPOT from them):
 - a token chunk is a chunk whose choices carry output: non-empty `delta.content` (or
   `reasoning_content`, `tool_calls`, `refusal`) for chat, non-empty `text` for completions. A
   role-only first chunk with empty content is not one: TTFT is the first chunk with a token.
 - token_times holds the arrival of every token chunk; done_t is the end of the whole response.
-- output tokens: `usage.completion_tokens` of the final usage chunk, else the count of token chunks.
+- output tokens: `usage.completion_tokens` when the server gives it; else, with a tokenizer, the
+  tokens of the streamed (or answered) text; else the count of token chunks (non-streamed: words).
+  summary.json's `token_counts` says which (`input` and `output`), the output one as the warm-up's
+  answers showed it.
+
+Cancellation (`cancel_rate` P): each measured stream is picked with probability P from a generator
+seeded with the run's seed (`cancel_draws`; warm-ups are never picked), and a picked stream's
+connection is closed by the client as soon as its first token chunk arrived (never reused). Its
+outcome has error kind `cancelled` (loadgen/outcome.py CANCELLED): counted apart, not an error;
+its TTFT counts, it has no latency, ITL or TPOT.
 
 Error kinds beyond the transport ones (errors.py): `http_<status>` for any status other than 200
 (message from OpenAI's `{"error": {"message": ...}}`); `stream_error` for an event carrying an
 `error` object in a 200 stream; `stream_truncated` for a stream that ended, or whose connection
-closed, before `data: [DONE]`; `invalid_response` for a 200 that is not text/event-stream or an event
-that is not JSON. `target.timeout` bounds each wait for the next bytes, not the whole stream.
+closed, before `data: [DONE]`; `invalid_response` for a 200 that is not text/event-stream (when
+streamed), an event that is not JSON, or a non-streamed answer without choices (embeddings: without
+`data[].embedding`). `target.timeout` bounds each wait for the next bytes, not the whole stream.
 
 `Authorization: Bearer $OPENAI_API_KEY` is sent when that variable is set.
 """
@@ -33,13 +59,15 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import numpy as np
-from pydantic import field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from loadgen.errors import (
     ConnectionClosed,
@@ -49,8 +77,9 @@ from loadgen.errors import (
     TargetUnreachable,
     classify_exception,
 )
-from loadgen.flags import Flag, as_path_text
-from loadgen.outcome import StreamOutcome
+from loadgen.flags import Flag, as_path_text, if_set
+from loadgen.outcome import CANCELLED, StreamOutcome
+from loadgen.patterns.trace import Trace
 from loadgen.protocols.base import ProtocolSpec, TargetOptions, existing_file, warm_up
 from loadgen.protocols.common.http1 import (
     Http1Pool,
@@ -62,10 +91,21 @@ from loadgen.protocols.common.http1 import (
     _Reader,
     build_request,
 )
+from loadgen.protocols.common.llm_data import (
+    Dataset,
+    Prompt,
+    Row,
+    TokenCounter,
+    exact_prompt,
+    read_dataset,
+    sample_rows,
+    synthetic_prompt,
+)
 from loadgen.protocols.common.tokens import TokenCount, TokenCountField
 
 __all__ = ["DEFAULT_INPUT_TOKENS", "DEFAULT_MAX_TOKENS", "PROTOCOL", "OpenAIClient", "OpenAITarget", "SseStream",
-           "StreamPool"]
+           "StreamCancelled", "StreamPool", "cancel_draws", "read_prompt_file", "sample_counts",
+           "synthetic_prompt"]
 
 DEFAULT_MAX_TOKENS = TokenCount(value=128)
 DEFAULT_INPUT_TOKENS = TokenCount(value=128)
@@ -73,46 +113,64 @@ POOL_SIZE = 256
 """Distinct synthetic requests built before the run and sent in turn (distinct prompts keep a server's
 prefix cache from answering every request from one cached prompt)."""
 WARMUP_REQUESTS = 2
-_PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
+_PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "embeddings": "/v1/embeddings"}
 _TRUNCATION_KINDS = ("stream_truncated", "stream_error")
-# Short common English words: real tokenizers give about one token for each (with its leading space).
-_WORDS = (
-    "the", "of", "and", "to", "in", "is", "was", "for", "on", "are", "with", "as", "at", "be", "this",
-    "have", "from", "or", "one", "had", "by", "word", "but", "not", "what", "all", "were", "we", "when",
-    "your", "can", "said", "there", "use", "an", "each", "which", "she", "do", "how", "their", "if", "will",
-    "up", "other", "about", "out", "many", "then", "them", "these", "so", "some", "her", "would", "make",
-    "like", "him", "into", "time", "has", "look", "two", "more", "write", "go", "see", "number", "no",
-    "way", "could", "people", "my", "than", "first", "water", "been", "call", "who", "oil", "its", "now",
-    "find", "long", "down", "day", "did", "get", "come", "made", "may", "part", "over", "new", "sound",
-    "take", "only", "little", "work", "know", "place", "year", "live", "me", "back", "give", "most", "very",
-    "after", "thing", "our", "just", "name", "good", "sentence", "man", "think", "say", "great", "where",
-    "help", "through", "much", "before", "line", "right", "too", "mean", "old", "any", "same", "tell",
-    "boy", "follow", "came",
-)
 
 
 class OpenAITarget(TargetOptions):
     """`[target]` of protocol openai: the base URL of an OpenAI-compatible server (it may end in /v1)."""
 
     protocol: Literal["openai"]
-    endpoint: Literal["chat", "completions"] | None = None
-    """POST /v1/chat/completions ("chat", the default) or /v1/completions."""
+    endpoint: Literal["chat", "completions", "embeddings"] | None = None
+    """POST /v1/chat/completions ("chat", the default), /v1/completions or /v1/embeddings."""
     max_tokens: TokenCountField | None = None
     """Output tokens asked for per request (max_tokens); default 128."""
     input_tokens: TokenCountField | None = None
-    """Words of each synthetic prompt (about one token each); default 128."""
+    """Tokens of each synthetic prompt (exact with `tokenizer`, else words of about a token each); default 128."""
     prompt_file: str | None = None
-    """JSONL prompts instead of synthetic ones, one {"prompt": ...} or {"messages": [...]} a line."""
+    """JSONL prompts instead of synthetic ones, one {"prompt": ...} or {"messages": [...]} a line, sent in
+    file order."""
+    dataset: str | None = None
+    """A prompt dataset: ShareGPT JSON or JSONL (see dataset_format), sampled and shuffled with the seed."""
+    dataset_format: Literal["sharegpt", "jsonl"] | None = None
+    """The dataset's format; told by its content when not given ('[' first: ShareGPT)."""
+    dataset_output_tokens: bool = False
+    """ShareGPT: ask each request for its reference answer's length as max_tokens (as vLLM's benchmark)."""
+    dataset_limit: int | None = Field(default=None, ge=1)
+    """Keep at most this many dataset entries (a seeded sample)."""
+    tokenizer: str | None = None
+    """A Hugging Face tokenizer.json: exact input token counts, and output counts when the server gives
+    no usage."""
+    stream: bool = True
+    """Stream the answer (TTFT, ITL); false: one JSON answer, latency and usage tokens only."""
+    ignore_eos: bool | None = None
+    """Send "ignore_eos": true with max_tokens (vLLM); default: for synthetic rows, not dataset rows."""
+    cancel_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    """Share of streams the client closes after their first token (seeded); counted as cancelled."""
 
-    @field_validator("prompt_file")
+    @field_validator("prompt_file", "dataset", "tokenizer")
     @classmethod
-    def _prompt_file_exists(cls, value: str | None) -> str | None:
+    def _files_exist(cls, value: str | None) -> str | None:
         return existing_file(value)
 
     @model_validator(mode="after")
-    def _one_prompt_source(self) -> OpenAITarget:
-        if self.prompt_file is not None and self.input_tokens is not None:
-            raise ValueError("give input_tokens (synthetic prompts) or prompt_file, not both")
+    def _consistent(self) -> OpenAITarget:
+        sources = [name for name in ("input_tokens", "prompt_file", "dataset") if getattr(self, name) is not None]
+        if len(sources) > 1:
+            raise ValueError(f"give one prompt source: {' or '.join(sources)}, not both")
+        if self.dataset is None:
+            given = [name for name in ("dataset_format", "dataset_limit") if getattr(self, name) is not None]
+            given += ["dataset_output_tokens"] if self.dataset_output_tokens else []
+            if given:
+                raise ValueError(f"{', '.join(given)} needs dataset")
+        if self.endpoint == "embeddings":
+            given = [name for name in ("max_tokens", "ignore_eos") if getattr(self, name) is not None]
+            given += ["dataset_output_tokens"] if self.dataset_output_tokens else []
+            if given:
+                raise ValueError(f"{', '.join(given)} does not apply to the embeddings endpoint")
+        if self.cancel_rate > 0 and (not self.stream or self.endpoint == "embeddings"):
+            raise ValueError("cancel_rate needs streamed chat or completions (a stream is cancelled after its "
+                             "first token)")
         return self
 
 
@@ -120,7 +178,9 @@ class SseStream:
     """Incremental Server-Sent Events parser for one streamed completion.
 
     `feed(data, at)` takes body bytes as they arrive (`at`: their arrival instant) and keeps what the
-    run needs: token chunk instants, the usage count, [DONE], an error event.
+    run needs: token chunk instants, the usage count, [DONE], an error event, and with `keep_text` the
+    streamed text (to count its tokens when the server gives no usage). With `cancel` set, the first
+    token chunk raises StreamCancelled once stamped (the caller closes the connection).
 
     >>> s = SseStream()
     >>> s.feed(b'data: {"choices":[{"delta":{"role":"assistant","content":""}}]}\\n\\ndata: {"choi', 1.0)
@@ -131,7 +191,9 @@ class SseStream:
 
     __slots__ = (
         "_buffer",
+        "_text",
         "body_bytes",
+        "cancel",
         "chunk_tokens",
         "done",
         "error",
@@ -141,7 +203,7 @@ class SseStream:
         "usage_tokens",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, keep_text: bool = False) -> None:
         self.status = 0
         """HTTP status once the response head was read (0 before)."""
         self.token_times: list[float] = []
@@ -154,7 +216,15 @@ class SseStream:
         self.invalid: str | None = None
         """Why an event could not be read (not JSON), if one could not."""
         self.body_bytes = 0
+        self.cancel = False
+        """Raise StreamCancelled at the first token chunk."""
         self._buffer = b""
+        self._text: list[str] | None = [] if keep_text else None
+
+    @property
+    def text(self) -> str:
+        """The streamed output text (empty unless made with keep_text)."""
+        return "".join(self._text or ())
 
     @property
     def output_tokens(self) -> int:
@@ -205,9 +275,17 @@ class SseStream:
         if choices and any(_carries_token(choice) for choice in choices):
             self.token_times.append(at)
             self.chunk_tokens += 1
+            if self._text is not None:
+                self._text.extend(_choice_text(choice) for choice in choices)
+            if self.cancel:
+                raise StreamCancelled
         usage = chunk.get("usage")
         if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
             self.usage_tokens = usage["completion_tokens"]
+
+
+class StreamCancelled(Exception):
+    """Raised out of SseStream.feed at the first token chunk of a stream picked for cancellation."""
 
 
 def _carries_token(choice: Any) -> bool:
@@ -218,6 +296,17 @@ def _carries_token(choice: Any) -> bool:
         return bool(delta.get("content") or delta.get("reasoning_content") or delta.get("tool_calls")
                     or delta.get("refusal"))
     return bool(choice.get("text"))
+
+
+def _choice_text(choice: Any) -> str:
+    if not isinstance(choice, dict):
+        return ""
+    delta = choice.get("delta")
+    if isinstance(delta, dict):
+        parts = (delta.get("reasoning_content"), delta.get("content"))
+        return "".join(part for part in parts if isinstance(part, str))
+    text = choice.get("text")
+    return text if isinstance(text, str) else ""
 
 
 class StreamPool(Http1Pool):
@@ -314,11 +403,20 @@ def _feed_length(reader: _Reader, sse: SseStream, length: int) -> None:
 
 
 class OpenAIClient:
-    """One model behind an OpenAI-compatible server, streamed, on a keep-alive pool."""
+    """One model behind an OpenAI-compatible server, on a keep-alive pool.
 
-    def __init__(self, target: OpenAITarget, seed: int = 0) -> None:
+    `sizes`: per-row (input_tokens, output_tokens) to build the pool from, one body per row in that
+    order, instead of the target's prompt source (a trace replay); `send(t, row=k)` then sends row k.
+    """
+
+    def __init__(self, target: OpenAITarget, seed: int = 0,
+                 sizes: Sequence[tuple[int, int]] | None = None) -> None:
         self.target = target
         self.seed = seed
+        self.sizes = list(sizes) if sizes is not None else None
+        self._trace: Trace | None = None
+        if self.sizes is not None and not self.sizes:
+            raise ValueError("sizes: at least one (input_tokens, output_tokens) row is needed")
         parts = urlsplit(target.url)
         self._tls = parts.scheme == "https"
         self._host = parts.hostname or "127.0.0.1"
@@ -328,10 +426,31 @@ class OpenAIClient:
         self.endpoint = target.endpoint or "chat"
         self.path = self._prefix + _PATHS[self.endpoint]
         self.request_name = f"{target.model} {self.endpoint}"
+        self.streamed = target.stream and self.endpoint != "embeddings"
         self._pool = self._new_pool(target.timeout)
+        self.rows: list[Row] = []
+        """The pool's rows, in the order of `requests`."""
+        self.input_tokens: list[int] = []
+        """Each row's prompt tokens (tokenizer) or words, as built."""
         self.requests: list[bytes] = []
+        self.dataset: Dataset | None = None
         self._next = 0
         self.warmup_requests = 0
+        self._counter = TokenCounter()
+        self._keep_text = False
+        self._send: Callable[[bytes, float], StreamOutcome] = self._send_stream if self.streamed else self._send_whole
+        self._cancel_rate = 0.0  # set once the warm-up is done: warm-ups are never cancelled
+        self._cancel_draws = cancel_draws(seed)
+        self.usage_seen = False
+        """Some answer so far carried usage.completion_tokens."""
+
+    def use_trace(self, trace: Trace) -> None:
+        """A trace replay (SizedClient): one body per trace row, with the row's input and output tokens
+        (a size the row lacks is drawn from input_tokens / max_tokens; an output of 0, a failed request
+        in BurstGPT, asks for 1 token); `send(t, row=k)` sends row k. Rows too long for the model's
+        context (`max_model_len` in GET /v1/models, as vLLM lists it) are refused in prepare()."""
+        self.sizes = list(zip(trace.input_tokens.tolist(), trace.output_tokens.tolist(), strict=True))
+        self._trace = trace
 
     def _new_pool(self, timeout: float) -> StreamPool:
         context = self.target.ssl_context()
@@ -340,18 +459,46 @@ class OpenAIClient:
 
     # -- before the run -------------------------------------------------------------------------
     def prepare(self) -> dict[str, Any]:
-        """Reachability and model check, request pool, warm-up. Raises a TargetError (or a
-        ScenarioError for a bad prompt file) when the run cannot start."""
+        """Request pool (nothing is sent before it is built), reachability and model check, warm-up.
+        Raises a ScenarioError (bad dataset, prompt file or tokenizer) or a TargetError when the run
+        cannot start."""
+        self._counter = TokenCounter.load(self.target.tokenizer)
+        self._keep_text = self._counter.exact
+        self.rows = self._rows()
+        bodies = self._bodies(self.rows)
         served = self._served_models()
-        bodies = self._bodies()
-        headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+        accept = "text/event-stream" if self.streamed else "application/json"
+        headers = {"Content-Type": "application/json", "Accept": accept}
         if os.environ.get("OPENAI_API_KEY"):
             headers["Authorization"] = f"Bearer {os.environ['OPENAI_API_KEY']}"
         headers.update(self.target.auth_headers())
         self.requests = [build_request("POST", self._netloc, self.path, body, headers) for body in bodies]
         warm_up(self, self.path, _TRUNCATION_KINDS, WARMUP_REQUESTS)
+        self._next = 0
+        self._cancel_rate = self.target.cancel_rate
         return {"name": self.target.model, "endpoint": self.path, "served_models": served,
-                "requests_built": len(self.requests)}
+                "requests_built": len(self.requests), "to_summary": self.summary_notes()}
+
+    def summary_notes(self) -> dict[str, Any]:
+        """What summary.json says of the requests: where token counts come from, the prompts' sizes."""
+        counts: dict[str, str] = {"input": self._counter.source}
+        if self.endpoint != "embeddings":
+            if self.usage_seen:
+                counts["output"] = "server usage"
+            elif self._counter.exact:
+                counts["output"] = "tokenizer"
+            else:
+                counts["output"] = "approximate (chunks)" if self.streamed else "approximate (words)"
+        sizes = np.array(self.input_tokens or [0])
+        notes: dict[str, Any] = {
+            "token_counts": counts,
+            "prompts": {"rows": len(self.rows), "stream": self.streamed,
+                        "input_tokens": {"min": int(sizes.min()), "mean": round(float(sizes.mean()), 3),
+                                         "max": int(sizes.max())}},
+        }
+        if self.dataset is not None:
+            notes["prompts"]["dataset"] = self.dataset.describe()
+        return notes
 
     def _served_models(self) -> list[str]:
         control = self._new_pool(self.target.connect_timeout)
@@ -376,37 +523,143 @@ class OpenAIClient:
                 f"model {self.target.model!r} is not served at {self.target.url} "
                 f"(GET {path} lists: {', '.join(served) or 'none'}); is --model right?"
             )
+        entry = next(e for e in json.loads(response.body)["data"] if str(e["id"]) == self.target.model)
+        self._check_context(entry.get("max_model_len") if isinstance(entry, dict) else None)
         return served
 
-    def _bodies(self) -> list[bytes]:
+    def _check_context(self, max_model_len: Any) -> None:
+        """A trace row whose prompt + output exceeds the context the server lists: an input error naming
+        the trace's file and line (exit 2), before anything is sent."""
+        if self._trace is None or not isinstance(max_model_len, int) or max_model_len <= 0:
+            return
+        too_long = [(k, row.input_tokens + (row.max_tokens or 0)) for k, row in enumerate(self.rows)
+                    if row.input_tokens is not None and row.input_tokens + (row.max_tokens or 0) > max_model_len]
+        if too_long:
+            where = [f"{self._trace.path}:{int(self._trace.lines[k])}: {size} tokens (prompt + output)"
+                     for k, size in too_long[:5]]
+            more = f" and {len(too_long) - 5} more" if len(too_long) > 5 else ""
+            raise ScenarioError([f"{line} is over the model's context of {max_model_len} tokens "
+                                 f"(max_model_len of GET /v1/models)" for line in where]
+                                + ([f"...{more}"] if more else []), "open_loop.trace")
+
+    def _rows(self) -> list[Row]:
+        """The pool's rows: the per-row sizes given, the dataset's entries, or synthetic sizes."""
         rng = np.random.default_rng(self.seed)
         target = self.target
-        if target.prompt_file is not None:
-            prompts = read_prompt_file(Path(target.prompt_file), self.endpoint)
-            fallback = sample_counts(target.max_tokens or DEFAULT_MAX_TOKENS, len(prompts), rng)
-            items = [(prompt, own if own is not None else int(n))
-                     for (prompt, own), n in zip(prompts, fallback, strict=True)]
-        else:
-            lengths = sample_counts(target.input_tokens or DEFAULT_INPUT_TOKENS, POOL_SIZE, rng)
-            outputs = sample_counts(target.max_tokens or DEFAULT_MAX_TOKENS, POOL_SIZE, rng)
-            items = [(synthetic_prompt(int(length), rng), int(n))
-                     for length, n in zip(lengths, outputs, strict=True)]
-        return [self._body(prompt, max_tokens) for prompt, max_tokens in items]
+        synthetic_eos = target.ignore_eos is not False and self.endpoint != "embeddings"
+        if self.sizes is not None:
+            count = len(self.sizes)  # a size a row lacks (-1: a trace without it) is drawn as for synthetic rows
+            inputs = sample_counts(target.input_tokens or DEFAULT_INPUT_TOKENS, count, rng)
+            outputs = sample_counts(target.max_tokens or DEFAULT_MAX_TOKENS, count, rng)
+            return [self._sized_row(int(inp) if inp >= 0 else int(drawn_in),
+                                    max(int(out), 1) if out >= 0 else int(drawn_out), synthetic_eos)
+                    for (inp, out), drawn_in, drawn_out in zip(self.sizes, inputs, outputs, strict=True)]
+        if target.prompt_file is not None or target.dataset is not None:
+            return self._dataset_rows(rng)
+        count = POOL_SIZE
+        lengths = sample_counts(target.input_tokens or DEFAULT_INPUT_TOKENS, count, rng)
+        if self.endpoint == "embeddings":
+            return [Row(None, int(length)) for length in lengths]
+        outputs = sample_counts(target.max_tokens or DEFAULT_MAX_TOKENS, count, rng)
+        return [self._sized_row(int(length), int(n), synthetic_eos) for length, n in zip(lengths, outputs, strict=True)]
 
-    def _body(self, prompt: str | list[Any], max_tokens: int) -> bytes:
+    def _sized_row(self, input_tokens: int, output_tokens: int, ignore_eos: bool) -> Row:
+        if self.endpoint == "embeddings":
+            return Row(None, input_tokens)
+        return Row(None, input_tokens, output_tokens, {"ignore_eos": True} if ignore_eos else {})
+
+    def _dataset_rows(self, rng: np.random.Generator) -> list[Row]:
+        target = self.target
+        if target.prompt_file is not None:  # the older form: JSONL lines in file order
+            dataset = read_dataset(Path(target.prompt_file), "jsonl", self.endpoint, self._counter,
+                                   where="target.prompt_file")
+            order: Sequence[int] = range(len(dataset.prompts))
+        else:
+            assert target.dataset is not None
+            dataset = read_dataset(Path(target.dataset), target.dataset_format, self.endpoint, self._counter)
+            order = sample_rows(len(dataset.prompts), target.dataset_limit, rng)
+        self.dataset = dataset
+        if self.endpoint == "embeddings":
+            return [Row(dataset.prompts[i]) for i in order]
+        fallback = sample_counts(target.max_tokens or DEFAULT_MAX_TOKENS, len(order), rng)
+        extras = {"ignore_eos": True} if target.ignore_eos else {}
+        rows = []
+        for i, drawn in zip(order, fallback, strict=True):
+            own = dataset.output_tokens[i]
+            if dataset.format == "sharegpt" and not target.dataset_output_tokens:
+                own = None  # the reference answer's length only when asked for
+            rows.append(Row(dataset.prompts[i], None, own if own is not None else int(drawn), extras))
+        return rows
+
+    def _bodies(self, rows: list[Row]) -> list[bytes]:
+        rng = np.random.default_rng([self.seed, 1])
+        bodies, self.input_tokens = [], []
+        for row in rows:
+            prompt: Prompt
+            if row.prompt is None:
+                prompt = exact_prompt(self._counter, row.input_tokens or 1, rng)
+            else:
+                prompt = row.prompt
+            self.input_tokens.append(self._counter.count_prompt(prompt))
+            bodies.append(self._body(prompt, row))
+        return bodies
+
+    def _body(self, prompt: Prompt, row: Row) -> bytes:
         body: dict[str, Any] = {"model": self.target.model}
         if self.endpoint == "chat":
             body["messages"] = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        else:
+        elif self.endpoint == "completions":
             body["prompt"] = prompt
-        body.update(max_tokens=max_tokens, stream=True, stream_options={"include_usage": True})
+        else:
+            body["input"] = prompt
+        if row.max_tokens is not None:
+            body["max_tokens"] = row.max_tokens
+        if self.streamed:
+            body.update(stream=True, stream_options={"include_usage": True})
+        elif self.endpoint != "embeddings":
+            body["stream"] = False
+        body.update(row.extras)
         return json.dumps(body, separators=(",", ":")).encode()
 
     # -- the hot path ---------------------------------------------------------------------------
-    def send(self, intended_t: float) -> StreamOutcome:
-        """POST the next request of the pool and read its stream; errors come back as their kind."""
-        request = self.requests[self._next]
-        self._next = (self._next + 1) % len(self.requests)
+    def send(self, intended_t: float, row: int | None = None) -> StreamOutcome:
+        """POST the next request of the pool (or row `row`, modulo the pool's length) and read its
+        answer; errors come back as their kind."""
+        requests = self.requests
+        if row is None:
+            request = requests[self._next]
+            self._next = (self._next + 1) % len(requests)
+        else:
+            request = requests[row % len(requests)]
+        return self._send(request, intended_t)
+
+    def _send_stream(self, request: bytes, intended_t: float) -> StreamOutcome:
+        sse = SseStream(self._keep_text)
+        if self._cancel_rate and self._cancel_draws.random() < self._cancel_rate:
+            sse.cancel = True
+        sent_t = time.monotonic()
+        try:
+            response = self._pool.stream(request, sse)
+        except StreamCancelled:  # the connection was closed, never to be reused
+            return StreamOutcome(intended_t, sent_t, time.monotonic(), CANCELLED,
+                                 "closed by the client after its first token (cancel_rate)", sse.body_bytes,
+                                 sse.token_times, sse.chunk_tokens)
+        except Exception as exc:  # noqa: BLE001 - mapped to an error kind, the run goes on
+            return _failed(intended_t, sent_t, sse, exc)
+        done_t = max(response.done_t, sent_t)
+        if response.status != 200:
+            return StreamOutcome(intended_t, sent_t, done_t, f"http_{response.status}",
+                                 _error_text(response.body), len(response.body))
+        error, message = _stream_error(sse, response)
+        if sse.usage_tokens is not None:
+            self.usage_seen = True
+            tokens = sse.usage_tokens
+        else:
+            tokens = self._counter.count(sse.text) if self._keep_text else sse.chunk_tokens
+        return StreamOutcome(intended_t, sent_t, done_t, error, message, sse.body_bytes, sse.token_times, tokens)
+
+    def _send_whole(self, request: bytes, intended_t: float) -> StreamOutcome:
+        """A non-streamed completion or an embedding: one JSON answer, no token timings."""
         sse = SseStream()
         sent_t = time.monotonic()
         try:
@@ -417,12 +670,61 @@ class OpenAIClient:
         if response.status != 200:
             return StreamOutcome(intended_t, sent_t, done_t, f"http_{response.status}",
                                  _error_text(response.body), len(response.body))
-        error, message = _stream_error(sse, response)
-        return StreamOutcome(intended_t, sent_t, done_t, error, message, sse.body_bytes, sse.token_times,
-                             sse.output_tokens)
+        error, message, tokens = self._read_answer(response)
+        return StreamOutcome(intended_t, sent_t, done_t, error, message, len(response.body) + sse.body_bytes,
+                             (), tokens)
+
+    def _read_answer(self, response: Response) -> tuple[str | None, str, int]:
+        """(error kind, message, output tokens) of a non-streamed answer."""
+        if sse_typed(response):
+            return "invalid_response", "an event stream answered a request with \"stream\": false", 0
+        try:
+            answer = json.loads(response.body)
+        except ValueError:
+            return "invalid_response", f"answer is not JSON: {response.body[:80]!r}", 0
+        if not isinstance(answer, dict):
+            return "invalid_response", "answer is not a JSON object", 0
+        if self.endpoint == "embeddings":
+            problem = _embeddings_problem(answer)
+            return ("invalid_response", problem, 0) if problem else (None, "", 0)
+        choices = answer.get("choices")
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+            return "invalid_response", "answer has no choices", 0
+        usage = answer.get("usage")
+        if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
+            self.usage_seen = True
+            return None, "", usage["completion_tokens"]
+        choice = choices[0]
+        message = choice.get("message")
+        text = message.get("content") if isinstance(message, dict) else choice.get("text")
+        text = text if isinstance(text, str) else ""
+        return None, "", self._counter.count(text)
 
     def close(self) -> None:
         self._pool.close()
+
+
+def cancel_draws(seed: int) -> random.Random:
+    """The generator that picks the streams to cancel: one `random()` draw per measured stream, in send
+    order, the stream cancelled when the draw is below cancel_rate."""
+    return random.Random(f"cancel-{seed}")
+
+
+def sse_typed(response: Response) -> bool:
+    return response.headers.get("content-type", "").startswith("text/event-stream")
+
+
+def _embeddings_problem(answer: dict[str, Any]) -> str:
+    data = answer.get("data")
+    if not isinstance(data, list) or not data:
+        return "embeddings answer has no data list"
+    for index, item in enumerate(data):
+        embedding = item.get("embedding") if isinstance(item, dict) else None
+        if isinstance(embedding, str) and embedding:  # encoding_format "base64"
+            continue
+        if not isinstance(embedding, list) or not embedding or not isinstance(embedding[0], (int, float)):
+            return f"data[{index}] has no embedding (a non-empty list of numbers)"
+    return ""
 
 
 def _failed(intended_t: float, sent_t: float, sse: SseStream, exc: Exception) -> StreamOutcome:
@@ -485,53 +787,15 @@ def sample_counts(spec: TokenCount, count: int, rng: np.random.Generator) -> np.
     return np.maximum(1, np.rint(rng.normal(spec.mean, spec.stddev, count))).astype(np.int64)
 
 
-def synthetic_prompt(words: int, rng: np.random.Generator) -> str:
-    """`words` common English words drawn at random: about one token each for real tokenizers."""
-    return " ".join(_WORDS[i] for i in rng.integers(0, len(_WORDS), words))
-
-
-def read_prompt_file(path: Path, endpoint: str) -> list[tuple[str | list[Any], int | None]]:
+def read_prompt_file(path: Path, endpoint: str) -> list[tuple[Prompt, int | None]]:
     """(prompt or messages, the line's own max_tokens or None) for each line of a JSONL prompt file.
 
     A line is {"prompt": "..."} or {"messages": [...]}, optionally with "max_tokens"; a chat endpoint
     sends a prompt as one user message, the completions endpoint takes prompts only. Blank lines are
     skipped. Every bad line is reported (ScenarioError, exit 2).
     """
-    where = "target.prompt_file"
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ScenarioError([f"{where}: cannot read {path}: {exc}"], str(path)) from None
-    prompts: list[tuple[str | list[Any], int | None]] = []
-    problems: list[str] = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            prompts.append(_prompt_line(json.loads(line), endpoint))
-        except (ValueError, TypeError) as exc:
-            problems.append(f"{where}: {path} line {number}: {exc}")
-    if not prompts and not problems:
-        problems.append(f"{where}: {path} holds no prompts")
-    if problems:
-        raise ScenarioError(problems[:20], str(path))
-    return prompts
-
-
-def _prompt_line(entry: Any, endpoint: str) -> tuple[str | list[Any], int | None]:
-    if not isinstance(entry, dict):
-        raise TypeError('expected a JSON object with "prompt" or "messages"')
-    max_tokens = entry.get("max_tokens")
-    if max_tokens is not None and (type(max_tokens) is not int or max_tokens < 1):
-        raise ValueError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
-    if isinstance(entry.get("prompt"), str):
-        return entry["prompt"], max_tokens
-    messages = entry.get("messages")
-    if isinstance(messages, list) and messages and all(isinstance(m, dict) and "role" in m for m in messages):
-        if endpoint != "chat":
-            raise ValueError('"messages" needs the chat endpoint; the completions endpoint takes "prompt"')
-        return messages, max_tokens
-    raise ValueError('expected "prompt" (a string) or "messages" (a list of {"role", "content"} objects)')
+    dataset = read_dataset(path, "jsonl", endpoint, TokenCounter(), where="target.prompt_file")
+    return list(zip(dataset.prompts, dataset.output_tokens, strict=True))
 
 
 PROTOCOL = ProtocolSpec(
@@ -539,14 +803,33 @@ PROTOCOL = ProtocolSpec(
     options=OpenAITarget,
     client=OpenAIClient,
     streams=True,
+    sized=True,
     flags=(
-        Flag("endpoint", str | None, "chat (default) or completions.", key=("target", "endpoint")),
+        Flag("endpoint", str | None, "chat (default), completions or embeddings.", key=("target", "endpoint")),
         Flag("max_tokens", str | None, 'Output tokens a request: 128, "uniform:8,32", "normal:128,16".',
              key=("target", "max_tokens")),
-        Flag("input_tokens", str | None, "Words a synthetic prompt (~a token each), as --max-tokens.",
-             key=("target", "input_tokens")),
+        Flag("input_tokens", str | None, "Tokens of a synthetic prompt (exact with --tokenizer, else words of "
+             "~a token each), as --max-tokens.", key=("target", "input_tokens")),
         Flag("prompt_file", Path | None, 'JSONL prompts, {"prompt": ...} or {"messages": [...]} a line.',
              key=("target", "prompt_file"), to_scenario=as_path_text),
+        Flag("dataset", Path | None, "Prompt dataset: ShareGPT JSON or JSONL, sampled and shuffled with the "
+             "seed.", key=("target", "dataset"), to_scenario=as_path_text),
+        Flag("dataset_format", str | None, "sharegpt or jsonl (default: told by the file's content).",
+             key=("target", "dataset_format")),
+        Flag("dataset_output_tokens", bool, "ShareGPT: each request's max_tokens is its reference answer's "
+             "token count (as vLLM's benchmark).", key=("target", "dataset_output_tokens"), to_scenario=if_set,
+             default=False, decls=("--dataset-output-tokens",)),
+        Flag("dataset_limit", int | None, "Keep at most N dataset entries (a seeded sample).",
+             key=("target", "dataset_limit")),
+        Flag("tokenizer", Path | None, "Hugging Face tokenizer.json: exact prompt token counts, and output "
+             "counts when the server gives no usage.", key=("target", "tokenizer"), to_scenario=as_path_text),
+        Flag("no_stream", bool, "Non-streamed answers: latency and usage tokens, no TTFT/ITL.",
+             key=("target", "stream"), to_scenario=lambda value: False if value else None, default=False,
+             decls=("--no-stream",)),
+        Flag("ignore_eos", bool | None, 'Send "ignore_eos": true with max_tokens (vLLM; default: synthetic '
+             "prompts yes, datasets no).", key=("target", "ignore_eos"), decls=("--ignore-eos/--no-ignore-eos",)),
+        Flag("cancel_rate", float | None, "Share (0..1) of streams closed by the client after their first "
+             "token, counted as cancelled (seeded).", key=("target", "cancel_rate")),
     ),
-    summary="OpenAI-compatible streaming completions (LLM servers)",
+    summary="OpenAI-compatible completions, streamed or not, and embeddings (LLM servers)",
 )

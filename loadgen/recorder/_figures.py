@@ -22,7 +22,7 @@ from loadgen.recorder._hdr import mean_value, new_histogram, values_at_percentil
 HISTOGRAMS = ("latency", "service", "lag")
 """Names of the histogram fields, in the order the sinks show them."""
 COUNTERS = ("ok", "dropped", "out_of_range", "completed_in_window", "sent", "unsent", "scored", "correct",
-            "similarity_ppm")
+            "similarity_ppm", "cancelled")
 """Names of the integer counter fields (errors, a dict, is handled beside them)."""
 STREAM_HISTOGRAMS = ("ttft", "ttft_service", "itl", "tpot")
 """Names of the StreamFigures histogram fields, in the order the sinks show them."""
@@ -114,6 +114,9 @@ class HistogramSet:
     """Of the scored answers, those whose predicted class was the label (or the reference's)."""
     similarity_ppm: int = 0
     """Sum over scored rows of the cosine similarity with the reference output, in millionths."""
+    cancelled: int = 0
+    """Streams the client closed on purpose after their first token (openai's cancel_rate): not errors,
+    no latency; their TTFT is in `stream`."""
     stream: StreamFigures | None = None
     """Token-level figures when the responses were streamed (protocol openai), else None."""
 
@@ -129,8 +132,8 @@ class HistogramSet:
 
     @property
     def requests(self) -> int:
-        """Responses received: successes plus errors of every kind."""
-        return self.ok + sum(self.errors.values())
+        """Responses received: successes plus errors of every kind, plus streams cancelled by the client."""
+        return self.ok + sum(self.errors.values()) + self.cancelled
 
     def add(self, other: HistogramSet) -> None:
         """Add `other` into this set: histograms bucket by bucket, counters by sum."""

@@ -41,6 +41,9 @@ response's output token count n:
                  chunk and [DONE] that follow it do not count
 - output_tokens (and output_tokens_in_window, for responses with done_t <= window_end_t).
 A successful stream with no token chunk counts its tokens (if any) and has no TTFT, ITL or TPOT.
+A stream the client cancelled after its first token (error CANCELLED, openai's cancel_rate) is counted
+in `cancelled`, not in errors; it enters lag, sent, ttft and ttft_service, and nothing else (no latency,
+service, ITL, TPOT, tokens; not completed_in_window: it was not answered).
 latency, service and lag of a stream are recorded exactly as for any other request.
 
 Hot path: record() only appends to plain lists; flush() converts each batch with numpy and records it
@@ -58,6 +61,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from loadgen.outcome import CANCELLED
 from loadgen.recorder._figures import (
     COUNTERS,
     HISTOGRAMS,
@@ -120,6 +124,7 @@ class Recorder:
         self._correct = 0
         self._similarity = 0
         self._streams: list[tuple[float, float, float, Sequence[float], int]] = []
+        self._cancelled: list[tuple[float, float, Sequence[float]]] = []
 
     def _new_set(self) -> HistogramSet:
         return HistogramSet.streaming() if self.streams else HistogramSet()
@@ -143,7 +148,10 @@ class Recorder:
         output_tokens: int,
     ) -> None:
         """Buffer one streamed response: as record(), plus its token chunk instants and token count
-        when it succeeded. Only for a Recorder made with streams=True."""
+        when it succeeded (a cancelled one: its first token). Only for a Recorder made with streams=True."""
+        if error == CANCELLED:
+            self._cancelled.append((intended_t, sent_t, token_times))
+            return
         self.record(intended_t, sent_t, done_t, error)
         if error is None:
             self._streams.append((intended_t, sent_t, done_t, token_times, output_tokens))
@@ -221,17 +229,19 @@ class Recorder:
         self.cumulative.add(interval.figures)
         self.intervals.append(interval)
 
-    def _take_buffers(self) -> tuple[list[float], list[float], list[float], list, tuple[int, ...], list]:
+    def _take_buffers(self) -> tuple[list[float], list[float], list[float], list, tuple[int, ...], list, list]:
         """Hand over every buffered sample and start empty buffers (record() appends to the new ones)."""
         taken = (self._ok_intended, self._ok_sent, self._ok_done, self._failed,
-                 (self._dropped, self._unsent, self._scored, self._correct, self._similarity), self._streams)
+                 (self._dropped, self._unsent, self._scored, self._correct, self._similarity), self._streams,
+                 self._cancelled)
         self._ok_intended, self._ok_sent, self._ok_done, self._failed = [], [], [], []
         self._dropped = self._unsent = self._scored = self._correct = self._similarity = 0
-        self._streams = []
+        self._streams, self._cancelled = [], []
         return taken
 
     def _flush_steps(self, figures: HistogramSet, taken: tuple) -> Iterator[None]:
-        ok_intended, ok_sent, ok_done, failed, (dropped, unsent, scored, correct, similarity), streams = taken
+        (ok_intended, ok_sent, ok_done, failed, (dropped, unsent, scored, correct, similarity), streams,
+         cancelled) = taken
         figures.dropped += dropped
         figures.unsent += unsent
         figures.scored += scored
@@ -255,6 +265,10 @@ class Recorder:
                 figures.stream = StreamFigures()
             figures.out_of_range += _flush_streams(figures.stream, streams, self.window_end_t)
             yield
+        if cancelled:
+            if figures.stream is None:
+                figures.stream = StreamFigures()
+            figures.out_of_range += _flush_cancelled(figures, figures.stream, cancelled)
 
     def _flush_failed(self, figures: HistogramSet, failed: list) -> None:
         intended, sent, done, kinds = zip(*failed, strict=True)
@@ -289,6 +303,22 @@ def _flush_streams(into: StreamFigures, streams: list, window_end_t: float) -> i
     several = tokens_a[has] > 1
     tpot = (last - first)[several] / (tokens_a[has][several] - 1)
     clamped += record_many(into.tpot, _to_us(tpot))
+    return clamped
+
+
+def _flush_cancelled(figures: HistogramSet, into: StreamFigures, cancelled: list) -> int:
+    """Record buffered cancelled streams (intended, sent, token_times): count, lag, TTFT; returns the
+    values clamped."""
+    intended = np.array([c[0] for c in cancelled], dtype=np.float64)
+    sent = np.array([c[1] for c in cancelled], dtype=np.float64)
+    figures.cancelled += len(cancelled)
+    figures.sent += len(cancelled)
+    clamped = record_many(figures.lag, _to_us(sent - intended))
+    has = np.array([len(c[2]) > 0 for c in cancelled], dtype=bool)
+    if has.any():
+        first = np.array([c[2][0] for c in cancelled if len(c[2])], dtype=np.float64)
+        clamped += record_many(into.ttft, _to_us(first - intended[has]))
+        clamped += record_many(into.ttft_service, _to_us(first - sent[has]))
     return clamped
 
 

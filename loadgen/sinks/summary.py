@@ -74,20 +74,22 @@ def stream_summary(figures: HistogramSet, duration_s: float) -> dict[str, Any]:
     """The token-level figures of a streamed run (protocol openai).
 
     ttft_ms (from the intended send, as latency_ms), ttft_service_ms (from the actual send), itl_ms
-    (gaps between token chunks, pooled), tpot_ms (per response), each with latency_ms's keys;
-    output_tokens of every successful response, and output_tokens_per_s: the tokens of the
-    responses that completed within the run window over its length (as achieved_rps counts them).
+    (gaps between token chunks, pooled), tpot_ms (per response), each with latency_ms's keys, and each
+    left out when the run measured none (non-streamed answers, embeddings, one-token answers: absent,
+    not zero); output_tokens of every successful response, and output_tokens_per_s: the tokens of the
+    responses that completed within the run window over its length (as achieved_rps counts them);
+    cancelled: streams the client closed after their first token (counted apart from ok and errors).
     """
     stream = figures.stream
     assert stream is not None
-    return {
-        "ttft_ms": figures.percentiles_ms("ttft"),
-        "ttft_service_ms": figures.percentiles_ms("ttft_service"),
-        "itl_ms": figures.percentiles_ms("itl"),
-        "tpot_ms": figures.percentiles_ms("tpot"),
-        "output_tokens": stream.output_tokens,
-        "output_tokens_per_s": _rate(stream.output_tokens_in_window, duration_s),
+    summary: dict[str, Any] = {
+        f"{name}_ms": figures.percentiles_ms(name) for name in ("ttft", "ttft_service", "itl", "tpot")
+        if getattr(stream, name).get_total_count()
     }
+    summary.update(output_tokens=stream.output_tokens,
+                   output_tokens_per_s=_rate(stream.output_tokens_in_window, duration_s),
+                   cancelled=figures.cancelled)
+    return summary
 
 
 def write_summary(path: str | os.PathLike[str], summary: dict[str, Any]) -> None:

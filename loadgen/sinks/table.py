@@ -11,8 +11,9 @@ text, so it reads the same in a CI log as in a terminal.
     count    1000 requests, 980 ok, 20 errors (http_503 20), 1 dropped, 0 unsent
     GENERATOR-BOUND: lag p99 2.1 ms > 1 ms (these figures describe the generator, not the endpoint)
 
-A streamed run (protocol openai) adds rows ttft, itl and tpot after lag, and a tokens line with the
-output tokens per second (see loadgen/sinks/summary.py).
+A streamed run (protocol openai) adds rows ttft, itl and tpot after lag (those it measured), a tokens
+line with the output tokens per second, and the streams cancelled by the client in the count line (see
+loadgen/sinks/summary.py).
 """
 
 from __future__ import annotations
@@ -85,6 +86,8 @@ def _counts_line(summary: dict[str, Any]) -> str:
     error_count = sum(errors.values())
     kinds = ", ".join(f"{kind} {count}" for kind, count in sorted(errors.items()))
     parts.append(f"{error_count} errors ({kinds})" if kinds else "0 errors")
+    if summary.get("cancelled"):
+        parts.append(f"{summary['cancelled']} cancelled")
     parts.append(f"{summary.get('dropped', 0)} dropped")
     parts.append(f"{summary.get('unsent', 0)} unsent")
     if summary.get("out_of_range"):

@@ -3,6 +3,7 @@ KV budget's refusal, GET/DELETE /sim/log and GET /metrics instead of GET /mock."
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -47,6 +48,10 @@ class SimApp(MockApp):
         super().__init__(config.mock_config(), t0, pid)
         self.sim = config
         self.engine = engine
+        listed = json.loads(self._models.body)
+        for model in listed["data"]:
+            model["max_model_len"] = engine.config.kv_tokens  # as vLLM lists it: the longest prompt + output
+        self._models = Reply(200, json_body(listed))
 
     def get_routes(self) -> dict[str, Callable[[], Reply]]:
         routes = super().get_routes()

@@ -23,7 +23,8 @@ from servers.openai_mock._server import ServerContext, print_listening, run_serv
 
 ReadyCallback = Callable[[str, int], None]
 _FLAGS = {"ttft_ms": "--ttft-ms", "itl_ms": "--itl-ms", "max_tokens_limit": "--max-tokens-limit",
-          "max_tokens": "--max-tokens", "truncate_every": "--truncate-every", "error_every": "--error-every"}
+          "max_tokens": "--max-tokens", "truncate_every": "--truncate-every", "error_every": "--error-every",
+          "embedding_dims": "--embedding-dims", "record_requests": "--record-requests"}
 
 
 def serve(config: MockConfig, host: str = "127.0.0.1", port: int = 8000,
@@ -68,6 +69,11 @@ def build_parser(prog: str = "python -m servers.openai_mock") -> argparse.Argume
              "(default 0 = never)")
     add("--error-every", type=int, default=0, metavar="N",
         help="end every Nth streamed response after half its tokens with an error event (default 0 = never)")
+    add("--embedding-dims", type=int, default=8, help="length of each /v1/embeddings vector (default 8)")
+    add("--record-requests", type=int, default=0, metavar="N",
+        help="keep the bodies of the first N accepted requests for GET /mock/requests (default 0)")
+    add("--usage", action=argparse.BooleanOptionalAction, default=True,
+        help="answers carry usage token counts (default on; --no-usage: never)")
     add("--keep-awake", action=argparse.BooleanOptionalAction, default=True,
         help="keep this server's CPUs out of deep idle with idle-priority spinners, so that the wake-up of "
              "an idle CPU does not add to the declared delays (default on)")
@@ -78,7 +84,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[MockConfig, list[str]]:
     """The mock config the flags describe, and every problem with them (named by flag)."""
     config = MockConfig(ttft_ms=args.ttft_ms, itl_ms=args.itl_ms, max_tokens=args.max_tokens,
                         max_tokens_limit=args.max_tokens_limit, models=tuple(args.models or (DEFAULT_MODEL,)),
-                        truncate_every=args.truncate_every, error_every=args.error_every)
+                        truncate_every=args.truncate_every, error_every=args.error_every,
+                        embedding_dims=args.embedding_dims, record_requests=args.record_requests, usage=args.usage)
     problems = []
     for text in config.problems():
         for name, flag in _FLAGS.items():

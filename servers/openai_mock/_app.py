@@ -1,14 +1,17 @@
 """Routes and bodies of the OpenAI-compatible mock: what to answer, never when (see _server.py).
 
 Routes: POST /v1/chat/completions and /v1/completions (streamed with `"stream": true`, else one JSON
-body), GET /v1/models, GET /health, and GET /mock (the declared timing and counters, for tests). A
-completion request is checked the way OpenAI checks it; a bad one gets OpenAI's error body
+body), POST /v1/embeddings (answered at once with a fixed-size vector per input), GET /v1/models,
+GET /health, GET /mock (the declared timing and counters, for tests) and GET /mock/requests (the
+bodies of the first --record-requests accepted requests, for tests that check what was sent). A
+request is checked the way OpenAI checks it; a bad one gets OpenAI's error body
 `{"error": {"message", "type", "param", "code"}}` with status 400 (404 for an unknown model or
 route, 405 for a wrong method) and the connection keeps serving.
 
 The "model" generates exactly `max_tokens` tokens (`max_completion_tokens` for chat; the server's
 --max-tokens when the request gives neither), one per chunk, cycling through a fixed word list, and
-stops with finish_reason "length". Prompt tokens are counted as whitespace-separated words.
+stops with finish_reason "length" (vLLM's `ignore_eos` is accepted: the mock never stops early).
+Prompt tokens are counted as whitespace-separated words. With --no-usage no answer carries usage.
 Chunk layout of a chat stream (OpenAI's): a role chunk with empty content written together with the
 first token's chunk, a chunk per further token, a final chunk with an empty delta and the
 finish_reason, the usage chunk (`"choices": []`) when `stream_options.include_usage` is true, then
@@ -17,7 +20,9 @@ finish_reason, the usage chunk (`"choices": []`) when `stream_options.include_us
 
 from __future__ import annotations
 
+import base64
 import json
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -53,19 +58,25 @@ class MockConfig:
     """Every Nth streamed response is cut (connection closed) after half its tokens, before [DONE]."""
     error_every: int = 0
     """Every Nth streamed response sends an error event after half its tokens, then [DONE]."""
+    embedding_dims: int = 8
+    """Length of every embedding vector /v1/embeddings answers."""
+    record_requests: int = 0
+    """Keep the bodies of the first N accepted requests for GET /mock/requests (0: none)."""
+    usage: bool = True
+    """Answers carry usage (a stream's usage chunk when asked); False: never, as some servers."""
 
     def problems(self) -> list[str]:
         """Every reason this config is invalid, empty when it is valid."""
         found = [f"{name} must be a finite number >= 0, got {value}"
                  for name, value in (("ttft_ms", self.ttft_ms), ("itl_ms", self.itl_ms))
                  if not (value >= 0 and value != float("inf"))]
-        for name in ("max_tokens", "max_tokens_limit"):
+        for name in ("max_tokens", "max_tokens_limit", "embedding_dims"):
             if getattr(self, name) < 1:
                 found.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_tokens > self.max_tokens_limit:
             found.append(f"max_tokens ({self.max_tokens}) must not exceed "
                          f"max_tokens_limit ({self.max_tokens_limit})")
-        for name in ("truncate_every", "error_every"):
+        for name in ("truncate_every", "error_every", "record_requests"):
             if getattr(self, name) < 0:
                 found.append(f"{name} must be >= 0 (0 = never), got {getattr(self, name)}")
         if not self.models or not all(self.models):
@@ -95,6 +106,8 @@ class Completion:
     """1-based count of completion requests accepted by this server (ids and fault injection)."""
     fault: str | None = None
     """"truncate" or "error" for a stream picked by --truncate-every / --error-every."""
+    usage: bool = True
+    """The non-streamed answer carries usage (--no-usage: not)."""
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -140,6 +153,10 @@ class MockApp:
         models = [{"id": name, "object": "model", "created": created, "owned_by": "loadgen"}
                   for name in config.models]
         self._models = Reply(200, json_body({"object": "list", "data": models}))
+        self.counters.update(embeddings=0, abandoned=0)
+        """embeddings answered; streams whose client closed the connection before their end."""
+        self.recorded: list[dict[str, Any]] = []
+        """{"path", "body"} of the first config.record_requests accepted requests."""
 
     def handle(self, method: str, target: str, body: bytes) -> Reply | Completion:
         """Route one request (target: its path, and a query string if any); never raises for bad
@@ -153,7 +170,8 @@ class MockApp:
     def get_routes(self) -> dict[str, Callable[[], Reply]]:
         """The GET routes besides the completions: path -> the answer's maker."""
         return {"/v1/models": lambda: self._models, "/health": lambda: Reply(200, b""),
-                "/mock": lambda: Reply(200, json_body(self.describe()))}
+                "/mock": lambda: Reply(200, json_body(self.describe())),
+                "/mock/requests": lambda: Reply(200, json_body({"requests": self.recorded}))}
 
     def check_fits(self, prompt_tokens: int, tokens: int) -> None:
         """Raise OpenAIError when a valid request is more than the server can hold (the mock holds any)."""
@@ -166,6 +184,8 @@ class MockApp:
                 return self._accept(path == "/v1/chat/completions", body)
             except OpenAIError as exc:
                 return exc.reply()
+        if path == "/v1/embeddings":
+            return self._embeddings_route(method, path, body)
         routes = self.get_routes()
         if path in routes:
             if method != "GET":
@@ -186,7 +206,8 @@ class MockApp:
         prompt_tokens = _messages_tokens(request) if chat else _prompt_tokens(request)
         tokens = _max_tokens(request, chat, self.config)
         stream = _optional(request, "stream", bool, "a boolean") or False
-        include_usage = _stream_options(request, stream)
+        _optional(request, "ignore_eos", bool, "a boolean")
+        include_usage = _stream_options(request, stream) and self.config.usage
         n = request.get("n")
         if n is not None and (type(n) is not int or n != 1):
             raise OpenAIError(400, f"Invalid 'n': this server generates one choice per request, got {n!r}.",
@@ -194,11 +215,51 @@ class MockApp:
         self.check_fits(prompt_tokens, tokens)
         self.counters["completions"] += 1
         serial = self.counters["completions"]
-        completion = Completion(chat, model, tokens, prompt_tokens, stream, include_usage, serial)
+        completion = Completion(chat, model, tokens, prompt_tokens, stream, include_usage, serial,
+                                usage=self.config.usage)
+        self._remember("/v1/chat/completions" if chat else "/v1/completions", request)
         if stream:
             self.counters["streams"] += 1
             completion.fault = self._fault(self.counters["streams"])
         return completion
+
+    def _remember(self, path: str, request: dict[str, Any]) -> None:
+        """Keep an accepted request's body while fewer than config.record_requests are kept."""
+        if len(self.recorded) < self.config.record_requests:
+            self.recorded.append({"path": path, "body": request})
+
+    def _embeddings_route(self, method: str, path: str, body: bytes) -> Reply:
+        if method != "POST":
+            return wrong_method(method, path, "POST")
+        try:
+            return self._embeddings(body)
+        except OpenAIError as exc:
+            return exc.reply()
+
+    def _embeddings(self, body: bytes) -> Reply:
+        """OpenAI's embeddings answer: one vector of config.embedding_dims floats per input."""
+        request = _parse_json(body)
+        model = _model(request, self.config.models)
+        inputs, tokens = _embedding_inputs(request)
+        encoding = request.get("encoding_format")
+        if encoding not in (None, "float", "base64"):
+            raise OpenAIError(400, f"Invalid value for 'encoding_format': {json.dumps(encoding)}. Supported "
+                              "values are: 'float' and 'base64'.", "encoding_format", "invalid_value")
+        dims = request.get("dimensions", self.config.embedding_dims)
+        if type(dims) is not int or dims < 1:
+            raise _invalid_type("dimensions", "an integer >= 1", dims)
+        self.counters["embeddings"] += 1
+        self._remember("/v1/embeddings", request)
+        data = []
+        for index in range(inputs):
+            vector = [round(((index + k) % 7 - 3) / 3.0, 6) for k in range(dims)]
+            embedding: Any = vector if encoding != "base64" else base64.b64encode(
+                struct.pack(f"<{dims}f", *vector)).decode("ascii")
+            data.append({"object": "embedding", "index": index, "embedding": embedding})
+        answer: dict[str, Any] = {"object": "list", "data": data, "model": model}
+        if self.config.usage:
+            answer["usage"] = {"prompt_tokens": tokens, "total_tokens": tokens}
+        return Reply(200, json_body(answer))
 
     def _fault(self, stream_serial: int) -> str | None:
         config = self.config
@@ -313,6 +374,24 @@ def _prompt_tokens(request: dict[str, Any]) -> int:
     raise _invalid_type("prompt", "a string, an array of strings or an array of token arrays", prompt)
 
 
+def _embedding_inputs(request: dict[str, Any]) -> tuple[int, int]:
+    """(inputs, prompt tokens as words) of an embeddings request's `input`."""
+    if "input" not in request:
+        raise _missing("input")
+    value = request["input"]
+    if isinstance(value, str) and value:
+        return 1, len(value.split())
+    if isinstance(value, list) and value:
+        if all(isinstance(item, str) and item for item in value):
+            return len(value), sum(len(item.split()) for item in value)
+        if all(type(item) is int for item in value):
+            return 1, len(value)
+        if all(isinstance(item, list) and item and all(type(t) is int for t in item) for item in value):
+            return len(value), sum(len(item) for item in value)
+    raise OpenAIError(400, "'$.input' is invalid. Please check the API reference: "
+                      "https://platform.openai.com/docs/api-reference.", "input", "invalid_value")
+
+
 def _max_tokens(request: dict[str, Any], chat: bool, config: MockConfig) -> int:
     names = ("max_completion_tokens", "max_tokens") if chat else ("max_tokens",)
     for name in names:
@@ -413,5 +492,7 @@ class Renderer:
                                 "created": c.created, "model": c.model}
         if c.chat:
             body["system_fingerprint"] = _FINGERPRINT
-        body.update(choices=[choice], usage=self.usage())
+        body["choices"] = [choice]
+        if c.usage:
+            body["usage"] = self.usage()
         return json_body(body)

@@ -74,6 +74,7 @@ class MockProtocol(HttpConnection):
         self._context = context
         self._jobs: deque[Job] = deque()
         self._busy = False  # an answer is being written over time
+        self._abandoned = False  # the client went away mid-answer (counted once)
 
     def data_received(self, data: bytes) -> None:
         if not self._reading:
@@ -92,13 +93,21 @@ class MockProtocol(HttpConnection):
         self._next()
 
     def eof_received(self) -> bool:
+        self._note_abandoned()
         self._peer_eof = True
         self._reading = False
         return self._busy or bool(self._jobs)  # True keeps the socket open for the answers still due
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
+        self._note_abandoned()
         self._jobs.clear()
+
+    def _note_abandoned(self) -> None:
+        """Count once a connection whose client went away (EOF or reset) while an answer was being written."""
+        if self._busy and not self._abandoned:
+            self._abandoned = True
+            self._context.app.counters["abandoned"] += 1
 
     def _queue(self, request: Request, arrival_t: float) -> None:
         reply = self._context.app.handle(request.method, request.target, request.body)
