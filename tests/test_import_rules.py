@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("loadgen.lowlevel",),
-    ("loadgen.units", "loadgen.errors", "loadgen.flags", "loadgen.outcome"),
+    ("loadgen.units", "loadgen.errors", "loadgen.flags", "loadgen.outcome", "loadgen.goodput"),
     ("loadgen.recorder",),
     ("loadgen.sinks", "loadgen.slo", "loadgen.serverside"),  # sinks write what the recorder holds
     ("loadgen.protocols",),  # a client returns an Outcome; it never records
