@@ -10,7 +10,8 @@ A request is *good* when it succeeded and meets EVERY term. The terms, each `NAM
 - itl      its LARGEST gap between two successive token chunks: the worst stall its user saw (a
            response whose one gap was a 2 s pause is not good, however quick its other chunks)
 - latency  response complete - intended send instant (end to end)
-A term on a figure a request does not have is met: tpot of a one-token answer, itl of an answer in one
+Figures and limits are compared in whole microseconds (the histograms' rounding), so "latency<=10ms" keeps
+a request the histogram records at 10.000 ms. A term on a figure a request does not have is met: tpot of a one-token answer, itl of an answer in one
 chunk, ttft of a stream without a token chunk. ttft, tpot and itl exist only for streamed responses
 (protocol openai); the scenario refuses them for other protocols.
 
@@ -54,9 +55,11 @@ class GoodputTerm:
         return f"{self.name}{self.op}{_format_s(self.limit_s)}"
 
     def met(self, values_s: np.ndarray) -> np.ndarray:
-        """Per request: True when its value meets the term or it has none (NaN)."""
+        """Per request: True when its value meets the term or it has none (NaN). Values and limit are
+        compared in whole microseconds, rounded as the recorder rounds what its histograms record."""
+        values_us, limit_us = np.rint(values_s * 1e6), round(self.limit_s * 1e6)
         with np.errstate(invalid="ignore"):
-            within = values_s < self.limit_s if self.op == "<" else values_s <= self.limit_s
+            within = values_us < limit_us if self.op == "<" else values_us <= limit_us
         return within | np.isnan(values_s)
 
 

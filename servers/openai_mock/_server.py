@@ -6,7 +6,8 @@ connection answers one request at a time, in request order (pipelined requests w
 Timing rule (the ground truth a client is checked against): a completion request's clock starts at
 its arrival, the instant right after the complete request (head and body) was parsed, or, when it
 waited behind an earlier answer on the same connection, the instant that answer ended. With that
-start s, token chunk k (0-based) is written at s + ttft + k * itl, from a PreciseScheduler
+start s, token chunk k (0-based) is written at s + ttft + k * itl (ttft: the request's own, see
+--ttft-ms in _app.py), from a PreciseScheduler
 (loadgen/lowlevel/precise_timer.py) callback: each instant is computed from s, so no error accumulates.
 A stream's response head is written at s; a non-streamed answer is written whole at
 s + ttft + (tokens - 1) * itl, when its last token would have been generated.
@@ -40,7 +41,7 @@ class ServerContext:
 
     app: MockApp
     scheduler: PreciseScheduler
-    ttft_s: float
+    ttft_s: float  # the declared default; each Completion carries its own (--ttft-ms may cycle)
     itl_s: float
     connections: set[MockProtocol] = field(default_factory=set)
 
@@ -157,15 +158,16 @@ class _Answer:
 
     def start(self) -> None:
         context, completion = self._context, self._completion
+        completion.record["arrival_t"] = self._start_t
         if not completion.stream:
-            last_t = self._start_t + context.ttft_s + (completion.tokens - 1) * context.itl_s
+            last_t = self._start_t + completion.ttft_s + (completion.tokens - 1) * context.itl_s
             context.scheduler.call_at(last_t, self._whole)
             return
         framing = "Transfer-Encoding: chunked\r\n" if self._chunked else ""
         if self._close:
             framing += "Connection: close\r\n"
         self._conn._write(_STREAM_HEAD.format(framing=framing).encode("latin-1"))
-        context.scheduler.call_at(self._start_t + context.ttft_s, self._token)
+        context.scheduler.call_at(self._start_t + completion.ttft_s, self._token)
 
     def _whole(self) -> None:
         self._context.app.counters["completed"] += 1
@@ -188,12 +190,14 @@ class _Answer:
         counters["tokens"] += 1
         if not self._conn._write(data, last and self._close):
             return  # the client went away: nothing more to write
+        if k == 0:
+            completion.record["first_token_t"] = time.monotonic()
         if last:
             self._conn.answer_done()
             return
         self._k = k + 1
         context = self._context
-        context.scheduler.call_at(self._start_t + context.ttft_s + self._k * context.itl_s, self._token)
+        context.scheduler.call_at(self._start_t + completion.ttft_s + self._k * context.itl_s, self._token)
 
     def _fault(self, fault: str) -> None:
         counters = self._context.app.counters
