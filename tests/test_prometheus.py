@@ -13,8 +13,8 @@ from prometheus_client.utils import floatToGoString
 
 from loadgen.goodput import parse_goodput
 from loadgen.recorder import Recorder
-from loadgen.sinks.summary import build_summary
 from loadgen.sinks.prometheus import BUCKETS_S, QUANTILES, RunCollector, SweepCollector
+from loadgen.sinks.summary import build_summary
 from loadgen.sweep import StepResult, verdict
 
 START = 1000.0
