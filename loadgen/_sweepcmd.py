@@ -73,6 +73,8 @@ scrape interval); only when something scraped it during the sweep."""
 
 CURVE_COLUMNS = ("step", "offered_rps", "achieved_rps", "p50_ms", "p90_ms", "p99_ms", "p99_9_ms",
                  "errors", "dropped", "generator_bound", "slo_met", "stable",
+                 "goodput_rps", "goodput_share", "ttft_p50_ms", "ttft_p99_ms", "itl_p99_ms", "tpot_p99_ms",
+                 "output_tokens_per_s",
                  "server_queue_ms", "server_compute_ms", "server_batch_size", "gpu_utilization", "gpu_power_w",
                  "energy_j_per_inference", "usd_per_million_inferences")
 _SERVER_COLUMNS = {"server_queue_ms": "queue_ms_per_request", "server_compute_ms": "compute_ms_per_request",
@@ -228,8 +230,10 @@ def _progress(step: StepResult, total: int | None, closed: bool) -> str:
         server = "  server:" + (f" batch {batch:.1f}" if batch else "") + (f" queue {queue:.2f} ms" if queue else "")
         if step.server.get("gpu_utilization") is not None:
             server += f" gpu {100 * step.server['gpu_utilization']:.0f}%"
+    good = "" if step.goodput is None else (f"  goodput {step.goodput_rps:8.1f} req/s "
+                                             f"({100 * (step.goodput_share or 0.0):.1f} % good)")
     return (f"step {step.index}{of}  {load}  achieved {step.achieved_rps:8.1f} req/s  "
-            f"p99 {step.latency_ms['p99']:9.3f} ms{slo}{flags}{server}")
+            f"p99 {step.latency_ms['p99']:9.3f} ms{good}{slo}{flags}{server}")
 
 
 def _curve_row(step: StepResult) -> dict[str, Any]:
@@ -238,8 +242,18 @@ def _curve_row(step: StepResult) -> dict[str, Any]:
             "achieved_rps": round(step.achieved_rps, 3), "p50_ms": lat["p50"], "p90_ms": lat["p90"],
             "p99_ms": lat["p99"], "p99_9_ms": lat["p99_9"], "errors": step.errors, "dropped": step.dropped,
             "generator_bound": step.generator_bound, "slo_met": "" if step.slo_met is None else step.slo_met,
-            "stable": step.stable,
+            "stable": step.stable, **_llm_columns(step),
             **{column: _blank((step.server or {}).get(key)) for column, key in _SERVER_COLUMNS.items()}}
+
+
+def _llm_columns(step: StepResult) -> dict[str, Any]:
+    """goodput_rps and goodput_share (with --goodput) and the token figures of a streamed step; blank else."""
+    llm = step.llm or {}
+    ttft, itl, tpot = (llm.get(key) or {} for key in ("ttft_ms", "itl_ms", "tpot_ms"))
+    return {"goodput_rps": _blank(step.goodput_rps), "goodput_share": _blank(step.goodput_share),
+            "ttft_p50_ms": _blank(ttft.get("p50")), "ttft_p99_ms": _blank(ttft.get("p99")),
+            "itl_p99_ms": _blank(itl.get("p99")), "tpot_p99_ms": _blank(tpot.get("p99")),
+            "output_tokens_per_s": _blank(llm.get("output_tokens_per_s"))}
 
 
 def _blank(value: Any) -> Any:
@@ -268,8 +282,23 @@ def _print_verdict(judged: dict[str, Any], has_slo: bool, closed: bool = False) 
     if has_slo:
         best = judged["max_rps_meeting_slo"]
         print(f"max rate meeting the SLO: {best:.1f} req/s" if best is not None else "no step met the SLO")
+    if judged.get("goodput"):
+        print(_goodput_verdict(judged["goodput"], closed))
     for note in judged["notes"]:
         print(f"note: {note}")
+
+
+def _goodput_verdict(goodput: dict[str, Any], closed: bool) -> str:
+    best, knee = goodput["best"], goodput["knee"]
+    unit = "users" if closed else "req/s offered"
+    text = (f"goodput: best {best['goodput_rps']:.1f} good req/s at step {best['step']} ({best['load']:g} {unit}, "
+            f"{100 * best['share']:.1f} % good)" if best else "goodput: no healthy step")
+    floor = f"{100 * goodput['share_floor']:.0f} %"
+    if knee:
+        text += f"; knee: {knee['load']:g} {unit}, the highest load that kept >= {floor} good"
+    else:
+        text += f"; no step kept >= {floor} good"
+    return text
 
 
 PROBE_S = 2.0
@@ -405,7 +434,7 @@ def run_sweep(path: Path | None, overrides: dict[Any, Any], spec: SweepSpec, *,
     live.judge(judged, finished=True)
     if metrics is not None and metrics.error:
         judged["notes"].append(f"server-side figures incomplete: {metrics.error}")
-    meta = {"plan": described, "slo": base.slo, "warmup_s": spec.warmup_s,
+    meta = {"plan": described, "slo": base.slo, "goodput_terms": base.goodput, "warmup_s": spec.warmup_s,
             "step_duration_s": spec.step_duration_s, "interrupted": interrupted,
             "target": {"url": base.target.url, "model": base.target.model},
             "server_metrics": spec.server_metrics, "cost_per_hour": spec.cost_per_hour}

@@ -127,6 +127,10 @@ OUTPUT = (
          "spinners (default on).", key=("output", "keep_awake"), decls=("--keep-awake/--no-keep-awake",)),
     Flag("slo", str | None, 'Objectives, e.g. "p99<150ms,errors<1%"; exit 1 when one is missed (a sweep: '
          "each step is judged).", key=("slo",)),
+    Flag("goodput", str | None, 'Terms every good request meets, e.g. "ttft<200ms,tpot<50ms,itl<80ms,latency<2s" '
+         "(each request's own figures; itl: its largest gap between tokens): summary.json and /metrics count "
+         "good requests and goodput_rps, and --slo may judge goodput_rps or goodput (the good share).",
+         key=("goodput",)),
     Flag("metrics_port", int | None, "Serve Prometheus /metrics on this port (0: a free port, printed): "
          "live figures of the run, or of each step, the curve and the verdict of a sweep.",
          key=("output", "metrics_port")),

@@ -137,6 +137,8 @@ def _run_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
     for figure in ("latency_ms", "service_ms", "lag_ms", "ttft_ms", "itl_ms", "tpot_ms"):
         if isinstance(summary.get(figure), dict):
             rows.append((figure, "  ".join(f"{k} {_fmt(v)}" for k, v in summary[figure].items())))
+    if summary.get("goodput"):
+        rows.append(("goodput", _fmt(summary["goodput"])))
     if summary.get("slo"):
         rows.append(("slo", "met" if summary["slo"].get("met") else "MISSED"))
     if summary.get("server"):
@@ -149,8 +151,8 @@ def _run_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
 def _sweep_sections(folder: Path, sweep: dict[str, Any]) -> list[str]:
     steps = sorted(sweep.get("steps", []), key=lambda step: step["load"])
     verdict = [(key, _fmt(sweep.get(key))) for key in
-               ("saturation_rps", "saturated", "max_rps_meeting_slo", "slo", "slo_met", "knee", "plan",
-                "interrupted")]
+               ("saturation_rps", "saturated", "max_rps_meeting_slo", "slo", "slo_met", "knee", "goodput", "plan",
+                "interrupted") if key != "goodput" or key in sweep]
     verdict += [("note", note) for note in sweep.get("notes", [])]
     sections = [_table("Verdict", verdict), _steps_table(steps)]
     if not steps:

@@ -39,8 +39,9 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from loadgen.errors import ScenarioError
+from loadgen.goodput import Goodput, parse_goodput
 from loadgen.patterns.trace import Trace, TraceError, read_trace
-from loadgen.protocols import DEFAULT_PROTOCOL, owners_of, protocols
+from loadgen.protocols import DEFAULT_PROTOCOL, owners_of, protocols, spec_of
 from loadgen.protocols.base import TargetOptions
 from loadgen.protocols.common.tokens import TokenCount
 from loadgen.slo import parse_slo
@@ -237,6 +238,9 @@ class Scenario(_Strict):
     output: Output = Field(default_factory=Output)
     slo: str | None = None
     """Service-level objectives, e.g. "p99<150ms,errors<1%" (loadgen.slo); a miss exits 1."""
+    goodput: str | None = None
+    """The terms a good request meets, e.g. "ttft<200ms,tpot<50ms,itl<80ms,latency<2s" (loadgen.goodput):
+    summary.json then counts good requests and goodput_rps, and --slo may judge goodput_rps and goodput."""
 
     @field_validator("target", mode="before")
     @classmethod
@@ -254,6 +258,33 @@ class Scenario(_Strict):
             except ScenarioError as exc:
                 raise ValueError("; ".join(p.removeprefix("slo: ") for p in exc.problems)) from None
         return value
+
+    @field_validator("goodput")
+    @classmethod
+    def _goodput_parses(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                parse_goodput(value)
+            except ScenarioError as exc:
+                raise ValueError("; ".join(p.removeprefix("goodput: ") for p in exc.problems)) from None
+        return value
+
+    @model_validator(mode="after")
+    def _goodput_fits(self) -> Scenario:
+        rule = self.goodput_rule
+        if rule is not None and rule.needs_stream and not spec_of(self.target.protocol).streams:
+            raise ValueError(f"goodput: {', '.join(rule.needs_stream)} judge token timings, which only a streamed "
+                             f"protocol (openai) measures; protocol {self.target.protocol!r} has latency only")
+        if self.slo is not None and rule is None:
+            named = [o.text for o in parse_slo(self.slo) if o.metric.startswith("goodput.")]
+            if named:
+                raise ValueError(f"slo: {', '.join(named)} needs goodput terms (--goodput, e.g. ttft<200ms)")
+        return self
+
+    @property
+    def goodput_rule(self) -> Goodput | None:
+        """The parsed goodput terms (None when the scenario gives none)."""
+        return parse_goodput(self.goodput) if self.goodput is not None else None
 
     @model_validator(mode="after")
     def _one_pattern(self) -> Scenario:

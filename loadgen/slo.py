@@ -6,6 +6,8 @@ Terms, comma-separated, each `METRIC OP VALUE[UNIT]`:
   ttft_p99 itl_p99 tpot_p99 ... streamed (openai) runs: time to first token, inter-token latency,
                                time per output token, with the same percentiles and units
   tokens_per_s                 streamed runs: output tokens per second
+  goodput_rps                  with --goodput: good requests per second (req/s optional)
+  goodput                      with --goodput: good requests as a share of responses, 0..1 or a % ("0.9", "90%")
   errors                       failed requests as % of requests ("%" optional)
   throughput                   achieved req/s (rps, req/s optional)
 OP is one of < <= > >=. Every check is reported with its measured value, and a run whose generator
@@ -70,6 +72,15 @@ def _objective(term: str) -> Objective:
         if unit not in ("", "tok/s"):
             raise ValueError(f"{term.strip()!r}: output tokens are per second, e.g. tokens_per_s>=500")
         return Objective(term.strip(), "output_tokens_per_s", op, limit)
+    if name == "goodput_rps":
+        if unit not in ("", "rps", "req/s"):
+            raise ValueError(f"{term.strip()!r}: goodput_rps is in req/s, e.g. goodput_rps>=50")
+        return Objective(term.strip(), "goodput.goodput_rps", op, limit)
+    if name in ("goodput", "goodput_share"):
+        if unit not in ("", "%"):
+            raise ValueError(f"{term.strip()!r}: goodput is a share of the responses, e.g. goodput>=0.9 or "
+                             "goodput>=90%")
+        return Objective(term.strip(), "goodput.share", op, limit / 100.0 if unit == "%" else limit)
     family, key = name.split("_", 1) if name.startswith(_FAMILIES) else ("latency", name)
     if key not in _PERCENTILES or unit not in _TIME_UNITS:
         raise ValueError(f"{term.strip()!r}: unknown metric or unit (p50, p90, p99, p99.9, max, mean; ms, s, us)")
@@ -112,8 +123,10 @@ def judge(summary: dict[str, Any], objectives: list[Objective]) -> dict[str, Any
     for objective in objectives:
         measured = _measured(summary, objective.metric)
         if measured is None:
+            why = ("goodput needs terms: --goodput" if objective.metric.startswith("goodput.")
+                   else "streamed figures need --protocol openai")
             checks.append(Check(objective.text, None, objective.limit, False,
-                                f"this run has no {objective.metric} (streamed figures need --protocol openai)"))
+                                f"this run has no {objective.metric} ({why})"))
             continue
         met = _OPS[objective.op](measured, objective.limit)
         checks.append(Check(objective.text, round(measured, 3), objective.limit, met))

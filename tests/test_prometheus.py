@@ -11,8 +11,10 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
+from loadgen.goodput import parse_goodput
 from loadgen.recorder import Recorder
 from loadgen.sinks.prometheus import BUCKETS_S, QUANTILES, RunCollector, SweepCollector
+from loadgen.sinks.summary import build_summary
 from loadgen.sweep import StepResult, verdict
 
 START = 1000.0
@@ -151,6 +153,51 @@ def test_live_gauges() -> None:
     assert registry.get_sample_value("loadgen_offered_rps") == 100.0
     assert registry.get_sample_value("loadgen_in_flight") == 3
     assert registry.get_sample_value("loadgen_generator_cpu_ratio") == 0.25
+
+
+def streamed_run_with_goodput() -> Recorder:
+    """Fifteen 1 s intervals of 20 streams each: TTFT (10 + i) ms (or 150 ms for every fifth stream, bad
+    for ttft<100ms), then 3 to 6 token chunks (i % 4 + 3) 4 ms apart, with 2 tokens a chunk."""
+    rec = Recorder(START, streams=True, goodput=parse_goodput("ttft<100ms,itl<50ms"), window_end_t=START + 15)
+    for index in range(15):
+        for k in range(20):
+            t = START + index + k * 0.04
+            first = t + (0.150 if k % 5 == 0 else (10 + index) / 1000)
+            times = [first + 0.004 * c for c in range(index % 4 + 3)]
+            rec.record_stream(t, t, times[-1] + 0.001, None, times, 2 * len(times))
+        rec.close_interval(START + index + 1)
+    rec.finish(START + 15)
+    return rec
+
+
+def test_streamed_run_gauges_equal_its_summary() -> None:
+    """A finished streamed run with goodput terms: every TTFT/ITL/TPOT percentile gauge of the whole run, the
+    good requests and output tokens equal summary.json's figures; the rates are the last interval's."""
+    rec = streamed_run_with_goodput()
+    registry = registry_of(FakeRun(rec))
+    summary = build_summary(rec, offered_rps=20.0, duration_s=15.0, generator={})
+    for which in ("ttft", "itl", "tpot"):
+        for quantile, key in QUANTILES.items():
+            value = registry.get_sample_value(f"loadgen_{which}_percentile_seconds",
+                                              {"quantile": quantile, "window": "run"})
+            assert value == summary[f"{which}_ms"][key] / 1000, (which, quantile)
+    assert registry.get_sample_value("loadgen_good_requests_total") == summary["goodput"]["good"] == 15 * 16
+    assert registry.get_sample_value("loadgen_output_tokens_total") == summary["output_tokens"]
+    last = rec.intervals[-1].figures
+    assert registry.get_sample_value("loadgen_goodput_rps") == last.good == 16
+    assert registry.get_sample_value("loadgen_output_tokens_per_s") == last.stream.output_tokens == 20 * 2 * 5
+    # The 10 s window: intervals 5..14, 16 streams each with TTFT 15..24 ms and 40 of 150 ms: the 100th of
+    # the 200 is the 4th of the 16 at 21 ms.
+    median = registry.get_sample_value("loadgen_ttft_percentile_seconds", {"quantile": "0.5", "window": "10s"})
+    assert median == pytest.approx(0.021, abs=3e-5)
+
+
+def test_a_run_without_streams_or_goodput_has_no_such_families() -> None:
+    registry = registry_of(FakeRun(fifteen_intervals()))
+    names = {metric.name for metric in registry.collect()}
+    assert "loadgen_latency_percentile_seconds" in names
+    assert not names & {"loadgen_ttft_percentile_seconds", "loadgen_good_requests", "loadgen_goodput_rps",
+                        "loadgen_output_tokens", "loadgen_output_tokens_per_s"}
 
 
 def test_before_the_run_only_live_gauges() -> None:

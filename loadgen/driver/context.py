@@ -89,7 +89,8 @@ class LoadContext:
         self.start_t = time.monotonic() if start_t is None else start_t
         self.end_t = self.start_t + self.pattern.total_duration
         self.recorder = Recorder(
-            self.start_t, self.scenario.output.interval, window_end_t=self.end_t, streams=self.streams
+            self.start_t, self.scenario.output.interval, window_end_t=self.end_t, streams=self.streams,
+            goodput=self.scenario.goodput_rule,
         )
         self._ticker = gevent.spawn(self._tick)
 

@@ -461,7 +461,8 @@ class _DistributedRun:
         self.start_t = monotonic_of_epoch(epoch)
         self.recorder = Recorder(self.start_t, self.scenario.output.interval,
                                  window_end_t=self.start_t + self.pattern.total_duration,
-                                 streams=any((w.ready or {}).get("streams", False) for w in workers))
+                                 streams=any((w.ready or {}).get("streams", False) for w in workers),
+                                 goodput=self.scenario.goodput_rule)
         self._merger = IntervalMerger(self.recorder, [w.client_id for w in workers])
         for worker in workers:
             share = worker.shares[0] if worker.shares else Share(0, 1)

@@ -22,7 +22,7 @@ from loadgen.recorder._hdr import mean_value, new_histogram, values_at_percentil
 HISTOGRAMS = ("latency", "service", "lag")
 """Names of the histogram fields, in the order the sinks show them."""
 COUNTERS = ("ok", "dropped", "out_of_range", "completed_in_window", "sent", "unsent", "scored", "correct",
-            "similarity_ppm", "cancelled")
+            "similarity_ppm", "cancelled", "good", "good_in_window")
 """Names of the integer counter fields (errors, a dict, is handled beside them)."""
 STREAM_HISTOGRAMS = ("ttft", "ttft_service", "itl", "tpot")
 """Names of the StreamFigures histogram fields, in the order the sinks show them."""
@@ -117,6 +117,10 @@ class HistogramSet:
     cancelled: int = 0
     """Streams the client closed on purpose after their first token (openai's cancel_rate): not errors,
     no latency; their TTFT is in `stream`."""
+    good: int = 0
+    """Successful responses that met every goodput term (loadgen/goodput.py); 0 without goodput terms."""
+    good_in_window: int = 0
+    """Of the good responses, those that completed by the recorder's window_end_t (goodput_rps counts these)."""
     stream: StreamFigures | None = None
     """Token-level figures when the responses were streamed (protocol openai), else None."""
 

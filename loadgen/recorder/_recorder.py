@@ -46,6 +46,12 @@ in `cancelled`, not in errors; it enters lag, sent, ttft and ttft_service, and n
 service, ITL, TPOT, tokens; not completed_in_window: it was not answered).
 latency, service and lag of a stream are recorded exactly as for any other request.
 
+Goodput (a Recorder made with goodput=, loadgen/goodput.py): each successful request is judged, when
+flushed, against every term on its own figures: latency, and for a stream its ttft, its tpot and its
+largest ITL gap (NaN, so met, where it has no such figure). `good` counts those that met all,
+`good_in_window` those of them with done_t <= window_end_t. A streaming recorder judges the successes
+of record_stream (every success of a streamed run comes that way); a plain one those of record().
+
 Hot path: record() only appends to plain lists; flush() converts each batch with numpy and records it
 with record_many (one vectorised step per histogram), so a request costs well under a microsecond.
 Closing an interval costs about a millisecond in all; `close_interval_steps` does it in slices of
@@ -61,6 +67,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from loadgen.goodput import Goodput
 from loadgen.outcome import CANCELLED
 from loadgen.recorder._figures import (
     COUNTERS,
@@ -94,6 +101,7 @@ class Recorder:
         interval_s: float = 1.0,
         window_end_t: float = float("inf"),
         streams: bool = False,
+        goodput: Goodput | None = None,
     ) -> None:
         self.start_t = start_t
         """Monotonic time the run (and the first interval) starts."""
@@ -103,6 +111,8 @@ class Recorder:
         """Responses completing after this instant do not count towards completed_in_window."""
         self.streams = streams
         """True when outcomes come with token timings (record_stream): every set has StreamFigures."""
+        self.goodput = goodput
+        """The terms each successful request is judged against (None: no goodput counted)."""
         self.cumulative = self._new_set()
         """Sum of every closed (or merged) interval."""
         self.intervals: list[Interval] = []
@@ -257,6 +267,8 @@ class Recorder:
             figures.ok += len(done)
             figures.sent += len(done)
             figures.completed_in_window += int(np.count_nonzero(done <= self.window_end_t))
+            if self.goodput is not None and not self.streams:
+                _count_good(figures, self.goodput.judge(latency=done - intended), done, self.window_end_t)
             yield
         if failed:
             self._flush_failed(figures, failed)
@@ -265,6 +277,10 @@ class Recorder:
                 figures.stream = StreamFigures()
             figures.out_of_range += _flush_streams(figures.stream, streams, self.window_end_t)
             yield
+            if self.goodput is not None:
+                done = np.array([stream[2] for stream in streams], dtype=np.float64)
+                _count_good(figures, self.goodput.judge(**_stream_figures(streams)), done, self.window_end_t)
+                yield
         if cancelled:
             if figures.stream is None:
                 figures.stream = StreamFigures()
@@ -320,6 +336,41 @@ def _flush_cancelled(figures: HistogramSet, into: StreamFigures, cancelled: list
         clamped += record_many(into.ttft, _to_us(first - intended[has]))
         clamped += record_many(into.ttft_service, _to_us(first - sent[has]))
     return clamped
+
+
+def _stream_figures(streams: list) -> dict[str, np.ndarray]:
+    """Per buffered stream (intended, sent, done, token_times, tokens), in seconds: latency, ttft, tpot and
+    its largest gap between token chunks (itl); NaN where the stream has no such figure."""
+    intended, _sent, done, times, tokens = zip(*streams, strict=True)
+    intended_a, done_a = np.array(intended, dtype=np.float64), np.array(done, dtype=np.float64)
+    tokens_a = np.array(tokens, dtype=np.int64)
+    counts = np.array([len(t) for t in times], dtype=np.int64)
+    ttft, tpot, itl = (np.full(len(streams), np.nan) for _ in range(3))
+    has = counts > 0
+    if has.any():
+        flat = np.fromiter(itertools.chain.from_iterable(times), dtype=np.float64, count=int(counts.sum()))
+        ends = np.cumsum(counts)[has]
+        starts = ends - counts[has]
+        first, last = flat[starts], flat[ends - 1]
+        ttft[has] = first - intended_a[has]
+        several = tokens_a[has] > 1
+        spread = np.full(int(has.sum()), np.nan)
+        spread[several] = (last - first)[several] / (tokens_a[has][several] - 1)
+        tpot[has] = spread
+        # Each response's gaps lie in gaps[start : end - 1]; the gap across two responses is zeroed, and a
+        # trailing 0 lets the last response's reduceat slice start inside the array. Gaps are >= 0, so a
+        # zero never wins against a real gap; a response with one chunk gets 0 and is then set to NaN.
+        gaps = np.append(np.diff(flat), 0.0)
+        gaps[ends - 1] = 0.0
+        largest = np.maximum.reduceat(gaps, starts)
+        largest[counts[has] < 2] = np.nan
+        itl[has] = largest
+    return {"latency": done_a - intended_a, "ttft": ttft, "tpot": tpot, "itl": itl}
+
+
+def _count_good(figures: HistogramSet, good: np.ndarray, done: np.ndarray, window_end_t: float) -> None:
+    figures.good += int(np.count_nonzero(good))
+    figures.good_in_window += int(np.count_nonzero(good & (done <= window_end_t)))
 
 
 def _to_us(seconds: np.ndarray) -> np.ndarray:

@@ -26,6 +26,18 @@ Metrics (all times in seconds; latency, service and lag as measured in loadgen/r
 - `loadgen_generator_cpu_ratio`  gauge: the generator process's CPU time over wall time since the
   previous scrape (1.0 is one core busy); in a distributed run, the master's.
 
+Streamed runs (protocol openai) add, as summary.json's ttft_ms, itl_ms, tpot_ms and output tokens:
+- `loadgen_ttft_percentile_seconds`, `loadgen_itl_percentile_seconds`, `loadgen_tpot_percentile_seconds`
+  gauges with the quantile and window labels of the latency gauges, from the TTFT, ITL and TPOT HDR
+  histograms (TTFT from the intended send; ITL pooled over every gap; TPOT per response).
+- `loadgen_output_tokens_total`  counter: output tokens of successful responses.
+- `loadgen_output_tokens_per_s`  gauge: output tokens of the responses completed in the last closed
+  interval over its length.
+Runs with goodput terms (--goodput, loadgen/goodput.py) add:
+- `loadgen_good_requests_total`  counter: successful responses that met every term.
+- `loadgen_goodput_rps`  gauge: good responses completed in the last closed interval over its length
+  (achieved_rps's counting: good <= achieved).
+
 Distributed runs (`--processes` / `--master`) are exported from the master: every figure above is the
 merged one (the workers' intervals summed exactly), and each worker's generator health comes beside
 them, labelled `worker` (its index) and `host`, as of its last shipped interval:
@@ -86,6 +98,8 @@ WINDOW_S = 10.0
 QUANTILES = {"0.5": "p50", "0.9": "p90", "0.99": "p99", "0.999": "p99_9"}
 """quantile label -> the same figure's key in HistogramSet.percentiles_ms (and summary.json)."""
 _PERCENTILE_GAUGES = ("latency", "service", "lag")
+_STREAM_GAUGES = ("ttft", "itl", "tpot")
+"""Percentile gauges of streamed runs (their histograms are in the sets' StreamFigures)."""
 _HISTOGRAMS = ("latency", "service")
 
 
@@ -147,6 +161,10 @@ class _Counts:
     dropped: int
     out_of_range: int
     unsent: int = 0
+    good: int | None = None
+    """Good responses; None when the run has no goodput terms."""
+    output_tokens: int | None = None
+    """Output tokens; None when the run does not stream."""
 
 
 @dataclass(frozen=True)
@@ -158,6 +176,8 @@ class _Snapshot:
     buckets: dict[str, tuple[list[tuple[str, float]], float]]
     percentiles: dict[tuple[str, str], list[float]]
     achieved_rps: float
+    goodput_rps: float | None = None
+    output_tokens_per_s: float | None = None
 
 
 def _process_cpu_seconds() -> float:
@@ -189,7 +209,7 @@ class RunCollector:
         self._last_cpu = (clock(), cpu_seconds())
         self._snapshot: _Snapshot | None = None
         self._recorder: Recorder | None = None
-        self._window = HistogramSet()  # reused: creating three histograms costs more than merging them
+        self._window = HistogramSet.streaming()  # reused: creating histograms costs more than merging them
 
     def collect(self) -> Iterator[Metric]:
         """The metric families of the module docstring, as of now."""
@@ -200,6 +220,7 @@ class RunCollector:
             yield from self._paced(_percentile_families(snapshot))
             yield _gauge("loadgen_achieved_rps", "Responses completed in the last closed interval per second.",
                          snapshot.achieved_rps)
+            yield from _llm_gauges(snapshot)
         yield _gauge("loadgen_offered_rps", "Request rate the schedule asks for now.", self._view.offered_rps_now())
         yield _gauge("loadgen_in_flight", "Requests sent and not yet answered.", self._view.in_flight)
         cpu = self._cpu_ratio()
@@ -244,8 +265,15 @@ def _snapshot_of(recorder: Recorder, window: HistogramSet) -> _Snapshot:
     for which in _PERCENTILE_GAUGES:
         percentiles[which, "run"] = _quantiles_s(getattr(cumulative, which))
         percentiles[which, "10s"] = _quantiles_s(getattr(window, which))
+    if cumulative.stream is not None:
+        for which in _STREAM_GAUGES:
+            percentiles[which, "run"] = _quantiles_s(getattr(cumulative.stream, which))
+            percentiles[which, "10s"] = _quantiles_s(getattr(window.stream, which))
     last = intervals[-1] if intervals else None
-    achieved = last.figures.requests / (last.end_t - last.start_t) if last and last.end_t > last.start_t else 0.0
+    length = last.end_t - last.start_t if last else 0.0
+    achieved = last.figures.requests / length if length > 0 else 0.0
+    stream = cumulative.stream
+    last_stream = last.figures.stream if last is not None else None
     counts = _Counts(
         ok=cumulative.ok,
         errors=dict(cumulative.errors),
@@ -253,6 +281,8 @@ def _snapshot_of(recorder: Recorder, window: HistogramSet) -> _Snapshot:
         dropped=cumulative.dropped,
         out_of_range=cumulative.out_of_range,
         unsent=cumulative.unsent,
+        good=cumulative.good if recorder.goodput is not None else None,
+        output_tokens=stream.output_tokens if stream is not None else None,
     )
     return _Snapshot(
         intervals=len(intervals),
@@ -260,6 +290,9 @@ def _snapshot_of(recorder: Recorder, window: HistogramSet) -> _Snapshot:
         buckets={which: _buckets_of(getattr(cumulative, which)) for which in _HISTOGRAMS},
         percentiles=percentiles,
         achieved_rps=achieved,
+        goodput_rps=(last.figures.good / length if length > 0 else 0.0) if recorder.goodput is not None else None,
+        output_tokens_per_s=((last_stream.output_tokens / length if length > 0 and last_stream is not None else 0.0)
+                             if stream is not None else None),
     )
 
 
@@ -269,6 +302,10 @@ def _window_of(recorder: Recorder, into: HistogramSet) -> HistogramSet:
     recent = [interval.figures for interval in recorder.intervals[-count:]]
     for which in _PERCENTILE_GAUGES:
         sum_histograms([getattr(figures, which) for figures in recent], into=getattr(into, which))
+    if recorder.cumulative.stream is not None and into.stream is not None:
+        streams = [figures.stream for figures in recent if figures.stream is not None]
+        for which in _STREAM_GAUGES:
+            sum_histograms([getattr(stream, which) for stream in streams], into=getattr(into.stream, which))
     return into
 
 
@@ -301,6 +338,12 @@ def _counter_families(counts: _Counts) -> Iterator[Metric]:
     yield CounterMetricFamily("loadgen_out_of_range", "Values clamped into the histogram range.",
                               value=counts.out_of_range)
     yield CounterMetricFamily("loadgen_unsent", "Arrivals of the run window never sent.", value=counts.unsent)
+    if counts.output_tokens is not None:
+        yield CounterMetricFamily("loadgen_output_tokens", "Output tokens of successful responses.",
+                                  value=counts.output_tokens)
+    if counts.good is not None:
+        yield CounterMetricFamily("loadgen_good_requests", "Successful responses that met every goodput term.",
+                                  value=counts.good)
 
 
 def _histogram_families(snapshot: _Snapshot) -> Iterator[Metric]:
@@ -313,15 +356,31 @@ def _histogram_families(snapshot: _Snapshot) -> Iterator[Metric]:
         yield HistogramMetricFamily(f"loadgen_{which}_seconds", helps[which], buckets=buckets, sum_value=total)
 
 
+_PERCENTILE_HELP = {"ttft": "Time to first token (from the intended send)", "itl": "Inter-token latency (every gap)",
+                    "tpot": "Time per output token (per response)"}
+
+
 def _percentile_families(snapshot: _Snapshot) -> Iterator[Metric]:
-    for which in _PERCENTILE_GAUGES:
+    for which in (*_PERCENTILE_GAUGES, *_STREAM_GAUGES):
+        if (which, "run") not in snapshot.percentiles:
+            continue
+        what = _PERCENTILE_HELP.get(which, which.capitalize())
         family = GaugeMetricFamily(f"loadgen_{which}_percentile_seconds",
-                                   f"{which.capitalize()} percentiles from the HDR histograms, in seconds.",
+                                   f"{what} percentiles from the HDR histograms, in seconds.",
                                    labels=["quantile", "window"])
         for window in ("10s", "run"):
             for quantile, value in zip(QUANTILES, snapshot.percentiles[which, window], strict=True):
                 family.add_metric([quantile, window], value)
         yield family
+
+
+def _llm_gauges(snapshot: _Snapshot) -> Iterator[Metric]:
+    if snapshot.output_tokens_per_s is not None:
+        yield _gauge("loadgen_output_tokens_per_s", "Output tokens of the responses completed in the last closed "
+                     "interval per second.", snapshot.output_tokens_per_s)
+    if snapshot.goodput_rps is not None:
+        yield _gauge("loadgen_goodput_rps", "Good responses (every goodput term met) completed in the last closed "
+                     "interval per second.", snapshot.goodput_rps)
 
 
 def _worker_families(workers: list[WorkerHealth]) -> Iterator[Metric]:

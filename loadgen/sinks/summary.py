@@ -3,7 +3,7 @@
 Place in the flow: Recorder -> **summary** -> summary.json, terminal table, sweep steps and reports.
 Every percentile comes from the recorder's cumulative HDR histograms; see
 loadgen/recorder/_recorder.py for what latency, service and lag (and for streamed responses TTFT,
-ITL and TPOT) measure.
+ITL and TPOT) measure, and loadgen/goodput.py for what makes a request good (the `goodput` block).
 """
 
 from __future__ import annotations
@@ -66,6 +66,8 @@ def build_summary(
             summary["accuracy"]["mean_cosine"] = round(figures.similarity_ppm / figures.scored / 1e6, 6)
     if figures.stream is not None:
         summary.update(stream_summary(figures, duration_s))
+    if recorder.goodput is not None:
+        summary["goodput"] = goodput_summary(figures, recorder.goodput.text, duration_s)
     summary.update(extra or {})
     return summary
 
@@ -90,6 +92,20 @@ def stream_summary(figures: HistogramSet, duration_s: float) -> dict[str, Any]:
                    output_tokens_per_s=_rate(stream.output_tokens_in_window, duration_s),
                    cancelled=figures.cancelled)
     return summary
+
+
+def goodput_summary(figures: HistogramSet, terms: str, duration_s: float) -> dict[str, Any]:
+    """The goodput block (loadgen/goodput.py): the terms; good, the successful responses that met every
+    term; judged, every response (ok or error); share = good / judged; goodput_rps, the good responses
+    that completed within the run window over its length (as achieved_rps counts responses)."""
+    judged = figures.requests
+    return {
+        "terms": terms,
+        "good": figures.good,
+        "judged": judged,
+        "share": round(figures.good / judged, 6) if judged else 0.0,
+        "goodput_rps": _rate(figures.good_in_window, duration_s),
+    }
 
 
 def write_summary(path: str | os.PathLike[str], summary: dict[str, Any]) -> None:

@@ -14,6 +14,9 @@ text, so it reads the same in a CI log as in a terminal.
 A streamed run (protocol openai) adds rows ttft, itl and tpot after lag (those it measured), a tokens
 line with the output tokens per second, and the streams cancelled by the client in the count line (see
 loadgen/sinks/summary.py).
+With --goodput a goodput line follows the rates:
+
+    goodput  480.0/s   96.0 % good (960 of 1000 responses met ttft<200ms,tpot<50ms)
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ def render_table(summary: dict[str, Any]) -> str:
     lines.append(_rates_line(summary))
     if "output_tokens_per_s" in summary:
         lines.append(_tokens_line(summary))
+    if "goodput" in summary:
+        lines.append(_goodput_line(summary["goodput"]))
     lines.append(_counts_line(summary))
     if "accuracy" in summary:
         accuracy = summary["accuracy"]
@@ -78,6 +83,11 @@ def _rates_line(summary: dict[str, Any]) -> str:
 def _tokens_line(summary: dict[str, Any]) -> str:
     return (f"{'tokens':<{_LABEL_WIDTH}}output {summary['output_tokens_per_s']:.1f}/s   "
             f"{summary.get('output_tokens', 0)} output tokens")
+
+
+def _goodput_line(goodput: dict[str, Any]) -> str:
+    return (f"{'goodput':<{_LABEL_WIDTH}}{goodput['goodput_rps']:.1f}/s   {100 * goodput['share']:.1f} % good "
+            f"({goodput['good']} of {goodput['judged']} responses met {goodput['terms']})")
 
 
 def _counts_line(summary: dict[str, Any]) -> str:

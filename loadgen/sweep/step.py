@@ -31,6 +31,8 @@ __all__ = [
 ]
 
 _EPS_S = 1e-6
+_LLM_KEYS = ("ttft_ms", "itl_ms", "tpot_ms", "output_tokens_per_s")
+"""The summary keys of a streamed step kept in its StepResult (and sweep.json)."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,18 @@ class StepResult:
     """What the target's own metrics say about this step (loadgen/serverside.py), when scraped."""
     requests: int = 0
     """Responses in the measured part, ok and errors (the error ratio's denominator)."""
+    goodput: dict[str, Any] | None = None
+    """The step's summary.json goodput block (terms, good, judged, share, goodput_rps); None without terms."""
+    llm: dict[str, Any] | None = None
+    """A streamed step's token figures: ttft_ms, itl_ms, tpot_ms (percentiles) and output_tokens_per_s."""
+
+    @property
+    def goodput_rps(self) -> float | None:
+        return None if self.goodput is None else float(self.goodput["goodput_rps"])
+
+    @property
+    def goodput_share(self) -> float | None:
+        return None if self.goodput is None else float(self.goodput["share"])
 
     @property
     def error_ratio(self) -> float:
@@ -84,6 +98,8 @@ class StepResult:
             "generator_bound": self.generator_bound,
             "generator_reasons": self.generator_reasons,
             "slo_met": self.slo_met,
+            **({"goodput": self.goodput} if self.goodput is not None else {}),
+            **(self.llm or {}),
             "server": self.server,
             "dir": self.out_dir,
         }
@@ -91,7 +107,8 @@ class StepResult:
 
 def measured_recorder(recorder: Recorder, warmup_s: float) -> Recorder:
     """A Recorder holding only `recorder`'s intervals that start `warmup_s` or later after its start."""
-    measured = Recorder(recorder.start_t + warmup_s, recorder.interval_s, recorder.window_end_t)
+    measured = Recorder(recorder.start_t + warmup_s, recorder.interval_s, recorder.window_end_t,
+                        streams=recorder.streams, goodput=recorder.goodput)
     for interval in recorder.intervals:
         if interval.start_t >= measured.start_t - _EPS_S:
             measured.merge_interval(interval)
@@ -175,4 +192,6 @@ def step_result(index: int, load: float, summary: dict[str, Any], judged: dict[s
         stability=judged,
         slo_met=None if slo is None else bool(slo["met"]),
         out_dir=out_dir,
+        goodput=dict(summary["goodput"]) if "goodput" in summary else None,
+        llm={key: summary[key] for key in _LLM_KEYS} if all(key in summary for key in _LLM_KEYS) else None,
     )

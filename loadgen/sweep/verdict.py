@@ -16,6 +16,15 @@ Place in the flow: plan -> step -> **verdict** -> sweep.json, curve.csv, exit co
 - saturated: whether some healthy step fell behind its offered rate (or, closed loop, lies past
   the knee); when none did, saturation_rps is only a lower bound.
 - slo_met: at least one healthy step met every objective (True when there is no SLO).
+- goodput (only when the steps were judged against goodput terms, --goodput; else absent):
+  - best: the healthy step with the highest goodput_rps (good requests per second): the most useful
+    work the endpoint did, which past the knee often falls while achieved throughput still grows;
+  - knee: in load order, the last healthy step of the first run of steps whose goodput share (good /
+    responses) stayed >= share_floor (GOODPUT_SHARE_FLOOR, 0.9): the highest offered rate (closed loop:
+    user count) at which nine requests in ten still met every term. A later step that climbs back over
+    the floor after one fell under it does not count: the share did not *stay* there. None when the
+    first step was already under the floor.
+  Each gives step, load, offered_rps, achieved_rps, goodput_rps and share.
 """
 
 from __future__ import annotations
@@ -27,7 +36,10 @@ from typing import Any
 from loadgen.sweep.plan import efficient
 from loadgen.sweep.step import StepResult
 
-__all__ = ["verdict"]
+__all__ = ["GOODPUT_SHARE_FLOOR", "verdict"]
+
+GOODPUT_SHARE_FLOOR = 0.9
+"""The goodput share (good / responses) a step must keep to be at or below the goodput knee."""
 
 
 def _kept_up(step: StepResult, tolerance: float) -> bool:
@@ -78,6 +90,30 @@ def _notes(steps: Sequence[StepResult], best: StepResult | None, saturated: bool
     return notes
 
 
+def _goodput_step(step: StepResult | None) -> dict[str, Any] | None:
+    if step is None:
+        return None
+    return {"step": step.index, "load": step.load, "offered_rps": round(step.offered_rps, 3),
+            "achieved_rps": round(step.achieved_rps, 3), "goodput_rps": step.goodput_rps,
+            "share": step.goodput_share}
+
+
+def _goodput(steps: Sequence[StepResult], healthy: list[StepResult]) -> dict[str, Any] | None:
+    """The goodput part of the verdict (module docstring); None when no step was judged for goodput."""
+    judged = [step for step in steps if step.goodput is not None]
+    if not judged:
+        return None
+    healthy_judged = [step for step in healthy if step.goodput is not None]
+    best = max(healthy_judged, key=lambda step: step.goodput_rps or 0.0, default=None)
+    knee = None
+    for step in sorted(healthy_judged, key=lambda step: step.load):
+        if (step.goodput_share or 0.0) < GOODPUT_SHARE_FLOOR:
+            break
+        knee = step
+    return {"terms": judged[0].goodput["terms"], "share_floor": GOODPUT_SHARE_FLOOR,
+            "best": _goodput_step(best), "knee": _goodput_step(knee)}
+
+
 def verdict(steps: Sequence[StepResult], *, has_slo: bool, tolerance: float = 0.05) -> dict[str, Any]:
     """The sweep's verdict as a JSON-able dict (see the module docstring for each key)."""
     healthy = [step for step in steps if not step.generator_bound]
@@ -90,6 +126,7 @@ def verdict(steps: Sequence[StepResult], *, has_slo: bool, tolerance: float = 0.
         kept_up = [s for s in healthy if _kept_up(s, tolerance)]
         knee = max([s for s in kept_up if s.stable] or kept_up, key=lambda step: step.load, default=None)
     saturated = _saturated(healthy, tolerance)
+    goodput = _goodput(steps, healthy)
     return {
         "saturation_rps": round(best.achieved_rps, 3) if best else None,
         "saturated": saturated,
@@ -99,4 +136,5 @@ def verdict(steps: Sequence[StepResult], *, has_slo: bool, tolerance: float = 0.
         "knee": _summary(knee),
         "generator_bound_steps": [step.index for step in steps if step.generator_bound],
         "notes": _notes(steps, best, saturated),
+        **({"goodput": goodput} if goodput is not None else {}),
     }

@@ -3,6 +3,7 @@
     python -m servers.openai_mock --port 0 --ttft-ms 30 --itl-ms 10
     python -m servers.openai_mock --port 8000 --ttft-ms 200 --itl-ms 25 --model llama-3-8b --max-tokens 128
     python -m servers.openai_mock --port 0 --ttft-ms 30 --itl-ms 10 --truncate-every 10
+    python -m servers.openai_mock --port 0 --ttft-ms 20,120 --itl-ms 5     (TTFT 20, 120, 20, ... ms per request)
 
 Once listening it prints one line, `listening on http://HOST:PORT`, and flushes (tests read it to learn
 the port when 0 was asked). SIGTERM or SIGINT stops it with exit code 0; bad flags exit with code 2.
@@ -56,7 +57,10 @@ def build_parser(prog: str = "python -m servers.openai_mock") -> argparse.Argume
     add = parser.add_argument
     add("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     add("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (default 8000)")
-    add("--ttft-ms", type=float, default=0.0, help="request arrival to its first token chunk (default 0)")
+    add("--ttft-ms", type=_milliseconds, default=(0.0,), metavar="MS[,MS...]",
+        help="request arrival to its first token chunk (default 0); several, comma-separated, cycle per "
+             "request in the order the server accepts them: 20,120 gives completion 1 20 ms, 2 120 ms, 3 20 ms, "
+             "...; GET /mock lists each request's serial and ttft_ms")
     add("--itl-ms", type=float, default=0.0, help="between successive token chunks (default 0)")
     add("--max-tokens", type=int, default=16,
         help="tokens generated when a request gives no max_tokens (default 16)")
@@ -80,9 +84,21 @@ def build_parser(prog: str = "python -m servers.openai_mock") -> argparse.Argume
     return parser
 
 
+def _milliseconds(text: str) -> tuple[float, ...]:
+    """"20" or "20,120" -> milliseconds (argparse reports a ValueError as a bad --ttft-ms, exit 2)."""
+    values = tuple(float(part) for part in text.split(","))
+    if not values:
+        raise ValueError(text)
+    return values
+
+
+_milliseconds.__name__ = "milliseconds"  # argparse names the type in its error: "invalid milliseconds value"
+
+
 def config_from_args(args: argparse.Namespace) -> tuple[MockConfig, list[str]]:
     """The mock config the flags describe, and every problem with them (named by flag)."""
-    config = MockConfig(ttft_ms=args.ttft_ms, itl_ms=args.itl_ms, max_tokens=args.max_tokens,
+    ttfts = tuple(args.ttft_ms)
+    config = MockConfig(ttft_ms=ttfts[0], ttft_cycle_ms=ttfts if len(ttfts) > 1 else (), itl_ms=args.itl_ms, max_tokens=args.max_tokens,
                         max_tokens_limit=args.max_tokens_limit, models=tuple(args.models or (DEFAULT_MODEL,)),
                         truncate_every=args.truncate_every, error_every=args.error_every,
                         embedding_dims=args.embedding_dims, record_requests=args.record_requests, usage=args.usage)

@@ -2,9 +2,14 @@
 
 Routes: POST /v1/chat/completions and /v1/completions (streamed with `"stream": true`, else one JSON
 body), POST /v1/embeddings (answered at once with a fixed-size vector per input), GET /v1/models,
-GET /health, GET /mock (the declared timing and counters, for tests) and GET /mock/requests (the
-bodies of the first --record-requests accepted requests, for tests that check what was sent). A
-request is checked the way OpenAI checks it; a bad one gets OpenAI's error body
+GET /health, GET /mock (the declared timing, the counters and a record of each of the last RECORDS_KEPT
+completions, for tests) and GET /mock/requests (the bodies of the first --record-requests accepted
+requests, for tests that check what was sent).
+
+Time to first token may cycle per request (--ttft-ms 20,120): completion n (1-based, in the order the
+server accepted them, `serial`) waits ttft_cycle_ms[(n - 1) % len]; so which requests were slow is
+known exactly, and /mock's `requests` says it request by request. A
+completion request is checked the way OpenAI checks it; a bad one gets OpenAI's error body
 `{"error": {"message", "type", "param", "code"}}` with status 400 (404 for an unknown model or
 route, 405 for a wrong method) and the connection keeps serving.
 
@@ -24,6 +29,7 @@ import base64
 import json
 import struct
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -39,6 +45,8 @@ _WORDS = (
 )
 """The generated text: token k is _WORDS[k % len(_WORDS)] (one word with its leading space a token)."""
 _FINGERPRINT = "fp_loadgen_mock"
+RECORDS_KEPT = 10_000
+"""Completions /mock's `requests` lists (the last ones accepted)."""
 
 
 @dataclass(frozen=True)
@@ -46,7 +54,9 @@ class MockConfig:
     """What the mock promises: its timing, its models, and the faults it injects."""
 
     ttft_ms: float = 0.0
-    """Arrival of a completion request to its first token chunk."""
+    """Arrival of a completion request to its first token chunk (the first of ttft_cycle_ms when it cycles)."""
+    ttft_cycle_ms: tuple[float, ...] = ()
+    """When given: completion n (1-based, in accepted order) waits ttft_cycle_ms[(n - 1) % len] instead."""
     itl_ms: float = 0.0
     """Between successive token chunks."""
     max_tokens: int = 16
@@ -68,7 +78,8 @@ class MockConfig:
     def problems(self) -> list[str]:
         """Every reason this config is invalid, empty when it is valid."""
         found = [f"{name} must be a finite number >= 0, got {value}"
-                 for name, value in (("ttft_ms", self.ttft_ms), ("itl_ms", self.itl_ms))
+                 for name, value in (("ttft_ms", self.ttft_ms), ("itl_ms", self.itl_ms),
+                                     *(("ttft_ms", ttft) for ttft in self.ttft_cycle_ms))
                  if not (value >= 0 and value != float("inf"))]
         for name in ("max_tokens", "max_tokens_limit", "embedding_dims"):
             if getattr(self, name) < 1:
@@ -82,6 +93,12 @@ class MockConfig:
         if not self.models or not all(self.models):
             found.append("at least one non-empty model name is needed")
         return found
+
+
+    def ttft_ms_of(self, serial: int) -> float:
+        """The time to first token of completion `serial` (1-based, in accepted order)."""
+        cycle = self.ttft_cycle_ms
+        return cycle[(serial - 1) % len(cycle)] if cycle else self.ttft_ms
 
 
 class Reply(NamedTuple):
@@ -108,6 +125,11 @@ class Completion:
     """"truncate" or "error" for a stream picked by --truncate-every / --error-every."""
     usage: bool = True
     """The non-streamed answer carries usage (--no-usage: not)."""
+    ttft_s: float = 0.0
+    """Its time to first token (MockConfig.ttft_ms_of its serial), in seconds."""
+    record: dict[str, Any] = field(default_factory=dict)
+    """Its entry in /mock's `requests`: serial, ttft_ms, stream, tokens, fault; arrival_t and first_token_t
+    (CLOCK_MONOTONIC: when its clock started, when its first token chunk was written) once known."""
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -149,6 +171,8 @@ class MockApp:
                          "tokens": 0, "rejected": 0}
         """completions accepted, of them streamed; responses written to the end (completed), cut
         (truncated) or ended by an error event; token chunks written; requests refused (4xx)."""
+        self.records: deque[dict[str, Any]] = deque(maxlen=RECORDS_KEPT)
+        """One entry per completion accepted (the last RECORDS_KEPT): see Completion.record."""
         created = int(time.time())
         models = [{"id": name, "object": "model", "created": created, "owned_by": "loadgen"}
                   for name in config.models]
@@ -196,9 +220,10 @@ class MockApp:
     def describe(self) -> dict[str, Any]:
         """The declared timing, the start instant (CLOCK_MONOTONIC) and the counters."""
         config = self.config
-        return {"ttft_ms": config.ttft_ms, "itl_ms": config.itl_ms, "max_tokens": config.max_tokens,
-                "models": list(config.models), "truncate_every": config.truncate_every,
-                "error_every": config.error_every, "t0": self.t0, "pid": self.pid, **self.counters}
+        return {"ttft_ms": config.ttft_ms, "ttft_cycle_ms": list(config.ttft_cycle_ms), "itl_ms": config.itl_ms,
+                "max_tokens": config.max_tokens, "models": list(config.models),
+                "truncate_every": config.truncate_every, "error_every": config.error_every, "t0": self.t0,
+                "pid": self.pid, **self.counters, "requests": list(self.records)}
 
     def _accept(self, chat: bool, body: bytes) -> Completion:
         request = _parse_json(body)
@@ -215,12 +240,16 @@ class MockApp:
         self.check_fits(prompt_tokens, tokens)
         self.counters["completions"] += 1
         serial = self.counters["completions"]
+        ttft_ms = self.config.ttft_ms_of(serial)
         completion = Completion(chat, model, tokens, prompt_tokens, stream, include_usage, serial,
-                                usage=self.config.usage)
+                                usage=self.config.usage, ttft_s=ttft_ms / 1000.0)
         self._remember("/v1/chat/completions" if chat else "/v1/completions", request)
         if stream:
             self.counters["streams"] += 1
             completion.fault = self._fault(self.counters["streams"])
+        completion.record = {"serial": serial, "ttft_ms": ttft_ms, "stream": stream, "tokens": tokens,
+                             "fault": completion.fault, "arrival_t": None, "first_token_t": None}
+        self.records.append(completion.record)
         return completion
 
     def _remember(self, path: str, request: dict[str, Any]) -> None:

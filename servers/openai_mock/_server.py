@@ -6,7 +6,8 @@ connection answers one request at a time, in request order (pipelined requests w
 Timing rule (the ground truth a client is checked against): a completion request's clock starts at
 its arrival, the instant right after the complete request (head and body) was parsed, or, when it
 waited behind an earlier answer on the same connection, the instant that answer ended. With that
-start s, token chunk k (0-based) is written at s + ttft + k * itl, from a PreciseScheduler
+start s, token chunk k (0-based) is written at s + ttft + k * itl (ttft: the request's own, see
+--ttft-ms in _app.py), from a PreciseScheduler
 (loadgen/lowlevel/precise_timer.py) callback: each instant is computed from s, so no error accumulates.
 A stream's response head is written at s; a non-streamed answer is written whole at
 s + ttft + (tokens - 1) * itl, when its last token would have been generated.
@@ -49,7 +50,7 @@ class ServerContext:
 
     app: MockApp
     scheduler: PreciseScheduler
-    ttft_s: float = 0.0
+    ttft_s: float = 0.0  # the declared default; each Completion carries its own (--ttft-ms may cycle)
     itl_s: float = 0.0
     connections: set[MockProtocol] = field(default_factory=set)
 
@@ -216,6 +217,8 @@ class Answer:
         counters["tokens"] += 1
         if not self._conn._write(data, last and self._close):
             return False  # the client went away: nothing more to write
+        if k == 0:
+            completion.record["first_token_t"] = time.monotonic()
         if last:
             self._conn.answer_done()
         return not last
@@ -236,19 +239,20 @@ class Answer:
 
 
 class _TimedAnswer(Answer):
-    """The mock's timing: token k at start + ttft + k * itl (a non-streamed body at the last token's)."""
+    """The mock's timing: token k at start + its ttft + k * itl (a non-streamed body at the last token's)."""
 
     __slots__ = ("_start_t",)
 
     def start(self, start_t: float) -> None:
         self._start_t = start_t
-        self.open()
         completion = self.completion
+        completion.record["arrival_t"] = start_t
+        self.open()
         self._at(0 if completion.stream else completion.tokens - 1)
 
     def _at(self, k: int) -> None:
         context = self._context
-        context.scheduler.call_at(self._start_t + context.ttft_s + k * context.itl_s, self._fire, k)
+        context.scheduler.call_at(self._start_t + self.completion.ttft_s + k * context.itl_s, self._fire, k)
 
     def _fire(self, k: int) -> None:
         if self.emit(k):
