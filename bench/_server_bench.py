@@ -1,6 +1,9 @@
 """What the server benchmarks share: pinned processes, the Triton-compatible server, perf_analyzer and
 loadgen runs, the server's own statistics and CPU time.
 
+The rate search of the generator benchmarks (bench/generator_capacity.py, bench/llm_generator_capacity.py)
+is here too: a ladder climbed by every tool, interleaved, then one bisection.
+
 bench/server_efficiency.py and bench/server_overhead.py measure the reference server (servers/triton)
 rather than the generator, so the server gets a core of its own and every client runs on the other
 (DESIGN.md, timing traps); each measured step also reads how much of its core the server and the
@@ -22,8 +25,10 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -336,3 +341,55 @@ def git_state() -> dict:
     return {"commit": git("rev-parse", "HEAD"),
             "uncommitted_changes": bool(git("status", "--porcelain", "--", "loadgen", "servers")),
             "load_average_at_start": round(os.getloadavg()[0], 2)}
+
+
+# -- the rate search ------------------------------------------------------------------------------
+class RateStep(Protocol):
+    """One measured step of an open-loop tool at one rate."""
+
+    target_rps: float
+
+    @property
+    def healthy(self) -> bool: ...
+
+
+S = TypeVar("S", bound=RateStep)
+
+
+def _healthy(step: RateStep) -> bool:
+    return step.healthy
+
+
+def climb_ladder(runners: dict[str, Callable[[float], S]], ladder: tuple[int, ...], announce: Callable[[S], S],
+                 good: Callable[[S], bool] = _healthy) -> dict[str, list[S]]:
+    """Each tool climbs the ladder, interleaved rate by rate (so the tools meet the same host), until its
+    first step that is not `good`; `announce` prints each step as it is measured."""
+    steps: dict[str, list[S]] = {name: [] for name in runners}
+    climbing = dict(runners)
+    for rate in ladder:
+        for name, run_step in list(climbing.items()):
+            step = announce(run_step(rate))
+            steps[name].append(step)
+            if not good(step):
+                del climbing[name]
+        if not climbing:
+            break
+    return steps
+
+
+def bisect_once(run_step: Callable[[float], S], steps: list[S], announce: Callable[[S], S],
+                good: Callable[[S], bool] = _healthy, grain: int = 100) -> None:
+    """One more step halfway (to `grain`) between the highest good and the lowest not-good rate."""
+    high = min((s.target_rps for s in steps if not good(s)), default=None)
+    low = max_healthy_rate(steps, good)
+    if high is None or not low:
+        return
+    middle = round((low + high) / 2 / grain) * grain
+    if low < middle < high and all(s.target_rps != middle for s in steps):
+        steps.append(announce(run_step(middle)))
+
+
+def max_healthy_rate(steps: list[S], good: Callable[[S], bool] = _healthy) -> float:
+    """The highest good rate below every rate that was not good (0 when none)."""
+    lowest_bad = min((s.target_rps for s in steps if not good(s)), default=float("inf"))
+    return max((s.target_rps for s in steps if good(s) and s.target_rps < lowest_bad), default=0.0)

@@ -42,6 +42,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from _server_bench import bisect_once, climb_ladder, max_healthy_rate  # the bench folder's own helpers
+
 from loadgen.protocols.common.payloads import synthetic_inputs
 
 BENCH = Path(__file__).resolve().parent
@@ -275,40 +277,12 @@ def _k6_step(tool: str, metrics: dict, rate: float, duration_s: float, cpu: floa
 RunStep = Callable[[float], Step]
 
 
-def climb(runners: dict[str, RunStep], ladder: tuple[int, ...]) -> dict[str, list[Step]]:
-    """Each tool climbs the ladder, interleaved rate by rate, until its first unhealthy step."""
-    steps: dict[str, list[Step]] = {name: [] for name in runners}
-    climbing = dict(runners)
-    for rate in ladder:
-        for name, run_step in list(climbing.items()):
-            step = announce(run_step(rate))
-            steps[name].append(step)
-            if not step.healthy:
-                del climbing[name]
-        if not climbing:
-            break
-    return steps
-
-
-def bisect_once(run_step: RunStep, steps: list[Step]) -> None:
-    """One more step halfway (to 100 req/s) between the highest healthy and lowest unhealthy rate."""
-    high = min((s.target_rps for s in steps if not s.healthy), default=None)
-    low = max_healthy(steps)
-    if high is None or not low:
-        return
-    middle = round((low + high) / 2 / 100) * 100
-    if low < middle < high:
-        steps.append(announce(run_step(middle)))
-
-
 def max_healthy(steps: list[Step], *, unbound: bool = False) -> float:
     """The highest healthy rate below every unhealthy one (0 when none); `unbound` also requires
     that loadgen did not mark the step GENERATOR-BOUND itself."""
-    def good(step: Step) -> bool:
-        return step.healthy and not (unbound and step.self_bound)
-
-    lowest_bad = min((s.target_rps for s in steps if not good(s)), default=float("inf"))
-    return max((s.target_rps for s in steps if good(s) and s.target_rps < lowest_bad), default=0.0)
+    if unbound:
+        return max_healthy_rate(steps, lambda step: step.healthy and not step.self_bound)
+    return max_healthy_rate(steps)
 
 
 def lowest_shared_healthy(ours: list[Step], theirs: list[Step]) -> float:
@@ -454,9 +428,9 @@ def parse_args() -> argparse.Namespace:
 def measure(bench: Bench, settings: dict) -> tuple[dict[str, list[Step]], dict[str, Step], Step | None]:
     """Every run of the benchmark, in order: open-loop ladder and bisection, lag probe, closed loop."""
     runners = {"loadgen": bench.run_loadgen_open, "k6": bench.run_k6}
-    open_steps = climb(runners, tuple(settings["ladder"]))
+    open_steps = climb_ladder(runners, tuple(settings["ladder"]), announce)
     for name, run_step in runners.items():
-        bisect_once(run_step, open_steps[name])
+        bisect_once(run_step, open_steps[name], announce)
     # At the lowest rate both pass, far from either limit: the probe's own cost cannot push k6 over.
     common = lowest_shared_healthy(open_steps["loadgen"], open_steps["k6"])
     lag_probe = announce(bench.run_k6(common, schedule_lag=True)) if common else None
