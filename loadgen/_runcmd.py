@@ -56,7 +56,7 @@ def summarize(result: RunResult) -> dict[str, Any]:
         extra["metrics_port"] = result.metrics_port
     if result.distributed is not None:
         extra["distributed"] = result.distributed
-    return build_summary(
+    summary = build_summary(
         result.recorder,
         offered_rps=result.offered_rps,
         duration_s=result.duration_s,
@@ -65,6 +65,12 @@ def summarize(result: RunResult) -> dict[str, Any]:
         inferences_per_request=target.inferences_per_request,
         extra=extra,
     )
+    mix = result.scenario.mix
+    if mix and "by_model" in summary:  # each entry's model and weight first, then its figures
+        summary["by_model"] = {name: {"model": entry.target.model, "weight": entry.weight,
+                                      **summary["by_model"].get(name, {})}
+                               for name, entry in zip(result.scenario.mix_names, mix, strict=True)}
+    return summary
 
 
 def write_outputs(result: RunResult, out_dir: Path, objectives: list[Objective] | None = None, *,

@@ -42,6 +42,7 @@ __all__ = [
     "compare_flags",
     "load_command",
     "parse_headers",
+    "parse_mix",
     "protocol_flags",
     "run_flags",
     "scenario_overrides",
@@ -64,6 +65,21 @@ def parse_headers(items: list[str]) -> dict[str, str] | None:
     return headers or None
 
 
+def parse_mix(text: str) -> list[dict[str, Any]]:
+    """"a=3,b=1" -> [{"model": "a", "weight": 3.0}, {"model": "b", "weight": 1.0}] ([[mix]] entries); a bad
+    pair raises ValueError naming it (the weights themselves are checked with the scenario's)."""
+    entries = []
+    for item in text.split(","):
+        model, sep, weight = item.strip().rpartition("=")
+        if not sep or not model.strip():
+            raise ValueError(f"{item.strip()!r}: expected model=weight, e.g. llama-8b=3,llama-70b=1")
+        try:
+            entries.append({"model": model.strip(), "weight": float(weight)})
+        except ValueError:
+            raise ValueError(f"{item.strip()!r}: the weight {weight!r} is not a number") from None
+    return entries
+
+
 def _protocol_help() -> str:
     names = list(protocols())
     return f"One of {', '.join(names)} (default {names[0]}); each protocol's own flags are in its panel."
@@ -83,6 +99,9 @@ TARGET = (
     Flag("timeout", str | None, "Per-request timeout, e.g. 10s.", key=("target", "timeout")),
     Flag("connect_timeout", str | None, "Connect and readiness-check timeout, e.g. 3s.",
          key=("target", "connect_timeout")),
+    Flag("mix", str | None, 'Send to several models of the target, model=weight pairs, e.g. "llama-8b=3,'
+         'llama-70b=1" (75 % / 25 % of the arrivals); every figure is also given per model. Replaces the '
+         "file's [[mix]].", key=("mix",), to_scenario=parse_mix),
 )
 
 RUN_LOAD = (
@@ -191,6 +210,7 @@ COMPARE = (
 
 NOT_IN_COMPARE = {
     "--model": "compare takes --models, each variant one run (or sweep)",
+    "--mix": "compare takes --models, each variant one run (or sweep) of one model",
 }
 """`run` flags compare does not take, and why."""
 
@@ -234,7 +254,7 @@ def sweep_flags() -> tuple[Flag, ...]:
 def compare_flags() -> tuple[Flag, ...]:
     """run's flags but --model, the compare flags, and the sweep's plan flags for --sweep (its --users
     list is not taken: --users is run's, one count)."""
-    target = tuple(flag for flag in _with_protocol_help(TARGET) if flag.name != "model")
+    target = tuple(flag for flag in _with_protocol_help(TARGET) if flag.name not in ("model", "mix"))
     plan = tuple(flag for flag in SWEEP_PLAN if flag.name != "users")
     return (*target, *COMPARE, *protocol_flags(), *RUN_LOAD, *TRACE, *PATTERN, *OUTPUT, QUIET, *plan,
             *DISTRIBUTED)

@@ -27,6 +27,13 @@ flag's value is checked by the same rules as the file's.
 takes (url, model, version, timeouts, headers, bearer_token_env, ca_file) and the protocol's own
 (loadgen/protocols/<protocol>.py); a key of another protocol is reported with the protocols it
 belongs to.
+
+`[[mix]]` entries weight several models (or endpoints) of one target: each entry is the `[target]` table
+with the entry's own keys laid over it (validated as a target of its own, so a bad key is named
+`mix[1].max_tokens`), plus its `weight` (> 0) and `name` (the label of its figures; default its model,
+made unique when entries share a model). Open-loop arrivals pick their entry from their index in the
+schedule and the seed (loadgen/patterns/mix.py); a trace row naming a model goes to the entry of that
+name (or model).
 """
 
 from __future__ import annotations
@@ -36,7 +43,15 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from loadgen.errors import ScenarioError
 from loadgen.goodput import Goodput, parse_goodput
@@ -49,6 +64,7 @@ from loadgen.units import Duration, parse_duration
 
 __all__ = [
     "ClosedLoop",
+    "MixEntry",
     "OpenLoop",
     "Output",
     "Scenario",
@@ -191,6 +207,58 @@ class ClosedLoop(_Strict):
         return self.duration
 
 
+_MIX_OWN = ("weight", "name")
+"""The keys of a [[mix]] entry that are not target keys."""
+_NAME = re.compile(r"[^\s,=]+")
+
+
+class MixEntry(_Strict):
+    """One entry of a mix: its share of the arrivals (`weight`, relative), its label and its target (the
+    scenario's [target] with the entry's own keys over it)."""
+
+    weight: float = Field(gt=0, allow_inf_nan=False)
+    name: str | None = None
+    """The label of the entry's figures (summary by_model, hlog tags, the `model` label of /metrics)."""
+    target: Target
+    own: dict[str, Any] = Field(default_factory=dict)
+    """The target keys the entry itself gave (the rest are the [target] table's)."""
+
+    @model_serializer
+    def _as_written(self) -> dict[str, Any]:
+        """The entry as a scenario file gives it (its own keys), so a dumped scenario validates again."""
+        written: dict[str, Any] = {"weight": self.weight, **self.own}
+        if self.name is not None:
+            written["name"] = self.name
+        return written
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_label(cls, value: str | None) -> str | None:
+        if value is not None and not _NAME.fullmatch(value):
+            raise ValueError("a name has no spaces, commas or '='")
+        return value
+
+
+def _label(text: str) -> str:
+    return re.sub(r"[\s,=]+", "_", text) or "_"
+
+
+def _entry_names(entries: list[MixEntry]) -> list[str]:
+    """Each entry's label: its name, else its model; entries sharing a model are told apart by their own
+    keys (an endpoint: the url's host, or the values they set), then by their position."""
+    names = [entry.name or _label(entry.target.model) for entry in entries]
+    for i, entry in enumerate(entries):
+        if entry.name is None and names.count(names[i]) > 1:
+            own = {k: v for k, v in entry.own.items() if k != "model"}
+            if "url" in own:
+                own["url"] = str(own["url"]).split("://", 1)[-1]
+            suffix = "/".join(_label(str(v)) for v in own.values())
+            names[i] = f"{names[i]}/{suffix}" if suffix else names[i]
+    told = list(names)
+    return [f"{name}#{i}" if entry.name is None and told.count(name) > 1 else name
+            for i, (name, entry) in enumerate(zip(told, entries, strict=True))]
+
+
 class Output(_Strict):
     dir: str | None = None
     interval: Duration = Field(default=1.0, gt=0)
@@ -238,6 +306,8 @@ class Scenario(_Strict):
     output: Output = Field(default_factory=Output)
     slo: str | None = None
     """Service-level objectives, e.g. "p99<150ms,errors<1%" (loadgen.slo); a miss exits 1."""
+    mix: list[MixEntry] | None = None
+    """Several models or endpoints of the target, each with its share of the arrivals (None: the target alone)."""
     goodput: str | None = None
     """The terms a good request meets, e.g. "ttft<200ms,tpot<50ms,itl<80ms,latency<2s" (loadgen.goodput):
     summary.json then counts good requests and goodput_rps, and --slo may judge goodput_rps and goodput."""
@@ -248,6 +318,81 @@ class Scenario(_Strict):
         if isinstance(value, dict) and "protocol" not in value:
             return {**value, "protocol": DEFAULT_PROTOCOL}
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mix_targets(cls, data: Any) -> Any:
+        """Give each [[mix]] entry its own target: the [target] table with the entry's keys over it."""
+        if not isinstance(data, dict) or not isinstance(data.get("mix"), list):
+            return data
+        base = data.get("target") if isinstance(data.get("target"), dict) else {}
+        first = data["mix"][0] if data["mix"] and isinstance(data["mix"][0], dict) else {}
+        if "model" not in base and "model" in first and isinstance(data.get("target"), dict):
+            base = {**base, "model": first["model"]}  # the target's model: the first entry's
+            data = {**data, "target": base}
+        entries = []
+        for entry in data["mix"]:
+            if isinstance(entry, dict):
+                own = {k: v for k, v in entry.items() if k not in _MIX_OWN}
+                target = {"protocol": DEFAULT_PROTOCOL, **base, **own}
+                entry = {**{k: v for k, v in entry.items() if k in _MIX_OWN}, "target": target, "own": own}
+            entries.append(entry)
+        return {**data, "mix": entries}
+
+    @field_validator("mix")
+    @classmethod
+    def _mix_entries(cls, value: list[MixEntry] | None) -> list[MixEntry] | None:
+        if value is None:
+            return value
+        if not value:
+            raise ValueError("give at least one entry, or no mix")
+        named = [entry.name for entry in value if entry.name is not None]
+        twice = sorted({name for name in named if named.count(name) > 1})
+        if twice:
+            raise ValueError(f"duplicate name(s) {', '.join(twice)}: each entry's name labels its figures")
+        return value
+
+    @model_validator(mode="after")
+    def _mix_fits(self) -> Scenario:
+        if not self.mix:
+            return self
+        for i, entry in enumerate(self.mix):
+            if entry.target.protocol != self.target.protocol:
+                raise ValueError(f"mix[{i}].protocol: every entry speaks the target's protocol "
+                                 f"({self.target.protocol!r}), not {entry.target.protocol!r}")
+        names = self.mix_names
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(f"mix: duplicate name(s) {', '.join(twice)}: give each entry a name of its own")
+        trace = self.trace
+        if trace is not None and trace.models is not None:
+            self._trace_models_fit(trace)
+        return self
+
+    def _trace_models_fit(self, trace: Trace) -> None:
+        """Every model a trace row names is an entry's (by name, or by the model of exactly one entry)."""
+        wanted = self.mix_by_model
+        for model in sorted(set(trace.models or ()) - {""} - set(wanted)):
+            line = int(trace.lines[trace.models.index(model)])
+            raise ValueError(f"mix: {trace.path} line {line}: model {model!r} is no [[mix]] entry's (entries: "
+                             f"{', '.join(self.mix_names)})")
+
+    @property
+    def mix_by_model(self) -> dict[str, int]:
+        """The entry a trace row's model goes to: an entry's name, or the model of exactly one entry."""
+        if not self.mix:
+            return {}
+        found = {name: i for i, name in enumerate(self.mix_names)}
+        models = [entry.target.model for entry in self.mix]
+        for i, model in enumerate(models):
+            if models.count(model) == 1:
+                found.setdefault(model, i)
+        return found
+
+    @property
+    def mix_names(self) -> list[str]:
+        """Each [[mix]] entry's label, in order (empty without a mix)."""
+        return _entry_names(self.mix) if self.mix else []
 
     @field_validator("slo")
     @classmethod
@@ -302,15 +447,42 @@ class Scenario(_Strict):
         return self.open_loop.trace_rows() if self.open_loop is not None else None
 
 
-def _describe(error: dict[str, Any], data: dict[str, Any]) -> str:
+def _mix_loc(loc: list[Any]) -> list[Any]:
+    """("mix", 1, "target", "openai", "max_tokens") -> ["mix[1]", "max_tokens"]: an entry's target keys are
+    the entry's own."""
+    if loc[:1] != ["mix"] or len(loc) < 2 or not isinstance(loc[1], int):
+        return loc
+    rest = loc[2:]
+    if rest[:1] == ["target"]:
+        rest = rest[2:] if len(rest) > 1 and rest[1] in protocols() else rest[1:]
+    return [f"mix[{loc[1]}]", *rest]
+
+
+def _inherited(error: dict[str, Any], data: dict[str, Any], target_failed: bool) -> bool:
+    """An entry's target error about a key the entry took from [target]: [target]'s own error says it."""
     loc = list(error["loc"])
+    if loc[:1] != ["mix"] or len(loc) < 3 or loc[2] != "target":
+        return False
+    rest = loc[3:]
+    rest = rest[1:] if rest and rest[0] in protocols() else rest
+    entries = data.get("mix")
+    entry = entries[loc[1]] if isinstance(entries, list) and isinstance(loc[1], int) else {}
+    own = entry.keys() if isinstance(entry, dict) else ()
+    if rest:
+        return rest[0] not in own and rest[0] != "protocol"
+    return target_failed
+
+
+def _describe(error: dict[str, Any], data: dict[str, Any]) -> str:
+    loc = _mix_loc(list(error["loc"]))
     if loc[:1] == ["target"] and len(loc) > 1 and loc[1] in protocols():
         del loc[1]  # the protocol's own model: the key is still target.<key>
     where = ".".join(str(part) for part in loc) or "scenario"
     if error["type"] == "union_tag_invalid":
         return f"target.protocol: unknown protocol {error['ctx']['tag']!r}; known: {', '.join(protocols())}"
     if error["type"] == "extra_forbidden":
-        owners = owners_of(str(loc[-1])) if loc[:1] == ["target"] and len(loc) == 2 else []
+        in_target = (loc[:1] == ["target"] or str(loc[0]).startswith("mix[")) and len(loc) == 2
+        owners = owners_of(str(loc[-1])) if in_target else []
         if owners:
             target = data.get("target")
             protocol = target.get("protocol", DEFAULT_PROTOCOL) if isinstance(target, dict) else DEFAULT_PROTOCOL
@@ -319,6 +491,8 @@ def _describe(error: dict[str, Any], data: dict[str, Any]) -> str:
     if error["type"] == "missing":
         return f"{where}: required key is missing"
     message = error["msg"].removeprefix("Value error, ")
+    if not loc and message.startswith("mix"):
+        return message  # a check across the entries names the key itself
     got = error.get("input")
     shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
     return f"{where}: {message}{shown}"
@@ -333,7 +507,9 @@ def validate_scenario(data: dict[str, Any], source: str = "scenario") -> Scenari
     try:
         return Scenario.model_validate(data)
     except ValidationError as exc:
-        problems += [_describe(e, data) for e in exc.errors() if _ONE_PATTERN not in e["msg"]]
+        errors = [e for e in exc.errors() if _ONE_PATTERN not in e["msg"]]
+        target_failed = any(e["loc"][:1] == ("target",) for e in errors)
+        problems += [_describe(e, data) for e in errors if not _inherited(e, data, target_failed)]
         raise ScenarioError(problems, source) from None
 
 

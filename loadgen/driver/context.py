@@ -12,6 +12,12 @@ In a distributed run (loadgen/driver/worker.py) a worker's context sends one `sh
 schedule, may take over more shares mid-run (`take_over`, a dispatcher each), may be told to leave its
 shares from an instant on (`end_dispatching_at`, when the master reshuffles the schedule for a worker
 that joined), and hands each closed interval to `on_interval`, which ships it to the master.
+
+A mix (a scenario's [[mix]]; its client a MixClient, loadgen/driver/mix.py) sends each request with the
+client of the entry its arrival drew (loadgen/patterns/mix.py: an open-loop arrival by its index in the
+schedule, or its trace row, and the scenario's seed; a closed-loop request by this process's request
+count and seed) and records it into that entry's part of the recorder. A run without a mix goes
+through none of this.
 """
 
 from __future__ import annotations
@@ -25,7 +31,9 @@ import numpy as np
 from gevent.event import Event
 
 from loadgen.driver.dispatcher import Dispatcher
+from loadgen.driver.mix import MixClient
 from loadgen.outcome import CANCELLED, Outcome, StreamOutcome
+from loadgen.patterns.mix import EntryChooser
 from loadgen.patterns.schedule import arrivals, profile_of, schedule
 from loadgen.protocols import spec_of
 from loadgen.protocols.base import Client
@@ -35,13 +43,47 @@ from loadgen.scenario import ClosedLoop, OpenLoop, Scenario
 __all__ = ["LoadContext", "context_of"]
 
 
+def _record(self: LoadContext | _Entry, outcome: Outcome) -> None:
+    """Record one Outcome into `self.recorder` and Locust's stats (a context's, or a mix entry's)."""
+    self.recorder.record(outcome.intended_t, outcome.sent_t, outcome.done_t, outcome.error)
+    if outcome.scored:
+        self.recorder.record_score(outcome.scored, outcome.correct, outcome.similarity_ppm)
+    if self._fire is not None:
+        self._fire(
+            request_type="POST",
+            name=self._name,
+            response_time=(outcome.done_t - outcome.sent_t) * 1000.0,
+            response_length=outcome.response_bytes,
+            exception=_LocustError(outcome) if outcome.error else None,
+            context=None,
+        )
+
+
+def _record_stream(self: LoadContext | _Entry, outcome: StreamOutcome) -> None:
+    """_record for a streamed response: its token chunk instants and token count go along. A stream the
+    client cancelled is no failure in Locust's stats either."""
+    self.recorder.record_stream(
+        outcome.intended_t, outcome.sent_t, outcome.done_t, outcome.error, outcome.token_times,
+        outcome.output_tokens,
+    )
+    if self._fire is not None:
+        self._fire(
+            request_type="POST",
+            name=self._name,
+            response_time=(outcome.done_t - outcome.sent_t) * 1000.0,
+            response_length=outcome.response_bytes,
+            exception=_LocustError(outcome) if outcome.error and outcome.error != CANCELLED else None,
+            context=None,
+        )
+
+
 class LoadContext:
     """One run's client, recorder, schedule and clocks."""
 
     def __init__(
         self,
         scenario: Scenario,
-        client: Client,
+        client: Client | MixClient,
         environment: Any = None,
         *,
         share: tuple[int, int] = (0, 1),
@@ -70,6 +112,7 @@ class LoadContext:
         self.stopping = False  # closed-loop users send nothing more once set
         self._retiring = 0  # closed-loop users to stop at their next request (a worker joined)
         self._user_requests = 0
+        self._closed_sent = 0  # closed-loop requests of a mix so far: the index of the next one's draw
         self._ticker: gevent.Greenlet | None = None
         self.peak_in_flight = 0
         self._rng = np.random.default_rng(self.pattern.seed if seed is None else seed)
@@ -82,6 +125,13 @@ class LoadContext:
         self._profile = profile_of(self.pattern) if isinstance(self.pattern, OpenLoop) else None
         self._sized = scenario.trace is not None and spec_of(scenario.target.protocol).sized
         """Each arrival is sent with its trace row (the client built a request per row)."""
+        self.mix = client if isinstance(client, MixClient) else None
+        """The entries' clients of a mix, None without one."""
+        self._entries: list[_Entry] = []
+        if self.mix is not None:
+            self._open_chooser = EntryChooser(self.mix.weights, self.pattern.seed, scenario.trace,
+                                              scenario.mix_by_model)
+            self._closed_chooser = EntryChooser(self.mix.weights, self.pattern.seed if seed is None else seed)
 
     # -- clocks ---------------------------------------------------------------------------------
     def begin(self, start_t: float | None = None) -> None:
@@ -90,8 +140,11 @@ class LoadContext:
         self.end_t = self.start_t + self.pattern.total_duration
         self.recorder = Recorder(
             self.start_t, self.scenario.output.interval, window_end_t=self.end_t, streams=self.streams,
-            goodput=self.scenario.goodput_rule,
+            goodput=self.scenario.goodput_rule, models=self.mix.names if self.mix is not None else (),
         )
+        if self.mix is not None:
+            self._entries = [_Entry(part, self._fire, client.request_name, self.streams)
+                             for part, client in zip(self.recorder.parts, self.mix.clients, strict=True)]
         self._ticker = gevent.spawn(self._tick)
 
     def _tick(self) -> None:
@@ -143,36 +196,8 @@ class LoadContext:
         return self._profile.rate_at(t) if 0.0 <= t < self.pattern.total_duration else 0.0
 
     # -- what the user classes call --------------------------------------------------------------
-    def record(self, outcome: Outcome) -> None:
-        self.recorder.record(outcome.intended_t, outcome.sent_t, outcome.done_t, outcome.error)
-        if outcome.scored:
-            self.recorder.record_score(outcome.scored, outcome.correct, outcome.similarity_ppm)
-        if self._fire is not None:
-            self._fire(
-                request_type="POST",
-                name=self._name,
-                response_time=(outcome.done_t - outcome.sent_t) * 1000.0,
-                response_length=outcome.response_bytes,
-                exception=_LocustError(outcome) if outcome.error else None,
-                context=None,
-            )
-
-    def record_stream(self, outcome: StreamOutcome) -> None:
-        """record() for a streamed response: its token chunk instants and token count go along. A stream
-        the client cancelled is no failure in Locust's stats either."""
-        self.recorder.record_stream(
-            outcome.intended_t, outcome.sent_t, outcome.done_t, outcome.error, outcome.token_times,
-            outcome.output_tokens,
-        )
-        if self._fire is not None:
-            self._fire(
-                request_type="POST",
-                name=self._name,
-                response_time=(outcome.done_t - outcome.sent_t) * 1000.0,
-                response_length=outcome.response_bytes,
-                exception=_LocustError(outcome) if outcome.error and outcome.error != CANCELLED else None,
-                context=None,
-            )
+    record = _record  # the module's functions themselves (shared with mix entries): no call more per request
+    record_stream = _record_stream
 
     def record_dropped(self, intended_t: float) -> None:
         self.recorder.record_dropped(intended_t)
@@ -188,8 +213,19 @@ class LoadContext:
     def _dispatcher(self) -> Dispatcher:
         pattern = self.pattern
         assert isinstance(pattern, OpenLoop)
+        if self.mix is not None:  # the mixed send records each outcome under its entry itself
+            return Dispatcher(self._send_mixed, _recorded, self.record_dropped, pattern.max_in_flight,
+                              on_unsent=self.record_unsent)
         return Dispatcher(self.client.send, self.on_outcome, self.record_dropped, pattern.max_in_flight,
                           on_unsent=self.record_unsent)
+
+    def _send_mixed(self, intended_t: float, row: int) -> Outcome:
+        """One open-loop request of a mix: to the entry its row (index or trace row) drew; recorded there."""
+        i = self._open_chooser.entry_of(row)
+        client = self.mix.clients[i]
+        outcome = client.send(intended_t, row) if self._sized else client.send(intended_t)
+        self._entries[i].on_outcome(outcome)
+        return outcome
 
     def run_open_loop(self) -> None:
         """Dispatch the whole open-loop schedule (blocks until it ends or is stopped)."""
@@ -211,7 +247,7 @@ class LoadContext:
     def _arrivals(self, share: tuple[int, int], start_s: float) -> Iterator[Any]:
         """The share's chunks of the schedule: with each arrival's trace row when the client takes rows."""
         assert isinstance(self.pattern, OpenLoop)
-        if self._sized:
+        if self._sized or self.mix is not None:
             return arrivals(self.pattern, share=share, start_s=start_s)
         return schedule(self.pattern, share=share, start_s=start_s)
 
@@ -253,9 +289,17 @@ class LoadContext:
         self._user_requests += 1
         self.peak_in_flight = max(self.peak_in_flight, self._user_requests)
         try:
-            self.on_outcome(self.client.send(time.monotonic()))
+            if self.mix is None:
+                self.on_outcome(self.client.send(time.monotonic()))
+            else:
+                self._send_closed_mixed()
         finally:
             self._user_requests -= 1
+
+    def _send_closed_mixed(self) -> None:
+        i = self._closed_chooser.entry_of(self._closed_sent)
+        self._closed_sent += 1
+        self._entries[i].on_outcome(self.mix.clients[i].send(time.monotonic()))
 
     def think(self) -> float:
         """Seconds a closed-loop user waits before its next request."""
@@ -267,6 +311,23 @@ class LoadContext:
         if kind == "exponential":
             return float(self._rng.exponential(pattern.think_time))
         return pattern.think_time
+
+
+def _recorded(outcome: Outcome) -> None:
+    """The dispatcher's on_outcome in a mix: the mixed send has recorded the outcome under its entry."""
+
+
+class _Entry:
+    """Where a mix entry's outcomes go: its part of the recorder, and Locust's stats under its client's name."""
+
+    record = _record
+    record_stream = _record_stream
+
+    def __init__(self, recorder: Recorder, fire: Callable[..., None] | None, name: str, streams: bool) -> None:
+        self.recorder = recorder
+        self._fire = fire
+        self._name = name
+        self.on_outcome = self.record_stream if streams else self.record
 
 
 class _LocustError(Exception):

@@ -16,8 +16,8 @@ import gevent
 from locust import events
 
 from loadgen.driver.context import LoadContext
+from loadgen.driver.mix import client_of
 from loadgen.driver.users import ClosedLoopUser, OpenLoopUser
-from loadgen.protocols import make_client
 from loadgen.scenario import OpenLoop, load_scenario
 
 __all__ = ["ClosedLoopUser", "OpenLoopUser"]
@@ -38,7 +38,7 @@ def _on_init(environment, **_kwargs) -> None:
     scenario = load_scenario(options.scenario, overrides)
     pattern = scenario.pattern
     is_open = isinstance(pattern, OpenLoop)
-    client = make_client(scenario.target, pattern.seed, trace=scenario.trace)
+    client = client_of(scenario, pattern.seed)
     client.prepare()
     environment.loadgen = LoadContext(scenario, client, environment)
     chosen = OpenLoopUser if is_open else ClosedLoopUser

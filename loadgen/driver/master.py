@@ -462,7 +462,7 @@ class _DistributedRun:
         self.recorder = Recorder(self.start_t, self.scenario.output.interval,
                                  window_end_t=self.start_t + self.pattern.total_duration,
                                  streams=any((w.ready or {}).get("streams", False) for w in workers),
-                                 goodput=self.scenario.goodput_rule)
+                                 goodput=self.scenario.goodput_rule, models=self.scenario.mix_names)
         self._merger = IntervalMerger(self.recorder, [w.client_id for w in workers])
         for worker in workers:
             share = worker.shares[0] if worker.shares else Share(0, 1)

@@ -27,12 +27,12 @@ from locust.event import Events
 
 from loadgen.driver.context import LoadContext
 from loadgen.driver.exporter import MetricsExporter
+from loadgen.driver.mix import client_of
 from loadgen.driver.selfcheck import SelfCheck
 from loadgen.driver.users import ClosedLoopUser, OpenLoopUser
 from loadgen.errors import LoadgenError
 from loadgen.lowlevel.keepawake import KeepAwake
 from loadgen.patterns.schedule import profile_of
-from loadgen.protocols import make_client
 from loadgen.recorder import Recorder
 from loadgen.scenario import OpenLoop, Scenario
 
@@ -101,7 +101,7 @@ def _execute(scenario: Scenario) -> RunResult:
     """
     pattern = scenario.pattern
     is_open = isinstance(pattern, OpenLoop)
-    client = make_client(scenario.target, seed=pattern.seed, trace=scenario.trace)
+    client = client_of(scenario, seed=pattern.seed)
     metadata = client.prepare()
 
     environment = Environment(user_classes=[OpenLoopUser if is_open else ClosedLoopUser], events=Events())

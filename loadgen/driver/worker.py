@@ -53,11 +53,11 @@ from loadgen.driver.distributed import (
     Share,
     monotonic_of_epoch,
 )
+from loadgen.driver.mix import client_of
 from loadgen.driver.run import drain, self_check
 from loadgen.driver.users import ClosedLoopUser, OpenLoopUser
 from loadgen.errors import LoadgenError
 from loadgen.lowlevel.keepawake import KeepAwake
-from loadgen.protocols import make_client
 from loadgen.scenario import OpenLoop, validate_scenario
 
 __all__ = ["WorkerAgent", "serve"]
@@ -89,7 +89,7 @@ class _WorkerRun:
     # -- SETUP ----------------------------------------------------------------------------------
     def prepare(self) -> dict[str, Any]:
         """Check the target and warm it up (the client's prepare), as a single-process run does."""
-        client = make_client(self.scenario.target, seed=self.seed, trace=self.scenario.trace)
+        client = client_of(self.scenario, seed=self.seed)
         metadata = client.prepare()
         self.ctx = LoadContext(self.scenario, client, self.agent.environment, seed=self.seed)
         self.agent.environment.loadgen = self.ctx

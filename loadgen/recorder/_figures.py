@@ -8,6 +8,11 @@ See loadgen/recorder/_recorder.py for what each histogram and counter measures.
 Streamed responses (protocol openai) add a StreamFigures to the set (`stream`): TTFT, ITL and TPOT
 histograms and the output token counts. Sets of other protocols have none (`stream` is None), so
 they create, merge and encode nothing more than before.
+
+A run that mixes models or endpoints (a scenario's [[mix]]) keeps one set per entry in `by_model`, beside
+the totals: the totals hold every request, each entry's set the requests that entry answered, so the
+entries' counts and histograms add up to the totals exactly. Sets of a run without a mix have none
+(`by_model` is None) and carry nothing more.
 """
 
 from __future__ import annotations
@@ -123,11 +128,22 @@ class HistogramSet:
     """Of the good responses, those that completed by the recorder's window_end_t (goodput_rps counts these)."""
     stream: StreamFigures | None = None
     """Token-level figures when the responses were streamed (protocol openai), else None."""
+    by_model: dict[str, HistogramSet] | None = None
+    """Each mix entry's own figures by its name (a run with [[mix]]), else None. Dropped and unsent arrivals
+    are the generator's: they are counted in the totals only."""
 
     @classmethod
     def streaming(cls) -> HistogramSet:
         """An empty set with StreamFigures."""
         return cls(stream=StreamFigures())
+
+    @classmethod
+    def empty(cls, streams: bool = False, models: tuple[str, ...] = ()) -> HistogramSet:
+        """An empty set, with StreamFigures when `streams`, and an empty set per mix entry in `models`."""
+        figures = cls.streaming() if streams else cls()
+        if models:
+            figures.by_model = {name: cls.empty(streams) for name in models}
+        return figures
 
     @property
     def histogram_names(self) -> tuple[str, ...]:
@@ -151,6 +167,18 @@ class HistogramSet:
             if self.stream is None:
                 self.stream = StreamFigures()
             self.stream.add(other.stream)
+        if other.by_model is not None:
+            self.add_models(other.by_model)
+
+    def add_models(self, by_model: dict[str, HistogramSet]) -> None:
+        """Add each entry's set into this set's `by_model` (the totals are left alone)."""
+        if self.by_model is None:
+            self.by_model = {}
+        for name, figures in by_model.items():
+            mine = self.by_model.get(name)
+            if mine is None:
+                mine = self.by_model[name] = HistogramSet.streaming() if figures.stream is not None else HistogramSet()
+            mine.add(figures)
 
     def encode(self) -> dict[str, Any]:
         """A JSON-able dict: histograms as hdrh's base64 strings, counters as ints."""
@@ -159,6 +187,8 @@ class HistogramSet:
         data["errors"] = {str(kind): int(count) for kind, count in self.errors.items()}
         if self.stream is not None:
             data["stream"] = self.stream.encode()
+        if self.by_model is not None:
+            data["by_model"] = {name: figures.encode() for name, figures in self.by_model.items()}
         return data
 
     @classmethod
@@ -171,7 +201,9 @@ class HistogramSet:
         counters = {name: int(data[name]) for name in COUNTERS}
         errors = {str(kind): int(count) for kind, count in data["errors"].items()}
         stream = StreamFigures.decode(data["stream"]) if data.get("stream") is not None else None
-        return cls(**histograms, **counters, errors=errors, stream=stream)
+        by_model = data.get("by_model")
+        models = {str(name): cls.decode(figures) for name, figures in by_model.items()} if by_model is not None else None
+        return cls(**histograms, **counters, errors=errors, stream=stream, by_model=models)
 
     def percentiles_ms(self, which: str) -> dict[str, float]:
         """p50, p90, p99, p99_9, max and mean of one histogram, in ms (3 decimals); zeros when empty.

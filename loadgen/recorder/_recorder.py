@@ -52,6 +52,12 @@ largest ITL gap (NaN, so met, where it has no such figure). `good` counts those 
 `good_in_window` those of them with done_t <= window_end_t. A streaming recorder judges the successes
 of record_stream (every success of a streamed run comes that way); a plain one those of record().
 
+Mixes (a scenario's [[mix]]; a Recorder made with models=): each entry has its own part (`parts[i]`, a
+Recorder used only for its buffers) that the driver records the entry's requests into, at the cost of
+any request. Closing an interval flushes each part into the interval's set of that entry (`by_model`)
+and adds the entries' sets into the interval's totals, so totals and entries agree exactly; dropped and
+unsent arrivals (the generator's) go to the totals only.
+
 Hot path: record() only appends to plain lists; flush() converts each batch with numpy and records it
 with record_many (one vectorised step per histogram), so a request costs well under a microsecond.
 Closing an interval costs about a millisecond in all; `close_interval_steps` does it in slices of
@@ -102,6 +108,7 @@ class Recorder:
         window_end_t: float = float("inf"),
         streams: bool = False,
         goodput: Goodput | None = None,
+        models: Sequence[str] = (),
     ) -> None:
         self.start_t = start_t
         """Monotonic time the run (and the first interval) starts."""
@@ -113,6 +120,10 @@ class Recorder:
         """True when outcomes come with token timings (record_stream): every set has StreamFigures."""
         self.goodput = goodput
         """The terms each successful request is judged against (None: no goodput counted)."""
+        self.models = tuple(models)
+        """The mix entries' names (empty: no mix); every set then has a `by_model` set per entry."""
+        self.parts = [Recorder(start_t, interval_s, window_end_t, streams, goodput) for _ in self.models]
+        """Per mix entry, where its requests are recorded (record, record_stream, record_score)."""
         self.cumulative = self._new_set()
         """Sum of every closed (or merged) interval."""
         self.intervals: list[Interval] = []
@@ -137,7 +148,7 @@ class Recorder:
         self._cancelled: list[tuple[float, float, Sequence[float]]] = []
 
     def _new_set(self) -> HistogramSet:
-        return HistogramSet.streaming() if self.streams else HistogramSet()
+        return HistogramSet.empty(self.streams, self.models)
 
     def record(self, intended_t: float, sent_t: float, done_t: float, error: str | None) -> None:
         """Buffer one request's outcome (hot path: list appends only)."""
@@ -185,6 +196,8 @@ class Recorder:
         """Move every buffered sample into the current interval's histograms and counters."""
         for _ in self._flush_steps(self._current, self._take_buffers()):
             pass
+        for _ in self._flush_parts(self._current, [part._take_buffers() for part in self.parts]):
+            pass
 
     def close_interval(self, end_t: float) -> Interval:
         """Flush, close [previous end, end_t), add it into cumulative and start the next one."""
@@ -200,16 +213,27 @@ class Recorder:
         `cumulative` once the generator is exhausted.
         """
         figures, taken = self._current, self._take_buffers()
+        parts_taken = [part._take_buffers() for part in self.parts]
         self._current = self._spare if self._spare is not None else self._new_set()
         self._spare = None
         start_t, self._current_start_t = self._current_start_t, end_t
         yield
         yield from self._flush_steps(figures, taken)
+        if figures.by_model is not None:
+            yield from self._flush_parts(figures, parts_taken)
+            for entry in figures.by_model.values():  # the totals: every entry's requests
+                yield from self._add_steps(figures, entry)
         self.closing = True
         yield from self._add_steps(self.cumulative, figures)
         self.intervals.append(Interval(start_t=start_t, end_t=end_t, figures=figures))
         self.closing = False
-        self._spare = self._new_set()
+        spare = HistogramSet.empty(self.streams)
+        if self.models:  # a set per entry too: ~0.1 ms a histogram, so a slice each
+            spare.by_model = {}
+            for name in self.models:
+                yield
+                spare.by_model[name] = HistogramSet.empty(self.streams)
+        self._spare = spare
 
     @staticmethod
     def _add_steps(into: HistogramSet, figures: HistogramSet) -> Iterator[None]:
@@ -224,6 +248,16 @@ class Recorder:
             if into.stream is None:
                 into.stream = StreamFigures()
             into.stream.add(figures.stream)
+        if figures.by_model is not None:
+            into.add_models(figures.by_model)
+            yield
+
+    def _flush_parts(self, figures: HistogramSet, parts_taken: list[tuple]) -> Iterator[None]:
+        """Flush each entry's buffers into its own set of `figures` (the totals are summed at close)."""
+        if figures.by_model is None:
+            return
+        for part, taken, entry in zip(self.parts, parts_taken, figures.by_model.values(), strict=True):
+            yield from part._flush_steps(entry, taken)
 
     def finish(self, end_t: float) -> None:
         """Close the last, possibly partial, interval; calling it again changes nothing."""
@@ -380,4 +414,5 @@ def _to_us(seconds: np.ndarray) -> np.ndarray:
 
 
 def _is_empty(figures: HistogramSet) -> bool:
-    return figures.sent == 0 and figures.requests == 0 and figures.dropped == 0 and figures.unsent == 0
+    return (figures.sent == 0 and figures.requests == 0 and figures.dropped == 0 and figures.unsent == 0
+            and all(_is_empty(entry) for entry in (figures.by_model or {}).values()))

@@ -11,6 +11,9 @@ StartTime/BaseTime header in epoch seconds, a legend, then per interval three li
 A streamed run (protocol openai) adds four tagged lines per interval after these: Tag=ttft,
 Tag=ttft_service, Tag=itl and Tag=tpot (loadgen/recorder/_recorder.py says what each measures).
 
+A run with a mix ([[mix]]) adds one line per entry and interval after those: its latency histogram,
+tagged `latency:<entry name>` (Tag=latency:llama-8b), so the untagged line stays the total latency.
+
 Start times are seconds since the log's start; values are microseconds, so the max column is divided
 by 1000 and reads in milliseconds.
 """
@@ -34,6 +37,8 @@ TAGS: dict[str, str | None] = {"latency": None, "service": "service", "lag": "la
 """Histogram field -> tag in the log (None: untagged)."""
 STREAM_TAGS: dict[str, str] = {name: name for name in STREAM_HISTOGRAMS}
 """StreamFigures histogram field -> tag in the log, written for intervals that have them."""
+MODEL_TAG = "latency"
+"""A mix entry's latency line is tagged `latency:<name>`."""
 
 
 def write_hlog(path: str | os.PathLike[str], recorder: Recorder, start_epoch_s: float) -> None:
@@ -50,7 +55,8 @@ def write_hlog(path: str | os.PathLike[str], recorder: Recorder, start_epoch_s: 
     log_start_epoch_s = start_epoch_s - (recorder.start_t - log_start_t)
     with open(path, "w", encoding="utf-8") as out:
         writer = HistogramLogWriter(out)
-        _write_header(writer, log_start_epoch_s, any(i.figures.stream is not None for i in intervals))
+        models = recorder.models or tuple(recorder.cumulative.by_model or ())
+        _write_header(writer, log_start_epoch_s, any(i.figures.stream is not None for i in intervals), models)
         for interval in intervals:
             _write_interval(out, writer, interval, log_start_t)
 
@@ -71,7 +77,8 @@ def read_hlog(path: str | os.PathLike[str]) -> dict[str | None, list[HdrHistogra
     return by_tag
 
 
-def _write_header(writer: HistogramLogWriter, start_epoch_s: float, streams: bool = False) -> None:
+def _write_header(writer: HistogramLogWriter, start_epoch_s: float, streams: bool = False,
+                  models: tuple[str, ...] = ()) -> None:
     writer.output_log_format_version()
     # hdrh 0.10.8's output_start_time() fails on epoch times (it treats milliseconds as seconds),
     # so the StartTime line is written as a comment in the same format its reader parses.
@@ -84,6 +91,8 @@ def _write_header(writer: HistogramLogWriter, start_epoch_s: float, streams: boo
     tags = "untagged = latency, Tag=service, Tag=lag"
     if streams:
         tags += ", " + ", ".join(f"Tag={tag}" for tag in STREAM_TAGS.values())
+    if models:
+        tags += ", " + ", ".join(f"Tag={MODEL_TAG}:{name}" for name in models)
     writer.output_comment(f"[Values in microseconds; {tags}]")
     writer.output_legend()
 
@@ -97,6 +106,8 @@ def _write_interval(out: TextIO, writer: HistogramLogWriter, interval: Interval,
     ]
     if figures.stream is not None:
         lines += [(tag, getattr(figures.stream, name)) for name, tag in STREAM_TAGS.items()]
+    if figures.by_model is not None:
+        lines += [(f"{MODEL_TAG}:{name}", entry.latency) for name, entry in figures.by_model.items()]
     for tag, histogram in lines:
         hist = _Stamped(histogram, start_s, end_s)
         if tag is not None:

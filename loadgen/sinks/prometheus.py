@@ -38,6 +38,19 @@ Runs with goodput terms (--goodput, loadgen/goodput.py) add:
 - `loadgen_goodput_rps`  gauge: good responses completed in the last closed interval over its length
   (achieved_rps's counting: good <= achieved).
 
+Runs with a mix ([[mix]]) add each entry's figures as families of their own, labelled `model` (the entry's
+name). They are families apart from the totals above, not a label on them: the totals keep their series
+and their meaning, so existing queries and dashboards (sum(rate(loadgen_requests_total[1m])) included)
+read the same, and summing a model family over `model` gives the total (one series per entry: the label
+set is bounded by the scenario):
+- `loadgen_model_requests_total{model,outcome,kind}`  counter: the entry's responses, as loadgen_requests_total.
+- `loadgen_model_latency_percentile_seconds{model,quantile,window}`  gauge: the entry's latency percentiles,
+  as loadgen_latency_percentile_seconds; streamed runs add `loadgen_model_ttft_percentile_seconds`,
+  `loadgen_model_itl_percentile_seconds`, `loadgen_model_tpot_percentile_seconds` and
+  `loadgen_model_output_tokens_total{model}`.
+- `loadgen_model_achieved_rps{model}`  gauge: the entry's responses completed in the last closed interval
+  per second; with goodput terms, `loadgen_model_good_requests_total{model}` counter.
+
 Distributed runs (`--processes` / `--master`) are exported from the master: every figure above is the
 merged one (the workers' intervals summed exactly), and each worker's generator health comes beside
 them, labelled `worker` (its index) and `host`, as of its last shipped interval:
@@ -168,6 +181,15 @@ class _Counts:
 
 
 @dataclass(frozen=True)
+class _ModelSnapshot:
+    """One mix entry's figures, for one closed-interval count."""
+
+    counts: _Counts
+    percentiles: dict[tuple[str, str], list[float]]
+    achieved_rps: float
+
+
+@dataclass(frozen=True)
 class _Snapshot:
     """Everything derived from closed intervals, for one closed-interval count."""
 
@@ -178,6 +200,8 @@ class _Snapshot:
     achieved_rps: float
     goodput_rps: float | None = None
     output_tokens_per_s: float | None = None
+    models: dict[str, _ModelSnapshot] | None = None
+    """Each mix entry's figures by name (None without a mix)."""
 
 
 def _process_cpu_seconds() -> float:
@@ -210,6 +234,7 @@ class RunCollector:
         self._snapshot: _Snapshot | None = None
         self._recorder: Recorder | None = None
         self._window = HistogramSet.streaming()  # reused: creating histograms costs more than merging them
+        self._model_windows: dict[str, HistogramSet] = {}  # the same, per mix entry
 
     def collect(self) -> Iterator[Metric]:
         """The metric families of the module docstring, as of now."""
@@ -221,6 +246,8 @@ class RunCollector:
             yield _gauge("loadgen_achieved_rps", "Responses completed in the last closed interval per second.",
                          snapshot.achieved_rps)
             yield from _llm_gauges(snapshot)
+            if snapshot.models is not None:
+                yield from self._paced(_model_families(snapshot.models))
         yield _gauge("loadgen_offered_rps", "Request rate the schedule asks for now.", self._view.offered_rps_now())
         yield _gauge("loadgen_in_flight", "Requests sent and not yet answered.", self._view.in_flight)
         cpu = self._cpu_ratio()
@@ -246,7 +273,7 @@ class RunCollector:
         fresh = self._recorder is recorder and self._snapshot is not None
         if recorder.closing or (fresh and self._snapshot.intervals == len(recorder.intervals)):
             return self._snapshot if fresh else None
-        self._recorder, self._snapshot = recorder, _snapshot_of(recorder, self._window)
+        self._recorder, self._snapshot = recorder, _snapshot_of(recorder, self._window, self._model_windows)
         return self._snapshot
 
     def _cpu_ratio(self) -> float | None:
@@ -256,8 +283,10 @@ class RunCollector:
         return (cpu - cpu_then) / (now - then) if now > then else None
 
 
-def _snapshot_of(recorder: Recorder, window: HistogramSet) -> _Snapshot:
-    """Read the recorder's closed intervals; `window` is scratch space for the 10 s merge."""
+def _snapshot_of(recorder: Recorder, window: HistogramSet, model_windows: dict[str, HistogramSet] | None = None,
+                 ) -> _Snapshot:
+    """Read the recorder's closed intervals; `window` (and `model_windows`, per mix entry) is scratch space
+    for the 10 s merge."""
     intervals = recorder.intervals
     cumulative = recorder.cumulative
     window = _window_of(recorder, window)
@@ -293,7 +322,48 @@ def _snapshot_of(recorder: Recorder, window: HistogramSet) -> _Snapshot:
         goodput_rps=(last.figures.good / length if length > 0 else 0.0) if recorder.goodput is not None else None,
         output_tokens_per_s=((last_stream.output_tokens / length if length > 0 and last_stream is not None else 0.0)
                              if stream is not None else None),
+        models=_models_of(recorder, model_windows if model_windows is not None else {}),
     )
+
+
+def _models_of(recorder: Recorder, windows: dict[str, HistogramSet]) -> dict[str, _ModelSnapshot] | None:
+    """Each mix entry's counts, percentiles (run and the last WINDOW_S) and last-interval rate."""
+    by_model = recorder.cumulative.by_model
+    if by_model is None:
+        return None
+    count = max(1, round(WINDOW_S / recorder.interval_s))
+    recent = recorder.intervals[-count:]
+    last = recent[-1] if recent else None
+    length = last.end_t - last.start_t if last else 0.0
+    found = {}
+    for name, cumulative in by_model.items():
+        sets = [interval.figures.by_model[name] for interval in recent
+                if interval.figures.by_model is not None and name in interval.figures.by_model]
+        window = windows.setdefault(name, HistogramSet.streaming())
+        _merge_histograms(sets, window, cumulative.stream is not None)
+        percentiles = {("latency", "run"): _quantiles_s(cumulative.latency),
+                       ("latency", "10s"): _quantiles_s(window.latency)}
+        if cumulative.stream is not None:
+            for which in _STREAM_GAUGES:
+                percentiles[which, "run"] = _quantiles_s(getattr(cumulative.stream, which))
+                percentiles[which, "10s"] = _quantiles_s(getattr(window.stream, which))
+        in_last = last.figures.by_model.get(name) if last is not None and last.figures.by_model else None
+        counts = _Counts(ok=cumulative.ok, errors=dict(cumulative.errors), sent=cumulative.sent, dropped=0,
+                         out_of_range=cumulative.out_of_range,
+                         good=cumulative.good if recorder.goodput is not None else None,
+                         output_tokens=cumulative.stream.output_tokens if cumulative.stream is not None else None)
+        found[name] = _ModelSnapshot(counts, percentiles,
+                                     in_last.requests / length if in_last is not None and length > 0 else 0.0)
+    return found
+
+
+def _merge_histograms(sets: list[HistogramSet], into: HistogramSet, streams: bool) -> None:
+    """The latency (and stream) histograms of `sets` merged into `into`'s."""
+    sum_histograms([figures.latency for figures in sets], into=into.latency)
+    if streams and into.stream is not None:
+        parts = [figures.stream for figures in sets if figures.stream is not None]
+        for which in _STREAM_GAUGES:
+            sum_histograms([getattr(part, which) for part in parts], into=getattr(into.stream, which))
 
 
 def _window_of(recorder: Recorder, into: HistogramSet) -> HistogramSet:
@@ -381,6 +451,45 @@ def _llm_gauges(snapshot: _Snapshot) -> Iterator[Metric]:
     if snapshot.goodput_rps is not None:
         yield _gauge("loadgen_goodput_rps", "Good responses (every goodput term met) completed in the last closed "
                      "interval per second.", snapshot.goodput_rps)
+
+
+def _model_families(models: dict[str, _ModelSnapshot]) -> Iterator[Metric]:
+    requests = CounterMetricFamily("loadgen_model_requests", "A mix entry's responses, by outcome and error kind.",
+                                   labels=["model", "outcome", "kind"])
+    achieved = GaugeMetricFamily("loadgen_model_achieved_rps", "A mix entry's responses completed in the last "
+                                 "closed interval per second.", labels=["model"])
+    for name, model in models.items():
+        requests.add_metric([name, "ok", "ok"], model.counts.ok)
+        for kind, count in sorted(model.counts.errors.items()):
+            requests.add_metric([name, "error", kind], count)
+        achieved.add_metric([name], model.achieved_rps)
+    yield requests
+    yield achieved
+    first = next(iter(models.values()), None)
+    for which in ("latency", *_STREAM_GAUGES):
+        if first is None or (which, "run") not in first.percentiles:
+            continue
+        what = _PERCENTILE_HELP.get(which, which.capitalize())
+        family = GaugeMetricFamily(f"loadgen_model_{which}_percentile_seconds",
+                                   f"{what} percentiles of a mix entry, in seconds.",
+                                   labels=["model", "quantile", "window"])
+        for name, model in models.items():
+            for window in ("10s", "run"):
+                for quantile, value in zip(QUANTILES, model.percentiles[which, window], strict=True):
+                    family.add_metric([name, quantile, window], value)
+        yield family
+    if first is not None and first.counts.output_tokens is not None:
+        tokens = CounterMetricFamily("loadgen_model_output_tokens", "Output tokens of a mix entry's successful "
+                                     "responses.", labels=["model"])
+        for name, model in models.items():
+            tokens.add_metric([name], model.counts.output_tokens or 0)
+        yield tokens
+    if first is not None and first.counts.good is not None:
+        good = CounterMetricFamily("loadgen_model_good_requests", "A mix entry's successful responses that met "
+                                   "every goodput term.", labels=["model"])
+        for name, model in models.items():
+            good.add_metric([name], model.counts.good or 0)
+        yield good
 
 
 def _worker_families(workers: list[WorkerHealth]) -> Iterator[Metric]:

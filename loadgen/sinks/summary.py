@@ -4,6 +4,7 @@ Place in the flow: Recorder -> **summary** -> summary.json, terminal table, swee
 Every percentile comes from the recorder's cumulative HDR histograms; see
 loadgen/recorder/_recorder.py for what latency, service and lag (and for streamed responses TTFT,
 ITL and TPOT) measure, and loadgen/goodput.py for what makes a request good (the `goodput` block).
+A run with a mix ([[mix]]) adds `by_model`: each entry's figures under its name (model_summary).
 """
 
 from __future__ import annotations
@@ -68,7 +69,34 @@ def build_summary(
         summary.update(stream_summary(figures, duration_s))
     if recorder.goodput is not None:
         summary["goodput"] = goodput_summary(figures, recorder.goodput.text, duration_s)
+    if figures.by_model is not None:
+        summary["by_model"] = {name: model_summary(entry, duration_s, recorder.goodput.text if recorder.goodput
+                                                   else None) for name, entry in figures.by_model.items()}
     summary.update(extra or {})
+    return summary
+
+
+def model_summary(figures: HistogramSet, duration_s: float, goodput_terms: str | None = None) -> dict[str, Any]:
+    """One mix entry's figures, each with the meaning of the run's own key of the same name (its requests
+    only; dropped and unsent arrivals are the run's, not an entry's)."""
+    summary: dict[str, Any] = {
+        "requests": figures.requests,
+        "ok": figures.ok,
+        "errors": dict(sorted(figures.errors.items())),
+        "sent": figures.sent,
+        "completed_in_window": figures.completed_in_window,
+        "achieved_rps": _rate(figures.completed_in_window, duration_s),
+        "latency_ms": figures.percentiles_ms("latency"),
+        "service_ms": figures.percentiles_ms("service"),
+        "lag_ms": figures.percentiles_ms("lag"),
+    }
+    if figures.scored:
+        summary["accuracy"] = {"scored": figures.scored, "correct": figures.correct,
+                               "top1": round(figures.correct / figures.scored, 6)}
+    if figures.stream is not None:
+        summary.update(stream_summary(figures, duration_s))
+    if goodput_terms is not None:
+        summary["goodput"] = goodput_summary(figures, goodput_terms, duration_s)
     return summary
 
 

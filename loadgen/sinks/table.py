@@ -17,6 +17,10 @@ loadgen/sinks/summary.py).
 With --goodput a goodput line follows the rates:
 
     goodput  480.0/s   96.0 % good (960 of 1000 responses met ttft<200ms,tpot<50ms)
+
+A mix ([[mix]]) adds a line per entry after the counts: its requests, achieved rate and latency p50/p99:
+
+    model    llama-8b       750 requests   374.6/s   p50 2.581   p99 3.969 ms   0 errors
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ def render_table(summary: dict[str, Any]) -> str:
     if "goodput" in summary:
         lines.append(_goodput_line(summary["goodput"]))
     lines.append(_counts_line(summary))
+    lines += [_model_line(name, figures, summary["by_model"]) for name, figures in summary.get("by_model", {}).items()]
     if "accuracy" in summary:
         accuracy = summary["accuracy"]
         lines.append(f"{'accuracy':<{_LABEL_WIDTH}}top-1 {accuracy['top1']:.4f}   {accuracy['correct']} of "
@@ -88,6 +93,15 @@ def _tokens_line(summary: dict[str, Any]) -> str:
 def _goodput_line(goodput: dict[str, Any]) -> str:
     return (f"{'goodput':<{_LABEL_WIDTH}}{goodput['goodput_rps']:.1f}/s   {100 * goodput['share']:.1f} % good "
             f"({goodput['good']} of {goodput['judged']} responses met {goodput['terms']})")
+
+
+def _model_line(name: str, figures: dict[str, Any], by_model: dict[str, Any]) -> str:
+    width = max(len(other) for other in by_model)
+    latency = figures.get("latency_ms", {})
+    errors = sum(figures.get("errors", {}).values())
+    return (f"{'model':<{_LABEL_WIDTH}}{name:<{width}}  {figures.get('requests', 0):>8} requests  "
+            f"{figures.get('achieved_rps', 0.0):>8.1f}/s   p50 {latency.get('p50', 0.0):.3f}   "
+            f"p99 {latency.get('p99', 0.0):.3f} ms   {errors} errors")
 
 
 def _counts_line(summary: dict[str, Any]) -> str:

@@ -108,7 +108,7 @@ class StepResult:
 def measured_recorder(recorder: Recorder, warmup_s: float) -> Recorder:
     """A Recorder holding only `recorder`'s intervals that start `warmup_s` or later after its start."""
     measured = Recorder(recorder.start_t + warmup_s, recorder.interval_s, recorder.window_end_t,
-                        streams=recorder.streams, goodput=recorder.goodput)
+                        streams=recorder.streams, goodput=recorder.goodput, models=recorder.models)
     for interval in recorder.intervals:
         if interval.start_t >= measured.start_t - _EPS_S:
             measured.merge_interval(interval)
