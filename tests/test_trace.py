@@ -114,3 +114,29 @@ def test_a_row_longer_than_the_models_context_is_refused_before_anything_is_sent
         assert _logged_after(server, 0.0) == []
     finally:
         stop_process(server.proc)
+
+
+def test_mooncake_rows_that_share_blocks_share_their_prompt_prefix(tmp_path: Path) -> None:
+    """A Mooncake trace's hash_ids name 512-token prefix blocks: rows that share leading ids are sent
+    prompts that share those blocks word for word (a prefix cache sees the trace's reuse), each prompt as
+    long as the row's input_length, and each request asks for the row's output_length."""
+    rows = [{"timestamp": 0, "input_length": 1100, "output_length": 3, "hash_ids": [7, 8, 9]},
+            {"timestamp": 20, "input_length": 1500, "output_length": 2, "hash_ids": [7, 8, 10]},
+            {"timestamp": 40, "input_length": 600, "output_length": 4, "hash_ids": [11, 12]}]
+    path = tmp_path / "mooncake.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    server = start_server(["--record-requests", "10", "--model", MODEL], module="servers.openai_mock")
+    try:
+        run = run_loadgen("--protocol", "openai", "--endpoint", "completions", "--target", server.url,
+                          "--model", MODEL, "--trace", str(path), "-q", out=tmp_path / "run", timeout=60)
+        assert run.returncode == 0, run.stderr
+        bodies = httpx.get(server.url + "/mock/requests", timeout=5).json()["requests"]
+    finally:
+        stop_process(server.proc)
+    sent = [entry["body"] for entry in bodies][-3:]  # after the warm-ups (ms: the rows are 20 ms apart)
+    words = [body["prompt"].split() for body in sent]
+    assert [len(w) for w in words] == [1100, 1500, 600]
+    assert [body["max_tokens"] for body in sent] == [3, 2, 4]
+    assert words[0][:1024] == words[1][:1024]  # blocks 7 and 8
+    assert words[0][1024:1100] != words[1][1024:1100]  # block 9 against block 10
+    assert words[2][:512] != words[0][:512]

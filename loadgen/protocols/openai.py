@@ -96,6 +96,7 @@ from loadgen.protocols.common.llm_data import (
     Prompt,
     Row,
     TokenCounter,
+    block_prompt,
     exact_prompt,
     read_dataset,
     sample_rows,
@@ -448,7 +449,9 @@ class OpenAIClient:
         """A trace replay (SizedClient): one body per trace row, with the row's input and output tokens
         (a size the row lacks is drawn from input_tokens / max_tokens; an output of 0, a failed request
         in BurstGPT, asks for 1 token); `send(t, row=k)` sends row k. Rows too long for the model's
-        context (`max_model_len` in GET /v1/models, as vLLM lists it) are refused in prepare()."""
+        context (`max_model_len` in GET /v1/models, as vLLM lists it) are refused in prepare(). Rows with
+        Mooncake `hash_ids` get prompts built of one shared block of words per id (llm_data.block_prompt),
+        so requests that share cached prefix blocks in the trace share the same prompt prefix here."""
         self.sizes = list(zip(trace.input_tokens.tolist(), trace.output_tokens.tolist(), strict=True))
         self._trace = trace
 
@@ -594,9 +597,13 @@ class OpenAIClient:
     def _bodies(self, rows: list[Row]) -> list[bytes]:
         rng = np.random.default_rng([self.seed, 1])
         bodies, self.input_tokens = [], []
-        for row in rows:
+        shared = self._trace.hash_ids if self._trace is not None and self.sizes is not None else None
+        blocks: dict[int, list[str]] = {}
+        for k, row in enumerate(rows):
             prompt: Prompt
-            if row.prompt is None:
+            if row.prompt is None and shared is not None and shared[k]:
+                prompt = block_prompt(shared[k], row.input_tokens or 1, self.seed, blocks)
+            elif row.prompt is None:
                 prompt = exact_prompt(self._counter, row.input_tokens or 1, rng)
             else:
                 prompt = row.prompt

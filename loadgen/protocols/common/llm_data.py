@@ -35,8 +35,8 @@ import numpy as np
 
 from loadgen.errors import ScenarioError
 
-__all__ = ["WORDS", "Dataset", "Row", "TokenCounter", "exact_prompt", "read_dataset", "sample_rows",
-           "synthetic_prompt"]
+__all__ = ["MOONCAKE_BLOCK_TOKENS", "WORDS", "Dataset", "Row", "TokenCounter", "block_prompt", "exact_prompt",
+           "read_dataset", "sample_rows", "synthetic_prompt"]
 
 Prompt = str | list[Any]
 """A prompt text, or chat messages [{"role", "content"}, ...]."""
@@ -137,6 +137,29 @@ def _message_texts(messages: list[Any]) -> list[str]:
 def synthetic_prompt(words: int, rng: np.random.Generator) -> str:
     """`words` common English words drawn at random: about one token each for real tokenizers."""
     return " ".join(WORDS[i] for i in rng.integers(0, len(WORDS), words))
+
+
+MOONCAKE_BLOCK_TOKENS = 512
+"""Tokens of one prefix block of a Mooncake trace (its hash_ids count blocks of this size)."""
+
+
+def block_prompt(hash_ids: Sequence[int], tokens: int, seed: int, blocks: dict[int, list[str]]) -> str:
+    """A prompt of `tokens` words made of one block of MOONCAKE_BLOCK_TOKENS words per hash id, in order,
+    each block's words drawn from (seed, its id): rows sharing leading ids share that prefix word for word,
+    as the requests of a Mooncake trace share cached KV blocks. Cut at `tokens`; filled past the last
+    block with words of the last id's continuation. `blocks` caches the words of each id."""
+    words: list[str] = []
+    for block_id in hash_ids:
+        if len(words) >= tokens:
+            break
+        if block_id not in blocks:
+            rng = np.random.default_rng([seed, 7, block_id & 0xFFFFFFFF, (block_id >> 32) & 0xFFFFFFFF])
+            blocks[block_id] = [WORDS[i] for i in rng.integers(0, len(WORDS), MOONCAKE_BLOCK_TOKENS)]
+        words += blocks[block_id]
+    if len(words) < tokens:
+        rng = np.random.default_rng([seed, 8, len(hash_ids), tokens] + [i & 0xFFFFFFFF for i in hash_ids[-1:]])
+        words += [WORDS[i] for i in rng.integers(0, len(WORDS), tokens - len(words))]
+    return " ".join(words[:tokens])
 
 
 def exact_prompt(counter: TokenCounter, tokens: int, rng: np.random.Generator) -> str:
