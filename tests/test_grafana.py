@@ -1,7 +1,7 @@
 """grafana/: the dashboards are well-formed Grafana dashboard models, and every PromQL expression in
 every panel returns data from a real Prometheus scraping a real run, a real sweep and a real server,
-and (the LLM dashboard) a real openai run with goodput terms against the OpenAI mock, which injects
-stream errors so that the errors panel has some.
+and (the LLM dashboard) a real openai run of a two-model mix with goodput terms against the OpenAI mock,
+which injects stream errors so that the errors panel has some.
 
 Panels whose targets are instant queries (the sweep's per-step bar charts, curve and table) are asked
 as Grafana asks them: one instant query at the end of the window, $__range standing for the window."""
@@ -101,8 +101,8 @@ def test_every_panel_has_data_from_a_real_prometheus(tmp_path: Path, model_store
     metrics_port = int(server.proc.args[server.proc.args.index("--metrics-port") + 1])
     torchserve = start_torchserve(model_store, tmp_path, "--models", "mlp=mlp.mar",
                                   config=[*OPEN, "metrics_mode=prometheus"], grpc=False)
-    llm_server = start_server(["--ttft-ms", "5,40", "--itl-ms", "2", "--error-every", "10", "--no-keep-awake"],
-                              module="servers.openai_mock")
+    llm_server = start_server(["--ttft-ms", "5,40", "--itl-ms", "2", "--error-every", "10", "--no-keep-awake",
+                               "--model", "mock-llm", "--model", "mock-small"], module="servers.openai_mock")
     loadgen_port, sweep_port, llm_port = free_port(), free_port(), free_port()
     ts_metrics_port = int(torchserve.metrics.rsplit(":", 1)[1])
     prometheus, prom_url = start_prometheus(tmp_path, [loadgen_port, sweep_port, llm_port], metrics_port,
@@ -126,7 +126,7 @@ def test_every_panel_has_data_from_a_real_prometheus(tmp_path: Path, model_store
         pin(ts_run.pid, 0)
         llm_run = subprocess.Popen(
             loadgen_cmd("run", "--protocol", "openai", "--target", llm_server.url, "--model", "mock-llm",
-                        "--max-tokens", "8", "--rate", "20", "--duration", "4s", "--goodput", "ttft<20ms,itl<30ms",
+                        "--mix", "mock-llm=3,mock-small=1", "--max-tokens", "8", "--rate", "20", "--duration", "4s", "--goodput", "ttft<20ms,itl<30ms",
                         "--no-keep-awake", "--metrics-port", str(llm_port), "--out", str(tmp_path / "llm-run"), "-q"),
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
