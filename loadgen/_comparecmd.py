@@ -93,6 +93,9 @@ def _from_summary(variant: Variant, summary: dict[str, Any]) -> None:
     variant.achieved_rps = summary["achieved_rps"]
     variant.achieved_inferences_per_s = summary.get("achieved_inferences_per_s")
     variant.generator_bound = bool(summary.get("generator_bound"))
+    goodput = summary.get("goodput")
+    if goodput:
+        variant.goodput_rps, variant.goodput_share = goodput.get("goodput_rps"), goodput.get("share")
     variant.slo_met = summary["slo"]["met"] if "slo" in summary else None
     if summary.get("ok", 0) == 0:
         errors = ", ".join(f"{kind} {count}" for kind, count in sorted(summary.get("errors", {}).items()))

@@ -16,9 +16,9 @@ from typing import Any
 
 __all__ = ["CSV_COLUMNS", "Variant", "mark_pareto", "pareto", "render_compare", "write_compare"]
 
-CSV_COLUMNS = ("model", "status", "accuracy", "p50_ms", "p99_ms", "achieved_rps", "saturation_rps", "model_bytes",
-               "memory_mb", "energy_j_per_inference", "cost_per_million", "slo_met", "generator_bound",
-               "pareto_latency", "pareto_throughput", "error")
+CSV_COLUMNS = ("model", "status", "accuracy", "p50_ms", "p99_ms", "achieved_rps", "saturation_rps", "goodput_rps",
+               "goodput_share", "model_bytes", "memory_mb", "energy_j_per_inference", "cost_per_million", "slo_met",
+               "generator_bound", "pareto_latency", "pareto_throughput", "error")
 
 
 @dataclass
@@ -43,6 +43,10 @@ class Variant:
     """With --sweep: the sweep's saturation throughput (req/s)."""
     max_rps_meeting_slo: float | None = None
     """With --sweep and --slo: the highest throughput of a step that met the SLO (req/s)."""
+    goodput_rps: float | None = None
+    """With --goodput: requests a second that met every goodput term (of the same run or knee step)."""
+    goodput_share: float | None = None
+    """With --goodput: the share of responses that met every term."""
     model_bytes: int | None = None
     memory_mb: float | None = None
     """What loading the model took on the server (CPU and GPU), from its statistics' memory_usage

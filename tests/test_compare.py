@@ -144,3 +144,26 @@ def test_compare_sweep_reports_saturation_and_the_knee_figures(tmp_path: Path) -
         assert entry["latency_ms"] == at_knee["latency_ms"] and entry["achieved_rps"] == at_knee["achieved_rps"]
         assert entry["latency_ms"]["p99"] < 100  # the 160 req/s step queued for hundreds of ms
         assert entry["memory_mb"] is None  # the calibration server reports no memory_usage
+
+
+def test_compare_of_llm_endpoints_reports_each_variants_goodput(tmp_path: Path) -> None:
+    """Two models of an OpenAI mock whose TTFT alternates 20 ms / 120 ms: with --goodput "ttft<70ms" about
+    half of each variant's requests are good, and compare.json / compare.csv carry each one's goodput."""
+    server = start_server(["--ttft-ms", "20,120", "--itl-ms", "2", "--model", "big", "--model", "small"],
+                          module="servers.openai_mock")
+    try:
+        out = tmp_path / "llm"
+        run = run_loadgen("--protocol", "openai", "--target", server.url, "--models", "big,small", "--rate", "20",
+                          "--duration", "1.5s", "--max-tokens", "4", "--goodput", "ttft<70ms", out=out,
+                          verb="compare", timeout=120)
+    finally:
+        stop_process(server.proc)
+    assert run.returncode == 0, run.stderr
+    for entry in json.loads((out / "compare.json").read_text())["models"]:
+        summary = json.loads((out / entry["model"] / "summary.json").read_text())
+        assert entry["goodput_rps"] == summary["goodput"]["goodput_rps"] > 0
+        assert entry["goodput_share"] == summary["goodput"]["share"]
+        assert 0.3 < entry["goodput_share"] < 0.7  # one request in two is answered in 120 ms
+    with (out / "compare.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [row["model"] for row in rows] == ["big", "small"] and all(row["goodput_rps"] for row in rows)
