@@ -279,6 +279,7 @@ def test_sweep_families_follow_the_steps_and_the_verdict() -> None:
         assert registry.get_sample_value("loadgen_sweep_step_latency_seconds", {**labels, "quantile": quantile}) \
             == pytest.approx(steps[1].latency_ms[key] / 1000.0)
     assert registry.get_sample_value("loadgen_sweep_step_slo_met", labels) is None  # no SLO, no series
+    assert registry.get_sample_value("loadgen_sweep_step_goodput_rps", labels) is None  # no goodput terms
     judged = verdict(steps, has_slo=False)
     live.judge(judged, finished=True)
     assert registry.get_sample_value("loadgen_sweep_finished") == 1
@@ -310,3 +311,15 @@ def test_sweep_scrape_pauses_between_step_families() -> None:
     families = list(live.collect())
     step_families = [f for f in families if f.name.startswith("loadgen_sweep_step_")]
     assert len(pauses) == len(step_families) == 7
+
+
+def test_sweep_families_with_goodput_terms() -> None:
+    live = SweepCollector(closed_loop=False)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(live)
+    step = _sweep_step(1, 40, 40.0)
+    step.goodput = {"terms": "ttft<70ms", "good": 30, "judged": 40, "share": 0.75, "goodput_rps": 30.0}
+    live.end_step(step)
+    labels = {"step": "1", "load": "40"}
+    assert registry.get_sample_value("loadgen_sweep_step_goodput_rps", labels) == 30.0
+    assert registry.get_sample_value("loadgen_sweep_step_good_ratio", labels) == 0.75

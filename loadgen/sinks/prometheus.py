@@ -74,6 +74,8 @@ throughput-under-load curve as it is measured; their label set is bounded by the
 - `loadgen_sweep_step_error_ratio{step,load}`  gauge: errors over responses in the step.
 - `loadgen_sweep_step_generator_bound{step,load}`, `loadgen_sweep_step_stable{step,load}` and, with an
   SLO, `loadgen_sweep_step_slo_met{step,load}`  gauges 0/1.
+- With --goodput: `loadgen_sweep_step_goodput_rps{step,load}` and `loadgen_sweep_step_good_ratio{step,load}`
+  gauges: the step's good responses a second and its share of good responses.
 - `loadgen_sweep_saturation_rps`, `loadgen_sweep_saturated` (0/1), `loadgen_sweep_knee_rps`,
   `loadgen_sweep_knee_load`, `loadgen_sweep_max_rps_meeting_slo`  gauges: the verdict of the steps so
   far (loadgen/sweep/verdict.py), each present once it is known; `loadgen_sweep_finished` is 1 once
@@ -533,6 +535,14 @@ class SweepStep(Protocol):
     @property
     def error_ratio(self) -> float: ...
 
+    @property
+    def goodput_rps(self) -> float | None:
+        """With goodput terms: the step's good responses a second (None without)."""
+
+    @property
+    def goodput_share(self) -> float | None:
+        """With goodput terms: the step's share of good responses (None without)."""
+
 
 _VERDICT_GAUGES = (
     ("saturation_rps", "Highest achieved throughput of a healthy step so far (req/s)."),
@@ -600,6 +610,10 @@ def _step_families(steps: list[SweepStep]) -> Iterator[Metric]:
     stable = GaugeMetricFamily("loadgen_sweep_step_stable", "1 when the step's throughput and p99 were stable.",
                                labels=labels)
     slo = GaugeMetricFamily("loadgen_sweep_step_slo_met", "1 when the step met every objective.", labels=labels)
+    goodput = GaugeMetricFamily("loadgen_sweep_step_goodput_rps", "With --goodput: a completed step's good "
+                                "responses a second.", labels=labels)
+    share = GaugeMetricFamily("loadgen_sweep_step_good_ratio", "With --goodput: a completed step's share of "
+                              "good responses.", labels=labels)
     for step in steps:
         key = [str(step.index), f"{step.load:g}"]
         offered.add_metric(key, step.offered_rps)
@@ -611,7 +625,12 @@ def _step_families(steps: list[SweepStep]) -> Iterator[Metric]:
         stable.add_metric(key, float(step.stable))
         if step.slo_met is not None:
             slo.add_metric(key, float(step.slo_met))
+        if step.goodput_rps is not None:
+            goodput.add_metric(key, step.goodput_rps)
+            share.add_metric(key, float(step.goodput_share or 0.0))
     yield from (offered, achieved, latency, errors, bound, stable, slo)
+    if goodput.samples:
+        yield from (goodput, share)
 
 
 def _verdict_families(judged: dict[str, Any]) -> Iterator[Metric]:
