@@ -171,7 +171,7 @@ def message_problem(kind: str, data: object) -> str | None:
 FILE_KEYS = ("ca_file", "input_data", "labels", "reference_outputs", "payload", "prompt_file", "dataset",
              "tokenizer")
 """[target] (and [[mix]] entry) keys that name a file a worker reads; with open_loop.trace, every file a
-scenario makes a worker read (tests/test_distributed_trust.py checks this list against the protocols')."""
+scenario makes a worker read. A protocol key that names a file must be added here."""
 
 
 def confine_paths(data: dict[str, Any], data_dir: Path | None) -> dict[str, Any]:
