@@ -39,12 +39,14 @@ def _fail(exc: LoadgenError) -> None:
 def _distributed(values: dict[str, Any]) -> DistributedOptions | None:
     """The DistributedOptions the flags ask for, or None; bad flags are an input error (exit 2)."""
     from loadgen.driver.distributed import DistributedOptions
+    from loadgen.driver.trust import load_cluster_key
 
     try:
         return DistributedOptions.from_flags(
             processes=values["processes"], master=values["master"], expect_workers=values["expect_workers"],
             bind_host=values["master_bind_host"], bind_port=values["master_bind_port"],
-            max_wait_s=values["expect_workers_max_wait"], stop_on_worker_loss=values["stop_on_worker_loss"])
+            max_wait_s=values["expect_workers_max_wait"], stop_on_worker_loss=values["stop_on_worker_loss"],
+            cluster_key=load_cluster_key(values["cluster_key_env"], values["cluster_key_file"]))
     except ValueError as exc:
         _fail(ScenarioError([str(exc)], "flags"))
 
@@ -208,13 +210,36 @@ def worker(
         "--keep-awake/--no-keep-awake",
         help="Keep this host's CPUs awake during runs whose scenario asks for it (off when another "
              "process on the host already does: --processes workers leave it to their master).")] = True,
+    cluster_key_env: Annotated[str | None, typer.Option(
+        help="Environment variable holding the cluster key to prove to the master (its --cluster-key-env's "
+             "key); a worker with a key takes runs only from a master that proves it too.")] = None,
+    cluster_key_file: Annotated[Path | None, typer.Option(help="File holding the cluster key.")] = None,
+    data_dir: Annotated[Path | None, typer.Option(
+        help="The folder the files a scenario names are read from (relative paths from it; paths outside it, "
+             "symlinks included, are refused). Without it (or --shared-filesystem), a scenario that names a "
+             "file is refused.")] = None,
+    shared_filesystem: Annotated[bool, typer.Option(
+        "--shared-filesystem",
+        help="This host sees the master's files at the same paths: take the scenario's paths as they are "
+             "(--processes workers do).")] = False,
 ) -> None:
     """Be a Locust worker of a distributed run: send this host's share of each run the master starts
-    (its histograms go to the master, which merges them), until the master quits (exit 0)."""
+    (its histograms go to the master, which merges them), until the master quits (exit 0; refused by the
+    master, or a master that does not prove the cluster key: exit 2)."""
+    from loadgen.driver.trust import load_cluster_key
     from loadgen.driver.worker import serve  # imports locust: only for verbs that send load
 
     try:
-        code = serve(master_host, master_port, debug_dir, keep_awake=keep_awake)
+        if data_dir is not None and shared_filesystem:
+            raise ValueError("--data-dir and --shared-filesystem exclude each other")
+        if data_dir is not None and not data_dir.is_dir():
+            raise ValueError(f"--data-dir {data_dir}: no such folder")
+        key = load_cluster_key(cluster_key_env, cluster_key_file)
+    except ValueError as exc:
+        _fail(ScenarioError([str(exc)], "flags"))
+    try:
+        code = serve(master_host, master_port, debug_dir, keep_awake=keep_awake, key=key, data_dir=data_dir,
+                     shared_filesystem=shared_filesystem)
     except LoadgenError as exc:
         _fail(exc)
     raise typer.Exit(code)

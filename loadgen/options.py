@@ -41,6 +41,7 @@ __all__ = [
     "TRACE",
     "compare_flags",
     "load_command",
+    "parse_header_env",
     "parse_headers",
     "parse_mix",
     "protocol_flags",
@@ -63,6 +64,17 @@ def parse_headers(items: list[str]) -> dict[str, str] | None:
             raise ValueError(f'{item!r}: expected "Name: value"')
         headers[name.strip()] = value.strip()
     return headers or None
+
+
+def parse_header_env(items: list[str]) -> dict[str, str] | None:
+    """["Name=VAR"] -> {"Name": "VAR"} (header name -> environment variable); a bad item raises ValueError."""
+    names = {}
+    for item in items:
+        name, sep, variable = item.partition("=")
+        if not sep or not name.strip() or not variable.strip():
+            raise ValueError(f'{item!r}: expected "Header-Name=ENV_VAR"')
+        names[name.strip()] = variable.strip()
+    return names or None
 
 
 def parse_mix(text: str) -> list[dict[str, Any]]:
@@ -94,6 +106,10 @@ TARGET = (
          "repeatable.", key=("target", "headers"), to_scenario=parse_headers),
     Flag("bearer_token_env", str | None, "Environment variable holding a bearer token (sent as "
          "Authorization; never printed).", key=("target", "bearer_token_env")),
+    Flag("header_env", list[str] | None, 'A secret header read from an environment variable, "Name=VAR", e.g. '
+         '"X-Api-Key=API_KEY"; repeatable. Each process (every worker of a distributed run) reads VAR from its '
+         "own environment: the value is never in the scenario, sent to workers, written or printed.",
+         key=("target", "header_env"), to_scenario=parse_header_env),
     Flag("ca_file", Path | None, "CA certificate (PEM) for https:// and grpcs:// targets.",
          key=("target", "ca_file"), to_scenario=as_path_text),
     Flag("timeout", str | None, "Per-request timeout, e.g. 10s.", key=("target", "timeout")),
@@ -178,6 +194,11 @@ DISTRIBUTED = (
          panel=_DIST),
     Flag("stop_on_worker_loss", bool, "Stop the run (exit 3) when a worker is lost, instead of handing its "
          "load to the others.", default=False, decls=("--stop-on-worker-loss",), panel=_DIST),
+    Flag("cluster_key_env", str | None, "--master: environment variable holding the cluster key every worker "
+         "must prove (the same on each `loadgen worker`; 16+ bytes, e.g. `openssl rand -hex 32`). Without a "
+         "key any host that reaches the port can join. --processes workers get a random one.", panel=_DIST),
+    Flag("cluster_key_file", Path | None, "--master: file holding the cluster key (instead of "
+         "--cluster-key-env).", panel=_DIST),
 )
 
 SWEEP_PLAN = (

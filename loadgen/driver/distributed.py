@@ -8,6 +8,8 @@ are unit-tested without a cluster.
 
 One run, as the messages go (M: master, W: every worker)
 --------------------------------------------------------
+    (on connect, with a cluster key: W -> M HELLO, M -> W CHALLENGE, W -> M PROOF, M -> W WELCOME or
+    REFUSED; loadgen/driver/trust.py. Only a worker that proved the key is counted and sent SETUP.)
     M -> W  SETUP     the scenario (as validated JSON), the worker's place (index i of n) and seed
     W -> M  READY     the target checked and warmed up (or FAILED, with the error)
     M -> W  START     the start instant as an epoch time, and the worker's share of the load
@@ -93,6 +95,9 @@ class DistributedOptions:
     max_wait_s: float | None = None
     """Give up (exit 2) when the workers have not all connected by then; None waits for ever."""
     stop_on_worker_loss: bool = False
+    cluster_key: bytes | None = field(default=None, repr=False)
+    """The secret every worker must prove (loadgen/driver/trust.py); None: any worker may join (local
+    workers get a random one)."""
 
     @property
     def wanted(self) -> int:
@@ -109,6 +114,7 @@ class DistributedOptions:
         bind_port: int | None = None,
         max_wait_s: float | None = None,
         stop_on_worker_loss: bool = False,
+        cluster_key: bytes | None = None,
     ) -> DistributedOptions | None:
         """The options the CLI flags ask for (None: a single-process run); ValueError naming bad flags."""
         problems = []
@@ -129,9 +135,10 @@ class DistributedOptions:
         if processes == -1:
             processes = len(os.sched_getaffinity(0))
         if not processes and not master:
-            if bind_host or bind_port is not None or max_wait_s is not None or stop_on_worker_loss:
-                raise ValueError("--master-bind-host/-port, --expect-workers-max-wait and --stop-on-worker-loss "
-                                 "go with --processes or --master")
+            if bind_host or bind_port is not None or max_wait_s is not None or stop_on_worker_loss \
+                    or cluster_key is not None:
+                raise ValueError("--master-bind-host/-port, --expect-workers-max-wait, --stop-on-worker-loss and "
+                                 "--cluster-key-env/-file go with --processes or --master")
             return None
         local = bool(processes)
         return cls(
@@ -141,6 +148,7 @@ class DistributedOptions:
             bind_port=bind_port if bind_port is not None else (0 if local else 5557),
             max_wait_s=max_wait_s,
             stop_on_worker_loss=stop_on_worker_loss,
+            cluster_key=cluster_key,
         )
 
 

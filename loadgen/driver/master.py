@@ -37,6 +37,7 @@ the table and --metrics-port (the merged figures, plus per-worker health gauges 
 
 from __future__ import annotations
 
+import os
 import resource
 import signal
 import socket
@@ -54,6 +55,7 @@ from locust.env import Environment
 from locust.event import Events
 from locust.runners import STATE_MISSING
 
+from loadgen.driver.channel import guard_master
 from loadgen.driver.distributed import (
     MSG_DONE,
     MSG_FAILED,
@@ -73,6 +75,20 @@ from loadgen.driver.distributed import (
 )
 from loadgen.driver.exporter import MetricsExporter
 from loadgen.driver.run import RunResult, _offered_rps
+from loadgen.driver.selfcheck import SelfCheck
+from loadgen.driver.trust import (
+    KEY_ENV_OF_LOCAL_WORKERS,
+    MSG_CHALLENGE,
+    MSG_HELLO,
+    MSG_PROOF,
+    MSG_REFUSED,
+    MSG_WELCOME,
+    message_problem,
+    new_cluster_key,
+    new_nonce,
+    prove,
+    proves,
+)
 from loadgen.driver.users import ClosedLoopUser, OpenLoopUser
 from loadgen.errors import LoadgenError, TargetError
 from loadgen.patterns.schedule import count_in, profile_of
@@ -91,6 +107,9 @@ RESHARE_LEAD_S = 0.5
 _SETUP_GRACE_S = 30.0  # beyond the connect timeout, for the warm-up requests
 _DONE_GRACE_S = 10.0  # beyond the end of the run and the request timeout, for the last intervals
 _POLL_S = 0.2
+CHALLENGE_TIMEOUT_S = 10.0
+"""A connected worker that has not proved the cluster key by then is refused."""
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 @dataclass
@@ -163,11 +182,78 @@ class Cluster:
             raise LoadgenError(f"cannot listen for workers on {options.bind_host}:{options.bind_port} "
                                "(in use?); choose another --master-bind-port") from None
         self.port: int = self.runner.server.port
+        guard_master(self.runner)
         self._procs: list[subprocess.Popen] = []
         self._logs: list[Any] = []
         self._run: _DistributedRun | None = None
+        self.key = options.cluster_key or (new_cluster_key().encode() if options.processes else None)
+        self._connected_at: dict[str, float] = {}  # client id -> when it connected, until it proved the key
+        self._challenges: dict[str, str] = {}  # client id -> the nonce it was sent
+        self._trusted: set[str] = set()
+        self.refused: dict[str, str] = {}  # client id -> why
         for kind in (MSG_READY, MSG_FAILED, MSG_INTERVAL, MSG_DONE):
             self.runner.register_message(kind, self._route)
+        self.runner.register_message(MSG_HELLO, self._on_hello)
+        self.runner.register_message(MSG_PROOF, self._on_proof)
+        self.environment.events.worker_connect.add_listener(self._on_connect)
+
+    # -- the cluster key ------------------------------------------------------------------------
+    def _on_connect(self, client_id: str, **_: Any) -> None:
+        """A worker said client_ready (first time, or again after a reconnect): it proves the key anew."""
+        self._trusted.discard(client_id)
+        if self.key is not None:
+            self._connected_at[client_id] = time.monotonic()
+
+    def _on_hello(self, environment: Environment, msg: Any) -> None:
+        """A connected worker asks for its challenge (its handlers are in place)."""
+        client_id = msg.node_id
+        if self.key is None or client_id not in self._connected_at:
+            return  # no key to prove, or not connected (or refused already)
+        nonce = self._challenges[client_id] = new_nonce()
+        self.send(MSG_CHALLENGE, {"nonce": nonce}, client_id)
+
+    def _on_proof(self, environment: Environment, msg: Any) -> None:
+        client_id, data = msg.node_id, msg.data
+        challenge = self._challenges.pop(client_id, None)
+        if self.key is None or challenge is None or client_id not in self._connected_at:
+            print(f"master: ignored a cluster-key proof from {client_id!r} that no challenge asked for",
+                  file=sys.stderr, flush=True)
+            return
+        problem = message_problem(MSG_PROOF, data)
+        if problem is None and data.get("proof") is None:
+            problem = "it has no cluster key (give it --cluster-key-env or --cluster-key-file)"
+        elif problem is None and not proves(self.key, "worker", challenge, client_id, data["proof"]):
+            problem = "its answer does not prove the cluster key (a wrong key)"
+        if problem is None and not data.get("nonce"):
+            problem = "it sent no challenge of its own for the master to answer"
+        if problem is not None:
+            self._refuse(client_id, problem)
+            return
+        del self._connected_at[client_id]
+        self._trusted.add(client_id)
+        self.send(MSG_WELCOME, {"proof": prove(self.key, "master", data["nonce"], client_id)}, client_id)
+
+    def _refuse(self, client_id: str, why: str) -> None:
+        """Log and refuse a worker: it is told why, and is never counted nor sent a scenario."""
+        self.refused[client_id] = why
+        self._trusted.discard(client_id)
+        self._connected_at.pop(client_id, None)
+        self._challenges.pop(client_id, None)
+        print(f"master: refused worker {client_id!r}: {why}", file=sys.stderr, flush=True)
+        self.send(MSG_REFUSED, {"reason": why}, client_id)
+
+    def _expire_challenges(self) -> None:
+        now = time.monotonic()
+        for client_id, connected_t in list(self._connected_at.items()):
+            if client_id not in self.runner.clients:  # it quit
+                del self._connected_at[client_id]
+            elif now - connected_t > CHALLENGE_TIMEOUT_S:
+                self._refuse(client_id, f"it did not prove the cluster key within "
+                                        f"{CHALLENGE_TIMEOUT_S:g} s (not a loadgen worker of this version?)")
+
+    def trusted(self, client_id: str) -> bool:
+        """Whether the worker may be sent a run: it proved the key (or the master has none)."""
+        return self.key is None or client_id in self._trusted
 
     # -- workers --------------------------------------------------------------------------------
     def spawn_local(self, count: int) -> None:
@@ -176,6 +262,7 @@ class Cluster:
             # A file, not a pipe: a worker never blocks on what it writes. Closed in close().
             log = tempfile.TemporaryFile()  # noqa: SIM115
             self._logs.append(log)
+            env = {**os.environ, KEY_ENV_OF_LOCAL_WORKERS: self.key.decode()}  # never on the command line
             self._procs.append(subprocess.Popen(
                 # One set of CPU spinners for the host: the master's (run.execute). A spinner is idle
                 # priority only within its scheduling group (one group a session, with the kernel's
@@ -183,7 +270,9 @@ class Cluster:
                 # them, tens of ms of schedule lag. So the workers stay in the master's session (its
                 # group) and start none of their own.
                 [sys.executable, "-m", "loadgen", "worker", "--master-host", "127.0.0.1",
-                 "--master-port", str(self.port), "--no-keep-awake"],
+                 "--master-port", str(self.port), "--no-keep-awake", "--cluster-key-env", KEY_ENV_OF_LOCAL_WORKERS,
+                 "--shared-filesystem"],
+                env=env,
                 stdout=subprocess.DEVNULL,
                 stderr=log,
                 process_group=0,  # not the terminal's foreground group: Ctrl-C reaches the master only
@@ -194,9 +283,11 @@ class Cluster:
         return [proc.pid for proc in self._procs]
 
     def connected(self) -> list[str]:
-        """Client ids of the connected workers (not missing), by Locust's worker index."""
+        """Client ids of the connected workers (not missing; with a cluster key, those that proved it), by
+        Locust's worker index."""
+        self._expire_challenges()
         clients = self.runner.clients
-        ids = [cid for cid in clients if clients[cid].state != STATE_MISSING]
+        ids = [cid for cid in clients if clients[cid].state != STATE_MISSING and self.trusted(cid)]
         return sorted(ids, key=self.runner.get_worker_index)
 
     def wait_for_workers(self, count: int, max_wait_s: float | None = None) -> None:
@@ -228,10 +319,22 @@ class Cluster:
             self._run = None
 
     def _route(self, environment: Environment, msg: Any) -> None:
+        if not self.trusted(msg.node_id):
+            print(f"master: ignored a {msg.type} message from {msg.node_id!r}, which has not proved the cluster "
+                  "key", file=sys.stderr, flush=True)
+            return
+        problem = message_problem(msg.type, msg.data)
+        if problem is not None:
+            print(f"master: ignored a bogus {msg.type} message from {msg.node_id!r}: {problem}", file=sys.stderr,
+                  flush=True)
+            return
         run = self._run
-        data = msg.data or {}
-        if run is not None and data.get("run") == run.run_id:
-            run.receive(msg.type, msg.node_id, data)
+        if run is not None and msg.data["run"] == run.run_id:
+            try:
+                run.receive(msg.type, msg.node_id, msg.data)
+            except Exception as exc:  # noqa: BLE001 - content that does not decode: the message is ignored
+                print(f"master: ignored a bogus {msg.type} message from {msg.node_id!r}: {type(exc).__name__}: "
+                      f"{exc}", file=sys.stderr, flush=True)
 
     def send(self, kind: str, data: dict[str, Any], client_id: str) -> None:
         self.runner.send_message(kind, data, client_id=client_id)
@@ -264,6 +367,10 @@ def open_cluster(options: DistributedOptions) -> Cluster:
         if options.processes:
             cluster.spawn_local(options.processes)
         else:
+            if cluster.key is None and options.bind_host not in _LOOPBACK:
+                print(f"master: warning: no cluster key (--cluster-key-env VAR or --cluster-key-file F, the same "
+                      f"on every worker): any host that reaches port {cluster.port} can join this run and be sent "
+                      "its scenario", file=sys.stderr, flush=True)
             print(f"master: listening for workers on {options.bind_host}:{cluster.port} "
                   f"(loadgen worker --master-host {where} --master-port {cluster.port})",
                   file=sys.stderr, flush=True)
@@ -367,6 +474,8 @@ class _DistributedRun:
         elif kind == MSG_INTERVAL:
             self._interval(worker, data)
         elif kind == MSG_DONE and worker.done is None:
+            if data.get("generator"):
+                SelfCheck.from_json(data["generator"])  # one that does not decode: the message is ignored
             worker.done = data
             if data.get("error"):
                 print(f"master: worker {worker.label} failed: {data['error']}", file=sys.stderr, flush=True)
@@ -384,7 +493,8 @@ class _DistributedRun:
         worker.figures.add(figures)
         worker.intervals += 1
         worker.last_report_s = max(worker.last_report_s, end_s)
-        worker.health = data.get("health") or {}
+        worker.health = {name: value for name, value in (data.get("health") or {}).items()
+                         if isinstance(value, (int, float)) and not isinstance(value, bool)}
         self._merger.add(worker.client_id, start_s, end_s, figures)
 
     # -- the run ----------------------------------------------------------------------------------

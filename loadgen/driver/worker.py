@@ -18,7 +18,16 @@ the new one starts there). A worker that joins mid-run is started with a share f
 recorder and interval beat are the run's own, so its intervals merge with the others'.
 
 `--debug-dir DIR` also appends every shipped interval, as sent, to DIR/worker-<pid>.jsonl: what the
-master received can then be merged independently (tests/test_distributed.py does).
+master received can then be merged independently (tests/test_distributed.py does); and every loadgen
+message received from the master to DIR/worker-<pid>-received.jsonl (what went over the wire to it).
+
+Trust (loadgen/driver/trust.py): with `--cluster-key-env VAR` / `--cluster-key-file F` the worker
+answers the master's challenge, checks the master's answer to its own, and takes no run before that;
+the master may refuse it (REFUSED: exit 2 with the master's reason). The files a scenario names are read
+only inside `--data-dir DIR` (or where they are, with `--shared-filesystem`: the --processes workers).
+Secrets are never in the scenario: a bearer token (bearer_token_env) and secret headers (header_env)
+are read from this process's own environment when its client is made. A bogus message from the master
+is logged and ignored (loadgen/driver/channel.py).
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ from gevent.event import Event
 from locust.env import Environment
 from locust.event import Events
 
+from loadgen.driver.channel import guard_worker, guard_worker_channel
 from loadgen.driver.context import LoadContext
 from loadgen.driver.distributed import (
     MSG_DONE,
@@ -55,6 +65,18 @@ from loadgen.driver.distributed import (
 )
 from loadgen.driver.mix import client_of
 from loadgen.driver.run import drain, self_check
+from loadgen.driver.trust import (
+    MSG_CHALLENGE,
+    MSG_HELLO,
+    MSG_PROOF,
+    MSG_REFUSED,
+    MSG_WELCOME,
+    confine_paths,
+    message_problem,
+    new_nonce,
+    prove,
+    proves,
+)
 from loadgen.driver.users import ClosedLoopUser, OpenLoopUser
 from loadgen.errors import LoadgenError
 from loadgen.lowlevel.keepawake import KeepAwake
@@ -77,7 +99,10 @@ class _WorkerRun:
         self.agent = agent
         self.run_id = run_id
         self.index = int(setup["index"])
-        self.scenario = validate_scenario(setup["scenario"], "scenario from the master")
+        scenario = setup["scenario"]
+        if not agent.shared_filesystem:
+            scenario = confine_paths(scenario, agent.data_dir)
+        self.scenario = validate_scenario(scenario, "scenario from the master")
         self.seed = int(setup["seed"])
         self.ctx: LoadContext | None = None
         self.stop = Event()
@@ -248,21 +273,34 @@ class WorkerAgent:
     """loadgen's side of a Locust worker: answers the master's run messages (one run at a time)."""
 
     def __init__(self, runner: Any, environment: Environment, debug_dir: Path | None = None,
-                 keep_awake: bool = True) -> None:
+                 keep_awake: bool = True, *, key: bytes | None = None, data_dir: Path | None = None,
+                 shared_filesystem: bool = False) -> None:
         self.runner = runner
         self.environment = environment
         self.keep_awake = keep_awake
         """Start CPU spinners for runs that ask (False: another process on this host keeps it awake)."""
+        self.key = key
+        self.data_dir = data_dir
+        self.shared_filesystem = shared_filesystem
         self.current: _WorkerRun | None = None
-        self._debug = None
+        self.refused: str | None = None
+        """Why this worker left (the master refused it, or could not prove the key)."""
+        self._trusted = key is None
+        self._nonce: str | None = None
+        self._debug = self._received = None
         if debug_dir is not None:
             debug_dir.mkdir(parents=True, exist_ok=True)
             self._debug = (debug_dir / f"worker-{os.getpid()}.jsonl").open("a", encoding="utf-8")
+            self._received = (debug_dir / f"worker-{os.getpid()}-received.jsonl").open("a", encoding="utf-8")
         runner.register_message(MSG_SETUP, self._on_setup, concurrent=True)
         runner.register_message(MSG_START, self._on_start)
         runner.register_message(MSG_TAKEOVER, self._on_takeover)
         runner.register_message(MSG_RESHARE, self._on_reshare)
         runner.register_message(MSG_STOP, self._on_stop)
+        runner.register_message(MSG_CHALLENGE, self._on_challenge)
+        runner.register_message(MSG_WELCOME, self._on_welcome)
+        runner.register_message(MSG_REFUSED, self._on_refused)
+        self.send(MSG_HELLO, {})  # the master's challenge now finds the handlers in place
 
     def send(self, kind: str, data: dict[str, Any]) -> None:
         self.runner.send_message(kind, data)
@@ -272,14 +310,65 @@ class WorkerAgent:
             self._debug.write(json.dumps(message) + "\n")
             self._debug.flush()
 
+    def _accept(self, msg: Any) -> bool:
+        """Keep the debug copy of `msg`; whether its fields are what its type needs (else it is ignored)."""
+        if self._received is not None:
+            self._received.write(json.dumps({"type": msg.type, "data": msg.data}, default=repr) + "\n")
+            self._received.flush()
+        problem = message_problem(msg.type, msg.data)
+        if problem is not None:
+            print(f"worker: ignored a bogus {msg.type} message from the master: {problem}", file=sys.stderr,
+                  flush=True)
+        return problem is None
+
+    def _leave(self, why: str) -> None:
+        self.refused = why
+        print(f"worker: {why}", file=sys.stderr, flush=True)
+        gevent.spawn(self.runner.greenlet.kill, block=False)
+
+    # -- the cluster key ------------------------------------------------------------------------
+    def _on_challenge(self, environment: Environment, msg: Any) -> None:
+        if not self._accept(msg):
+            return
+        if self.key is None:  # the master will refuse it, and say why
+            self.send(MSG_PROOF, {})
+            return
+        self._trusted = False
+        self._nonce = new_nonce()
+        self.send(MSG_PROOF, {"proof": prove(self.key, "worker", msg.data["nonce"], self.runner.client_id),
+                              "nonce": self._nonce})
+
+    def _on_welcome(self, environment: Environment, msg: Any) -> None:
+        if not self._accept(msg) or self.key is None or self._nonce is None:
+            return
+        nonce, self._nonce = self._nonce, None
+        if proves(self.key, "master", nonce, self.runner.client_id, msg.data["proof"]):
+            self._trusted = True
+            print("worker: the master proved the cluster key", file=sys.stderr, flush=True)
+        else:
+            self._leave("the master's answer does not prove the cluster key: leaving (is it the master "
+                        "you meant, with the same --cluster-key-env/--cluster-key-file?)")
+
+    def _on_refused(self, environment: Environment, msg: Any) -> None:
+        if self._accept(msg):
+            self._leave(f"refused by the master: {msg.data['reason']}")
+
     def finished(self, run: _WorkerRun) -> None:
         if self.current is run:
             self.current = None
             self.environment.loadgen = None
 
     def _on_setup(self, environment: Environment, msg: Any) -> None:
+        if not self._accept(msg):
+            return
         data = msg.data
         run_id = data["run"]
+        if not self._trusted:
+            error = ("this worker has a cluster key and the master has not proven it: give the master the same "
+                     "--cluster-key-env/--cluster-key-file")
+            print(f"worker: refused a run: {error}", file=sys.stderr, flush=True)
+            self.send(MSG_FAILED, {"run": run_id, "error": error, "kind": "usage"})
+            return
         if self.current is not None and self.current.started:
             self.send(MSG_FAILED, {"run": run_id, "error": "this worker is still running the previous run"})
             return
@@ -293,6 +382,8 @@ class WorkerAgent:
             self.send(MSG_FAILED, {"run": run_id, "error": str(exc), "kind": kind})
 
     def _run_of(self, msg: Any) -> _WorkerRun | None:
+        if not self._accept(msg):
+            return None
         run = self.current
         return run if run is not None and run.run_id == msg.data.get("run") else None
 
@@ -323,17 +414,22 @@ class WorkerAgent:
                 run.ctx.client.close()
 
 
-def serve(master_host: str, master_port: int, debug_dir: Path | None = None, keep_awake: bool = True) -> int:
-    """Connect to the master and serve its runs until it says quit (exit 0) or SIGINT/SIGTERM (130)."""
+def serve(master_host: str, master_port: int, debug_dir: Path | None = None, keep_awake: bool = True, *,
+          key: bytes | None = None, data_dir: Path | None = None, shared_filesystem: bool = False) -> int:
+    """Connect to the master and serve its runs until it says quit (exit 0) or SIGINT/SIGTERM (130); a
+    LoadgenError (exit 2) when the master refused this worker or did not prove the cluster key."""
     environment = Environment(user_classes=[OpenLoopUser, ClosedLoopUser], events=Events())
     environment.loadgen = None
     print(f"worker: connecting to the master at {master_host}:{master_port}", file=sys.stderr, flush=True)
+    guard_worker_channel()
     try:
         runner = environment.create_worker_runner(master_host, master_port)
     except ConnectionError:
         raise LoadgenError(f"no loadgen master answered at {master_host}:{master_port}; start "
                            "`loadgen run ... --master` there first, or check --master-host/--master-port") from None
-    agent = WorkerAgent(runner, environment, debug_dir, keep_awake)
+    guard_worker(runner)
+    agent = WorkerAgent(runner, environment, debug_dir, keep_awake, key=key, data_dir=data_dir,
+                        shared_filesystem=shared_filesystem)
     print(f"worker: connected as worker {runner.worker_index} (pid {os.getpid()})", file=sys.stderr, flush=True)
     signalled = Event()
 
@@ -361,5 +457,7 @@ def serve(master_host: str, master_port: int, debug_dir: Path | None = None, kee
     finally:
         for handler in handlers:
             handler.cancel()
+    if agent.refused is not None:
+        raise LoadgenError(agent.refused)
     print("worker: the master said quit" if not signalled.is_set() else "worker: stopped", file=sys.stderr)
     return 130 if signalled.is_set() else 0

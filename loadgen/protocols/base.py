@@ -20,6 +20,7 @@ the Outcome), `close()` at the end.
 from __future__ import annotations
 
 import os
+import re
 import ssl
 import time
 from collections.abc import Callable, Collection
@@ -47,6 +48,7 @@ __all__ = [
 ]
 
 WARMUP_REQUESTS = 8
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an RFC 9110 token
 
 
 def existing_file(value: str | None) -> str | None:
@@ -77,6 +79,10 @@ class TargetOptions(BaseModel):
     bearer_token_env: str | None = None
     """Name of an environment variable holding a bearer token: `Authorization: Bearer <token>` is sent,
     and the token itself is never printed or written to results."""
+    header_env: dict[str, str] = Field(default_factory=dict)
+    """Secret headers: header name -> the environment variable holding its value, read where the client
+    is made (in a distributed run, by each worker from its own environment), so the value is never in the
+    scenario: not sent to workers, written or printed."""
     ca_file: str | None = None
     """PEM file of the CA that signed the target's certificate (https:// or grpcs://)."""
 
@@ -93,6 +99,13 @@ class TargetOptions(BaseModel):
             raise ValueError(f"url {self.url!r} does not fit protocol {self.protocol!r}: use {wanted}")
         if self.bearer_token_env is not None and not os.environ.get(self.bearer_token_env):
             raise ValueError(f"bearer_token_env: environment variable {self.bearer_token_env} is not set")
+        for name, variable in self.header_env.items():
+            if not _HEADER_NAME.fullmatch(name):
+                raise ValueError(f"header_env: {name!r} is not a header name")
+            if name.lower() in {given.lower() for given in self.headers}:
+                raise ValueError(f"header_env: {name!r} is in headers too: give it once")
+            if not os.environ.get(variable):
+                raise ValueError(f"header_env: {name}: environment variable {variable} is not set")
         return self
 
     @property
@@ -101,8 +114,10 @@ class TargetOptions(BaseModel):
         return 1
 
     def auth_headers(self) -> dict[str, str]:
-        """`headers` plus the bearer token read from its environment variable (never stored elsewhere)."""
+        """`headers` plus the secret headers and the bearer token, each read from its environment variable
+    (never stored elsewhere)."""
         headers = dict(self.headers)
+        headers.update((name, os.environ[variable]) for name, variable in self.header_env.items())
         if self.bearer_token_env:
             headers["Authorization"] = f"Bearer {os.environ[self.bearer_token_env]}"
         return headers

@@ -4,6 +4,7 @@ write every interval they ship (`loadgen worker --debug-dir`), and readers of th
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -14,12 +15,13 @@ from tests.support.processes import ROOT, loadgen_cmd, pin, stop_process
 class Master:
     """`loadgen run ... --master --expect-workers N` on a free port, read line by line from stderr."""
 
-    def __init__(self, args: list[str], out: Path, workers: int = 2) -> None:
+    def __init__(self, args: list[str], out: Path, workers: int = 2, env: dict[str, str] | None = None) -> None:
         self.out = out
         self.proc = subprocess.Popen(
             loadgen_cmd("run", *args, "--master", "--expect-workers", str(workers), "--master-bind-host",
                         "127.0.0.1", "--master-bind-port", "0", "--quiet", "--out", str(out)),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+            env={**os.environ, **(env or {})},
         )
         pin(self.proc.pid, 0)
         self.lines: list[str] = []
@@ -50,11 +52,14 @@ class Master:
         return json.loads((self.out / "summary.json").read_text())
 
 
-def start_worker(port: int, debug_dir: Path) -> subprocess.Popen:
+def start_worker(port: int, debug_dir: Path, *args: str, env: dict[str, str] | None = None,
+                 stderr: int = subprocess.DEVNULL) -> subprocess.Popen:
+    """`loadgen worker` of the master on `port` (ARGS: its other flags; `env`: set in its environment,
+    beside this process's own; stderr=subprocess.PIPE to read what it says, as text)."""
     proc = subprocess.Popen(
         loadgen_cmd("worker", "--master-host", "127.0.0.1", "--master-port", str(port), "--debug-dir",
-                    str(debug_dir)),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
+                    str(debug_dir), *args),
+        stdout=subprocess.DEVNULL, stderr=stderr, cwd=ROOT, env={**os.environ, **(env or {})}, text=True,
     )
     pin(proc.pid, 0)
     return proc
@@ -64,6 +69,12 @@ def shipped(debug_dir: Path, pid: int) -> list[dict]:
     """Every interval worker `pid` shipped to the master, in order."""
     path = debug_dir / f"worker-{pid}.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def received(debug_dir: Path, pid: int) -> str:
+    """Every loadgen message worker `pid` received from its master, as it wrote them (JSON lines)."""
+    path = debug_dir / f"worker-{pid}-received.jsonl"
+    return path.read_text() if path.exists() else ""
 
 
 def requests_of(messages: list[dict]) -> int:
