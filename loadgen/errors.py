@@ -17,6 +17,7 @@ the mapping missed: a malformed gRPC status, a RecursionError in an error body) 
 
 from __future__ import annotations
 
+import re
 import socket
 import ssl
 
@@ -32,7 +33,20 @@ __all__ = [
     "TargetNotReady",
     "TargetUnreachable",
     "classify_exception",
+    "redact_url",
 ]
+
+_USERINFO = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://)[^/\s@?#]+@")
+
+
+def redact_url(text: str) -> str:
+    """`text` with the user:password of every URL in it replaced by *** (a target URL may carry
+    credentials; they are never printed or written to results).
+
+    >>> redact_url("cannot reach http://ann:s3cret@host:8000/v2 (connect)")
+    'cannot reach http://***@host:8000/v2 (connect)'
+    """
+    return _USERINFO.sub(r"\1***@", text) if "@" in text else text
 
 
 class LoadgenError(Exception):

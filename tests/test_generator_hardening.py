@@ -9,10 +9,12 @@ error kind, every request ends in exactly one count, and a bad value is refused 
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import gevent
 import pytest
@@ -23,6 +25,8 @@ from loadgen.outcome import Outcome
 from loadgen.protocols.common.http1 import Http1Pool, build_request
 from loadgen.protocols.openai import SseStream, StreamPool
 from loadgen.scenario import validate_scenario
+from loadgen.sinks.summary import write_summary
+from tests.support.processes import run_loadgen
 from tests.support.timing import HostNoise
 
 _REQUEST = build_request("GET", "127.0.0.1", "/")
@@ -164,7 +168,7 @@ def endless_chunked(head_extra: bytes = b"") -> Callable[[socket.socket], None]:
 def test_an_answer_past_the_limit_is_response_too_large_and_its_connection_closed(serve) -> None:
     server = serve(endless_chunked())
     pool = Http1Pool("127.0.0.1", server.port, connect_timeout=1.0, timeout=5.0, max_response_bytes=256 * 1024)
-    kind, took = timed(lambda: pool.send(_REQUEST))
+    kind, _ = timed(lambda: pool.send(_REQUEST))
     assert kind == "response_too_large"
     assert not pool._idle  # the connection was closed, not pooled
     announced = serve(lambda conn: conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 999999999\r\n\r\n"))
@@ -251,3 +255,66 @@ def test_values_that_cannot_work_are_refused_naming_their_key(section: str, patc
         validate_scenario(data)
     assert any(problem.startswith(key + ":") for problem in caught.value.problems), caught.value.problems
     assert caught.value.exit_code == 2
+
+
+# -- results whole or not at all; no credentials in them -----------------------------------------
+
+def test_a_summary_whose_writing_fails_leaves_the_previous_one_whole(tmp_path: Path) -> None:
+    """Writing stops part-way (a value JSON cannot write, as a kill would stop it): summary.json is still
+    the previous complete file, and no partial file is left beside it."""
+    path = tmp_path / "summary.json"
+    write_summary(path, {"sent": 1, "ok": 1})
+    with pytest.raises(TypeError):
+        write_summary(path, {"sent": 2, "ok": 2, "notes": object()})
+    assert json.loads(path.read_text()) == {"sent": 1, "ok": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+
+def test_a_url_s_user_and_password_are_never_printed_or_written(calibration_server, tmp_path: Path) -> None:
+    server = calibration_server()
+    port = server.url.rsplit(":", 1)[1]
+    secret_url = f"http://ann:s3cret-pw@127.0.0.1:{port}"
+    run = run_loadgen("--target", secret_url, "--model", "m", "--rate", "50", "--duration", "1s",
+                      out=tmp_path / "ok", timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.summary["target"]["url"] == f"http://***@127.0.0.1:{port}"
+    written = "".join(p.read_text(errors="replace") for p in (tmp_path / "ok").iterdir() if p.is_file())
+    assert "s3cret-pw" not in run.stdout + run.stderr + written
+    with socket.socket() as unused:  # a port nothing listens on: the run fails, naming the URL
+        unused.bind(("127.0.0.1", 0))
+        closed = unused.getsockname()[1]
+    failed = run_loadgen("--target", f"http://ann:s3cret-pw@127.0.0.1:{closed}", "--model", "m", "--rate", "5",
+                         "--duration", "1s", "--connect-timeout", "0.5s", out=tmp_path / "failed", timeout=60)
+    assert failed.returncode == 2
+    assert "cannot reach http://***@127.0.0.1" in failed.stderr
+    assert "s3cret-pw" not in failed.stdout + failed.stderr
+
+
+# -- the open-file limit -------------------------------------------------------------------------
+
+_FD_PROBE = """
+import resource, sys
+from loadgen.lowlevel.fdlimit import FD_HEADROOM, ensure_fd_limit
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 1024))
+fits = ensure_fd_limit(1024 - FD_HEADROOM)
+raised = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+short = ensure_fd_limit(5000)
+print(repr(fits), raised, resource.getrlimit(resource.RLIMIT_NOFILE)[0], short, sep="|")
+"""
+
+
+def test_the_open_file_limit_is_raised_to_what_the_connections_need_or_the_run_says_why() -> None:
+    """In a child with a soft limit of 64 under a hard one of 1024: a need within the hard limit raises the
+    soft one to it, silently; a need past it raises it to the hard limit and says so."""
+    import subprocess
+    import sys
+
+    from loadgen.driver.selfcheck import SelfCheck
+
+    done = subprocess.run([sys.executable, "-c", _FD_PROBE], capture_output=True, text=True, timeout=30, check=True)
+    fits, raised, at_hard, short = done.stdout.strip().split("|")
+    assert fits == "''" and int(raised) == 1024 and int(at_hard) == 1024
+    assert "hard limit" in short and "5000 connections" in short
+    check = SelfCheck(lag_ms={}, fd_note=short).as_json()
+    assert check["bound"] and {"kind": "fd_limit", "text": short} in check["findings"]
+    assert SelfCheck.from_json(check).fd_note == short

@@ -119,6 +119,8 @@ class LoadContext:
         self._closed_sent = 0  # closed-loop requests of a mix so far: the index of the next one's draw
         self._ticker: gevent.Greenlet | None = None
         self.peak_in_flight = 0
+        self.fd_note = ""
+        """Why the open-file limit could not be raised to what the run needs ("": it was); see lowlevel/fdlimit.py."""
         self._rng = np.random.default_rng(self.pattern.seed if seed is None else seed)
         self._fire = environment.events.request.fire if environment is not None else None
         self._name = client.request_name
