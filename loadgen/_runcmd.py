@@ -16,7 +16,7 @@ import locust  # noqa: F401  (gevent monkey-patching must come before the other 
 from loadgen.driver.distributed import DistributedOptions
 from loadgen.driver.master import open_cluster
 from loadgen.driver.run import RunResult, execute
-from loadgen.errors import ScenarioError
+from loadgen.errors import ScenarioError, redact_url
 from loadgen.protocols import spec_of
 from loadgen.scenario import OpenLoop, Scenario, load_scenario
 from loadgen.serverside import ServerMetrics, server_figures
@@ -41,7 +41,7 @@ def summarize(result: RunResult) -> dict[str, Any]:
     extra = {
         **(result.metadata.get("to_summary") or {}),  # what the client says of its requests (openai)
         "pattern": type(pattern).__name__,
-        "target": {"url": target.url, "model": target.model, "batch_size": target.inferences_per_request},
+        "target": {"url": redact_url(target.url), "model": target.model, "batch_size": target.inferences_per_request},
         "interrupted": result.interrupted,
         "in_flight_at_end": result.in_flight_at_end,
         "warmup_requests": result.warmup_requests,

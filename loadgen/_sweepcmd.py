@@ -40,7 +40,8 @@ from loadgen.driver.distributed import DistributedOptions
 from loadgen.driver.exporter import MetricsListener
 from loadgen.driver.master import Cluster, open_cluster
 from loadgen.driver.run import RunResult, execute
-from loadgen.errors import ScenarioError
+from loadgen.errors import ScenarioError, redact_url
+from loadgen.files import atomic_writer, write_text_atomic
 from loadgen.scenario import ClosedLoop, OpenLoop, Scenario, load_scenario, read_scenario_file
 from loadgen.serverside import ServerMetrics, server_figures
 from loadgen.sinks.prometheus import SweepCollector
@@ -264,8 +265,8 @@ def write_sweep(out: Path, steps: list[StepResult], judged: dict[str, Any], meta
     """DIR/sweep.json (verdict, then the steps) and DIR/curve.csv (one row per step)."""
     out.mkdir(parents=True, exist_ok=True)
     document = {**judged, **meta, "steps": [step.as_json() for step in steps]}
-    (out / "sweep.json").write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
-    with (out / "curve.csv").open("w", newline="", encoding="utf-8") as fh:
+    write_text_atomic(out / "sweep.json", json.dumps(document, indent=2) + "\n")
+    with atomic_writer(out / "curve.csv", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=CURVE_COLUMNS)
         writer.writeheader()
         writer.writerows(_curve_row(step) for step in sorted(steps, key=lambda s: s.load))
@@ -404,7 +405,7 @@ def run_sweep(path: Path | None, overrides: dict[Any, Any], spec: SweepSpec, *,
             elif closed:
                 plan, total, described = dataclasses.replace(spec, users_range=(1, AUTO_MAX_USERS)).plan()
             else:
-                print(f"sweep: no plan given: probing {base.target.url} with a closed loop of 1, 2, 4, ... users",
+                print(f"sweep: no plan given: probing {redact_url(base.target.url)} with a closed loop of 1, 2, 4, ... users",
                       flush=True)
                 found, interrupted = probe(base, out, cluster)
                 plan, total, described = _planned(found, spec)
@@ -436,7 +437,7 @@ def run_sweep(path: Path | None, overrides: dict[Any, Any], spec: SweepSpec, *,
         judged["notes"].append(f"server-side figures incomplete: {metrics.error}")
     meta = {"plan": described, "slo": base.slo, "goodput_terms": base.goodput, "warmup_s": spec.warmup_s,
             "step_duration_s": spec.step_duration_s, "interrupted": interrupted,
-            "target": {"url": base.target.url, "model": base.target.model},
+            "target": {"url": redact_url(base.target.url), "model": base.target.model},
             "server_metrics": spec.server_metrics, "cost_per_hour": spec.cost_per_hour}
     if found is not None:
         meta["probe"] = found.as_json()

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from loadgen.errors import LoadgenError, ScenarioError
+from loadgen.errors import LoadgenError, ScenarioError, redact_url
 from loadgen.flags import Flag
 from loadgen.options import compare_flags, load_command, run_flags, scenario_overrides, sweep_flags
 
@@ -32,7 +32,7 @@ app.add_typer(serve_app, name="serve")
 
 
 def _fail(exc: LoadgenError) -> None:
-    typer.echo(f"error: {exc}", err=True)
+    typer.echo(f"error: {redact_url(str(exc))}", err=True)
     raise typer.Exit(exc.exit_code)
 
 

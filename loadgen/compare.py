@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loadgen.files import atomic_writer, write_text_atomic
+
 __all__ = ["CSV_COLUMNS", "Variant", "mark_pareto", "pareto", "render_compare", "write_compare"]
 
 CSV_COLUMNS = ("model", "status", "accuracy", "p50_ms", "p99_ms", "achieved_rps", "saturation_rps", "goodput_rps",
@@ -105,8 +107,8 @@ def write_compare(out: Path, variants: list[Variant], *, slo: str | None, interr
         "model_repository": model_repository,
         "notes": _notes(variants, server_metrics, model_repository),
     }
-    (out / "compare.json").write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
-    with (out / "compare.csv").open("w", newline="", encoding="utf-8") as fh:
+    write_text_atomic(out / "compare.json", json.dumps(document, indent=2) + "\n")
+    with atomic_writer(out / "compare.csv", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
         writer.writeheader()
         for variant in variants:

@@ -10,25 +10,43 @@
 Per-request failures are never raised to the run: a protocol client maps its library's
 exceptions, once, at the boundary (`classify_exception`), into an error kind string that goes
 into the Outcome: "connect", "timeout", "connection_closed", "http_<status>", "invalid_response",
-"transport".
+"response_too_large", "event_too_large", "transport". A raise that escapes a client's send anyway (a bug
+the mapping missed: a malformed gRPC status, a RecursionError in an error body) is counted as
+"client_error:<exception type>" at the run's boundary (loadgen/protocols/base.py `guarded_send`).
 """
 
 from __future__ import annotations
 
+import re
 import socket
 import ssl
 
 __all__ = [
     "ConnectionClosed",
+    "EventTooLarge",
     "InvalidResponse",
     "LoadgenError",
     "ProtocolMismatch",
+    "ResponseTooLarge",
     "ScenarioError",
     "TargetError",
     "TargetNotReady",
     "TargetUnreachable",
     "classify_exception",
+    "redact_url",
 ]
+
+_USERINFO = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://)[^/\s@?#]+@")
+
+
+def redact_url(text: str) -> str:
+    """`text` with the user:password of every URL in it replaced by *** (a target URL may carry
+    credentials; they are never printed or written to results).
+
+    >>> redact_url("cannot reach http://ann:s3cret@host:8000/v2 (connect)")
+    'cannot reach http://***@host:8000/v2 (connect)'
+    """
+    return _USERINFO.sub(r"\1***@", text) if "@" in text else text
 
 
 class LoadgenError(Exception):
@@ -71,6 +89,14 @@ class ConnectionClosed(ConnectionError):
     """EOF where a response, or the rest of one, was expected (kind "connection_closed")."""
 
 
+class ResponseTooLarge(Exception):
+    """An answer past --max-response-bytes: cut off, its connection closed (kind "response_too_large")."""
+
+
+class EventTooLarge(ResponseTooLarge):
+    """A server-sent event that grew past its limit without ending (kind "event_too_large")."""
+
+
 def classify_exception(exc: BaseException) -> str:
     """The error kind of a transport exception (the one place foreign errors are mapped)."""
     if isinstance(exc, (socket.timeout, TimeoutError)):
@@ -79,6 +105,8 @@ def classify_exception(exc: BaseException) -> str:
         return "connect"
     if isinstance(exc, (ConnectionClosed, ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
         return "connection_closed"
+    if isinstance(exc, ResponseTooLarge):
+        return "event_too_large" if isinstance(exc, EventTooLarge) else "response_too_large"
     if isinstance(exc, InvalidResponse):
         return "invalid_response"
     if isinstance(exc, ssl.SSLError):

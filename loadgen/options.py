@@ -112,7 +112,10 @@ TARGET = (
          key=("target", "header_env"), to_scenario=parse_header_env),
     Flag("ca_file", Path | None, "CA certificate (PEM) for https:// and grpcs:// targets.",
          key=("target", "ca_file"), to_scenario=as_path_text),
-    Flag("timeout", str | None, "Per-request timeout, e.g. 10s.", key=("target", "timeout")),
+    Flag("timeout", str | None, "Deadline of each request (connect, send, whole answer), e.g. 10s.",
+         key=("target", "timeout")),
+    Flag("max_response_bytes", int | None, "Largest answer taken (default 64 MiB); a larger one is the error "
+         "response_too_large.", key=("target", "max_response_bytes")),
     Flag("connect_timeout", str | None, "Connect and readiness-check timeout, e.g. 3s.",
          key=("target", "connect_timeout")),
     Flag("mix", str | None, 'Send to several models of the target, model=weight pairs, e.g. "llama-8b=3,'

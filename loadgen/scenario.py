@@ -86,7 +86,7 @@ TRACE_TAIL_S = 0.001
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # rate = inf, nan: refused
 
 
 def _target_type() -> Any:

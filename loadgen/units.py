@@ -6,6 +6,7 @@ and the command line all read durations the same way.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated, Any
 
@@ -25,13 +26,18 @@ def parse_duration(value: Any) -> float:
     """
     if isinstance(value, bool):
         raise ValueError("expected a duration such as 30s, 500ms, 2m")  # noqa: TRY004 (pydantic)
+    seconds = None
     if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
+        seconds = float(value)
+    elif isinstance(value, str):
         match = _DURATION.match(value)
         if match:
-            return float(match.group(1)) * _UNITS[match.group(2) or "s"]
-    raise ValueError("expected a duration such as 30s, 500ms, 2m")
+            seconds = float(match.group(1)) * _UNITS[match.group(2) or "s"]
+    if seconds is None:
+        raise ValueError("expected a duration such as 30s, 500ms, 2m")
+    if not math.isfinite(seconds):  # inf and nan (TOML has both; "9" * 400 seconds overflows to inf)
+        raise ValueError("not a finite duration")
+    return seconds
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("loadgen.lowlevel",),
-    ("loadgen.units", "loadgen.errors", "loadgen.flags", "loadgen.outcome", "loadgen.goodput",
+    ("loadgen.units", "loadgen.files", "loadgen.errors", "loadgen.flags", "loadgen.outcome", "loadgen.goodput",
      "loadgen.patterns.trace"),  # a trace file's rows: read while a scenario is validated
     ("loadgen.recorder",),
     ("loadgen.sinks", "loadgen.slo", "loadgen.serverside"),  # sinks write what the recorder holds

@@ -18,6 +18,10 @@ client of the entry its arrival drew (loadgen/patterns/mix.py: an open-loop arri
 schedule, or its trace row, and the scenario's seed; a closed-loop request by this process's request
 count and seed) and records it into that entry's part of the recorder. A run without a mix goes
 through none of this.
+
+Every request goes through its client's send wrapped by `guarded_send` (loadgen/protocols/base.py): a
+send that raises still yields the request's Outcome (kind client_error:<type>), so the dispatcher, a
+closed-loop user and a mix entry each count every request they started, whatever the client does.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from loadgen.outcome import CANCELLED, Outcome, StreamOutcome
 from loadgen.patterns.mix import EntryChooser
 from loadgen.patterns.schedule import arrivals, profile_of, schedule
 from loadgen.protocols import spec_of
-from loadgen.protocols.base import Client
+from loadgen.protocols.base import Client, guarded_send
 from loadgen.recorder import Recorder
 from loadgen.scenario import ClosedLoop, OpenLoop, Scenario
 
@@ -115,6 +119,8 @@ class LoadContext:
         self._closed_sent = 0  # closed-loop requests of a mix so far: the index of the next one's draw
         self._ticker: gevent.Greenlet | None = None
         self.peak_in_flight = 0
+        self.fd_note = ""
+        """Why the open-file limit could not be raised to what the run needs ("": it was); see lowlevel/fdlimit.py."""
         self._rng = np.random.default_rng(self.pattern.seed if seed is None else seed)
         self._fire = environment.events.request.fire if environment is not None else None
         self._name = client.request_name
@@ -127,6 +133,9 @@ class LoadContext:
         """Each arrival is sent with its trace row (the client built a request per row)."""
         self.mix = client if isinstance(client, MixClient) else None
         """The entries' clients of a mix, None without one."""
+        self._send = guarded_send(client.send, self.streams) if self.mix is None else None
+        """The client's send, never raising (every request counted)."""
+        self._mix_sends = [guarded_send(c.send, self.streams) for c in self.mix.clients] if self.mix else []
         self._entries: list[_Entry] = []
         if self.mix is not None:
             self._open_chooser = EntryChooser(self.mix.weights, self.pattern.seed, scenario.trace,
@@ -216,14 +225,14 @@ class LoadContext:
         if self.mix is not None:  # the mixed send records each outcome under its entry itself
             return Dispatcher(self._send_mixed, _recorded, self.record_dropped, pattern.max_in_flight,
                               on_unsent=self.record_unsent)
-        return Dispatcher(self.client.send, self.on_outcome, self.record_dropped, pattern.max_in_flight,
+        return Dispatcher(self._send, self.on_outcome, self.record_dropped, pattern.max_in_flight,
                           on_unsent=self.record_unsent)
 
     def _send_mixed(self, intended_t: float, row: int) -> Outcome:
         """One open-loop request of a mix: to the entry its row (index or trace row) drew; recorded there."""
         i = self._open_chooser.entry_of(row)
-        client = self.mix.clients[i]
-        outcome = client.send(intended_t, row) if self._sized else client.send(intended_t)
+        send = self._mix_sends[i]
+        outcome = send(intended_t, row) if self._sized else send(intended_t)
         self._entries[i].on_outcome(outcome)
         return outcome
 
@@ -290,7 +299,7 @@ class LoadContext:
         self.peak_in_flight = max(self.peak_in_flight, self._user_requests)
         try:
             if self.mix is None:
-                self.on_outcome(self.client.send(time.monotonic()))
+                self.on_outcome(self._send(time.monotonic()))
             else:
                 self._send_closed_mixed()
         finally:
@@ -299,7 +308,7 @@ class LoadContext:
     def _send_closed_mixed(self) -> None:
         i = self._closed_chooser.entry_of(self._closed_sent)
         self._closed_sent += 1
-        self._entries[i].on_outcome(self.mix.clients[i].send(time.monotonic()))
+        self._entries[i].on_outcome(self._mix_sends[i](time.monotonic()))
 
     def think(self) -> float:
         """Seconds a closed-loop user waits before its next request."""

@@ -16,6 +16,7 @@ import logging
 import os
 import resource
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -31,6 +32,7 @@ from loadgen.driver.mix import client_of
 from loadgen.driver.selfcheck import SelfCheck
 from loadgen.driver.users import ClosedLoopUser, OpenLoopUser
 from loadgen.errors import LoadgenError
+from loadgen.lowlevel.fdlimit import ensure_fd_limit
 from loadgen.lowlevel.keepawake import KeepAwake
 from loadgen.patterns.schedule import profile_of
 from loadgen.recorder import Recorder
@@ -101,11 +103,15 @@ def _execute(scenario: Scenario) -> RunResult:
     """
     pattern = scenario.pattern
     is_open = isinstance(pattern, OpenLoop)
+    fd_note = ensure_fd_limit(pattern.max_in_flight if is_open else pattern.users)
+    if fd_note:
+        print(f"warning: {fd_note}", file=sys.stderr, flush=True)
     client = client_of(scenario, seed=pattern.seed)
     metadata = client.prepare()
 
     environment = Environment(user_classes=[OpenLoopUser if is_open else ClosedLoopUser], events=Events())
     ctx = LoadContext(scenario, client, environment)
+    ctx.fd_note = fd_note
     environment.loadgen = ctx
     try:
         exporter = _start_exporter(ctx, scenario.output.metrics_port)
@@ -219,4 +225,5 @@ def self_check(ctx: LoadContext, scenario: Scenario, cpu: float) -> SelfCheck:
         peak_in_flight=peak if dispatcher else ctx.peak_in_flight,
         max_in_flight=dispatcher.max_in_flight if dispatcher else None,
         max_lag_ms=scenario.output.max_lag_ms,
+        fd_note=ctx.fd_note,
     )

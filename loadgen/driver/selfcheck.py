@@ -18,7 +18,7 @@ __all__ = ["CPU_LIMIT", "Finding", "SelfCheck", "unsent_reason"]
 CPU_LIMIT = 0.95
 """A generator process above this share of a core is the bottleneck."""
 
-Kind = Literal["dropped", "unsent", "handover", "lag", "cpu", "master_cpu", "failed", "lost"]
+Kind = Literal["dropped", "unsent", "handover", "lag", "cpu", "master_cpu", "failed", "lost", "fd_limit"]
 
 
 class Finding(NamedTuple):
@@ -48,6 +48,8 @@ class SelfCheck:
     max_lag_ms: float = 1.0
     master_cpu_fraction: float | None = None
     """A distributed run's master; None for a single process."""
+    fd_note: str = ""
+    """Why the open-file limit could not be raised to what the run's connections need ("": it was)."""
     workers: tuple[tuple[str, Finding], ...] = ()
     """A distributed run: each worker's own findings (and its failure or loss), by worker label."""
 
@@ -76,6 +78,8 @@ class SelfCheck:
         if self.open_loop and self.lag_ms.get("p99", 0.0) > self.max_lag_ms and "lag" not in worker_kinds:
             found.append(Finding("lag", f"schedule lag p99 {self.lag_ms['p99']:.3f} ms > {self.max_lag_ms} ms"
                                         + everyone))
+        if self.fd_note:
+            found.append(Finding("fd_limit", self.fd_note))
         if self.cpu_fraction > CPU_LIMIT and not self.distributed:
             found.append(Finding("cpu", f"generator CPU at {self.cpu_fraction:.0%} of a core"))
         found += [Finding(finding.kind, finding.text) for _, finding in self.workers]
@@ -119,6 +123,8 @@ class SelfCheck:
             "peak_in_flight": self.peak_in_flight,
             "max_in_flight": self.max_in_flight,
         }
+        if self.fd_note:
+            data["fd_note"] = self.fd_note
         if self.distributed:
             data["bound_workers"] = self.bound_workers
             data["master_cpu_fraction"] = round(self.master_cpu_fraction or 0.0, 3)
@@ -131,4 +137,4 @@ class SelfCheck:
                    unsent=int(data.get("unsent", 0)), handover_unsent=int(data.get("handover_unsent", 0)),
                    cpu_fraction=float(data.get("cpu_fraction", 0.0)),
                    peak_in_flight=int(data.get("peak_in_flight", 0) or 0), max_in_flight=data.get("max_in_flight"),
-                   max_lag_ms=float(data.get("max_lag_ms", 1.0)))
+                   max_lag_ms=float(data.get("max_lag_ms", 1.0)), fd_note=str(data.get("fd_note", "")))

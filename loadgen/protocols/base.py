@@ -15,6 +15,10 @@ A client (the Client protocol below) is used in three calls: `prepare()` once be
 (readiness check, request building, warm-up; raises a TargetError, exit 2, when the run cannot
 start), `send(intended_t)` for each request (never raises for a failed request: the error kind is in
 the Outcome), `close()` at the end.
+
+A send that raises all the same (a client's bug, a plug-in's, or a server's bytes that no mapping
+foresaw) must not lose its request from the counts: the run calls every client through
+`guarded_send`, which turns any Exception into an Outcome of kind `client_error:<type>`.
 """
 
 from __future__ import annotations
@@ -44,11 +48,13 @@ __all__ = [
     "StreamingClient",
     "TargetOptions",
     "existing_file",
+    "guarded_send",
     "warm_up",
 ]
 
 WARMUP_REQUESTS = 8
-_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an RFC 9110 token
+_MAX_TIMEOUT_S = 86_400.0  # a day: past it a socket timeout overflows on some platforms, and no run waits so long
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an RFC 9110 token
 
 
 def existing_file(value: str | None) -> str | None:
@@ -61,7 +67,7 @@ def existing_file(value: str | None) -> str | None:
 class TargetOptions(BaseModel):
     """The `[target]` keys every protocol takes; each protocol's model adds its own."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     SCHEMES: ClassVar[tuple[str, ...]] = ("http", "https")
     """URL schemes the protocol speaks (gRPC protocols: grpc, grpcs)."""
@@ -71,9 +77,12 @@ class TargetOptions(BaseModel):
     model: str = Field(min_length=1)
     protocol: str
     version: str | None = None
-    connect_timeout: Duration = Field(default=3.0, gt=0)
-    timeout: Duration = Field(default=30.0, gt=0)
-    """Per-request timeout; for a stream, the longest wait for its next bytes."""
+    connect_timeout: Duration = Field(default=3.0, gt=0, le=_MAX_TIMEOUT_S)
+    timeout: Duration = Field(default=30.0, gt=0, le=_MAX_TIMEOUT_S)
+    """Deadline of each request: connect, send and the whole answer (a stream: see the protocol's
+    stream_first_byte_timeout and stream_gap_timeout)."""
+    max_response_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+    """Largest answer taken; a larger one is cut off, its connection closed, as response_too_large."""
     headers: dict[str, str] = Field(default_factory=dict)
     """Extra HTTP headers (or gRPC metadata) sent with every request, e.g. an API gateway's key."""
     bearer_token_env: str | None = None
@@ -85,6 +94,17 @@ class TargetOptions(BaseModel):
     scenario: not sent to workers, written or printed."""
     ca_file: str | None = None
     """PEM file of the CA that signed the target's certificate (https:// or grpcs://)."""
+
+    @field_validator("headers")
+    @classmethod
+    def _headers_are_single_lines(cls, value: dict[str, str]) -> dict[str, str]:
+        """A CR or LF would end the header early and smuggle in more (header injection): refused."""
+        for name, text in value.items():
+            if not _HEADER_NAME.match(name):
+                raise ValueError(f"header name {name!r} is not a token (letters, digits, -; no space, :, CR, LF)")
+            if any(c in text for c in "\r\n\0"):
+                raise ValueError(f"header {name!r}: its value holds a CR, LF or NUL")
+        return value
 
     @field_validator("ca_file")
     @classmethod
@@ -179,6 +199,31 @@ class SizedClient(Client, Protocol):
 
     def send(self, intended_t: float, row: int | None = None) -> Outcome:
         """Send the request of trace row `row` (the next of the pool when None)."""
+
+
+def guarded_send(send: Callable[..., Any], streams: bool) -> Callable[..., Any]:
+    """`send` that never raises an Exception: one that escapes is the request's Outcome (a StreamOutcome
+    for a streaming client), of kind `client_error:<exception type>`, so every request sent is counted
+    once, as ok or as an error."""
+    failed = StreamOutcome if streams else Outcome
+
+    def send_guarded(intended_t: float, *row: Any) -> Any:
+        try:
+            return send(intended_t, *row)
+        except Exception as exc:  # noqa: BLE001 - the boundary: anything a client raises is the request's error
+            done_t = time.monotonic()
+            return failed(intended_t, min(intended_t, done_t), done_t, f"client_error:{type(exc).__name__}",
+                          _describe(exc))
+
+    return send_guarded
+
+
+def _describe(exc: BaseException) -> str:
+    """The exception's text, short; its type alone when even str() fails (a RecursionError, a bad __str__)."""
+    try:
+        return str(exc)[:200] or type(exc).__name__
+    except Exception:  # noqa: BLE001 - describing must not raise in turn
+        return type(exc).__name__
 
 
 def warm_up(client: Client, what: str, tolerated: Collection[str] = ("invalid_response",),

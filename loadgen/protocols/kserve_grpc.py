@@ -20,7 +20,7 @@ import ssl
 import time
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from loadgen.errors import ProtocolMismatch, TargetNotReady, TargetUnreachable
+from loadgen.errors import ProtocolMismatch, ResponseTooLarge, TargetNotReady, TargetUnreachable
 from loadgen.flags import Flag, if_set
 from loadgen.outcome import Outcome
 from loadgen.protocols.base import ProtocolSpec, warm_up
@@ -140,6 +140,8 @@ class KServeGrpcClient:
             reply = self._h2.unary(_INFER, self._requests[index], self.target.timeout, self._metadata or ())
         except TimeoutError as exc:
             return Outcome(intended_t, sent_t, time.monotonic(), "timeout", str(exc))
+        except ResponseTooLarge as exc:
+            return Outcome(intended_t, sent_t, time.monotonic(), "response_too_large", str(exc))
         except (ConnectionError, OSError) as exc:
             self._h2.close()
             self._h2 = self._open_h2()
@@ -211,7 +213,8 @@ class KServeGrpcClient:
         host, _, port = address.rpartition(":")
         context = ssl.create_default_context(cafile=self.target.ca_file) if tls else None
         try:
-            return H2Channel(host.strip("[]"), int(port), tls=context, connect_timeout=self.target.connect_timeout)
+            return H2Channel(host.strip("[]"), int(port), tls=context, connect_timeout=self.target.connect_timeout,
+                             max_response_bytes=self.target.max_response_bytes)
         except OSError as exc:
             raise TargetUnreachable(f"cannot reach {self.target.url} (connect: {exc})") from None
 

@@ -81,7 +81,8 @@ class KServeHttpClient:
     def _new_pool(self, timeout: float) -> Http1Pool:
         context = self.target.ssl_context()
         return Http1Pool(
-            self._host, self._port, tls=context, connect_timeout=self.target.connect_timeout, timeout=timeout
+            self._host, self._port, tls=context, connect_timeout=self.target.connect_timeout, timeout=timeout,
+            max_response_bytes=self.target.max_response_bytes,
         )
 
     # -- before the run -------------------------------------------------------------------------
@@ -208,7 +209,7 @@ def _outputs(response: Response) -> Outputs | str:
                 return f"output {tensor['name']}: binary_data_size {blob_size} runs past the body"
             outputs[tensor["name"]] = (datatype, shape, from_raw(datatype, shape, body[offset:offset + blob_size]))
             offset += blob_size
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         return f"response is not a KServe v2 answer: {exc}"
     return outputs
 
@@ -216,7 +217,7 @@ def _outputs(response: Response) -> Outputs | str:
 def _error_text(body: bytes) -> str:
     try:
         return str(json.loads(body).get("error", ""))
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):  # RecursionError: nested past the parser's depth
         return body[:200].decode("utf-8", "replace")
 
 

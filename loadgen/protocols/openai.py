@@ -50,7 +50,13 @@ Error kinds beyond the transport ones (errors.py): `http_<status>` for any statu
 `error` object in a 200 stream; `stream_truncated` for a stream that ended, or whose connection
 closed, before `data: [DONE]`; `invalid_response` for a 200 that is not text/event-stream (when
 streamed), an event that is not JSON, or a non-streamed answer without choices (embeddings: without
-`data[].embedding`). `target.timeout` bounds each wait for the next bytes, not the whole stream.
+`data[].embedding`); `response_too_large` for an answer past `max_response_bytes` and `event_too_large`
+for one event that grew past `max_event_bytes` without ending (its connection is closed).
+
+Deadlines: a non-streamed answer must be complete within `target.timeout` (connect, send and the whole
+answer). A stream must send its first byte within `stream_first_byte_timeout` (default: `timeout`) and
+then never go quiet for longer than `stream_gap_timeout` (default: `timeout`); its total length is
+not bounded, since a long generation may rightly take minutes.
 
 `Authorization: Bearer $OPENAI_API_KEY` is sent when that variable is set.
 """
@@ -71,6 +77,7 @@ from pydantic import Field, field_validator, model_validator
 
 from loadgen.errors import (
     ConnectionClosed,
+    EventTooLarge,
     ProtocolMismatch,
     ScenarioError,
     TargetNotReady,
@@ -82,6 +89,7 @@ from loadgen.outcome import CANCELLED, StreamOutcome
 from loadgen.patterns.trace import Trace
 from loadgen.protocols.base import ProtocolSpec, TargetOptions, existing_file, warm_up
 from loadgen.protocols.common.http1 import (
+    _INF,
     Http1Pool,
     HTTPError,
     Response,
@@ -89,6 +97,7 @@ from loadgen.protocols.common.http1 import (
     _read_chunked,
     _read_head,
     _Reader,
+    _send_within,
     build_request,
 )
 from loadgen.protocols.common.llm_data import (
@@ -103,6 +112,7 @@ from loadgen.protocols.common.llm_data import (
     synthetic_prompt,
 )
 from loadgen.protocols.common.tokens import TokenCount, TokenCountField
+from loadgen.units import Duration
 
 __all__ = ["DEFAULT_INPUT_TOKENS", "DEFAULT_MAX_TOKENS", "PROTOCOL", "OpenAIClient", "OpenAITarget", "SseStream",
            "StreamCancelled", "StreamPool", "cancel_draws", "read_prompt_file", "sample_counts",
@@ -114,6 +124,8 @@ POOL_SIZE = 256
 """Distinct synthetic requests built before the run and sent in turn (distinct prompts keep a server's
 prefix cache from answering every request from one cached prompt)."""
 WARMUP_REQUESTS = 2
+MAX_EVENT_BYTES = 1024 * 1024
+"""Default limit on one server-sent event: a chunk of a few tokens is a few hundred bytes."""
 _PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "embeddings": "/v1/embeddings"}
 _TRUNCATION_KINDS = ("stream_truncated", "stream_error")
 
@@ -148,6 +160,12 @@ class OpenAITarget(TargetOptions):
     """Send "ignore_eos": true with max_tokens (vLLM); default: for synthetic rows, not dataset rows."""
     cancel_rate: float = Field(default=0.0, ge=0.0, le=1.0)
     """Share of streams the client closes after their first token (seeded); counted as cancelled."""
+    stream_first_byte_timeout: Duration | None = Field(default=None, gt=0)
+    """A stream's first byte (connect and send included) must come within this; default `timeout`."""
+    stream_gap_timeout: Duration | None = Field(default=None, gt=0)
+    """Longest silence inside a stream once it started; default `timeout`."""
+    max_event_bytes: int = Field(default=MAX_EVENT_BYTES, gt=0)
+    """Longest server-sent event; a longer one is cut off as event_too_large."""
 
     @field_validator("prompt_file", "dataset", "tokenizer")
     @classmethod
@@ -199,12 +217,15 @@ class SseStream:
         "done",
         "error",
         "invalid",
+        "max_event_bytes",
         "status",
         "token_times",
         "usage_tokens",
     )
 
-    def __init__(self, keep_text: bool = False) -> None:
+    def __init__(self, keep_text: bool = False, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
+        self.max_event_bytes = max_event_bytes
+        """An event (the bytes up to its blank line) longer than this is cut off: EventTooLarge."""
         self.status = 0
         """HTTP status once the response head was read (0 before)."""
         self.token_times: list[float] = []
@@ -241,6 +262,8 @@ class SseStream:
             self._event(buffer[start:end], at)
             start = end + 2
         self._buffer = buffer[start:]
+        if len(self._buffer) > self.max_event_bytes:
+            raise EventTooLarge(f"an event grew past {self.max_event_bytes} bytes without ending; cut off")
 
     def _event(self, raw: bytes, at: float) -> None:
         data = None
@@ -261,7 +284,7 @@ class SseStream:
             return
         try:
             chunk = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested past the parser's depth
             self.invalid = self.invalid or f"event data is not JSON: {data[:80]!r}"
             return
         if not isinstance(chunk, dict):
@@ -311,25 +334,47 @@ def _choice_text(choice: Any) -> str:
 
 
 class StreamPool(Http1Pool):
-    """Http1Pool that hands a text/event-stream body to an SseStream as it arrives."""
+    """Http1Pool that hands a text/event-stream body to an SseStream as it arrives.
 
-    def stream(self, request: bytes, sse: SseStream) -> Response:
+    `first_byte_timeout` and `gap_timeout` bound a streamed request (`stream(..., streamed=True)`):
+    connect, send and the answer's first byte within the first, then each wait for more within the
+    second; a request not streamed has the whole-request deadline `timeout`. The first-byte limit holds
+    until the response head is complete, so a head dripped a byte at a time cannot outlast it."""
+
+    first_byte_timeout: float | None = None
+    gap_timeout: float | None = None
+
+    def stream(self, request: bytes, sse: SseStream, streamed: bool = False) -> Response:
         """Send prebuilt request bytes; a 200 event stream is fed to `sse` (the Response's body is then
         empty), any other answer is read whole. done_t is the arrival of the response's last bytes."""
-        reused = bool(self._idle)
-        conn = self._idle.pop() if reused else self._connect()
-        conn.reader.received = 0
+        if streamed:
+            first = self.first_byte_timeout or self.timeout
+            gap = self.gap_timeout or self.timeout
+        else:
+            first, gap = self.timeout, _INF
+        deadline = time.monotonic() + first
         try:
-            return self._exchange(conn, request, sse)
-        except (ConnectionClosed, ConnectionResetError, BrokenPipeError):
-            if reused and conn.reader.received == 0:  # closed while idle: once more, on a fresh one
-                return self._exchange(self._connect(), request, sse)
-            raise
+            reused = bool(self._idle)
+            conn = self._idle.pop() if reused else self._connect(deadline)
+            try:
+                return self._stream_on(conn, request, sse, deadline, gap)
+            except (ConnectionClosed, ConnectionResetError, BrokenPipeError):
+                if reused and conn.reader.received == 0:  # closed while idle: once more, on a fresh one
+                    return self._stream_on(self._connect(deadline), request, sse, deadline, gap)
+                raise
+        except TimeoutError:
+            if not streamed:
+                raise TimeoutError(f"no complete answer within {first:g} s") from None
+            if sse.status:
+                raise TimeoutError(f"the stream went quiet for {gap:g} s (stream_gap_timeout)") from None
+            raise TimeoutError(f"no first byte within {first:g} s (stream_first_byte_timeout)") from None
 
-    def _exchange(self, conn: _Connection, request: bytes, sse: SseStream) -> Response:
+    def _stream_on(self, conn: _Connection, request: bytes, sse: SseStream, deadline: float,
+                   gap: float) -> Response:
+        conn.reader.start(deadline, _INF, self.max_response_bytes)
         try:
-            conn.sock.sendall(request)
-            response, keep = _read_streamed(conn.reader, sse)
+            _send_within(conn.sock, request, deadline)
+            response, keep = _read_streamed(conn.reader, sse, gap)
         except BaseException:
             conn.close()
             raise
@@ -337,8 +382,11 @@ class StreamPool(Http1Pool):
         return response
 
 
-def _read_streamed(reader: _Reader, sse: SseStream) -> tuple[Response, bool]:
+def _read_streamed(reader: _Reader, sse: SseStream, gap: float = _INF) -> tuple[Response, bool]:
+    """Read the head within the reader's deadline, then the body: each wait within `gap` when it is
+    finite (a stream), else within the same deadline."""
     status, version, headers = _read_head(reader)
+    reader.gap = gap
     connection = headers.get("connection", "").lower()
     keep = "close" not in connection and (version == "HTTP/1.1" or "keep-alive" in connection)
     streamed = status == 200 and headers.get("content-type", "").startswith("text/event-stream")
@@ -457,8 +505,11 @@ class OpenAIClient:
 
     def _new_pool(self, timeout: float) -> StreamPool:
         context = self.target.ssl_context()
-        return StreamPool(self._host, self._port, tls=context, connect_timeout=self.target.connect_timeout,
-                          timeout=timeout)
+        pool = StreamPool(self._host, self._port, tls=context, connect_timeout=self.target.connect_timeout,
+                          timeout=timeout, max_response_bytes=self.target.max_response_bytes)
+        pool.first_byte_timeout = self.target.stream_first_byte_timeout
+        pool.gap_timeout = self.target.stream_gap_timeout
+        return pool
 
     # -- before the run -------------------------------------------------------------------------
     def prepare(self) -> dict[str, Any]:
@@ -641,12 +692,12 @@ class OpenAIClient:
         return self._send(request, intended_t)
 
     def _send_stream(self, request: bytes, intended_t: float) -> StreamOutcome:
-        sse = SseStream(self._keep_text)
+        sse = SseStream(self._keep_text, self.target.max_event_bytes)
         if self._cancel_rate and self._cancel_draws.random() < self._cancel_rate:
             sse.cancel = True
         sent_t = time.monotonic()
         try:
-            response = self._pool.stream(request, sse)
+            response = self._pool.stream(request, sse, streamed=True)
         except StreamCancelled:  # the connection was closed, never to be reused
             return StreamOutcome(intended_t, sent_t, time.monotonic(), CANCELLED,
                                  "closed by the client after its first token (cancel_rate)", sse.body_bytes,
@@ -687,7 +738,7 @@ class OpenAIClient:
             return "invalid_response", "an event stream answered a request with \"stream\": false", 0
         try:
             answer = json.loads(response.body)
-        except ValueError:
+        except (ValueError, RecursionError):
             return "invalid_response", f"answer is not JSON: {response.body[:80]!r}", 0
         if not isinstance(answer, dict):
             return "invalid_response", "answer is not a JSON object", 0
@@ -769,7 +820,7 @@ def _error_message(chunk: dict[str, Any]) -> str:
 def _error_text(body: bytes) -> str:
     try:
         data = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return body[:200].decode("utf-8", "replace")
     if isinstance(data, dict):
         if "error" in data:
@@ -837,6 +888,10 @@ PROTOCOL = ProtocolSpec(
              "prompts yes, datasets no).", key=("target", "ignore_eos"), decls=("--ignore-eos/--no-ignore-eos",)),
         Flag("cancel_rate", float | None, "Share (0..1) of streams closed by the client after their first "
              "token, counted as cancelled (seeded).", key=("target", "cancel_rate")),
+        Flag("stream_first_byte_timeout", str | None, "A stream's first byte within this, e.g. 30s (default: "
+             "--timeout).", key=("target", "stream_first_byte_timeout")),
+        Flag("stream_gap_timeout", str | None, "Longest silence inside a stream, e.g. 10s (default: --timeout).",
+             key=("target", "stream_gap_timeout")),
     ),
     summary="OpenAI-compatible completions, streamed or not, and embeddings (LLM servers)",
 )

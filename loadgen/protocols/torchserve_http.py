@@ -76,7 +76,7 @@ class TorchServeHttpClient:
     def _new_pool(self, timeout: float) -> Http1Pool:
         context = self.target.ssl_context()
         return Http1Pool(self._host, self._port, tls=context, connect_timeout=self.target.connect_timeout,
-                         timeout=timeout)
+                         timeout=timeout, max_response_bytes=self.target.max_response_bytes)
 
     def prepare(self) -> dict[str, Any]:
         control = self._new_pool(self.target.connect_timeout)

@@ -28,6 +28,7 @@ from typing import TextIO
 from hdrh.histogram import HdrHistogram
 from hdrh.log import HistogramLogReader, HistogramLogWriter
 
+from loadgen.files import atomic_writer
 from loadgen.recorder import Interval, Recorder, new_histogram
 from loadgen.recorder._figures import STREAM_HISTOGRAMS
 
@@ -53,7 +54,7 @@ def write_hlog(path: str | os.PathLike[str], recorder: Recorder, start_epoch_s: 
     intervals = sorted(recorder.intervals, key=lambda interval: interval.start_t)
     log_start_t = min([recorder.start_t, *(interval.start_t for interval in intervals)])
     log_start_epoch_s = start_epoch_s - (recorder.start_t - log_start_t)
-    with open(path, "w", encoding="utf-8") as out:
+    with atomic_writer(path) as out:  # the previous log or the complete new one, never a part
         writer = HistogramLogWriter(out)
         models = recorder.models or tuple(recorder.cumulative.by_model or ())
         _write_header(writer, log_start_epoch_s, any(i.figures.stream is not None for i in intervals), models)

@@ -13,6 +13,8 @@ import json
 import os
 from typing import Any
 
+from loadgen.errors import redact_url
+from loadgen.files import write_text_atomic
 from loadgen.recorder import HistogramSet, Recorder
 
 
@@ -141,9 +143,9 @@ def write_summary(path: str | os.PathLike[str], summary: dict[str, Any]) -> None
 
     >>> write_summary("runs/summary.json", summary)  # doctest: +SKIP
     """
-    with open(path, "w", encoding="utf-8") as out:
-        json.dump(summary, out, indent=2)
-        out.write("\n")
+    # built whole first (a value that cannot be written changes nothing); no URL's credentials in it
+    text = redact_url(json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(path, text)
 
 
 def _rate(count: int, duration_s: float) -> float:

@@ -12,6 +12,11 @@ parsed.
 
 Flow control: the connection and stream receive windows are opened wide at the start and every
 received byte is acknowledged; a request larger than the peer's window waits for its WINDOW_UPDATE.
+
+A call's `timeout` is its deadline from the moment `unary()` is called: waiting for the connection's
+lock, for the peer's flow-control window and for the answer all come out of it (a server that never
+opens its window cannot hold a call past it). An answer past `max_response_bytes` is cut off: its
+stream reset, the call a ResponseTooLarge.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ from h2.events import (
 )
 from h2.settings import SettingCodes
 
+from loadgen.errors import ResponseTooLarge
+
 __all__ = ["STATUS_NAMES", "GrpcReply", "H2Channel"]
 
 _WINDOW = 2**31 - 1
@@ -67,13 +74,15 @@ class _Call:
     headers: dict[str, str] = field(default_factory=dict)
     done_t: float = 0.0
     error: str = ""
+    too_large: bool = False
 
 
 class H2Channel:
     """One HTTP/2 connection to a gRPC server; `unary()` from any greenlet, concurrently."""
 
     def __init__(self, host: str, port: int, *, tls: ssl.SSLContext | None = None,
-                 connect_timeout: float = 3.0) -> None:
+                 connect_timeout: float = 3.0, max_response_bytes: int = 64 * 1024 * 1024) -> None:
+        self.max_response_bytes = max_response_bytes
         sock = socket.create_connection((host, port), timeout=connect_timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if tls is not None:
@@ -119,41 +128,59 @@ class H2Channel:
 
     def unary(self, path: str, message: bytes, timeout: float,
               metadata: tuple[tuple[str, str], ...] = ()) -> GrpcReply:
-        """One call: `message` (a serialized request) to `path`; raises TimeoutError past `timeout`
-        and ConnectionError when the connection is gone."""
+        """One call: `message` (a serialized request) to `path`; raises TimeoutError past `timeout` (from
+        now: the send, flow-control waits included), ResponseTooLarge for an answer past
+        max_response_bytes and ConnectionError when the connection is gone."""
         if self._closed:
             raise ConnectionError(self._closed)
+        deadline = time.monotonic() + timeout
         call = _Call()
         framed = b"\x00" + len(message).to_bytes(4, "big") + message
-        with self._lock:
+        if not self._lock.acquire(timeout=timeout):
+            raise TimeoutError(f"no answer within {timeout:g} s (the connection stayed busy)")
+        try:
             stream_id = self._conn.get_next_available_stream_id()
             headers = [(":method", "POST"), (":scheme", self._scheme), (":path", path),
                        (":authority", self._authority), ("content-type", "application/grpc"), ("te", "trailers"),
                        ("grpc-timeout", f"{max(int(timeout * 1000), 1)}m"), *metadata]
             self._calls[stream_id] = call
             self._conn.send_headers(stream_id, headers)
-            self._send_body(stream_id, framed)
-        if not call.event.wait(timeout):
+            sent = self._send_body(stream_id, framed, deadline)
+        finally:
+            self._lock.release()
+        if not sent or not call.event.wait(max(0.0, deadline - time.monotonic())):
             self._calls.pop(stream_id, None)
-            with self._lock, contextlib.suppress(Exception):  # the stream may have ended meanwhile
-                self._conn.reset_stream(stream_id)
-                self._flush()
-            raise TimeoutError(f"no answer within {timeout:g} s")
+            self._reset(stream_id)
+            waited = "" if sent else " (the server's flow-control window stayed shut)"
+            raise TimeoutError(f"no answer within {timeout:g} s{waited}")
+        if call.too_large:
+            self._reset(stream_id)
+            raise ResponseTooLarge(call.error)
         if call.error:
             raise ConnectionError(call.error)
         return _reply(call)
 
-    def _send_body(self, stream_id: int, framed: bytes) -> None:
-        """DATA frames within the peer's windows (waiting for WINDOW_UPDATE when needed), lock held."""
+    def _reset(self, stream_id: int) -> None:
+        with self._lock, contextlib.suppress(Exception):  # the stream may have ended meanwhile
+            self._conn.reset_stream(stream_id)
+            self._flush()
+
+    def _send_body(self, stream_id: int, framed: bytes, deadline: float) -> bool:
+        """DATA frames within the peer's windows (waiting for WINDOW_UPDATE when needed), lock held;
+        False when the deadline passed first."""
         view = memoryview(framed)
         while True:
             room = min(self._conn.local_flow_control_window(stream_id), self._conn.max_outbound_frame_size)
             if room <= 0:
+                wait = deadline - time.monotonic()
+                if wait <= 0.0:
+                    self._flush()
+                    return False
                 self._flush()
                 self._window.clear()
                 self._lock.release()
                 try:
-                    self._window.wait(5.0)
+                    self._window.wait(wait)
                 finally:
                     self._lock.acquire()
                 continue
@@ -162,6 +189,7 @@ class H2Channel:
             if not view:
                 break
         self._flush()
+        return True
 
     def _read(self) -> None:
         try:
@@ -188,6 +216,11 @@ class H2Channel:
             call = self._calls.get(event.stream_id)
             if call is not None:
                 call.data += event.data
+                if len(call.data) > self.max_response_bytes + 5:  # the 5-byte message prefix aside
+                    del self._calls[event.stream_id]
+                    call.too_large = True
+                    call.error = f"answer larger than {self.max_response_bytes} bytes (--max-response-bytes); cut off"
+                    call.event.set()
         elif isinstance(event, (ResponseReceived, TrailersReceived)):
             call = self._calls.get(event.stream_id)
             if call is not None:
@@ -229,8 +262,12 @@ class H2Channel:
 
 def _reply(call: _Call) -> GrpcReply:
     headers = call.headers
-    status = int(headers.get("grpc-status", "2" if headers.get(":status") != "200" else "0"))
     message = headers.get("grpc-message", "")
+    raw_status = headers.get("grpc-status", "2" if headers.get(":status") != "200" else "0")
+    try:
+        status = int(raw_status)
+    except ValueError:  # not a number: the call failed, with a status we cannot name
+        status, message = 2, f"malformed grpc-status {raw_status[:40]!r}: {message}"
     if headers.get(":status", "200") != "200" and "grpc-status" not in headers:
         message = f"HTTP status {headers.get(':status')}"
     body = bytes(call.data[5:]) if len(call.data) >= 5 else b""

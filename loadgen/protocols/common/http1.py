@@ -14,6 +14,13 @@ millisecond), which is not the server's latency and must not count as such.
 A pooled connection that the server closed while idle shows up as EOF before the first response
 byte; the request is then sent once more on a new connection (as browsers and geventhttpclient
 do). Any other failure is raised to the caller, which maps it to an error kind (errors.py).
+
+`timeout` is a deadline for the whole request: connect, send and the full answer (a server that
+drips a byte a second cannot keep a request alive by never going quiet for a whole timeout); every
+socket wait is given what is left of it. A streaming caller (SSE) sets a first-byte deadline and a
+limit on each gap between reads instead (`_Reader.gap`), since a stream may rightly last minutes.
+An answer past `max_response_bytes` is cut off (ResponseTooLarge) and its connection closed, so a
+broken or hostile server cannot make the generator buffer without bound.
 """
 
 from __future__ import annotations
@@ -24,11 +31,14 @@ import struct
 import time
 from collections.abc import Mapping
 
-from loadgen.errors import ConnectionClosed, InvalidResponse
+from loadgen.errors import ConnectionClosed, InvalidResponse, ResponseTooLarge
 
-__all__ = ["HTTPError", "Http1Pool", "Response", "build_request"]
+__all__ = ["MAX_RESPONSE_BYTES", "HTTPError", "Http1Pool", "Response", "build_request"]
 
 _MAX_HEADER_BYTES = 64 * 1024
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+"""Default limit on one answer (head and body): generous for any tensor or completion."""
+_INF = float("inf")
 _SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux; Python does not name it
 _TIMESPEC = struct.Struct("@qq")
 _ANCILLARY_BYTES = socket.CMSG_SPACE(_TIMESPEC.size) if hasattr(socket, "CMSG_SPACE") else 0
@@ -64,7 +74,7 @@ def build_request(
 class _Reader:
     """Buffered reads from one socket."""
 
-    __slots__ = ("buffer", "received", "rx_t", "sock", "timestamps")
+    __slots__ = ("buffer", "deadline", "gap", "limit", "received", "rx_t", "sock", "timestamps")
 
     def __init__(self, sock: socket.socket, timestamps: bool) -> None:
         self.sock = sock
@@ -72,8 +82,25 @@ class _Reader:
         self.buffer = bytearray()
         self.received = 0  # bytes received for the current request
         self.rx_t = 0.0  # monotonic arrival instant of the latest bytes
+        self.deadline = _INF
+        """monotonic instant by which the answer (a stream: its first byte) must have come."""
+        self.gap = _INF
+        """A stream's longest wait between reads once its first byte came (inf: the deadline holds)."""
+        self.limit = MAX_RESPONSE_BYTES
+        """Most bytes the current answer may have."""
+
+    def start(self, deadline: float, gap: float, limit: int) -> None:
+        """A new request on this connection: its deadline, gap and size limits."""
+        self.received = 0
+        self.deadline = deadline
+        self.gap = gap
+        self.limit = limit
 
     def fill(self) -> bool:
+        wait = self.gap if self.received and self.gap < _INF else self.deadline - time.monotonic()
+        if wait <= 0.0:
+            raise TimeoutError("deadline passed")
+        self.sock.settimeout(wait if wait < _INF else None)
         if self.timestamps:
             chunk, ancillary, _flags, _addr = self.sock.recvmsg(65536, _ANCILLARY_BYTES)
         else:
@@ -83,6 +110,8 @@ class _Reader:
         self.rx_t = _arrival_t(ancillary)
         self.buffer += chunk
         self.received += len(chunk)
+        if self.received > self.limit:
+            raise ResponseTooLarge(f"answer larger than {self.limit} bytes (--max-response-bytes); cut off")
         return True
 
     def line(self) -> bytes:
@@ -98,6 +127,8 @@ class _Reader:
                 raise ConnectionClosed("connection closed inside the response head")
 
     def exactly(self, count: int) -> bytes:
+        if count > self.limit:
+            raise ResponseTooLarge(f"answer of {count} bytes announced, over {self.limit} (--max-response-bytes)")
         while len(self.buffer) < count:
             if not self.fill():
                 raise ConnectionClosed(f"connection closed {count - len(self.buffer)} bytes before the body's end")
@@ -149,17 +180,23 @@ class Http1Pool:
         tls: ssl.SSLContext | None = None,
         connect_timeout: float = 3.0,
         timeout: float = 30.0,
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
     ) -> None:
         self.host = host
         self.port = port
         self.tls = tls
         self.connect_timeout = connect_timeout
         self.timeout = timeout
+        """Deadline of each request: connect + send + the whole answer."""
+        self.max_response_bytes = max_response_bytes
         self._idle: list[_Connection] = []
         self.opened = 0
 
-    def _connect(self) -> _Connection:
-        sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
+    def _connect(self, deadline: float = _INF) -> _Connection:
+        wait = min(self.connect_timeout, deadline - time.monotonic())
+        if wait <= 0.0:
+            raise TimeoutError("deadline passed")
+        sock = socket.create_connection((self.host, self.port), timeout=wait)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         timestamps = False
         if self.tls is not None:
@@ -170,33 +207,28 @@ class Http1Pool:
                 timestamps = True
             except OSError:  # not Linux: arrival is when the bytes are read
                 pass
-        sock.settimeout(self.timeout)
         self.opened += 1
         return _Connection(sock, timestamps)
 
     def send(self, request: bytes) -> Response:
-        """Send prebuilt request bytes and read the whole response."""
-        reused = bool(self._idle)
-        conn = self._idle.pop() if reused else self._connect()
-        conn.reader.received = 0
+        """Send prebuilt request bytes and read the whole response, all within `timeout`."""
+        deadline = time.monotonic() + self.timeout
         try:
-            conn.sock.sendall(request)
-            response, keep = _read_response(conn.reader)
-        except (ConnectionClosed, ConnectionResetError, BrokenPipeError):
-            conn.close()
-            if reused and conn.reader.received == 0:  # closed while idle: once more, on a fresh one
-                return self._send_fresh(request)
-            raise
-        except BaseException:
-            conn.close()
-            raise
-        self._release(conn, keep)
-        return response
+            reused = bool(self._idle)
+            conn = self._idle.pop() if reused else self._connect(deadline)
+            try:
+                return self._exchange(conn, request, deadline)
+            except (ConnectionClosed, ConnectionResetError, BrokenPipeError):
+                if reused and conn.reader.received == 0:  # closed while idle: once more, on a fresh one
+                    return self._exchange(self._connect(deadline), request, deadline)
+                raise
+        except TimeoutError:
+            raise TimeoutError(f"no complete answer within {self.timeout:g} s") from None
 
-    def _send_fresh(self, request: bytes) -> Response:
-        conn = self._connect()
+    def _exchange(self, conn: _Connection, request: bytes, deadline: float) -> Response:
+        conn.reader.start(deadline, _INF, self.max_response_bytes)
         try:
-            conn.sock.sendall(request)
+            _send_within(conn.sock, request, deadline)
             response, keep = _read_response(conn.reader)
         except BaseException:
             conn.close()
@@ -216,6 +248,15 @@ class Http1Pool:
 
 
 _NOTHING = "connection closed before any response byte"
+
+
+def _send_within(sock: socket.socket, data: bytes, deadline: float) -> None:
+    """sendall, all of it by `deadline` (a socket timeout bounds a whole sendall, in Python and gevent)."""
+    wait = deadline - time.monotonic()
+    if wait <= 0.0:
+        raise TimeoutError("deadline passed")
+    sock.settimeout(wait)
+    sock.sendall(data)
 
 
 def _read_head(reader: _Reader) -> tuple[int, str, dict[str, str]]:

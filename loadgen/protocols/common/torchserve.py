@@ -58,7 +58,7 @@ def json_or_text(body: bytes) -> Any:
     """A TorchServe answer's body as JSON, or its first 200 characters when it is not JSON."""
     try:
         return json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return body[:200].decode("utf-8", "replace")
 
 
