@@ -289,6 +289,19 @@ def test_specific_versions_must_exist(tmp_path: Path) -> None:
         load_model(tmp_path, "m")
 
 
+@pytest.mark.parametrize("filename", ["../outside.py", "/etc/hostname", "link.py"])
+def test_default_model_filename_stays_inside_the_version_folder(tmp_path: Path, filename: str) -> None:
+    """A config cannot make the server load (and run) a file outside the model's folder: a relative
+    climb, an absolute path, or a link that points out of it."""
+    files = {"1/model.py": IDENTITY_PY}
+    write_model(tmp_path, "m", GOOD_CONFIG + f'default_model_filename: "{filename}"\n', files)
+    (tmp_path / "m" / "outside.py").write_text(IDENTITY_PY)
+    (tmp_path / "m" / "1" / "link.py").symlink_to(tmp_path / "m" / "outside.py")
+    with pytest.raises(ModelLoadError, match=f"model 'm': default_model_filename '{filename}' is not a file "
+                                             "inside the version folder 1/"):
+        load_model(tmp_path, "m")
+
+
 # --- instance groups --------------------------------------------------------------------------------
 
 def test_instance_groups_are_named_counted_and_fall_back_to_cpu(tmp_path: Path, repo: Path) -> None:

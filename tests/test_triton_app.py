@@ -17,7 +17,14 @@ from servers.core.http1 import Request
 from servers.models.builtin import Identity, builtin_models
 from servers.triton._app import Reply, TritonApp
 from servers.triton._server import ServerContext, run_server
-from servers.triton._tensors import InferError, encode_response, parse_infer
+from servers.triton._tensors import (
+    MAX_PLAN_HEAD_BYTES,
+    PLAN_BYTES_PER_MODEL,
+    InferError,
+    encode_response,
+    parse_infer,
+    plan_bytes,
+)
 
 MODELS = builtin_models()
 
@@ -60,6 +67,35 @@ def test_binary_response_layout() -> None:
 def test_bad_requests_raise_infer_error(body: bytes, header: str | None, message: str) -> None:
     with pytest.raises(InferError, match=message):
         parse_infer(body, header, MODELS["identity"])
+
+
+def _padded_binary_request(pad: int) -> tuple[bytes, str]:
+    """A binary identity request whose JSON header carries `pad` spaces: a distinct header per `pad`."""
+    blob = np.arange(4, dtype="<f4").tobytes()
+    head = json.dumps({"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 4],
+                                   "parameters": {"binary_data_size": len(blob)}}]}).encode()
+    head = b"{" + b" " * pad + head[1:]
+    return head + blob, str(len(head))
+
+
+def test_decoded_header_plans_are_bounded_by_bytes_not_count() -> None:
+    """Clients choose their headers' sizes: distinct large headers never make the plans hold more than
+    PLAN_BYTES_PER_MODEL, one over MAX_PLAN_HEAD_BYTES is not kept, and a usual one still is."""
+    model = Identity()
+    count = 2 * PLAN_BYTES_PER_MODEL // (MAX_PLAN_HEAD_BYTES // 2)  # heads worth twice the bound
+    for index in range(count):
+        body, header = _padded_binary_request(MAX_PLAN_HEAD_BYTES // 2 + index)
+        assert parse_infer(body, header, model).inputs["INPUT0"].tolist() == [[0, 1, 2, 3]]
+        assert plan_bytes(model) <= PLAN_BYTES_PER_MODEL
+    assert plan_bytes(model) > PLAN_BYTES_PER_MODEL * 0.9  # kept up to the bound, the oldest dropped
+    fresh = Identity()
+    for pad in (MAX_PLAN_HEAD_BYTES + 1, 64 * MAX_PLAN_HEAD_BYTES):
+        parse_infer(*_padded_binary_request(pad), fresh)
+    assert plan_bytes(fresh) == 0
+    body, header = _padded_binary_request(0)
+    parse_infer(body, header, fresh)
+    assert 0 < plan_bytes(fresh) < 2048
+    assert parse_infer(body, header, fresh).inputs["INPUT0"].tolist() == [[0, 1, 2, 3]]  # from its plan
 
 
 def test_huge_declared_bytes_shape_is_refused_before_allocating() -> None:

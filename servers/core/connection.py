@@ -7,36 +7,63 @@ and closes after a fatal error with a linger: the client's remaining bytes are d
 LINGER_S before the connection is dropped, because closing with unread bytes sends a reset that
 can destroy the error answer at the client.
 
-A client that stops sending in the middle of a request (a head without its end, or part of a body)
-would otherwise hold its connection, and the buffered bytes, for ever: a connection that holds part
-of a request and has read no byte for the read timeout (HttpOptions.read_timeout_s, READ_TIMEOUT_S
-by default) is closed. It is watched by one timer per connection that fires every quarter of the
-timeout and compares the parser's byte count with the last one it saw, so the request path itself
-does no timing work; the close comes between the timeout and 1.25 times it after the last byte. A
-connection waiting for its own replies, or paused by write back-pressure, is not idle. Between
-requests a kept-alive connection may stay idle as long as the client likes (load generators keep
-their connections).
+A client must not be able to hold a connection, and the bytes it buffered, for ever, so two clocks
+watch each one:
 
-The per-server options (read timeout, which parser) come with the server's set of connections: a
-Connections carries them, a plain set gets the defaults.
+- the read timeout (HttpOptions.read_timeout_s, READ_TIMEOUT_S by default) is a deadline for the
+  whole request: a request whose first byte came that long ago and which is still incomplete is cut
+  off (the connection closed, with no answer: there is no request to answer yet), however steadily
+  its bytes trickle in. A deadline reset by every byte would let a client that sends one byte a
+  second hold a connection for ever;
+- the idle timeout (HttpOptions.idle_timeout_s, IDLE_TIMEOUT_S by default) closes a kept-alive
+  connection that has held no request and read no byte that long between requests. Load generators
+  keep their connections between requests, so it is long.
+
+Both are watched by one timer per connection that fires every eighth of the read timeout (or every
+quarter of the idle timeout, when that is sooner) and compares the parser's counts of bytes and of
+requests with the last ones it saw, so the request path itself does no timing work: a request is
+timed from the check that first saw it, so the cut comes between the timeout and 1.25 times it
+after its first byte (an idle connection is closed between the idle timeout and 1.25 times it after
+its last byte). A connection waiting for its own replies, or paused by write back-pressure, is
+neither late nor idle.
+
+A cap on open connections (HttpOptions.max_connections, a server's --max-connections) bounds what
+many clients can hold: a connection beyond it is answered at once with the server's overload reply
+(HttpOptions.refusal: 503, `Connection: close`, in the server's error shape), half-closed and dropped
+after the linger, without reading a request; the server says so on stderr the first time.
+
+The per-server options come with the server's set of connections: a Connections carries them, a
+plain set gets the defaults.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
-from servers.core.http1 import RequestParser
+from servers.core.http1 import RequestParser, format_response, json_body
 
-__all__ = ["LINGER_S", "READ_TIMEOUT_S", "Connections", "HttpConnection", "HttpOptions"]
+__all__ = ["IDLE_TIMEOUT_S", "LINGER_S", "READ_TIMEOUT_S", "Connections", "HttpConnection", "HttpOptions",
+           "overload_reply"]
 
 LINGER_S = 2.0
 """After a fatal error, how long the connection keeps draining the client's bytes before it is dropped."""
 READ_TIMEOUT_S = 60.0
-"""How long a connection holding part of a request waits for its next byte before it is closed."""
+"""How long a request may take to arrive, from its first byte to its last, before its connection is closed."""
+IDLE_TIMEOUT_S = 300.0
+"""How long a kept-alive connection may stay idle between requests before it is closed."""
+
+
+def overload_reply(body: bytes) -> bytes:
+    """The answer to a connection beyond the cap: 503 with `body` (the server's error shape), then close."""
+    return format_response(503, body, keep_alive=False)
+
+
+_REFUSAL = overload_reply(json_body({"error": "too many open connections (--max-connections); try again later"}))
 
 
 @dataclass(frozen=True)
@@ -44,8 +71,14 @@ class HttpOptions:
     """What every connection of one server is configured with."""
 
     read_timeout_s: float | None = READ_TIMEOUT_S
-    """None: no read timeout."""
+    """The whole-request deadline; None: none."""
     parser: Callable[[], RequestParser] = RequestParser
+    idle_timeout_s: float | None = IDLE_TIMEOUT_S
+    """How long a connection may sit idle between requests; None: for ever."""
+    max_connections: int | None = None
+    """The most connections open at once; None: no cap."""
+    refusal: bytes = _REFUSAL
+    """What a connection beyond the cap is answered (overload_reply)."""
 
 
 class Connections(set):
@@ -54,6 +87,16 @@ class Connections(set):
     def __init__(self, options: HttpOptions | None = None) -> None:
         super().__init__()
         self.options = options or HttpOptions()
+        self.refused = 0
+        """Connections refused for the cap so far."""
+
+    def refuse(self) -> bytes:
+        """Count one connection refused for the cap (saying so on stderr the first time); its answer."""
+        self.refused += 1
+        if self.refused == 1:
+            print(f"warning: {len(self)} connections open, the --max-connections cap: further connections "
+                  "are answered 503 and closed until some close", file=sys.stderr, flush=True)
+        return self.options.refusal
 
 
 _DEFAULT_OPTIONS = HttpOptions()
@@ -74,13 +117,25 @@ class HttpConnection(asyncio.Protocol):
         self._watch: asyncio.TimerHandle | None = None
         self._paused = False  # reading paused by write back-pressure
         self._seen = -1  # the parser's byte count at the last check
+        self._done = -1  # the parser's count of complete requests at the last check
         self._quiet_since = 0.0  # loop time since which the connection has read nothing
+        self._request_since: float | None = None  # loop time of the check that first saw the partial request
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass it
+        limit = self._options.max_connections
+        if limit is not None and len(self._connections) >= limit:
+            self._reading = False  # what the client sends is drained and dropped
+            refuse = getattr(self._connections, "refuse", None)
+            self._transport.write(refuse() if refuse is not None else self._options.refusal)
+            self._close(self._transport)
+            return
         self._connections.add(self)
-        if self._options.read_timeout_s is not None:
-            self._watch = asyncio.get_running_loop().call_later(self._options.read_timeout_s / 4, self._check_idle)
+        period = self._watch_period()
+        if period is not None:
+            loop = asyncio.get_running_loop()
+            self._quiet_since = loop.time()
+            self._watch = loop.call_later(period, self._check_idle)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
@@ -118,19 +173,39 @@ class HttpConnection(asyncio.Protocol):
         transport.write_eof()
         self._linger = asyncio.get_running_loop().call_later(LINGER_S, transport.abort)
 
+    def _watch_period(self) -> float | None:
+        """How often the watch looks: an eighth of the read timeout, a quarter of the idle timeout,
+        whichever is sooner; None when neither is set."""
+        read, idle = self._options.read_timeout_s, self._options.idle_timeout_s
+        periods = [t for t in (read and read / 8, idle and idle / 4) if t]
+        return min(periods) if periods else None
+
     def _check_idle(self) -> None:
-        """The read-timeout watch: close a connection stalled mid-request, then look again later."""
+        """The watch: cut off a request past its deadline, close a connection idle too long, then look
+        again later."""
         transport = self._transport
         if transport is None or transport.is_closing():
             return
         loop = asyncio.get_running_loop()
-        timeout = cast(float, self._options.read_timeout_s)
+        options = self._options
         now = loop.time()
-        received = self._parser.received
-        if received != self._seen or self._pending or self._paused or not self._reading:
+        parser = self._parser
+        received, done = parser.received, parser.completed
+        busy = bool(self._pending) or self._paused or not self._reading
+        if received != self._seen:
             self._seen = received
             self._quiet_since = now
-        elif self._parser.partial() and now - self._quiet_since >= timeout * 0.999:
-            transport.close()  # a stalled request gets no answer: there is no request to answer yet
+        if busy or not parser.partial():
+            self._request_since = None
+        elif self._request_since is None or done != self._done:
+            self._request_since = now  # it began since the last look: timed from now, never too soon
+        self._done = done
+        if self._request_since is not None:
+            if options.read_timeout_s is not None and now - self._request_since >= options.read_timeout_s * 0.999:
+                transport.close()  # a late request gets no answer: there is no request to answer yet
+                return
+        elif (not busy and options.idle_timeout_s is not None
+              and now - self._quiet_since >= options.idle_timeout_s * 0.999):
+            transport.close()
             return
-        self._watch = loop.call_later(timeout / 4, self._check_idle)
+        self._watch = loop.call_later(cast(float, self._watch_period()), self._check_idle)

@@ -8,8 +8,8 @@ POSTs without a length are refused (the server has to know where a request ends 
 chunked bodies too unless the parser accepts them (`accepts_chunked`: Triton's does, as Triton; the
 request is complete, and timed, when its last chunk has come). A framing error is fatal to the connection: the stream can no longer be split. A body
 over the limit is refused from its head alone, 413 here (a server answers its own status by
-overriding RequestParser.too_large: Triton's is 400). The parser counts the bytes it is fed and says
-whether it holds part of a request (`partial`), so a connection can drop a client that stalls
+overriding RequestParser.too_large: Triton's is 400). The parser counts the bytes it is fed and the requests it
+completed, and says whether it holds part of a request (`partial`), so a connection can drop a client that stalls
 mid-request (servers/core/connection.py).
 """
 
@@ -93,6 +93,9 @@ class RequestParser:
     _head: _Head | None = None
     received: int = 0
     """Bytes fed so far: a connection that sees it unchanged knows no byte came in between."""
+    completed: int = 0
+    """Requests taken so far: a connection that sees it unchanged while `partial` knows the request
+    it holds part of is the one it saw before."""
     accepts_chunked = False
     """Whether `Transfer-Encoding: chunked` bodies are taken (else 411)."""
 
@@ -121,6 +124,7 @@ class RequestParser:
                 return None
             request, self._head = self._head.request, None
             request.body = body
+            self.completed += 1
             return request
         if len(self._buffer) < length:
             return None
@@ -129,6 +133,7 @@ class RequestParser:
             request.body = bytes(self._buffer[:length])
             del self._buffer[:length]
         self._head = None
+        self.completed += 1
         return request
 
     def _read_chunks(self, head: _Head) -> bytes | None:

@@ -104,7 +104,7 @@ async def _serve(settings: Settings, models: list[str], announce: Announce, grpc
 
 async def _listen(started: AsyncExitStack, api: str, routes: Api, address: Address, settings: Settings,
                   announce: Announce, count: Callable[[int], None] | None = None) -> None:
-    front = FrontEnd(routes, settings.max_request_size, count or (lambda status: None))
+    front = FrontEnd(routes, settings.max_request_size, count or (lambda status: None), settings.max_connections)
     server = await listen(front, address.host, address.port)
     started.push_async_callback(close_server, server, front)
     announce(api, address.host, server.sockets[0].getsockname()[1])
@@ -166,6 +166,9 @@ def build_parser(prog: str = "python -m servers.torchserve") -> argparse.Argumen
         add(f"--{api}-port", type=int, default=None, metavar="PORT",
             help=f"{api} API port, overriding config.properties (default {default}; 0 picks a free port)")
     add("--no-grpc", action="store_true", help="do not serve the gRPC APIs")
+    add("--max-connections", type=int, default=None, metavar="N",
+        help="at most N HTTP connections open at once per API port; a connection beyond it is answered 503 "
+             "(ServiceUnavailableException, with the reason) and closed (default: no cap)")
     add("--key-file", default="key_file.json", metavar="PATH",
         help="where token authorization writes its keys (default ./key_file.json, as torchserve)")
     for flag in ("--start", "--foreground", "--ncs"):
@@ -194,6 +197,10 @@ def _settings(args: argparse.Namespace) -> tuple[Settings, list[str]]:
     if args.enable_model_api:
         settings.model_api = True
     settings.key_file = Path(args.key_file)
+    if args.max_connections is not None:
+        if args.max_connections < 1:
+            problems.append(f"--max-connections must be >= 1, got {args.max_connections}")
+        settings.max_connections = args.max_connections
     for api in ("inference", "management", "metrics", "grpc_inference", "grpc_management"):
         port = getattr(args, f"{api}_port")
         if port is None:

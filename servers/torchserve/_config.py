@@ -53,6 +53,8 @@ class Settings:
     """0 = as TorchServe: one worker per GPU, or per CPU core without GPUs (models loaded at start);
     models registered later get 0 workers unless asked."""
     job_queue_size: int = 100
+    max_connections: int | None = None
+    """The most HTTP connections open at once per API port (--max-connections; None: no cap)."""
     max_request_size: int = 6553500
     max_response_size: int = 6553500
     metrics_mode: str = "log"

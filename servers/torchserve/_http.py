@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from servers.core.connection import HttpConnection
+from servers.core.connection import Connections, HttpConnection, HttpOptions
 from servers.core.http1 import HttpError, Request, RequestParser, continue_response
 from servers.torchserve._wire import Reply, TsError, error_reply, format_reply
 
@@ -50,7 +50,16 @@ class FrontEnd:
     max_request_size: int = 6553500
     count: Callable[[int], None] = lambda status: None
     """Hears the status of every reply (the Requests2XX/4XX/5XX metrics)."""
-    connections: set[TsConnection] = field(default_factory=set)
+    max_connections: int | None = None
+    """The most connections open at once (None: no cap); beyond it 503 in TorchServe's error shape."""
+    connections: set[TsConnection] = field(init=False)
+
+    def __post_init__(self) -> None:
+        refusal = format_reply(error_reply(TsError(
+            503, "ServiceUnavailableException",
+            f"Too many open connections: the server's limit is {self.max_connections} (--max-connections)")),
+            keep_alive=False)
+        self.connections = Connections(HttpOptions(max_connections=self.max_connections, refusal=refusal))
 
 
 @dataclass

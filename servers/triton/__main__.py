@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from servers.core.connection import READ_TIMEOUT_S
+from servers.core.connection import IDLE_TIMEOUT_S, READ_TIMEOUT_S
 from servers.core.model import Model
 from servers.models.builtin import builtin_models
 from servers.triton._app import TritonApp, connections
@@ -59,12 +59,12 @@ def serve(models: dict[str, Model] | ModelHost, host: str = "127.0.0.1", port: i
           ready_callback: ReadyCallback | None = None, workers: int = 4, *,
           grpc_port: int | None = None, metrics_port: int | None = None,
           front_ready: FrontReadyCallback | None = None, grpc_tls: GrpcTls | None = None,
-          http_read_timeout_s: float | None = READ_TIMEOUT_S) -> None:
+          http_read_timeout_s: float | None = READ_TIMEOUT_S, limits: Limits | None = None) -> None:
     """Serve `models` (built-in models, or a ModelHost over a repository) over HTTP (plus gRPC and
     metrics when their ports are not None; gRPC over TLS with `grpc_tls`) until SIGTERM/SIGINT.
 
-    An HTTP connection that holds part of a request and reads nothing for `http_read_timeout_s` is
-    closed (None: never). Signals are caught only in the main thread. `front_ready` runs for gRPC and
+    An HTTP request that takes longer than `http_read_timeout_s` to arrive is cut off (None: never);
+    `limits` bounds idle connections, open connections and concurrent gRPC calls (Limits). Signals are caught only in the main thread. `front_ready` runs for gRPC and
     metrics before `ready_callback` runs for HTTP, so once the HTTP callback runs every front end is ready.
 
     Example:
@@ -76,9 +76,11 @@ def serve(models: dict[str, Model] | ModelHost, host: str = "127.0.0.1", port: i
     app = TritonApp(models)
     try:
         with ThreadPoolExecutor(workers, thread_name_prefix="infer") as executor:
-            context = ServerContext(app, executor, connections(http_read_timeout_s))
+            limits = limits or Limits()
+            context = ServerContext(app, executor, connections(http_read_timeout_s, limits.http_idle_timeout_s,
+                                                               limits.max_connections))
             with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-                fronts = _Fronts(grpc_port, metrics_port, front_ready, grpc_tls)
+                fronts = _Fronts(grpc_port, metrics_port, front_ready, grpc_tls, limits.grpc_max_concurrent_rpcs)
                 runner.run(_serve_until_signal(context, host, port, ready_callback, fronts))
     finally:
         app.host.close()
@@ -93,6 +95,18 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """What one client, or many, may hold of the server: an HTTP connection idle between requests is
+    closed after `http_idle_timeout_s`; at most `max_connections` HTTP connections are open per port
+    (beyond: 503 and close); at most `grpc_max_concurrent_rpcs` gRPC calls run at once (beyond:
+    RESOURCE_EXHAUSTED). None: no limit."""
+
+    http_idle_timeout_s: float | None = IDLE_TIMEOUT_S
+    max_connections: int | None = None
+    grpc_max_concurrent_rpcs: int | None = None
+
+
+@dataclass(frozen=True)
 class _Fronts:
     """The front ends besides HTTP: a port (None = not served) each, who hears they are ready, and
     gRPC's TLS."""
@@ -101,6 +115,7 @@ class _Fronts:
     metrics_port: int | None
     ready: FrontReadyCallback | None
     grpc_tls: GrpcTls | None = None
+    grpc_max_concurrent_rpcs: int | None = None
 
 
 async def _serve_until_signal(context: ServerContext, host: str, port: int, ready_callback: ReadyCallback | None,
@@ -125,12 +140,14 @@ async def _start_fronts(context: ServerContext, host: str, fronts: _Fronts, star
         from servers.triton._grpc import start_grpc  # needs tritonclient[grpc]: only when asked
 
         grpc_server, bound = await start_grpc(context.app.host, context.executor, host, fronts.grpc_port,
-                                              fronts.grpc_tls)
+                                              fronts.grpc_tls, fronts.grpc_max_concurrent_rpcs)
         started.push_async_callback(grpc_server.stop, None)
         announce("grpc", host, bound)
     if fronts.metrics_port is not None:
         metrics = ServerContext(MetricsApp(build_registry(context.app.host)), context.executor,
-                                connections(context.connections.options.read_timeout_s))
+                                connections(context.connections.options.read_timeout_s,
+                                            context.connections.options.idle_timeout_s,
+                                            context.connections.options.max_connections))
         metrics_server = await listen(metrics, host, fronts.metrics_port)
         started.push_async_callback(close, metrics_server, metrics)
         announce("metrics", host, metrics_server.sockets[0].getsockname()[1])
@@ -175,8 +192,18 @@ def build_parser(prog: str = "python -m servers.triton") -> argparse.ArgumentPar
     add("--mlp-hidden", type=int, default=64, help="hidden size of the built-in mlp model (default 64)")
     add("--seed", type=int, default=0, help="seed of the built-in models' weights (default 0)")
     add("--http-read-timeout", type=float, default=READ_TIMEOUT_S, metavar="S",
-        help="close an HTTP connection that sent part of a request and then nothing for S seconds "
+        help="the deadline of an HTTP request's arrival: a request not complete S seconds after its first "
+             "byte is cut off (its connection closed), however steadily it trickles in "
              f"(default {READ_TIMEOUT_S:g})")
+    add("--http-idle-timeout", type=float, default=IDLE_TIMEOUT_S, metavar="S",
+        help="close a kept-alive HTTP connection idle for S seconds between requests "
+             f"(default {IDLE_TIMEOUT_S:g})")
+    add("--max-connections", type=int, default=None, metavar="N",
+        help="at most N HTTP connections open at once (per port); a connection beyond it is answered "
+             "503 with the reason and closed (default: no cap)")
+    add("--grpc-max-concurrent-rpcs", type=int, default=None, metavar="N",
+        help="at most N gRPC calls in progress at once; a call beyond it fails at once with "
+             "RESOURCE_EXHAUSTED (default: no cap)")
     add("--workers", type=int, default=4, help="threads for models that do not run inline (default 4)")
     return parser
 
@@ -198,6 +225,14 @@ def _problems(args: argparse.Namespace) -> list[str]:
         problems.append(f"--mlp-hidden must be >= 1, got {args.mlp_hidden}")
     if not args.http_read_timeout > 0:
         problems.append(f"--http-read-timeout must be > 0, got {args.http_read_timeout}")
+    if not args.http_idle_timeout > 0:
+        problems.append(f"--http-idle-timeout must be > 0, got {args.http_idle_timeout}")
+    for flag, cap in (("--max-connections", args.max_connections),
+                      ("--grpc-max-concurrent-rpcs", args.grpc_max_concurrent_rpcs)):
+        if cap is not None and cap < 1:
+            problems.append(f"{flag} must be >= 1, got {cap}")
+    if args.grpc_max_concurrent_rpcs is not None and args.grpc_port is None:
+        problems.append("--grpc-max-concurrent-rpcs needs --grpc-port")
     if args.workers < 1:
         problems.append(f"--workers must be >= 1, got {args.workers}")
     return problems
@@ -257,7 +292,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m servers.trito
     try:
         serve(models, args.host, args.http_port, _print_listening, workers=args.workers,
               grpc_port=args.grpc_port, metrics_port=args.metrics_port, front_ready=_print_front_listening,
-              grpc_tls=grpc_tls, http_read_timeout_s=args.http_read_timeout)
+              grpc_tls=grpc_tls, http_read_timeout_s=args.http_read_timeout,
+              limits=Limits(args.http_idle_timeout, args.max_connections, args.grpc_max_concurrent_rpcs))
     except OSError as exc:
         print(f"error: cannot listen on {args.host}: {exc}", file=sys.stderr)
         return 1

@@ -30,7 +30,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, NamedTuple
 from urllib.parse import unquote
 
-from servers.core.connection import READ_TIMEOUT_S, Connections, HttpOptions
+from servers.core.connection import IDLE_TIMEOUT_S, READ_TIMEOUT_S, Connections, HttpOptions, overload_reply
 from servers.core.http1 import MAX_BODY_BYTES, HttpError, Request, RequestParser, json_body
 from servers.core.model import Model
 from servers.triton._encoding import EncodingError, compress, decompress, response_encoding
@@ -43,6 +43,7 @@ from servers.triton._infer import (
     InferRequest,
     ModelFailure,
     ModelHost,
+    Unavailable,
     UnknownModel,
     execute,
     submit_scheduled,
@@ -271,6 +272,8 @@ def _failure_reply(exc: BaseException) -> Reply:
     """The answer to an inference that failed: 400 for the request's fault, 500 for the model's."""
     if isinstance(exc, InferError):
         return error_reply(400, str(exc))
+    if isinstance(exc, Unavailable):
+        return error_reply(503, str(exc))
     if isinstance(exc, ModelFailure):
         return error_reply(500, str(exc))
     return error_reply(500, f"internal error: {exc}")
@@ -307,10 +310,14 @@ class TritonParser(RequestParser):
                               f"{MAX_BODY_BYTES} bytes")
 
 
-def connections(read_timeout_s: float | None = READ_TIMEOUT_S) -> Connections:
-    """The set of connections of one Triton HTTP port: TritonParser, and `read_timeout_s` to close a
-    connection stalled mid-request (None: never)."""
-    return Connections(HttpOptions(read_timeout_s, TritonParser))
+def connections(read_timeout_s: float | None = READ_TIMEOUT_S, idle_timeout_s: float | None = IDLE_TIMEOUT_S,
+                max_connections: int | None = None) -> Connections:
+    """The set of connections of one Triton HTTP port: TritonParser, `read_timeout_s` to cut off a
+    request that takes longer to arrive, `idle_timeout_s` to close a connection idle between requests
+    (None: never), and at most `max_connections` open (None: no cap; beyond it 503 in Triton's shape)."""
+    refusal = overload_reply(json_body({"error": f"too many open connections: the server's limit is "
+                                                 f"{max_connections} (--max-connections)"}))
+    return Connections(HttpOptions(read_timeout_s, TritonParser, idle_timeout_s, max_connections, refusal))
 
 
 def _infer_reply(body: bytes, header_length: int | None) -> Reply:

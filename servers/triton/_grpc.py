@@ -46,6 +46,7 @@ from servers.triton._infer import (
     InferRequest,
     ModelFailure,
     ModelHost,
+    Unavailable,
     UnknownModel,
     execute,
     execute_scheduled,
@@ -60,7 +61,7 @@ STREAM_CONCURRENCY = 256
 answered."""
 
 _STATUS = {UnknownModel: grpc.StatusCode.NOT_FOUND, InferError: grpc.StatusCode.INVALID_ARGUMENT,
-           ModelFailure: grpc.StatusCode.INTERNAL}
+           ModelFailure: grpc.StatusCode.INTERNAL, Unavailable: grpc.StatusCode.UNAVAILABLE}
 Context = grpc.aio.ServicerContext
 _Encode = Callable[[InferRequest, dict], pb.ModelInferResponse]
 
@@ -138,7 +139,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         try:
             return await self._infer(request)
         except (UnknownModel, InferError, ModelFailure) as exc:
-            await context.abort(_STATUS[type(exc)], str(exc))
+            await context.abort(_STATUS.get(type(exc), grpc.StatusCode.INTERNAL), str(exc))
             raise  # abort raises; this line only tells type checkers so
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
@@ -285,9 +286,14 @@ class GrpcTls:
 
 
 async def start_grpc(host: ModelHost, executor: Executor, address: str, port: int,
-                     tls: GrpcTls | None = None) -> tuple[grpc.aio.Server, int]:
+                     tls: GrpcTls | None = None, max_concurrent_rpcs: int | None = None,
+                     ) -> tuple[grpc.aio.Server, int]:
     """Start serving on address:port (0 picks a free port), over TLS with `tls`; returns the server and
     its bound port. Raises OSError when the port cannot be bound (or the certificate and key are unusable).
+
+    With `max_concurrent_rpcs`, an RPC that finds that many in progress is refused at once with
+    RESOURCE_EXHAUSTED (grpc's own check, "Concurrent RPC limit exceeded!"), so many clients cannot
+    make the server hold unbounded work; a stream counts as one RPC however many requests it carries.
 
     Example:
         server, port = await start_grpc(ModelHost(builtin_models()), executor, "127.0.0.1", 0)
@@ -296,7 +302,7 @@ async def start_grpc(host: ModelHost, executor: Executor, address: str, port: in
     """
     options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
-    server = grpc.aio.server(options=options)
+    server = grpc.aio.server(options=options, maximum_concurrent_rpcs=max_concurrent_rpcs)
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(host, executor), server)
     server.add_generic_rpc_handlers((health_handler(host.ready),))
     shown = f"[{address}]" if ":" in address else address

@@ -403,7 +403,8 @@ def _batching(config: model_config_pb2.ModelConfig) -> Batching | None:
     if not config.HasField("dynamic_batching") or config.max_batch_size <= 0:
         return None
     block = config.dynamic_batching
-    return Batching(tuple(sorted(block.preferred_batch_size)), int(block.max_queue_delay_microseconds))
+    return Batching(tuple(sorted(block.preferred_batch_size)), int(block.max_queue_delay_microseconds),
+                    int(block.default_queue_policy.max_queue_size))
 
 
 _INT64_TYPES = {descriptor.FieldDescriptor.TYPE_INT64, descriptor.FieldDescriptor.TYPE_UINT64,

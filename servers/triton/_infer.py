@@ -23,11 +23,11 @@ import numpy as np
 
 from servers.core.model import NUMPY_DTYPES, Model, RequestError, TensorSpec
 from servers.triton._host import ModelHost, ServedModel, UnknownModel
-from servers.triton._scheduler import Executed
+from servers.triton._scheduler import Executed, QueueFull
 from servers.triton._stats import ModelStats
 
-__all__ = ["InferError", "InferRequest", "ModelFailure", "ModelHost", "UnknownModel", "execute",
-           "execute_scheduled", "submit_scheduled"]
+__all__ = ["InferError", "InferRequest", "ModelFailure", "ModelHost", "Unavailable", "UnknownModel",
+           "execute", "execute_scheduled", "submit_scheduled"]
 
 SERVER_NAME = "triton"
 SERVER_VERSION = "2.73.0"
@@ -44,6 +44,10 @@ class InferError(ValueError):
 
 class ModelFailure(RuntimeError):
     """A model raised (or left out an output) while answering a valid request."""
+
+
+class Unavailable(ModelFailure):
+    """A valid request the model cannot take now (its queue is full): HTTP 503, gRPC UNAVAILABLE."""
 
 
 @dataclass(frozen=True)
@@ -246,6 +250,9 @@ def submit_scheduled(served: ServedModel, arrival_ns: int, decode: Callable[[], 
 
     try:
         served.scheduler.enqueue(request.inputs, request.batch_size, decoded_ns, executed)
+    except QueueFull as exc:  # refused, not failed: Triton counts it under reason REJECTED
+        stats.record_failure(time.perf_counter_ns() - arrival_ns, "REJECTED")
+        raise Unavailable(str(exc)) from exc
     except Exception as exc:  # the model is being unloaded
         raise _scheduled_failure(model, stats, arrival_ns, exc) from exc
 

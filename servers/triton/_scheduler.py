@@ -16,6 +16,12 @@ per model version; an idle instance takes work from its head:
   dimension (the token ids of sentences of different lengths cannot be stacked): a request whose shapes
   differ from the batch's first one ends the batch and heads the next.
 
+The queue is bounded as Triton bounds it: with dynamic_batching's default_queue_policy.max_queue_size
+set, a request that finds that many requests already waiting is refused at once (QueueFull, Triton's
+"Exceeds maximum queue size", answered 503 / UNAVAILABLE) rather than held: an overloaded model answers
+its clients instead of growing its queue (and the server's memory) without end. 0, the default, is no
+limit, as in Triton.
+
 The queue delay is timed by a PreciseScheduler (loadgen/lowlevel/precise_timer.py, a timerfd the loop
 watches), not by loop.call_later, which is whole milliseconds: asyncio rounds a wait up (a 500 us
 delay held a batch 1.08 ms, median, on the development machine) and uvloop truncates it (a 500 us delay
@@ -51,7 +57,14 @@ from loadgen.lowlevel.precise_timer import PreciseScheduler, ScheduledCall
 from servers.core.model import Model, RequestError
 from servers.triton._stats import ModelStats
 
-__all__ = ["Batching", "Done", "Executed", "Scheduler"]
+__all__ = ["QUEUE_FULL", "Batching", "Done", "Executed", "QueueFull", "Scheduler"]
+
+QUEUE_FULL = "Exceeds maximum queue size"
+"""Triton's message for a request refused by a full queue (status UNAVAILABLE: HTTP 503)."""
+
+
+class QueueFull(RuntimeError):
+    """A request refused because its model's queue already holds max_queue_size requests."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +73,8 @@ class Batching:
 
     preferred: tuple[int, ...] = ()
     max_queue_delay_us: int = 0
+    max_queue_size: int = 0
+    """default_queue_policy.max_queue_size: the most requests waiting for an instance; 0: no limit."""
 
 
 @dataclass(frozen=True)
@@ -131,6 +146,7 @@ class Scheduler:
         self.stats = stats
         self.batching = batching
         self.max_batch_size = instances[0].max_batch_size
+        self._limit = batching.max_queue_size if batching is not None else 0
         self._threads = [_InstanceThread(instance, f"{instance.name}-instance{index}")
                          for index, instance in enumerate(instances)]
         self._idle = list(reversed(self._threads))
@@ -159,9 +175,11 @@ class Scheduler:
     def enqueue(self, inputs: dict[str, np.ndarray], rows: int, arrival_ns: int, done: Done) -> None:
         """`submit` with a callback: queue the request; done(outcome) runs on the loop once it is
         answered, with its Executed or what `submit` would raise. Raises RuntimeError at once when
-        the model is being unloaded."""
+        the model is being unloaded, QueueFull when max_queue_size requests already wait."""
         if self._closed:
             raise RuntimeError("the model is being unloaded")
+        if self._limit and len(self._queue) >= self._limit:
+            raise QueueFull(QUEUE_FULL)
         loop = self._loop
         if loop is None or loop.is_closed():
             self._loop = asyncio.get_running_loop()

@@ -75,7 +75,8 @@ class ModelStats:
             entry[3] += output_ns
 
     def record_failure(self, elapsed_ns: int, reason: str = "OTHER") -> None:
-        """One failed request; reason as Triton's metrics label it: BACKEND (the model) or OTHER."""
+        """One failed request; reason as Triton's metrics label it: BACKEND (the model), REJECTED (a
+        full queue) or OTHER."""
         with self._lock:
             self._add("fail", elapsed_ns)
             self._failures_by_reason[reason] = self._failures_by_reason.get(reason, 0) + 1

@@ -8,9 +8,13 @@ InferError, whose message the server returns as {"error": ...} with status 400.
 
 Decoding is most of a small request's cost in the server, so it is kept short: a JSON header that
 came before for the same model, with every input binary and no request id, is not parsed or checked
-again: what it decided (inputs, shapes, offsets, outputs, batch size) is kept as a _Plan, up to
-PLANS_PER_MODEL headers a model, and only the blobs are cut (perf_analyzer and tritonclient send the
-same header for every request of a shape: 15 us -> 3 us a request). A plan is a pure function of
+again: what it decided (inputs, shapes, offsets, outputs, batch size) is kept as a _Plan, and only
+the blobs are cut (perf_analyzer and tritonclient send the same header for every request of a shape:
+15 us -> 3 us a request). The plans are bounded by bytes, not by count, since a client chooses the
+size of its headers (up to the 64 MiB body limit): a model keeps plans worth at most
+PLAN_BYTES_PER_MODEL (the header's bytes and a fixed allowance per input and output), the oldest
+going first, and a header over MAX_PLAN_HEAD_BYTES is never kept (the usual one is a few hundred
+bytes). A plan is a pure function of
 the header's bytes and the model's declared tensors, so the answer, errors included, is the same
 either way: a blob of another length, or a BYTES blob that does not parse, takes the full path.
 A response's JSON is put together from pieces kept per model and output name, the same text as
@@ -46,12 +50,18 @@ from servers.triton._infer import (
     unpack_fixed,
 )
 
-__all__ = ["MAX_ELEMENTS", "InferError", "InferRequest", "encode_response", "parse_infer"]
+__all__ = ["MAX_ELEMENTS", "MAX_PLAN_HEAD_BYTES", "PLAN_BYTES_PER_MODEL", "InferError", "InferRequest",
+           "encode_response", "parse_infer", "plan_bytes"]
 
 MAX_ELEMENTS = 2**63 - 1
 """The most elements a tensor's shape may describe: Triton counts them in an int64, and so does numpy."""
-PLANS_PER_MODEL = 64
-"""Decoded binary headers kept per model; the oldest goes first."""
+PLAN_BYTES_PER_MODEL = 1 << 20
+"""The most bytes of decoded binary headers (and their plans) kept per model; the oldest goes first."""
+MAX_PLAN_HEAD_BYTES = 16 << 10
+"""A binary request's JSON header longer than this is decoded every time, never kept."""
+_PLAN_OVERHEAD_BYTES = 256
+"""What a plan costs besides its header's bytes: per plan, and per input and output it names (a
+generous reckoning of the tuples and objects it holds), and 40 bytes per dimension of its shapes."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +81,27 @@ class _Plan:
         return InferRequest(None, inputs, self.outputs, self.batch)
 
 
-_PLANS: weakref.WeakKeyDictionary[Model, dict[bytes, _Plan]] = weakref.WeakKeyDictionary()
+    def cost(self, head: bytes) -> int:
+        """The bytes a plan for `head` is reckoned to hold."""
+        dims = sum(len(shape) for _, _, shape, _, _ in self.inputs)
+        return len(head) + _PLAN_OVERHEAD_BYTES * (1 + len(self.inputs) + len(self.outputs)) + 40 * dims
+
+
+class _Plans(dict):
+    """One model's plans by header, oldest first, and the bytes they are reckoned to hold."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.size = 0
+
+
+_PLANS: weakref.WeakKeyDictionary[Model, _Plans] = weakref.WeakKeyDictionary()
+
+
+def plan_bytes(model: Model) -> int:
+    """The bytes the plans kept for `model` are reckoned to hold (at most PLAN_BYTES_PER_MODEL)."""
+    plans = _plans(model)
+    return 0 if plans is None else plans.size
 
 
 def parse_infer(body: bytes, header_length: str | None, model: Model) -> InferRequest:
@@ -108,7 +138,7 @@ def parse_infer(body: bytes, header_length: str | None, model: Model) -> InferRe
     return InferRequest(request_id, inputs, outputs, batch)
 
 
-def _plans(model: Model) -> dict[bytes, _Plan] | None:
+def _plans(model: Model) -> _Plans | None:
     try:
         return _PLANS.get(model)
     except TypeError:  # a model that cannot be weakly referenced or hashed keeps no plans
@@ -116,15 +146,23 @@ def _plans(model: Model) -> dict[bytes, _Plan] | None:
 
 
 def _keep(model: Model, head: bytes, plan: _Plan) -> None:
+    cost = plan.cost(head)
+    if len(head) > MAX_PLAN_HEAD_BYTES or cost > PLAN_BYTES_PER_MODEL:
+        return
     plans = _plans(model)
     if plans is None:
         try:
-            plans = _PLANS.setdefault(model, {})
+            plans = _PLANS.setdefault(model, _Plans())
         except TypeError:
             return
-    if len(plans) >= PLANS_PER_MODEL:
-        plans.pop(next(iter(plans), None), None)
+    old = plans.pop(head, None)
+    if old is not None:
+        plans.size -= old.cost(head)
+    while plans and plans.size + cost > PLAN_BYTES_PER_MODEL:
+        oldest = next(iter(plans))
+        plans.size -= plans.pop(oldest).cost(oldest)
     plans[head] = plan
+    plans.size += cost
 
 
 _SCAN = json.JSONDecoder().scan_once

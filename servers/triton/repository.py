@@ -229,6 +229,9 @@ def _select_versions(config: model_config_pb2.ModelConfig, versions: dict[int, P
 def _model_file(folder: Path, config: model_config_pb2.ModelConfig, backend: _Backend, name: str) -> Path:
     filename = config.default_model_filename or backend.default_filename
     path = folder / filename
+    if not path.resolve().is_relative_to(folder.resolve()):  # "../x", "/etc/x", or a link out of it
+        raise ModelLoadError(name, f"default_model_filename '{filename}' is not a file inside the version "
+                                   f"folder {folder.name}/")
     if not path.exists():
         field = " (default_model_filename)" if config.default_model_filename else ""
         raise ModelLoadError(name, f"model file {folder.name}/{filename}{field} not found")
