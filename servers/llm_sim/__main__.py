@@ -17,12 +17,16 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 
-from loadgen.lowlevel.keepawake import KeepAwake
 from loadgen.lowlevel.precise_timer import PreciseScheduler
 from servers.llm_sim._app import DEFAULT_MODEL, SimApp, SimConfig
 from servers.llm_sim._server import EngineClock, SimProtocol
 from servers.llm_sim.engine import Engine, EngineConfig
-from servers.openai_mock._server import ServerContext, print_listening, run_server, serve_until_signal
+from servers.openai_mock._server import (
+    ServerContext,
+    command_main,
+    run_server,
+    serve_until_signal,
+)
 
 ReadyCallback = Callable[[str, int], None]
 _FLAGS = {"max_batch": "--max-batch", "prefill_ms_per_token": "--prefill-ms-per-token",
@@ -102,18 +106,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m servers.llm_s
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     config, problems = config_from_args(args)
-    if problems:
-        parser.print_usage(sys.stderr)
-        for problem in problems:
-            print(f"error: {problem}", file=sys.stderr)
-        return 2
-    try:
-        with KeepAwake(os.sched_getaffinity(0) if args.keep_awake else ()):
-            serve(config, args.host, args.port, print_listening)
-    except OSError as exc:
-        print(f"error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return command_main(args, config, problems, parser, serve)
 
 
 if __name__ == "__main__":

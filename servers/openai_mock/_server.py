@@ -26,13 +26,17 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import signal
+import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+from loadgen.lowlevel.keepawake import KeepAwake
 from loadgen.lowlevel.precise_timer import PreciseScheduler
 from loadgen.lowlevel.timerfd import reduce_timer_slack
 from servers.core.connection import HttpConnection
@@ -321,3 +325,21 @@ def print_listening(host: str, port: int) -> None:
     """The one line a server prints once listening (tests read the port from it when 0 was asked)."""
     shown = f"[{host}]" if ":" in host else host
     print(f"listening on http://{shown}:{port}", flush=True)
+
+
+def command_main(args: Any, config: Any, problems: list[str], parser: Any,
+                 serve: Callable[[Any, str, int, Callable[[str, int], None]], None]) -> int:
+    """The end of a server command's main(): bad flags exit 2 (usage and each problem), a port that cannot
+    be listened on 1, else serve until stopped (0), with keep-awake spinners when --keep-awake."""
+    if problems:
+        parser.print_usage(sys.stderr)
+        for problem in problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 2
+    try:
+        with KeepAwake(os.sched_getaffinity(0) if args.keep_awake else ()):
+            serve(config, args.host, args.port, print_listening)
+    except OSError as exc:
+        print(f"error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 1
+    return 0
