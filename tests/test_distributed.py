@@ -23,7 +23,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from loadgen.sinks.hlog import read_hlog
 from servers.calibration.timing import TimingConfig, TimingModel
-from tests.support.distributed import Master, requests_of, shipped, start_worker, worker_entry
+from tests.support.distributed import (
+    Master,
+    requests_of,
+    shipped,
+    sleep_until_epoch,
+    start_worker,
+    worker_entry,
+)
 from tests.support.processes import RARE_HANG, ROOT, loadgen_cmd, pin, run_loadgen, stop_process
 from tests.support.timing import HostNoise, truth_percentiles
 
@@ -123,8 +130,7 @@ def run_and_kill_one(server_url: str, tmp_path: Path, extra: list[str], kill_aft
                      *extra], tmp_path / "run")
     workers = [start_worker(master.port, debug) for _ in range(2)]
     try:
-        master.wait_for("master: run on 2 worker(s)")
-        time.sleep(0.5 + kill_after_s)
+        sleep_until_epoch(master.wait_for_start(2) + kill_after_s)
         workers[1].send_signal(sig)
         code, stderr = master.finish()
     finally:
