@@ -49,17 +49,33 @@ def model_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def digits_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A model repository written by `python -m servers.models.make_repo --no-minilm` (built-in and digits
-    models, with _data/ test split and labels), once per session: the training takes seconds. The MiniLM
-    models (260 MB, tests/test_minilm_models.py) are left out."""
-    path = tmp_path_factory.mktemp("digits_repository")
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONHASHSEED"}  # the command fixes it
-    run = subprocess.run([sys.executable, "-m", "servers.models.make_repo", str(path), "--no-minilm"],
-                         cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=300, check=False)
-    assert run.returncode == 0, run.stderr
-    return path
+def digits_repositories(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[Path, str]]:
+    """Two model repositories written by `python -m servers.models.make_repo --no-minilm` (built-in and
+    digits models, with _data/ test split and labels), both at once, once per session: the training takes
+    seconds, on one thread each. The first from an interpreter without a hash seed, the second with
+    PYTHONHASHSEED=1 (the command fixes its own): tests/test_digits_models.py compares their bytes. The
+    MiniLM models (260 MB, tests/test_minilm_models.py) are left out. Each comes with what the command
+    printed."""
+    paths = (tmp_path_factory.mktemp("digits_repository"), tmp_path_factory.mktemp("digits_b"))
+    unseeded = {key: value for key, value in os.environ.items() if key != "PYTHONHASHSEED"}
+    runs = [subprocess.Popen([sys.executable, "-m", "servers.models.make_repo", str(path), "--no-minilm"],
+                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for path, env in zip(paths, (unseeded, {**os.environ, "PYTHONHASHSEED": "1"}))]
+    written = []
+    for path, run in zip(paths, runs):
+        try:
+            out, err = run.communicate(timeout=300)
+        finally:
+            stop_process(run)
+        assert run.returncode == 0, err
+        written.append((path, out))
+    return written
+
+
+@pytest.fixture(scope="session")
+def digits_repository(digits_repositories: list[tuple[Path, str]]) -> Path:
+    """The first of `digits_repositories`: the one the tests serve and read."""
+    return digits_repositories[0][0]
 
 
 @pytest.fixture(scope="session")

@@ -2,16 +2,13 @@
 the command; accurate on the test split (and each variant as accurate as its kind promises); served by
 the Triton-compatible server with the same predictions as the model files give in this process.
 
-The slow part, two runs of make-repo (seconds of training each), happens once per module, both at once
-(training uses one thread).
+The slow part, two runs of make-repo (seconds of training each), happens once per session, both at once
+(training uses one thread): tests/conftest.py's digits_repositories, whose first the other modules use.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +22,7 @@ from loadgen.protocols.common.request_data import request_data
 from servers.core.model import Model
 from servers.models.make_repo import DATA_FOLDER, DIGITS_NAMES, SEEDED_NAMES
 from servers.triton.repository import load_model, model_names
-from tests.support.processes import ROOT, Server, start_server, stop_process
+from tests.support.processes import Server, start_server, stop_process
 
 FP32_AS_TRAINED = ("digits_cnn", "digits_cnn_onnx")
 """The FP32 CNN and its ONNX export: the same predictions as the TorchScript FP32 model, image for image."""
@@ -37,19 +34,14 @@ WITHIN_TWO_POINTS = ("digits_cnn_fp16", "digits_cnn_bf16", "digits_cnn_int8", "d
 
 
 @pytest.fixture(scope="module")
-def repos(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def repos(digits_repositories: list[tuple[Path, str]]) -> tuple[Path, Path]:
     """Two repositories written by `python -m servers.models.make_repo`, under different hash seeds of
-    the calling interpreter (the session's, run without one, and one here with PYTHONHASHSEED=1: the
-    command fixes its own); both at once when the session's is not made yet (training uses one thread)."""
-    path = tmp_path_factory.mktemp("digits_b")
-    env = {**os.environ, "PYTHONHASHSEED": "1"}
-    second = subprocess.Popen([sys.executable, "-m", "servers.models.make_repo", str(path), "--no-minilm"],
-                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    first = request.getfixturevalue("digits_repository")
-    out, err = second.communicate(timeout=300)
-    assert second.returncode == 0, err
-    assert f"wrote {len(WRITTEN)} models" in out and "digits: trained in" in out
-    return first, path
+    the calling interpreter (none, and PYTHONHASHSEED=1: the command fixes its own): the session's
+    `digits_repositories` (tests/conftest.py), both written at once (training uses one thread)."""
+    for _, out in digits_repositories:
+        assert f"wrote {len(WRITTEN)} models" in out and "digits: trained in" in out
+    first, second = (path for path, _ in digits_repositories)
+    return first, second
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from loadgen.sinks.hlog import read_hlog
 from servers.calibration.timing import TimingConfig, TimingModel
-from tests.support.distributed import Master, requests_of, shipped, start_worker, worker_entry
+from tests.support.distributed import (
+    Master,
+    requests_of,
+    shipped,
+    sleep_until_epoch,
+    start_worker,
+    worker_entry,
+)
 from tests.support.processes import RARE_HANG, ROOT, loadgen_cmd, pin, run_loadgen, stop_process
 from tests.support.timing import HostNoise, truth_percentiles
 
@@ -123,8 +130,7 @@ def run_and_kill_one(server_url: str, tmp_path: Path, extra: list[str], kill_aft
                      *extra], tmp_path / "run")
     workers = [start_worker(master.port, debug) for _ in range(2)]
     try:
-        master.wait_for("master: run on 2 worker(s)")
-        time.sleep(0.5 + kill_after_s)
+        sleep_until_epoch(master.wait_for_start(2) + kill_after_s)
         workers[1].send_signal(sig)
         code, stderr = master.finish()
     finally:
@@ -276,12 +282,14 @@ def test_sweep_runs_every_step_on_the_same_workers(calibration_server, tmp_path)
 def test_local_workers_share_the_masters_cpu_spinners(calibration_server, tmp_path) -> None:
     """--processes with keep_awake: the master alone starts the idle-priority spinners, and its workers
     stay in its session (so in its scheduling group, where those spinners yield to them): a worker
-    spinning in a group of its own took CPU from the others (tens of ms of lag)."""
+    spinning in a group of its own took CPU from the others (tens of ms of lag). The process tree is
+    polled every 0.2 s and holds both from the workers' setup to the run's end (over 2.5 s for a 2 s
+    run: setup, warm-up, the 0.5 s start lead, the run), so a 2 s run is time enough to read it."""
     import psutil
 
     server = calibration_server()
     proc = subprocess.Popen(loadgen_cmd("run", "--target", server.url, "--model", "m", "--rate", "100",
-                                        "--duration", "4s", "--processes", "2", "--quiet",
+                                        "--duration", "2s", "--processes", "2", "--quiet",
                                         "--out", str(tmp_path / "run")),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:

@@ -12,14 +12,20 @@ from __future__ import annotations
 
 import math
 import re
-import time
 from pathlib import Path
 from subprocess import Popen
 
 import pytest
 
 from loadgen.sinks.hlog import read_hlog
-from tests.support.distributed import Master, requests_of, shipped, start_worker, worker_entry
+from tests.support.distributed import (
+    Master,
+    requests_of,
+    shipped,
+    sleep_until_epoch,
+    start_worker,
+    worker_entry,
+)
 from tests.support.processes import RARE_HANG, stop_process
 
 pytestmark = pytest.mark.integration
@@ -38,8 +44,7 @@ def _join_two_seconds_in(master: Master, debug: Path, duration_s: float) -> tupl
     first = start_worker(master.port, debug)
     second = None
     try:
-        master.wait_for("master: run on 1 worker(s)")
-        time.sleep(0.5 + 2.0)
+        sleep_until_epoch(master.wait_for_start(1) + 2.0)
         second = start_worker(master.port, debug)
         joined = master.wait_for("master: worker 1 joined", timeout=duration_s)
         code, stderr = master.finish()

@@ -94,6 +94,19 @@ def start_prometheus(tmp_path: Path, loadgen_ports: list[int], server_port: int,
     raise RuntimeError(f"prometheus did not start: {proc.stderr.read()}")
 
 
+def _wait_for_scrapes_after(prom_url: str, instant: float, jobs: tuple[str, ...], timeout: float = 15.0) -> None:
+    """Until Prometheus has scraped every job in `jobs` once more, after `instant` (time.time() seconds):
+    the servers' figures after the runs (a scrape every 1 s, grafana/prometheus.yml)."""
+    query = f'min(timestamp(up{{job=~"{"|".join(jobs)}"}}))'
+    deadline = time.monotonic() + timeout
+    while True:
+        result = httpx.get(prom_url + "/api/v1/query", params={"query": query}, timeout=10).json()["data"]["result"]
+        if result and float(result[0]["value"][1]) > instant:
+            return
+        assert time.monotonic() < deadline, f"no scrape of {jobs} after the runs: {result}"
+        time.sleep(0.1)
+
+
 @pytest.mark.integration
 def test_every_panel_has_data_from_a_real_prometheus(tmp_path: Path, model_store: Path) -> None:
     assert shutil.which("prometheus"), "Debian's prometheus package is required (.ci/run installs it)"
@@ -131,14 +144,8 @@ def test_every_panel_has_data_from_a_real_prometheus(tmp_path: Path, model_store
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         pin(llm_run.pid, 0)
-        _out, err = llm_run.communicate(timeout=60)
-        assert llm_run.returncode == 0, err
-        _out, err = run.communicate(timeout=60)
-        assert run.returncode == 0, err
-        _out, err = ts_run.communicate(timeout=60)
-        assert ts_run.returncode == 0, err
-        # Then a short sweep on its own port: the sweep dashboard's curve, table and verdict. A lag of a
-        # few ms on a shared machine is no concern of this test (max_lag_ms).
+        # Beside them, at the same time, a short sweep on its own port: the sweep dashboard's curve, table
+        # and verdict. A lag of a few ms on a shared machine is no concern of this test (max_lag_ms).
         scenario = tmp_path / "sweep.toml"
         scenario.write_text(f'[target]\nurl = "{server.url}"\nmodel = "mlp"\n\n[open_loop]\nrate = 1\n'
                             'duration = "1s"\n\n[output]\nmax_lag_ms = 50\n')
@@ -151,7 +158,13 @@ def test_every_panel_has_data_from_a_real_prometheus(tmp_path: Path, model_store
         pin(sweep.pid, 0)
         out, err = sweep.communicate(timeout=90)
         assert sweep.returncode == 0, out + err
-        time.sleep(2.0)  # one more scrape of the server after the run
+        _out, err = llm_run.communicate(timeout=60)
+        assert llm_run.returncode == 0, err
+        _out, err = run.communicate(timeout=60)
+        assert run.returncode == 0, err
+        _out, err = ts_run.communicate(timeout=60)
+        assert ts_run.returncode == 0, err
+        _wait_for_scrapes_after(prom_url, time.time(), ("inference-server", "torchserve"))
         missing = []
         end = time.time()
         window = f"{math.ceil(end - started)}s"

@@ -12,6 +12,8 @@ patching): the stall is a blocking time.sleep that holds the whole loop, as a st
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -27,7 +29,7 @@ from loadgen.patterns.schedule import schedule, schedule_offsets
 from loadgen.recorder import Recorder
 from loadgen.scenario import OpenLoop
 from loadgen.sinks.prometheus import RunCollector
-from tests.support.distributed import Master, start_worker
+from tests.support.distributed import Master, sleep_until_epoch, start_worker
 from tests.support.processes import ROOT, loadgen_cmd, pin, stop_process
 
 _block = time.sleep  # not patched: gevent is used here without monkey patching
@@ -170,17 +172,23 @@ def _run_with_stall(args: list[str], out: Path, stall: tuple[float, float] | Non
 
 @pytest.mark.integration
 def test_distributed_run_with_a_stalled_worker_counts_every_arrival(calibration_server, tmp_path) -> None:
-    """Two workers, 200 req/s for 3 s; one is SIGSTOPped 2.2 s into the run for 2.2 s (less than the
-    heartbeats' patience, so it is not lost; resumed 0.4 s after the window's end plus the 1 s grace, so
-    the rest of its share stays unsent even when the run starts a little later than the line says).
-    Its unsent arrivals reach the master's merge."""
+    """Two workers, 200 req/s for 3 s; one is SIGSTOPped from 2.2 s to 4.4 s into the run, counted from
+    the start epoch the master announces (2.2 s: less than the heartbeats' patience of at least 3 s, so it
+    is not lost; resumed 0.4 s after the window's end plus the 1 s grace, so the rest of its share stays
+    unsent). Its unsent arrivals reach the master's merge."""
     server = calibration_server("--delay-ms", "2")
     master = Master(["--target", server.url, "--model", "m", "--rate", "200", "--duration", "3s"],
                     tmp_path / "run")
     workers = [start_worker(master.port, tmp_path / "shipped") for _ in range(2)]
     try:
-        master.wait_for("master: run on 2 worker(s)")
-        _stall(workers[1].pid, 0.5 + 2.2, 2.2)  # the run starts 0.5 s after that line
+        epoch = master.wait_for_start(2)
+        sleep_until_epoch(epoch + 2.2)
+        os.kill(workers[1].pid, signal.SIGSTOP)
+        stopped_s = time.time() - epoch
+        sleep_until_epoch(epoch + 4.4)
+        os.kill(workers[1].pid, signal.SIGCONT)
+        # the premise: stopped before the window's end, with arrivals of its share still ahead of it
+        assert stopped_s < 2.9, f"this process stopped the worker only {stopped_s:.3f} s into a 3 s run"
         code, stderr = master.finish()
     finally:
         for worker in workers:

@@ -580,7 +580,7 @@ class _DistributedRun:
                                           "users": worker.users}, worker.client_id)
         described = ", ".join(f"{w.label}: {w.shares[0] if self.open_loop else f'{w.users} users'}"
                               for w in workers)
-        print(f"master: run on {n} worker(s) ({described})", file=sys.stderr, flush=True)
+        print(f"master: run on {n} worker(s) ({described}) from epoch {epoch:.6f}", file=sys.stderr, flush=True)
         return epoch
 
     def _wait(self, stop: Event) -> None:

@@ -40,6 +40,13 @@ class Master:
         stop_process(self.proc)
         raise AssertionError(f"no {prefix!r} line from the master: {''.join(self.lines)}")
 
+    def wait_for_start(self, workers: int) -> float:
+        """Wait for the master's `run on N worker(s) ... from epoch E` line; returns E, the run's start
+        (time.time() seconds): a test that acts some time into the run counts from it, not from when it
+        read the line, which a loaded host can deliver late."""
+        line = self.wait_for(f"master: run on {workers} worker(s)")
+        return float(line.rsplit(" from epoch ", 1)[1])
+
     def finish(self, timeout: float = 90.0) -> tuple[int, str]:
         try:
             _, rest = self.proc.communicate(timeout=timeout)
@@ -50,6 +57,11 @@ class Master:
     @property
     def summary(self) -> dict:
         return json.loads((self.out / "summary.json").read_text())
+
+
+def sleep_until_epoch(epoch_s: float) -> None:
+    """Sleep until the wall-clock instant `epoch_s` (at once when it has passed)."""
+    time.sleep(max(0.0, epoch_s - time.time()))
 
 
 def start_worker(port: int, debug_dir: Path, *args: str, env: dict[str, str] | None = None,
