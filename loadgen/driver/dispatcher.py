@@ -49,8 +49,6 @@ _EARLY_S = 15e-6
 # where the core never idles deeply.
 _SPIN_S = 200e-6
 _SPIN_FRACTION = 0.1
-_TIMER_PRIORITY = 2
-"""libev's highest watcher priority (EV_MAXPRI)."""
 
 
 class Alarm(Protocol):
@@ -102,10 +100,7 @@ class _TimerAlarm:
         reduce_timer_slack()
         self._timer = TimerFD()
         self._hub = get_hub()
-        # The highest libev priority: when the timer and sockets become ready in the same loop pass (a
-        # burst of streamed chunks), the dispatcher sends first and the readers follow, instead of the
-        # send waiting behind every reader of the burst.
-        self._watcher = self._hub.loop.io(self._timer.fileno(), 1, priority=_TIMER_PRIORITY)
+        self._watcher = self._hub.loop.io(self._timer.fileno(), 1)
 
     def sleep_until(self, t: float) -> None:
         self._timer.arm(t)
