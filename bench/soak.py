@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from _server_bench import ServerProcess, start_server
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -68,19 +69,9 @@ class Samples:
     fds: list[int] = field(default_factory=list)
 
 
-def _start(target: Target) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", target.module, target.port_flag, "0", *target.args], cwd=ROOT,
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    os.sched_setaffinity(proc.pid, {1})
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if line.startswith("listening on "):
-            return proc, line.split()[-1]
-        if not line and proc.poll() is not None:
-            break
-    proc.kill()
-    raise SystemExit(f"{target.name} did not start")
+def _start(target: Target) -> ServerProcess:
+    return start_server([sys.executable, "-m", target.module, target.port_flag, "0", *target.args], core=1,
+                        timeout_s=120.0)
 
 
 def _loadgen(url: str, target: Target, extra: list[str], out: Path, timeout: float) -> dict:
@@ -119,7 +110,8 @@ def _per_10_min(t: list[float], values: list[float]) -> tuple[float, float]:
 
 
 def soak(target: Target, minutes: float, work: Path, max_rate: float) -> dict:
-    proc, url = _start(target)
+    server = _start(target)
+    proc, url = server.proc, server.url
     try:
         probe = _loadgen(url, target, ["--users", "8", "--duration", "3s"], work / f"{target.name}-probe", 60)
         rate = round(min(0.7 * probe["achieved_rps"], max_rate), 1)
@@ -131,8 +123,7 @@ def soak(target: Target, minutes: float, work: Path, max_rate: float) -> dict:
         stop.set()
         sampler.join()
     finally:
-        proc.terminate()
-        proc.wait(10)
+        server.stop()
     rss_growth, rss_level = _per_10_min(samples.t, samples.rss_mb)
     fd_growth, fd_level = _per_10_min(samples.t, samples.fds)
     lost = {key: run[key] for key in ("dropped", "unsent") if run[key]} | (
