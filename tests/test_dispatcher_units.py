@@ -170,6 +170,30 @@ def test_a_stall_that_outlasts_the_run_leaves_the_arrivals_due_by_the_stop_unsen
     assert run.dropped == []
 
 
+def test_a_host_resumed_past_the_deadline_leaves_the_rest_unsent_without_a_stop() -> None:
+    """200 arrivals/s for 1 s, the deadline (the run's backstop) at 2 s; the host stalls from 0.3025 s for
+    3 s and nothing calls stop: on resuming the dispatcher finds the deadline passed and starts none of the
+    late arrivals (no burst after the run's end); all 139 not started are unsent, as of the deadline."""
+    pattern = OpenLoop(rate=200, duration=1.0)
+    run = Harness()
+    run.dispatcher.deadline = START_T + 2.0
+    run.clock.call_at(START_T + 0.3025, lambda: run.clock.stall(3.0))
+    run.dispatcher.run(START_T, schedule(pattern))
+    assert run.intended == instants(pattern)[:61]
+    assert run.dispatcher.unsent == 139 and run.unsent_reports == [139] and run.dropped == []
+
+
+def test_a_stall_that_ends_before_the_deadline_sends_every_late_arrival() -> None:
+    """The same stall, ended at 1.5025 s with the deadline at 2 s: every late arrival is started (with its
+    lag), none unsent."""
+    pattern = OpenLoop(rate=200, duration=1.0)
+    run = Harness()
+    run.dispatcher.deadline = START_T + 2.0
+    run.clock.call_at(START_T + 0.3025, lambda: run.clock.stall(1.2))
+    run.run(pattern)
+    assert run.intended == instants(pattern) and run.dispatcher.unsent == 0
+
+
 def test_unsent_arrivals_are_counted_across_schedule_chunks() -> None:
     """10 000 arrivals/s for 2 s come in three chunks of the schedule; stopped as of 1.5 s after a stall
     at 0.10005 s, every arrival from 0.1001 s to 1.4999 s is unsent, the chunks not yet reached too."""

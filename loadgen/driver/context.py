@@ -44,7 +44,11 @@ from loadgen.protocols.base import Client, guarded_send
 from loadgen.recorder import Recorder
 from loadgen.scenario import ClosedLoop, OpenLoop, Scenario
 
-__all__ = ["LoadContext", "context_of"]
+__all__ = ["BACKSTOP_S", "LoadContext", "context_of"]
+
+BACKSTOP_S = 1.0
+"""An open-loop run ends with its schedule; this long after the window's end it ends regardless, and the
+arrivals not started by then (a host stalled past it) are unsent."""
 
 
 def _record(self: LoadContext | _Entry, outcome: Outcome) -> None:
@@ -222,11 +226,12 @@ class LoadContext:
     def _dispatcher(self) -> Dispatcher:
         pattern = self.pattern
         assert isinstance(pattern, OpenLoop)
+        deadline = self.end_t + BACKSTOP_S
         if self.mix is not None:  # the mixed send records each outcome under its entry itself
             return Dispatcher(self._send_mixed, _recorded, self.record_dropped, pattern.max_in_flight,
-                              on_unsent=self.record_unsent)
+                              on_unsent=self.record_unsent, deadline=deadline)
         return Dispatcher(self._send, self.on_outcome, self.record_dropped, pattern.max_in_flight,
-                          on_unsent=self.record_unsent)
+                          on_unsent=self.record_unsent, deadline=deadline)
 
     def _send_mixed(self, intended_t: float, row: int) -> Outcome:
         """One open-loop request of a mix: to the entry its row (index or trace row) drew; recorded there."""

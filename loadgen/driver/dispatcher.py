@@ -121,7 +121,7 @@ class Dispatcher:
 
     `on_outcome` receives every Outcome; `on_dropped` every intended time that was dropped;
     `on_unsent` the count of arrivals left unsent when it was stopped (once, when it returns).
-    Instants (`start_t`, `stop(at_t)`, `end_at`) are readings of `clock`, by default time.monotonic().
+    Instants (`start_t`, `stop(at_t)`, `end_at`, `deadline`) are readings of `clock`, by default time.monotonic().
     """
 
     def __init__(
@@ -132,6 +132,7 @@ class Dispatcher:
         max_in_flight: int,
         on_unsent: Callable[[int], None] | None = None,
         clock: Clock | None = None,
+        deadline: float = float("inf"),
     ) -> None:
         self._clock: Clock = MonotonicClock() if clock is None else clock
         self._send = send
@@ -146,6 +147,7 @@ class Dispatcher:
         self._stop = Event()
         self._stop_t = float("inf")  # arrivals due before this instant and not started are unsent
         self._end_t = float("inf")  # arrivals from this instant on are not this dispatcher's
+        self.deadline = deadline  # no arrival is started from this instant on (a stop at it)
         self._waiting_for = float("inf")
         self._alarm: Alarm | None = None
         self._idle = Event()
@@ -173,7 +175,7 @@ class Dispatcher:
         However it returns (stopped, or its greenlet killed: a kill counts as a stop at that instant),
         the arrivals it had not reached that were due by the stop are counted as unsent.
         """
-        now, spin_until = self._clock.now, self._clock.spin_until
+        now, spin_until, deadline = self._clock.now, self._clock.spin_until, self.deadline
         alarm = self._alarm = self._clock.alarm()
         sleep_until = alarm.sleep_until
         chunks = iter(schedule)
@@ -187,13 +189,20 @@ class Dispatcher:
                 for intended_t, row in zip(arrivals, each_row):
                     if intended_t >= self._end_t or self._stop.is_set():
                         return
-                    wait = intended_t - now()
+                    t = now()
+                    if t >= deadline:  # resumed past the run's backstop: the rest is unsent
+                        self.stop(deadline)
+                        return
+                    wait = intended_t - t
                     if wait > 0.0:  # not yet due (behind schedule, it starts at once)
                         if wait > _EARLY_S:
                             self._waiting_for = intended_t
                             sleep_until(min(intended_t - min(_SPIN_S, wait * _SPIN_FRACTION), self._end_t))
                             self._waiting_for = float("inf")
                             if intended_t >= self._end_t or self._stop.is_set():
+                                return
+                            if now() >= deadline:  # the sleep outlasted the backstop (a stall)
+                                self.stop(deadline)
                                 return
                         spin_until(intended_t)  # never early, even by microseconds
                     handled += 1

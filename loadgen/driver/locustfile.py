@@ -15,7 +15,7 @@ from pathlib import Path
 import gevent
 from locust import events
 
-from loadgen.driver.context import LoadContext
+from loadgen.driver.context import BACKSTOP_S, LoadContext
 from loadgen.driver.mix import client_of
 from loadgen.driver.users import ClosedLoopUser, OpenLoopUser
 from loadgen.scenario import OpenLoop, load_scenario
@@ -59,7 +59,7 @@ def _quit_when_done(environment, ctx: LoadContext) -> None:
     """End the test when the scenario's schedule (open loop) or duration (closed loop) is over."""
     from loadgen.driver.run import drain
 
-    backstop = 1.0 if isinstance(ctx.pattern, OpenLoop) else 0.0
+    backstop = BACKSTOP_S if isinstance(ctx.pattern, OpenLoop) else 0.0
     ctx.done.wait(max(0.0, ctx.end_t - time.monotonic()) + backstop)
     ctx.stopping = True
     drain(ctx, ctx.scenario.target.timeout)

@@ -26,7 +26,7 @@ from gevent.event import Event
 from locust.env import Environment
 from locust.event import Events
 
-from loadgen.driver.context import LoadContext
+from loadgen.driver.context import BACKSTOP_S, LoadContext
 from loadgen.driver.exporter import MetricsExporter
 from loadgen.driver.mix import client_of
 from loadgen.driver.selfcheck import SelfCheck
@@ -125,6 +125,8 @@ def _execute(scenario: Scenario) -> RunResult:
     # that a full collection cannot pause the dispatcher for milliseconds mid-run.
     gc.collect()
     gc.freeze()
+    if exporter is not None:
+        exporter.announce()  # the last thing before the start (_LEAD_S ahead): tests time stalls from it
     cpu0, wall0 = _cpu_seconds(), time.monotonic()
     epoch0 = time.time() + _LEAD_S
     try:
@@ -156,12 +158,10 @@ def _execute(scenario: Scenario) -> RunResult:
 
 
 def _start_exporter(ctx: LoadContext, port: int | None) -> MetricsExporter | None:
-    """Serve /metrics for the run when a port is asked for (0: a free one), and say where."""
+    """Serve /metrics for the run when a port is asked for (0: a free one); said just before the start."""
     if port is None:
         return None
-    exporter = MetricsExporter(ctx, port).start()
-    exporter.announce()
-    return exporter
+    return MetricsExporter(ctx, port).start()
 
 
 def result_of(
@@ -194,7 +194,7 @@ def result_of(
 
 def _end_at(ctx: LoadContext, stop: Event) -> None:
     """Closed loop ends by the clock; open loop ends with its schedule (this is its backstop)."""
-    stop.wait(max(0.0, ctx.end_t - time.monotonic()) + (1.0 if ctx.dispatcher is not None else 0.0))
+    stop.wait(max(0.0, ctx.end_t - time.monotonic()) + (BACKSTOP_S if ctx.dispatcher is not None else 0.0))
     ctx.done.set()
 
 

@@ -49,7 +49,7 @@ from locust.env import Environment
 from locust.event import Events
 
 from loadgen.driver.channel import guard_worker, guard_worker_channel
-from loadgen.driver.context import LoadContext
+from loadgen.driver.context import BACKSTOP_S, LoadContext
 from loadgen.driver.distributed import (
     MSG_DONE,
     MSG_FAILED,
@@ -177,7 +177,7 @@ class _WorkerRun:
             gevent.sleep(max(0.0, ctx.start_t - time.monotonic()))
             if users:
                 runner.spawn_users({ClosedLoopUser.__name__: users})
-        backstop = 1.0 if isinstance(ctx.pattern, OpenLoop) else 0.0
+        backstop = BACKSTOP_S if isinstance(ctx.pattern, OpenLoop) else 0.0
         gevent.wait([self.stop, ctx.done], count=1, timeout=max(0.0, ctx.end_t - time.monotonic()) + backstop)
         deadline = ctx.end_t + backstop
         while not self.stop.is_set() and time.monotonic() < deadline:
