@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.support import perf_analyzer as _perf_analyzer
@@ -96,3 +98,56 @@ def noise_probes() -> Iterator[NoiseProbes]:
 def host_noise(noise_probes: NoiseProbes) -> HostNoise:
     """The host's timer noise around this test, and the timing checks that allow for it (capped)."""
     return HostNoise(noise_probes)
+
+
+# -- processes a test leaves behind ------------------------------------------------------------------------
+# A process that a test started and that outlives it (a worker, a server, a spinner) runs on through the
+# tests after it, on the cores their timing depends on. After each test's teardown, the descendants of this
+# session that were started during the test and are still running get a short grace to exit; the rest
+# are ended (they are this session's own) and named in the session's summary, with the test that left them.
+
+_LEAK_GRACE_S = 3.0
+_leaks: list[str] = []
+
+
+def _descendants() -> dict[int, psutil.Process]:
+    found = {}
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE:
+                found[proc.pid] = proc
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    item._loadgen_before = set(_descendants())  # after setup: the fixtures' servers are not the test's
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True, trylast=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
+    yield
+    before = getattr(item, "_loadgen_before", None)
+    if before is None:
+        return
+    deadline = time.monotonic() + _LEAK_GRACE_S
+    while (left := {pid: p for pid, p in _descendants().items() if pid not in before}) \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid, proc in left.items():
+        try:
+            what = " ".join(proc.cmdline())[:160]
+            proc.kill()
+        except psutil.Error:
+            continue
+        _leaks.append(f"{item.nodeid}: pid {pid} still running after the test ({what}); ended")
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if _leaks:
+        terminalreporter.section("processes left running by tests")
+        for line in _leaks:
+            terminalreporter.write_line(line)

@@ -139,7 +139,6 @@ def run_and_kill_one(server_url: str, tmp_path: Path, extra: list[str], kill_aft
     return code, stderr, master, workers, debug
 
 
-@pytest.mark.skip(reason="fails in fresh-clone CI runs (a survivor that took over a killed worker's share went silent after the run; loss seen 12 s late) and passes on the development checkout: under investigation, see the stop note; the killed-worker accounting is also checked by test_stop_on_worker_loss_ends_the_run_with_exit_3 and test_distributed_join")
 def test_a_killed_worker_is_reported_and_what_it_sent_is_kept(calibration_server, tmp_path) -> None:
     server = calibration_server("--delay-ms", "5")
     code, stderr, master, (alive, dead), debug = run_and_kill_one(server.url, tmp_path, [])
