@@ -121,6 +121,23 @@ def _descendants() -> dict[int, psutil.Process]:
     return found
 
 
+def _left_by_test(before: set[int]) -> dict[int, psutil.Process]:
+    """The descendants started during the test, less those of a process that was there before it (a
+    module's server starting a model's worker processes is the server's own business)."""
+    me = os.getpid()
+    left = {}
+    for pid, proc in _descendants().items():
+        if pid in before:
+            continue
+        try:
+            ancestors = {parent.pid for parent in proc.parents()}
+        except psutil.NoSuchProcess:
+            continue
+        if not ancestors & (before - {me}):
+            left[pid] = proc
+    return left
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_call(item: pytest.Item):
     item._loadgen_before = set(_descendants())  # after setup: the fixtures' servers are not the test's
@@ -134,8 +151,7 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
     if before is None:
         return
     deadline = time.monotonic() + _LEAK_GRACE_S
-    while (left := {pid: p for pid, p in _descendants().items() if pid not in before}) \
-            and time.monotonic() < deadline:
+    while (left := _left_by_test(before)) and time.monotonic() < deadline:
         time.sleep(0.05)
     for pid, proc in left.items():
         try:

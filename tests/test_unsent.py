@@ -94,10 +94,10 @@ def test_arrivals_not_yet_due_when_a_run_is_stopped_are_not_unsent() -> None:
         stopped.append(time.monotonic())
         dispatcher.stop(stopped[0])
 
-    gevent.spawn_later(0.05 + 0.505, stop)
+    gevent.spawn_later(0.05 + 0.505, stop)  # on the loop's clock, which may lag the real one a little
     dispatcher.run(start_t, schedule(pattern))
     due = int(np.count_nonzero(start_t + schedule_offsets(pattern) < stopped[0]))
-    assert due >= 51 and counts.dropped == []
+    assert 40 <= due < 200 and counts.dropped == []  # stopped mid-run
     # what was due by the stop was sent (or, had the loop been held, unsent); nothing after it counts
     assert len(counts.sent) + counts.unsent == due
     assert counts.sent == (start_t + schedule_offsets(pattern)[: len(counts.sent)]).tolist()
