@@ -9,7 +9,10 @@ checkout, which together were a third of the generator's CPU per request at 7,00
 Each response carries `done_t`: when its last bytes reached this host's network stack, from the
 kernel's receive timestamp (SO_TIMESTAMPNS) on plain TCP, else when they were read. The difference
 is the generator's own scheduling delay (a busy loop, a CPU taken away by the hypervisor for a
-millisecond), which is not the server's latency and must not count as such.
+millisecond), which is not the server's latency and must not count as such. Linux switches receive
+timestamps on for the host only after a socket first asks, from a work queue, and off again when the last
+such socket closes; the first pool in a process therefore holds a timestamping socket open for the
+process's life and waits until the kernel stamps on arrival (`keep_receive_timestamps`).
 
 A pooled connection that the server closed while idle shows up as EOF before the first response
 byte; the request is then sent once more on a new connection (as browsers and geventhttpclient
@@ -33,7 +36,7 @@ from collections.abc import Mapping
 
 from loadgen.errors import ConnectionClosed, InvalidResponse, ResponseTooLarge
 
-__all__ = ["MAX_RESPONSE_BYTES", "HTTPError", "Http1Pool", "Response", "build_request"]
+__all__ = ["MAX_RESPONSE_BYTES", "HTTPError", "Http1Pool", "Response", "build_request", "keep_receive_timestamps"]
 
 _MAX_HEADER_BYTES = 64 * 1024
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
@@ -42,6 +45,39 @@ _INF = float("inf")
 _SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux; Python does not name it
 _TIMESPEC = struct.Struct("@qq")
 _ANCILLARY_BYTES = socket.CMSG_SPACE(_TIMESPEC.size) if hasattr(socket, "CMSG_SPACE") else 0
+
+
+_stamp_keeper: socket.socket | None = None
+
+
+def keep_receive_timestamps(wait_s: float = 0.5) -> bool:
+    """Keep the kernel's receive timestamping on for this process's life; True once it stamps on arrival.
+
+    Linux stamps arriving packets only while some socket on the host asks for it, and turns that on from a
+    work queue after the first setsockopt (net_enable_timestamp): bytes that arrive before it runs are
+    stamped when read, the very delay `done_t` leaves out. A datagram sent to a socket of our own and read
+    2 ms later shows whether the stamp is the arrival's (checked until `wait_s` passes)."""
+    global _stamp_keeper
+    if _stamp_keeper is not None or not _ANCILLARY_BYTES:
+        return _stamp_keeper is not None
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+        sock.bind(("127.0.0.1", 0))
+        sock.settimeout(1.0)
+        deadline = time.monotonic() + wait_s
+        while True:
+            sent_t = time.monotonic()
+            sock.sendto(b"t", sock.getsockname())
+            time.sleep(0.002)
+            _data, ancillary, _flags, _addr = sock.recvmsg(16, _ANCILLARY_BYTES)
+            if _arrival_t(ancillary) < sent_t + 0.001 or time.monotonic() > deadline:
+                break
+    except OSError:  # not Linux, or no loopback: arrival is when the bytes are read
+        sock.close()
+        return False
+    _stamp_keeper = sock
+    return _arrival_t(ancillary) < sent_t + 0.001
 
 
 class HTTPError(InvalidResponse):
@@ -191,6 +227,8 @@ class Http1Pool:
         self.max_response_bytes = max_response_bytes
         self._idle: list[_Connection] = []
         self.opened = 0
+        if tls is None:
+            keep_receive_timestamps()
 
     def _connect(self, deadline: float = _INF) -> _Connection:
         wait = min(self.connect_timeout, deadline - time.monotonic())
