@@ -25,6 +25,7 @@ from loadgen.sinks.hlog import read_hlog
 from servers.calibration.timing import TimingConfig, TimingModel
 from tests.support.distributed import (
     Master,
+    received,
     requests_of,
     shipped,
     sleep_until_epoch,
@@ -122,6 +123,12 @@ def test_stall_tails_match_the_truth_with_local_worker_processes(calibration_ser
         host_noise.assert_near(summary["latency_ms"][key], value, 0.05 * value, what=f"latency {key} (ms)")
 
 
+def explain(stderr: str, debug: Path, pid: int, summary: dict) -> str:
+    """What a failed takeover check shows: the master's lines, what the survivor received, its entry."""
+    return (f"master said:\n{stderr}\nworker {pid} received:\n{received(debug, pid)[-4000:]}\n"
+            f"its entry: {worker_entry(summary, pid)}")
+
+
 def run_and_kill_one(server_url: str, tmp_path: Path, extra: list[str], kill_after_s: float = 4.0,
                      sig: int = signal.SIGKILL, duration_s: int = 12):
     """A 200 req/s run of `duration_s` on two workers; the second gets `sig` `kill_after_s` into the run."""
@@ -160,7 +167,8 @@ def test_a_killed_worker_is_reported_and_what_it_sent_is_kept(calibration_server
     assert summary["requests"] == alive_entry["requests"] + dead_entry["requests"]
     assert_percentiles_equal(summary, alive_sent + dead_sent[:received])
     # the survivor took the dead worker's share over: more than its own half of the schedule
-    assert alive_entry["taken_over"] and alive_entry["requests"] > 1200 + 100
+    assert alive_entry["taken_over"] and alive_entry["requests"] > 1200 + 100, \
+        explain(stderr, debug, alive.pid, summary)
     # the server saw everything the output holds, and what the dead worker sent but never reported
     assert server.info()["requests"] >= summary["requests"] + summary["warmup_requests"]
 
@@ -186,7 +194,7 @@ def test_a_worker_stopped_on_its_host_leaves_cleanly_and_the_other_takes_over(ca
     assert server.info()["requests"] == summary["requests"] + summary["warmup_requests"]
     # only the arrivals between its leaving and the takeover (0.25 s of its share) were not sent, and
     # they are counted: every arrival of the schedule is sent, dropped or unsent
-    assert 1200 - 60 <= summary["requests"] < 1200
+    assert 1200 - 60 <= summary["requests"] < 1200, explain(stderr, debug, alive.pid, summary)
     assert summary["sent"] + summary["dropped"] + summary["unsent"] == 1200
     assert summary["unsent"] == alive_entry["unsent"] > 0
     assert any("a leaving worker's" in reason for reason in summary["generator"]["reasons"])
