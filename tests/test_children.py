@@ -125,14 +125,12 @@ def test_local_workers_and_spinners_end_when_the_master_is_killed_mid_run(calibr
 
 def test_local_workers_end_when_the_master_is_stopped_while_it_waits_for_them(calibration_server, watch,
                                                                               tmp_path: Path) -> None:
-    """SIGTERM as soon as both workers are started (they are still importing): the master exits 2 and
-    takes them with it, where it used to wait 10 s for each worker's exit."""
+    """SIGTERM as soon as both workers are started (they are still importing, not yet connected): the
+    master exits 2 and takes them with it, where it used to wait 10 s for each worker's exit."""
     server = calibration_server()
     run = watch("run", "--target", server.url, "--model", "m", "--rate", "20", "--duration", "30s",
                 "--processes", "2", "--no-keep-awake", "--out", str(tmp_path / "out"))
-    deadline = time.monotonic() + 20
-    while len(_workers(run)) < 2 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    run.wait_for("master: waiting for workers")  # said once both are started and its handlers are in place
     assert len(_workers(run)) == 2
     run.proc.send_signal(signal.SIGTERM)
     assert run.proc.wait(GONE_WITHIN_S + 2) == 2
@@ -148,10 +146,15 @@ def test_local_workers_end_when_the_master_is_stopped_while_they_are_set_up(watc
                     "--duration", "30s", "--connect-timeout", "20s", "--processes", "2", "--no-keep-awake",
                     "--out", str(tmp_path / "out"))
         run.wait_for("master: 2 workers connected")
-        time.sleep(0.3)  # the SETUP messages are out: the workers are in their target check
-        run.proc.send_signal(signal.SIGTERM)
-        assert run.proc.wait(GONE_WITHIN_S + 10) == 2
-        run.assert_all_end(GONE_WITHIN_S)
+        silent.settimeout(20)
+        checks = [silent.accept()[0] for _ in range(2)]  # each worker's target check: the master is in set-up
+        try:
+            run.proc.send_signal(signal.SIGTERM)
+            assert run.proc.wait(GONE_WITHIN_S + 10) == 2
+            run.assert_all_end(GONE_WITHIN_S)
+        finally:
+            for check in checks:
+                check.close()
 
 
 def test_the_demo_server_ends_when_the_demo_is_killed(watch, tmp_path: Path) -> None:
