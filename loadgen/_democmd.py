@@ -17,6 +17,7 @@ import locust  # noqa: F401  (gevent monkey-patching must come before the other 
 from loadgen._runcmd import run_and_report
 from loadgen._sweepcmd import SweepSpec, run_sweep
 from loadgen.errors import LoadgenError
+from loadgen.lowlevel.children import ending_with_this_process
 from loadgen.units import parse_duration
 
 __all__ = ["run_demo"]
@@ -42,6 +43,7 @@ def _start_server(module: str, port_flag: str, args: list[str]) -> tuple[subproc
         stdout=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        preexec_fn=ending_with_this_process(),  # noqa: PLW1509 - killed with the demo, even by SIGKILL
     )
     cores = _split_cores()
     if cores is not None:

@@ -187,10 +187,15 @@ class OpenLoop(_Strict):
         return float(self.duration or 0.0)
 
 
+MAX_USERS = 1_000_000
+"""The most closed-loop users a scenario may ask for: each is a greenlet and a connection (tens of kB and a
+descriptor), so a million is already beyond any one host; a larger count is a typo."""
+
+
 class ClosedLoop(_Strict):
     """N users, each sending its next request when the previous answer arrived plus a think time."""
 
-    users: int = Field(gt=0)
+    users: int = Field(gt=0, le=MAX_USERS)
     think_time: Duration = Field(default=0.0, ge=0)
     think: Literal["none", "constant", "exponential"] | None = None
     duration: Duration = Field(gt=0)

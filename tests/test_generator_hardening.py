@@ -257,6 +257,49 @@ def test_values_that_cannot_work_are_refused_naming_their_key(section: str, patc
     assert caught.value.exit_code == 2
 
 
+def test_a_users_count_no_host_could_hold_is_refused_naming_its_key() -> None:
+    data = {"target": {"url": "http://127.0.0.1:9", "model": "m"}, "closed_loop": {"users": 2_000_000, "duration": 1}}
+    with pytest.raises(ScenarioError) as caught:
+        validate_scenario(data)
+    assert any(problem.startswith("closed_loop.users:") for problem in caught.value.problems), caught.value.problems
+
+
+_UNDER_HARD_LIMIT = """
+import resource, runpy, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
+sys.argv = ["loadgen", *sys.argv[1:]]
+runpy.run_module("loadgen", run_name="__main__")
+"""
+
+
+def test_more_users_than_the_hard_file_limit_holds_are_refused_before_anything_is_sent() -> None:
+    """Under a hard open-file limit of 1024: 900 users (1,156 descriptors with the headroom) exit 2 naming
+    closed_loop.users before the target is even tried; 700 fit, and go on to the target check (nothing
+    listens there: exit 2 for that)."""
+    import subprocess
+    import sys
+
+    from tests.support.processes import ROOT
+
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        closed = unused.getsockname()[1]
+
+    def run(users: int) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", _UNDER_HARD_LIMIT, "run", "--target", f"http://127.0.0.1:{closed}",
+                               "--model", "m", "--users", str(users), "--duration", "1s", "--connect-timeout", "0.5s",
+                               "--no-keep-awake", "--out", "/nonexistent/never-written"],
+                              capture_output=True, text=True, timeout=60, cwd=ROOT, check=False)
+
+    refused = run(900)
+    assert refused.returncode == 2
+    assert ("closed_loop.users: 900 connections need 1156 open files, more than this host's hard limit of 1024"
+            in refused.stderr), refused.stderr
+    fits = run(700)
+    assert fits.returncode == 2 and "closed_loop.users" not in fits.stderr
+    assert f"127.0.0.1:{closed}" in fits.stderr, fits.stderr
+
+
 # -- results whole or not at all; no credentials in them -----------------------------------------
 
 def test_a_summary_whose_writing_fails_leaves_the_previous_one_whole(tmp_path: Path) -> None:

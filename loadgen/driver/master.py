@@ -91,6 +91,7 @@ from loadgen.driver.trust import (
 )
 from loadgen.driver.users import ClosedLoopUser, OpenLoopUser
 from loadgen.errors import LoadgenError, TargetError
+from loadgen.lowlevel.children import ending_with_this_process
 from loadgen.patterns.schedule import count_in, profile_of
 from loadgen.recorder import HistogramSet, Recorder
 from loadgen.scenario import OpenLoop, Scenario
@@ -107,6 +108,7 @@ RESHARE_LEAD_S = 0.5
 _SETUP_GRACE_S = 30.0  # beyond the connect timeout, for the warm-up requests
 _DONE_GRACE_S = 10.0  # beyond the end of the run and the request timeout, for the last intervals
 _POLL_S = 0.2
+_ABANDON_WAIT_S = 5.0  # how long local workers sent SIGTERM before any run get to exit before SIGKILL
 CHALLENGE_TIMEOUT_S = 10.0
 """A connected worker that has not proved the cluster key by then is refused."""
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -276,6 +278,7 @@ class Cluster:
                 stdout=subprocess.DEVNULL,
                 stderr=log,
                 process_group=0,  # not the terminal's foreground group: Ctrl-C reaches the master only
+                preexec_fn=ending_with_this_process(),  # noqa: PLW1509 - killed with the master, even by SIGKILL
             ))
 
     @property
@@ -339,12 +342,19 @@ class Cluster:
     def send(self, kind: str, data: dict[str, Any], client_id: str) -> None:
         self.runner.send_message(kind, data, client_id=client_id)
 
-    def close(self) -> None:
-        """Tell every worker to quit (Locust's quit) and wait for the local ones to exit."""
+    def close(self, *, abandon: bool = False) -> None:
+        """Tell every worker to quit (Locust's quit) and wait for the local ones to exit.
+
+        `abandon`: the cluster never ran (set-up failed or was stopped): the local workers are also sent
+        SIGTERM at once, since one still starting never hears the quit and would wait out its 10 s."""
         self.runner.quit()
+        if abandon:
+            for proc in self._procs:
+                if proc.poll() is None:
+                    proc.terminate()
         for proc in self._procs:
             try:
-                proc.wait(10)
+                proc.wait(_ABANDON_WAIT_S if abandon else 10)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
@@ -389,7 +399,7 @@ def open_cluster(options: DistributedOptions) -> Cluster:
             for handler in handlers:
                 handler.cancel()
     except BaseException:
-        cluster.close()
+        cluster.close(abandon=True)
         raise
     return cluster
 
@@ -506,12 +516,13 @@ class _DistributedRun:
         self.workers = {cid: _Worker(cid, i) for i, cid in enumerate(ids)}
         self._seen = set(ids)
         self._next_index = len(ids)
-        self._setup()
-        exporter = self._start_exporter()
-        stop = Event()
+        stop = Event()  # from the set-up on: a SIGTERM while the workers warm up ends them too (Cluster.close)
         handlers = [gevent.signal_handler(sig, stop.set) for sig in (signal.SIGINT, signal.SIGTERM)]
-        cpu0, wall0 = _cpu_seconds(), time.monotonic()
+        exporter = None
         try:
+            self._setup(stop)
+            exporter = self._start_exporter()
+            cpu0, wall0 = _cpu_seconds(), time.monotonic()
             epoch = self._start()
             self._wait(stop)
             interrupted = (stop.is_set() or self._stopped_on_loss) and time.monotonic() < self.start_t + \
@@ -526,8 +537,9 @@ class _DistributedRun:
         cpu = (_cpu_seconds() - cpu0) / max(end_t - wall0, 1e-9)
         return self._result(epoch, end_t, interrupted, cpu, exporter)
 
-    def _setup(self) -> None:
-        """SETUP every worker; wait until all are READY. A failure of any is the run's failure."""
+    def _setup(self, stop: Event) -> None:
+        """SETUP every worker; wait until all are READY. A failure of any is the run's failure, and so is
+        `stop` (a signal) set meanwhile."""
         scenario = self.scenario.model_dump(mode="json")
         n = len(self.workers)
         for worker in self.workers.values():
@@ -540,11 +552,14 @@ class _DistributedRun:
             pending = [w for w in self.workers.values() if w.ready is None]
             if self._failures or not pending or not self.workers:
                 break
+            if stop.is_set():
+                self._failures.append("stopped while the workers were set up")
+                break
             if time.monotonic() > deadline:
                 self._failures.append(f"worker(s) {', '.join(w.label for w in pending)} not ready in time")
                 break
             self._changed.clear()
-            self._changed.wait(_POLL_S)
+            gevent.wait([self._changed, stop], count=1, timeout=_POLL_S)
         if self._failures or not self.workers:
             for worker in self.workers.values():
                 self.cluster.send(MSG_STOP, {"run": self.run_id}, worker.client_id)

@@ -31,8 +31,8 @@ from loadgen.driver.exporter import MetricsExporter
 from loadgen.driver.mix import client_of
 from loadgen.driver.selfcheck import SelfCheck
 from loadgen.driver.users import ClosedLoopUser, OpenLoopUser
-from loadgen.errors import LoadgenError
-from loadgen.lowlevel.fdlimit import ensure_fd_limit
+from loadgen.errors import LoadgenError, ScenarioError
+from loadgen.lowlevel.fdlimit import beyond_hard_limit, ensure_fd_limit
 from loadgen.lowlevel.keepawake import KeepAwake
 from loadgen.patterns.schedule import profile_of
 from loadgen.recorder import Recorder
@@ -103,6 +103,9 @@ def _execute(scenario: Scenario) -> RunResult:
     """
     pattern = scenario.pattern
     is_open = isinstance(pattern, OpenLoop)
+    if not is_open and (short := beyond_hard_limit(pattern.users)):  # each user holds a connection throughout
+        why = f"closed_loop.users: {short}: give fewer users, or spread them over processes (--processes) or hosts"
+        raise ScenarioError([why])
     fd_note = ensure_fd_limit(pattern.max_in_flight if is_open else pattern.users)
     if fd_note:
         print(f"warning: {fd_note}", file=sys.stderr, flush=True)

@@ -4,6 +4,8 @@ counted as transport errors that are the generator's doing, not the server's.
 
 `ensure_fd_limit(needed)` raises the soft limit towards the hard one (allowed without privileges) and,
 when even the hard limit is short, says so in words the run prints and puts in its self-check.
+`beyond_hard_limit(connections)` says when the hard limit cannot hold them at all: a closed loop's users
+each hold a connection for the whole run, so such a run is refused before it starts.
 
 Low level: imports nothing of loadgen.
 """
@@ -12,10 +14,23 @@ from __future__ import annotations
 
 import resource
 
-__all__ = ["FD_HEADROOM", "ensure_fd_limit"]
+__all__ = ["FD_HEADROOM", "beyond_hard_limit", "ensure_fd_limit"]
 
 FD_HEADROOM = 256
 """Descriptors beyond the connections: the interpreter, logs, the metrics listener, timers, pipes."""
+
+
+def beyond_hard_limit(connections: int) -> str:
+    """Why this process can never hold `connections` sockets (the hard limit is short), or ""."""
+    needed = connections + FD_HEADROOM
+    try:
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    except (OSError, ValueError):
+        return ""
+    if hard == resource.RLIM_INFINITY or hard >= needed:
+        return ""
+    return (f"{connections} connections need {needed} open files, more than this host's hard limit of {hard} "
+            "(ulimit -Hn; limits.conf raises it)")
 
 
 def ensure_fd_limit(connections: int) -> str:

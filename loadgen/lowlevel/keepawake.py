@@ -23,6 +23,8 @@ import sys
 from collections.abc import Iterable
 from typing import Self
 
+from loadgen.lowlevel.children import ending_with_this_process
+
 __all__ = ["KeepAwake"]
 
 _MAX_CPUS = 8
@@ -52,6 +54,7 @@ class KeepAwake:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
+                preexec_fn=ending_with_this_process(),  # noqa: PLW1509 - see children.py
             )
             self._procs.append(proc)
             try:

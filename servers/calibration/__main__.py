@@ -26,15 +26,17 @@ from collections.abc import Callable, Sequence
 from loadgen.lowlevel.keepawake import KeepAwake
 from loadgen.lowlevel.precise_timer import PreciseScheduler
 from loadgen.lowlevel.timerfd import reduce_timer_slack
-from servers.calibration._app import CalibrationApp, ServerConfig
+from servers.calibration._app import CalibrationApp, ServerConfig, error_reply
 from servers.calibration._server import ServerContext, run_server
 from servers.calibration.timing import TimingConfig, TimingModel
+from servers.core.connection import add_max_connections_flag, capped_connections
 
 ReadyCallback = Callable[[str, int], None]
 # Problems name config fields; on the command line, show the flag that sets each one.
 _FLAGS = {
     "delay_ms": "--delay-ms", "stall_every_s": "--stall-every", "stall_for_s": "--stall-for",
     "service_ms": "--service-ms", "workers": "--workers", "shape": "--shape", "datatype": "--datatype",
+    "max_connections": "--max-connections",
 }
 _FIELD_NAME = re.compile(r"\b(?:" + "|".join(_FLAGS) + r")\b")
 
@@ -76,7 +78,8 @@ async def _serve_until_signal(config: ServerConfig, host: str, port: int,
 
     def make_context(t0: float) -> ServerContext:
         app = CalibrationApp(config, t0=t0, pid=os.getpid())
-        return ServerContext(app, TimingModel(config.timing, t0), PreciseScheduler(loop))
+        return ServerContext(app, TimingModel(config.timing, t0), PreciseScheduler(loop),
+                             capped_connections(config.max_connections, lambda reason: error_reply(503, reason).body))
 
     try:
         await run_server(make_context, host, port, stop, ready_callback, tls)
@@ -108,6 +111,7 @@ def build_parser(prog: str = "python -m servers.calibration") -> argparse.Argume
     add("--keep-awake", action=argparse.BooleanOptionalAction, default=True,
         help="keep this server's CPUs out of deep idle with idle-priority spinners, so that the "
              "wake-up of an idle CPU does not add to the declared latency (default on)")
+    add_max_connections_flag(parser)
     return parser
 
 
@@ -121,7 +125,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[ServerConfig, list[str]]
         shape = (1,)
     timing = TimingConfig(delay_ms=args.delay_ms, stall_every_s=args.stall_every, stall_for_s=args.stall_for,
                           service_ms=args.service_ms, workers=args.workers)
-    config = ServerConfig(timing=timing, shape=shape, datatype=args.datatype.upper())
+    config = ServerConfig(timing=timing, shape=shape, datatype=args.datatype.upper(),
+                          max_connections=args.max_connections)
     problems += [_FIELD_NAME.sub(lambda m: _FLAGS[m.group(0)], text) for text in config.problems()]
     if not 0 <= args.port <= 65535:
         problems.append(f"--port must be in 0..65535, got {args.port}")

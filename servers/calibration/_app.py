@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 from urllib.parse import unquote
 
 from servers.calibration.timing import TimingConfig
+from servers.core.connection import max_connections_problems
 from servers.core.http1 import json_body
 
 SERVER_NAME = "loadgen-calibration"
@@ -36,10 +37,12 @@ class ServerConfig:
     shape: tuple[int, ...] = (16,)
     """Shape of INPUT0/OUTPUT0 after the variable batch dimension."""
     datatype: str = "FP32"
+    max_connections: int | None = None
+    """The most HTTP connections open at once (None: no cap); beyond it 503 {"error": reason} and close."""
 
     def problems(self) -> list[str]:
         """Every reason this config is invalid, empty when it is valid."""
-        found = self.timing.problems()
+        found = self.timing.problems() + max_connections_problems(self.max_connections, "max_connections")
         if not self.shape or any(dim < 1 for dim in self.shape):
             found.append(f"shape must be one or more dimensions >= 1, got {list(self.shape)}")
         if self.datatype not in DATATYPES:

@@ -33,11 +33,14 @@ many clients can hold: a connection beyond it is answered at once with the serve
 after the linger, without reading a request; the server says so on stderr the first time.
 
 The per-server options come with the server's set of connections: a Connections carries them, a
-plain set gets the defaults.
+plain set gets the defaults. Every server takes the cap the same way: `add_max_connections_flag` on its
+command line, `max_connections_problems` for a bad value, `capped_connections` (or `refusal_reason` in
+its own error shape) for the set its connections join.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import sys
 from collections import deque
@@ -48,7 +51,8 @@ from typing import Any, cast
 from servers.core.http1 import RequestParser, format_response, json_body
 
 __all__ = ["IDLE_TIMEOUT_S", "LINGER_S", "READ_TIMEOUT_S", "Connections", "HttpConnection", "HttpOptions",
-           "overload_reply"]
+           "add_max_connections_flag", "capped_connections", "max_connections_problems", "overload_reply",
+           "refusal_reason"]
 
 LINGER_S = 2.0
 """After a fatal error, how long the connection keeps draining the client's bytes before it is dropped."""
@@ -97,6 +101,34 @@ class Connections(set):
             print(f"warning: {len(self)} connections open, the --max-connections cap: further connections "
                   "are answered 503 and closed until some close", file=sys.stderr, flush=True)
         return self.options.refusal
+
+
+def refusal_reason(max_connections: int | None) -> str:
+    """What a connection beyond the cap is told, in the server's error shape."""
+    return f"too many open connections: the server's limit is {max_connections} (--max-connections)"
+
+
+def add_max_connections_flag(parser: argparse.ArgumentParser, where: str = "",
+                             answer: str = "with the reason") -> None:
+    """--max-connections N (default None: no cap); `where` qualifies the count (" per API port"), `answer`
+    says what the 503 holds."""
+    parser.add_argument("--max-connections", type=int, default=None, metavar="N",
+                        help=f"at most N HTTP connections open at once{where}; a connection beyond it is "
+                             f"answered 503 ({answer}) and closed (default: no cap)")
+
+
+def max_connections_problems(max_connections: int | None, name: str = "--max-connections") -> list[str]:
+    """The problem with a cap (`name` as the command line or config calls it), if any."""
+    if max_connections is not None and max_connections < 1:
+        return [f"{name} must be >= 1, got {max_connections}"]
+    return []
+
+
+def capped_connections(max_connections: int | None, error_body: Callable[[str], bytes]) -> Connections:
+    """A server's set of connections with the default timeouts and at most `max_connections` open (None:
+    no cap); one beyond it is answered 503 with `error_body(refusal_reason)` (the server's error shape)."""
+    refusal = overload_reply(error_body(refusal_reason(max_connections)))
+    return Connections(HttpOptions(max_connections=max_connections, refusal=refusal))
 
 
 _DEFAULT_OPTIONS = HttpOptions()

@@ -18,12 +18,14 @@ import sys
 from collections.abc import Callable, Sequence
 
 from loadgen.lowlevel.precise_timer import PreciseScheduler
+from servers.core.connection import add_max_connections_flag
 from servers.llm_sim._app import DEFAULT_MODEL, SimApp, SimConfig
 from servers.llm_sim._server import EngineClock, SimProtocol
 from servers.llm_sim.engine import Engine, EngineConfig
 from servers.openai_mock._server import (
     ServerContext,
     command_main,
+    openai_connections,
     run_server,
     serve_until_signal,
 )
@@ -31,7 +33,7 @@ from servers.openai_mock._server import (
 ReadyCallback = Callable[[str, int], None]
 _FLAGS = {"max_batch": "--max-batch", "prefill_ms_per_token": "--prefill-ms-per-token",
           "decode_ms_per_seq": "--decode-ms-per-seq", "decode_ms": "--decode-ms", "kv_tokens": "--kv-tokens",
-          "max_tokens": "--max-tokens"}
+          "max_tokens": "--max-tokens", "max_connections": "--max-connections"}
 _FIELD = re.compile(rf"\b({'|'.join(_FLAGS)})\b")
 
 
@@ -48,7 +50,8 @@ def serve(config: SimConfig, host: str = "127.0.0.1", port: int = 8000,
         clock = EngineClock(engine, scheduler)
 
         def make_context(t0: float) -> ServerContext:
-            return ServerContext(SimApp(config, engine, t0=t0, pid=os.getpid()), scheduler)
+            return ServerContext(SimApp(config, engine, t0=t0, pid=os.getpid()), scheduler,
+                                 connections=openai_connections(config.max_connections))
 
         await run_server(make_context, host, port, stop, ready_callback,
                          protocol=lambda context: SimProtocol(context, clock))
@@ -86,6 +89,7 @@ def build_parser(prog: str = "python -m servers.llm_sim") -> argparse.ArgumentPa
     add("--keep-awake", action=argparse.BooleanOptionalAction, default=True,
         help="keep this server's CPUs out of deep idle with idle-priority spinners, so that the wake-up of "
              "an idle CPU does not delay the step ends (default on)")
+    add_max_connections_flag(parser)
     return parser
 
 
@@ -94,7 +98,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[SimConfig, list[str]]:
     engine = EngineConfig(max_batch=args.max_batch, prefill_ms_per_token=args.prefill_ms_per_token,
                           decode_ms=args.decode_ms, decode_ms_per_seq=args.decode_ms_per_seq,
                           kv_tokens=args.kv_tokens)
-    config = SimConfig(engine=engine, models=tuple(args.models or (DEFAULT_MODEL,)), max_tokens=args.max_tokens)
+    config = SimConfig(engine=engine, models=tuple(args.models or (DEFAULT_MODEL,)), max_tokens=args.max_tokens,
+                       max_connections=args.max_connections)
     problems = [_FIELD.sub(lambda match: _FLAGS[match.group()], text) for text in config.problems()]
     if not 0 <= args.port <= 65535:
         problems.append(f"--port must be in 0..65535, got {args.port}")

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from servers.core.connection import max_connections_problems
 from servers.core.http1 import json_body
 from servers.llm_sim.engine import Engine, EngineConfig
 from servers.openai_mock._app import Completion, MockApp, MockConfig, OpenAIError, Reply, wrong_method
@@ -24,10 +25,12 @@ class SimConfig:
     models: tuple[str, ...] = (DEFAULT_MODEL,)
     max_tokens: int = 16
     """Tokens generated when the request gives no max_tokens."""
+    max_connections: int | None = None
+    """The most HTTP connections open at once (None: no cap); beyond it 503 in OpenAI's error shape."""
 
     def problems(self) -> list[str]:
         """Every reason this config is invalid, empty when it is valid."""
-        found = self.engine.problems()
+        found = self.engine.problems() + max_connections_problems(self.max_connections, "max_connections")
         if self.max_tokens < 1:
             found.append(f"max_tokens must be >= 1, got {self.max_tokens}")
         elif self.max_tokens > self.engine.kv_tokens:

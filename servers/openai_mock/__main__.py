@@ -18,10 +18,12 @@ import sys
 from collections.abc import Callable, Sequence
 
 from loadgen.lowlevel.precise_timer import PreciseScheduler
+from servers.core.connection import add_max_connections_flag
 from servers.openai_mock._app import DEFAULT_MODEL, MockApp, MockConfig
 from servers.openai_mock._server import (
     ServerContext,
     command_main,
+    openai_connections,
     run_server,
     serve_until_signal,
 )
@@ -29,7 +31,8 @@ from servers.openai_mock._server import (
 ReadyCallback = Callable[[str, int], None]
 _FLAGS = {"ttft_ms": "--ttft-ms", "itl_ms": "--itl-ms", "max_tokens_limit": "--max-tokens-limit",
           "max_tokens": "--max-tokens", "truncate_every": "--truncate-every", "error_every": "--error-every",
-          "embedding_dims": "--embedding-dims", "record_requests": "--record-requests"}
+          "embedding_dims": "--embedding-dims", "record_requests": "--record-requests",
+          "max_connections": "--max-connections"}
 
 
 def serve(config: MockConfig, host: str = "127.0.0.1", port: int = 8000,
@@ -44,7 +47,8 @@ def serve(config: MockConfig, host: str = "127.0.0.1", port: int = 8000,
 
         def make_context(t0: float) -> ServerContext:
             app = MockApp(config, t0=t0, pid=os.getpid())
-            return ServerContext(app, scheduler, config.ttft_ms / 1000.0, config.itl_ms / 1000.0)
+            return ServerContext(app, scheduler, config.ttft_ms / 1000.0, config.itl_ms / 1000.0,
+                                 openai_connections(config.max_connections))
 
         await run_server(make_context, host, port, stop, ready_callback)
 
@@ -82,6 +86,7 @@ def build_parser(prog: str = "python -m servers.openai_mock") -> argparse.Argume
         help="keep the bodies of the first N accepted requests for GET /mock/requests (default 0)")
     add("--usage", action=argparse.BooleanOptionalAction, default=True,
         help="answers carry usage token counts (default on; --no-usage: never)")
+    add_max_connections_flag(parser)
     add("--keep-awake", action=argparse.BooleanOptionalAction, default=True,
         help="keep this server's CPUs out of deep idle with idle-priority spinners, so that the wake-up of "
              "an idle CPU does not add to the declared delays (default on)")
@@ -105,7 +110,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[MockConfig, list[str]]:
     config = MockConfig(ttft_ms=ttfts[0], ttft_cycle_ms=ttfts if len(ttfts) > 1 else (), itl_ms=args.itl_ms, max_tokens=args.max_tokens,
                         max_tokens_limit=args.max_tokens_limit, models=tuple(args.models or (DEFAULT_MODEL,)),
                         truncate_every=args.truncate_every, error_every=args.error_every,
-                        embedding_dims=args.embedding_dims, record_requests=args.record_requests, usage=args.usage)
+                        embedding_dims=args.embedding_dims, record_requests=args.record_requests, usage=args.usage,
+                        max_connections=args.max_connections)
     problems = []
     for text in config.problems():
         for name, flag in _FLAGS.items():

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from servers.core.connection import max_connections_problems
 from servers.core.http1 import json_body
 
 SERVER_NAME = "loadgen-openai-mock"
@@ -74,6 +75,8 @@ class MockConfig:
     """Keep the bodies of the first N accepted requests for GET /mock/requests (0: none)."""
     usage: bool = True
     """Answers carry usage (a stream's usage chunk when asked); False: never, as some servers."""
+    max_connections: int | None = None
+    """The most HTTP connections open at once (None: no cap); beyond it 503 in OpenAI's error shape."""
 
     def problems(self) -> list[str]:
         """Every reason this config is invalid, empty when it is valid."""
@@ -92,8 +95,7 @@ class MockConfig:
                 found.append(f"{name} must be >= 0 (0 = never), got {getattr(self, name)}")
         if not self.models or not all(self.models):
             found.append("at least one non-empty model name is needed")
-        return found
-
+        return found + max_connections_problems(self.max_connections, "max_connections")
 
     def ttft_ms_of(self, serial: int) -> float:
         """The time to first token of completion `serial` (1-based, in accepted order)."""

@@ -39,7 +39,7 @@ from typing import Any
 from loadgen.lowlevel.keepawake import KeepAwake
 from loadgen.lowlevel.precise_timer import PreciseScheduler
 from loadgen.lowlevel.timerfd import reduce_timer_slack
-from servers.core.connection import HttpConnection
+from servers.core.connection import Connections, HttpConnection, capped_connections
 from servers.core.http1 import HttpError, Request, continue_response, format_response
 from servers.openai_mock._app import Completion, MockApp, Renderer, Reply, error_reply
 
@@ -286,6 +286,12 @@ async def run_server(context_factory: Callable[[float], ServerContext], host: st
             connection.abort()
         await server.wait_closed()
         context.scheduler.close()
+
+
+def openai_connections(max_connections: int | None) -> Connections:
+    """The connections of the mock (and llm-sim): at most `max_connections` open (None: no cap), one beyond
+    it answered 503 in OpenAI's error shape and closed."""
+    return capped_connections(max_connections, lambda reason: error_reply(503, reason, kind="server_error").body)
 
 
 def serve_until_signal(serving: Callable[[asyncio.Event], Awaitable[None]]) -> None:

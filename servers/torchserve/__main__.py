@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 
+from servers.core.connection import add_max_connections_flag, max_connections_problems
 from servers.core.gpu import GpuSampler
 from servers.torchserve._auth import TokenAuth
 from servers.torchserve._config import Address, Settings, load_settings, read_properties
@@ -166,9 +167,7 @@ def build_parser(prog: str = "python -m servers.torchserve") -> argparse.Argumen
         add(f"--{api}-port", type=int, default=None, metavar="PORT",
             help=f"{api} API port, overriding config.properties (default {default}; 0 picks a free port)")
     add("--no-grpc", action="store_true", help="do not serve the gRPC APIs")
-    add("--max-connections", type=int, default=None, metavar="N",
-        help="at most N HTTP connections open at once per API port; a connection beyond it is answered 503 "
-             "(ServiceUnavailableException, with the reason) and closed (default: no cap)")
+    add_max_connections_flag(parser, " per API port", "ServiceUnavailableException, with the reason")
     add("--key-file", default="key_file.json", metavar="PATH",
         help="where token authorization writes its keys (default ./key_file.json, as torchserve)")
     for flag in ("--start", "--foreground", "--ncs"):
@@ -198,8 +197,7 @@ def _settings(args: argparse.Namespace) -> tuple[Settings, list[str]]:
         settings.model_api = True
     settings.key_file = Path(args.key_file)
     if args.max_connections is not None:
-        if args.max_connections < 1:
-            problems.append(f"--max-connections must be >= 1, got {args.max_connections}")
+        problems += max_connections_problems(args.max_connections)
         settings.max_connections = args.max_connections
     for api in ("inference", "management", "metrics", "grpc_inference", "grpc_management"):
         port = getattr(args, f"{api}_port")

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from servers.core.connection import Connections, HttpConnection, HttpOptions
+from servers.core.connection import Connections, HttpConnection, HttpOptions, refusal_reason
 from servers.core.http1 import HttpError, Request, RequestParser, continue_response
 from servers.torchserve._wire import Reply, TsError, error_reply, format_reply
 
@@ -55,10 +55,9 @@ class FrontEnd:
     connections: set[TsConnection] = field(init=False)
 
     def __post_init__(self) -> None:
-        refusal = format_reply(error_reply(TsError(
-            503, "ServiceUnavailableException",
-            f"Too many open connections: the server's limit is {self.max_connections} (--max-connections)")),
-            keep_alive=False)
+        reason = refusal_reason(self.max_connections)
+        refusal = format_reply(error_reply(TsError(503, "ServiceUnavailableException", reason[0].upper() + reason[1:])),
+                               keep_alive=False)
         self.connections = Connections(HttpOptions(max_connections=self.max_connections, refusal=refusal))
 
 

@@ -39,7 +39,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from servers.core.connection import IDLE_TIMEOUT_S, READ_TIMEOUT_S
+from servers.core.connection import (
+    IDLE_TIMEOUT_S,
+    READ_TIMEOUT_S,
+    add_max_connections_flag,
+    max_connections_problems,
+)
 from servers.core.model import Model
 from servers.models.builtin import builtin_models
 from servers.triton._app import TritonApp, connections
@@ -198,9 +203,7 @@ def build_parser(prog: str = "python -m servers.triton") -> argparse.ArgumentPar
     add("--http-idle-timeout", type=float, default=IDLE_TIMEOUT_S, metavar="S",
         help="close a kept-alive HTTP connection idle for S seconds between requests "
              f"(default {IDLE_TIMEOUT_S:g})")
-    add("--max-connections", type=int, default=None, metavar="N",
-        help="at most N HTTP connections open at once (per port); a connection beyond it is answered "
-             "503 with the reason and closed (default: no cap)")
+    add_max_connections_flag(parser, " (per port)")
     add("--grpc-max-concurrent-rpcs", type=int, default=None, metavar="N",
         help="at most N gRPC calls in progress at once; a call beyond it fails at once with "
              "RESOURCE_EXHAUSTED (default: no cap)")
@@ -227,10 +230,8 @@ def _problems(args: argparse.Namespace) -> list[str]:
         problems.append(f"--http-read-timeout must be > 0, got {args.http_read_timeout}")
     if not args.http_idle_timeout > 0:
         problems.append(f"--http-idle-timeout must be > 0, got {args.http_idle_timeout}")
-    for flag, cap in (("--max-connections", args.max_connections),
-                      ("--grpc-max-concurrent-rpcs", args.grpc_max_concurrent_rpcs)):
-        if cap is not None and cap < 1:
-            problems.append(f"{flag} must be >= 1, got {cap}")
+    problems += max_connections_problems(args.max_connections)
+    problems += max_connections_problems(args.grpc_max_concurrent_rpcs, "--grpc-max-concurrent-rpcs")
     if args.grpc_max_concurrent_rpcs is not None and args.grpc_port is None:
         problems.append("--grpc-max-concurrent-rpcs needs --grpc-port")
     if args.workers < 1:

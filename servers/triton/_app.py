@@ -30,7 +30,14 @@ from collections.abc import Callable, Coroutine
 from typing import Any, NamedTuple
 from urllib.parse import unquote
 
-from servers.core.connection import IDLE_TIMEOUT_S, READ_TIMEOUT_S, Connections, HttpOptions, overload_reply
+from servers.core.connection import (
+    IDLE_TIMEOUT_S,
+    READ_TIMEOUT_S,
+    Connections,
+    HttpOptions,
+    overload_reply,
+    refusal_reason,
+)
 from servers.core.http1 import MAX_BODY_BYTES, HttpError, Request, RequestParser, json_body
 from servers.core.model import Model
 from servers.triton._encoding import EncodingError, compress, decompress, response_encoding
@@ -315,8 +322,7 @@ def connections(read_timeout_s: float | None = READ_TIMEOUT_S, idle_timeout_s: f
     """The set of connections of one Triton HTTP port: TritonParser, `read_timeout_s` to cut off a
     request that takes longer to arrive, `idle_timeout_s` to close a connection idle between requests
     (None: never), and at most `max_connections` open (None: no cap; beyond it 503 in Triton's shape)."""
-    refusal = overload_reply(json_body({"error": f"too many open connections: the server's limit is "
-                                                 f"{max_connections} (--max-connections)"}))
+    refusal = overload_reply(json_body({"error": refusal_reason(max_connections)}))
     return Connections(HttpOptions(read_timeout_s, TritonParser, idle_timeout_s, max_connections, refusal))
 
 
