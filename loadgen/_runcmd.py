@@ -13,6 +13,7 @@ from typing import Any
 
 import locust  # noqa: F401  (gevent monkey-patching must come before the other imports)
 
+from loadgen.driver.console import WebOptions
 from loadgen.driver.distributed import DistributedOptions
 from loadgen.driver.master import open_cluster
 from loadgen.driver.run import RunResult, execute
@@ -54,6 +55,8 @@ def summarize(result: RunResult) -> dict[str, Any]:
                           "sizes_sent": trace.sized and spec_of(target.protocol).sized}
     if result.metrics_port is not None:
         extra["metrics_port"] = result.metrics_port
+    if result.rate_changes:
+        extra["rate_changes"] = result.rate_changes
     if result.distributed is not None:
         extra["distributed"] = result.distributed
     summary = build_summary(
@@ -90,13 +93,14 @@ def write_outputs(result: RunResult, out_dir: Path, objectives: list[Objective] 
 
 def run_and_report(path: Path | None, overrides: dict[Any, Any], *, quiet: bool = False,
                    server_metrics: str | None = None, cost_per_hour: float | None = None,
-                   distributed: DistributedOptions | None = None) -> int:
+                   distributed: DistributedOptions | None = None, web: tuple[int, str] | None = None) -> int:
     """Validate, run, write outputs, print the table. Returns the exit code.
 
     With `server_metrics` (the target's Prometheus URL) the server's own counters are scraped just
     before and after the run, outside it, and their difference is summary.json's `server`.
     With `distributed`, the run is sent by Locust workers (loadgen/driver/master.py); exit 3 when a
-    lost worker stopped it (--stop-on-worker-loss).
+    lost worker stopped it (--stop-on-worker-loss). With `web` (port, host), the live console is served
+    while the run lasts (loadgen/driver/console.py).
     """
     scenario = load_scenario(path, overrides)
     _check_server_flags(server_metrics, cost_per_hour)
@@ -106,7 +110,7 @@ def run_and_report(path: Path | None, overrides: dict[Any, Any], *, quiet: bool 
     _say_trace(scenario)
     with open_cluster(distributed) if distributed else nullcontext() as cluster:
         before = metrics.sample() if metrics else None
-        result = execute(scenario, cluster)
+        result = execute(scenario, cluster, WebOptions(*web) if web is not None else None)
     server = server_figures(before, metrics.sample(), cost_per_hour) if metrics else None
     if metrics is not None and server is None:
         print(f"note: no server-side figures: {metrics.error}", file=sys.stderr)

@@ -79,14 +79,34 @@ def run(scenario: Path | None, values: dict[str, Any]) -> None:
         _fail(ScenarioError(["--rate (open loop) and --users (closed loop) exclude each other"], "flags"))
     overrides = _overrides(_RUN_FLAGS, values)
     distributed = _distributed(values)
+    web = _web(values)
     from loadgen._runcmd import run_and_report  # imports locust: only for verbs that send load
 
     try:
         code = run_and_report(scenario, overrides, quiet=values["quiet"], server_metrics=values["server_metrics"],
-                              cost_per_hour=values["cost_per_hour"], distributed=distributed)
+                              cost_per_hour=values["cost_per_hour"], distributed=distributed, web=web)
     except LoadgenError as exc:
         _fail(exc)
     raise typer.Exit(code)
+
+
+def _web(values: dict[str, Any]) -> tuple[int, str] | None:
+    """The live console's port and host (--web-port, --web-host), or None; a bad one is an input error (exit 2).
+    (Its WebOptions are made by the run: loadgen/driver/console.py imports gevent, which locust patches first.)"""
+    port, host = values["web_port"], values["web_host"]
+    if port is None:
+        return None
+    problems = []
+    if not 0 <= port <= 65535:
+        problems.append(f"--web-port: expected a port from 0 to 65535 (0: a free one), got {port}")
+    if not host.strip():
+        problems.append("--web-host: expected an address, e.g. 127.0.0.1 or 0.0.0.0")
+    if values["processes"] or values["master"]:
+        problems.append("--web-port: the live console drives single-process runs for now, not --processes or "
+                        "--master")
+    if problems:
+        _fail(ScenarioError(problems, "flags"))
+    return port, host.strip()
 
 
 def _numbers(text: str | None, kind: type, flag: str) -> tuple:

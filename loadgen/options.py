@@ -8,6 +8,7 @@ flags from here, and `load_command` turns them into the verb's typer parameters.
   RUN_LOAD: the load itself for one run (--rate, --users, --duration), which a sweep replaces by its
   plan (SWEEP_PLAN).
 - OUTPUT: results, live metrics, SLO, server-side figures; DISTRIBUTED: Locust master/worker.
+- WEB: the live console (`run` only, a single process): Locust's web UI with loadgen's page.
 
 Each Flag with a `key` is a row of the table from flags to scenario keys (`scenario_overrides`); the
 others are read by the verb itself. NOT_IN_SWEEP says, for each `run` flag a sweep does not take, why
@@ -39,6 +40,7 @@ __all__ = [
     "SWEEP_PLAN",
     "TARGET",
     "TRACE",
+    "WEB",
     "compare_flags",
     "load_command",
     "parse_header_env",
@@ -181,6 +183,17 @@ OUTPUT = (
          "(needs --server-metrics)."),
 )
 
+_WEB = "Live console (Locust's web UI)"
+
+WEB = (
+    Flag("web_port", int | None, "Serve the live console on this port (0: a free one, printed): Locust's web UI "
+         "with loadgen's page at /loadgen: offered, sent and achieved rate, latency percentiles of the last 10 s "
+         "and of the run (the /metrics gauges' numbers), schedule lag, the generator's health and errors; stop "
+         "the run, or change an open loop's rate for the rest of it. Single-process runs.", panel=_WEB),
+    Flag("web_host", str, "Address the console listens on (default 127.0.0.1; 0.0.0.0 exposes it to other "
+         "hosts: it asks for no login and it controls the load).", default="127.0.0.1", panel=_WEB),
+)
+
 QUIET = Flag("quiet", bool, "No table on stdout.", default=False, decls=("--quiet", "-q"))
 
 DISTRIBUTED = (
@@ -234,6 +247,7 @@ COMPARE = (
 
 NOT_IN_COMPARE = {
     "--model": "compare takes --models, each variant one run (or sweep)",
+    **{flag.flag: "the live console drives one run, not a comparison's runs" for flag in WEB},
     "--mix": "compare takes --models, each variant one run (or sweep) of one model",
 }
 """`run` flags compare does not take, and why."""
@@ -244,6 +258,7 @@ NOT_IN_SWEEP = {
     "--duration": "each step runs --warmup + --step-duration",
     "--quiet": "a sweep prints a line a step and its verdict, never a table",
     **{flag.flag: "a trace gives its own send instants: a sweep's steps set the rate" for flag in TRACE},
+    **{flag.flag: "the live console drives one run; a sweep's curve in it is still to come" for flag in WEB},
 }
 """`run` flags a sweep does not take, or takes with another meaning, and why."""
 
@@ -267,7 +282,7 @@ def _with_protocol_help(flags: Sequence[Flag]) -> tuple[Flag, ...]:
 
 
 def run_flags() -> tuple[Flag, ...]:
-    return (*_with_protocol_help(TARGET), *protocol_flags(), *RUN_LOAD, *TRACE, *PATTERN, *OUTPUT, QUIET,
+    return (*_with_protocol_help(TARGET), *protocol_flags(), *RUN_LOAD, *TRACE, *PATTERN, *OUTPUT, *WEB, QUIET,
             *DISTRIBUTED)
 
 

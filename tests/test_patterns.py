@@ -5,7 +5,7 @@ import pytest
 from scipy import stats
 
 from loadgen.patterns.profile import RateProfile
-from loadgen.patterns.schedule import profile_of, schedule, schedule_offsets
+from loadgen.patterns.schedule import profile_of, replan, schedule, schedule_offsets
 from loadgen.scenario import OpenLoop, Stage
 
 
@@ -63,3 +63,38 @@ def test_step_profile_invert_and_count() -> None:
     np.testing.assert_allclose(profile.invert(np.array([0.0, 5.0, 10.0, 20.0])), [0.0, 0.5, 1.0, 1.5])
     assert profile.count_by(1.5) == pytest.approx(20.0)
     assert profile.mean_rate == pytest.approx(15.0)
+
+
+@pytest.mark.parametrize("arrival", ["constant", "poisson"])
+def test_replan_keeps_the_arrivals_before_the_instant_and_holds_the_new_rate_after(arrival: str) -> None:
+    """A live rate change: the schedule before `at_s` is the old one, arrival for arrival; after it the new
+    rate (constant arrivals: exactly 1/rate apart), and a second change re-plans the first's rest."""
+    pattern = OpenLoop(rate=200, duration=5, arrival=arrival, seed=7)
+    changed = replan(pattern, 2.345, 400)
+    old, new = schedule_offsets(pattern), schedule_offsets(changed)
+    np.testing.assert_array_equal(new[new < 2.345], old[old < 2.345])
+    assert changed.total_duration == pytest.approx(5.0) and profile_of(changed).rate_at(3.0) == 400
+    assert profile_of(changed).count_by(5.0) == pytest.approx(200 * 2.345 + 400 * (5 - 2.345))
+    if arrival == "constant":
+        np.testing.assert_allclose(np.diff(new[new >= 2.345]), 1 / 400, atol=1e-9)
+        assert len(new) == 1531
+    again = replan(changed, 3.0, 100)
+    twice = schedule_offsets(again)
+    np.testing.assert_array_equal(twice[twice < 3.0], new[new < 3.0])
+    assert profile_of(again).count_by(5.0) == pytest.approx(200 * 2.345 + 400 * 0.655 + 100 * 2)
+
+
+def test_replan_cuts_a_ramp_where_it_stood() -> None:
+    pattern = OpenLoop(rate=100, stages=[Stage(duration=2, ramp_to=300), Stage(duration=2, rate=50)])
+    changed = replan(pattern, 1.0, 10)
+    profile = profile_of(changed)
+    assert profile.rate_at(0.5) == pytest.approx(150) and profile.rate_at(2.5) == 10
+    assert profile.count_by(1.0) == pytest.approx(profile_of(pattern).count_by(1.0))
+
+
+@pytest.mark.parametrize(("at_s", "rate", "problem"), [(1.0, 0.0, "rate must be > 0"),
+                                                       (5.0, 100.0, "outside the run"),
+                                                       (-1.0, 100.0, "outside the run")])
+def test_replan_refuses_what_it_cannot_plan(at_s: float, rate: float, problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        replan(OpenLoop(rate=200, duration=5), at_s, rate)

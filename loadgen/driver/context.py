@@ -13,6 +13,12 @@ schedule, may take over more shares mid-run (`take_over`, a dispatcher each), ma
 shares from an instant on (`end_dispatching_at`, when the master reshuffles the schedule for a worker
 that joined), and hands each closed interval to `on_interval`, which ships it to the master.
 
+The open-loop rate can be changed mid-run (`change_rate`, the live console's control): the schedule is
+re-planned from an instant T on (loadgen/patterns/schedule.py's replan), the dispatcher sending now ends
+at T (the arrivals before it stay its own) and `run_open_loop` goes on with a new dispatcher over the new
+schedule from T, so each arrival is sent, dropped or unsent exactly once. The ended dispatcher's
+requests still in flight are counted in `in_flight` until they are answered.
+
 A mix (a scenario's [[mix]]; its client a MixClient, loadgen/driver/mix.py) sends each request with the
 client of the entry its arrival drew (loadgen/patterns/mix.py: an open-loop arrival by its index in the
 schedule, or its trace row, and the scenario's seed; a closed-loop request by this process's request
@@ -38,7 +44,7 @@ from loadgen.driver.dispatcher import Dispatcher
 from loadgen.driver.mix import MixClient
 from loadgen.outcome import CANCELLED, Outcome, StreamOutcome
 from loadgen.patterns.mix import EntryChooser
-from loadgen.patterns.schedule import arrivals, profile_of, schedule
+from loadgen.patterns.schedule import arrivals, profile_of, replan, schedule
 from loadgen.protocols import spec_of
 from loadgen.protocols.base import Client, guarded_send
 from loadgen.recorder import Recorder
@@ -113,6 +119,11 @@ class LoadContext:
         """Of the unsent arrivals, those a leaving worker left before the takeover (distributed runs)."""
         self.takeovers: list[Dispatcher] = []
         """Dispatchers of shares taken over mid-run from a lost worker (distributed runs)."""
+        self.replaced: list[Dispatcher] = []
+        """Dispatchers this process's share was sent by before a rate change (`change_rate`), oldest first."""
+        self.rate_changes: list[dict[str, float]] = []
+        """Each rate change of the run: {"at_s": seconds into the run, "rate": req/s}, in the order made."""
+        self._replan_from: float | None = None  # the earliest instant re-planned, not yet dispatched from
         self.on_interval: Callable[[], None] | None = None
         """Called in the interval clock's greenlet after each interval is closed (a worker ships it)."""
         self.done = Event()  # dispatching is over (open loop) or the run was stopped
@@ -242,9 +253,40 @@ class LoadContext:
         return outcome
 
     def run_open_loop(self) -> None:
-        """Dispatch the whole open-loop schedule (blocks until it ends or is stopped)."""
-        self.dispatcher = self._dispatcher()
-        self.dispatcher.run(self.start_t, self._arrivals(self.share, self.share_start_s))
+        """Dispatch the whole open-loop schedule (blocks until it ends or is stopped); after a rate change,
+        the rest of it from the change's instant with a new dispatcher."""
+        start_s = self.share_start_s
+        while True:
+            self.dispatcher = self._dispatcher()
+            self.dispatcher.run(self.start_t, self._arrivals(self.share, start_s))
+            if self._replan_from is None or self.dispatcher.stopped or self.stopping:
+                return
+            start_s, self._replan_from = self._replan_from, None
+            self.replaced.append(self.dispatcher)
+
+    def change_rate(self, rate: float, at_s: float | None = None) -> float:
+        """Hold the open-loop rate at `rate` from `at_s` seconds into the run (None: now; not before now) to
+        its end: arrivals before `at_s` stay as planned and are sent by the dispatcher sending now, those
+        from it on by the next one (run_open_loop); returns `at_s`. Raises ValueError when the run cannot
+        take it (closed loop, a trace, a distributed share, an instant past or outside the run, a rate <= 0)."""
+        if not isinstance(self.pattern, OpenLoop) or self.dispatcher is None:
+            raise ValueError("only an open-loop run that is dispatching can change its rate")
+        if self.share != (0, 1) or self.takeovers:
+            raise ValueError("a distributed run's rate cannot be changed yet")
+        if self.stopping or self.dispatcher.stopped:
+            raise ValueError("the run is stopping")
+        now_s = time.monotonic() - self.start_t
+        if at_s is None:
+            at_s = now_s
+        elif at_s < now_s:
+            raise ValueError(f"the change's instant {at_s:.3f} s is past (the run is at {now_s:.3f} s)")
+        pattern = replan(self.pattern, at_s, rate)
+        self.dispatcher.end_at(self.start_t + at_s)
+        self.pattern, self._profile = pattern, profile_of(pattern)
+        self.scenario = self.scenario.model_copy(update={"pattern": pattern})
+        self._replan_from = at_s if self._replan_from is None else min(self._replan_from, at_s)
+        self.rate_changes.append({"at_s": at_s, "rate": rate})
+        return at_s
 
     def take_over(self, share: tuple[int, int], start_s: float, end_s: float | None = None) -> Callable[[], None]:
         """A dispatcher for `share` of the schedule from `start_s` on (until `end_s`), beside this process's
@@ -296,7 +338,17 @@ class LoadContext:
     def in_flight(self) -> int:
         if self.dispatcher is None:
             return self._user_requests
-        return self.dispatcher.in_flight + sum(d.in_flight for d in self.takeovers)
+        return sum(d.in_flight for d in (self.dispatcher, *self.replaced, *self.takeovers))
+
+    @property
+    def peak_dispatched(self) -> int:
+        """Open loop: the peak of requests in flight, from the dispatchers' own peaks: of those that replaced
+        each other after rate changes the largest (an ended one's last requests may overlap the next one's
+        first: then the true peak is a little higher), plus those of shares taken over, which run beside."""
+        if self.dispatcher is None:
+            return 0
+        own = max(d.peak_in_flight for d in (self.dispatcher, *self.replaced))
+        return own + sum(d.peak_in_flight for d in self.takeovers)
 
     def send_closed(self) -> None:
         """One closed-loop request: intended = now, since a closed loop has no schedule to keep."""

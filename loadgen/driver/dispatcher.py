@@ -162,6 +162,11 @@ class Dispatcher:
         if self._alarm is not None:
             self._alarm.set(0.0)  # wake the dispatcher now rather than at the next arrival
 
+    @property
+    def stopped(self) -> bool:
+        """Whether `stop` was called (an end by `end_at` is no stop)."""
+        return self._stop.is_set()
+
     def end_at(self, end_t: float) -> None:
         """Leave the arrivals from `end_t` (monotonic) on to another dispatcher: return on reaching one."""
         self._end_t = min(self._end_t, end_t)

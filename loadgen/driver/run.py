@@ -5,6 +5,9 @@ scenario's pattern, waits for the schedule (open loop) or the duration (closed l
 SIGINT/SIGTERM, lets in-flight requests finish (bounded), and returns a RunResult holding the
 recorder and the generator's self-check. Writing files is the caller's business (sinks).
 
+`execute(scenario, web=WebOptions(...))` serves the live console (loadgen/driver/console.py: Locust's web
+UI on the run's Environment, with loadgen's page, figures and controls) while the run lasts.
+
 `execute(scenario, cluster=...)` runs it distributed instead: a Cluster (loadgen/driver/master.py) of
 Locust workers sends the load and the RunResult holds the master's merged recorder.
 """
@@ -26,6 +29,7 @@ from gevent.event import Event
 from locust.env import Environment
 from locust.event import Events
 
+from loadgen.driver.console import LiveConsole, WebOptions
 from loadgen.driver.context import BACKSTOP_S, LoadContext
 from loadgen.driver.exporter import MetricsExporter
 from loadgen.driver.mix import client_of
@@ -79,6 +83,8 @@ class RunResult:
     """The port /metrics was served on during the run, when it was."""
     distributed: dict[str, Any] | None = None
     """A distributed run's workers (share, counts, own self-check) and the ones lost; None otherwise."""
+    rate_changes: list[dict[str, float]] = field(default_factory=list)
+    """The open-loop rate changes made during the run (the live console's): {"at_s", "rate"} each."""
 
 
 def _cpu_seconds() -> float:
@@ -86,18 +92,21 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def execute(scenario: Scenario, cluster: Cluster | None = None) -> RunResult:
+def execute(scenario: Scenario, cluster: Cluster | None = None, web: WebOptions | None = None) -> RunResult:
     """Run `scenario` (see _execute), with the generator's CPUs kept awake if the scenario asks; on
     `cluster`'s workers when one is given (local workers leave keeping the CPUs awake to this process,
-    remote ones do it on their hosts)."""
+    remote ones do it on their hosts). `web`: serve the live console (a single-process run only)."""
+    if cluster is not None and web is not None:
+        raise LoadgenError("--web-port: the live console drives single-process runs for now, not --processes "
+                           "or --master")
     if not scenario.output.keep_awake or (cluster is not None and not cluster.local_pids):
-        return cluster.run(scenario) if cluster is not None else _execute(scenario)
+        return cluster.run(scenario) if cluster is not None else _execute(scenario, web)
     with KeepAwake(os.sched_getaffinity(0)):
-        return cluster.run(scenario) if cluster is not None else _execute(scenario)
+        return cluster.run(scenario) if cluster is not None else _execute(scenario, web)
 
 
-def _execute(scenario: Scenario) -> RunResult:
-    """Run `scenario` to its end (or SIGINT/SIGTERM) and return what was measured.
+def _execute(scenario: Scenario, web: WebOptions | None = None) -> RunResult:
+    """Run `scenario` to its end (or SIGINT/SIGTERM, or the console's stop) and return what was measured.
 
     Raises a TargetError (exit 2) before any load is sent when the target is not usable.
     """
@@ -123,11 +132,20 @@ def _execute(scenario: Scenario) -> RunResult:
         raise
     runner = environment.create_local_runner()
     stop = Event()
+    try:
+        console = LiveConsole(ctx, environment, stop, web).start() if web is not None else None
+    except LoadgenError:
+        if exporter is not None:
+            exporter.stop()
+        client.close()
+        raise
     handlers = [gevent.signal_handler(sig, stop.set) for sig in (signal.SIGINT, signal.SIGTERM)]
     # Everything allocated so far lives for the whole run: keep the cyclic collector off it, so
     # that a full collection cannot pause the dispatcher for milliseconds mid-run.
     gc.collect()
     gc.freeze()
+    if console is not None:
+        console.announce()
     if exporter is not None:
         exporter.announce()  # the last thing before the start (_LEAD_S ahead): tests time stalls from it
     cpu0, wall0 = _cpu_seconds(), time.monotonic()
@@ -153,6 +171,8 @@ def _execute(scenario: Scenario) -> RunResult:
             handler.cancel()
         if exporter is not None:
             exporter.stop()
+        if console is not None:
+            console.stop()
         client.close()
     cpu = (_cpu_seconds() - cpu0) / max(end_t - wall0, 1e-9)
     result = result_of(ctx, end_t, interrupted=interrupted, cpu=cpu, start_epoch_s=epoch0, metadata=metadata)
@@ -192,6 +212,7 @@ def result_of(
         warmup_requests=ctx.client.warmup_requests,
         start_epoch_s=start_epoch_s,
         metadata=metadata or {},
+        rate_changes=list(ctx.rate_changes),
     )
 
 
@@ -218,14 +239,13 @@ def self_check(ctx: LoadContext, scenario: Scenario, cpu: float) -> SelfCheck:
     """The generator's own health: could it keep its schedule? Every output carries this."""
     figures = ctx.recorder.cumulative
     dispatcher = ctx.dispatcher
-    peak = dispatcher.peak_in_flight + sum(d.peak_in_flight for d in ctx.takeovers) if dispatcher else 0
     return SelfCheck(
         lag_ms=figures.percentiles_ms("lag"),
         dropped=figures.dropped,
         unsent=figures.unsent,
         handover_unsent=ctx.handover_unsent,
         cpu_fraction=cpu,
-        peak_in_flight=peak if dispatcher else ctx.peak_in_flight,
+        peak_in_flight=ctx.peak_dispatched if dispatcher else ctx.peak_in_flight,
         max_in_flight=dispatcher.max_in_flight if dispatcher else None,
         max_lag_ms=scenario.output.max_lag_ms,
         fd_note=ctx.fd_note,

@@ -4,6 +4,11 @@
 duration. Each offset is start + f(i) for the i-th arrival, computed from the run start and never
 from the previous send, so a late send does not move any later one.
 
+`replan(pattern, at_s, rate)` is the pattern with its rate held at `rate` from `at_s` on (a live rate change,
+loadgen/driver/console.py): its schedule before `at_s` is the old one, arrival for arrival (the same
+unit times through the same rate profile), so the dispatcher that sent those hands over at `at_s` to one
+over the new schedule from `at_s`, and every arrival is sent by exactly one of them.
+
 `arrivals(pattern)` yields the same chunks paired with each arrival's row: its row of the trace for a
 trace replay (loadgen/patterns/trace.py; the request is built from that row's sizes), its index in
 the whole schedule otherwise. A share of the schedule keeps the rows of its arrivals, so n
@@ -20,9 +25,9 @@ import numpy as np
 from loadgen.patterns.arrivals import ARRIVALS, CHUNK
 from loadgen.patterns.profile import RateProfile
 from loadgen.patterns.trace import Trace
-from loadgen.scenario import OpenLoop
+from loadgen.scenario import OpenLoop, Stage
 
-__all__ = ["Profile", "TraceProfile", "arrivals", "count_in", "profile_of", "schedule", "schedule_offsets"]
+__all__ = ["Profile", "TraceProfile", "arrivals", "count_in", "profile_of", "replan", "schedule", "schedule_offsets"]
 
 
 class Profile(Protocol):
@@ -75,6 +80,34 @@ def profile_of(pattern: OpenLoop) -> Profile:
         stages = [(s.duration, s.rate, s.ramp_to) for s in pattern.stages]
         return RateProfile.from_stages(pattern.rate or 0.0, stages)
     return RateProfile.constant(float(pattern.rate or 0.0), pattern.total_duration)
+
+
+def replan(pattern: OpenLoop, at_s: float, rate: float) -> OpenLoop:
+    """`pattern` with the rate held at `rate` from `at_s` seconds into the run to its end: stages (held or
+    ramped, cut at `at_s`) then a hold. Raises ValueError for a trace replay (its instants are the trace's),
+    a rate <= 0, or an instant outside the run."""
+    if pattern.trace is not None:
+        raise ValueError("a trace replay sends the trace's own instants: its rate cannot be changed")
+    if not rate > 0:
+        raise ValueError(f"rate must be > 0 requests per second (got {rate:g}); stop the run instead")
+    end = pattern.total_duration
+    if not 0.0 <= at_s < end:
+        raise ValueError(f"the change's instant {at_s:.3f} s is outside the run (0 to {end:g} s)")
+    profile = profile_of(pattern)
+    assert isinstance(profile, RateProfile)
+    stages = []
+    for segment in profile.segments:
+        kept = min(segment.duration_s, at_s - segment.start_s)
+        if kept <= 0.0:
+            break
+        if segment.from_rate == segment.to_rate:
+            stages.append(Stage(duration=kept, rate=segment.from_rate))
+        else:  # a ramp starts from the rate before it, as in RateProfile.from_stages
+            slope = (segment.to_rate - segment.from_rate) / segment.duration_s
+            stages.append(Stage(duration=kept, ramp_to=segment.from_rate + slope * kept))
+    stages.append(Stage(duration=end - at_s, rate=rate))
+    first = profile.segments[0].from_rate
+    return pattern.model_copy(update={"rate": first, "duration": None, "stages": stages})
 
 
 def _offsets(pattern: OpenLoop) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -204,6 +204,8 @@ class _Snapshot:
     output_tokens_per_s: float | None = None
     models: dict[str, _ModelSnapshot] | None = None
     """Each mix entry's figures by name (None without a mix)."""
+    sent_rps: float = 0.0
+    """Requests sent in the last closed interval per second (the live console's; no gauge of its own)."""
 
 
 def _process_cpu_seconds() -> float:
@@ -259,6 +261,31 @@ class RunCollector:
         workers = self._view.worker_health()
         if workers is not None:
             yield from _worker_families(workers)
+
+    def live(self) -> dict[str, Any] | None:
+        """The figures `collect` gives, as JSON-able values (the live console's, loadgen/driver/console.py):
+        the same numbers as the gauges for the same closed intervals (`intervals` says how many), read
+        from the same cached snapshot; None before the run starts."""
+        snapshot = self._current_snapshot()
+        if snapshot is None:
+            return None
+        counts = snapshot.counts
+        percentiles = {f"{which}_s": {window: dict(zip(QUANTILES.values(), values, strict=True))
+                                      for (name, window), values in snapshot.percentiles.items() if name == which}
+                       for which in {name for name, _ in snapshot.percentiles}}
+        return {
+            "intervals": snapshot.intervals,
+            "offered_rps": self._view.offered_rps_now(),
+            "sent_rps": snapshot.sent_rps,
+            "achieved_rps": snapshot.achieved_rps,
+            "in_flight": self._view.in_flight,
+            **percentiles,
+            "counts": {"ok": counts.ok, "errors": dict(sorted(counts.errors.items())), "sent": counts.sent,
+                       "dropped": counts.dropped, "unsent": counts.unsent, "out_of_range": counts.out_of_range},
+            **({"goodput_rps": snapshot.goodput_rps} if snapshot.goodput_rps is not None else {}),
+            **({"output_tokens_per_s": snapshot.output_tokens_per_s}
+               if snapshot.output_tokens_per_s is not None else {}),
+        }
 
     def _paced(self, families: Iterator[Metric]) -> Iterator[Metric]:
         """Call `pause` after each family: formatting one takes ~0.1 ms of the generator's loop."""
@@ -325,6 +352,7 @@ def _snapshot_of(recorder: Recorder, window: HistogramSet, model_windows: dict[s
         output_tokens_per_s=((last_stream.output_tokens / length if length > 0 and last_stream is not None else 0.0)
                              if stream is not None else None),
         models=_models_of(recorder, model_windows if model_windows is not None else {}),
+        sent_rps=last.figures.sent / length if last is not None and length > 0 else 0.0,
     )
 
 
