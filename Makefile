@@ -15,7 +15,7 @@ demo: $(BIN)/.installed
 	$(BIN)/loadgen demo
 
 test: $(BIN)/.installed
-	$(BIN)/python -m tests.support.lanes
+	$(BIN)/python -m pytest -q --durations=25
 
 bench: $(BIN)/.installed
 	$(BIN)/python -m pip install -q -e '.[bench]'

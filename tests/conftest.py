@@ -13,7 +13,6 @@ import psutil
 import pytest
 
 from tests.support import perf_analyzer as _perf_analyzer
-from tests.support.lanes import lane_of
 from tests.support.processes import ROOT, Server, start_server, stop_process
 from tests.support.timing import HostNoise, NoiseProbes
 from tests.support.torchserve import build_store
@@ -169,20 +168,3 @@ def pytest_terminal_summary(terminalreporter) -> None:
         for line in _leaks:
             terminalreporter.write_line(line)
 
-
-# -- lanes (tests/support/lanes.py) ------------------------------------------------------------------------
-
-def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--lane", choices=("timing", "background"), default=None,
-                     help="run only this lane's modules (tests/support/lanes.py); default: every test")
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    lane = config.getoption("--lane")
-    if lane is None:
-        return
-    kept = [item for item in items if lane_of(str(item.path)) == lane]
-    if len(kept) < len(items):
-        config.hook.pytest_deselected(items=[item for item in items if lane_of(str(item.path)) != lane])
-        items[:] = kept

@@ -15,6 +15,7 @@ import time
 import pytest
 
 from tests.support.processes import ROOT, start_server, stop_process
+from tests.support.raw_http import read_answer
 
 pytestmark = pytest.mark.integration
 
@@ -38,17 +39,7 @@ def _connect(url: str) -> socket.socket:
 def _get(sock: socket.socket, path: str) -> tuple[int, dict[str, str], bytes]:
     """One GET on `sock`: status, lower-case headers, body."""
     sock.sendall(f"GET {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
-    buffer = b""
-    while b"\r\n\r\n" not in buffer:
-        chunk = sock.recv(65536)
-        assert chunk, f"connection closed: {buffer[:200]!r}"
-        buffer += chunk
-    head, _, body = buffer.partition(b"\r\n\r\n")
-    status, *lines = head.decode("latin-1").split("\r\n")
-    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
-    while len(body) < int(headers.get("content-length", "0")):
-        body += sock.recv(65536)
-    return int(status.split()[1]), headers, body
+    return read_answer(sock)
 
 
 @pytest.mark.parametrize("module", list(SERVERS))

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.processes import stop_process
+from tests.support.raw_http import read_answer
 from tests.support.torchserve import start_torchserve
 
 pytestmark = pytest.mark.integration
@@ -26,20 +27,6 @@ def _ping(address: str) -> socket.socket:
     return sock
 
 
-def _answer(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
-    buffer = b""
-    while b"\r\n\r\n" not in buffer:
-        chunk = sock.recv(65536)
-        assert chunk, f"connection closed: {buffer[:200]!r}"
-        buffer += chunk
-    head, _, body = buffer.partition(b"\r\n\r\n")
-    status, *lines = head.decode("latin-1").split("\r\n")
-    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
-    while len(body) < int(headers["content-length"]):
-        body += sock.recv(65536)
-    return int(status.split()[1]), headers, body
-
-
 def test_a_connection_beyond_the_cap_gets_torchserves_503_and_is_closed(tmp_path: Path) -> None:
     store = tmp_path / "store"
     store.mkdir()
@@ -49,9 +36,9 @@ def test_a_connection_beyond_the_cap_gets_torchserves_503_and_is_closed(tmp_path
         url = server.server.url
         for _ in range(CAP):
             held.append(_ping(url))
-            assert _answer(held[-1])[0] == 200
+            assert read_answer(held[-1])[0] == 200
         with _ping(url) as beyond:
-            status, headers, body = _answer(beyond)
+            status, headers, body = read_answer(beyond)
             assert status == 503 and headers["connection"] == "close"
             assert json.loads(body) == {"code": 503, "type": "ServiceUnavailableException",
                                         "message": f"Too many open connections: the server's limit is {CAP} "
@@ -59,7 +46,7 @@ def test_a_connection_beyond_the_cap_gets_torchserves_503_and_is_closed(tmp_path
             assert beyond.recv(65536) == b""
         for sock in held:  # the held ones are still served
             sock.sendall(b"GET /ping HTTP/1.1\r\nHost: t\r\n\r\n")
-            assert _answer(sock)[0] == 200
+            assert read_answer(sock)[0] == 200
     finally:
         for sock in held:
             sock.close()

@@ -33,6 +33,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from tests.support.processes import stop_process
+from tests.support.raw_http import read_answer
 from tests.support.timing import HostNoise
 from tests.support.triton import Fronts, start_fronts, write_paced_model
 
@@ -86,21 +87,6 @@ _IDENTITY = json.dumps({"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape
                                     "data": [1.0, 2.0, 3.0, 4.0, 5.0]}]}).encode()
 
 
-def _answer(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
-    """One response read from `sock`: status, lower-case headers, body."""
-    buffer = b""
-    while b"\r\n\r\n" not in buffer:
-        chunk = sock.recv(65536)
-        assert chunk, f"connection closed: {buffer[:200]!r}"
-        buffer += chunk
-    head, _, body = buffer.partition(b"\r\n\r\n")
-    status, *lines = head.decode("latin-1").split("\r\n")
-    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
-    while len(body) < int(headers["content-length"]):
-        body += sock.recv(65536)
-    return int(status.split()[1]), headers, body
-
-
 def _simultaneously(count: int, call: Callable[[], object], prepare: Callable[[], object] | None = None,
                     ) -> list[object]:
     """`call()` from `count` threads released together (after each ran `prepare`); the results or errors."""
@@ -121,7 +107,7 @@ def _simultaneously(count: int, call: Callable[[], object], prepare: Callable[[]
 def _fail_count(server: Fronts, model: str) -> int:
     with _connect(server.http_url) as sock:
         sock.sendall(_request(f"/v2/models/{model}/stats", method="GET"))
-        status, _, body = _answer(sock)
+        status, _, body = read_answer(sock)
     assert status == 200
     return int(json.loads(body)["model_stats"][0]["inference_stats"]["fail"]["count"])
 
@@ -134,7 +120,7 @@ def test_http_request_beyond_the_queue_is_503_with_tritons_message(server: Front
     def send(sock: socket.socket) -> int:
         with sock:
             sock.sendall(_request("/v2/models/bounded/infer", _INFER))
-            status, _, body = _answer(sock)
+            status, _, body = read_answer(sock)
         if status == 503:
             assert json.loads(body) == {"error": "Exceeds maximum queue size"}
         else:
@@ -148,7 +134,7 @@ def test_http_request_beyond_the_queue_is_503_with_tritons_message(server: Front
     assert _fail_count(server, "bounded") - before == statuses.count(503)
     with _connect(server.http_url) as sock:  # and it goes on serving
         sock.sendall(_request("/v2/models/bounded/infer", _INFER))
-        assert _answer(sock)[0] == 200
+        assert read_answer(sock)[0] == 200
 
 
 def _grpc_infer(server: Fronts, model: str) -> Callable[[], object]:
@@ -215,7 +201,7 @@ def test_a_dripping_request_is_cut_off_at_the_deadline(server: Fronts) -> None:
 def test_an_idle_kept_alive_connection_is_closed_after_the_idle_timeout(server: Fronts) -> None:
     with _connect(server.http_url) as sock:
         sock.sendall(_request("/v2/health/live", method="GET"))
-        assert _answer(sock)[0] == 200
+        assert read_answer(sock)[0] == 200
         idle_from = time.monotonic()
         sock.settimeout(IDLE_TIMEOUT_S * 5)
         assert sock.recv(65536) == b""
@@ -245,14 +231,14 @@ def test_with_2000_idle_connections_a_new_one_is_served_within_the_cap_and_refus
             idle.append(sock)
             sock.sendall(_request("/v2/health/live", method="GET"))
         for sock in idle:  # each answered: the server holds all of them
-            assert _answer(sock)[0] == 200
+            assert read_answer(sock)[0] == 200
         with _connect(capped.http_url) as last:  # the 2,001st: within the cap
             last.sendall(_request("/v2/models/identity/infer", _IDENTITY))
-            status, _, body = _answer(last)
+            status, _, body = read_answer(last)
             assert status == 200, body
             with _connect(capped.http_url) as beyond:
                 beyond.sendall(_request("/v2/health/live", method="GET"))
-                status, headers, body = _answer(beyond)
+                status, headers, body = read_answer(beyond)
                 assert status == 503 and headers["connection"] == "close"
                 assert json.loads(body) == {"error": f"too many open connections: the server's limit is "
                                                      f"{IDLE_CONNECTIONS + 1} (--max-connections)"}
@@ -263,11 +249,11 @@ def test_with_2000_idle_connections_a_new_one_is_served_within_the_cap_and_refus
         while True:  # once they are gone, new connections are served again
             with _connect(capped.http_url) as again:
                 again.sendall(_request("/v2/health/live", method="GET"))
-                if _answer(again)[0] == 200 or time.monotonic() > deadline:
+                if read_answer(again)[0] == 200 or time.monotonic() > deadline:
                     break
         with _connect(capped.http_url) as again:
             again.sendall(_request("/v2/health/live", method="GET"))
-            assert _answer(again)[0] == 200
+            assert read_answer(again)[0] == 200
     finally:
         for sock in idle:
             sock.close()
