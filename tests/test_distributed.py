@@ -146,6 +146,7 @@ def run_and_kill_one(server_url: str, tmp_path: Path, extra: list[str], kill_aft
     return code, stderr, master, workers, debug
 
 
+@RARE_HANG  # the survivor of the takeover has twice stopped answering after its last interval in full runs
 def test_a_killed_worker_is_reported_and_what_it_sent_is_kept(calibration_server, tmp_path) -> None:
     server = calibration_server("--delay-ms", "5")
     code, stderr, master, (alive, dead), debug = run_and_kill_one(server.url, tmp_path, [])

@@ -300,6 +300,35 @@ def test_more_users_than_the_hard_file_limit_holds_are_refused_before_anything_i
     assert f"127.0.0.1:{closed}" in fits.stderr, fits.stderr
 
 
+def test_a_workers_share_of_users_beyond_its_hard_file_limit_is_refused_by_the_worker() -> None:
+    """`--processes 2` under a hard open-file limit of 1024 (the workers inherit it): 1800 users are 900 a
+    worker, which cannot fit; each worker refuses its share naming closed_loop.users and the run exits 2
+    before anything is sent. 1400 (700 a worker) fit and go on to the target check (nothing listens: exit 2
+    for that)."""
+    import subprocess
+    import sys
+
+    from tests.support.processes import ROOT
+
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        closed = unused.getsockname()[1]
+
+    def run(users: int) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", _UNDER_HARD_LIMIT, "run", "--target", f"http://127.0.0.1:{closed}",
+                               "--model", "m", "--users", str(users), "--duration", "1s", "--connect-timeout", "0.5s",
+                               "--processes", "2", "--no-keep-awake", "--out", "/nonexistent/never-written"],
+                              capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
+
+    refused = run(1800)
+    assert refused.returncode == 2, refused.stderr
+    assert "closed_loop.users: this worker's 900 users: 900 connections need 1156 open files" in refused.stderr, \
+        refused.stderr
+    fits = run(1400)
+    assert fits.returncode == 2 and "closed_loop.users" not in fits.stderr, fits.stderr
+    assert f"127.0.0.1:{closed}" in fits.stderr, fits.stderr
+
+
 # -- results whole or not at all; no credentials in them -----------------------------------------
 
 def test_a_summary_whose_writing_fails_leaves_the_previous_one_whole(tmp_path: Path) -> None:

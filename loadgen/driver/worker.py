@@ -78,7 +78,8 @@ from loadgen.driver.trust import (
     proves,
 )
 from loadgen.driver.users import ClosedLoopUser, OpenLoopUser
-from loadgen.errors import LoadgenError
+from loadgen.errors import LoadgenError, ScenarioError
+from loadgen.lowlevel.fdlimit import beyond_hard_limit, ensure_fd_limit
 from loadgen.lowlevel.keepawake import KeepAwake
 from loadgen.scenario import OpenLoop, validate_scenario
 
@@ -99,6 +100,7 @@ class _WorkerRun:
         self.agent = agent
         self.run_id = run_id
         self.index = int(setup["index"])
+        self.count = int(setup["count"])
         scenario = setup["scenario"]
         if not agent.shared_filesystem:
             scenario = confine_paths(scenario, agent.data_dir)
@@ -113,10 +115,23 @@ class _WorkerRun:
 
     # -- SETUP ----------------------------------------------------------------------------------
     def prepare(self) -> dict[str, Any]:
-        """Check the target and warm it up (the client's prepare), as a single-process run does."""
+        """Check the target and warm it up (the client's prepare), as a single-process run does; first the
+        open-file limit, as a single-process run does: this worker's share of the users must fit under the
+        hard limit (else the run is refused, naming the key), and the soft limit is raised for its
+        connections (up to the whole run's users or max_in_flight: it may take over another's share)."""
+        pattern = self.scenario.pattern
+        if not isinstance(pattern, OpenLoop):
+            mine = -(-pattern.users // max(1, self.count))
+            if short := beyond_hard_limit(mine):
+                why = f"closed_loop.users: this worker's {mine} users: {short}: give fewer users or more workers"
+                raise ScenarioError([why], "scenario from the master")
+        fd_note = ensure_fd_limit(pattern.max_in_flight if isinstance(pattern, OpenLoop) else pattern.users)
+        if fd_note:
+            print(f"worker: warning: {fd_note}", file=sys.stderr, flush=True)
         client = client_of(self.scenario, seed=self.seed)
         metadata = client.prepare()
         self.ctx = LoadContext(self.scenario, client, self.agent.environment, seed=self.seed)
+        self.ctx.fd_note = fd_note
         self.agent.environment.loadgen = self.ctx
         return {
             "run": self.run_id,

@@ -18,8 +18,10 @@ Each spinner is put at SCHED_IDLE by the parent the moment it is spawned (and st
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterable
 from typing import Self
 
@@ -66,11 +68,29 @@ class KeepAwake:
 
     def __exit__(self, *exc_info: object) -> None:
         for proc in self._procs:
-            proc.terminate()
-        for proc in self._procs:
-            try:
-                proc.wait(2)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            _end(proc)
         self._procs.clear()
+
+
+def _end(proc: subprocess.Popen) -> None:
+    """End a spinner (SIGTERM, then SIGKILL) and reap it, waiting at most a second for each: the exit is read
+    with waitpid itself, never with an unbounded Popen.wait(), which under gevent waits on the loop's SIGCHLD
+    watcher, so that an exit it misses would hold the run's end (and a worker's DONE) for ever."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if proc.returncode is not None:
+            return
+        try:
+            os.kill(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            try:
+                pid, status = os.waitpid(proc.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped already (by the event loop's SIGCHLD handler)
+                proc.returncode = proc.returncode if proc.returncode is not None else -sig
+                return
+            if pid:
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                return
+            time.sleep(0.005)

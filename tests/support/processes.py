@@ -73,13 +73,32 @@ def start_server(args: list[str], timeout: float = 20.0, module: str = "servers.
 
 
 def stop_process(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL after 10 s; a process that outlives the SIGTERM is described on stderr first
+    (its state, memory and, with py-spy installed, each thread's Python stack): what it was stuck in."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(10)
         except subprocess.TimeoutExpired:
+            describe_stuck(proc.pid)
             proc.kill()
-            proc.wait(5)
+            proc.wait(30)
+
+
+def describe_stuck(pid: int) -> None:
+    """Print what process `pid` is doing: /proc's state and memory lines, and its Python stacks (py-spy)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text().splitlines()
+        print(f"process {pid} did not end on SIGTERM: " + "; ".join(
+            line for line in status if line.split(":")[0] in ("State", "VmRSS", "Threads", "SigBlk", "SigIgn")),
+            file=sys.stderr)
+    except OSError:
+        return
+    spy = Path(sys.executable).with_name("py-spy")
+    if spy.exists():
+        done = subprocess.run([str(spy), "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=30,
+                              check=False)
+        print(done.stdout + done.stderr, file=sys.stderr)
 
 
 @dataclass
