@@ -9,7 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.support.processes import ROOT, loadgen_cmd, pin, stop_process
+from tests.support.processes import ROOT, describe_stuck, loadgen_cmd, pin, stop_process
 
 
 class Master:
@@ -50,6 +50,9 @@ class Master:
     def finish(self, timeout: float = 90.0) -> tuple[int, str]:
         try:
             _, rest = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            describe_stuck(self.proc.pid)
+            raise
         finally:
             stop_process(self.proc)
         return self.proc.returncode, "".join(self.lines) + rest

@@ -89,11 +89,13 @@ def describe_stuck(pid: int) -> None:
     """Print what process `pid` is doing: /proc's state and memory lines, and its Python stacks (py-spy)."""
     try:
         status = Path(f"/proc/{pid}/status").read_text().splitlines()
-        print(f"process {pid} did not end on SIGTERM: " + "; ".join(
-            line for line in status if line.split(":")[0] in ("State", "VmRSS", "Threads", "SigBlk", "SigIgn")),
-            file=sys.stderr)
+        memory = Path("/proc/meminfo").read_text().splitlines()
     except OSError:
         return
+    print(f"process {pid} did not end: " + "; ".join(
+        line for line in status if line.split(":")[0] in ("State", "VmRSS", "Threads", "SigBlk", "SigIgn")) +
+        "; host " + "; ".join(line for line in memory if line.split(":")[0] in ("MemAvailable", "SwapFree")),
+        file=sys.stderr)
     spy = Path(sys.executable).with_name("py-spy")
     if spy.exists():
         done = subprocess.run([str(spy), "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=30,
