@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,7 +28,7 @@ from loadgen.protocols.common.http1 import Http1Pool, build_request
 from loadgen.protocols.openai import SseStream, StreamPool
 from loadgen.scenario import validate_scenario
 from loadgen.sinks.summary import write_summary
-from tests.support.processes import run_loadgen
+from tests.support.processes import ROOT, run_loadgen
 from tests.support.timing import HostNoise
 
 _REQUEST = build_request("GET", "127.0.0.1", "/")
@@ -272,30 +274,28 @@ runpy.run_module("loadgen", run_name="__main__")
 """
 
 
+def _under_hard_limit(*args: str) -> tuple[subprocess.CompletedProcess, int]:
+    """`loadgen run ARGS` against a closed port (the target check fails, exit 2, once the users are taken),
+    with a hard open-file limit of 1024 that its workers inherit; the answer, and the closed port."""
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        closed = unused.getsockname()[1]
+    done = subprocess.run([sys.executable, "-c", _UNDER_HARD_LIMIT, "run", "--target", f"http://127.0.0.1:{closed}",
+                           "--model", "m", *args, "--duration", "1s", "--connect-timeout", "0.5s", "--no-keep-awake",
+                           "--out", "/nonexistent/never-written"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
+    return done, closed
+
+
 def test_more_users_than_the_hard_file_limit_holds_are_refused_before_anything_is_sent() -> None:
     """Under a hard open-file limit of 1024: 900 users (1,156 descriptors with the headroom) exit 2 naming
     closed_loop.users before the target is even tried; 700 fit, and go on to the target check (nothing
     listens there: exit 2 for that)."""
-    import subprocess
-    import sys
-
-    from tests.support.processes import ROOT
-
-    with socket.socket() as unused:
-        unused.bind(("127.0.0.1", 0))
-        closed = unused.getsockname()[1]
-
-    def run(users: int) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-c", _UNDER_HARD_LIMIT, "run", "--target", f"http://127.0.0.1:{closed}",
-                               "--model", "m", "--users", str(users), "--duration", "1s", "--connect-timeout", "0.5s",
-                               "--no-keep-awake", "--out", "/nonexistent/never-written"],
-                              capture_output=True, text=True, timeout=60, cwd=ROOT, check=False)
-
-    refused = run(900)
+    refused, _ = _under_hard_limit("--users", "900")
     assert refused.returncode == 2
     assert ("closed_loop.users: 900 connections need 1156 open files, more than this host's hard limit of 1024"
             in refused.stderr), refused.stderr
-    fits = run(700)
+    fits, closed = _under_hard_limit("--users", "700")
     assert fits.returncode == 2 and "closed_loop.users" not in fits.stderr
     assert f"127.0.0.1:{closed}" in fits.stderr, fits.stderr
 
@@ -305,26 +305,11 @@ def test_a_workers_share_of_users_beyond_its_hard_file_limit_is_refused_by_the_w
     worker, which cannot fit; each worker refuses its share naming closed_loop.users and the run exits 2
     before anything is sent. 1400 (700 a worker) fit and go on to the target check (nothing listens: exit 2
     for that)."""
-    import subprocess
-    import sys
-
-    from tests.support.processes import ROOT
-
-    with socket.socket() as unused:
-        unused.bind(("127.0.0.1", 0))
-        closed = unused.getsockname()[1]
-
-    def run(users: int) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-c", _UNDER_HARD_LIMIT, "run", "--target", f"http://127.0.0.1:{closed}",
-                               "--model", "m", "--users", str(users), "--duration", "1s", "--connect-timeout", "0.5s",
-                               "--processes", "2", "--no-keep-awake", "--out", "/nonexistent/never-written"],
-                              capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
-
-    refused = run(1800)
+    refused, _ = _under_hard_limit("--users", "1800", "--processes", "2")
     assert refused.returncode == 2, refused.stderr
     assert "closed_loop.users: this worker's 900 users: 900 connections need 1156 open files" in refused.stderr, \
         refused.stderr
-    fits = run(1400)
+    fits, closed = _under_hard_limit("--users", "1400", "--processes", "2")
     assert fits.returncode == 2 and "closed_loop.users" not in fits.stderr, fits.stderr
     assert f"127.0.0.1:{closed}" in fits.stderr, fits.stderr
 
