@@ -246,6 +246,9 @@ def worker(
     """Be a Locust worker of a distributed run: send this host's share of each run the master starts
     (its histograms go to the master, which merges them), until the master quits (exit 0; refused by the
     master, or a master that does not prove the cluster key: exit 2)."""
+    from loadgen.lowlevel.children import end_with_parent_from_env
+
+    end_with_parent_from_env()  # a --processes worker ends with its master
     from loadgen.driver.trust import load_cluster_key
     from loadgen.driver.worker import serve  # imports locust: only for verbs that send load
 

@@ -91,7 +91,7 @@ from loadgen.driver.trust import (
 )
 from loadgen.driver.users import ClosedLoopUser, OpenLoopUser
 from loadgen.errors import LoadgenError, TargetError
-from loadgen.lowlevel.children import ending_with_this_process
+from loadgen.lowlevel.children import END_WITH_PARENT_ENV
 from loadgen.patterns.schedule import count_in, profile_of
 from loadgen.recorder import HistogramSet, Recorder
 from loadgen.scenario import OpenLoop, Scenario
@@ -264,7 +264,8 @@ class Cluster:
             # A file, not a pipe: a worker never blocks on what it writes. Closed in close().
             log = tempfile.TemporaryFile()  # noqa: SIM115
             self._logs.append(log)
-            env = {**os.environ, KEY_ENV_OF_LOCAL_WORKERS: self.key.decode()}  # never on the command line
+            env = {**os.environ, KEY_ENV_OF_LOCAL_WORKERS: self.key.decode(),  # never on the command line
+                   END_WITH_PARENT_ENV: str(os.getpid())}  # killed with the master, even by SIGKILL
             self._procs.append(subprocess.Popen(
                 # One set of CPU spinners for the host: the master's (run.execute). A spinner is idle
                 # priority only within its scheduling group (one group a session, with the kernel's
@@ -278,7 +279,6 @@ class Cluster:
                 stdout=subprocess.DEVNULL,
                 stderr=log,
                 process_group=0,  # not the terminal's foreground group: Ctrl-C reaches the master only
-                preexec_fn=ending_with_this_process(),  # noqa: PLW1509 - killed with the master, even by SIGKILL
             ))
 
     @property

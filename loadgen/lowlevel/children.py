@@ -31,7 +31,7 @@ import sys
 from collections.abc import Callable
 from functools import partial
 
-__all__ = ["end_with_parent", "ending_with_this_process"]
+__all__ = ["END_WITH_PARENT_ENV", "end_with_parent", "end_with_parent_from_env", "ending_with_this_process"]
 
 _PR_SET_PDEATHSIG = 1
 
@@ -64,3 +64,16 @@ def ending_with_this_process(sig: int = signal.SIGKILL) -> Callable[[], None]:
         subprocess.Popen([...], preexec_fn=ending_with_this_process())
     """
     return partial(end_with_parent, os.getpid(), sig)
+
+
+END_WITH_PARENT_ENV = "LOADGEN_END_WITH_PARENT"
+"""Set to the parent's pid in a child's environment: the child calls end_with_parent_from_env() first
+thing, after exec. For parents that already run other threads (a master's ZeroMQ and resolver threads),
+where code between fork and exec could wait for ever on a lock another thread held at the fork."""
+
+
+def end_with_parent_from_env() -> None:
+    """In a child started with END_WITH_PARENT_ENV set: end with that parent (see end_with_parent)."""
+    value = os.environ.pop(END_WITH_PARENT_ENV, "")
+    if value.isdigit():
+        end_with_parent(int(value))

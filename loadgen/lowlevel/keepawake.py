@@ -25,8 +25,6 @@ import time
 from collections.abc import Iterable
 from typing import Self
 
-from loadgen.lowlevel.children import ending_with_this_process
-
 __all__ = ["KeepAwake"]
 
 _MAX_CPUS = 8
@@ -56,7 +54,6 @@ class KeepAwake:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
-                preexec_fn=ending_with_this_process(),  # noqa: PLW1509 - see children.py
             )
             self._procs.append(proc)
             try:
