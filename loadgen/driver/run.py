@@ -21,6 +21,7 @@ import resource
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -40,7 +41,7 @@ from loadgen.lowlevel.fdlimit import beyond_hard_limit, ensure_fd_limit
 from loadgen.lowlevel.keepawake import KeepAwake
 from loadgen.patterns.schedule import profile_of
 from loadgen.recorder import Recorder
-from loadgen.scenario import OpenLoop, Scenario
+from loadgen.scenario import ClosedLoop, OpenLoop, Scenario
 
 __all__ = ["Cluster", "RunResult", "drain", "execute", "result_of", "self_check"]
 
@@ -112,10 +113,8 @@ def _execute(scenario: Scenario, web: WebOptions | None = None) -> RunResult:
     """
     pattern = scenario.pattern
     is_open = isinstance(pattern, OpenLoop)
-    if not is_open and (short := beyond_hard_limit(pattern.users)):  # each user holds a connection throughout
-        why = f"closed_loop.users: {short}: give fewer users, or spread them over processes (--processes) or hosts"
-        raise ScenarioError([why])
-    fd_note = ensure_fd_limit(pattern.max_in_flight if is_open else pattern.users)
+    fd_note = open_file_limits(pattern, pattern.users if not is_open else 0, lambda short: (
+        f"closed_loop.users: {short}: give fewer users, or spread them over processes (--processes) or hosts"))
     if fd_note:
         print(f"warning: {fd_note}", file=sys.stderr, flush=True)
     client = client_of(scenario, seed=pattern.seed)
@@ -178,6 +177,16 @@ def _execute(scenario: Scenario, web: WebOptions | None = None) -> RunResult:
     result = result_of(ctx, end_t, interrupted=interrupted, cpu=cpu, start_epoch_s=epoch0, metadata=metadata)
     result.metrics_port = exporter.port if exporter is not None else None
     return result
+
+
+def open_file_limits(pattern: OpenLoop | ClosedLoop, users_here: int, why: Callable[[str], str],
+                     source: str = "scenario") -> str:
+    """Before a run: refuse a closed loop whose `users_here` connections (each user holds one throughout)
+    the hard open-file limit cannot hold (ScenarioError with `why(short)`), then raise the soft limit for the
+    connections this process may hold (max_in_flight, or the run's users); the note when it cannot ("")."""
+    if isinstance(pattern, ClosedLoop) and (short := beyond_hard_limit(users_here)):
+        raise ScenarioError([why(short)], source)
+    return ensure_fd_limit(pattern.max_in_flight if isinstance(pattern, OpenLoop) else pattern.users)
 
 
 def _start_exporter(ctx: LoadContext, port: int | None) -> MetricsExporter | None:

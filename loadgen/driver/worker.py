@@ -64,7 +64,7 @@ from loadgen.driver.distributed import (
     monotonic_of_epoch,
 )
 from loadgen.driver.mix import client_of
-from loadgen.driver.run import drain, self_check
+from loadgen.driver.run import drain, open_file_limits, self_check
 from loadgen.driver.trust import (
     MSG_CHALLENGE,
     MSG_HELLO,
@@ -78,8 +78,7 @@ from loadgen.driver.trust import (
     proves,
 )
 from loadgen.driver.users import ClosedLoopUser, OpenLoopUser
-from loadgen.errors import LoadgenError, ScenarioError
-from loadgen.lowlevel.fdlimit import beyond_hard_limit, ensure_fd_limit
+from loadgen.errors import LoadgenError
 from loadgen.lowlevel.keepawake import KeepAwake
 from loadgen.scenario import OpenLoop, validate_scenario
 
@@ -120,12 +119,10 @@ class _WorkerRun:
         hard limit (else the run is refused, naming the key), and the soft limit is raised for its
         connections (up to the whole run's users or max_in_flight: it may take over another's share)."""
         pattern = self.scenario.pattern
-        if not isinstance(pattern, OpenLoop):
-            mine = -(-pattern.users // max(1, self.count))
-            if short := beyond_hard_limit(mine):
-                why = f"closed_loop.users: this worker's {mine} users: {short}: give fewer users or more workers"
-                raise ScenarioError([why], "scenario from the master")
-        fd_note = ensure_fd_limit(pattern.max_in_flight if isinstance(pattern, OpenLoop) else pattern.users)
+        mine = 0 if isinstance(pattern, OpenLoop) else -(-pattern.users // max(1, self.count))
+        fd_note = open_file_limits(pattern, mine, lambda short: (
+            f"closed_loop.users: this worker's {mine} users: {short}: give fewer users or more workers"),
+            "scenario from the master")
         if fd_note:
             print(f"worker: warning: {fd_note}", file=sys.stderr, flush=True)
         client = client_of(self.scenario, seed=self.seed)
