@@ -13,6 +13,7 @@ import pytest
 from hdrh.histogram import HdrHistogram
 from hdrh.log import HistogramLogReader
 
+from tests.support.ports import unused_port
 from tests.support.processes import ROOT, loadgen_cmd, pin, run_loadgen
 from tests.support.timing import HostNoise
 
@@ -53,14 +54,9 @@ def test_rate_and_users_exclude_each_other(tmp_path) -> None:
     assert "--users" in run.stderr
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def test_refused_target_is_a_clear_error(tmp_path) -> None:
-    run = run_loadgen("--target", f"http://127.0.0.1:{free_port()}", "--model", "m", "--rate", "5",
+    run = run_loadgen("--target", f"http://127.0.0.1:{unused_port()}", "--model", "m", "--rate", "5",
                       "--duration", "1s", out=tmp_path / "out")
     assert run.returncode == 2
     assert "cannot reach" in run.stderr and "Traceback" not in run.stderr

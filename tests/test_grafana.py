@@ -13,7 +13,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import httpx
 import pytest
 import yaml
 
+from tests.support.ports import unused_port
 from tests.support.processes import ROOT, loadgen_cmd, pin, start_server, stop_process
 from tests.support.torchserve import MLP_JSON, OPEN, start_torchserve
 
@@ -60,11 +60,6 @@ def test_dashboards_are_grafana_models() -> None:
     assert jobs == {"loadgen", "inference-server", "torchserve"}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def start_prometheus(tmp_path: Path, loadgen_ports: list[int], server_port: int,
                      torchserve_port: int) -> tuple[subprocess.Popen, str]:
@@ -73,7 +68,7 @@ def start_prometheus(tmp_path: Path, loadgen_ports: list[int], server_port: int,
     for job in config["scrape_configs"]:
         job["static_configs"] = [{"targets": [f"127.0.0.1:{port}" for port in targets[job["job_name"]]]}]
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
+    port = unused_port()
     proc = subprocess.Popen(
         [shutil.which("prometheus"), f"--config.file={tmp_path / 'prometheus.yml'}",
          f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
@@ -110,13 +105,13 @@ def _wait_for_scrapes_after(prom_url: str, instant: float, jobs: tuple[str, ...]
 @pytest.mark.integration
 def test_every_panel_has_data_from_a_real_prometheus(tmp_path: Path, model_store: Path) -> None:
     assert shutil.which("prometheus"), "Debian's prometheus package is required (.ci/run installs it)"
-    server = start_server(["--metrics-port", str(free_port())], module="servers.triton", port_flag="--http-port")
+    server = start_server(["--metrics-port", str(unused_port())], module="servers.triton", port_flag="--http-port")
     metrics_port = int(server.proc.args[server.proc.args.index("--metrics-port") + 1])
     torchserve = start_torchserve(model_store, tmp_path, "--models", "mlp=mlp.mar",
                                   config=[*OPEN, "metrics_mode=prometheus"], grpc=False)
     llm_server = start_server(["--ttft-ms", "5,40", "--itl-ms", "2", "--error-every", "10", "--no-keep-awake",
                                "--model", "mock-llm", "--model", "mock-small"], module="servers.openai_mock")
-    loadgen_port, sweep_port, llm_port = free_port(), free_port(), free_port()
+    loadgen_port, sweep_port, llm_port = unused_port(), unused_port(), unused_port()
     ts_metrics_port = int(torchserve.metrics.rsplit(":", 1)[1])
     prometheus, prom_url = start_prometheus(tmp_path, [loadgen_port, sweep_port, llm_port], metrics_port,
                                             ts_metrics_port)
