@@ -23,8 +23,9 @@ SERVICE_S = 0.005
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     repository = tmp_path_factory.mktemp("repo")
     write_paced_model(repository, SERVICE_S, width=8, instances=4)
-    started = start_server(["--grpc-port", "0", "--model-repository", str(repository)], module="servers.triton",
-                           port_flag="--http-port")
+    write_paced_model(repository, 0.0, width=8, instances=4, name="instant")  # the same path, no service time
+    started = start_server(["--grpc-port", "0", "--model-repository", str(repository), "--allow-python-backend"],
+                           module="servers.triton", port_flag="--http-port")
     yield started
     stop_process(started.proc)
 
@@ -36,19 +37,28 @@ def _success_count(server: Server, model: str) -> int:
 
 def test_open_loop_over_grpc_measures_the_service_time(server: Server, host_noise: HostNoise,
                                                        tmp_path: Path) -> None:
-    before = _success_count(server, "paced")
-    run = run_loadgen("--protocol", "kserve-grpc", "--target", f"grpc://{server.fronts['grpc']}", "--model", "paced",
-                      "--rate", "100", "--duration", "3s", out=tmp_path / "run")
+    """`paced` and `instant` differ only by the 5 ms their model sleeps: run as one 50/50 mix, the
+    difference of their measured p50s is that sleep, whatever the round trip costs on this host."""
+    before = {model: _success_count(server, model) for model in ("paced", "instant")}
+    run = run_loadgen("--protocol", "kserve-grpc", "--target", f"grpc://{server.fronts['grpc']}",
+                      "--mix", "paced=1,instant=1", "--seed", "3", "--rate", "200", "--duration", "3s",
+                      out=tmp_path / "run")
     assert run.returncode == 0, run.stderr
     summary = run.summary
-    assert summary["errors"] == {} and summary["sent"] == 300 and summary["ok"] == summary["requests"]
-    assert _success_count(server, "paced") - before == summary["sent"] + summary["warmup_requests"]
-    # 5 ms of service and four instances at 100 req/s: no queueing, so latency is the service time
-    # plus the gRPC round trip
-    assert SERVICE_S * 1000 <= summary["latency_ms"]["p50"]
-    host_noise.assert_below(summary["latency_ms"]["p50"], SERVICE_S * 1000 + 2.0, what="latency p50 (ms)",
-                            quantile="p95", cap_ms=1.0)
-    host_noise.assert_below(summary["latency_ms"]["p99"], SERVICE_S * 1000 + 6.0, what="latency p99 (ms)")
+    assert summary["errors"] == {} and summary["sent"] == 600 and summary["ok"] == summary["requests"]
+    by_model = summary["by_model"]
+    assert by_model["paced"]["sent"] + by_model["instant"]["sent"] == 600
+    assert min(by_model["paced"]["sent"], by_model["instant"]["sent"]) > 200  # a 50/50 draw of 600
+    # every request the run sent (and its warm-up requests) reached a model and was answered
+    served = sum(_success_count(server, model) - before[model] for model in ("paced", "instant"))
+    assert served == summary["sent"] + summary["warmup_requests"]
+    # 5 ms of service and four instances at 100 req/s each: no queueing, so the paced model's latency is
+    # the instant one's plus the sleep (time.sleep oversleeps by tens of microseconds)
+    paced, instant = by_model["paced"]["latency_ms"], by_model["instant"]["latency_ms"]
+    assert SERVICE_S * 1000 <= paced["p50"]
+    host_noise.assert_near(paced["p50"] - instant["p50"], SERVICE_S * 1000 + 0.1, 0.4,
+                           what="p50(paced) - p50(instant) (ms)", quantile="p95", cap_ms=1.0)
+    host_noise.assert_below(paced["p99"], SERVICE_S * 1000 + 6.0, what="latency p99 (ms)")
 
 
 def test_closed_loop_over_grpc_on_a_builtin_model(server: Server, tmp_path: Path) -> None:
