@@ -331,7 +331,8 @@ _SERVE = (
     ("make-repo", "servers.models.make_repo",
      "Example: loadgen serve make-repo ./models && loadgen serve triton --model-repository ./models",
      """Write a Triton model repository of the built-in models (TorchScript, ONNX, Python backend),
-    made in code. See --help of the command."""),
+    made in code; the server runs its Python backend models only with --allow-python-backend. See --help
+    of the command."""),
 )
 """`loadgen serve NAME ARGS`: each reference server's own command line (`main(argv, prog)` of MODULE)."""
 

@@ -33,7 +33,7 @@ def write(repository: Path, name: str, config: str, files: dict[str, str | bytes
 
 
 def instances(repository: Path, name: str) -> list:
-    return load_model(repository, name).versions["1"].instances
+    return load_model(repository, name, allow_python_backend=True).versions["1"].instances
 
 
 def close_all(models: list) -> None:
@@ -202,7 +202,7 @@ def test_model_py_problems_are_load_errors(tmp_path: Path, source: str, message:
     write(tmp_path, "bad", PLAIN_CONFIG, {"1/model.py": source})
     before = set(sys.modules)
     with pytest.raises(ModelLoadError) as caught:
-        load_model(tmp_path, "bad")
+        load_model(tmp_path, "bad", allow_python_backend=True)
     assert str(caught.value).startswith("model 'bad': version 1: ") and message in str(caught.value)
     assert not {name for name in set(sys.modules) - before if name.startswith("_triton_python_model_")}
 
@@ -280,13 +280,13 @@ def test_torchscript_thread_parameter(tmp_path: Path, torch_file: bytes) -> None
     finally:
         torch.set_num_threads(threads)
     with pytest.raises(ModelLoadError, match=r"model 'bad': version 1: parameters.INTRA_OP_THREAD_COUNT: 'many'"):
-        load_model(tmp_path, "bad")
+        load_model(tmp_path, "bad", allow_python_backend=True)
 
 
 def test_torchscript_refuses_bytes_tensors(tmp_path: Path, torch_file: bytes) -> None:
     write(tmp_path, "words", TORCH_CONFIG.replace("TYPE_FP32", "TYPE_STRING", 1), {"1/model.pt": torch_file})
     with pytest.raises(ModelLoadError, match=r"input\[0\].data_type: TYPE_STRING is not supported by the pytorch"):
-        load_model(tmp_path, "words")
+        load_model(tmp_path, "words", allow_python_backend=True)
 
 
 # --- ONNX Runtime backend ---------------------------------------------------------------------------
@@ -338,7 +338,7 @@ def test_onnx_feeds_by_name_and_passes_bytes(tmp_path: Path) -> None:
 def test_onnx_config_is_held_against_the_graph(tmp_path: Path, change: tuple[str, str], message: str) -> None:
     write(tmp_path, "add", ADD_CONFIG.replace(*change, 1), {"1/model.onnx": ADD})
     with pytest.raises(ModelLoadError) as caught:
-        load_model(tmp_path, "add")
+        load_model(tmp_path, "add", allow_python_backend=True)
     assert str(caught.value).startswith("model 'add': version 1: ") and message in str(caught.value)
 
 
@@ -346,7 +346,7 @@ def test_onnx_without_config_is_completed_from_the_graph(tmp_path: Path) -> None
     for name, graph in (("add", ADD), ("text", STRINGS)):
         (tmp_path / name / "1").mkdir(parents=True)
         (tmp_path / name / "1" / "model.onnx").write_bytes(graph)
-    add = load_model(tmp_path, "add")
+    add = load_model(tmp_path, "add", allow_python_backend=True)
     assert (add.config.platform, add.config.backend, add.config.max_batch_size) == ("onnxruntime_onnx",
                                                                                      "onnxruntime", 4)
     assert add.config.HasField("dynamic_batching")
@@ -355,7 +355,7 @@ def test_onnx_without_config_is_completed_from_the_graph(tmp_path: Path) -> None
     assert model.outputs == (TensorSpec("SUM", "FP32", (3,)),)
     np.testing.assert_array_equal(model.infer({"A": np.ones((1, 3), np.float32), "B": np.ones((1, 3), np.float32)})
                                   ["SUM"], [[2, 2, 2]])
-    text = load_model(tmp_path, "text")  # a fixed first dimension: no batching
+    text = load_model(tmp_path, "text", allow_python_backend=True)  # a fixed first dimension: no batching
     assert text.config.max_batch_size == 0 and not text.config.HasField("dynamic_batching")
     assert text.versions["1"].instances[0].inputs == (TensorSpec("TEXT", "BYTES", (2,)),)
 
@@ -371,6 +371,23 @@ def test_as_declared_casts_within_a_kind_and_refuses_across() -> None:
     assert words.dtype == object and words.tolist() == [b"a", "é".encode()]
 
 
+def test_a_python_model_is_refused_before_its_code_runs_unless_allowed(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    write(tmp_path, "marking", PLAIN_CONFIG, {"1/model.py": f"""
+        from pathlib import Path
+        Path({str(marker)!r}).write_text("ran")
+
+        class TritonPythonModel:
+            def execute(self, requests):
+                return []
+    """})
+    with pytest.raises(ModelLoadError, match="--allow-python-backend"):
+        load_model(tmp_path, "marking")
+    assert not marker.exists()
+    close_all(load_model(tmp_path, "marking", allow_python_backend=True).versions["1"].instances)
+    assert marker.read_text() == "ran"
+
+
 def test_the_server_side_imports_no_framework_until_a_model_needs_it(tmp_path: Path) -> None:
     write(tmp_path, "plain", PLAIN_CONFIG, {"1/model.py": """
         import triton_python_backend_utils as pb_utils
@@ -383,7 +400,7 @@ def test_the_server_side_imports_no_framework_until_a_model_needs_it(tmp_path: P
         import sys
         from pathlib import Path
         from servers.triton.repository import load_model
-        load_model(Path({str(tmp_path)!r}), "plain")
+        load_model(Path({str(tmp_path)!r}), "plain", allow_python_backend=True)
         print("torch" in sys.modules, "onnxruntime" in sys.modules)
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,

@@ -36,7 +36,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     write_paced_model(repository, 0.0, width=4, name="honest")
     write_paced_model(repository, 0.0, width=4, name="doubling")  # declares OUTPUT0 [4], answers [8]
     (repository / "doubling" / "1" / "model.py").write_text(_DOUBLING)
-    started = start_server(["--grpc-port", "0", "--model-repository", str(repository)], module="servers.triton",
+    started = start_server(["--grpc-port", "0", "--model-repository", str(repository), "--allow-python-backend"], module="servers.triton",
                            port_flag="--http-port")
     yield started
     stop_process(started.proc)

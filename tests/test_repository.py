@@ -36,7 +36,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def loaded(repo: Path) -> dict[str, LoadedModel]:
-    models = {name: load_model(repo, name) for name in model_names(repo)}
+    models = {name: load_model(repo, name, allow_python_backend=True) for name in model_names(repo)}
     yield models
     for model in models.values():
         for version in model.versions.values():
@@ -225,7 +225,7 @@ def mixed(tmp_path_factory: pytest.TempPathFactory, repo: Path) -> Path:
 @pytest.mark.parametrize("name", sorted(BROKEN))
 def test_a_broken_model_fails_naming_the_model_and_the_field(mixed: Path, name: str) -> None:
     with pytest.raises(ModelLoadError) as caught:
-        load_model(mixed, name)
+        load_model(mixed, name, allow_python_backend=True)
     message = str(caught.value)
     assert message.startswith(f"model '{name}': ") and caught.value.model == name
     for part in BROKEN[name][2]:
@@ -236,14 +236,14 @@ def test_good_models_load_next_to_broken_ones(mixed: Path) -> None:
     assert model_names(mixed) == sorted([*BROKEN, "good_python", "good_onnx"])
     x = rows(2, 16)
     for name, expected in (("good_python", x), ("good_onnx", MLP().infer({"INPUT0": x})["OUTPUT0"])):
-        [instance] = load_model(mixed, name).versions["1"].instances
+        [instance] = load_model(mixed, name, allow_python_backend=True).versions["1"].instances
         np.testing.assert_allclose(instance.infer({"INPUT0": x})["OUTPUT0"], expected, rtol=1e-5, atol=1e-6)
         instance.close()
 
 
 def test_a_missing_model_folder_is_a_load_error(mixed: Path) -> None:
     with pytest.raises(ModelLoadError, match="model 'nope': no model folder"):
-        load_model(mixed, "nope")
+        load_model(mixed, "nope", allow_python_backend=True)
 
 
 # --- version policy ---------------------------------------------------------------------------------
@@ -272,7 +272,7 @@ def test_version_policy_selects_folders(tmp_path: Path, policy: str, expected: l
     files = {f"{v}/model.py": VERSIONED_PY.format(version=v) for v in (1, 2, 3)}
     files["latest/model.py"] = VERSIONED_PY.format(version=100)  # not a version: ignored
     write_model(tmp_path, "versioned", GOOD_CONFIG + policy + "\n", files)
-    model = load_model(tmp_path, "versioned")
+    model = load_model(tmp_path, "versioned", allow_python_backend=True)
     assert sorted(model.versions) == expected
     for version, loaded in model.versions.items():
         [instance] = loaded.instances
@@ -286,7 +286,7 @@ def test_specific_versions_must_exist(tmp_path: Path) -> None:
     files = {f"{v}/model.py": IDENTITY_PY for v in (1, 2)}
     write_model(tmp_path, "m", GOOD_CONFIG + "version_policy { specific { versions: [ 2, 4 ] } }\n", files)
     with pytest.raises(ModelLoadError, match=r"model 'm': version_policy.specific.versions: no version folder 4"):
-        load_model(tmp_path, "m")
+        load_model(tmp_path, "m", allow_python_backend=True)
 
 
 @pytest.mark.parametrize("filename", ["../outside.py", "/etc/hostname", "link.py"])
@@ -299,7 +299,7 @@ def test_default_model_filename_stays_inside_the_version_folder(tmp_path: Path, 
     (tmp_path / "m" / "1" / "link.py").symlink_to(tmp_path / "m" / "outside.py")
     with pytest.raises(ModelLoadError, match=f"model 'm': default_model_filename '{filename}' is not a file "
                                              "inside the version folder 1/"):
-        load_model(tmp_path, "m")
+        load_model(tmp_path, "m", allow_python_backend=True)
 
 
 # --- instance groups --------------------------------------------------------------------------------
@@ -309,7 +309,7 @@ def test_instance_groups_are_named_counted_and_fall_back_to_cpu(tmp_path: Path, 
     config = (tmp_path / "mlp" / "config.pbtxt").read_text().replace(
         "instance_group [ { count: 1 } ]", "instance_group [ { count: 2 kind: KIND_GPU }, { kind: KIND_CPU } ]")
     (tmp_path / "mlp" / "config.pbtxt").write_text(config)
-    model = load_model(tmp_path, "mlp")
+    model = load_model(tmp_path, "mlp", allow_python_backend=True)
     first, second = model.config.instance_group
     assert (first.name, first.count, second.name, second.count) == ("mlp_0", 2, "mlp_1", 1)
     assert model_config_pb2.ModelInstanceGroup.Kind.Name(first.kind) == GPU_KIND
@@ -343,7 +343,7 @@ def test_make_repo_force_writes_the_seeded_weights(tmp_path: Path, capfd: pytest
     expected = MLP(hidden=8, seed=3).infer({"INPUT0": x})["OUTPUT0"]
     assert not np.allclose(expected, MLP().infer({"INPUT0": x})["OUTPUT0"])
     for name in ("mlp", "mlp_onnx"):
-        [instance] = load_model(tmp_path, name).versions["1"].instances
+        [instance] = load_model(tmp_path, name, allow_python_backend=True).versions["1"].instances
         np.testing.assert_allclose(instance.infer({"INPUT0": x})["OUTPUT0"], expected, rtol=1e-5, atol=1e-6)
         instance.close()
 

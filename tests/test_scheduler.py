@@ -294,10 +294,10 @@ def test_intra_op_thread_count_reaches_the_instance_threads(tmp_path: Path) -> N
     _torchscript_doubler(tmp_path, "first", wanted)
     _torchscript_doubler(tmp_path, "second", other)
     try:
-        first = load_model(tmp_path, "first").versions["1"].instances
+        first = load_model(tmp_path, "first", allow_python_backend=True).versions["1"].instances
         probes = [_ThreadProbe(instance) for instance in first]
         scheduler = Scheduler(probes, ModelStats(probes[0]), None)  # its two threads start, idle
-        second = load_model(tmp_path, "second").versions["1"].instances
+        second = load_model(tmp_path, "second", allow_python_backend=True).versions["1"].instances
         fresh: list[int] = []
         untouched = threading.Thread(target=lambda: fresh.append(torch.get_num_threads()))
         untouched.start()

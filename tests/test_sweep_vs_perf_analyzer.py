@@ -29,7 +29,7 @@ SERVICE_S = 0.004
 def fronts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fronts]:
     repository = tmp_path_factory.mktemp("repo")
     write_paced_model(repository, SERVICE_S, width=4)
-    started = start_fronts("--model-repository", str(repository))
+    started = start_fronts("--model-repository", str(repository), "--allow-python-backend")
     yield started
     stop_process(started.proc)
 

@@ -294,7 +294,7 @@ def test_health_check_follows_readiness_with_a_broken_model(tmp_path, strict: bo
     (tmp_path / "broken" / "1").mkdir(parents=True)
     (tmp_path / "broken" / "config.pbtxt").write_text(
         'backend: "python"\nmax_batch_size: 0\ninput [ { name: "X" data_type: TYPE_NOPE dims: [ 1 ] } ]\n')
-    host = ModelHost(repository=tmp_path, strict_readiness=strict)
+    host = ModelHost(repository=tmp_path, strict_readiness=strict, allow_python_backend=True)
     host.load_repository()
 
     async def run() -> tuple[int, bool]:
@@ -344,7 +344,7 @@ def sleeper(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fronts]:
     """A server whose `sleeper` model (four instances) sleeps as many seconds as its first input says."""
     repository = tmp_path_factory.mktemp("repo")
     _write_sleeper(repository)
-    started = start_fronts("--model-repository", str(repository))
+    started = start_fronts("--model-repository", str(repository), "--allow-python-backend")
     yield started
     stop_process(started.proc)
 
@@ -426,7 +426,7 @@ def test_stream_requests_in_flight_are_bounded(tmp_path, monkeypatch: pytest.Mon
 
     monkeypatch.setattr(grpc_front, "STREAM_CONCURRENCY", 2)
     _write_sleeper(tmp_path)
-    host = ModelHost(repository=tmp_path)
+    host = ModelHost(repository=tmp_path, allow_python_backend=True)
     host.load_repository()
     requests = []
     for index in range(4):

@@ -57,7 +57,7 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def server(repository: Path) -> Iterator[Server]:
     loads = [arg for name in _LOADED for arg in ("--load-model", name)]
-    started = start_server(["--model-repository", str(repository), "--model-control-mode", "explicit", *loads,
+    started = start_server(["--model-repository", str(repository), "--allow-python-backend", "--model-control-mode", "explicit", *loads,
                             "--http-read-timeout", str(READ_TIMEOUT_S), "--grpc-port", "0"],
                            module="servers.triton", port_flag="--http-port", timeout=120)
     yield started

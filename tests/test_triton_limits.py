@@ -61,7 +61,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fronts]:
     repository = tmp_path_factory.mktemp("repo")
     _bounded_model(repository, "bounded", 2)
     write_paced_model(repository, SERVICE_S, 2, name="paced")
-    started = start_fronts("--model-repository", str(repository), "--http-read-timeout", str(READ_TIMEOUT_S),
+    started = start_fronts("--model-repository", str(repository), "--allow-python-backend", "--http-read-timeout", str(READ_TIMEOUT_S),
                            "--http-idle-timeout", str(IDLE_TIMEOUT_S),
                            "--grpc-max-concurrent-rpcs", str(GRPC_CAP), timeout=60)
     yield started

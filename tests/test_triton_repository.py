@@ -9,6 +9,7 @@ under concurrent clients, explicit load/unload, and version policies.
 from __future__ import annotations
 
 import asyncio
+import base64
 import textwrap
 import threading
 from collections.abc import Iterator
@@ -47,12 +48,13 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def in_process(repository: Path) -> dict[str, Model]:
     """Each good model of the repository, loaded here: the expected answers."""
     names = [path.name for path in sorted(repository.iterdir()) if path.name != "broken"]
-    return {name: load_model(repository, name).versions["1"].instances[0] for name in names}
+    return {name: load_model(repository, name, allow_python_backend=True).versions["1"].instances[0]
+            for name in names}
 
 
 @pytest.fixture(scope="module")
 def fronts(repository: Path) -> Iterator[Fronts]:
-    started = start_fronts("--model-repository", str(repository), timeout=120)
+    started = start_fronts("--model-repository", str(repository), "--allow-python-backend", timeout=120)
     yield started
     stop_process(started.proc)
 
@@ -275,8 +277,9 @@ def test_versions_policy_and_explicit_load_unload(tmp_path: Path) -> None:
     _scaled_model(tmp_path, "latest", [1, 2, 3])
     _scaled_model(tmp_path, "two", [1, 2, 3], "version_policy: { latest: { num_versions: 2 } }")
     _scaled_model(tmp_path, "later", [5])
-    started = start_fronts("--model-repository", str(tmp_path), "--model-control-mode", "explicit",
-                           "--load-model", "latest", "--load-model", "two", timeout=60)
+    started = start_fronts("--model-repository", str(tmp_path), "--allow-python-backend",
+                           "--model-control-mode", "explicit", "--load-model", "latest", "--load-model", "two",
+                           timeout=60)
     try:
         client = httpclient.InferenceServerClient(started.http_url)
         assert client.get_model_metadata("latest")["versions"] == ["3"]
@@ -300,5 +303,67 @@ def test_versions_policy_and_explicit_load_unload(tmp_path: Path) -> None:
         assert _scaled_infer(client, "later") == 5.0
         with pytest.raises(InferenceServerException, match="missing"):
             client.load_model("missing")
+    finally:
+        stop_process(started.proc)
+
+
+_MARKING_MODEL = textwrap.dedent('''
+    from pathlib import Path
+
+    import triton_python_backend_utils as pb_utils
+
+    Path({marker!r}).write_text("ran")  # on import: proof that the server ran this file
+
+
+    class TritonPythonModel:
+        def execute(self, requests):
+            return [pb_utils.InferenceResponse([pb_utils.Tensor(
+                "OUTPUT0", pb_utils.get_input_tensor_by_name(r, "INPUT0").as_numpy())]) for r in requests]
+''')
+_MARKING_CONFIG = ('backend: "python"\nmax_batch_size: 0\n'
+                   'input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
+                   'output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 1 ] } ]\n')
+
+
+def test_python_backend_code_runs_only_with_the_flag(tmp_path: Path) -> None:
+    """Without --allow-python-backend neither the repository's model.py nor one sent in a load request is
+    run (a file it writes on import never appears); the model is UNAVAILABLE with the reason, the load
+    request fails with it, and the other models serve. With the flag the same folder loads and serves."""
+    marker = tmp_path / "ran"
+    repository = tmp_path / "repo"
+    (repository / "marking" / "1").mkdir(parents=True)
+    (repository / "marking" / "1" / "model.py").write_text(_MARKING_MODEL.format(marker=str(marker)))
+    (repository / "marking" / "config.pbtxt").write_text(_MARKING_CONFIG)
+    make_repo(repository, digits=False, minilm=False)  # mlp and the rest: they serve either way
+    started = start_fronts("--model-repository", str(repository), "--model-control-mode", "explicit",
+                           "--load-model", "marking", "--load-model", "mlp", timeout=120)
+    try:
+        client = httpclient.InferenceServerClient(started.http_url)
+        rows = {row["name"]: row for row in client.get_model_repository_index()}
+        assert rows["marking"]["state"] == "UNAVAILABLE"
+        assert "--allow-python-backend" in rows["marking"]["reason"]
+        assert client.is_model_ready("mlp") and not client.is_model_ready("marking")
+        with pytest.raises(InferenceServerException, match="--allow-python-backend"):
+            client.load_model("marking")
+        files = {"config": '{"backend": "python", "max_batch_size": 0}',
+                 "file:1/model.py": base64.b64encode(_MARKING_MODEL.format(marker=str(marker)).encode()).decode()}
+        answer = httpx.post(f"http://{started.http_url}/v2/repository/models/sent/load",
+                            json={"parameters": files}, timeout=30)
+        assert answer.status_code == 400 and "--allow-python-backend" in answer.json()["error"]
+        assert not marker.exists()
+        assert client.is_server_live() and client.is_model_ready("mlp")
+    finally:
+        stop_process(started.proc)
+    assert "--allow-python-backend" in started.proc.stderr.read()
+    assert not marker.exists()
+
+    started = start_fronts("--model-repository", str(repository), "--allow-python-backend",
+                           "--model-control-mode", "explicit", "--load-model", "marking", timeout=60)
+    try:
+        client = httpclient.InferenceServerClient(started.http_url)
+        assert client.is_model_ready("marking") and marker.read_text() == "ran"
+        tensor = httpclient.InferInput("INPUT0", [1], "FP32")
+        tensor.set_data_from_numpy(np.array([2.5], np.float32))
+        assert client.infer("marking", [tensor]).as_numpy("OUTPUT0").tolist() == [2.5]
     finally:
         stop_process(started.proc)

@@ -9,6 +9,8 @@ precision, each with a known answer to compare against:
     identity, identity_bytes  python backend: OUTPUT0 = INPUT0 (FP32 / BYTES, dims [-1], batch 8)
     add_sub                   python backend, Triton's example: OUTPUT0 = INPUT0 + INPUT1, OUTPUT1 = the
                               difference (FP32 [16], no batch dimension)
+                              (the server loads python backend models only with --allow-python-backend;
+                              without it these three are UNAVAILABLE and the others serve)
     mlp                       TorchScript, the weights of servers.models.builtin.MLP(hidden, seed):
                               it computes the numpy built-in's function
     mlp_fp16                  the same weights in half precision (inputs are cast to half inside,

@@ -11,7 +11,9 @@ Without --model-repository it serves the built-in models (servers/models/builtin
 models of that Triton model repository (`python -m servers make-repo DIR` writes one), each loaded
 before the server listens (--model-control-mode none, the default) or only those named by
 --load-model (explicit mode, which also accepts load/unload requests). A model that fails to load is
-reported on stderr and in the repository index, and the others serve.
+reported on stderr and in the repository index, and the others serve. Python backend models (code in
+their model.py, from the folder or from a load request's files) load only with --allow-python-backend:
+without it, pointing the server at a folder or sending it a load request never runs code on it.
 
 HTTP is always served; gRPC only with --grpc-port, Prometheus metrics only with --metrics-port. gRPC
 speaks TLS with --grpc-use-ssl (tritonserver's flags: --grpc-server-cert, --grpc-server-key, and
@@ -192,6 +194,11 @@ def build_parser(prog: str = "python -m servers.triton") -> argparse.ArgumentPar
              "models, accept load/unload requests (default none)")
     add("--load-model", action="append", default=[], metavar="NAME",
         help="with --model-control-mode explicit: a model to load at start ('*' = all); repeatable")
+    add("--allow-python-backend", action="store_true",
+        help="load python backend models: the server imports and runs the model.py of a repository "
+             "model, and of a load request that carries files (anyone who can reach the server with "
+             "--model-control-mode explicit can then run code on it); default: refused, the model is "
+             "UNAVAILABLE with the reason")
     add("--strict-readiness", type=_boolean, default=True, metavar="BOOL",
         help="server ready only when every model asked for is ready (default true)")
     add("--mlp-hidden", type=int, default=64, help="hidden size of the built-in mlp model (default 64)")
@@ -305,7 +312,7 @@ def _models(args: argparse.Namespace) -> dict[str, Model] | ModelHost:
     if args.model_repository is None:
         return builtin_models(mlp_hidden=args.mlp_hidden, seed=args.seed)
     host = ModelHost(repository=Path(args.model_repository), control_mode=args.model_control_mode,
-                     strict_readiness=args.strict_readiness)
+                     strict_readiness=args.strict_readiness, allow_python_backend=args.allow_python_backend)
     host.load_repository(None if args.model_control_mode == "none" else args.load_model)
     for row in host.index():
         if row.get("state") == "UNAVAILABLE":

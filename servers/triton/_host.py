@@ -101,8 +101,11 @@ class ModelHost:
     """The served models and their statistics, shared by every front end of one server."""
 
     def __init__(self, models: dict[str, Model] | None = None, *, repository: Path | None = None,
-                 control_mode: str = "none", strict_readiness: bool = True) -> None:
+                 control_mode: str = "none", strict_readiness: bool = True,
+                 allow_python_backend: bool = False) -> None:
         self.repository = repository
+        self.allow_python_backend = allow_python_backend
+        """Whether python backend models (code in model.py) may load, from the repository or a request."""
         self.control_mode = control_mode
         self.strict_readiness = strict_readiness
         self._entries: dict[str, _Entry] = {}
@@ -191,7 +194,7 @@ class ModelHost:
         assert self.repository is not None
         wanted = _model_names(self.repository) if names is None or "*" in names else list(names)
         for name in wanted:
-            loaded, reason, _, memory = _load(self.repository, name)
+            loaded, reason, _, memory = _load(self.repository, name, None, self.allow_python_backend)
             self._install(name, loaded, reason, memory)
 
     async def load(self, name: str, parameters: Mapping[str, str | bytes] | None = None) -> None:
@@ -210,7 +213,7 @@ class ModelHost:
         if entry.state != "READY":
             entry.state = "LOADING"
         loaded, reason, folder, memory = await asyncio.get_running_loop().run_in_executor(
-            None, _load, self.repository, name, override)
+            None, _load, self.repository, name, override, self.allow_python_backend)
         self._install(name, loaded, reason, memory)
         if loaded is None:
             if folder is not None:
@@ -330,15 +333,15 @@ def _file_content(key: str, value: Any) -> bytes:
         raise RepositoryError(f"load parameter '{key}' is not valid base64: {exc}") from None
 
 
-def _load(repository: Path, name: str,
-          override: _Override | None = None) -> tuple[Any, str, Path | None, list[dict[str, Any]]]:
+def _load(repository: Path, name: str, override: _Override | None = None,
+          allow_python_backend: bool = False) -> tuple[Any, str, Path | None, list[dict[str, Any]]]:
     """(LoadedModel, "", folder, memory) or (None, reason, folder, []); never raises for a problem of the
     model. `folder` is the temporary folder made from the override's files (None without files);
     `memory` is what the load took (memory_usage of Triton's statistics: the process's resident memory
     grew by the CPU byte_size, the GPU's allocated memory by the GPU one)."""
     _import_runtime(repository / name if repository is not None else None)
     before = _memory_now()
-    loaded, reason, folder = _load_model(repository, name, override)
+    loaded, reason, folder = _load_model(repository, name, override, allow_python_backend)
     if loaded is None:
         return loaded, reason, folder, []
     after = _memory_now()
@@ -374,7 +377,8 @@ def _memory_now() -> dict[str, int]:
     return usage
 
 
-def _load_model(repository: Path, name: str, override: _Override | None) -> tuple[Any, str, Path | None]:
+def _load_model(repository: Path, name: str, override: _Override | None,
+                allow_python_backend: bool) -> tuple[Any, str, Path | None]:
     from servers.triton.repository import ModelLoadError, load_model
 
     folder = None
@@ -386,7 +390,8 @@ def _load_model(repository: Path, name: str, override: _Override | None) -> tupl
                 target = folder / name / path
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(content)
-        return load_model(repository, name, override.config if override else None), "", folder
+        config = override.config if override else None
+        return load_model(repository, name, config, allow_python_backend=allow_python_backend), "", folder
     except ModelLoadError as exc:
         return None, str(exc), folder
     except Exception as exc:  # noqa: BLE001 - a model's own code failing must not stop the server

@@ -105,12 +105,20 @@ def model_names(repository: Path) -> list[str]:
                   if entry.is_dir() and not entry.name.startswith((".", "_")))
 
 
-def load_model(repository: Path, name: str, config: model_config_pb2.ModelConfig | None = None) -> LoadedModel:
+PYTHON_BACKEND_REFUSED = ("a python backend model runs the code in its model.py; this server loads one only "
+                          "when started with --allow-python-backend")
+
+
+def load_model(repository: Path, name: str, config: model_config_pb2.ModelConfig | None = None, *,
+               allow_python_backend: bool = False) -> LoadedModel:
     """Read, check and load the model folder `repository/name`; raises ModelLoadError for any problem.
-    `config`, when given, is used instead of the folder's config.pbtxt (and is not changed).
+    `config`, when given, is used instead of the folder's config.pbtxt (and is not changed). A python
+    backend model (its model.py is imported and run) is refused before any of its code is read unless
+    `allow_python_backend`: a repository, or a load request that carries files, must not be a way to run
+    code on the server by default.
 
     Example:
-        loaded = load_model(Path("models"), "mlp")
+        loaded = load_model(Path("models"), "mlp")  # allow_python_backend=True for model.py models
         model = loaded.versions["1"].instances[0]
         model.infer({"INPUT0": np.zeros((1, 16), np.float32)})
     """
@@ -125,6 +133,8 @@ def load_model(repository: Path, name: str, config: model_config_pb2.ModelConfig
     else:
         config = _overriding_config(config, name)
     backend = _resolve_backend(config, name)
+    if backend.name == "python" and not allow_python_backend:
+        raise ModelLoadError(name, PYTHON_BACKEND_REFUSED)
     selected = _select_versions(config, versions, name)
     files = {version: _model_file(versions[version], config, backend, name) for version in selected}
     module = _backend_module(backend, name)
