@@ -15,7 +15,7 @@ from tritonclient.grpc import model_config_pb2
 from servers.core.model import TensorSpec
 from servers.models import make_repo as make_repo_module
 from servers.models.builtin import MLP
-from servers.models.make_repo import IDENTITY_PY, SEEDED_NAMES, config_text, main, make_repo
+from servers.models.make_repo import IDENTITY_PY, PYTHON_NAMES, SEEDED_NAMES, config_text, main, make_repo
 from servers.triton.repository import LoadedModel, ModelLoadError, load_model, model_names
 
 GPU_KIND = "KIND_GPU" if torch.cuda.is_available() else "KIND_CPU"
@@ -30,7 +30,7 @@ RUNTIMES = {"identity": ("", "python"), "identity_bytes": ("", "python"), "add_s
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("repo")
     # the digits: tests/test_digits_models.py; MiniLM: tests/test_minilm_models.py
-    assert make_repo(path, digits=False, minilm=False) == list(SEEDED_NAMES)
+    assert make_repo(path, digits=False, minilm=False, python=True) == [*PYTHON_NAMES, *SEEDED_NAMES]
     return path
 
 
@@ -55,7 +55,7 @@ def rows(count: int, *shape: int, seed: int = 0) -> np.ndarray:
 
 
 def test_every_model_loads_with_a_completed_config(loaded: dict[str, LoadedModel]) -> None:
-    assert sorted(loaded) == sorted(SEEDED_NAMES)
+    assert sorted(loaded) == sorted(PYTHON_NAMES + SEEDED_NAMES)
     for name, model in loaded.items():
         config = model.config
         assert (config.name, (config.platform, config.backend)) == (name, RUNTIMES[name])
@@ -336,8 +336,11 @@ def test_make_repo_refuses_a_non_empty_dest_without_force(tmp_path: Path, capsys
 
 def test_make_repo_force_writes_the_seeded_weights(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
     (tmp_path / "mlp" / "2").mkdir(parents=True)  # a stale version folder: replaced with the model folder
-    assert main([str(tmp_path), "--mlp-hidden", "8", "--seed", "3", "--no-digits", "--no-minilm", "--force"]) == 0
-    assert "wrote 8 models" in capfd.readouterr().out  # from the child with PYTHONHASHSEED=0
+    assert main([str(tmp_path), "--mlp-hidden", "8", "--seed", "3", "--no-digits", "--no-minilm", "--force",
+                 "--python-models"]) == 0
+    out = capfd.readouterr().out  # from the child with PYTHONHASHSEED=0
+    assert f"wrote {len(PYTHON_NAMES) + len(SEEDED_NAMES)} models" in out and "identity, identity_bytes" in out
+    assert (tmp_path / "add_sub" / "1" / "model.py").is_file()
     assert not (tmp_path / "mlp" / "2").exists()
     x = rows(4, 16)
     expected = MLP(hidden=8, seed=3).infer({"INPUT0": x})["OUTPUT0"]

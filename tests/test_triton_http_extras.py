@@ -46,7 +46,7 @@ _LOADED = ("identity", "identity_bytes", "identity_one", "add_sub")
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("repo")
-    make_repo(root, digits=False, minilm=False)
+    make_repo(root, digits=False, minilm=False, python=True)
     one = root / "identity_one"
     shutil.copytree(root / "identity_bytes", one)
     config = (one / "config.pbtxt").read_text().replace('"identity_bytes"', '"identity_one"')

@@ -37,7 +37,7 @@ _BROKEN_CONFIG = 'name: "broken"\nbackend: "python"\nmax_batch_size: 4\ninput [ 
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("repo")
-    make_repo(root, digits=False, minilm=False)
+    make_repo(root, digits=False, minilm=False, python=True)
     broken = root / "broken"
     (broken / "1").mkdir(parents=True)
     (broken / "config.pbtxt").write_text(_BROKEN_CONFIG)

