@@ -5,19 +5,23 @@ Imported only by verbs that send load: importing locust monkey-patches the proce
 
 from __future__ import annotations
 
+import math
 import sys
+from collections.abc import Mapping
 from contextlib import nullcontext
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import locust  # noqa: F401  (gevent monkey-patching must come before the other imports)
 
-from loadgen.driver.console import WebOptions
+from loadgen.driver.console import FormError, LiveConsole, Planner, WebOptions
 from loadgen.driver.distributed import DistributedOptions
 from loadgen.driver.master import open_cluster
-from loadgen.driver.run import RunResult, execute
-from loadgen.errors import ScenarioError, redact_url
+from loadgen.driver.run import Cluster, RunResult, execute
+from loadgen.driver.runbook import FinishedRun
+from loadgen.errors import LoadgenError, ScenarioError, redact_url
 from loadgen.protocols import spec_of
 from loadgen.scenario import OpenLoop, Scenario, load_scenario
 from loadgen.serverside import ServerMetrics, server_figures
@@ -25,6 +29,7 @@ from loadgen.sinks.hlog import write_hlog
 from loadgen.sinks.summary import build_summary, write_summary
 from loadgen.sinks.table import render_table
 from loadgen.slo import Objective, judge, parse_slo
+from loadgen.units import parse_duration
 
 __all__ = ["WORKER_LOST_EXIT", "run_and_report", "write_outputs"]
 
@@ -93,41 +98,167 @@ def write_outputs(result: RunResult, out_dir: Path, objectives: list[Objective] 
 
 def run_and_report(path: Path | None, overrides: dict[Any, Any], *, quiet: bool = False,
                    server_metrics: str | None = None, cost_per_hour: float | None = None,
-                   distributed: DistributedOptions | None = None, web: tuple[int, str] | None = None) -> int:
+                   distributed: DistributedOptions | None = None, web: WebOptions | None = None) -> int:
     """Validate, run, write outputs, print the table. Returns the exit code.
 
     With `server_metrics` (the target's Prometheus URL) the server's own counters are scraped just
     before and after the run, outside it, and their difference is summary.json's `server`.
     With `distributed`, the run is sent by Locust workers (loadgen/driver/master.py); exit 3 when a
-    lost worker stopped it (--stop-on-worker-loss). With `web` (port, host), the live console is served
-    while the run lasts (loadgen/driver/console.py).
+    lost worker stopped it (--stop-on-worker-loss). With `web`, the live console is served and outlives
+    the run: each start from its page sends the scenario again with the form's load (_console_runs).
     """
     scenario = load_scenario(path, overrides)
     _check_server_flags(server_metrics, cost_per_hour)
     out_dir = Path(scenario.output.dir) if scenario.output.dir else _default_out(scenario)
-    objectives = parse_slo(scenario.slo) if scenario.slo else None
-    metrics = ServerMetrics(server_metrics, scenario.target.model) if server_metrics else None
+    outputs = _Outputs(quiet=quiet, objectives=parse_slo(scenario.slo) if scenario.slo else None,
+                       metrics=ServerMetrics(server_metrics, scenario.target.model) if server_metrics else None,
+                       cost_per_hour=cost_per_hour)
     _say_trace(scenario)
+    if web is not None:
+        return _console_runs(LiveConsole(web, _planner(path, overrides), scenario), scenario, out_dir, outputs)
     with open_cluster(distributed) if distributed else nullcontext() as cluster:
-        before = metrics.sample() if metrics else None
-        result = execute(scenario, cluster, WebOptions(*web) if web is not None else None)
-    server = server_figures(before, metrics.sample(), cost_per_hour) if metrics else None
+        code, _ = _run_once(scenario, out_dir, outputs, cluster=cluster)
+    return code
+
+
+@dataclass(frozen=True)
+class _Outputs:
+    """What each run of the command writes and prints besides its own measurement."""
+
+    quiet: bool
+    objectives: list[Objective] | None
+    metrics: ServerMetrics | None
+    cost_per_hour: float | None
+
+
+def _run_once(scenario: Scenario, out_dir: Path, outputs: _Outputs, *, cluster: Cluster | None = None,
+              console: LiveConsole | None = None) -> tuple[int, dict[str, Any]]:
+    """One run: execute, write summary.json and latency.hlog in `out_dir`, print the table and where the
+    results are. Returns the exit code and the summary."""
+    metrics = outputs.metrics
+    before = metrics.sample() if metrics else None
+    result = execute(scenario, cluster, console)
+    server = server_figures(before, metrics.sample(), outputs.cost_per_hour) if metrics else None
     if metrics is not None and server is None:
         print(f"note: no server-side figures: {metrics.error}", file=sys.stderr)
-    summary = write_outputs(result, out_dir, objectives, server=server)
-    if not quiet:
-        print(render_table(summary))
+    summary = write_outputs(result, out_dir, outputs.objectives, server=server)
+    if not outputs.quiet:
+        print(render_table(summary), flush=True)
     note = " (interrupted: partial results)" if result.interrupted else ""
-    print(f"results in {out_dir}/ (summary.json, latency.hlog){note}", file=sys.stderr)
+    print(f"results in {out_dir}/ (summary.json, latency.hlog){note}", file=sys.stderr, flush=True)
     lost = (result.distributed or {}).get("lost", [])
     for record in lost:
         print(f"worker {record['worker']} (host {record['host']}, pid {record['pid']}) was lost "
               f"{record['lost_at_s']:.1f} s into the run; {record['then']}", file=sys.stderr)
     if lost and (result.distributed or {}).get("stopped_on_worker_loss"):
-        return WORKER_LOST_EXIT
+        return WORKER_LOST_EXIT, summary
     if result.interrupted:
-        return 130
-    return 1 if objectives and not summary["slo"]["met"] else 0
+        return 130, summary
+    return (1 if outputs.objectives and not summary["slo"]["met"] else 0), summary
+
+
+def _console_runs(console: LiveConsole, scenario: Scenario, out_dir: Path, outputs: _Outputs) -> int:
+    """The runs of a live console: the command line's first (unless --web-wait), then one per start from
+    the page, run N >= 2 written to OUT/run-N, until a quit; returns the last run's exit code (0: none ran).
+
+    The command line's run failing (an unreachable target, ...) ends the command as without a console
+    (exit 2); a run started from the page that fails is said there and on stderr, and the console stays.
+    """
+    first = None if console.options.wait else (console.runs.book(scenario), scenario)  # before a page can ask
+    console.start()
+    code = 0
+    try:
+        console.announce()
+        started = first if first is not None else console.next_start()
+        while started is not None:
+            number, planned = started
+            from_page = number > 1 or console.options.wait
+            code = _console_run(console, number, planned, out_dir / f"run-{number}" if number > 1 else out_dir,
+                                outputs, from_page=from_page)
+            started = console.next_start()
+    finally:
+        console.stop()
+    return code
+
+
+def _console_run(console: LiveConsole, number: int, scenario: Scenario, out_dir: Path, outputs: _Outputs, *,
+                 from_page: bool) -> int:
+    """Run `number` of the console, its downloads served once written; its exit code."""
+    try:
+        code, summary = _run_once(scenario, out_dir, outputs, console=console)
+    except LoadgenError as exc:
+        if not from_page:
+            raise
+        print(f"error: run {number}: {redact_url(str(exc))}", file=sys.stderr, flush=True)
+        console.runs.fail(number, redact_url(str(exc)))
+        return exc.exit_code
+    console.finished(FinishedRun(number, out_dir, code, summary))
+    return code
+
+
+_FORM_KEYS = {"rate": ("open_loop", "rate"), "users": ("closed_loop", "users"),
+              "arrival": ("open_loop", "arrival"), "duration": ("open_loop", "duration")}
+"""The start form's fields and the scenario keys they set: those of --rate, --users, --arrival and --duration
+(loadgen/options.py)."""
+_ARRIVALS = ("constant", "poisson", "gamma")
+_SHARED_KEYS = ("duration", "seed")  # kept whichever loop the form picks (scenario.apply_overrides)
+
+
+def _planner(path: Path | None, overrides: dict[Any, Any]) -> Planner:
+    """The console's start form -> the scenario it runs: the command line's (file and flags) with the form's
+    load over it; a form that switches the loop drops the command line's keys of the other loop."""
+
+    def plan(form: Mapping[str, str]) -> Scenario:
+        given = _form_values(form)
+        dropped = "closed_loop" if "rate" in given else "open_loop" if "users" in given else None
+        kept = {key: value for key, value in overrides.items()
+                if not (_key(key)[0] == dropped and _key(key)[-1] not in _SHARED_KEYS)}
+        return load_scenario(path, {**kept, **{_FORM_KEYS[name]: value for name, value in given.items()}})
+
+    return plan
+
+
+def _key(key: Any) -> tuple[str, ...]:
+    return tuple(key.split(".", 1)) if isinstance(key, str) else tuple(key)
+
+
+def _form_values(form: Mapping[str, str]) -> dict[str, Any]:
+    """The start form's given fields as scenario values (empty ones: not given); FormError names a bad one."""
+    unknown = sorted(set(form) - set(_FORM_KEYS))
+    if unknown:
+        raise FormError(unknown[0], f"not a field of the start form ({', '.join(_FORM_KEYS)})")
+    text = {name: str(form[name]).strip() for name in _FORM_KEYS if str(form.get(name) or "").strip()}
+    values: dict[str, Any] = {}
+    if "rate" in text:
+        values["rate"] = _positive(text["rate"], float, "rate", "a rate in requests per second")
+    if "users" in text:
+        if "rate" in text:
+            raise FormError("users", "rate (open loop) and users (closed loop) exclude each other: give one")
+        values["users"] = _positive(text["users"], int, "users", "a whole number of users")
+    if "arrival" in text:
+        if "users" in text:
+            raise FormError("arrival", "the arrival process is an open loop's (rate), not a closed loop's (users)")
+        if text["arrival"] not in _ARRIVALS:
+            raise FormError("arrival", f"expected one of {', '.join(_ARRIVALS)}, got {text['arrival']!r}")
+        values["arrival"] = text["arrival"]
+    if "duration" in text:
+        try:
+            if parse_duration(text["duration"]) <= 0:
+                raise ValueError("must be > 0")
+        except ValueError as exc:
+            raise FormError("duration", f"{exc} (got {text['duration']!r})") from None
+        values["duration"] = text["duration"]
+    return values
+
+
+def _positive(text: str, kind: type, name: str, what: str) -> Any:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise FormError(name, f"expected {what}, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise FormError(name, f"expected {what} > 0, got {text!r}")
+    return value
 
 
 def _say_trace(scenario: Scenario) -> None:

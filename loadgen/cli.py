@@ -7,6 +7,7 @@ load, never by `serve`.
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -81,32 +82,40 @@ def run(scenario: Path | None, values: dict[str, Any]) -> None:
     distributed = _distributed(values)
     web = _web(values)
     from loadgen._runcmd import run_and_report  # imports locust: only for verbs that send load
+    from loadgen.driver.console import WebOptions  # gevent, after locust has patched the process
 
     try:
         code = run_and_report(scenario, overrides, quiet=values["quiet"], server_metrics=values["server_metrics"],
-                              cost_per_hour=values["cost_per_hour"], distributed=distributed, web=web)
+                              cost_per_hour=values["cost_per_hour"], distributed=distributed,
+                              web=WebOptions(**web) if web is not None else None)
     except LoadgenError as exc:
         _fail(exc)
     raise typer.Exit(code)
 
 
-def _web(values: dict[str, Any]) -> tuple[int, str] | None:
-    """The live console's port and host (--web-port, --web-host), or None; a bad one is an input error (exit 2).
-    (Its WebOptions are made by the run: loadgen/driver/console.py imports gevent, which locust patches first.)"""
-    port, host = values["web_port"], values["web_host"]
+def _web(values: dict[str, Any]) -> dict[str, Any] | None:
+    """The live console's WebOptions as keywords (--web-port, --web-host, --web-autoquit, --web-wait), or None;
+    a bad one is an input error (exit 2). (The WebOptions are made once locust is imported:
+    loadgen/driver/console.py imports gevent, which locust patches first.)"""
+    port, host, autoquit, wait = values["web_port"], values["web_host"], values["web_autoquit"], values["web_wait"]
     if port is None:
+        if autoquit is not None or wait:
+            flag = "--web-autoquit" if autoquit is not None else "--web-wait"
+            _fail(ScenarioError([f"{flag} is for the live console: give --web-port too"], "flags"))
         return None
     problems = []
     if not 0 <= port <= 65535:
         problems.append(f"--web-port: expected a port from 0 to 65535 (0: a free one), got {port}")
     if not host.strip():
         problems.append("--web-host: expected an address, e.g. 127.0.0.1 or 0.0.0.0")
+    if autoquit is not None and not (math.isfinite(autoquit) and autoquit >= 0):
+        problems.append(f"--web-autoquit: expected seconds >= 0, got {autoquit:g}")
     if values["processes"] or values["master"]:
         problems.append("--web-port: the live console drives single-process runs for now, not --processes or "
                         "--master")
     if problems:
         _fail(ScenarioError(problems, "flags"))
-    return port, host.strip()
+    return {"port": port, "host": host.strip(), "autoquit_s": autoquit, "wait": wait}
 
 
 def _numbers(text: str | None, kind: type, flag: str) -> tuple:

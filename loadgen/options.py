@@ -189,9 +189,17 @@ WEB = (
     Flag("web_port", int | None, "Serve the live console on this port (0: a free one, printed): Locust's web UI "
          "with loadgen's page at /loadgen: offered, sent and achieved rate, latency percentiles of the last 10 s "
          "and of the run (the /metrics gauges' numbers), schedule lag, the generator's health and errors; stop "
-         "the run, or change an open loop's rate for the rest of it. Single-process runs.", panel=_WEB),
+         "the run, or change an open loop's rate for the rest of it; start the next run (rate or users, arrival, "
+         "duration; run N writes OUT/run-N) and download each finished run's summary.json, latency.hlog and "
+         "report.html. The console stays up after a run, until Ctrl-C, its quit button or --web-autoquit; the "
+         "exit code is the last run's. Single-process runs.", panel=_WEB),
     Flag("web_host", str, "Address the console listens on (default 127.0.0.1; 0.0.0.0 exposes it to other "
          "hosts: it asks for no login and it controls the load).", default="127.0.0.1", panel=_WEB),
+    Flag("web_autoquit", float | None, "Quit the console this many seconds after a run ends unless another run "
+         "is started from the page (0: as soon as the run's results are written), as Locust's --autoquit. "
+         "Without it the console stays up until Ctrl-C or its quit button.", panel=_WEB),
+    Flag("web_wait", bool, "Send no run from the command line: the console waits for a start from its page "
+         "(the command line's load fills the form).", default=False, decls=("--web-wait",), panel=_WEB),
 )
 
 QUIET = Flag("quiet", bool, "No table on stdout.", default=False, decls=("--quiet", "-q"))
@@ -247,7 +255,7 @@ COMPARE = (
 
 NOT_IN_COMPARE = {
     "--model": "compare takes --models, each variant one run (or sweep)",
-    **{flag.flag: "the live console drives one run, not a comparison's runs" for flag in WEB},
+    **{flag.flag: "the live console drives runs, not a comparison's runs" for flag in WEB},
     "--mix": "compare takes --models, each variant one run (or sweep) of one model",
 }
 """`run` flags compare does not take, and why."""
@@ -258,7 +266,7 @@ NOT_IN_SWEEP = {
     "--duration": "each step runs --warmup + --step-duration",
     "--quiet": "a sweep prints a line a step and its verdict, never a table",
     **{flag.flag: "a trace gives its own send instants: a sweep's steps set the rate" for flag in TRACE},
-    **{flag.flag: "the live console drives one run; a sweep's curve in it is still to come" for flag in WEB},
+    **{flag.flag: "the live console drives runs; a sweep's curve in it is still to come" for flag in WEB},
 }
 """`run` flags a sweep does not take, or takes with another meaning, and why."""
 

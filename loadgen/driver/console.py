@@ -1,51 +1,70 @@
 """The live console: Locust's own web UI, extended with loadgen's figures and controls (`--web-port`).
 
-A person who wants to watch and steer a run opens a browser on the generator, as every Locust user
-does; Locust's page alone shows its own statistics (rounded percentiles, closed-loop notions) and has
-no arrival rate. So `loadgen run --web-port P` starts Locust's WebUI (Environment.create_web_ui) on the
-run's own Environment, one web server, Locust's, and adds loadgen's routes to its Flask app:
+A person who wants to watch and steer runs opens a browser on the generator, as every Locust user does;
+Locust's page alone shows its own statistics (rounded percentiles, closed-loop notions) and has no arrival
+rate. So `loadgen run --web-port P` starts Locust's WebUI (Environment.create_web_ui), one web server,
+Locust's, and adds loadgen's routes to its Flask app. The console outlives its runs: its Environment and
+web UI stay up, and each run gets from `environment_for` the same Environment with fresh events, stats
+and runner (Locust's routes read them from it), and its own LoadContext (`attach`). The run command
+(loadgen/_runcmd.py) sends the first run from the command line (none with --web-wait), then one more run
+for each start from the page, until a quit (the page's, Ctrl-C, or --web-autoquit seconds after a run).
 
 - GET  /loadgen       the page (console.html beside this module: plain HTML and inline JS, no build step,
                       nothing fetched from elsewhere) that polls the figures, draws them as inline SVG
-                      charts and shows a GENERATOR-BOUND banner when the generator's self-check says so;
-- GET  /loadgen/live  the figures as JSON. Rates and percentiles come from a RunCollector
-                      (loadgen/sinks/prometheus.py) of the run's LoadContext: the same functions and
-                      the same closed intervals as the /metrics gauges (`intervals` says how many), so
-                      latency_s["10s"]["p99"] is loadgen_latency_percentile_seconds{quantile="0.99",
-                      window="10s"} read at the same moment. `generator` is the SelfCheck of the run so
-                      far (summary.json's `generator` as of now);
+                      charts, shows a GENERATOR-BOUND banner when the generator's self-check says so, has
+                      the start form and, once a run has finished, its download buttons;
+- GET  /loadgen/live  the console's state (waiting: no run yet; starting, running, stopping; finished;
+                      failed), the run's number and `finished` flag, the start form's defaults (`form`:
+                      the latest run's load) and the run's figures as JSON. Rates and percentiles come
+                      from a RunCollector (loadgen/sinks/prometheus.py) of the run's LoadContext: the same
+                      functions and the same closed intervals as the /metrics gauges (`intervals` says
+                      how many), so latency_s["10s"]["p99"] is loadgen_latency_percentile_seconds{
+                      quantile="0.99",window="10s"} read at the same moment. `generator` is the SelfCheck
+                      of the run so far (summary.json's `generator` once it has finished);
+- POST /loadgen/start rate=R | users=U, arrival=A, duration=D (each optional: the command line's value
+                      stands): the scenario of the command line with these over it runs next; 202
+                      {"run": N}, 400 naming the bad field, 409 while a run is going;
 - POST /loadgen/stop  ends the run as SIGINT does (partial results, interrupted);
 - POST /loadgen/rate  rate=R [at_s=T]: an open loop's rate is R from T seconds into the run (default:
-                      now) to its end; the arrivals before T stay as planned (LoadContext.change_rate).
+                      now) to its end; the arrivals before T stay as planned (LoadContext.change_rate);
+- POST /loadgen/quit  stops the run going, if any, and ends the process once its outputs are written,
+                      with the last run's exit code (an SLO missed is still 1);
+- GET  /loadgen/download/NAME[?run=N]  summary.json, latency.hlog or report.html of run N (default: the
+                      latest finished; 404 before it has finished), see loadgen/driver/runbook.py.
 
-Locust's own pages stay at / (its statistics of the same requests). The console is bound to 127.0.0.1
+Locust's own pages stay at / (its statistics of the run's requests). The console is bound to 127.0.0.1
 unless --web-host says otherwise, and it asks for no login: it controls the load, so exposing it is a
-decision the user makes with --web-host. It lives as long as the run: the process ends with the run.
+decision the user makes with --web-host.
 """
 
 from __future__ import annotations
 
 import math
 import resource
+import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
 import gevent
-from flask import Response, jsonify, request
+from flask import Response, jsonify, request, send_file
 from gevent.event import Event
+from locust.env import Environment
+from locust.event import Events
+from locust.stats import RequestStats
 
 from loadgen.driver.context import LoadContext
+from loadgen.driver.runbook import DOWNLOADS, FinishedRun, RunBook
 from loadgen.driver.selfcheck import SelfCheck
 from loadgen.errors import LoadgenError
-from loadgen.scenario import OpenLoop
+from loadgen.scenario import OpenLoop, Scenario
 from loadgen.sinks.prometheus import RunCollector
 
-__all__ = ["DEFAULT_WEB_HOST", "LiveConsole", "WebOptions"]
+__all__ = ["DEFAULT_WEB_HOST", "FormError", "LiveConsole", "Planner", "WebOptions"]
 
 DEFAULT_WEB_HOST = "127.0.0.1"
 _BIND_WAIT_S = 5.0  # the web server binds in its own greenlet: how long start() waits for it
@@ -53,10 +72,26 @@ _BIND_WAIT_S = 5.0  # the web server binds in its own greenlet: how long start()
 
 @dataclass(frozen=True)
 class WebOptions:
-    """Where the console listens (--web-host, --web-port; port 0: a free one, printed)."""
+    """Where the console listens (--web-host, --web-port; port 0: a free one, printed) and how long it
+    lives: `autoquit_s` seconds after a run ends with no new start (--web-autoquit; None: until a quit),
+    and whether the first run waits for a start from the page (--web-wait)."""
 
     port: int = 0
     host: str = DEFAULT_WEB_HOST
+    autoquit_s: float | None = None
+    wait: bool = False
+
+
+class FormError(ValueError):
+    """A start-form field that cannot be taken (400, naming `field`)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+Planner = Callable[[Mapping[str, str]], Scenario]
+"""A start form's fields -> the scenario to run; raises FormError (or a ScenarioError) on a bad one."""
 
 
 def _cpu_seconds() -> float:
@@ -64,24 +99,36 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-class LiveConsole:
-    """Locust's web UI on `environment` with loadgen's routes, for the run of `ctx`; `stop` is the run's
-    stop event (set by the page's stop button as by SIGINT).
+class _Run:
+    """The run being sent (or the latest sent): its number, context, stop event and figures."""
 
-    >>> console = LiveConsole(ctx, environment, stop, WebOptions(port=0)).start()  # doctest: +SKIP
+    def __init__(self, number: int, ctx: LoadContext, stop: Event) -> None:
+        self.number = number
+        self.ctx = ctx
+        self.stop = stop
+        self.collector = RunCollector(ctx, pause=gevent.idle)
+        self.cpu0 = (time.monotonic(), _cpu_seconds())
+
+
+class LiveConsole:
+    """Locust's web UI with loadgen's routes, up across runs; `plan` makes a start form into a scenario and
+    `scenario` (the command line's) gives the form's defaults until a run is booked.
+
+    >>> console = LiveConsole(WebOptions(port=0), plan, scenario).start()  # doctest: +SKIP
     >>> console.url  # doctest: +SKIP
     'http://127.0.0.1:40123/loadgen'
+    >>> environment = console.environment_for(OpenLoopUser)  # doctest: +SKIP
     """
 
-    def __init__(self, ctx: LoadContext, environment: Any, stop: Event, options: WebOptions) -> None:
-        self._ctx = ctx
-        self._environment = environment
-        self._stop = stop
+    def __init__(self, options: WebOptions, plan: Planner, scenario: Scenario) -> None:
         self.options = options
         self.port = options.port
         """The port served on (the one picked once started, when 0 was asked for)."""
-        self._collector = RunCollector(ctx, pause=gevent.idle)
-        self._cpu0 = (time.monotonic(), _cpu_seconds())
+        self.runs = RunBook(options.autoquit_s)
+        self.runs.scenario = scenario
+        self._plan = plan
+        self._environment = Environment(events=Events())
+        self._run: _Run | None = None
         self._web_ui: Any = None
         self._failed: OSError | None = None
 
@@ -90,6 +137,7 @@ class LiveConsole:
 
         Raises LoadgenError (exit 2) when the address cannot be bound.
         """
+        self._environment.create_local_runner()  # Locust's / answers before the first run too
         with _locust_argv():
             web_ui = self._web_ui = self._environment.create_web_ui(self.options.host, self.options.port,
                                                                       delayed_start=True)
@@ -112,7 +160,6 @@ class LiveConsole:
                                f"({self._failed.strerror or self._failed}); choose another --web-port "
                                "(0 for a free one) or --web-host")
         self.port = web_ui.server.server_port
-        self._cpu0 = (time.monotonic(), _cpu_seconds())
         return self
 
     def _serve(self) -> None:
@@ -134,15 +181,73 @@ class LiveConsole:
         """Close the port (a request in progress gets up to a second)."""
         if self._web_ui is not None and self._web_ui.server is not None:
             self._web_ui.server.stop(timeout=1.0)
+        if self._environment.runner is not None:
+            self._environment.runner.quit()
         self._web_ui = None
+
+    # -- the runs ----------------------------------------------------------------------------------
+    def environment_for(self, user_class: type) -> Environment:
+        """The console's Environment made ready for the next run: `user_class`, fresh events and stats, no
+        runner (the run creates its own). Locust's web UI keeps reading it: its / shows this run."""
+        environment = self._environment
+        if environment.runner is not None:
+            environment.runner.quit()  # the previous run's (already stopped) or the placeholder
+        environment.runner = None
+        environment.events = Events()
+        environment.stats = RequestStats()
+        environment.user_classes = [user_class]
+        return environment
+
+    def attach(self, ctx: LoadContext, stop: Event) -> None:
+        """Show the run of `ctx` (the one booked last); `stop` ends it (the page's stop, a quit)."""
+        self._run = _Run(self.runs.number, ctx, stop)
+        if self.runs.quitting:
+            stop.set()  # a quit came while the run was being prepared
+
+    def finished(self, run: FinishedRun) -> None:
+        """The run has ended and its outputs are written: its downloads are served from now on."""
+        self.runs.finish(run)
+
+    def quit(self) -> None:
+        """Stop the run going, if any, and let the run command end (as the page's quit does)."""
+        self.runs.quit()
+        if self.runs.busy and self._current() is not None:
+            self._current().stop.set()
+
+    def next_start(self) -> tuple[int, Scenario] | None:
+        """Wait for the next run started from the page: (its number, its scenario); None to quit (the page's
+        quit, SIGINT or SIGTERM while waiting, or --web-autoquit seconds after a run ended)."""
+        autoquit = self.runs.autoquit_s
+        if self.runs.quitting:
+            return None
+        if self.runs.number == 0:
+            print(f"console: waiting for a start from {self.url}", file=sys.stderr, flush=True)
+        else:
+            ends = f"it quits in {autoquit:g} s unless a run is started" if autoquit is not None else \
+                "quit it there or with Ctrl-C"
+            print(f"console: start another run at {self.url}; {ends}", file=sys.stderr, flush=True)
+        handlers = [gevent.signal_handler(sig, self.quit) for sig in (signal.SIGINT, signal.SIGTERM)]
+        try:
+            return self.runs.next_start()
+        finally:
+            for handler in handlers:
+                handler.cancel()
+
+    def _current(self) -> _Run | None:
+        """The attached run when it is the latest booked (not an earlier one)."""
+        run = self._run
+        return run if run is not None and run.number == self.runs.number else None
 
     # -- routes ------------------------------------------------------------------------------------
     def _add_routes(self, web_ui: Any) -> None:
         app, guard = web_ui.app, web_ui.auth_required_if_enabled
         app.add_url_rule("/loadgen", "loadgen_page", guard(self._page))
         app.add_url_rule("/loadgen/live", "loadgen_live", guard(self._live))
+        app.add_url_rule("/loadgen/start", "loadgen_start", guard(self._start_run), methods=["POST"])
         app.add_url_rule("/loadgen/stop", "loadgen_stop", guard(self._stop_run), methods=["POST"])
         app.add_url_rule("/loadgen/rate", "loadgen_rate", guard(self._change_rate), methods=["POST"])
+        app.add_url_rule("/loadgen/quit", "loadgen_quit", guard(self._quit), methods=["POST"])
+        app.add_url_rule("/loadgen/download/<name>", "loadgen_download", guard(self._download))
 
     def _page(self) -> Response:
         page = resources.files("loadgen.driver").joinpath("console.html").read_text(encoding="utf-8")
@@ -151,53 +256,101 @@ class LiveConsole:
     def _live(self) -> Response:
         return jsonify(self.live())
 
-    def _stop_run(self) -> Response:
-        self._stop.set()
-        return jsonify({"stopping": True})
+    def _start_run(self) -> tuple[Response, int]:
+        if self.runs.busy or self.runs.quitting:
+            why = "the console is quitting" if self.runs.quitting else f"run {self.runs.number} is going"
+            return jsonify({"error": f"{why}: stop it first, or wait for its end"}), 409
+        try:
+            scenario = self._plan(request.get_json(silent=True) or request.form)
+        except FormError as exc:
+            return jsonify({"error": str(exc), "field": exc.field}), 400
+        except ValueError as exc:  # the scenario with the form's values over it does not validate
+            return jsonify({"error": str(exc), "field": None}), 400
+        return jsonify({"run": self.runs.request(scenario)}), 202
+
+    def _going(self) -> _Run | None:
+        return self._current() if self.runs.busy else None
+
+    def _stop_run(self) -> tuple[Response, int]:
+        run = self._going()
+        if run is None:
+            return jsonify({"error": "no run is going"}), 409
+        run.stop.set()
+        return jsonify({"stopping": True, "run": run.number}), 200
 
     def _change_rate(self) -> tuple[Response, int]:
+        run = self._going()
+        if run is None:
+            return jsonify({"error": "no run is going"}), 409
         values = request.get_json(silent=True) or request.form
         try:
             rate = _number(values, "rate")
-            at_s = self._ctx.change_rate(rate, _number(values, "at_s") if values.get("at_s") not in (None, "")
-                                         else None)
+            at_s = run.ctx.change_rate(rate, _number(values, "at_s") if values.get("at_s") not in (None, "")
+                                       else None)
         except ValueError as exc:
             return jsonify({"error": str(exc)}), 409 if not isinstance(exc, _BadField) else 400
         return jsonify({"rate": rate, "at_s": at_s}), 200
 
-    # -- figures -----------------------------------------------------------------------------------
-    def run_time_s(self) -> float:
-        """Seconds since the run's start (negative before it)."""
-        return time.monotonic() - self._ctx.start_t
+    def _quit(self) -> tuple[Response, int]:
+        self.quit()
+        return jsonify({"quitting": True, "run": self.runs.number}), 202
 
+    def _download(self, name: str) -> Response | tuple[Response, int]:
+        if name not in DOWNLOADS:
+            return jsonify({"error": f"no download {name!r}: one of {', '.join(DOWNLOADS)}"}), 404
+        asked = request.args.get("run")
+        if asked is not None and not asked.isdigit():
+            return jsonify({"error": f"run: expected a run number, got {asked!r}"}), 400
+        run = self.runs.finished.get(int(asked)) if asked is not None else self.runs.latest_finished()
+        if run is None:
+            why = f"run {asked} has not finished" if asked is not None else "no run has finished yet"
+            return jsonify({"error": why}), 404
+        try:
+            path = run.file(name)
+        except (RuntimeError, OSError, TimeoutError) as exc:
+            return jsonify({"error": str(exc)}), 500
+        return send_file(path.resolve(), mimetype=DOWNLOADS[name], as_attachment=True,
+                         download_name=f"run-{run.number}-{name}", max_age=0)
+
+    # -- figures -----------------------------------------------------------------------------------
     def live(self) -> dict[str, Any]:
-        """What /loadgen/live answers: the run's state and settings, its figures, its generator health."""
-        ctx = self._ctx
-        pattern = ctx.pattern
-        is_open = isinstance(pattern, OpenLoop)
-        figures = self._collector.live()
-        state = "starting" if figures is None else "stopping" if ctx.stopping or ctx.done.is_set() else "running"
-        found: dict[str, Any] = {
-            "state": state,
-            "t_s": max(0.0, self.run_time_s()) if figures is not None else 0.0,
-            "duration_s": pattern.total_duration,
-            "loop": "open" if is_open else "closed",
-            "users": None if is_open else pattern.users,
-            "model": ctx.scenario.target.model,
-            "rate_changes": list(ctx.rate_changes),
-            "rate_changeable": is_open and pattern.trace is None and ctx.share == (0, 1),
-        }
-        if figures is not None:
-            found.update(figures)
-            found["generator"] = self._health(figures).as_json()
+        """What /loadgen/live answers: the console's state, the run's settings, figures and generator health."""
+        book = self.runs
+        found: dict[str, Any] = {"run": book.number, "finished": book.number in book.finished,
+                                 "quitting": book.quitting, "form": _form_of(book.scenario)}
+        done = book.finished.get(book.number)
+        if done is not None:
+            found.update(exit_code=done.exit_code, out=str(done.out_dir))
+        if book.number in book.failed:
+            found["error"] = book.failed[book.number]
+        run = self._current()
+        if run is None:
+            found.update(_settings(book.scenario, run=None))
+            found["state"] = "waiting" if book.number == 0 else "failed" if book.number in book.failed \
+                else "starting"
+            return found
+        found.update(_settings(run.ctx.scenario, run=run.ctx))
+        figures = run.collector.live()
+        ctx = run.ctx
+        found["state"] = ("finished" if done is not None else "failed" if book.number in book.failed
+                          else "starting" if figures is None
+                          else "stopping" if ctx.stopping or ctx.done.is_set() else "running")
+        found["rate_changeable"] = found["rate_changeable"] and found["state"] in ("starting", "running")
+        if figures is None:
+            return found
+        found["t_s"] = done.summary.get("duration_s", 0.0) if done is not None else \
+            max(0.0, time.monotonic() - ctx.start_t)
+        found.update(figures)
+        found["generator"] = done.summary["generator"] if done is not None else self._health(run, figures).as_json()
         return found
 
-    def _health(self, figures: dict[str, Any]) -> SelfCheck:
+    @staticmethod
+    def _health(run: _Run, figures: dict[str, Any]) -> SelfCheck:
         """The generator's self-check so far, from the snapshot's figures (never from the recorder while it
-        closes an interval): lag from the run's lag histogram, CPU since the console started."""
-        ctx = self._ctx
+        closes an interval): lag from the run's lag histogram, CPU since the run was attached."""
+        ctx = run.ctx
         counts = figures["counts"]
-        wall0, cpu0 = self._cpu0
+        wall0, cpu0 = run.cpu0
         wall = time.monotonic() - wall0
         lag = figures.get("lag_s", {}).get("run", {})
         is_open = isinstance(ctx.pattern, OpenLoop)
@@ -212,6 +365,36 @@ class LiveConsole:
             max_lag_ms=ctx.scenario.output.max_lag_ms,
             fd_note=ctx.fd_note,
         )
+
+
+def _settings(scenario: Scenario | None, run: LoadContext | None) -> dict[str, Any]:
+    """The run's settings /loadgen/live gives in every state (those of `scenario` before its run starts)."""
+    if scenario is None:
+        return {"t_s": 0.0, "duration_s": 0.0, "loop": None, "users": None, "model": None, "rate_changes": [],
+                "rate_changeable": False}
+    pattern = scenario.pattern
+    is_open = isinstance(pattern, OpenLoop)
+    return {
+        "t_s": 0.0,
+        "duration_s": pattern.total_duration,
+        "loop": "open" if is_open else "closed",
+        "users": None if is_open else pattern.users,
+        "model": scenario.target.model,
+        "rate_changes": list(run.rate_changes) if run is not None else [],
+        "rate_changeable": run is not None and is_open and pattern.trace is None and run.share == (0, 1),
+    }
+
+
+def _form_of(scenario: Scenario | None) -> dict[str, Any]:
+    """The start form's defaults: the load of `scenario` (the latest run's, or the command line's)."""
+    if scenario is None:
+        return {"loop": "open", "rate": None, "arrival": "constant", "users": None, "duration": None}
+    pattern = scenario.pattern
+    duration = f"{pattern.total_duration:g}s"
+    if isinstance(pattern, OpenLoop):
+        return {"loop": "open", "rate": pattern.rate, "arrival": pattern.arrival, "users": None,
+                "duration": duration}
+    return {"loop": "closed", "rate": None, "arrival": None, "users": pattern.users, "duration": duration}
 
 
 @contextmanager

@@ -5,8 +5,10 @@ scenario's pattern, waits for the schedule (open loop) or the duration (closed l
 SIGINT/SIGTERM, lets in-flight requests finish (bounded), and returns a RunResult holding the
 recorder and the generator's self-check. Writing files is the caller's business (sinks).
 
-`execute(scenario, web=WebOptions(...))` serves the live console (loadgen/driver/console.py: Locust's web
-UI on the run's Environment, with loadgen's page, figures and controls) while the run lasts.
+`execute(scenario, console=LiveConsole(...))` sends the run under the live console (loadgen/driver/console.py:
+Locust's web UI with loadgen's page, figures and controls, up across runs): the run takes the console's
+Environment (fresh events, stats and runner) and shows its LoadContext there; the console's stop and quit
+end it as SIGINT does.
 
 `execute(scenario, cluster=...)` runs it distributed instead: a Cluster (loadgen/driver/master.py) of
 Locust workers sends the load and the RunResult holds the master's merged recorder.
@@ -30,7 +32,7 @@ from gevent.event import Event
 from locust.env import Environment
 from locust.event import Events
 
-from loadgen.driver.console import LiveConsole, WebOptions
+from loadgen.driver.console import LiveConsole
 from loadgen.driver.context import BACKSTOP_S, LoadContext
 from loadgen.driver.exporter import MetricsExporter
 from loadgen.driver.mix import client_of
@@ -93,21 +95,23 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def execute(scenario: Scenario, cluster: Cluster | None = None, web: WebOptions | None = None) -> RunResult:
+def execute(scenario: Scenario, cluster: Cluster | None = None, console: LiveConsole | None = None) -> RunResult:
     """Run `scenario` (see _execute), with the generator's CPUs kept awake if the scenario asks; on
     `cluster`'s workers when one is given (local workers leave keeping the CPUs awake to this process,
-    remote ones do it on their hosts). `web`: serve the live console (a single-process run only)."""
-    if cluster is not None and web is not None:
+    remote ones do it on their hosts). `console`: show and steer the run in the live console (a
+    single-process run only)."""
+    if cluster is not None and console is not None:
         raise LoadgenError("--web-port: the live console drives single-process runs for now, not --processes "
                            "or --master")
     if not scenario.output.keep_awake or (cluster is not None and not cluster.local_pids):
-        return cluster.run(scenario) if cluster is not None else _execute(scenario, web)
+        return cluster.run(scenario) if cluster is not None else _execute(scenario, console)
     with KeepAwake(os.sched_getaffinity(0)):
-        return cluster.run(scenario) if cluster is not None else _execute(scenario, web)
+        return cluster.run(scenario) if cluster is not None else _execute(scenario, console)
 
 
-def _execute(scenario: Scenario, web: WebOptions | None = None) -> RunResult:
+def _execute(scenario: Scenario, console: LiveConsole | None = None) -> RunResult:
     """Run `scenario` to its end (or SIGINT/SIGTERM, or the console's stop) and return what was measured.
+    SIGINT/SIGTERM under a console also quit it (the run command ends once the outputs are written).
 
     Raises a TargetError (exit 2) before any load is sent when the target is not usable.
     """
@@ -120,7 +124,9 @@ def _execute(scenario: Scenario, web: WebOptions | None = None) -> RunResult:
     client = client_of(scenario, seed=pattern.seed)
     metadata = client.prepare()
 
-    environment = Environment(user_classes=[OpenLoopUser if is_open else ClosedLoopUser], events=Events())
+    user_class = OpenLoopUser if is_open else ClosedLoopUser
+    environment = console.environment_for(user_class) if console is not None else \
+        Environment(user_classes=[user_class], events=Events())
     ctx = LoadContext(scenario, client, environment)
     ctx.fd_note = fd_note
     environment.loadgen = ctx
@@ -131,20 +137,19 @@ def _execute(scenario: Scenario, web: WebOptions | None = None) -> RunResult:
         raise
     runner = environment.create_local_runner()
     stop = Event()
-    try:
-        console = LiveConsole(ctx, environment, stop, web).start() if web is not None else None
-    except LoadgenError:
-        if exporter is not None:
-            exporter.stop()
-        client.close()
-        raise
-    handlers = [gevent.signal_handler(sig, stop.set) for sig in (signal.SIGINT, signal.SIGTERM)]
+    if console is not None:
+        console.attach(ctx, stop)
+
+    def on_signal() -> None:
+        stop.set()
+        if console is not None:
+            console.quit()
+
+    handlers = [gevent.signal_handler(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)]
     # Everything allocated so far lives for the whole run: keep the cyclic collector off it, so
     # that a full collection cannot pause the dispatcher for milliseconds mid-run.
     gc.collect()
     gc.freeze()
-    if console is not None:
-        console.announce()
     if exporter is not None:
         exporter.announce()  # the last thing before the start (_LEAD_S ahead): tests time stalls from it
     cpu0, wall0 = _cpu_seconds(), time.monotonic()
@@ -168,10 +173,11 @@ def _execute(scenario: Scenario, web: WebOptions | None = None) -> RunResult:
     finally:
         for handler in handlers:
             handler.cancel()
+        # What this run froze (its context, client, Locust runner) is collectable again once dropped: a
+        # console's next run or a sweep's next step freezes its own instead of piling up every run's.
+        gc.unfreeze()
         if exporter is not None:
             exporter.stop()
-        if console is not None:
-            console.stop()
         client.close()
     cpu = (_cpu_seconds() - cpu0) / max(end_t - wall0, 1e-9)
     result = result_of(ctx, end_t, interrupted=interrupted, cpu=cpu, start_epoch_s=epoch0, metadata=metadata)
