@@ -65,9 +65,11 @@ class ConsoleRun:
                 self.metrics = line.split()[-1]
             elif not line and self.proc.poll() is not None:
                 break
+        self.said = "".join(said)
+        """What it printed on stderr before the console's URL was known (its lines come in either order)."""
         if not (self.console and (self.metrics or not metrics)):
             stop_process(self.proc)
-            raise AssertionError(f"no console or metrics line: {''.join(said)}{self.proc.stderr.read()}")
+            raise AssertionError(f"no console or metrics line: {self.said}{self.proc.stderr.read()}")
 
     def live(self) -> dict[str, Any]:
         return httpx.get(self.console + "/live", timeout=2).json()
@@ -92,11 +94,12 @@ class ConsoleRun:
         raise AssertionError(f"the console never showed what was waited for; last: {live}")
 
     def finish(self, timeout: float = 30.0) -> tuple[int, str, dict[str, Any]]:
-        try:
-            _, stderr = self.proc.communicate(timeout=timeout)
+        try:  # not communicate(timeout=...): it reads the pipe itself, past what readline() has buffered
+            self.proc.wait(timeout=timeout)
+            stderr = self.proc.stderr.read()
         finally:
             stop_process(self.proc)
-        return self.proc.returncode, stderr, json.loads((self.out / "summary.json").read_text())
+        return self.proc.returncode, self.said + stderr, json.loads((self.out / "summary.json").read_text())
 
 
 def same_moment(run: ConsoleRun, name: str, **labels: str) -> tuple[dict[str, Any], float]:
