@@ -14,8 +14,14 @@ $(BIN)/.installed: pyproject.toml
 demo: $(BIN)/.installed
 	$(BIN)/loadgen demo
 
+# The tests that time nothing, two at a time (one module per process), then the timing tests alone (the
+# `timing` mark: tests/conftest.py); both parts run, and the first failure's status is the result.
+TEST_WORKERS ?= 2
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q --durations=25
+	@status=0; \
+	$(BIN)/python -m pytest -q -m "not timing" -n $(TEST_WORKERS) --dist loadfile --durations=15 || status=$$?; \
+	$(BIN)/python -m pytest -q -m timing --durations=15 || { s=$$?; [ $$status -ne 0 ] || status=$$s; }; \
+	exit $$status
 
 bench: $(BIN)/.installed
 	$(BIN)/python -m pip install -q -e '.[bench]'

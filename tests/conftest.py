@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -41,37 +43,56 @@ def triton_server() -> Iterator[Server]:
     stop_process(server.proc)
 
 
+def _built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
+    """`root/name`, made by `build(root/name)` the first time any process of this test run asks for it:
+    under pytest-xdist every worker has a session of its own, and they share the folder above their own
+    base temp folder, so the first builds (holding a lock) and the others wait for it and reuse it."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    target = root / name
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / f"{name}.done").is_file():
+            shutil.rmtree(target, ignore_errors=True)
+            target.mkdir(parents=True)
+            build(target)
+            (root / f"{name}.done").touch()
+    return target
+
+
 @pytest.fixture(scope="session")
 def model_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The TorchServe captures' model store, one per test session (built on first use)."""
-    store = tmp_path_factory.getbasetemp() / "torchserve-store"
-    if not (store / "slow.mar").is_file():
-        build_store(store)
-    return store
+    """The TorchServe captures' model store, one per test run (built on first use)."""
+    return _built_once(tmp_path_factory, "torchserve-store", build_store)
 
 
 @pytest.fixture(scope="session")
 def digits_repositories(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[Path, str]]:
     """Two model repositories written by `python -m servers.models.make_repo --no-minilm` (built-in and
-    digits models, with _data/ test split and labels), both at once, once per session: the training takes
+    digits models, with _data/ test split and labels), both at once, once per test run: the training takes
     seconds, on one thread each. The first from an interpreter without a hash seed, the second with
     PYTHONHASHSEED=1 (the command fixes its own): tests/test_digits_models.py compares their bytes. The
     MiniLM models (260 MB, tests/test_minilm_models.py) are left out. Each comes with what the command
-    printed."""
-    paths = (tmp_path_factory.mktemp("digits_repository"), tmp_path_factory.mktemp("digits_b"))
-    unseeded = {key: value for key, value in os.environ.items() if key != "PYTHONHASHSEED"}
-    runs = [subprocess.Popen([sys.executable, "-m", "servers.models.make_repo", str(path), "--no-minilm"],
-                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for path, env in zip(paths, (unseeded, {**os.environ, "PYTHONHASHSEED": "1"}))]
-    written = []
-    for path, run in zip(paths, runs):
-        try:
-            out, err = run.communicate(timeout=300)
-        finally:
-            stop_process(run)
-        assert run.returncode == 0, err
-        written.append((path, out))
-    return written
+    printed (kept beside it, in printed.txt)."""
+
+    def build(folder: Path) -> None:
+        paths = (folder / "digits_repository", folder / "digits_b")
+        unseeded = {key: value for key, value in os.environ.items() if key != "PYTHONHASHSEED"}
+        runs = [subprocess.Popen([sys.executable, "-m", "servers.models.make_repo", str(path), "--no-minilm"],
+                                 cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for path, env in zip(paths, (unseeded, {**os.environ, "PYTHONHASHSEED": "1"}))]
+        for path, run in zip(paths, runs):
+            try:
+                out, err = run.communicate(timeout=300)
+            finally:
+                stop_process(run)
+            assert run.returncode == 0, err
+            (folder / f"{path.name}.printed.txt").write_text(out)
+
+    folder = _built_once(tmp_path_factory, "digits", build)
+    return [(folder / name, (folder / f"{name}.printed.txt").read_text())
+            for name in ("digits_repository", "digits_b")]
 
 
 @pytest.fixture(scope="session")
@@ -98,6 +119,19 @@ def noise_probes() -> Iterator[NoiseProbes]:
 def host_noise(noise_probes: NoiseProbes) -> HostNoise:
     """The host's timer noise around this test, and the timing checks that allow for it (capped)."""
     return HostNoise(noise_probes)
+
+
+# -- timing tests run alone ----------------------------------------------------------------------------------
+# `make test` runs the suite in two parts: the tests that judge no time measured on this host, two at a time
+# (pytest-xdist, one module per process), then the timing tests one at a time, with the cores to
+# themselves. A test is a timing test when it takes `host_noise` (its checks allow for the host's noise)
+# or carries the `timing` mark (a module's `pytestmark`, for checks of rates and latencies without it).
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if "host_noise" in getattr(item, "fixturenames", ()) and item.get_closest_marker("timing") is None:
+            item.add_marker(pytest.mark.timing)
 
 
 # -- processes a test leaves behind ------------------------------------------------------------------------

@@ -117,6 +117,7 @@ def test_compare_against_a_reference_model(server: Server, digits_repository: Pa
     assert models["digits_student"]["accuracy"] < models["digits_cnn_fp16"]["accuracy"]
 
 
+@pytest.mark.timing  # its verdict needs a generator with the cores to itself
 def test_compare_sweep_reports_saturation_and_the_knee_figures(tmp_path: Path) -> None:
     """--sweep against a server of known capacity (one worker, 10 ms a request: 100 req/s): each variant
     shows its sweep's saturation throughput and the latency of its knee step, not the queueing of the

@@ -100,6 +100,7 @@ def test_a_worker_joining_mid_run_takes_half_of_the_rest_of_the_schedule(calibra
     assert abs(sum(around) - RATE * len(around)) <= 0.02 * RATE * len(around), (counts, from_s)
 
 
+@pytest.mark.timing  # judged against the host's clock: not beside another test
 def test_a_worker_joining_a_closed_loop_run_takes_half_of_the_users(calibration_server, tmp_path) -> None:
     """Closed loop: from the join the first worker lets 2 of its 4 users go (each after its answer) and
     the joiner starts 2; the user count, and so the throughput users / latency, is kept every second."""

@@ -259,6 +259,7 @@ def test_a_bad_goodput_term_exits_2_naming_it(tmp_path) -> None:
     assert run.returncode == 2 and "goodput" in run.stderr and "'stall'" in run.stderr, run.stderr
 
 
+@pytest.mark.timing  # its verdict needs a generator with the cores to itself
 @pytest.mark.integration
 def test_sweep_curve_and_verdict_carry_goodput_and_token_figures(mock_server, tmp_path) -> None:
     server = mock_server("--ttft-ms", "5,5,5,80", "--itl-ms", "2")  # every 4th request slow

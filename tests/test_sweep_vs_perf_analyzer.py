@@ -46,6 +46,7 @@ def _perf_analyzer_best(binary: str, fronts: Fronts, work: Path) -> float:
         return max(float(row["Inferences/Second"]) for row in csv.DictReader(report))
 
 
+@pytest.mark.timing  # its verdict needs a generator with the cores to itself
 def test_sweep_saturation_matches_perf_analyzer(perf_analyzer: str, fronts: Fronts,
                                                 tmp_path: Path) -> None:
     peer = _perf_analyzer_best(perf_analyzer, fronts, tmp_path)

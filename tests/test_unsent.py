@@ -132,6 +132,7 @@ def assert_every_arrival_counted(summary: dict, scheduled: int) -> None:
     assert summary["sent"] == summary["requests"] + summary["in_flight_at_end"]
 
 
+@pytest.mark.timing  # judged against the host's clock: not beside another test
 def test_single_process_run_with_a_stalled_host_counts_every_arrival(calibration_server, tmp_path) -> None:
     """`loadgen run` at 200 req/s (poisson) for 3 s, SIGSTOPped 2.2 s into the run for 3 s: the
     window ends while it is stopped, so part of its schedule is never sent, and is counted unsent."""
