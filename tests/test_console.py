@@ -29,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from loadgen.patterns.schedule import profile_of, replan, schedule_offsets
 from loadgen.scenario import OpenLoop
 from loadgen.sinks.hlog import read_hlog
-from tests.support.processes import ROOT, loadgen_cmd, pin, run_loadgen, stop_process
+from tests.support.processes import ROOT, finish, loadgen_cmd, pin, run_loadgen, stop_process
 
 pytestmark = pytest.mark.integration
 
@@ -94,9 +94,8 @@ class ConsoleRun:
         raise AssertionError(f"the console never showed what was waited for; last: {live}")
 
     def finish(self, timeout: float = 30.0) -> tuple[int, str, dict[str, Any]]:
-        try:  # not communicate(timeout=...): it reads the pipe itself, past what readline() has buffered
-            self.proc.wait(timeout=timeout)
-            stderr = self.proc.stderr.read()
+        try:
+            _, stderr = finish(self.proc, timeout=timeout)
         finally:
             stop_process(self.proc)
         return self.proc.returncode, self.said + stderr, json.loads((self.out / "summary.json").read_text())

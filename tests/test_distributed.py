@@ -32,7 +32,7 @@ from tests.support.distributed import (
     start_worker,
     worker_entry,
 )
-from tests.support.processes import RARE_HANG, ROOT, loadgen_cmd, pin, run_loadgen, stop_process
+from tests.support.processes import RARE_HANG, ROOT, finish, loadgen_cmd, pin, run_loadgen, stop_process
 from tests.support.timing import HostNoise, truth_percentiles
 
 pytestmark = pytest.mark.integration
@@ -241,7 +241,7 @@ def test_closed_loop_users_are_split_and_the_master_serves_merged_metrics_and_sl
         while len(seen) < 2 and time.monotonic() < deadline:  # the workers' first intervals
             time.sleep(0.5)
             seen = scrape_workers(url)
-        _, rest = proc.communicate(timeout=60)
+        _, rest = finish(proc, timeout=60)
     finally:
         stop_process(proc)
     assert proc.returncode == 0, "".join(lines) + rest

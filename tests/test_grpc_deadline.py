@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.processes import ROOT, loadgen_cmd, pin, stop_process
+from tests.support.processes import ROOT, finish, loadgen_cmd, pin, stop_process
 from tests.support.timing import HostNoise
 from tests.support.triton import Fronts, start_fronts
 
@@ -94,7 +94,7 @@ def test_a_run_against_a_server_stalled_mid_run_counts_every_request_once(server
             said.append(line)
         assert line, "".join(said)
         with stopped(server):
-            _, rest = proc.communicate(timeout=30)
+            _, rest = finish(proc, timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.processes import ROOT, loadgen_cmd, pin, stop_process
+from tests.support.processes import ROOT, finish, loadgen_cmd, pin, stop_process
 
 RUN_S = 4.0
 
@@ -61,7 +61,7 @@ def test_metrics_are_served_during_the_run(calibration_server, tmp_path) -> None
             except httpx.TransportError:  # the run ended between poll() and the request
                 break
             time.sleep(0.4)
-        _, stderr = proc.communicate(timeout=30)
+        _, stderr = finish(proc, timeout=30)
     finally:
         stop_process(proc)
     assert proc.returncode == 0, stderr
@@ -113,7 +113,7 @@ def test_sweep_serves_its_curve_and_verdict_live(calibration_server, tmp_path) -
                 if scrapes:
                     outcomes.append("refused")
             time.sleep(0.3)
-        _, stderr = proc.communicate(timeout=30)
+        _, stderr = finish(proc, timeout=30)
     finally:
         stop_process(proc)
     assert proc.returncode == 0, stderr
@@ -174,7 +174,7 @@ def test_metrics_host_binds_that_address(calibration_server, tmp_path, distribut
         assert "loadgen_in_flight" in httpx.get(url, timeout=2).text
         with pytest.raises(httpx.ConnectError):
             httpx.get(url.replace("127.0.0.2", "127.0.0.1"), timeout=2)
-        _, stderr = proc.communicate(timeout=30)
+        _, stderr = finish(proc, timeout=30)
     finally:
         stop_process(proc)
     assert proc.returncode == 0, stderr

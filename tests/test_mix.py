@@ -21,7 +21,16 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from loadgen.patterns.mix import EntryChooser
 from loadgen.sinks import read_hlog
-from tests.support.processes import ROOT, Server, loadgen_cmd, pin, run_loadgen, start_server, stop_process
+from tests.support.processes import (
+    ROOT,
+    Server,
+    finish,
+    loadgen_cmd,
+    pin,
+    run_loadgen,
+    start_server,
+    stop_process,
+)
 
 RATE, DURATION_S = 150, 2
 
@@ -72,7 +81,7 @@ def test_a_3_to_1_mix_sends_each_model_its_share(openai_mock: Server, tmp_path) 
             except httpx.TransportError:  # the run ended between poll() and the request
                 break
             time.sleep(0.3)
-        _, stderr = proc.communicate(timeout=30)
+        _, stderr = finish(proc, timeout=30)
     finally:
         stop_process(proc)
     assert proc.returncode == 0, stderr

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +84,24 @@ def stop_process(proc: subprocess.Popen) -> None:
             describe_stuck(proc.pid)
             proc.kill()
             proc.wait(30)
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> tuple[str | None, str | None]:
+    """proc.communicate(timeout=timeout) for a process whose pipes a test has already read from with
+    readline(): the rest of its stdout and stderr, read through the pipes' file objects. communicate()
+    with a timeout reads the descriptors itself, so what readline() had buffered (the lines after the one
+    it returned) was lost. Raises subprocess.TimeoutExpired as communicate does."""
+    rest: dict[int, str] = {}
+    streams = [stream for stream in (proc.stdout, proc.stderr) if stream is not None]
+    readers = [threading.Thread(target=lambda index, stream: rest.__setitem__(index, stream.read()),
+                                args=(index, stream), daemon=True) for index, stream in enumerate(streams)]
+    for reader in readers:
+        reader.start()
+    proc.wait(timeout=timeout)
+    for reader in readers:
+        reader.join(timeout=10)
+    said = iter(rest.get(index, "") for index in range(len(streams)))
+    return (next(said) if proc.stdout is not None else None), (next(said) if proc.stderr is not None else None)
 
 
 def describe_stuck(pid: int) -> None:
