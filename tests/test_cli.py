@@ -87,7 +87,9 @@ def test_ctrl_c_still_writes_what_was_measured(calibration_server, tmp_path) -> 
     )
     pin(proc.pid, 0)
     try:
-        time.sleep(4.0)
+        deadline = time.monotonic() + 30  # interrupted once about 2 s of load reached the server, however
+        while server.info()["requests"] < 200 and time.monotonic() < deadline:  # long the start-up took
+            time.sleep(0.1)
         proc.send_signal(signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=30)
     finally:
