@@ -9,8 +9,9 @@
 torchserve's own flags: --model-store, --models (name=archive, archive, or all), --ts-config,
 --disable-token-auth, --enable-model-api; --start, --foreground and --ncs are accepted and change
 nothing (this server always runs in the foreground and keeps no config snapshots). Added here: a port
-flag per API that overrides config.properties (0 picks a free port, for tests), --no-grpc, and
---key-file (where the token keys are written; torchserve writes key_file.json in its working folder).
+flag per API that overrides config.properties (0 picks a free port, for tests), --no-grpc,
+--key-file (where the token keys are written; torchserve writes key_file.json in its working folder),
+and --max-workers-per-model (a cap on min_worker, which torchserve does not bound).
 
 Start-up: the settings are read (every problem reported, exit code 2), the models named by --models
 (or load_models) are registered and their workers loaded (one that fails is reported on stderr; the
@@ -34,7 +35,7 @@ from pathlib import Path
 from servers.core.connection import add_max_connections_flag, max_connections_problems
 from servers.core.gpu import GpuSampler
 from servers.torchserve._auth import TokenAuth
-from servers.torchserve._config import Address, Settings, load_settings, read_properties
+from servers.torchserve._config import Address, Settings, load_settings, read_properties, workers_beyond_limit
 from servers.torchserve._http import Api, FrontEnd, close_server, listen
 from servers.torchserve._inference import InferenceApi
 from servers.torchserve._management import ManagementApi
@@ -168,6 +169,11 @@ def build_parser(prog: str = "python -m servers.torchserve") -> argparse.Argumen
             help=f"{api} API port, overriding config.properties (default {default}; 0 picks a free port)")
     add("--no-grpc", action="store_true", help="do not serve the gRPC APIs")
     add_max_connections_flag(parser, " per API port", "ServiceUnavailableException, with the reason")
+    add("--max-workers-per-model", type=int, default=None, metavar="N",
+        help="the most workers one model version may have (default 4 per CPU core, at least 32: each "
+             "worker is a process with its own copy of the model, and beyond a few per core they add "
+             "memory, not throughput); a register, scale or model-config asking for more is refused "
+             "with 400 and starts nothing")
     add("--key-file", default="key_file.json", metavar="PATH",
         help="where token authorization writes its keys (default ./key_file.json, as torchserve)")
     for flag in ("--start", "--foreground", "--ncs"):
@@ -199,6 +205,7 @@ def _settings(args: argparse.Namespace) -> tuple[Settings, list[str]]:
     if args.max_connections is not None:
         problems += max_connections_problems(args.max_connections)
         settings.max_connections = args.max_connections
+    _worker_limit(args, settings, problems)
     for api in ("inference", "management", "metrics", "grpc_inference", "grpc_management"):
         port = getattr(args, f"{api}_port")
         if port is None:
@@ -209,6 +216,18 @@ def _settings(args: argparse.Namespace) -> tuple[Settings, list[str]]:
         current = getattr(settings, api)
         setattr(settings, api, Address(current.host, port))
     return settings, problems
+
+
+def _worker_limit(args: argparse.Namespace, settings: Settings, problems: list[str]) -> None:
+    """--max-workers-per-model (at least 1), and default_workers_per_model within it."""
+    if args.max_workers_per_model is not None:
+        if args.max_workers_per_model < 1:
+            problems.append(f"--max-workers-per-model must be at least 1, got {args.max_workers_per_model}")
+            return
+        settings.max_workers_per_model = args.max_workers_per_model
+    if settings.default_workers_per_model > settings.max_workers_per_model:
+        problems.append(workers_beyond_limit("default_workers_per_model", settings.default_workers_per_model,
+                                             settings.max_workers_per_model))
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m servers.torchserve") -> int:

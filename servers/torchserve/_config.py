@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Address", "Settings", "load_settings", "read_properties"]
+__all__ = ["Address", "Settings", "default_max_workers", "load_settings", "read_properties",
+           "workers_beyond_limit"]
 
 _ADDRESS = re.compile(r"(https?)://([^:/\[\]]+|\[[0-9a-fA-F:.]+\])(?::(\d+))?/?")
 
@@ -34,6 +35,18 @@ class Address:
 
     host: str
     port: int
+
+
+def default_max_workers() -> int:
+    """The default cap on a model version's workers: 4 per CPU core, at least 32. A worker is a process
+    holding its own copy of the model; past a few per core they add memory, not throughput, and a
+    mistyped min_worker=10000 would start processes until the host runs out of memory."""
+    return max(32, 4 * (os.cpu_count() or 1))
+
+
+def workers_beyond_limit(what: str, count: int, limit: int) -> str:
+    """The reason a worker count over --max-workers-per-model is refused (400, or exit 2 at start)."""
+    return f"{what} {count} is more than this server's limit of {limit} workers per model (--max-workers-per-model)"
 
 
 @dataclass
@@ -53,6 +66,8 @@ class Settings:
     """0 = as TorchServe: one worker per GPU, or per CPU core without GPUs (models loaded at start);
     models registered later get 0 workers unless asked."""
     job_queue_size: int = 100
+    max_workers_per_model: int = field(default_factory=default_max_workers)
+    """The most workers one model version may have (--max-workers-per-model; this server's own)."""
     max_connections: int | None = None
     """The most HTTP connections open at once per API port (--max-connections; None: no cap)."""
     max_request_size: int = 6553500

@@ -11,7 +11,11 @@ TorchServe's ModelManager and ApiUtils (PROTOCOLS.md 5.3, ../shared/torchserve-c
 - workers: a model loaded at start gets `default_workers_per_model`, or one per GPU, or one per CPU
   core; a registered one gets `initial_workers` (default 0: registered, but answering 503 until
   scaled). A version whose workers fail to load keeps its registration with minWorkers and
-  maxWorkers 0, and the server goes on serving the others;
+  maxWorkers 0, and the server goes on serving the others; the jobs that waited for them are
+  answered 503 (_workers.py);
+- no version gets more workers than `max_workers_per_model` (--max-workers-per-model): a register,
+  scale or model-config asking for more is refused with 400 and starts nothing (the implicit default
+  of one worker per core at start is cut to it instead);
 - refusals raise TsError with TorchServe's code, exception class and message.
 
 Everything here runs on the event loop; workers report back through it (_workers.py).
@@ -26,13 +30,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from servers.torchserve._archive import Archive, open_archive
-from servers.torchserve._config import Settings
+from servers.torchserve._config import Settings, workers_beyond_limit
 from servers.torchserve._handler import Answer, Failure, Request, describe_metadata
 from servers.torchserve._metrics import MetricsStore
 from servers.torchserve._wire import TsError
-from servers.torchserve._workers import Batching, Job, Worker, WorkerPool
+from servers.torchserve._workers import MAX_RETRY_S, Batching, Job, Worker, WorkerPool, no_worker_message
 
-__all__ = ["ModelManager", "ModelVersion", "RegisterRequest", "no_worker_message"]
+__all__ = ["ModelManager", "ModelVersion", "RegisterRequest"]
 
 
 @dataclass
@@ -61,6 +65,7 @@ class ModelVersion:
     max_workers: int = 0
     response_timeout: int = 120
     startup_timeout: int = 120
+    max_retry_timeout: int = int(MAX_RETRY_S)
     loaded_at_startup: bool = False
     device_type: str = "cpu"
 
@@ -80,7 +85,7 @@ class ModelVersion:
             "runtime": self.archive.runtime, "minWorkers": self.min_workers, "maxWorkers": self.max_workers,
             "batchSize": batching.batch_size, "maxBatchDelay": batching.max_batch_delay_ms,
             "responseTimeout": self.response_timeout, "startupTimeout": self.startup_timeout,
-            "maxRetryTimeoutInSec": 300, "clientTimeoutInMills": 0, "parallelType": "", "parallelLevel": 0,
+            "maxRetryTimeoutInSec": self.max_retry_timeout, "clientTimeoutInMills": 0, "parallelType": "", "parallelLevel": 0,
             "deviceType": self.device_type, "continuousBatching": False, "useJobTicket": False,
             "useVenv": False, "stateful": False, "sequenceMaxIdleMSec": 0, "sequenceTimeoutMSec": 0,
             "maxNumSequence": 0, "maxSequenceJobQueueSize": 0, "loadedAtStartup": self.loaded_at_startup,
@@ -88,14 +93,6 @@ class ModelVersion:
             "jobQueueStatus": {"remainingCapacity": queue.capacity - len(queue),
                                "pendingRequests": len(queue)},
         }
-
-
-def no_worker_message(name: str, version: str | None) -> str:
-    """TorchServe's 503 text for a model without workers or with a full queue (sic: its quotes)."""
-    named = f'Model "{name}' + (f'" Version {version}' if version is not None else "")
-    return (f'{named}" has no worker to serve inference request. '
-            "Please use scale workers API to add workers. If this is a sequence inference, please check if "
-            "it is closed, or expired; or exceeds maxSequenceJobQueueSize")
 
 
 @dataclass
@@ -201,7 +198,7 @@ class ModelManager:
 
     def _queue(self, served: ModelVersion, request: Request, arrival_ns: int, *, refusal: str,
                alone: bool = False) -> Job:
-        job = Job(request, arrival_ns, self._loop.create_future(), alone)
+        job = Job(request, arrival_ns, self._loop.create_future(), alone, refusal=refusal)
         if not served.pool.submit(job):
             raise TsError(503, "ServiceUnavailableException", refusal)
         return job
@@ -223,6 +220,12 @@ class ModelManager:
             archive.close()
             raise TsError(409, "ConflictStatusException",
                           f"Model version {archive.version} is already registered for model {archive.name}")
+        workers, source = self._initial_workers(archive, request, startup)
+        try:
+            self._check_workers(source, workers)
+        except TsError:
+            archive.close()
+            raise
         served = self._new_version(archive, request, startup)
         model = self._models.setdefault(archive.name, _Model())
         model.versions[archive.version] = served
@@ -230,7 +233,6 @@ class ModelManager:
             model.default = archive.version
         if startup:
             self.startup_models.add(archive.name)
-        workers = self._initial_workers(served, request, startup)
         if workers <= 0:
             return 200, (f'Model "{archive.name}" Version: {archive.version} registered with 0 initial '
                          "workers. Use scale workers API to add workers for the model.")
@@ -260,6 +262,7 @@ class ModelManager:
         settings = self.settings
         response_timeout = choose(request.response_timeout, "responseTimeout", settings.default_response_timeout)
         startup_timeout = choose(request.startup_timeout, "startupTimeout", settings.default_startup_timeout)
+        max_retry = choose(-1, "maxRetryTimeoutInSec", int(MAX_RETRY_S))
 
         def record_load_time(worker: Worker) -> None:
             labels = (("WorkerName", f"W-{worker.id}-{archive.name}_{archive.version}"), ("Level", "Host"),
@@ -270,12 +273,13 @@ class ModelManager:
                           worker_ids=self._worker_ids, gpus=self.gpus, metrics=self.metrics,
                           mode=settings.worker_mode, decode_input=settings.decode_input_request,
                           response_timeout_s=response_timeout, startup_timeout_s=startup_timeout,
-                          hostname=self.metrics.hostname,
+                          max_retry_s=max_retry, hostname=self.metrics.hostname,
                           on_load=record_load_time, on_batch=self._record_worker_thread_time)
         return ModelVersion(
             archive, pool,
             response_timeout=response_timeout,
             startup_timeout=startup_timeout,
+            max_retry_timeout=max_retry,
             loaded_at_startup=startup,
             device_type="gpu" if self.gpus and yaml.get("deviceType") != "cpu" else "cpu",
         )
@@ -283,18 +287,25 @@ class ModelManager:
     def _record_worker_thread_time(self, ms: float) -> None:
         self.metrics.set("WorkerThreadTime", self.metrics.host(), round(ms, 3), unit="Milliseconds")
 
-    def _initial_workers(self, served: ModelVersion, request: RegisterRequest, startup: bool) -> int:
-        yaml = served.archive.config
-        configured = self.settings.models.get(served.name, {}).get(served.version, {})
-        for source in (yaml, configured):
+    def _initial_workers(self, archive: Archive, request: RegisterRequest, startup: bool) -> tuple[int, str]:
+        """How many workers a new version starts with, and the setting that said so."""
+        configured = self.settings.models.get(archive.name, {}).get(archive.version, {})
+        for source in (archive.config, configured):
             low, high = source.get("minWorkers"), source.get("maxWorkers")
             if isinstance(low, int) and low > 0 and isinstance(high, int) and high >= low:
-                return low
+                return low, "minWorkers"
         if request.initial_workers is not None:
-            return request.initial_workers
-        if startup:
-            return self.settings.default_workers_per_model or self.gpus or os.cpu_count() or 1
-        return self.settings.default_workers_per_model
+            return request.initial_workers, "initial_workers"
+        if startup and not self.settings.default_workers_per_model:
+            per_device = self.gpus or os.cpu_count() or 1
+            return min(per_device, self.settings.max_workers_per_model), "workers per core"
+        return self.settings.default_workers_per_model, "default_workers_per_model"
+
+    def _check_workers(self, what: str, count: int) -> None:
+        """TsError 400 when `count` workers are more than the server allows per model version."""
+        limit = self.settings.max_workers_per_model
+        if count > limit:
+            raise TsError(400, "BadRequestException", workers_beyond_limit(what, count, limit))
 
     # -- workers, defaults, removal --------------------------------------------------------------------
 
@@ -304,6 +315,7 @@ class ModelManager:
         if max_workers < min_workers:
             raise TsError(400, "BadRequestException", "max_worker cannot be less than min_worker.")
         served = self.lookup(name, version)
+        self._check_workers("min_worker", min_workers)
         status, message = await self._update_workers(served, min_workers, max_workers, synchronous)
         if status == 200:
             message = f"Workers scaled to {min_workers} for model: {name}"
@@ -356,10 +368,7 @@ class ModelManager:
         return f'Model "{name}" unregistered'
 
     def _remove(self, served: ModelVersion) -> None:
-        for job in served.pool.close():
-            if not job.future.done():
-                job.future.set_exception(TsError(503, "ServiceUnavailableException",
-                                                 no_worker_message(served.name, None)))
+        served.pool.close()  # the jobs still queued are answered 503
         served.archive.close()
 
     def close(self) -> None:

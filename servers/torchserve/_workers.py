@@ -29,8 +29,14 @@ process that dies later (a crash, a kill, or a batch that runs past the
 model's responseTimeout, which kills it) answers its batch 500 "Worker died." (413 when the process
 was killed with SIGKILL by someone else: TorchServe's rule for exit value 137, the kernel's
 out-of-memory killer), is reported on stderr and started again after TorchServe's back-off (1, 1, 2,
-3, 5, 8, ... s; from the start again once a worker loads), for maxRetryTimeoutInSec (300 s) at most.
-Meanwhile it is listed as UNLOADING and its jobs wait in the queue for the other workers.
+3, 5, 8, ... s; from the start again once a worker loads), for maxRetryTimeoutInSec (300 s by default;
+the model-config's own value) at most, then given up. Meanwhile it is listed as UNLOADING and its jobs
+wait in the queue for the other workers.
+
+No job waits for a worker that will never come: once a model version has no worker left (its last
+one given up, its workers failed to load, scaled to 0 or unregistered), the jobs still queued are
+answered at once with the 503 a job arriving then gets (each job's `refusal`: TorchServe's no-worker
+text). TorchServe itself leaves them waiting until the client gives up.
 """
 
 from __future__ import annotations
@@ -56,16 +62,25 @@ from typing import Any, Protocol
 from servers.torchserve._archive import Archive
 from servers.torchserve._backend import HEADER, frame
 from servers.torchserve._handler import Answer, Failure, HandlerLoadError, Request, load_handler
+from servers.torchserve._wire import TsError
 
-__all__ = ["BACK_OFF_S", "Batching", "Job", "JobQueue", "Worker", "WorkerPool"]
+__all__ = ["BACK_OFF_S", "MAX_RETRY_S", "Batching", "Job", "JobQueue", "Worker", "WorkerPool", "no_worker_message"]
 
 BACK_OFF_S = (0, 1, 1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144, 233, 377, 610, 987, 1597)
 """TorchServe's WorkerThread.BACK_OFF: seconds before the n-th restart of a worker in a row."""
 MAX_RETRY_S = 300.0
-"""maxRetryTimeoutInSec: how long a dying worker is started again before it is given up."""
+"""maxRetryTimeoutInSec's default: how long a dying worker is started again before it is given up."""
 WORKER_DIED = "Worker died."
 _STOP_GRACE_S = 5.0
 _ROOT = Path(__file__).resolve().parents[2]
+
+
+def no_worker_message(name: str, version: str | None) -> str:
+    """TorchServe's 503 text for a model without workers or with a full queue (sic: its quotes)."""
+    named = f'Model "{name}' + (f'" Version {version}' if version is not None else "")
+    return (f'{named}" has no worker to serve inference request. '
+            "Please use scale workers API to add workers. If this is a sequence inference, please check if "
+            "it is closed, or expired; or exceeds maxSequenceJobQueueSize")
 
 
 @dataclass(frozen=True)
@@ -85,6 +100,9 @@ class Job:
     future: asyncio.Future
     alone: bool = False
     start_ns: int = 0
+    refusal: str = ""
+    """The 503 message it gets if its model is left without workers while it waits (empty: the
+    no-worker text of an inference request)."""
 
 
 class JobQueue:
@@ -180,7 +198,8 @@ class WorkerPool:
     def __init__(self, archive: Archive, batching: Batching, queue_size: int, *,
                  loop: asyncio.AbstractEventLoop, worker_ids: Callable[[], int], gpus: int,
                  metrics: Any = None, mode: str = "process", decode_input: bool = True,
-                 response_timeout_s: float = 120.0, startup_timeout_s: float = 120.0, hostname: str = "",
+                 response_timeout_s: float = 120.0, startup_timeout_s: float = 120.0,
+                 max_retry_s: float = MAX_RETRY_S, hostname: str = "",
                  on_load: Callable[[Worker], None] | None = None,
                  on_batch: Callable[[float], None] | None = None) -> None:
         self.archive = archive
@@ -190,6 +209,7 @@ class WorkerPool:
         self.mode = mode
         self.response_timeout_s = response_timeout_s
         self.startup_timeout_s = startup_timeout_s
+        self.max_retry_s = max_retry_s
         self._loop = loop
         self._worker_ids = worker_ids
         self._gpus = gpus
@@ -396,9 +416,11 @@ class WorkerPool:
         now = time.monotonic()
         if worker.recovery_start is None:
             worker.recovery_start = now
-        if now - worker.recovery_start > MAX_RETRY_S:
-            self._report(worker, f"died (exit code {returncode}); given up after {MAX_RETRY_S:g} s of retries")
+        if now - worker.recovery_start >= self.max_retry_s:  # TorchServe's WorkerThread.isHealthy
+            self._report(worker, f"died (exit code {returncode}); given up after {self.max_retry_s:g} s "
+                                 "of retries (maxRetryTimeoutInSec)")
             self.workers.remove(worker)
+            self._answer_orphans()
             return
         worker.backoff = min(worker.backoff + 1, len(BACK_OFF_S) - 1)
         delay = BACK_OFF_S[worker.backoff]
@@ -443,11 +465,23 @@ class WorkerPool:
         gathered.add_done_callback(lambda results: done.set_result(all(results.result())))
         return done
 
-    def close(self) -> list[Job]:
-        """Stop every worker (each finishes the batch it runs) and return the jobs still queued."""
+    def close(self) -> None:
+        """Stop every worker (each finishes the batch it runs); the jobs still queued are refused."""
         for worker in list(self.workers):
             self._stop(worker)
-        return self.queue.drain()
+        self._answer_orphans()
+
+    def _answer_orphans(self) -> None:
+        """With no worker left, nothing will take the queued jobs: each gets its 503 now."""
+        if self.workers or not len(self.queue):
+            return
+        jobs = self.queue.drain()
+        print(f"error: model {self.archive.name} version {self.archive.version}: no worker left; "
+              f"{len(jobs)} queued request(s) answered 503", file=sys.stderr, flush=True)
+        for job in jobs:
+            if not job.future.done():  # the client may have gone away
+                refusal = job.refusal or no_worker_message(self.archive.name, None)
+                job.future.set_exception(TsError(503, "ServiceUnavailableException", refusal))
 
     def terminate(self) -> None:
         """End every worker process now and wait for them (the server is stopping)."""
@@ -497,6 +531,7 @@ class WorkerPool:
         if worker.backend is not None and worker.batch is None and worker.state == "READY":
             worker.backend.close()  # idle: it ends now; busy or loading: once it answers
         self._pump()
+        self._answer_orphans()
 
 
 def _log_fd() -> int | None:
