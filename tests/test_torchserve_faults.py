@@ -222,6 +222,8 @@ def test_jobs_queued_for_a_model_whose_workers_all_fail_to_load_are_answered(ser
             http, over_grpc = _queue_two(pool, server, stubs, "doomed")
             gate.touch()
             _assert_refused_no_worker("doomed", http, over_grpc)
+        # the registration's own task records the failure after the pool has answered its queue
+        assert _wait_for(lambda: _describe(server, "doomed")["minWorkers"] == 0, timeout=10)
         described = _describe(server, "doomed")
         assert (described["workers"], described["minWorkers"], described["maxWorkers"]) == ([], 0, 0)
         _assert_steady_serves(server)
