@@ -14,6 +14,13 @@ runs. After the last step, once the files are written, the port stays open until
 most LINGER_S) when something has been scraping, so the final verdict reaches that Prometheus; not
 after an interrupted sweep.
 
+Live console (--web-port): the console of `loadgen run --web-port` (loadgen/driver/console.py) is up from
+the first step to the end and after it (until its quit, Ctrl-C or --web-autoquit): each probe run and
+each step is one of its runs, shown live as it goes, and its SweepBoard (loadgen/driver/sweepboard.py) is
+told what the SweepCollector is told, with the same StepResults and verdicts that sweep.json is written
+from. Its stop ends the sweep as Ctrl-C does (the step going is interrupted, what was measured is
+written, no further step starts); once sweep.json and curve.csv are written they are its downloads.
+
 Distributed (--processes / --master): one Cluster of Locust workers serves every step in turn, each
 step's figures merged on the master (loadgen/driver/master.py); a step where any worker was
 generator-bound, or lost, is marked generator-bound.
@@ -36,11 +43,14 @@ import gevent
 import locust  # noqa: F401  (gevent monkey-patching must come before the other imports)
 
 from loadgen._runcmd import WORKER_LOST_EXIT, write_outputs
+from loadgen.driver.console import LiveConsole, WebOptions
 from loadgen.driver.distributed import DistributedOptions
 from loadgen.driver.exporter import MetricsListener
 from loadgen.driver.master import Cluster, open_cluster
 from loadgen.driver.run import RunResult, execute
-from loadgen.errors import ScenarioError, redact_url
+from loadgen.driver.runbook import FinishedRun
+from loadgen.driver.sweepboard import SweepBoard
+from loadgen.errors import LoadgenError, ScenarioError, redact_url
 from loadgen.files import atomic_writer, write_text_atomic
 from loadgen.scenario import ClosedLoop, OpenLoop, Scenario, load_scenario, read_scenario_file
 from loadgen.serverside import ServerMetrics, server_figures
@@ -193,16 +203,18 @@ def _open_listener(base: Scenario, live: SweepCollector) -> tuple[Scenario, Metr
 def _run_step(base: Scenario, spec: SweepSpec, index: int, load: float, out: Path,
               objectives: list[Objective] | None,
               metrics: ServerMetrics | None = None,
-              cluster: Cluster | None = None) -> tuple[StepResult, RunResult]:
+              cluster: Cluster | None = None,
+              console: LiveConsole | None = None) -> tuple[StepResult, RunResult]:
     """Run one step, cut its warm-up, write its own summary.json and latency.hlog.
 
     With `metrics`, the target's metrics are scraped just before and after the step (outside the
-    run): the server figures cover the whole step, warm-up included, at the same load.
+    run): the server figures cover the whole step, warm-up included, at the same load. With `console`,
+    the step is one of its runs (_shown).
     """
     interval = base.output.interval
     warmup = math.ceil(spec.warmup_s / interval - 1e-9) * interval  # whole intervals only
     before = metrics.sample() if metrics else None
-    result = execute(_at_load(base, load, warmup + spec.step_duration_s), cluster)
+    result = _shown(_at_load(base, load, warmup + spec.step_duration_s), cluster, console)
     server = server_figures(before, metrics.sample(), spec.cost_per_hour) if metrics else None
     recorder = measured_recorder(result.recorder, warmup)
     measured = dataclasses.replace(
@@ -214,10 +226,32 @@ def _run_step(base: Scenario, spec: SweepSpec, index: int, load: float, out: Pat
     )
     step_dir = _step_dir(out, index, load, not isinstance(base.pattern, OpenLoop))
     summary = write_outputs(measured, step_dir, objectives, server=server)
+    _shown_written(console, step_dir, summary, result.interrupted)
     judged = stability(windows_of(measured.recorder), spec.stable_within)
     step = step_result(index, load, summary, judged, str(step_dir.relative_to(out)))
     step.server = server
     return step, result
+
+
+def _shown(scenario: Scenario, cluster: Cluster | None, console: LiveConsole | None) -> RunResult:
+    """execute(scenario), as the console's next run when there is a console (one it says has failed, when
+    the target refuses it)."""
+    if console is None:
+        return execute(scenario, cluster)
+    number = console.runs.book(scenario)
+    try:
+        return execute(scenario, cluster, console)
+    except LoadgenError as exc:
+        console.runs.fail(number, redact_url(str(exc)))
+        raise
+
+
+def _shown_written(console: LiveConsole | None, out_dir: Path, summary: dict[str, Any], interrupted: bool) -> None:
+    """The console's run just sent has its files in `out_dir`: they are its downloads from now on."""
+    if console is not None:
+        missed = "slo" in summary and not summary["slo"]["met"]
+        code = 130 if interrupted else 1 if missed else 0
+        console.finished(FinishedRun(console.runs.number, out_dir, code, summary))
 
 
 def _progress(step: StepResult, total: int | None, closed: bool) -> str:
@@ -261,8 +295,9 @@ def _blank(value: Any) -> Any:
     return "" if value is None else value
 
 
-def write_sweep(out: Path, steps: list[StepResult], judged: dict[str, Any], meta: dict[str, Any]) -> None:
-    """DIR/sweep.json (verdict, then the steps) and DIR/curve.csv (one row per step)."""
+def write_sweep(out: Path, steps: list[StepResult], judged: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    """DIR/sweep.json (verdict, then the steps) and DIR/curve.csv (one row per step); returns sweep.json's
+    contents."""
     out.mkdir(parents=True, exist_ok=True)
     document = {**judged, **meta, "steps": [step.as_json() for step in steps]}
     write_text_atomic(out / "sweep.json", json.dumps(document, indent=2) + "\n")
@@ -270,6 +305,7 @@ def write_sweep(out: Path, steps: list[StepResult], judged: dict[str, Any], meta
         writer = csv.DictWriter(fh, fieldnames=CURVE_COLUMNS)
         writer.writeheader()
         writer.writerows(_curve_row(step) for step in sorted(steps, key=lambda s: s.load))
+    return document
 
 
 def _print_verdict(judged: dict[str, Any], has_slo: bool, closed: bool = False) -> None:
@@ -336,15 +372,23 @@ def _closed(base: Scenario, users: int, duration_s: float) -> Scenario:
         users=users, duration=duration_s, seed=seed)})
 
 
-def probe(base: Scenario, out: Path, cluster: Cluster | None = None) -> tuple[Probe, bool]:
+def probe(base: Scenario, out: Path, cluster: Cluster | None = None,
+          console: LiveConsole | None = None) -> tuple[Probe, bool]:
     """Closed-loop runs at 1, 2, 4, ... users (PROBE_S each, no think time) until throughput stops
     growing by PROBE_GROWTH, a step fails or the generator is bound; returns the Probe and whether the
-    sweep was interrupted meanwhile. Each probe run's files go to OUT/probe/NN-<users>users/."""
+    sweep was interrupted meanwhile. Each probe run's files go to OUT/probe/NN-<users>users/. With
+    `console`, each probe run is one of its runs (and its stop or quit interrupts the probe)."""
     steps: list[dict[str, Any]] = []
     users, best, service_ms = 1, None, None
     while users <= PROBE_MAX_USERS:
-        result = execute(_closed(base, users, PROBE_S), cluster)
-        summary = write_outputs(result, out / "probe" / f"{len(steps) + 1:02d}-{users}users")
+        if console is not None:
+            if console.halted:
+                return Probe(steps, service_ms, best), True
+            console.sweep.begin_probe(users)
+        result = _shown(_closed(base, users, PROBE_S), cluster, console)
+        probe_dir = out / "probe" / f"{len(steps) + 1:02d}-{users}users"
+        summary = write_outputs(result, probe_dir)
+        _shown_written(console, probe_dir, summary, result.interrupted)
         errors = sum(summary.get("errors", {}).values())
         step = {"users": users, "achieved_rps": round(summary["achieved_rps"], 3),
                 "mean_ms": summary["latency_ms"]["mean"], "p99_ms": summary["latency_ms"]["p99"],
@@ -381,19 +425,36 @@ def step_pattern(path: Path | None, spec: SweepSpec) -> dict[tuple[str, str], An
 
 
 def run_sweep(path: Path | None, overrides: dict[Any, Any], spec: SweepSpec, *,
-              distributed: DistributedOptions | None = None) -> int:
+              distributed: DistributedOptions | None = None, web: WebOptions | None = None) -> int:
     """Run the sweep, write its files, print a line per step and the verdict. Returns the exit code.
 
     Without a plan in `spec`, an open-loop scenario is probed first (`probe`) and searched adaptively
     from half the capacity estimate up to PROBE_HEADROOM times it; a closed-loop one is searched over
-    1..AUTO_MAX_USERS users."""
+    1..AUTO_MAX_USERS users. With `web`, the live console shows the sweep (module docstring) and stays up
+    after it until its quit, Ctrl-C or --web-autoquit; the exit code is the sweep's."""
     spec.check()
     base = load_scenario(path, {**overrides, **step_pattern(path, spec)})
     out = Path(base.output.dir) if base.output.dir else _default_out(base)
     closed = not isinstance(base.pattern, OpenLoop)
+    if web is None:
+        return _sweep(base, spec, out, closed, distributed)
+    console = LiveConsole(web, None, base, SweepBoard(closed_loop=closed)).start()
+    try:
+        console.announce()
+        code = _sweep(base, spec, out, closed, distributed, console)
+        console.next_start()  # a sweep's console starts no run from its page: this waits for its quit
+    finally:
+        console.stop()
+    return code
+
+
+def _sweep(base: Scenario, spec: SweepSpec, out: Path, closed: bool, distributed: DistributedOptions | None,
+           console: LiveConsole | None = None) -> int:
+    """The sweep of run_sweep, shown in `console` when there is one; returns the exit code."""
     objectives = parse_slo(base.slo) if base.slo else None
     metrics = ServerMetrics(spec.server_metrics, base.target.model) if spec.server_metrics else None
     live = SweepCollector(closed_loop=closed, pause=gevent.idle)
+    board = console.sweep if console is not None else None
     base, listener = _open_listener(base, live)
     steps: list[StepResult] = []
     interrupted = worker_lost = False
@@ -407,17 +468,29 @@ def run_sweep(path: Path | None, overrides: dict[Any, Any], spec: SweepSpec, *,
             else:
                 print(f"sweep: no plan given: probing {redact_url(base.target.url)} with a closed loop of 1, 2, 4, ... users",
                       flush=True)
-                found, interrupted = probe(base, out, cluster)
+                found, interrupted = probe(base, out, cluster, console)
                 plan, total, described = _planned(found, spec)
             print(f"sweep: {described}; {spec.warmup_s:g} s warm-up + {spec.step_duration_s:g} s a step",
                   flush=True)
+            if board is not None:
+                board.planned(described, total)
             load = next(plan) if plan is not None and not interrupted else None
             while load is not None:
-                live.begin_step(len(steps) + 1, load)
-                step, raw = _run_step(base, spec, len(steps) + 1, load, out, objectives, metrics, cluster)
+                if console is not None and console.halted:  # the page's stop (or quit) came between two steps
+                    interrupted = True
+                    break
+                index = len(steps) + 1
+                live.begin_step(index, load)
+                if board is not None:
+                    board.begin_step(index, load)
+                step, raw = _run_step(base, spec, index, load, out, objectives, metrics, cluster, console)
                 steps.append(step)
+                so_far = verdict(steps, has_slo=objectives is not None, tolerance=spec.tolerance)
                 live.end_step(step)
-                live.judge(verdict(steps, has_slo=objectives is not None, tolerance=spec.tolerance))
+                live.judge(so_far)
+                if board is not None:
+                    board.end_step(step)
+                    board.judge(so_far)
                 print(_progress(step, total, closed), flush=True)
                 if raw.interrupted:
                     interrupted = True
@@ -432,9 +505,9 @@ def run_sweep(path: Path | None, overrides: dict[Any, Any], spec: SweepSpec, *,
             listener.stop()
         raise
     judged = verdict(steps, has_slo=objectives is not None, tolerance=spec.tolerance)
-    live.judge(judged, finished=True)
     if metrics is not None and metrics.error:
         judged["notes"].append(f"server-side figures incomplete: {metrics.error}")
+    live.judge(judged, finished=True)
     meta = {"plan": described, "slo": base.slo, "goodput_terms": base.goodput, "warmup_s": spec.warmup_s,
             "step_duration_s": spec.step_duration_s, "interrupted": interrupted,
             "target": {"url": redact_url(base.target.url), "model": base.target.model},
@@ -442,16 +515,15 @@ def run_sweep(path: Path | None, overrides: dict[Any, Any], spec: SweepSpec, *,
     if found is not None:
         meta["probe"] = found.as_json()
     write_sweep(out, steps, judged, meta)
+    code = WORKER_LOST_EXIT if worker_lost else 130 if interrupted else 0 if judged["slo_met"] else 1
+    if board is not None:  # sweep.json holds `judged` itself: the console's verdict is the file's
+        board.finish(judged, out, code, interrupted=interrupted)
     _print_verdict(judged, objectives is not None, closed)
     print(f"results in {out}/ (sweep.json, curve.csv, steps/)", file=sys.stderr, flush=True)
     if listener is not None:  # the files are written: now let the watching Prometheus see the verdict
         sys.stdout.flush()
         listener.stop(linger_s=0.0 if interrupted else LINGER_S)
-    if worker_lost:
-        return WORKER_LOST_EXIT
-    if interrupted:
-        return 130
-    return 0 if judged["slo_met"] else 1
+    return code
 
 
 def _planned(found: Probe, spec: SweepSpec) -> tuple[Plan | None, int | None, str]:

@@ -8,6 +8,7 @@ load, never by `serve`.
 from __future__ import annotations
 
 import math
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -16,10 +17,18 @@ import typer
 
 from loadgen.errors import LoadgenError, ScenarioError, redact_url
 from loadgen.flags import Flag
-from loadgen.options import compare_flags, load_command, run_flags, scenario_overrides, sweep_flags
+from loadgen.options import (
+    WEB_AUTH_ENV,
+    compare_flags,
+    load_command,
+    run_flags,
+    scenario_overrides,
+    sweep_flags,
+)
 
 if TYPE_CHECKING:
     from loadgen._sweepcmd import SweepSpec
+    from loadgen.driver.console import WebOptions
     from loadgen.driver.distributed import DistributedOptions
 
 app = typer.Typer(
@@ -82,25 +91,28 @@ def run(scenario: Path | None, values: dict[str, Any]) -> None:
     distributed = _distributed(values)
     web = _web(values)
     from loadgen._runcmd import run_and_report  # imports locust: only for verbs that send load
-    from loadgen.driver.console import WebOptions  # gevent, after locust has patched the process
 
     try:
         code = run_and_report(scenario, overrides, quiet=values["quiet"], server_metrics=values["server_metrics"],
                               cost_per_hour=values["cost_per_hour"], distributed=distributed,
-                              web=WebOptions(**web) if web is not None else None)
+                              web=_web_options(web))
     except LoadgenError as exc:
         _fail(exc)
     raise typer.Exit(code)
 
 
 def _web(values: dict[str, Any]) -> dict[str, Any] | None:
-    """The live console's WebOptions as keywords (--web-port, --web-host, --web-autoquit, --web-wait), or None;
-    a bad one is an input error (exit 2). (The WebOptions are made once locust is imported:
-    loadgen/driver/console.py imports gevent, which locust patches first.)"""
-    port, host, autoquit, wait = values["web_port"], values["web_host"], values["web_autoquit"], values["web_wait"]
+    """The live console's WebOptions as keywords (--web-port, --web-host, --web-auth, --web-autoquit, and
+    run's --web-wait), or None; a bad one is an input error (exit 2). (The WebOptions are made once locust
+    is imported, by _web_options: loadgen/driver/console.py imports gevent and flask, which locust patches
+    first.)"""
+    port, host, autoquit = values["web_port"], values["web_host"], values["web_autoquit"]
+    wait, auth = values.get("web_wait", False), values["web_auth"]
     if port is None:
-        if autoquit is not None or wait:
-            flag = "--web-autoquit" if autoquit is not None else "--web-wait"
+        # --web-auth may come from LOADGEN_WEB_AUTH, set for the runs that have a console: only the flag counts.
+        auth_flag = auth is not None and auth != os.environ.get(WEB_AUTH_ENV)
+        if autoquit is not None or wait or auth_flag:
+            flag = "--web-autoquit" if autoquit is not None else "--web-wait" if wait else "--web-auth"
             _fail(ScenarioError([f"{flag} is for the live console: give --web-port too"], "flags"))
         return None
     problems = []
@@ -115,7 +127,22 @@ def _web(values: dict[str, Any]) -> dict[str, Any] | None:
                         "--master")
     if problems:
         _fail(ScenarioError(problems, "flags"))
-    return {"port": port, "host": host.strip(), "autoquit_s": autoquit, "wait": wait}
+    return {"port": port, "host": host.strip(), "autoquit_s": autoquit, "wait": wait, "auth": auth}
+
+
+def _web_options(web: dict[str, Any] | None) -> WebOptions | None:
+    """The WebOptions of _web's keywords (call it once locust is imported); a --web-auth that is not
+    USER:PASSWORD is an input error (exit 2) that does not repeat it."""
+    if web is None:
+        return None
+    from loadgen.driver.console import WebOptions  # gevent and flask, after locust has patched the process
+    from loadgen.driver.webauth import WebAuth
+
+    try:
+        auth = WebAuth.parse(web["auth"]) if web["auth"] is not None else None
+    except ValueError as exc:
+        _fail(ScenarioError([f"--web-auth: {exc}"], "flags"))
+    return WebOptions(**{**web, "auth": auth})
 
 
 def _numbers(text: str | None, kind: type, flag: str) -> tuple:
@@ -151,21 +178,25 @@ _SWEEP_FLAGS = sweep_flags()
     "  loadgen sweep --target URL --model NAME --start 50 --max 2000 --factor 1.5 --out runs/sweep\n\n"
     "  loadgen sweep scenarios/closed-loop-kserve.toml --users 1,2,4,8 --step-duration 20s --out runs/sweep\n\n"
     "  loadgen sweep --target URL --model NAME --users 1..64 --factor 2 --out runs/sweep   (adaptive)\n\n"
-    "  loadgen sweep --target URL --model NAME --start 50 --max 2000 --metrics-port 9646 --out runs/sweep")
+    "  loadgen sweep --target URL --model NAME --start 50 --max 2000 --metrics-port 9646 --out runs/sweep\n\n"
+    "  loadgen sweep --target URL --model NAME --rates 100,200,400 --web-port 8089   (watch it at "
+    "http://127.0.0.1:8089/loadgen)")
 def sweep(scenario: Path | None, values: dict[str, Any]) -> None:
     """Find the saturation throughput: run the scenario at rising load, write the curve and the verdict.
 
     With no plan (--rates, --start/--max or --users) a short closed-loop probe measures the service time
     and a first capacity estimate, and an adaptive open-loop search starts from there.
+    With --web-port the live console shows each step and the curve growing, then the verdict.
     Exit 0 when some healthy step met the SLO (or there is none), 1 when none did, 2 on bad input.
     """
     spec = _sweep_spec(values, values["users"])
     overrides = _overrides(_SWEEP_FLAGS, values)
     distributed = _distributed(values)
+    web = _web(values)
     from loadgen._sweepcmd import run_sweep  # imports locust: only for verbs that send load
 
     try:
-        code = run_sweep(scenario, overrides, spec, distributed=distributed)
+        code = run_sweep(scenario, overrides, spec, distributed=distributed, web=_web_options(web))
     except LoadgenError as exc:
         _fail(exc)
     raise typer.Exit(code)

@@ -44,6 +44,9 @@ class Flag:
     """typer's parameter declarations when not just --name-with-dashes, e.g. ("--batch-size", "-b")."""
     panel: str | None = None
     """The --help panel it is listed in."""
+    envvar: str | None = None
+    """An environment variable that gives the value when the flag is not given (e.g. a password, kept out of
+    the command line that other users of the host can list)."""
 
     @property
     def flag(self) -> str:

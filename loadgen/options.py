@@ -8,7 +8,7 @@ flags from here, and `load_command` turns them into the verb's typer parameters.
   RUN_LOAD: the load itself for one run (--rate, --users, --duration), which a sweep replaces by its
   plan (SWEEP_PLAN).
 - OUTPUT: results, live metrics, SLO, server-side figures; DISTRIBUTED: Locust master/worker.
-- WEB: the live console (`run` only, a single process): Locust's web UI with loadgen's page.
+- WEB: the live console (`run` and `sweep`, a single process): Locust's web UI with loadgen's page.
 
 Each Flag with a `key` is a row of the table from flags to scenario keys (`scenario_overrides`); the
 others are read by the verb itself. NOT_IN_SWEEP says, for each `run` flag a sweep does not take, why
@@ -41,6 +41,7 @@ __all__ = [
     "TARGET",
     "TRACE",
     "WEB",
+    "WEB_AUTH_ENV",
     "compare_flags",
     "load_command",
     "parse_header_env",
@@ -184,6 +185,9 @@ OUTPUT = (
 )
 
 _WEB = "Live console (Locust's web UI)"
+WEB_AUTH_ENV = "LOADGEN_WEB_AUTH"
+"""The environment variable --web-auth is read from when not given (out of the command line, which other users
+of the host can list)."""
 
 WEB = (
     Flag("web_port", int | None, "Serve the live console on this port (0: a free one, printed): Locust's web UI "
@@ -192,15 +196,22 @@ WEB = (
          "the run, or change an open loop's rate for the rest of it; start the next run (rate or users, arrival, "
          "duration; run N writes OUT/run-N) and download each finished run's summary.json, latency.hlog and "
          "report.html. The console stays up after a run, until Ctrl-C, its quit button or --web-autoquit; the "
-         "exit code is the last run's. Single-process runs.", panel=_WEB),
-    Flag("web_host", str, "Address the console listens on (default 127.0.0.1; 0.0.0.0 exposes it to other "
-         "hosts: it asks for no login and it controls the load).", default="127.0.0.1", panel=_WEB),
-    Flag("web_autoquit", float | None, "Quit the console this many seconds after a run ends unless another run "
-         "is started from the page (0: as soon as the run's results are written), as Locust's --autoquit. "
-         "Without it the console stays up until Ctrl-C or its quit button.", panel=_WEB),
+         "exit code is the last run's. A sweep's console shows each step live and the throughput-latency curve "
+         "growing step by step, then the verdict and sweep.json; its stop ends the sweep. Single-process runs.",
+         panel=_WEB),
+    Flag("web_host", str, "Address the console listens on (default 127.0.0.1). Another address (0.0.0.0: every "
+         "interface) exposes it to other hosts: it controls the load, so give --web-auth with it.",
+         default="127.0.0.1", panel=_WEB),
+    Flag("web_auth", str | None, "USER:PASSWORD: the console (loadgen's page and routes and Locust's own) asks "
+         "for this user and password by HTTP basic auth (Locust's web login, as its former --web-auth); 401 "
+         "without them. Never printed or written to the results.", envvar=WEB_AUTH_ENV, panel=_WEB),
+    Flag("web_autoquit", float | None, "Quit the console this many seconds after a run (or the sweep) ends "
+         "unless another run is started from the page (0: as soon as the results are written), as Locust's "
+         "--autoquit. Without it the console stays up until Ctrl-C or its quit button.", panel=_WEB),
     Flag("web_wait", bool, "Send no run from the command line: the console waits for a start from its page "
          "(the command line's load fills the form).", default=False, decls=("--web-wait",), panel=_WEB),
 )
+"""The live console's flags (`run`; `sweep` takes all but --web-wait)."""
 
 QUIET = Flag("quiet", bool, "No table on stdout.", default=False, decls=("--quiet", "-q"))
 
@@ -266,7 +277,7 @@ NOT_IN_SWEEP = {
     "--duration": "each step runs --warmup + --step-duration",
     "--quiet": "a sweep prints a line a step and its verdict, never a table",
     **{flag.flag: "a trace gives its own send instants: a sweep's steps set the rate" for flag in TRACE},
-    **{flag.flag: "the live console drives runs; a sweep's curve in it is still to come" for flag in WEB},
+    "--web-wait": "a sweep starts at once: its plan is on the command line, not in the console's form",
 }
 """`run` flags a sweep does not take, or takes with another meaning, and why."""
 
@@ -295,7 +306,8 @@ def run_flags() -> tuple[Flag, ...]:
 
 
 def sweep_flags() -> tuple[Flag, ...]:
-    return (*_with_protocol_help(TARGET), *protocol_flags(), *SWEEP_PLAN, *PATTERN, *OUTPUT, *DISTRIBUTED)
+    web = tuple(flag for flag in WEB if flag.name != "web_wait")
+    return (*_with_protocol_help(TARGET), *protocol_flags(), *SWEEP_PLAN, *PATTERN, *OUTPUT, *web, *DISTRIBUTED)
 
 
 def compare_flags() -> tuple[Flag, ...]:
@@ -317,7 +329,8 @@ def scenario_overrides(flags: Sequence[Flag], values: dict[str, Any]) -> dict[tu
 
 
 def _parameter(flag: Flag) -> inspect.Parameter:
-    option = typer.Option(*flag.decls, help=flag.help, rich_help_panel=flag.panel)
+    option = typer.Option(*flag.decls, help=flag.help, rich_help_panel=flag.panel, envvar=flag.envvar,
+                          show_envvar=flag.envvar is not None)
     return inspect.Parameter(flag.name, inspect.Parameter.KEYWORD_ONLY, default=flag.default,
                              annotation=Annotated[flag.type, option])
 

@@ -1,5 +1,5 @@
-"""The live console (`loadgen run --web-port`): Locust's web UI with loadgen's page, live figures and controls,
-up across runs.
+"""The live console (`loadgen run --web-port`, `loadgen sweep --web-port`): Locust's web UI with loadgen's page,
+live figures and controls, up across runs, and a sweep's curve growing step by step.
 
 Checked against the calibration server (a latency it keeps to the microsecond) and against the run's own
 /metrics: the console's figures are the gauges' numbers for the same closed intervals, its achieved rate
@@ -9,16 +9,24 @@ a start from the page, whose bad fields are refused by name. In headless Chromiu
 chromium-driver, driven with selenium): the page shows the achieved rate and the p99 the gauge gives,
 changes the rate and stops the run, starts a second run from its form, offers each finished run's
 summary.json, latency.hlog and report.html, and its quit ends the process with the last run's exit code.
+Over a sweep against a FIFO server of known capacity, the page shows one point per finished step as the
+steps end, and once the sweep has ended its points, table and verdict are sweep.json's to the digits shown
+(and /loadgen/sweep is sweep.json's numbers exactly); a stop ends the sweep with what was measured written.
+With --web-auth, every route of the console (Locust's and loadgen's) answers 401 without the user and
+password and 200 with them, and the password is in none of the outputs.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import shutil
 import subprocess
 import time
 from collections.abc import Callable
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +41,12 @@ from tests.support.processes import ROOT, finish, loadgen_cmd, pin, run_loadgen,
 
 pytestmark = pytest.mark.integration
 
+PASSWORD = "pa55-Console-only"
+"""The --web-auth password of the tests: looked for in every output, where it must not be."""
 DELAY_MS = 5.0
 """The calibration server's latency: every request is answered this long after it arrived."""
+SERVICE_MS = 10.0
+"""The sweeps' calibration server: one FIFO worker of this service time, so 100 req/s at most."""
 SECOND_RUN_S = 2.0
 """The length of the run started from the page in Chromium."""
 RUN_S = 7.0
@@ -43,39 +55,49 @@ after it must still be inside the run when it is read."""
 
 
 class ConsoleRun:
-    """`loadgen run --web-port 0 --metrics-port 0` in a child process, with its console and /metrics URLs
-    (`metrics`: wait for the first run's /metrics line too; no run starts at once with --web-wait)."""
+    """`loadgen run --web-port 0 --metrics-port 0` (or `loadgen sweep --web-port 0`: `verb`) in a child process,
+    with its console and /metrics URLs (`metrics`: wait for the first run's /metrics line too; no run starts at
+    once with --web-wait); `auth`: the (user, password) its routes are asked with; `env`: added to the child's
+    environment."""
 
-    def __init__(self, target: str, out: Path, *args: str, metrics: bool = True) -> None:
+    def __init__(self, target: str, out: Path, *args: str, metrics: bool = True, verb: str = "run",
+                 auth: tuple[str, str] | None = None, env: dict[str, str] | None = None) -> None:
         self.out = out
+        self.auth = auth
+        own = ("--metrics-port", "0", "--quiet") if verb == "run" else ()
         self.proc = subprocess.Popen(
-            loadgen_cmd("run", "--target", target, "--model", "m", "--web-port", "0", "--metrics-port", "0",
-                        "--quiet", "--out", str(out), *args),
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+            loadgen_cmd(verb, "--target", target, "--model", "m", "--web-port", "0", *own, "--out", str(out), *args),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, **(env or {})})
         pin(self.proc.pid, 0)
         self.console = self.metrics = ""
-        said = []
+        self.said: list[str] = []
+        """What the child wrote on stderr before its console was up."""
+        self.stdout = ""
         deadline = time.monotonic() + 30
         while not (self.console and (self.metrics or not metrics)) and time.monotonic() < deadline:
             line = self.proc.stderr.readline()
-            said.append(line)
+            self.said.append(line)
             if line.startswith("console on "):
-                self.console = line.split()[-1]
+                self.console = line.split()[2]
             elif line.startswith("metrics on "):
                 self.metrics = line.split()[-1]
             elif not line and self.proc.poll() is not None:
                 break
-        self.said = "".join(said)
-        """What it printed on stderr before the console's URL was known (its lines come in either order)."""
         if not (self.console and (self.metrics or not metrics)):
             stop_process(self.proc)
-            raise AssertionError(f"no console or metrics line: {self.said}{self.proc.stderr.read()}")
+            raise AssertionError(f"no console or metrics line: {''.join(self.said)}{self.proc.stderr.read()}")
+
+    def get(self, route: str, **kwargs: Any) -> httpx.Response:
+        return httpx.get(self.console + route, auth=self.auth, timeout=kwargs.pop("timeout", 2), **kwargs)
 
     def live(self) -> dict[str, Any]:
-        return httpx.get(self.console + "/live", timeout=2).json()
+        return self.get("/live").json()
+
+    def sweep(self) -> dict[str, Any]:
+        return self.get("/sweep").json()
 
     def start(self, **fields: str) -> httpx.Response:
-        return httpx.post(self.console + "/start", data=fields, timeout=5)
+        return httpx.post(self.console + "/start", data=fields, auth=self.auth, timeout=5)
 
     def gauge(self, name: str, **labels: str) -> float:
         for family in text_string_to_metric_families(httpx.get(self.metrics, timeout=2).text):
@@ -84,21 +106,25 @@ class ConsoleRun:
                     return sample.value
         raise AssertionError(f"no {name}{labels} in /metrics")
 
-    def wait_live(self, until: Callable[[dict[str, Any]], bool], timeout: float = 10.0) -> dict[str, Any]:
+    def wait_live(self, until: Callable[[dict[str, Any]], bool], timeout: float = 10.0,
+                  read: Callable[[], dict[str, Any]] | None = None) -> dict[str, Any]:
+        """The first answer of `read` (default: /loadgen/live) that `until` accepts."""
+        read = read or self.live
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            live = self.live()
+            live = read()
             if until(live):
                 return live
             time.sleep(0.05)
         raise AssertionError(f"the console never showed what was waited for; last: {live}")
 
-    def finish(self, timeout: float = 30.0) -> tuple[int, str, dict[str, Any]]:
+    def finish(self, timeout: float = 30.0, document: str = "summary.json") -> tuple[int, str, dict[str, Any]]:
+        """Wait for the child's end: its exit code, stderr (all of it) and `document` from its --out folder."""
         try:
-            _, stderr = finish(self.proc, timeout=timeout)
+            self.stdout, stderr = finish(self.proc, timeout=timeout)
         finally:
             stop_process(self.proc)
-        return self.proc.returncode, self.said + stderr, json.loads((self.out / "summary.json").read_text())
+        return self.proc.returncode, "".join(self.said) + stderr, json.loads((self.out / document).read_text())
 
 
 def same_moment(run: ConsoleRun, name: str, **labels: str) -> tuple[dict[str, Any], float]:
@@ -114,6 +140,21 @@ def same_moment(run: ConsoleRun, name: str, **labels: str) -> tuple[dict[str, An
 
 def sig3(value: float) -> float:
     return float(f"{value:.3g}")
+
+
+def shown(value: float, *, decimals: int | None = None, digits: int | None = None) -> float:
+    """`value` as the page shows it, JS's toFixed(decimals) or toPrecision(digits): the double's exact value
+    rounded half up (JS picks the larger of two equally near), read back as a number."""
+    exact = Decimal(value)
+    exponent = -decimals if decimals is not None else (exact.adjusted() if exact else 0) - digits + 1
+    return float(exact.quantize(Decimal(1).scaleb(exponent), rounding=ROUND_HALF_UP))
+
+
+def health(step: dict[str, Any]) -> str:
+    """A sweep.json step's health, as the page's table says it."""
+    flags = (["GENERATOR-BOUND"] if step["generator_bound"] else []) + ([] if step["stable"] else ["unstable"]) \
+        + (["SLO missed"] if step["slo_met"] is False else [])
+    return ", ".join(flags) or "ok"
 
 
 def replanned(rate: float, duration_s: float, changes: list[dict[str, float]]) -> OpenLoop:
@@ -243,6 +284,19 @@ def test_web_flags_are_checked(tmp_path) -> None:
     distributed = run_loadgen("--target", "http://127.0.0.1:9", "--model", "m", "--rate", "10", "--duration",
                               "1s", "--web-port", "0", "--processes", "2", out=tmp_path)
     assert distributed.returncode == 2 and "single-process runs" in distributed.stderr
+    swept = run_loadgen("--target", "http://127.0.0.1:9", "--model", "m", "--rates", "10", "--web-port", "0",
+                        "--processes", "2", out=tmp_path, verb="sweep")
+    assert swept.returncode == 2 and "single-process runs" in swept.stderr
+    waiting = run_loadgen("--target", "http://127.0.0.1:9", "--model", "m", "--rates", "10", "--web-port", "0",
+                          "--web-wait", out=tmp_path, verb="sweep")
+    assert waiting.returncode == 2 and "--web-wait" in waiting.stderr  # a sweep's plan is on the command line
+    no_password = run_loadgen("--target", "http://127.0.0.1:9", "--model", "m", "--rate", "10", "--duration", "1s",
+                              "--web-port", "0", "--web-auth", PASSWORD, out=tmp_path)
+    assert no_password.returncode == 2 and "--web-auth: expected USER:PASSWORD" in no_password.stderr
+    assert PASSWORD not in no_password.stderr + no_password.stdout  # the bad value is not repeated
+    no_console = run_loadgen("--target", "http://127.0.0.1:9", "--model", "m", "--rate", "10", "--duration", "1s",
+                             "--web-auth", f"ops:{PASSWORD}", out=tmp_path)
+    assert no_console.returncode == 2 and "--web-auth is for the live console" in no_console.stderr
 
 
 def _chromium() -> tuple[str, str] | None:
@@ -251,22 +305,31 @@ def _chromium() -> tuple[str, str] | None:
     return (browser, driver) if browser and driver else None
 
 
-@pytest.mark.skipif(_chromium() is None, reason="Debian's chromium and chromium-driver are not installed "
-                    "(apt-get install chromium chromium-driver; .ci/run installs them)")
-def test_the_page_shows_the_gauges_changes_the_rate_and_stops_in_chromium(calibration_server, host_noise,
-                                                                         tmp_path) -> None:
+NO_CHROMIUM = ("Debian's chromium and chromium-driver are not installed (apt-get install chromium chromium-driver; "
+               ".ci/run installs them)")
+
+
+def _browser() -> Any:
+    """Headless Chromium driven by selenium (quit it when done)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
 
     browser, chromedriver = _chromium()
     options = Options()
     options.binary_location = browser
     for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
         options.add_argument(argument)
+    return webdriver.Chrome(service=Service(chromedriver), options=options)
+
+
+@pytest.mark.skipif(_chromium() is None, reason=NO_CHROMIUM)
+def test_the_page_shows_the_gauges_changes_the_rate_and_stops_in_chromium(calibration_server, host_noise,
+                                                                         tmp_path) -> None:
+    from selenium.webdriver.common.by import By
+
     server = calibration_server("--delay-ms", f"{DELAY_MS:g}")
-    driver = webdriver.Chrome(service=Service(chromedriver), options=options)
+    driver = _browser()
     # An SLO the 5 ms server misses: the exit code the quit ends with is the last run's verdict.
     run = ConsoleRun(server.url, tmp_path, "--rate", "200", "--duration", "8s", "--slo", "p99<1ms")
     try:
@@ -362,3 +425,176 @@ def test_the_page_shows_the_gauges_changes_the_rate_and_stops_in_chromium(calibr
     assert sum(histogram.get_total_count() for histogram in hlog[None]) == summary2["ok"]
     assert report.status_code == 200 and report.headers["content-type"].startswith("text/html")
     assert report.text.lstrip().lower().startswith("<!doctype html") and "Run on m" in report.text
+
+
+def test_web_auth_guards_every_route_and_stays_out_of_the_outputs(calibration_server, tmp_path) -> None:
+    """--web-auth USER:PASSWORD: Locust's pages and loadgen's routes answer 401 (asking for basic auth) without
+    the user and password, or with a wrong one, and do nothing; with them, 200; the password is in neither
+    the printed output nor the run's files."""
+    server = calibration_server("--delay-ms", f"{DELAY_MS:g}")
+    run = ConsoleRun(server.url, tmp_path, "--rate", "50", "--duration", "1s", "--web-wait", "--web-autoquit", "0",
+                     "--web-auth", f"ops:{PASSWORD}", metrics=False, auth=("ops", PASSWORD))
+    base = run.console.removesuffix("/loadgen")
+    try:
+        for path in ("/", "/stats/requests", "/loadgen", "/loadgen/live", "/loadgen/sweep",
+                     "/loadgen/download/summary.json"):
+            for auth in (None, ("ops", "wrong"), ("intruder", PASSWORD)):
+                refused = httpx.get(base + path, auth=auth, timeout=2)
+                assert refused.status_code == 401, (path, auth, refused.text)
+                assert refused.headers["www-authenticate"].startswith("Basic realm=")
+        for path in ("/loadgen/start", "/loadgen/stop", "/loadgen/rate", "/loadgen/quit", "/swarm", "/stop"):
+            refused = httpx.post(base + path, data={"rate": "100", "user_count": "1"}, timeout=2)
+            assert refused.status_code == 401, (path, refused.text)
+        for path in ("/", "/stats/requests", "/loadgen", "/loadgen/live"):
+            assert httpx.get(base + path, auth=run.auth, timeout=2).status_code == 200, path
+        assert run.get("/sweep").status_code == 404  # a run's console shows no sweep
+        assert run.live()["state"] == "waiting"  # none of the refused requests started or quit anything
+        assert run.start(rate="50", duration="1s").status_code == 202
+        code, stderr, summary = run.finish()
+    finally:
+        stop_process(run.proc)
+    assert code == 0, stderr
+    assert "(basic auth: user ops)" in stderr
+    assert summary["sent"] == 50 and summary["errors"] == {}
+    outputs = [path for path in tmp_path.rglob("*") if path.is_file()]
+    assert {path.name for path in outputs} >= {"summary.json", "latency.hlog"}
+    for text in (stderr, run.stdout, *(path.read_text(errors="replace") for path in outputs)):
+        assert PASSWORD not in text
+
+
+def test_the_pages_stop_ends_a_sweep_with_what_was_measured_written(calibration_server, tmp_path) -> None:
+    """Stopped from the console during its second step, as Ctrl-C would: the sweep writes both steps (the
+    second interrupted), starts no third, and exits 130 (--web-autoquit 0: once written). Its console, behind
+    LOADGEN_WEB_AUTH, answers 401 without it and keeps the password out of every output; it starts no run and
+    changes no step's rate (409)."""
+    server = calibration_server("--service-ms", f"{SERVICE_MS:g}", "--workers", "1")
+    out = tmp_path / "sweep"
+    run = ConsoleRun(server.url, out, "--rates", "50,50,50", "--step-duration", "2s", "--warmup", "0s",
+                     "--web-autoquit", "0", verb="sweep", metrics=False, auth=("ops", PASSWORD),
+                     env={"LOADGEN_WEB_AUTH": f"ops:{PASSWORD}"})
+    try:
+        assert httpx.get(run.console + "/sweep", timeout=2).status_code == 401
+        assert httpx.post(run.console + "/stop", timeout=2).status_code == 401
+        going = run.wait_live(lambda live: live["run"] == 2 and live.get("intervals", 0) >= 1, timeout=15)
+        assert going["sweep"] is True and going["rate_changeable"] is False
+        assert run.sweep()["running"] == {"phase": "step", "step": 2, "load": 50.0}
+        refused = run.start(rate="100")
+        assert refused.status_code == 409 and "sweep's plan" in refused.json()["error"]
+        refused = httpx.post(run.console + "/rate", data={"rate": "100"}, auth=run.auth, timeout=2)
+        assert refused.status_code == 409 and "plan's load" in refused.json()["error"]
+        stopped = httpx.post(run.console + "/stop", auth=run.auth, timeout=2)
+        assert stopped.status_code == 200 and stopped.json() == {"stopping": True, "run": 2, "sweep": True}
+        code, stderr, sweep = run.finish(document="sweep.json")
+    finally:
+        stop_process(run.proc)
+    assert code == 130, stderr
+    assert sweep["interrupted"] is True and [step["step"] for step in sweep["steps"]] == [1, 2]
+    first, second = (json.loads((out / step["dir"] / "summary.json").read_text()) for step in sweep["steps"])
+    assert first["interrupted"] is False and first["duration_s"] == 2.0
+    assert second["interrupted"] is True and 0 < second["duration_s"] < 2.0
+    assert sorted(path.name for path in (out / "steps").iterdir()) == ["01-50rps", "02-50rps"]
+    outputs = [path for path in out.rglob("*") if path.is_file()]
+    for text in (stderr, run.stdout, *(path.read_text(errors="replace") for path in outputs)):
+        assert PASSWORD not in text
+
+
+@pytest.mark.skipif(_chromium() is None, reason=NO_CHROMIUM)
+def test_a_sweeps_curve_grows_a_point_per_step_and_ends_as_sweep_json_in_chromium(calibration_server, host_noise,
+                                                                                 tmp_path) -> None:
+    """Three steps, 60, 90 and 130 req/s against one FIFO worker of 10 ms (100 req/s), 1 s warm-up + 2 s each:
+    while the sweep goes on the page shows a point (and a table row) per finished step; once it has ended,
+    each step's rates and latencies as shown are sweep.json's to the digits shown, and so is the verdict;
+    /loadgen/sweep and the sweep.json download are sweep.json's numbers exactly; the quit ends the process
+    with the sweep's exit code."""
+    from selenium.webdriver.common.by import By
+
+    server = calibration_server("--service-ms", f"{SERVICE_MS:g}", "--workers", "1")
+    driver = _browser()
+    out = tmp_path / "sweep"
+    run = ConsoleRun(server.url, out, "--rates", "60,90,130", "--step-duration", "2s", "--warmup", "1s",
+                     verb="sweep", metrics=False)
+    try:
+        driver.get(run.console)
+
+        def page() -> dict[str, Any]:
+            return driver.execute_script("""
+              const text = (id) => document.getElementById(id).textContent;
+              const row = (tr) => Object.fromEntries([...tr.cells].map((td) => [td.className.split(" ")[0],
+                                                                                   td.textContent]));
+              return {points: [...document.querySelectorAll("#sweep-chart circle.point")].map(
+                        (circle) => Number(circle.dataset.step)),
+                      rows: [...document.querySelectorAll("#sweep-steps tbody tr")].map(row),
+                      running: text("sweep-running"), final: text("sweep-final"),
+                      saturation: text("sweep-saturation"), knee: text("sweep-knee"),
+                      notes: [...document.querySelectorAll("#sweep-notes li")].map((li) => li.textContent),
+                      downloads: getComputedStyle(document.getElementById("sweep-downloads")).display,
+                      stop: text("stop-button"),
+                      form: getComputedStyle(document.getElementById("start-form")).display};""")
+
+        matched: set[int] = set()  # step counts the page showed while /loadgen/sweep had as many finished
+        running: set[str] = set()
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline:
+            before = run.sweep()
+            now = page()
+            after = run.sweep()
+            finished = len(before["steps"])
+            if len(after["steps"]) == finished and now["points"] == list(range(1, finished + 1)) \
+                    and [row["step"] for row in now["rows"]] == [str(n) for n in range(1, finished + 1)]:
+                matched.add(finished)
+            running.add(now["running"])
+            if after["final"] and now["downloads"] == "block":
+                break
+            time.sleep(0.1)
+        final = page()
+        answered = run.sweep()
+        downloaded = run.get("/download/sweep.json")
+        driver.find_element(By.ID, "quit-button").click()
+        code, stderr, sweep = run.finish(document="sweep.json")
+    finally:
+        driver.quit()
+        stop_process(run.proc)
+    assert code == 0, stderr  # no SLO: the sweep exits 0
+    assert matched >= {1, 2, 3}, f"the page's points never matched the finished steps: {matched}"
+    assert {"step 2 of up to 3 at 90 req/s", "step 3 of up to 3 at 130 req/s"} <= running, running
+    assert final["stop"] == "stop the sweep" and final["form"] == "none"  # a sweep's steps come from its plan
+
+    steps = sweep["steps"]
+    assert [step["load"] for step in steps] == [60.0, 90.0, 130.0]
+    assert answered["steps"] == steps and answered["final"] is True and answered["exit_code"] == 0
+    assert answered["verdict"] == {key: sweep[key] for key in answered["verdict"]}
+    assert {"saturation_rps", "saturated", "knee", "notes"} <= set(answered["verdict"])
+    assert downloaded.status_code == 200 and downloaded.json() == sweep
+
+    assert final["points"] == [1, 2, 3]
+    rows = {int(row["step"]): row for row in final["rows"]}
+    for step in steps:
+        row = rows[step["step"]]
+        assert float(row["offered"]) == shown(step["offered_rps"], decimals=1), (row, step)
+        assert float(row["achieved"]) == shown(step["achieved_rps"], decimals=1), (row, step)
+        assert float(row["p50"]) == shown(step["latency_ms"]["p50"], digits=3), (row, step)
+        assert float(row["p99"]) == shown(step["latency_ms"]["p99"], digits=3), (row, step)
+        assert row["health"] == health(step)
+    assert final["final"] == "(final: sweep.json's)"
+    saturation = sweep["saturation_rps"]
+    if saturation is None:
+        assert final["saturation"] == "unknown"
+    else:
+        assert float(final["saturation"].split()[0]) == shown(saturation, decimals=1)
+        assert ("lower bound" in final["saturation"]) == (not sweep["saturated"])
+    knee = sweep["knee"]
+    if knee is None:
+        assert final["knee"] == "none"
+    else:
+        said = re.fullmatch(r"step (\d+) \((\S+) req/s\): (\S+) req/s achieved, p99 (\S+) ms", final["knee"])
+        assert said is not None, final["knee"]
+        assert (int(said[1]), float(said[2])) == (knee["step"], knee["load"])
+        assert float(said[3]) == shown(knee["achieved_rps"], decimals=1)
+        assert float(said[4]) == shown(knee["p99_ms"], digits=3)
+    assert final["notes"] == sweep["notes"]
+    # The figures are the server's: below its 100 req/s every arrival is answered at its rate, above it the
+    # one worker's capacity (5 % of a 2 s step: only a host stall of 100 ms moves it so far).
+    achieved = [step["achieved_rps"] for step in steps]
+    host_noise.assert_holds(achieved[:2] == pytest.approx([60.0, 90.0], rel=0.05)
+                            and achieved[2] == pytest.approx(1000.0 / SERVICE_MS, rel=0.05),
+                            what=f"achieved {achieved} req/s at 60, 90 and 130 offered", margin_ms=100.0)

@@ -8,39 +8,55 @@ web UI stay up, and each run gets from `environment_for` the same Environment wi
 and runner (Locust's routes read them from it), and its own LoadContext (`attach`). The run command
 (loadgen/_runcmd.py) sends the first run from the command line (none with --web-wait), then one more run
 for each start from the page, until a quit (the page's, Ctrl-C, or --web-autoquit seconds after a run).
+What is shown (the runs, their figures, the sweep) is the ConsoleState (loadgen/driver/consolestate.py);
+this module serves it.
+
+`loadgen sweep --web-port P` serves the same console over a sweep (loadgen/_sweepcmd.py): each step (and
+each probe run of a sweep without a plan) is a run of the console, shown live as it goes, and a SweepBoard
+(loadgen/driver/sweepboard.py) holds the curve growing step by step and the verdict. The page draws both;
+a stop ends the sweep, as Ctrl-C does; no run is started from the page and no rate is changed (a step
+runs at its plan's load).
 
 - GET  /loadgen       the page (console.html beside this module: plain HTML and inline JS, no build step,
                       nothing fetched from elsewhere) that polls the figures, draws them as inline SVG
                       charts, shows a GENERATOR-BOUND banner when the generator's self-check says so, has
-                      the start form and, once a run has finished, its download buttons;
+                      the start form and, once a run has finished, its download buttons; under a sweep,
+                      the throughput-latency curve, a table of the steps and the verdict;
 - GET  /loadgen/live  the console's state (waiting: no run yet; starting, running, stopping; finished;
-                      failed), the run's number and `finished` flag, the start form's defaults (`form`:
-                      the latest run's load) and the run's figures as JSON. Rates and percentiles come
-                      from a RunCollector (loadgen/sinks/prometheus.py) of the run's LoadContext: the same
-                      functions and the same closed intervals as the /metrics gauges (`intervals` says
-                      how many), so latency_s["10s"]["p99"] is loadgen_latency_percentile_seconds{
-                      quantile="0.99",window="10s"} read at the same moment. `generator` is the SelfCheck
-                      of the run so far (summary.json's `generator` once it has finished);
+                      failed), the run's number and `finished` flag, `sweep` (whether the runs are a
+                      sweep's steps), the start form's defaults (`form`: the latest run's load) and the
+                      run's figures as JSON. Rates and percentiles come from a RunCollector
+                      (loadgen/sinks/prometheus.py) of the run's LoadContext: the same functions and the
+                      same closed intervals as the /metrics gauges (`intervals` says how many), so
+                      latency_s["10s"]["p99"] is loadgen_latency_percentile_seconds{quantile="0.99",
+                      window="10s"} read at the same moment. `generator` is the SelfCheck of the run so
+                      far (summary.json's `generator` once it has finished);
+- GET  /loadgen/sweep the sweep's state (probing, running, stopping, finished), plan, the step running,
+                      each finished step as sweep.json has it, and the verdict (`final` once it is
+                      sweep.json's); 404 when the console shows no sweep;
 - POST /loadgen/start rate=R | users=U, arrival=A, duration=D (each optional: the command line's value
                       stands): the scenario of the command line with these over it runs next; 202
-                      {"run": N}, 400 naming the bad field, 409 while a run is going;
-- POST /loadgen/stop  ends the run as SIGINT does (partial results, interrupted);
+                      {"run": N}, 400 naming the bad field, 409 while a run is going (and under a sweep);
+- POST /loadgen/stop  ends the run as SIGINT does (partial results, interrupted); under a sweep, the sweep;
 - POST /loadgen/rate  rate=R [at_s=T]: an open loop's rate is R from T seconds into the run (default:
                       now) to its end; the arrivals before T stay as planned (LoadContext.change_rate);
 - POST /loadgen/quit  stops the run going, if any, and ends the process once its outputs are written,
-                      with the last run's exit code (an SLO missed is still 1);
+                      with the last run's exit code (an SLO missed is still 1; a sweep's own code);
 - GET  /loadgen/download/NAME[?run=N]  summary.json, latency.hlog or report.html of run N (default: the
-                      latest finished; 404 before it has finished), see loadgen/driver/runbook.py.
+                      latest finished; 404 before it has finished), see loadgen/driver/runbook.py; a
+                      sweep's sweep.json and curve.csv once it has ended.
 
 Locust's own pages stay at / (its statistics of the run's requests). The console is bound to 127.0.0.1
-unless --web-host says otherwise, and it asks for no login: it controls the load, so exposing it is a
-decision the user makes with --web-host.
+unless --web-host says otherwise. With --web-auth USER:PASSWORD every page and route of it (Locust's and
+loadgen's) asks for that user and password by HTTP basic auth (loadgen/driver/webauth.py, through
+Locust's web_login); without it the console asks for no login, and exposing it is a decision the user
+makes with --web-host (said on stderr when the address is not a loopback one).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import math
-import resource
 import signal
 import sys
 import time
@@ -52,17 +68,16 @@ from typing import Any
 
 import gevent
 from flask import Response, jsonify, request, send_file
-from gevent.event import Event
 from locust.env import Environment
 from locust.event import Events
 from locust.stats import RequestStats
 
-from loadgen.driver.context import LoadContext
-from loadgen.driver.runbook import DOWNLOADS, FinishedRun, RunBook
-from loadgen.driver.selfcheck import SelfCheck
+from loadgen.driver.consolestate import ConsoleState
+from loadgen.driver.runbook import DOWNLOADS
+from loadgen.driver.sweepboard import SWEEP_DOWNLOADS, SweepBoard
+from loadgen.driver.webauth import WebAuth, protect
 from loadgen.errors import LoadgenError
-from loadgen.scenario import OpenLoop, Scenario
-from loadgen.sinks.prometheus import RunCollector
+from loadgen.scenario import Scenario
 
 __all__ = ["DEFAULT_WEB_HOST", "FormError", "LiveConsole", "Planner", "WebOptions"]
 
@@ -72,14 +87,16 @@ _BIND_WAIT_S = 5.0  # the web server binds in its own greenlet: how long start()
 
 @dataclass(frozen=True)
 class WebOptions:
-    """Where the console listens (--web-host, --web-port; port 0: a free one, printed) and how long it
-    lives: `autoquit_s` seconds after a run ends with no new start (--web-autoquit; None: until a quit),
-    and whether the first run waits for a start from the page (--web-wait)."""
+    """Where the console listens (--web-host, --web-port; port 0: a free one, printed), who may use it
+    (--web-auth: None, anyone who reaches the port) and how long it lives: `autoquit_s` seconds after a run
+    (or the sweep) ends with no new start (--web-autoquit; None: until a quit), and whether the first run
+    waits for a start from the page (--web-wait)."""
 
     port: int = 0
     host: str = DEFAULT_WEB_HOST
     autoquit_s: float | None = None
     wait: bool = False
+    auth: WebAuth | None = None
 
 
 class FormError(ValueError):
@@ -94,25 +111,10 @@ Planner = Callable[[Mapping[str, str]], Scenario]
 """A start form's fields -> the scenario to run; raises FormError (or a ScenarioError) on a bad one."""
 
 
-def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-class _Run:
-    """The run being sent (or the latest sent): its number, context, stop event and figures."""
-
-    def __init__(self, number: int, ctx: LoadContext, stop: Event) -> None:
-        self.number = number
-        self.ctx = ctx
-        self.stop = stop
-        self.collector = RunCollector(ctx, pause=gevent.idle)
-        self.cpu0 = (time.monotonic(), _cpu_seconds())
-
-
-class LiveConsole:
+class LiveConsole(ConsoleState):
     """Locust's web UI with loadgen's routes, up across runs; `plan` makes a start form into a scenario and
-    `scenario` (the command line's) gives the form's defaults until a run is booked.
+    `scenario` (the command line's) gives the form's defaults until a run is booked. With `sweep`, the runs
+    are a sweep's steps (and `plan` is not used: no run is started from the page).
 
     >>> console = LiveConsole(WebOptions(port=0), plan, scenario).start()  # doctest: +SKIP
     >>> console.url  # doctest: +SKIP
@@ -120,15 +122,14 @@ class LiveConsole:
     >>> environment = console.environment_for(OpenLoopUser)  # doctest: +SKIP
     """
 
-    def __init__(self, options: WebOptions, plan: Planner, scenario: Scenario) -> None:
+    def __init__(self, options: WebOptions, plan: Planner | None, scenario: Scenario,
+                 sweep: SweepBoard | None = None) -> None:
+        super().__init__(options.autoquit_s, scenario, sweep)
         self.options = options
         self.port = options.port
         """The port served on (the one picked once started, when 0 was asked for)."""
-        self.runs = RunBook(options.autoquit_s)
-        self.runs.scenario = scenario
         self._plan = plan
         self._environment = Environment(events=Events())
-        self._run: _Run | None = None
         self._web_ui: Any = None
         self._failed: OSError | None = None
 
@@ -138,9 +139,13 @@ class LiveConsole:
         Raises LoadgenError (exit 2) when the address cannot be bound.
         """
         self._environment.create_local_runner()  # Locust's / answers before the first run too
+        auth = self.options.auth
         with _locust_argv():
             web_ui = self._web_ui = self._environment.create_web_ui(self.options.host, self.options.port,
+                                                                      web_login=auth is not None,
                                                                       delayed_start=True)
+        if auth is not None:
+            protect(web_ui, auth)
         template_args = web_ui.update_template_args
 
         def update_template_args() -> None:  # Locust's page calls it on each load
@@ -175,7 +180,13 @@ class LiveConsole:
         return f"http://{host}:{self.port}/loadgen"
 
     def announce(self) -> None:
-        print(f"console on {self.url}", file=sys.stderr, flush=True)
+        """Say where the console is (and whose it is: the user it asks for, never the password)."""
+        auth = self.options.auth
+        login = f" (basic auth: user {auth.user})" if auth is not None else ""
+        print(f"console on {self.url}{login}", file=sys.stderr, flush=True)
+        if auth is None and not _loopback(self.options.host):
+            print(f"warning: the console on {self.options.host} asks for no login and controls the load: "
+                  "anyone who reaches the port can; give --web-auth USER:PASSWORD", file=sys.stderr, flush=True)
 
     def stop(self) -> None:
         """Close the port (a request in progress gets up to a second)."""
@@ -198,29 +209,17 @@ class LiveConsole:
         environment.user_classes = [user_class]
         return environment
 
-    def attach(self, ctx: LoadContext, stop: Event) -> None:
-        """Show the run of `ctx` (the one booked last); `stop` ends it (the page's stop, a quit)."""
-        self._run = _Run(self.runs.number, ctx, stop)
-        if self.runs.quitting:
-            stop.set()  # a quit came while the run was being prepared
-
-    def finished(self, run: FinishedRun) -> None:
-        """The run has ended and its outputs are written: its downloads are served from now on."""
-        self.runs.finish(run)
-
-    def quit(self) -> None:
-        """Stop the run going, if any, and let the run command end (as the page's quit does)."""
-        self.runs.quit()
-        if self.runs.busy and self._current() is not None:
-            self._current().stop.set()
-
     def next_start(self) -> tuple[int, Scenario] | None:
         """Wait for the next run started from the page: (its number, its scenario); None to quit (the page's
-        quit, SIGINT or SIGTERM while waiting, or --web-autoquit seconds after a run ended)."""
+        quit, SIGINT or SIGTERM while waiting, or --web-autoquit seconds after a run ended). Under a sweep,
+        which starts nothing from the page, it waits for the quit."""
         autoquit = self.runs.autoquit_s
         if self.runs.quitting:
             return None
-        if self.runs.number == 0:
+        if self.sweep is not None:
+            ends = f"it quits in {autoquit:g} s" if autoquit is not None else "quit it there or with Ctrl-C"
+            print(f"console: the sweep's curve and files stay at {self.url}; {ends}", file=sys.stderr, flush=True)
+        elif self.runs.number == 0:
             print(f"console: waiting for a start from {self.url}", file=sys.stderr, flush=True)
         else:
             ends = f"it quits in {autoquit:g} s unless a run is started" if autoquit is not None else \
@@ -228,21 +227,17 @@ class LiveConsole:
             print(f"console: start another run at {self.url}; {ends}", file=sys.stderr, flush=True)
         handlers = [gevent.signal_handler(sig, self.quit) for sig in (signal.SIGINT, signal.SIGTERM)]
         try:
-            return self.runs.next_start()
+            return self.runs.next_start(ended=self.sweep is not None)
         finally:
             for handler in handlers:
                 handler.cancel()
-
-    def _current(self) -> _Run | None:
-        """The attached run when it is the latest booked (not an earlier one)."""
-        run = self._run
-        return run if run is not None and run.number == self.runs.number else None
 
     # -- routes ------------------------------------------------------------------------------------
     def _add_routes(self, web_ui: Any) -> None:
         app, guard = web_ui.app, web_ui.auth_required_if_enabled
         app.add_url_rule("/loadgen", "loadgen_page", guard(self._page))
         app.add_url_rule("/loadgen/live", "loadgen_live", guard(self._live))
+        app.add_url_rule("/loadgen/sweep", "loadgen_sweep", guard(self._sweep))
         app.add_url_rule("/loadgen/start", "loadgen_start", guard(self._start_run), methods=["POST"])
         app.add_url_rule("/loadgen/stop", "loadgen_stop", guard(self._stop_run), methods=["POST"])
         app.add_url_rule("/loadgen/rate", "loadgen_rate", guard(self._change_rate), methods=["POST"])
@@ -256,7 +251,15 @@ class LiveConsole:
     def _live(self) -> Response:
         return jsonify(self.live())
 
+    def _sweep(self) -> Response | tuple[Response, int]:
+        if self.sweep is None:
+            return jsonify({"error": "this console shows runs, not a sweep (loadgen sweep --web-port)"}), 404
+        return jsonify(self.sweep.as_json())
+
     def _start_run(self) -> tuple[Response, int]:
+        if self.sweep is not None or self._plan is None:
+            return jsonify({"error": "this console shows a sweep: its steps come from the sweep's plan; start "
+                                     "another sweep from the command line"}), 409
         if self.runs.busy or self.runs.quitting:
             why = "the console is quitting" if self.runs.quitting else f"run {self.runs.number} is going"
             return jsonify({"error": f"{why}: stop it first, or wait for its end"}), 409
@@ -268,20 +271,17 @@ class LiveConsole:
             return jsonify({"error": str(exc), "field": None}), 400
         return jsonify({"run": self.runs.request(scenario)}), 202
 
-    def _going(self) -> _Run | None:
-        return self._current() if self.runs.busy else None
-
     def _stop_run(self) -> tuple[Response, int]:
-        run = self._going()
-        if run is None:
-            return jsonify({"error": "no run is going"}), 409
-        run.stop.set()
-        return jsonify({"stopping": True, "run": run.number}), 200
+        number = self.halt()
+        if number is None:
+            return jsonify({"error": "no run is going" if self.sweep is None else "the sweep has ended"}), 409
+        return jsonify({"stopping": True, "run": number, "sweep": self.sweep is not None}), 200
 
     def _change_rate(self) -> tuple[Response, int]:
-        run = self._going()
-        if run is None:
-            return jsonify({"error": "no run is going"}), 409
+        run = self.going()
+        if run is None or self.sweep is not None:
+            why = "a sweep's step runs at its plan's load" if self.sweep is not None else "no run is going"
+            return jsonify({"error": why}), 409
         values = request.get_json(silent=True) or request.form
         try:
             rate = _number(values, "rate")
@@ -296,8 +296,15 @@ class LiveConsole:
         return jsonify({"quitting": True, "run": self.runs.number}), 202
 
     def _download(self, name: str) -> Response | tuple[Response, int]:
+        if name in SWEEP_DOWNLOADS and self.sweep is not None:
+            path = self.sweep.file(name)
+            if path is None:
+                return jsonify({"error": "the sweep has not ended"}), 404
+            return send_file(path.resolve(), mimetype=SWEEP_DOWNLOADS[name], as_attachment=True,
+                             download_name=name, max_age=0)
         if name not in DOWNLOADS:
-            return jsonify({"error": f"no download {name!r}: one of {', '.join(DOWNLOADS)}"}), 404
+            names = [*DOWNLOADS, *(SWEEP_DOWNLOADS if self.sweep is not None else ())]
+            return jsonify({"error": f"no download {name!r}: one of {', '.join(names)}"}), 404
         asked = request.args.get("run")
         if asked is not None and not asked.isdigit():
             return jsonify({"error": f"run: expected a run number, got {asked!r}"}), 400
@@ -312,89 +319,15 @@ class LiveConsole:
         return send_file(path.resolve(), mimetype=DOWNLOADS[name], as_attachment=True,
                          download_name=f"run-{run.number}-{name}", max_age=0)
 
-    # -- figures -----------------------------------------------------------------------------------
-    def live(self) -> dict[str, Any]:
-        """What /loadgen/live answers: the console's state, the run's settings, figures and generator health."""
-        book = self.runs
-        found: dict[str, Any] = {"run": book.number, "finished": book.number in book.finished,
-                                 "quitting": book.quitting, "form": _form_of(book.scenario)}
-        done = book.finished.get(book.number)
-        if done is not None:
-            found.update(exit_code=done.exit_code, out=str(done.out_dir))
-        if book.number in book.failed:
-            found["error"] = book.failed[book.number]
-        run = self._current()
-        if run is None:
-            found.update(_settings(book.scenario, run=None))
-            found["state"] = "waiting" if book.number == 0 else "failed" if book.number in book.failed \
-                else "starting"
-            return found
-        found.update(_settings(run.ctx.scenario, run=run.ctx))
-        figures = run.collector.live()
-        ctx = run.ctx
-        found["state"] = ("finished" if done is not None else "failed" if book.number in book.failed
-                          else "starting" if figures is None
-                          else "stopping" if ctx.stopping or ctx.done.is_set() else "running")
-        found["rate_changeable"] = found["rate_changeable"] and found["state"] in ("starting", "running")
-        if figures is None:
-            return found
-        found["t_s"] = done.summary.get("duration_s", 0.0) if done is not None else \
-            max(0.0, time.monotonic() - ctx.start_t)
-        found.update(figures)
-        found["generator"] = done.summary["generator"] if done is not None else self._health(run, figures).as_json()
-        return found
 
-    @staticmethod
-    def _health(run: _Run, figures: dict[str, Any]) -> SelfCheck:
-        """The generator's self-check so far, from the snapshot's figures (never from the recorder while it
-        closes an interval): lag from the run's lag histogram, CPU since the run was attached."""
-        ctx = run.ctx
-        counts = figures["counts"]
-        wall0, cpu0 = run.cpu0
-        wall = time.monotonic() - wall0
-        lag = figures.get("lag_s", {}).get("run", {})
-        is_open = isinstance(ctx.pattern, OpenLoop)
-        return SelfCheck(
-            lag_ms={key: round(value * 1000.0, 3) for key, value in lag.items()},
-            dropped=counts["dropped"],
-            unsent=counts["unsent"],
-            handover_unsent=ctx.handover_unsent,
-            cpu_fraction=(_cpu_seconds() - cpu0) / wall if wall > 0 else 0.0,
-            peak_in_flight=ctx.peak_dispatched if ctx.dispatcher is not None else ctx.peak_in_flight,
-            max_in_flight=ctx.pattern.max_in_flight if is_open else None,
-            max_lag_ms=ctx.scenario.output.max_lag_ms,
-            fd_note=ctx.fd_note,
-        )
-
-
-def _settings(scenario: Scenario | None, run: LoadContext | None) -> dict[str, Any]:
-    """The run's settings /loadgen/live gives in every state (those of `scenario` before its run starts)."""
-    if scenario is None:
-        return {"t_s": 0.0, "duration_s": 0.0, "loop": None, "users": None, "model": None, "rate_changes": [],
-                "rate_changeable": False}
-    pattern = scenario.pattern
-    is_open = isinstance(pattern, OpenLoop)
-    return {
-        "t_s": 0.0,
-        "duration_s": pattern.total_duration,
-        "loop": "open" if is_open else "closed",
-        "users": None if is_open else pattern.users,
-        "model": scenario.target.model,
-        "rate_changes": list(run.rate_changes) if run is not None else [],
-        "rate_changeable": run is not None and is_open and pattern.trace is None and run.share == (0, 1),
-    }
-
-
-def _form_of(scenario: Scenario | None) -> dict[str, Any]:
-    """The start form's defaults: the load of `scenario` (the latest run's, or the command line's)."""
-    if scenario is None:
-        return {"loop": "open", "rate": None, "arrival": "constant", "users": None, "duration": None}
-    pattern = scenario.pattern
-    duration = f"{pattern.total_duration:g}s"
-    if isinstance(pattern, OpenLoop):
-        return {"loop": "open", "rate": pattern.rate, "arrival": pattern.arrival, "users": None,
-                "duration": duration}
-    return {"loop": "closed", "rate": None, "arrival": None, "users": pattern.users, "duration": duration}
+def _loopback(host: str) -> bool:
+    """Whether `host` is a loopback address or name (only this machine reaches it)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 @contextmanager

@@ -125,10 +125,11 @@ class RunBook:
         self.quitting = True
         self._commands.put(_QUIT)
 
-    def next_start(self) -> tuple[int, Scenario] | None:
+    def next_start(self, *, ended: bool = False) -> tuple[int, Scenario] | None:
         """Wait for the next run started from the page: (its number, its scenario), or None to quit (a
-        quit request, or --web-autoquit seconds after a run ended)."""
-        timeout = self.autoquit_s if self.number > 0 else None
+        quit request, or --web-autoquit seconds after a run ended; `ended`: what the console shows has
+        ended even when no run was sent, as a sweep stopped before its first step)."""
+        timeout = self.autoquit_s if self.number > 0 or ended else None
         try:
             command = self._commands.get(timeout=timeout)
         except Empty:
