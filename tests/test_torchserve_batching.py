@@ -22,6 +22,7 @@ import httpx
 import pytest
 import torch
 
+from tests.support.processes import wait_for
 from tests.support.timing import HostNoise
 from tests.support.torchserve import (
     OPEN,
@@ -202,15 +203,6 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _wait_for(condition, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
-
-
 def test_a_worker_that_dies_answers_worker_died_and_is_started_again(server: TorchServe) -> None:
     """The handler's process exits in the middle of a batch: its request gets TorchServe's 500 "Worker
     died.", the worker is listed UNLOADING, started again with a new process, and serves again. One
@@ -220,7 +212,7 @@ def test_a_worker_that_dies_answers_worker_died_and_is_started_again(server: Tor
     url = f"{server.inference}/predictions/mortal"
 
     def restarted(previous: dict) -> dict:
-        assert _wait_for(lambda: _workers(server, "mortal")[0]["status"] == "READY")
+        assert wait_for(lambda: _workers(server, "mortal")[0]["status"] == "READY")
         worker = _workers(server, "mortal")[0]
         assert worker["id"] == previous["id"] and worker["pid"] != previous["pid"]
         assert not _alive(previous["pid"])
@@ -239,7 +231,7 @@ def test_a_worker_that_dies_answers_worker_died_and_is_started_again(server: Tor
         assert (killed.status_code, killed.json()["message"]) == (413, "Worker died.")
         third = restarted(second)
         os.kill(third["pid"], signal.SIGTERM)
-        assert _wait_for(lambda: not _alive(third["pid"]), 10)
+        assert wait_for(lambda: not _alive(third["pid"]), 10)
         assert httpx.post(url, json=8, timeout=30).json()["value"] == 8  # waits in the queue meanwhile
         restarted(third)
     finally:
@@ -254,9 +246,9 @@ def test_scaling_down_and_unregistering_end_the_worker_processes(server: TorchSe
     scaled = httpx.put(f"{server.management}/models/ended?min_worker=1&synchronous=true", timeout=30)
     assert scaled.status_code == 200
     left = [worker["pid"] for worker in _workers(server, "ended")]
-    assert len(left) == 1 and _wait_for(lambda: sum(map(_alive, pids)) == 1, 10)
+    assert len(left) == 1 and wait_for(lambda: sum(map(_alive, pids)) == 1, 10)
     _unregister(server, "ended")
-    assert _wait_for(lambda: not _alive(left[0]), 10)
+    assert wait_for(lambda: not _alive(left[0]), 10)
 
 
 def test_thread_workers_on_request(model_store: Path, host_noise: HostNoise, tmp_path: Path) -> None:
@@ -293,7 +285,7 @@ def test_response_and_startup_timeouts_stop_the_worker(server: TorchServe) -> No
         hung = httpx.post(f"{server.inference}/predictions/hung", json="hang", timeout=30)
         assert 1.0 <= time.monotonic() - start < 10
         assert (hung.status_code, hung.json()["message"]) == (500, "Worker died.")
-        assert _wait_for(lambda: _workers(server, "hung")[0]["status"] == "READY")
+        assert wait_for(lambda: _workers(server, "hung")[0]["status"] == "READY")
         assert _workers(server, "hung")[0]["pid"] != first["pid"] and not _alive(first["pid"])
     finally:
         _unregister(server, "hung")

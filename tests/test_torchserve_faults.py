@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,11 +25,10 @@ import pytest
 
 from loadgen.lowlevel.torchserve_proto import (
     inference_pb2,
-    inference_pb2_grpc,
     management_pb2,
-    management_pb2_grpc,
 )
-from tests.support.torchserve import OPEN, TorchServe, archive, start_torchserve
+from tests.support.processes import wait_for
+from tests.support.torchserve import OPEN, Stubs, TorchServe, archive, start_torchserve
 
 pytestmark = pytest.mark.integration
 
@@ -73,18 +71,6 @@ class Gated(BaseHandler):
                     os._exit(3)
         return [{"served": True}] * len(data)
 '''
-
-
-class Stubs:
-    def __init__(self, server: TorchServe) -> None:
-        self.inference_channel = grpc.insecure_channel(server.grpc_inference)
-        self.management_channel = grpc.insecure_channel(server.grpc_management)
-        self.inference = inference_pb2_grpc.InferenceAPIsServiceStub(self.inference_channel)
-        self.management = management_pb2_grpc.ManagementAPIsServiceStub(self.management_channel)
-
-    def close(self) -> None:
-        self.inference_channel.close()
-        self.management_channel.close()
 
 
 @pytest.fixture(scope="module")
@@ -131,15 +117,6 @@ def _describe(server: TorchServe, name: str) -> dict:
     return httpx.get(f"{server.management}/models/{name}", timeout=10).json()[0]
 
 
-def _wait_for(condition, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
-
-
 def _post(server: TorchServe, name: str, body: object) -> httpx.Response:
     return httpx.post(f"{server.inference}/predictions/{name}", json=body, timeout=ANSWER_S)
 
@@ -175,7 +152,7 @@ def _queue_two(pool: ThreadPoolExecutor, server: TorchServe, stubs: Stubs, name:
     """One HTTP and one gRPC job for `name`, once both wait in its queue."""
     http = pool.submit(_post, server, name, 2)
     over_grpc = pool.submit(_grpc_predict, stubs, name)
-    assert _wait_for(lambda: _describe(server, name)["jobQueueStatus"]["pendingRequests"] == pending)
+    assert wait_for(lambda: _describe(server, name)["jobQueueStatus"]["pendingRequests"] == pending)
     return http, over_grpc
 
 
@@ -195,7 +172,7 @@ def test_jobs_queued_for_a_worker_that_is_given_up_are_answered(server: TorchSer
         assert _describe(server, "mortal")["maxRetryTimeoutInSec"] == 0
         with ThreadPoolExecutor(3) as pool:
             dying = pool.submit(_post, server, "mortal", {"gate": str(gate), "started": str(started), "die": True})
-            assert _wait_for(started.exists)
+            assert wait_for(started.exists)
             http, over_grpc = _queue_two(pool, server, stubs, "mortal")
             gate.touch()
             died = dying.result(ANSWER_S + 5)
@@ -223,7 +200,7 @@ def test_jobs_queued_for_a_model_whose_workers_all_fail_to_load_are_answered(ser
             gate.touch()
             _assert_refused_no_worker("doomed", http, over_grpc)
         # the registration's own task records the failure after the pool has answered its queue
-        assert _wait_for(lambda: _describe(server, "doomed")["minWorkers"] == 0, timeout=10)
+        assert wait_for(lambda: _describe(server, "doomed")["minWorkers"] == 0, timeout=10)
         described = _describe(server, "doomed")
         assert (described["workers"], described["minWorkers"], described["maxWorkers"]) == ([], 0, 0)
         _assert_steady_serves(server)
@@ -243,7 +220,7 @@ def test_scaling_to_zero_and_unregistering_answer_the_waiting_jobs(server: Torch
             gate, started = tmp_path / f"gate{step}", tmp_path / f"started{step}"
             with ThreadPoolExecutor(3) as pool:
                 running = pool.submit(_post, server, "leaving", {"gate": str(gate), "started": str(started)})
-                assert _wait_for(started.exists)
+                assert wait_for(started.exists)
                 http, over_grpc = _queue_two(pool, server, stubs, "leaving")
                 if leave == "scale":
                     scaled = httpx.put(f"{server.management}/models/leaving?min_worker=0&synchronous=true",

@@ -21,14 +21,13 @@ from google.protobuf import empty_pb2, text_format
 
 from loadgen.lowlevel.torchserve_proto import (
     inference_pb2,
-    inference_pb2_grpc,
     management_pb2,
-    management_pb2_grpc,
 )
 from loadgen.lowlevel.torchserve_proto.generate import generate
 from tests.support.torchserve import (
     MLP_JSON,
     OPEN,
+    Stubs,
     TorchServe,
     archive,
     assert_same,
@@ -53,18 +52,6 @@ def handle(data, context):
                                            context)
     return ["three"] * len(data)
 '''
-
-
-class Stubs:
-    def __init__(self, server: TorchServe) -> None:
-        self.inference_channel = grpc.insecure_channel(server.grpc_inference)
-        self.management_channel = grpc.insecure_channel(server.grpc_management)
-        self.inference = inference_pb2_grpc.InferenceAPIsServiceStub(self.inference_channel)
-        self.management = management_pb2_grpc.ManagementAPIsServiceStub(self.management_channel)
-
-    def close(self) -> None:
-        self.inference_channel.close()
-        self.management_channel.close()
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,6 +103,16 @@ def finish(proc: subprocess.Popen, timeout: float) -> tuple[str | None, str | No
         reader.join(timeout=10)
     said = iter(rest.get(index, "") for index in range(len(streams)))
     return (next(said) if proc.stdout is not None else None), (next(said) if proc.stderr is not None else None)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 30.0, interval: float = 0.02) -> bool:
+    """Poll `condition` until it holds or `timeout` seconds pass; whether it held (checked once more)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(interval)
+    return condition()
 
 
 def describe_stuck(pid: int) -> None:

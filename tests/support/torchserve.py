@@ -23,9 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import pytest
 
+from loadgen.lowlevel.torchserve_proto import inference_pb2_grpc, management_pb2_grpc
 from tests.support.processes import ROOT, Server, start_server, stop_process
 
 CAPTURES = ROOT.parent / "shared" / "torchserve-captures"
@@ -128,6 +130,20 @@ class TorchServe:
 
     def stop(self) -> None:
         stop_process(self.server.proc)
+
+
+class Stubs:
+    """gRPC stubs of a running server's inference and management APIs, on channels of their own."""
+
+    def __init__(self, server: TorchServe) -> None:
+        self.inference_channel = grpc.insecure_channel(server.grpc_inference)
+        self.management_channel = grpc.insecure_channel(server.grpc_management)
+        self.inference = inference_pb2_grpc.InferenceAPIsServiceStub(self.inference_channel)
+        self.management = management_pb2_grpc.ManagementAPIsServiceStub(self.management_channel)
+
+    def close(self) -> None:
+        self.inference_channel.close()
+        self.management_channel.close()
 
 
 def write_config(folder: Path, lines: list[str]) -> Path:
