@@ -89,11 +89,26 @@ def test_rows_out_of_order_are_sorted_and_counted_or_refused(tmp_path: Path) -> 
     (['{"timestamp": "soon"}'], r"bad.jsonl:1: timestamp 'soon' is not a number"),
     (['{"timestamp": 1, "output_tokens": -4}'], r"bad.jsonl:1: output_tokens -4 is not a whole number >= 0"),
     (['{"timestamp": 1, "input_tokens": 2.5}'], r"bad.jsonl:1: input_tokens 2.5 is not a whole number"),
+    (['{"timestamp": 1, "output_tokens": 44333333333333333333333}'],
+     r"bad.jsonl:1: output_tokens 44333333333333333333333 is over 2,147,483,647"),
     ([""], r"bad.jsonl: the trace has no rows"),
 ])
 def test_a_bad_row_is_named_by_file_and_line(tmp_path: Path, lines: list[str], problem: str) -> None:
     with pytest.raises(TraceError, match=problem):
         read_trace(_write(tmp_path / "bad.jsonl", lines))
+
+
+def test_a_token_count_beyond_any_context_is_named_in_every_format(tmp_path: Path) -> None:
+    # found by bench/fuzz_atheris.py: an Azure row's GeneratedTokens of 24 digits overflowed int64
+    azure = _write(tmp_path / "azure.csv", ["TIMESTAMP,ContextTokens,GeneratedTokens",
+                                            "2023-11-16 18:15:46.6805900,374,443333333333333333333333",
+                                            "2023-11-16 18:15:50.9951690,396,109"])
+    with pytest.raises(TraceError, match=r"azure.csv:2: GeneratedTokens '443333333333333333333333' is over"):
+        read_trace(azure, "azure")
+    burst = _write(tmp_path / "burst.csv", ["Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type",
+                                            "5,ChatGPT,99999999999999999999,18,490,Conversation log"])
+    with pytest.raises(TraceError, match=r"burst.csv:2: Request tokens '99999999999999999999' is over"):
+        read_trace(burst, "burstgpt")
 
 
 def test_a_scenario_with_a_bad_trace_names_the_key_file_and_line(tmp_path: Path) -> None:

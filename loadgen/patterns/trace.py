@@ -158,6 +158,10 @@ def _detect(path: str, text: str) -> str:
     return "csv"
 
 
+_MAX_COUNT = 2**31 - 1
+"""The largest token count a row may give (beyond any model's context; a larger one is a typo or junk)."""
+
+
 def _number(value: Any, name: str, row: _Row, integer: bool = False) -> float | None:
     if value is None or value == "":
         return None
@@ -168,6 +172,9 @@ def _number(value: Any, name: str, row: _Row, integer: bool = False) -> float | 
         return None
     if not np.isfinite(number) or number < 0 or (integer and number != int(number)):
         row.problem = f"{name} {value!r} is not a {'whole ' if integer else ''}number >= 0"
+        return None
+    if integer and number > _MAX_COUNT:
+        row.problem = f"{name} {value!r} is over {_MAX_COUNT:,}"
         return None
     return number
 
