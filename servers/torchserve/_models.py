@@ -277,7 +277,7 @@ class ModelManager:
                           mode=settings.worker_mode, decode_input=settings.decode_input_request,
                           response_timeout_s=response_timeout, startup_timeout_s=startup_timeout,
                           max_retry_s=max_retry, hostname=self.metrics.hostname,
-                          on_load=record_load_time, on_batch=self._record_worker_thread_time)
+                          max_response_size=settings.max_response_size, on_load=record_load_time, on_batch=self._record_worker_thread_time)
         return ModelVersion(
             archive, pool,
             response_timeout=response_timeout,
