@@ -300,3 +300,44 @@ def test_default_workers_per_model_beyond_the_limit_stops_the_start(tmp_path: Pa
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2
     assert "error: --max-workers-per-model must be at least 1, got 0" in done.stderr.splitlines()
+
+
+def test_a_negative_min_worker_is_refused_and_changes_nothing(server: TorchServe, stubs: Stubs,
+                                                              tmp_path: Path) -> None:
+    """PUT ?min_worker=-1 (with or without max_worker): 400 BadRequestException, the workers and
+    minWorkers/maxWorkers as they were. TorchServe 0.12 stores the -1, stops every worker and then fails
+    with a 500 IndexOutOfBoundsException (WorkLoadManager.modelChanged removes index -1); this server
+    refuses it instead. Where TorchServe reads a negative count as "not given", so does this server: a
+    register's initial_workers=-1 registers with 0 workers, and gRPC ScaleWorker's min_worker=-1 is the
+    default, 1."""
+    _gated_archive(server, "few", tmp_path)
+    _register(server, "url=few.mar&initial_workers=2&synchronous=true")
+    try:
+        before = sorted(worker["pid"] for worker in _describe(server, "few")["workers"])
+        assert len(before) == 2
+        for query in ("min_worker=-1", "min_worker=-1&synchronous=true", "min_worker=-1&max_worker=3",
+                      "min_worker=-2&max_worker=-1"):
+            refused = httpx.put(f"{server.management}/models/few?{query}", timeout=30)
+            assert refused.status_code == 400, (query, refused.text)
+            assert refused.json() == _bad_request("min_worker cannot be negative."), query
+        described = _describe(server, "few")
+        assert sorted(worker["pid"] for worker in described["workers"]) == before
+        assert (described["minWorkers"], described["maxWorkers"]) == (2, 2)
+        assert _post(server, "few", 1).json() == {"served": True}
+
+        scaled = stubs.management.ScaleWorker(management_pb2.ScaleWorkerRequest(
+            model_name="few", min_worker=-1, max_worker=-1, synchronous=True), timeout=30)
+        assert scaled.msg == "Workers scaled to 1 for model: few"
+        described = _describe(server, "few")
+        assert (described["minWorkers"], described["maxWorkers"], len(described["workers"])) == (1, 1, 1)
+    finally:
+        _unregister(server, "few")
+    registered = httpx.post(f"{server.management}/models?url=few.mar&initial_workers=-1", timeout=30)
+    try:
+        assert registered.status_code == 200
+        assert registered.json() == {"status": 'Model "few" Version: 1.0 registered with 0 initial workers. '
+                                               "Use scale workers API to add workers for the model."}
+        described = _describe(server, "few")
+        assert (described["minWorkers"], described["maxWorkers"], described["workers"]) == (0, 0, [])
+    finally:
+        _unregister(server, "few")

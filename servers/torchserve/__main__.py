@@ -11,7 +11,8 @@ torchserve's own flags: --model-store, --models (name=archive, archive, or all),
 nothing (this server always runs in the foreground and keeps no config snapshots). Added here: a port
 flag per API that overrides config.properties (0 picks a free port, for tests), --no-grpc,
 --key-file (where the token keys are written; torchserve writes key_file.json in its working folder),
-and --max-workers-per-model (a cap on min_worker, which torchserve does not bound).
+--max-workers-per-model (a cap on min_worker, which torchserve does not bound), and
+--max-request-size/--max-response-size (config.properties' max_request_size and max_response_size).
 
 Start-up: the settings are read (every problem reported, exit code 2), the models named by --models
 (or load_models) are registered and their workers loaded (one that fails is reported on stderr; the
@@ -174,6 +175,13 @@ def build_parser(prog: str = "python -m servers.torchserve") -> argparse.Argumen
              "worker is a process with its own copy of the model, and beyond a few per core they add "
              "memory, not throughput); a register, scale or model-config asking for more is refused "
              "with 400 and starts nothing")
+    add("--max-request-size", type=int, default=None, metavar="BYTES",
+        help="the largest request body (HTTP: 413, connection closed) and gRPC request message "
+             "(RESOURCE_EXHAUSTED) served, overriding config.properties max_request_size (default 6553500)")
+    add("--max-response-size", type=int, default=None, metavar="BYTES",
+        help="the largest answer a handler may give; a larger one ends its worker (500 \"Worker died.\", "
+             "and the worker is started again), overriding config.properties max_response_size "
+             "(default 6553500)")
     add("--key-file", default="key_file.json", metavar="PATH",
         help="where token authorization writes its keys (default ./key_file.json, as torchserve)")
     for flag in ("--start", "--foreground", "--ncs"):
@@ -206,6 +214,14 @@ def _settings(args: argparse.Namespace) -> tuple[Settings, list[str]]:
         problems += max_connections_problems(args.max_connections)
         settings.max_connections = args.max_connections
     _worker_limit(args, settings, problems)
+    for flag in ("max_request_size", "max_response_size"):
+        size = getattr(args, flag)
+        if size is None:
+            continue
+        if size < 1:
+            problems.append(f"--{flag.replace('_', '-')} must be at least 1 byte, got {size}")
+            continue
+        setattr(settings, flag, size)
     for api in ("inference", "management", "metrics", "grpc_inference", "grpc_management"):
         port = getattr(args, f"{api}_port")
         if port is None:

@@ -296,11 +296,10 @@ def _management_status(error: TsError) -> tuple[grpc.StatusCode, str]:
 async def start_grpc(api: str, models: ModelManager, auth: TokenAuth, host: str,
                      port: int) -> tuple[grpc.aio.Server, int]:
     """Serve "grpc-inference" or "grpc-management" on host:port (0 picks a free port); returns the
-    server and its bound port. Message sizes are limited as TorchServe's (max_request_size and
-    max_response_size)."""
-    settings = models.settings
-    options = [("grpc.max_receive_message_length", settings.max_request_size),
-               ("grpc.max_send_message_length", settings.max_response_size)]
+    server and its bound port. A request message over max_request_size is refused RESOURCE_EXHAUSTED,
+    as TorchServe's (maxInboundMessageSize); answers are not limited here, as TorchServe's are not: a
+    handler's answer over max_response_size ends its worker before it gets here (_workers.py)."""
+    options = [("grpc.max_receive_message_length", models.settings.max_request_size)]
     server = grpc.aio.server(options=options)
     if api == "grpc-inference":
         inference_pb2_grpc.add_InferenceAPIsServiceServicer_to_server(InferenceService(models, auth), server)

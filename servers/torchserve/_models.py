@@ -15,7 +15,10 @@ TorchServe's ModelManager and ApiUtils (PROTOCOLS.md 5.3, ../shared/torchserve-c
   answered 503 (_workers.py);
 - no version gets more workers than `max_workers_per_model` (--max-workers-per-model): a register,
   scale or model-config asking for more is refused with 400 and starts nothing (the implicit default
-  of one worker per core at start is cut to it instead);
+  of one worker per core at start is cut to it instead); a negative min_worker in a scale request
+  is refused with 400 too (TorchServe stores it, stops every worker and answers 500); a negative
+  count that TorchServe reads as "not given" (a register's initial_workers, gRPC's min_worker) is
+  read so here;
 - refusals raise TsError with TorchServe's code, exception class and message.
 
 Everything here runs on the event loop; workers report back through it (_workers.py).
@@ -274,7 +277,7 @@ class ModelManager:
                           mode=settings.worker_mode, decode_input=settings.decode_input_request,
                           response_timeout_s=response_timeout, startup_timeout_s=startup_timeout,
                           max_retry_s=max_retry, hostname=self.metrics.hostname,
-                          on_load=record_load_time, on_batch=self._record_worker_thread_time)
+                          max_response_size=settings.max_response_size, on_load=record_load_time, on_batch=self._record_worker_thread_time)
         return ModelVersion(
             archive, pool,
             response_timeout=response_timeout,
@@ -314,6 +317,10 @@ class ModelManager:
         """Scale a version's workers (TorchServe's ApiUtils.updateModelWorkers): (HTTP status, message)."""
         if max_workers < min_workers:
             raise TsError(400, "BadRequestException", "max_worker cannot be less than min_worker.")
+        if min_workers < 0:
+            # TorchServe stores the -1, stops every worker, then answers 500 IndexOutOfBoundsException
+            # (WorkLoadManager.modelChanged removes index -1): refused here, nothing changed.
+            raise TsError(400, "BadRequestException", "min_worker cannot be negative.")
         served = self.lookup(name, version)
         self._check_workers("min_worker", min_workers)
         status, message = await self._update_workers(served, min_workers, max_workers, synchronous)

@@ -31,7 +31,10 @@ was killed with SIGKILL by someone else: TorchServe's rule for exit value 137, t
 out-of-memory killer), is reported on stderr and started again after TorchServe's back-off (1, 1, 2,
 3, 5, 8, ... s; from the start again once a worker loads), for maxRetryTimeoutInSec (300 s by default;
 the model-config's own value) at most, then given up. Meanwhile it is listed as UNLOADING and its jobs
-wait in the queue for the other workers.
+wait in the queue for the other workers. A handler answer over `max_response_size` bytes ends its
+worker the same way (500 "Worker died.", started again): TorchServe's ModelResponseDecoder refuses the
+frame and closes the worker's connection. A worker process's message is judged by its length before
+it is read, so an answer of any size is never buffered here.
 
 No job waits for a worker that will never come: once a model version has no worker left (its last
 one given up, its workers failed to load, scaled to 0 or unregistered), the jobs still queued are
@@ -71,6 +74,10 @@ BACK_OFF_S = (0, 1, 1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144, 233, 377, 610, 987, 
 MAX_RETRY_S = 300.0
 """maxRetryTimeoutInSec's default: how long a dying worker is started again before it is given up."""
 WORKER_DIED = "Worker died."
+MAX_RESPONSE_SIZE = 6553500
+"""TorchServe's default max_response_size: the most bytes one answer of a handler may have."""
+_FRAME_SLACK = 1 << 20
+"""What a batch's message from a worker process may hold beyond its answers' bodies (headers, pickling)."""
 _STOP_GRACE_S = 5.0
 _ROOT = Path(__file__).resolve().parents[2]
 
@@ -200,6 +207,7 @@ class WorkerPool:
                  metrics: Any = None, mode: str = "process", decode_input: bool = True,
                  response_timeout_s: float = 120.0, startup_timeout_s: float = 120.0,
                  max_retry_s: float = MAX_RETRY_S, hostname: str = "",
+                 max_response_size: int = MAX_RESPONSE_SIZE,
                  on_load: Callable[[Worker], None] | None = None,
                  on_batch: Callable[[float], None] | None = None) -> None:
         self.archive = archive
@@ -210,6 +218,7 @@ class WorkerPool:
         self.response_timeout_s = response_timeout_s
         self.startup_timeout_s = startup_timeout_s
         self.max_retry_s = max_retry_s
+        self.max_response_size = max_response_size
         self._loop = loop
         self._worker_ids = worker_ids
         self._gpus = gpus
@@ -346,6 +355,10 @@ class WorkerPool:
                   records: list) -> None:
         if worker.backend is not backend:
             return
+        largest = max((len(outcome.body) for outcome in outcomes if isinstance(outcome, Answer)), default=0)
+        if largest > self.max_response_size:
+            self.too_large(worker, backend, largest)
+            return
         started = time.perf_counter_ns()
         batch, worker.batch = worker.batch, None
         if worker.timer is not None:
@@ -365,11 +378,24 @@ class WorkerPool:
         """An intermediate answer of a streaming handler, for the request it belongs to."""
         if worker.backend is not backend or worker.batch is None:
             return
+        if len(answer.body) > self.max_response_size:
+            self.too_large(worker, backend, len(answer.body))
+            return
         for job in worker.batch:
             if job.request.request_id == request_id:
                 if job.request.on_part is not None and not job.future.done():
                     job.request.on_part(answer)
                 return
+
+    def too_large(self, worker: Worker, backend: Backend, size: int) -> None:
+        """The worker answered more than max_response_size bytes: as TorchServe closes such a worker's
+        connection, it is stopped (its batch answered 500 "Worker died.") and started again."""
+        if worker.backend is not backend or worker.killed:
+            return
+        self._report(worker, f"answered {size} bytes, more than max_response_size {self.max_response_size}; "
+                             "stopping it")
+        worker.killed = True
+        backend.kill()
 
     def _exited(self, worker: Worker, backend: Backend, returncode: int | None) -> None:
         """The worker's process (or thread) has ended: its batch fails, and it is started again unless
@@ -566,6 +592,7 @@ class ProcessBackend(asyncio.Protocol):
         self._buffer = bytearray()
         self._closing = False
         self._exit_seen = False
+        self._too_large = False
         self.proc: subprocess.Popen | None = None
         self.pid = 0
 
@@ -606,12 +633,21 @@ class ProcessBackend(asyncio.Protocol):
         self._pending.clear()
 
     def data_received(self, data: bytes) -> None:
+        if self._too_large:  # the process is being stopped: what it still sends is dropped unread
+            return
         if self._buffer:
             self._buffer += data
             data = bytes(self._buffer)
         size, offset, end = HEADER.size, 0, len(data)
+        pool = self._pool
+        most = pool.max_response_size * pool.batching.batch_size + _FRAME_SLACK
         while end - offset >= size:
             (length,) = HEADER.unpack_from(data, offset)
+            if length > most:  # judged from its length alone, before it is buffered
+                self._too_large = True
+                self._buffer = bytearray()
+                pool.too_large(self._worker, self, length)
+                return
             start = offset + size
             if end - start < length:
                 break
