@@ -250,13 +250,19 @@ def test_with_web_wait_nothing_is_sent_until_a_start_from_the_page(calibration_s
         waiting = run.live()
         assert (waiting["state"], waiting["run"], waiting["finished"]) == ("waiting", 0, False)
         assert waiting["form"] == {"loop": "open", "rate": 100.0, "arrival": "constant", "users": None,
-                                   "duration": "1s"}
+                                   "duration": "1s", "think_time": None, "seed": 1, "max_in_flight": 2000}
         assert httpx.get(run.console + "/download/latency.hlog", timeout=2).status_code == 404
         for fields, field, says in (({"rate": "fast"}, "rate", "expected a rate"),
                                     ({"users": "0"}, "users", "> 0"),
                                     ({"rate": "50", "users": "2"}, "users", "exclude each other"),
                                     ({"arrival": "bursty"}, "arrival", "constant, poisson, gamma"),
                                     ({"duration": "soon"}, "duration", "expected a duration"),
+                                    ({"users": "2", "think_time": "soon"}, "think_time", "expected a duration"),
+                                    ({"think_time": "10ms"}, "think_time", "an open loop's (rate)"),
+                                    ({"max_in_flight": "0"}, "max_in_flight", "> 0"),
+                                    ({"users": "2", "max_in_flight": "5"}, "max_in_flight", "a closed loop's"),
+                                    ({"seed": "-1"}, "seed", ">= 0"),
+                                    ({"seed": "1.5"}, "seed", "whole number"),
                                     ({"speed": "9"}, "speed", "not a field")):
             refused = run.start(**fields)
             assert refused.status_code == 400 and refused.json()["field"] == field, refused.text
@@ -271,6 +277,37 @@ def test_with_web_wait_nothing_is_sent_until_a_start_from_the_page(calibration_s
     assert "console: waiting for a start" in stderr
     assert summary["pattern"] == "ClosedLoop" and summary["duration_s"] == 1.0
     assert summary["ok"] > 0 and summary["errors"] == {}
+
+
+def test_the_start_forms_think_time_seed_and_in_flight_cap_reach_the_run(calibration_server, tmp_path) -> None:
+    """The start form's think time (closed loop), seed and in-flight cap (open loop) are the run's: one user
+    thinking 100 ms sends at most one request per 100 ms; a Poisson schedule of seed 7 has seed 7's arrivals,
+    each sent, dropped or unsent once; the cap is summary.json's; the next form's defaults are the run's."""
+    server = calibration_server("--delay-ms", f"{DELAY_MS:g}")
+    run = ConsoleRun(server.url, tmp_path, "--rate", "100", "--duration", "1s", "--web-wait", metrics=False)
+    poisson = {seed: len(schedule_offsets(OpenLoop(rate=100, duration=1, arrival="poisson", seed=seed)))
+               for seed in (1, 7)}
+    assert poisson[1] != poisson[7]  # the seed shows in the count
+    try:
+        assert run.start(users="1", think_time="100ms", duration="1s").status_code == 202
+        closed = run.wait_live(lambda live: live["finished"], timeout=15)
+        assert closed["form"]["think_time"] == "0.1s" and closed["form"]["loop"] == "closed"
+        started = run.start(rate="100", arrival="poisson", seed="7", max_in_flight="1", duration="1s")
+        assert started.status_code == 202 and started.json() == {"run": 2}, started.text
+        opened = run.wait_live(lambda live: live["run"] == 2 and live["finished"], timeout=15)
+        assert opened["form"] == {"loop": "open", "rate": 100.0, "arrival": "poisson", "users": None,
+                                  "duration": "1s", "think_time": None, "seed": 7, "max_in_flight": 1}
+        assert httpx.post(run.console + "/quit", timeout=2).status_code == 202
+        code, stderr, thought = run.finish()
+    finally:
+        stop_process(run.proc)
+    assert code == 0, stderr
+    assert thought["pattern"] == "ClosedLoop" and thought["errors"] == {}
+    assert 0 < thought["sent"] <= 1 / 0.1 + 1  # without the think time: about 1 s / 5 ms
+    capped = json.loads((tmp_path / "run-2" / "summary.json").read_text())
+    assert capped["pattern"] == "OpenLoop" and capped["generator"]["max_in_flight"] == 1
+    assert capped["sent"] + capped["dropped"] + capped["unsent"] == poisson[7]
+    assert capped["dropped"] > 0  # arrivals closer than the server's 5 ms find the one slot taken
 
 
 def test_locusts_own_start_is_refused_and_its_stop_is_loadgens(calibration_server, tmp_path) -> None:

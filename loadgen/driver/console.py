@@ -34,8 +34,9 @@ runs at its plan's load).
 - GET  /loadgen/sweep the sweep's state (probing, running, stopping, finished), plan, the step running,
                       each finished step as sweep.json has it, and the verdict (`final` once it is
                       sweep.json's); 404 when the console shows no sweep;
-- POST /loadgen/start rate=R | users=U, arrival=A, duration=D (each optional: the command line's value
-                      stands): the scenario of the command line with these over it runs next; 202
+- POST /loadgen/start rate=R | users=U, arrival=A, duration=D, think_time=T (closed loop), max_in_flight=M
+                      (open loop), seed=S (each optional: empty, the command line's value stands): the
+                      scenario of the command line with these over it runs next; 202
                       {"run": N}, 400 naming the bad field, 409 while a run is going (and under a sweep);
 - POST /loadgen/stop  ends the run as SIGINT does (partial results, interrupted); under a sweep, the sweep;
 - POST /loadgen/rate  rate=R [at_s=T]: an open loop's rate is R from T seconds into the run (default:
@@ -311,7 +312,7 @@ class LiveConsole(ConsoleState):
 
     def _locust_swarm(self) -> tuple[Response, int]:
         why = ("this console shows a sweep: its steps come from the sweep's plan" if self.sweep is not None else
-               "start runs from loadgen's form at /loadgen (rate or users, arrival, duration: POST /loadgen/start)")
+               "start runs from loadgen's form at /loadgen (POST /loadgen/start)")
         message = (f"Locust's start form is not used by loadgen's console (it would send load outside loadgen's "
                    f"schedule): {why}")
         return jsonify({"success": False, "message": message, "error": message}), 409
