@@ -115,7 +115,7 @@ def run_and_report(path: Path | None, overrides: dict[Any, Any], *, quiet: bool 
                        cost_per_hour=cost_per_hour)
     _say_trace(scenario)
     if web is not None:
-        return _console_runs(LiveConsole(web, _planner(path, overrides), scenario), scenario, out_dir, outputs)
+        return _console_runs(LiveConsole(web, _planner(path, overrides, scenario), scenario), scenario, out_dir, outputs)
     with open_cluster(distributed) if distributed else nullcontext() as cluster:
         code, _ = _run_once(scenario, out_dir, outputs, cluster=cluster)
     return code
@@ -197,19 +197,22 @@ def _console_run(console: LiveConsole, number: int, scenario: Scenario, out_dir:
 
 
 _FORM_KEYS = {"rate": ("open_loop", "rate"), "users": ("closed_loop", "users"),
-              "arrival": ("open_loop", "arrival"), "duration": ("open_loop", "duration")}
-"""The start form's fields and the scenario keys they set: those of --rate, --users, --arrival and --duration
-(loadgen/options.py)."""
+              "arrival": ("open_loop", "arrival"), "duration": ("open_loop", "duration"),
+              "think_time": ("closed_loop", "think_time"), "seed": ("open_loop", "seed"),
+              "max_in_flight": ("open_loop", "max_in_flight")}
+"""The start form's fields and the scenario keys they set: those of --rate, --users, --arrival, --duration,
+--think-time, --seed and --max-in-flight (loadgen/options.py)."""
 _ARRIVALS = ("constant", "poisson", "gamma")
 _SHARED_KEYS = ("duration", "seed")  # kept whichever loop the form picks (scenario.apply_overrides)
 
 
-def _planner(path: Path | None, overrides: dict[Any, Any]) -> Planner:
-    """The console's start form -> the scenario it runs: the command line's (file and flags) with the form's
-    load over it; a form that switches the loop drops the command line's keys of the other loop."""
+def _planner(path: Path | None, overrides: dict[Any, Any], scenario: Scenario) -> Planner:
+    """The console's start form -> the scenario it runs: the command line's (file and flags, `scenario`) with the
+    form's load over it; a form that switches the loop drops the command line's keys of the other loop."""
+    closed = not isinstance(scenario.pattern, OpenLoop)
 
     def plan(form: Mapping[str, str]) -> Scenario:
-        given = _form_values(form)
+        given = _form_values(form, closed_by_default=closed)
         dropped = "closed_loop" if "rate" in given else "open_loop" if "users" in given else None
         kept = {key: value for key, value in overrides.items()
                 if not (_key(key)[0] == dropped and _key(key)[-1] not in _SHARED_KEYS)}
@@ -222,8 +225,10 @@ def _key(key: Any) -> tuple[str, ...]:
     return tuple(key.split(".", 1)) if isinstance(key, str) else tuple(key)
 
 
-def _form_values(form: Mapping[str, str]) -> dict[str, Any]:
-    """The start form's given fields as scenario values (empty ones: not given); FormError names a bad one."""
+def _form_values(form: Mapping[str, str], *, closed_by_default: bool) -> dict[str, Any]:
+    """The start form's given fields as scenario values (empty ones: not given); FormError names a bad one.
+    The run is a closed loop when the form gives users, an open one when it gives a rate, else the command
+    line's (`closed_by_default`): think time is a closed loop's, the in-flight cap an open loop's."""
     unknown = sorted(set(form) - set(_FORM_KEYS))
     if unknown:
         raise FormError(unknown[0], f"not a field of the start form ({', '.join(_FORM_KEYS)})")
@@ -235,6 +240,8 @@ def _form_values(form: Mapping[str, str]) -> dict[str, Any]:
         if "rate" in text:
             raise FormError("users", "rate (open loop) and users (closed loop) exclude each other: give one")
         values["users"] = _positive(text["users"], int, "users", "a whole number of users")
+    closed = "users" in text or ("rate" not in text and closed_by_default)
+    loop = "a closed loop's (users)" if closed else "an open loop's (rate)"
     if "arrival" in text:
         if "users" in text:
             raise FormError("arrival", "the arrival process is an open loop's (rate), not a closed loop's (users)")
@@ -242,13 +249,37 @@ def _form_values(form: Mapping[str, str]) -> dict[str, Any]:
             raise FormError("arrival", f"expected one of {', '.join(_ARRIVALS)}, got {text['arrival']!r}")
         values["arrival"] = text["arrival"]
     if "duration" in text:
+        values["duration"] = _duration(text["duration"], "duration", positive=True)
+    if "think_time" in text:
+        if not closed:
+            raise FormError("think_time", f"think time is a closed loop's (users); this run is {loop}")
+        values["think_time"] = _duration(text["think_time"], "think_time", positive=False)
+    if "max_in_flight" in text:
+        if closed:
+            raise FormError("max_in_flight", f"the in-flight cap is an open loop's (rate); this run is {loop}")
+        values["max_in_flight"] = _positive(text["max_in_flight"], int, "max_in_flight",
+                                            "a whole number of requests")
+    if "seed" in text:
         try:
-            if parse_duration(text["duration"]) <= 0:
-                raise ValueError("must be > 0")
-        except ValueError as exc:
-            raise FormError("duration", f"{exc} (got {text['duration']!r})") from None
-        values["duration"] = text["duration"]
+            values["seed"] = int(text["seed"])
+        except ValueError:
+            raise FormError("seed", f"expected a whole number >= 0, got {text['seed']!r}") from None
+        if values["seed"] < 0:
+            raise FormError("seed", f"expected a whole number >= 0, got {text['seed']!r}")
     return values
+
+
+def _duration(text: str, name: str, *, positive: bool) -> str:
+    """A form's duration (`positive`: > 0, else >= 0), kept as its text for the scenario to read."""
+    try:
+        seconds = parse_duration(text)
+        if positive and seconds <= 0:
+            raise ValueError("must be > 0")
+        if seconds < 0:
+            raise ValueError("must be >= 0")
+    except ValueError as exc:
+        raise FormError(name, f"{exc} (got {text!r})") from None
+    return text
 
 
 def _positive(text: str, kind: type, name: str, what: str) -> Any:

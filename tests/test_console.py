@@ -250,13 +250,19 @@ def test_with_web_wait_nothing_is_sent_until_a_start_from_the_page(calibration_s
         waiting = run.live()
         assert (waiting["state"], waiting["run"], waiting["finished"]) == ("waiting", 0, False)
         assert waiting["form"] == {"loop": "open", "rate": 100.0, "arrival": "constant", "users": None,
-                                   "duration": "1s"}
+                                   "duration": "1s", "think_time": None, "seed": 1, "max_in_flight": 2000}
         assert httpx.get(run.console + "/download/latency.hlog", timeout=2).status_code == 404
         for fields, field, says in (({"rate": "fast"}, "rate", "expected a rate"),
                                     ({"users": "0"}, "users", "> 0"),
                                     ({"rate": "50", "users": "2"}, "users", "exclude each other"),
                                     ({"arrival": "bursty"}, "arrival", "constant, poisson, gamma"),
                                     ({"duration": "soon"}, "duration", "expected a duration"),
+                                    ({"users": "2", "think_time": "soon"}, "think_time", "expected a duration"),
+                                    ({"think_time": "10ms"}, "think_time", "an open loop's (rate)"),
+                                    ({"max_in_flight": "0"}, "max_in_flight", "> 0"),
+                                    ({"users": "2", "max_in_flight": "5"}, "max_in_flight", "a closed loop's"),
+                                    ({"seed": "-1"}, "seed", ">= 0"),
+                                    ({"seed": "1.5"}, "seed", "whole number"),
                                     ({"speed": "9"}, "speed", "not a field")):
             refused = run.start(**fields)
             assert refused.status_code == 400 and refused.json()["field"] == field, refused.text
@@ -271,6 +277,71 @@ def test_with_web_wait_nothing_is_sent_until_a_start_from_the_page(calibration_s
     assert "console: waiting for a start" in stderr
     assert summary["pattern"] == "ClosedLoop" and summary["duration_s"] == 1.0
     assert summary["ok"] > 0 and summary["errors"] == {}
+
+
+def test_the_start_forms_think_time_seed_and_in_flight_cap_reach_the_run(calibration_server, tmp_path) -> None:
+    """The start form's think time (closed loop), seed and in-flight cap (open loop) are the run's: one user
+    thinking 100 ms sends at most one request per 100 ms; a Poisson schedule of seed 7 has seed 7's arrivals,
+    each sent, dropped or unsent once; the cap is summary.json's; the next form's defaults are the run's."""
+    server = calibration_server("--delay-ms", f"{DELAY_MS:g}")
+    run = ConsoleRun(server.url, tmp_path, "--rate", "100", "--duration", "1s", "--web-wait", metrics=False)
+    poisson = {seed: len(schedule_offsets(OpenLoop(rate=100, duration=1, arrival="poisson", seed=seed)))
+               for seed in (1, 7)}
+    assert poisson[1] != poisson[7]  # the seed shows in the count
+    try:
+        assert run.start(users="1", think_time="100ms", duration="1s").status_code == 202
+        closed = run.wait_live(lambda live: live["finished"], timeout=15)
+        assert closed["form"]["think_time"] == "0.1s" and closed["form"]["loop"] == "closed"
+        started = run.start(rate="100", arrival="poisson", seed="7", max_in_flight="1", duration="1s")
+        assert started.status_code == 202 and started.json() == {"run": 2}, started.text
+        opened = run.wait_live(lambda live: live["run"] == 2 and live["finished"], timeout=15)
+        assert opened["form"] == {"loop": "open", "rate": 100.0, "arrival": "poisson", "users": None,
+                                  "duration": "1s", "think_time": None, "seed": 7, "max_in_flight": 1}
+        assert httpx.post(run.console + "/quit", timeout=2).status_code == 202
+        code, stderr, thought = run.finish()
+    finally:
+        stop_process(run.proc)
+    assert code == 0, stderr
+    assert thought["pattern"] == "ClosedLoop" and thought["errors"] == {}
+    assert 0 < thought["sent"] <= 1 / 0.1 + 1  # without the think time: about 1 s / 5 ms
+    capped = json.loads((tmp_path / "run-2" / "summary.json").read_text())
+    assert capped["pattern"] == "OpenLoop" and capped["generator"]["max_in_flight"] == 1
+    assert capped["sent"] + capped["dropped"] + capped["unsent"] == poisson[7]
+    assert capped["dropped"] > 0  # arrivals closer than the server's 5 ms find the one slot taken
+
+
+def test_locusts_own_start_is_refused_and_its_stop_is_loadgens(calibration_server, tmp_path) -> None:
+    """Locust's own controls cannot run its runner outside loadgen's schedule: its start form's POST /swarm (and
+    its user editor's POST /user) is refused, 409 saying to use loadgen's form at /loadgen, before a run and
+    during one, and starts nothing; its POST /stop is loadgen's stop: the run ends as by Ctrl-C, written."""
+    server = calibration_server("--delay-ms", f"{DELAY_MS:g}")
+    run = ConsoleRun(server.url, tmp_path, "--rate", "50", "--duration", "30s", "--web-wait", "--web-autoquit", "0",
+                     metrics=False)
+    base = run.console.removesuffix("/loadgen")
+    swarm = {"user_count": "5", "spawn_rate": "5", "host": server.url}
+    try:
+        for _ in ("before a run", "during one"):
+            refused = httpx.post(base + "/swarm", data=swarm, timeout=2)
+            assert refused.status_code == 409 and refused.json()["success"] is False, refused.text
+            assert "loadgen's form at /loadgen" in refused.json()["message"]
+            user = httpx.post(base + "/user", json={"userClassName": "OpenLoopUser", "fixed_count": 9}, timeout=2)
+            assert user.status_code == 409 and "/loadgen" in user.json()["message"], user.text
+            if run.live()["state"] == "waiting":
+                idle = httpx.post(base + "/stop", timeout=2)
+                assert idle.status_code == 409 and idle.json()["message"] == "no run is going", idle.text
+                assert run.start(rate="50", duration="30s").status_code == 202
+                run.wait_live(lambda live: live["state"] == "running" and live.get("intervals", 0) >= 1)
+        assert run.live()["run"] == 1
+        stopped = httpx.post(base + "/stop", timeout=2)
+        assert stopped.status_code == 200 and stopped.json()["success"] is True, stopped.text
+        assert stopped.json()["run"] == 1 and "loadgen's stop" in stopped.json()["message"]
+        code, stderr, summary = run.finish()
+    finally:
+        stop_process(run.proc)
+    assert code == 130, stderr  # stopped: as by Ctrl-C
+    assert summary["interrupted"] is True and summary["duration_s"] < 30
+    assert summary["pattern"] == "OpenLoop" and summary["errors"] == {}
+    assert "run-2" not in {path.name for path in tmp_path.iterdir()}
 
 
 def test_web_flags_are_checked(tmp_path) -> None:
@@ -425,6 +496,49 @@ def test_the_page_shows_the_gauges_changes_the_rate_and_stops_in_chromium(calibr
     assert sum(histogram.get_total_count() for histogram in hlog[None]) == summary2["ok"]
     assert report.status_code == 200 and report.headers["content-type"].startswith("text/html")
     assert report.text.lstrip().lower().startswith("<!doctype html") and "Run on m" in report.text
+
+
+@pytest.mark.skipif(_chromium() is None, reason=NO_CHROMIUM)
+def test_locusts_page_leads_to_loadgens_form_in_place_of_its_own_in_chromium(calibration_server, tmp_path) -> None:
+    """Locust's page at / renders (its React app, its start form included) with that form hidden and loadgen's
+    notice leading to /loadgen, where loadgen's start form is."""
+    from selenium.webdriver.common.by import By
+
+    server = calibration_server("--delay-ms", f"{DELAY_MS:g}")
+    driver = _browser()
+    run = ConsoleRun(server.url, tmp_path, "--rate", "50", "--duration", "1s", "--web-wait", metrics=False)
+    try:
+        driver.get(run.console.removesuffix("/loadgen") + "/")
+        page: dict[str, Any] = {}
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            page = driver.execute_script("""
+              const visible = (el) => el.getClientRects().length > 0;
+              const notice = document.getElementById("loadgen-notice");
+              return {notice: notice ? notice.textContent : null, rendered: document.getElementById("root")
+                        .childElementCount, forms: document.querySelectorAll("form").length,
+                      shownForms: [...document.querySelectorAll("form")].filter(visible).length,
+                      shownStart: [...document.querySelectorAll("h2, button")].filter(
+                        (el) => visible(el) && /start/i.test(el.textContent)).length};""")
+            if page["rendered"] and page["forms"]:
+                break
+            time.sleep(0.1)
+        assert page["rendered"] and page["forms"] >= 1, f"Locust's page never rendered its start form: {page}"
+        assert page["shownForms"] == 0 and page["shownStart"] == 0, page
+        assert "loadgen's console" in page["notice"] and "its stop button is loadgen's stop" in page["notice"]
+        driver.find_element(By.ID, "loadgen-console-link").click()
+        deadline = time.monotonic() + 10
+        while not driver.current_url.endswith("/loadgen") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert driver.current_url == run.console
+        assert driver.find_element(By.ID, "start-form").is_displayed()
+        assert httpx.post(run.console + "/quit", timeout=2).status_code == 202
+        code, stderr = run.proc.wait(timeout=30), run.proc.stderr.read()
+    finally:
+        driver.quit()
+        stop_process(run.proc)
+    assert code == 0, stderr  # no run: nothing to report
+    assert not (tmp_path / "summary.json").exists()
 
 
 def test_web_auth_guards_every_route_and_stays_out_of_the_outputs(calibration_server, tmp_path) -> None:

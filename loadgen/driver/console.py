@@ -34,8 +34,9 @@ runs at its plan's load).
 - GET  /loadgen/sweep the sweep's state (probing, running, stopping, finished), plan, the step running,
                       each finished step as sweep.json has it, and the verdict (`final` once it is
                       sweep.json's); 404 when the console shows no sweep;
-- POST /loadgen/start rate=R | users=U, arrival=A, duration=D (each optional: the command line's value
-                      stands): the scenario of the command line with these over it runs next; 202
+- POST /loadgen/start rate=R | users=U, arrival=A, duration=D, think_time=T (closed loop), max_in_flight=M
+                      (open loop), seed=S (each optional: empty, the command line's value stands): the
+                      scenario of the command line with these over it runs next; 202
                       {"run": N}, 400 naming the bad field, 409 while a run is going (and under a sweep);
 - POST /loadgen/stop  ends the run as SIGINT does (partial results, interrupted); under a sweep, the sweep;
 - POST /loadgen/rate  rate=R [at_s=T]: an open loop's rate is R from T seconds into the run (default:
@@ -46,7 +47,14 @@ runs at its plan's load).
                       latest finished; 404 before it has finished), see loadgen/driver/runbook.py; a
                       sweep's sweep.json and curve.csv once it has ended.
 
-Locust's own pages stay at / (its statistics of the run's requests). The console is bound to 127.0.0.1
+Locust's own pages stay at / (its statistics of the run's requests), with its controls made loadgen's: its
+start form would start Locust's runner on the last run's context, outside loadgen's schedule, so
+- POST /swarm         (Locust's start form) answers 409 saying to start runs from loadgen's form at /loadgen,
+                      and starts nothing; so does POST /user (its user-class editor: loadgen sets its users);
+- POST /stop          (Locust's stop button) is loadgen's stop, as POST /loadgen/stop (in Locust's answer shape);
+- GET  /              Locust's page, with a notice leading to /loadgen in place of its start form (a script
+                      added to its head hides each of the page's forms as the page renders it).
+The console is bound to 127.0.0.1
 unless --web-host says otherwise. With --web-auth USER:PASSWORD every page and route of it (Locust's and
 loadgen's) asks for that user and password by HTTP basic auth (loadgen/driver/webauth.py, through
 Locust's web_login); without it the console asks for no login, and exposing it is a decision the user
@@ -55,6 +63,7 @@ makes with --web-host (said on stderr when the address is not a loopback one).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 import signal
@@ -243,6 +252,16 @@ class LiveConsole(ConsoleState):
         app.add_url_rule("/loadgen/rate", "loadgen_rate", guard(self._change_rate), methods=["POST"])
         app.add_url_rule("/loadgen/quit", "loadgen_quit", guard(self._quit), methods=["POST"])
         app.add_url_rule("/loadgen/download/<name>", "loadgen_download", guard(self._download))
+        # Locust's own controls (its blueprint's endpoints, routes kept): loadgen's stop, no start of its own.
+        views = app.view_functions
+        missing = [name for name in _LOCUST_CONTROLS if name not in views]
+        if missing:
+            raise RuntimeError(f"Locust's web UI has no {', '.join(missing)}: the console knows its routes as of "
+                               "Locust 2.47")
+        views["locust.swarm"] = guard(self._locust_swarm)
+        views["locust.update_user"] = guard(self._locust_user)
+        views["locust.stop"] = guard(self._locust_stop)
+        views["locust.index"] = _with_notice(views["locust.index"])
 
     def _page(self) -> Response:
         page = resources.files("loadgen.driver").joinpath("console.html").read_text(encoding="utf-8")
@@ -291,6 +310,26 @@ class LiveConsole(ConsoleState):
             return jsonify({"error": str(exc)}), 409 if not isinstance(exc, _BadField) else 400
         return jsonify({"rate": rate, "at_s": at_s}), 200
 
+    def _locust_swarm(self) -> tuple[Response, int]:
+        why = ("this console shows a sweep: its steps come from the sweep's plan" if self.sweep is not None else
+               "start runs from loadgen's form at /loadgen (POST /loadgen/start)")
+        message = (f"Locust's start form is not used by loadgen's console (it would send load outside loadgen's "
+                   f"schedule): {why}")
+        return jsonify({"success": False, "message": message, "error": message}), 409
+
+    def _locust_user(self) -> tuple[Response, int]:
+        message = ("Locust's user settings are not used by loadgen's console: loadgen sets its users from the "
+                   "scenario; start runs from loadgen's form at /loadgen")
+        return jsonify({"success": False, "message": message, "error": message}), 409
+
+    def _locust_stop(self) -> tuple[Response, int]:
+        """Locust's stop button: loadgen's stop (/loadgen/stop), answered in Locust's shape."""
+        answer, status = self._stop_run()
+        found = answer.get_json()
+        message = found.get("error") or (f"stopping {'the sweep at ' if found['sweep'] else ''}run {found['run']} "
+                                         "(loadgen's stop: as Ctrl-C, what was measured is written)")
+        return jsonify({**found, "success": status == 200, "message": message}), status
+
     def _quit(self) -> tuple[Response, int]:
         self.quit()
         return jsonify({"quitting": True, "run": self.runs.number}), 202
@@ -318,6 +357,48 @@ class LiveConsole(ConsoleState):
             return jsonify({"error": str(exc)}), 500
         return send_file(path.resolve(), mimetype=DOWNLOADS[name], as_attachment=True,
                          download_name=f"run-{run.number}-{name}", max_age=0)
+
+
+_LOCUST_CONTROLS = ("locust.index", "locust.swarm", "locust.stop", "locust.update_user")
+
+_NOTICE = """<style>
+  #loadgen-notice { background: #1565c0; color: #fff; padding: .6em 1em; font: 15px/1.4 system-ui, sans-serif; }
+  #loadgen-notice a { color: #fff; font-weight: bold; }
+</style>
+<script>
+"use strict";
+// Added by loadgen: its console starts, steers and stops the runs; Locust's start form is not used.
+document.addEventListener("DOMContentLoaded", () => {
+  const notice = document.createElement("div");
+  notice.id = "loadgen-notice";
+  notice.innerHTML = `Runs here are loadgen's: start them, change their rate and download their results on
+    <a id="loadgen-console-link" href="/loadgen">loadgen's console</a>. Locust's start form is not used (it
+    would send load outside loadgen's schedule); its stop button is loadgen's stop.`;
+  document.body.prepend(notice);
+  const hide = () => {
+    for (const form of document.querySelectorAll("form")) {
+      const box = form.parentElement || form;
+      if (box.style.display !== "none") box.style.display = "none";
+    }
+  };
+  hide();
+  new MutationObserver(hide).observe(document.body, {childList: true, subtree: true});
+});
+</script>
+"""
+
+
+def _with_notice(index: Callable[..., Any]) -> Callable[..., Any]:
+    """Locust's page (its view, `index`) with loadgen's notice in place of its forms."""
+
+    @functools.wraps(index)
+    def page(*args: Any, **kwargs: Any) -> Any:
+        answer = index(*args, **kwargs)
+        if isinstance(answer, str) and "</head>" in answer:
+            return answer.replace("</head>", _NOTICE + "</head>", 1)
+        return answer  # a 401, or Locust's own error page
+
+    return page
 
 
 def _loopback(host: str) -> bool:

@@ -174,10 +174,13 @@ def _settings(scenario: Scenario | None, run: LoadContext | None) -> dict[str, A
 def _form_of(scenario: Scenario | None) -> dict[str, Any]:
     """The start form's defaults: the load of `scenario` (the latest run's, or the command line's)."""
     if scenario is None:
-        return {"loop": "open", "rate": None, "arrival": "constant", "users": None, "duration": None}
+        return {"loop": "open", "rate": None, "arrival": "constant", "users": None, "duration": None,
+                "think_time": None, "seed": None, "max_in_flight": None}
     pattern = scenario.pattern
     duration = f"{pattern.total_duration:g}s"
     if isinstance(pattern, OpenLoop):
         return {"loop": "open", "rate": pattern.rate, "arrival": pattern.arrival, "users": None,
-                "duration": duration}
-    return {"loop": "closed", "rate": None, "arrival": None, "users": pattern.users, "duration": duration}
+                "duration": duration, "think_time": None, "seed": pattern.seed,
+                "max_in_flight": pattern.max_in_flight}
+    return {"loop": "closed", "rate": None, "arrival": None, "users": pattern.users, "duration": duration,
+            "think_time": f"{pattern.think_time:g}s", "seed": pattern.seed, "max_in_flight": None}
