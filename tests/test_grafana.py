@@ -23,7 +23,7 @@ import yaml
 
 from tests.support.ports import unused_port
 from tests.support.processes import ROOT, loadgen_cmd, pin, start_server, stop_process
-from tests.support.torchserve import MLP_JSON, OPEN, start_torchserve
+from tests.support.torchserve import MLP_JSON, ONE_MLP_WORKER, OPEN, start_torchserve
 
 GRAFANA = ROOT / "grafana"
 DASHBOARDS = sorted((GRAFANA / "dashboards").glob("*.json"))
@@ -108,7 +108,7 @@ def test_every_panel_has_data_from_a_real_prometheus(tmp_path: Path, model_store
     server = start_server(["--metrics-port", str(unused_port())], module="servers.triton", port_flag="--http-port")
     metrics_port = int(server.proc.args[server.proc.args.index("--metrics-port") + 1])
     torchserve = start_torchserve(model_store, tmp_path, "--models", "mlp=mlp.mar",
-                                  config=[*OPEN, "metrics_mode=prometheus"], grpc=False)
+                                  config=[*OPEN, ONE_MLP_WORKER, "metrics_mode=prometheus"], grpc=False)
     llm_server = start_server(["--ttft-ms", "5,40", "--itl-ms", "2", "--error-every", "10", "--no-keep-awake",
                                "--model", "mock-llm", "--model", "mock-small"], module="servers.openai_mock")
     loadgen_port, sweep_port, llm_port = unused_port(), unused_port(), unused_port()

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from tests.support.torchserve import (
+    ONE_MLP_WORKER,
     OPEN,
     TorchServe,
     archive,
@@ -113,7 +114,7 @@ def server(model_store: Path, tmp_path_factory: pytest.TempPathFactory):
     store = tmp_path_factory.mktemp("store")
     shutil.copy(model_store / "mlp.mar", store / "mlp.mar")
     running = start_torchserve(store, tmp_path_factory.mktemp("server"), "--models", "mlp=mlp.mar",
-                               config=OPEN, grpc=False)
+                               config=[*OPEN, ONE_MLP_WORKER], grpc=False)
     yield running
     running.stop()
 
@@ -264,7 +265,7 @@ def test_startup_model_that_fails_leaves_the_others_serving(model_store: Path, t
     """--models mlp=mlp.mar broken=broken.mar nope=nope.mar: the failures are reported on stderr, the
     server starts, mlp answers, broken is registered without workers."""
     server = start_torchserve(model_store, tmp_path, "--models", "mlp=mlp.mar", "broken=broken.mar",
-                              "nope=nope.mar", config=OPEN, grpc=False)
+                              "nope=nope.mar", config=[*OPEN, ONE_MLP_WORKER], grpc=False)
     try:
         answer = httpx.post(f"{server.inference}/predictions/mlp", json=[0.0] * 784, timeout=30)
         assert len(answer.json()) == 10
