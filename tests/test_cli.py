@@ -14,7 +14,7 @@ from hdrh.histogram import HdrHistogram
 from hdrh.log import HistogramLogReader
 
 from tests.support.ports import unused_port
-from tests.support.processes import ROOT, loadgen_cmd, pin, run_loadgen
+from tests.support.processes import POLL, ROOT, loadgen_cmd, pin, run_loadgen
 from tests.support.timing import HostNoise
 
 pytestmark = pytest.mark.integration
@@ -88,7 +88,8 @@ def test_ctrl_c_still_writes_what_was_measured(calibration_server, tmp_path) -> 
     pin(proc.pid, 0)
     try:
         deadline = time.monotonic() + 30  # interrupted once about 2 s of load reached the server, however
-        while server.info()["requests"] < 200 and time.monotonic() < deadline:  # long the start-up took
+        while POLL.get(server.url + "/calibration", timeout=5).json()["requests"] < 200 \
+                and time.monotonic() < deadline:  # long the start-up took (server.info(), through POLL)
             time.sleep(0.1)
         proc.send_signal(signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=30)

@@ -22,7 +22,7 @@ import zmq
 from loadgen.driver.trust import confine_paths, load_cluster_key, message_problem, prove, proves
 from tests.support.distributed import Master, received, shipped, start_worker
 from tests.support.processes import loadgen_cmd, stop_process
-from tests.support.torchserve import MLP_JSON, start_torchserve
+from tests.support.torchserve import MLP_JSON, ONE_MLP_WORKER, start_torchserve
 
 KEY = "0123456789abcdef0123456789abcdef"
 WRONG_KEY = "fedcba9876543210fedcba9876543210"
@@ -224,7 +224,8 @@ def test_a_worker_ignores_bogus_messages_and_leaves_a_master_that_cannot_prove_t
 # -- secrets and files ---------------------------------------------------------------------------------
 
 def test_a_secret_header_is_read_by_each_worker_and_never_sent_to_it(model_store: Path, tmp_path: Path) -> None:
-    server = start_torchserve(model_store, tmp_path, "--models", "mlp=mlp.mar", grpc=False)  # token auth on
+    server = start_torchserve(model_store, tmp_path, "--models", "mlp=mlp.mar", config=[ONE_MLP_WORKER],
+                              grpc=False)  # token auth on
     data = tmp_path / "data"
     data.mkdir()
     (data / "input.json").write_text(MLP_JSON)

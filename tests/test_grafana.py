@@ -22,8 +22,8 @@ import pytest
 import yaml
 
 from tests.support.ports import unused_port
-from tests.support.processes import ROOT, loadgen_cmd, pin, start_server, stop_process
-from tests.support.torchserve import MLP_JSON, OPEN, start_torchserve
+from tests.support.processes import POLL, ROOT, loadgen_cmd, pin, start_server, stop_process
+from tests.support.torchserve import MLP_JSON, ONE_MLP_WORKER, OPEN, start_torchserve
 
 GRAFANA = ROOT / "grafana"
 DASHBOARDS = sorted((GRAFANA / "dashboards").glob("*.json"))
@@ -78,7 +78,7 @@ def start_prometheus(tmp_path: Path, loadgen_ports: list[int], server_port: int,
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
-            if httpx.get(url + "/-/ready", timeout=1).status_code == 200:
+            if POLL.get(url + "/-/ready", timeout=1).status_code == 200:
                 return proc, url
         except httpx.HTTPError:
             pass
@@ -95,7 +95,7 @@ def _wait_for_scrapes_after(prom_url: str, instant: float, jobs: tuple[str, ...]
     query = f'min(timestamp(up{{job=~"{"|".join(jobs)}"}}))'
     deadline = time.monotonic() + timeout
     while True:
-        result = httpx.get(prom_url + "/api/v1/query", params={"query": query}, timeout=10).json()["data"]["result"]
+        result = POLL.get(prom_url + "/api/v1/query", params={"query": query}).json()["data"]["result"]
         if result and float(result[0]["value"][1]) > instant:
             return
         assert time.monotonic() < deadline, f"no scrape of {jobs} after the runs: {result}"
@@ -108,7 +108,7 @@ def test_every_panel_has_data_from_a_real_prometheus(tmp_path: Path, model_store
     server = start_server(["--metrics-port", str(unused_port())], module="servers.triton", port_flag="--http-port")
     metrics_port = int(server.proc.args[server.proc.args.index("--metrics-port") + 1])
     torchserve = start_torchserve(model_store, tmp_path, "--models", "mlp=mlp.mar",
-                                  config=[*OPEN, "metrics_mode=prometheus"], grpc=False)
+                                  config=[*OPEN, ONE_MLP_WORKER, "metrics_mode=prometheus"], grpc=False)
     llm_server = start_server(["--ttft-ms", "5,40", "--itl-ms", "2", "--error-every", "10", "--no-keep-awake",
                                "--model", "mock-llm", "--model", "mock-small"], module="servers.openai_mock")
     loadgen_port, sweep_port, llm_port = unused_port(), unused_port(), unused_port()
@@ -167,7 +167,7 @@ def test_every_panel_has_data_from_a_real_prometheus(tmp_path: Path, model_store
             expr = expr.replace("$__range", window)
             params = {"query": expr, "time": end} if instant else {
                 "query": expr, "start": started, "end": end, "step": "1s"}
-            answer = httpx.get(prom_url + ("/api/v1/query" if instant else "/api/v1/query_range"), timeout=10,
+            answer = POLL.get(prom_url + ("/api/v1/query" if instant else "/api/v1/query_range"),
                                params=params).json()
             assert answer["status"] == "success", (board, title, expr, answer)
             if not answer["data"]["result"]:

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.processes import ROOT, finish, loadgen_cmd, pin, stop_process
+from tests.support.processes import POLL, ROOT, finish, loadgen_cmd, pin, stop_process
 
 RUN_S = 4.0
 
@@ -40,7 +40,7 @@ def start_run(url: str, out: Path) -> tuple[subprocess.Popen, str]:
 
 def scrape(url: str) -> dict[str, float]:
     """Samples of one scrape, by name plus sorted labels; requests summed over outcomes."""
-    text = httpx.get(url, timeout=2).text
+    text = POLL.get(url, timeout=2).text
     samples: dict[str, float] = {"requests": 0.0}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:

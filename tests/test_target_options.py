@@ -12,7 +12,7 @@ import pytest
 
 from tests.support.processes import run_loadgen, start_server, stop_process
 from tests.support.tls import private_ca
-from tests.support.torchserve import MLP_JSON, start_torchserve
+from tests.support.torchserve import MLP_JSON, ONE_MLP_WORKER, start_torchserve
 from tests.support.triton import mlp_input_data
 
 pytestmark = pytest.mark.integration
@@ -69,7 +69,8 @@ def test_https_with_a_private_ca(tmp_path: Path) -> None:
 
 
 def test_bearer_token_reaches_the_server_and_never_the_results(model_store: Path, tmp_path: Path) -> None:
-    server = start_torchserve(model_store, tmp_path, "--models", "mlp=mlp.mar")  # token authorization on
+    server = start_torchserve(model_store, tmp_path, "--models", "mlp=mlp.mar",
+                              config=[ONE_MLP_WORKER])  # token authorization on
     payload = tmp_path / "input.json"
     payload.write_text(MLP_JSON)
     common = ("--protocol", "torchserve-http", "--target", server.inference, "--model", "mlp", "--payload",

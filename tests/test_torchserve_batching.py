@@ -22,7 +22,7 @@ import httpx
 import pytest
 import torch
 
-from tests.support.processes import wait_for
+from tests.support.processes import POLL, wait_for
 from tests.support.timing import HostNoise
 from tests.support.torchserve import (
     OPEN,
@@ -195,6 +195,11 @@ def _workers(server: TorchServe, name: str) -> list[dict]:
     return httpx.get(f"{server.management}/models/{name}", timeout=10).json()[0]["workers"]
 
 
+def _ready(server: TorchServe, name: str) -> bool:
+    """Whether the first worker of `name` is READY, through the poll client (asked every 20 ms)."""
+    return POLL.get(f"{server.management}/models/{name}").json()[0]["workers"][0]["status"] == "READY"
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -212,7 +217,7 @@ def test_a_worker_that_dies_answers_worker_died_and_is_started_again(server: Tor
     url = f"{server.inference}/predictions/mortal"
 
     def restarted(previous: dict) -> dict:
-        assert wait_for(lambda: _workers(server, "mortal")[0]["status"] == "READY")
+        assert wait_for(lambda: _ready(server, "mortal"))
         worker = _workers(server, "mortal")[0]
         assert worker["id"] == previous["id"] and worker["pid"] != previous["pid"]
         assert not _alive(previous["pid"])
@@ -285,7 +290,7 @@ def test_response_and_startup_timeouts_stop_the_worker(server: TorchServe) -> No
         hung = httpx.post(f"{server.inference}/predictions/hung", json="hang", timeout=30)
         assert 1.0 <= time.monotonic() - start < 10
         assert (hung.status_code, hung.json()["message"]) == (500, "Worker died.")
-        assert wait_for(lambda: _workers(server, "hung")[0]["status"] == "READY")
+        assert wait_for(lambda: _ready(server, "hung"))
         assert _workers(server, "hung")[0]["pid"] != first["pid"] and not _alive(first["pid"])
     finally:
         _unregister(server, "hung")

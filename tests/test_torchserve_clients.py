@@ -14,6 +14,7 @@ from tests.support.processes import run_loadgen
 from tests.support.torchserve import (
     MLP_F32,
     MLP_JSON,
+    ONE_MLP_WORKER,
     OPEN,
     TorchServe,
     start_torchserve,
@@ -25,7 +26,8 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def torchserve(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchServe]:
     folder = tmp_path_factory.mktemp("ts")
-    server = start_torchserve(model_store, folder, "--models", "mlp=mlp.mar", config=[*OPEN, "metrics_mode=prometheus"])
+    server = start_torchserve(model_store, folder, "--models", "mlp=mlp.mar",
+                              config=[*OPEN, ONE_MLP_WORKER, "metrics_mode=prometheus"])
     yield server
     server.stop()
 

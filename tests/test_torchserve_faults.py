@@ -27,7 +27,7 @@ from loadgen.lowlevel.torchserve_proto import (
     inference_pb2,
     management_pb2,
 )
-from tests.support.processes import wait_for
+from tests.support.processes import POLL, wait_for
 from tests.support.torchserve import OPEN, Stubs, TorchServe, archive, start_torchserve
 
 pytestmark = pytest.mark.integration
@@ -114,7 +114,7 @@ def _unregister(server: TorchServe, name: str) -> None:
 
 
 def _describe(server: TorchServe, name: str) -> dict:
-    return httpx.get(f"{server.management}/models/{name}", timeout=10).json()[0]
+    return POLL.get(f"{server.management}/models/{name}").json()[0]
 
 
 def _post(server: TorchServe, name: str, body: object) -> httpx.Response:

@@ -26,6 +26,7 @@ from loadgen.lowlevel.torchserve_proto import (
 from loadgen.lowlevel.torchserve_proto.generate import generate
 from tests.support.torchserve import (
     MLP_JSON,
+    ONE_MLP_WORKER,
     OPEN,
     Stubs,
     TorchServe,
@@ -62,9 +63,8 @@ def server(model_store: Path, tmp_path_factory: pytest.TempPathFactory):
     work = tmp_path_factory.mktemp("work")
     (work / "stream_handler.py").write_text(STREAM_HANDLER)
     archive(store, "stream", work / "stream_handler.py")
-    one_worker = 'models={"mlp": {"1.0": {"minWorkers": 1, "maxWorkers": 1}}}'
     running = start_torchserve(store, tmp_path_factory.mktemp("server"), "--models", "mlp=mlp.mar",
-                               "stream=stream.mar", config=[*OPEN, one_worker])
+                               "stream=stream.mar", config=[*OPEN, ONE_MLP_WORKER])
     yield running
     running.stop()
 
@@ -191,7 +191,7 @@ def test_management_errors_over_grpc(stubs: Stubs) -> None:
 def test_token_authorization_and_model_api_gate_over_grpc(model_store: Path, tmp_path: Path) -> None:
     """With TorchServe's default security: no key or a wrong one is PERMISSION_DENIED, each service takes
     its own key, and register/unregister are refused while the model API is off."""
-    server = start_torchserve(model_store, tmp_path, "--models", "mlp=mlp.mar")
+    server = start_torchserve(model_store, tmp_path, "--models", "mlp=mlp.mar", config=[ONE_MLP_WORKER])
     stubs = Stubs(server)
     try:
         keys = server.keys()

@@ -1,5 +1,6 @@
 """Pieces of the TorchServe-compatible server that need no server: config.properties, Gson's JSON,
-Java's doubles, TorchServe's backend answer format, the job queue and its batches."""
+Java's doubles, TorchServe's backend answer format, the job queue and its batches, the GPU count of a
+torch build without GPU support (and a front end without models, which imports no torch)."""
 
 from __future__ import annotations
 
@@ -11,16 +12,20 @@ import struct
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from servers.torchserve import load_settings, read_properties
+from servers.torchserve.__main__ import _built_without_gpu, _torch_may_see_a_gpu
 from servers.torchserve._archive import Archive
 from servers.torchserve._config import Address
 from servers.torchserve._handler import Request, decode_predict_response, decode_value, parse_json
 from servers.torchserve._metrics import HandlerMetrics, MetricsStore, java_double
 from servers.torchserve._wire import TsError, error_reply, format_reply, gson, json_reply
 from servers.torchserve._workers import Batching, Job, JobQueue, WorkerPool
+from tests.support.processes import stop_process
+from tests.support.torchserve import start_torchserve
 
 PROPERTIES = r"""
 # a comment
@@ -246,6 +251,53 @@ def test_command_line_reports_every_bad_setting_and_exits_2(tmp_path) -> None:
     assert done.returncode == 2
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 4, done.stderr
+
+
+TORCH_VERSION_PY = """from typing import Optional
+
+__all__ = ['__version__', 'debug', 'cuda', 'git_version', 'hip', 'rocm', 'xpu']
+__version__ = '2.13.0+{build}'
+debug = False
+cuda: Optional[str] = {cuda}
+git_version = 'cf30153c4c131c8164ee7798e5022d810682e2cb'
+hip: Optional[str] = {hip}
+rocm: Optional[str] = None
+xpu: Optional[str] = None
+"""
+"""torch/version.py as the torch 2.13 wheels write it (the CPU wheel's, with `cuda` and `hip` filled in)."""
+
+
+@pytest.mark.parametrize(("build", "cuda", "hip", "without_gpu"), [
+    ("cpu", "None", "None", True), ("cu128", "'12.8'", "None", False), ("rocm6.4", "None", "'6.4.43482'", False)])
+def test_a_torch_build_without_gpu_support_is_told_by_its_version_file(tmp_path, build: str, cuda: str, hip: str,
+                                                                       without_gpu: bool) -> None:
+    version = tmp_path / "version.py"
+    version.write_text(TORCH_VERSION_PY.format(build=build, cuda=cuda, hip=hip))
+    assert _built_without_gpu(version) is without_gpu
+
+
+def test_a_version_file_that_cannot_be_read_means_torch_is_asked(tmp_path) -> None:
+    assert not _built_without_gpu(tmp_path / "absent.py")
+    (tmp_path / "version.py").write_text("cuda = (\n")
+    assert not _built_without_gpu(tmp_path / "version.py")
+    (tmp_path / "version.py").write_text("cuda = None\n")  # no hip: an unknown layout
+    assert not _built_without_gpu(tmp_path / "version.py")
+
+
+def test_the_installed_torch_is_judged_as_torch_itself_says(tmp_path) -> None:
+    """The installed torch's version file against torch.version, and a front end started without models
+    (here, with that torch) has torch in its memory exactly when its build may see a GPU."""
+    import torch
+
+    assert _torch_may_see_a_gpu() is not (torch.version.cuda is None and torch.version.hip is None)
+    store = tmp_path / "store"
+    store.mkdir()
+    server = start_torchserve(store, tmp_path, "--disable-token-auth", grpc=False)
+    try:
+        mapped = Path(f"/proc/{server.server.proc.pid}/maps").read_text()
+    finally:
+        stop_process(server.server.proc)
+    assert ("libtorch" in mapped) is _torch_may_see_a_gpu(), "libtorch in the front end's memory"
 
 
 def test_loadgen_serve_torchserve_is_the_server() -> None:

@@ -26,14 +26,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import grpc
-import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as tritonclient_grpc
 import tritonclient.http as tritonclient_http
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from tests.support.processes import stop_process
+from tests.support.processes import POLL, stop_process
 from tests.support.triton import MODELS, Fronts, assert_matches, sample_input, start_fronts
 
 pytestmark = pytest.mark.integration
@@ -382,7 +381,7 @@ def send_stream_with_a_bad_request(channel: grpc.Channel) -> list[str]:
 
 def _counts(fronts: Fronts) -> dict[str, tuple[int, int]]:
     """(success, fail) request counts of each built-in model, from the statistics extension."""
-    reply = httpx.get(f"http://{fronts.http_url}/v2/models/stats", timeout=10)
+    reply = POLL.get(f"http://{fronts.http_url}/v2/models/stats")
     reply.raise_for_status()
     return {entry["name"]: (entry["inference_stats"]["success"]["count"], entry["inference_stats"]["fail"]["count"])
             for entry in reply.json()["model_stats"] if entry["name"] in MODELS}
@@ -390,7 +389,7 @@ def _counts(fronts: Fronts) -> dict[str, tuple[int, int]]:
 
 def _still_up(fronts: Fronts) -> None:
     assert fronts.proc.poll() is None, "the server exited"
-    assert httpx.get(f"http://{fronts.http_url}/v2/health/live", timeout=10).status_code == 200
+    assert POLL.get(f"http://{fronts.http_url}/v2/health/live").status_code == 200
     client = tritonclient_grpc.InferenceServerClient(fronts.grpc_url)
     try:
         assert client.is_server_live()

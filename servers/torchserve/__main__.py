@@ -25,7 +25,9 @@ SIGINT stops the server with exit code 0, its worker processes (_workers.py) wit
 from __future__ import annotations
 
 import argparse
+import ast
 import asyncio
+import importlib.util
 import signal
 import sys
 import threading
@@ -139,13 +141,44 @@ def _expand(models: list[str], store: Path | None) -> list[str]:
 
 
 def _gpu_count(settings: Settings) -> int:
+    """number_of_gpu, else the CUDA devices torch sees (0 without torch or with a build of it that has
+    no GPU support, known without importing it: the front end itself never needs torch, whose import
+    costs a second and a half of CPU at every start; the workers import it)."""
     if settings.number_of_gpu is not None:
         return settings.number_of_gpu
+    if not _torch_may_see_a_gpu():
+        return 0
     try:
         import torch
     except ImportError:
         return 0
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _torch_may_see_a_gpu() -> bool:
+    """False when torch is not installed, or is a build for neither CUDA nor ROCm (see
+    _built_without_gpu); True otherwise."""
+    spec = importlib.util.find_spec("torch")
+    if spec is None:
+        return False
+    return spec.origin is None or not _built_without_gpu(Path(spec.origin).with_name("version.py"))
+
+
+def _built_without_gpu(version_file: Path) -> bool:
+    """Whether torch's version.py, written when its wheel was built, sets both `cuda` and `hip` to None:
+    a build whose torch.cuda.is_available() is False whatever the machine has. False when the file
+    cannot be read as such."""
+    try:
+        tree = ast.parse(version_file.read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, ValueError):
+        return False
+    values: dict[str, object] = {}
+    for node in tree.body:
+        target = node.target if isinstance(node, ast.AnnAssign) else (
+            node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None)
+        if isinstance(target, ast.Name) and isinstance(node.value, ast.Constant):
+            values[target.id] = node.value.value
+    return "cuda" in values and "hip" in values and values["cuda"] is None and values["hip"] is None
 
 
 def build_parser(prog: str = "python -m servers.torchserve") -> argparse.ArgumentParser:

@@ -167,6 +167,10 @@ def start_torchserve(store: Path, folder: Path, *args: str, config: list[str] | 
 
 OPEN = ["disable_token_authorization=true", "enable_model_api=true"]
 """The captures' config.properties (addresses aside): token authorization off, model API on."""
+ONE_MLP_WORKER = 'models={"mlp": {"1.0": {"minWorkers": 1, "maxWorkers": 1}}}'
+"""config.properties' line giving the startup model mlp one worker, where a test needs mlp to answer and
+nothing of its workers: without it mlp gets one a core, and each is a process that imports torch (about
+1.5 s of CPU to start)."""
 
 
 # -- comparing with a recorded exchange -----------------------------------------------------------------
