@@ -70,10 +70,11 @@ def test_sweep_finds_the_capacity_and_the_slo_limit(queue_server, host_noise: Ho
 def test_adaptive_user_search_finds_the_worker_count(calibration_server, host_noise: HostNoise,
                                                      tmp_path) -> None:
     """4 FIFO workers of 40 ms, no think time: throughput grows with the users up to 4 (100 req/s), then
-    extra users only queue. The adaptive search over 1..16 users must put the knee at 4."""
+    extra users only queue. The adaptive search over 2..16 users, x3, must put the knee at 4: it grows to 6
+    (past the knee: 16.7 req/s a user of 25), then bisects to 4 (good) and 5 (20 req/s a user: past it)."""
     server = calibration_server("--service-ms", "40", "--workers", "4")
     out = tmp_path / "users"
-    run = run_loadgen("--target", server.url, "--model", "m", "--users", "1..16", "--factor", "2",
+    run = run_loadgen("--target", server.url, "--model", "m", "--users", "2..16", "--factor", "3",
                       "--step-duration", "1s", "--warmup", "1s", out=out, verb="sweep", timeout=120)
     assert run.returncode == 0, run.stderr
     sweep = json.loads((out / "sweep.json").read_text())
@@ -87,7 +88,7 @@ def test_adaptive_user_search_finds_the_worker_count(calibration_server, host_no
     assert sweep["saturated"] is True
     host_noise.assert_holds(sweep["saturation_rps"] == pytest.approx(100.0, rel=0.10),
                             what=f"saturation at {sweep['saturation_rps']} req/s", margin_ms=100.0)
-    assert {5, 8} & set(users)  # a count past the knee was measured, not assumed
+    assert {5, 6} <= set(users)  # counts past the knee were measured, not assumed
     assert "knee: 4 users" in run.stdout
 
 
