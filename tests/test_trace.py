@@ -56,10 +56,11 @@ def _logged_after(server: Server, start_s: float) -> list[dict]:
 
 def test_a_bursty_trace_is_replayed_row_by_row_on_time(llm_sim: Server, host_noise: HostNoise,
                                                        tmp_path: Path) -> None:
-    """10 s, 200 background rows and four bursts of 30 rows in 50 ms: every row arrives exactly once, with
+    """5 s, 200 background rows and four bursts of 30 rows in 50 ms: every row arrives exactly once, with
     its prompt and output lengths, within 2 ms of its instant at the 99th percentile (of 320 rows; the
-    bursts, 600 rows/s for 50 ms, are what can be late: 20 background rows/s are no load)."""
-    rows = _write_trace(tmp_path / "trace.jsonl", 10.0, 200, [1.5, 4.25, 7.0, 9.1], 30, seed=11)
+    bursts, 600 rows/s for 50 ms, are what can be late, and they are over 1 s apart: 40 background rows/s
+    are no load)."""
+    rows = _write_trace(tmp_path / "trace.jsonl", 5.0, 200, [0.75, 2.1, 3.5, 4.55], 30, seed=11)
     run = run_loadgen("--protocol", "openai", "--target", llm_sim.url, "--model", MODEL,
                       "--trace", str(tmp_path / "trace.jsonl"), "-q", out=tmp_path / "run", timeout=90)
     assert run.returncode == 0, run.stderr

@@ -43,19 +43,25 @@ def test_fixed_delay_open_loop(calibration_server, host_noise: HostNoise, tmp_pa
 
 def test_stalls_open_loop_tails_match_the_schedule(calibration_server, host_noise: HostNoise,
                                                    tmp_path) -> None:
-    """A 10 ms server that stalls 0.4 s in every 2 s, 200 req/s for 8 s (four stalls): p90, p99 and p99.9
-    within 5 % of the truth the server's timing model gives for the schedule's instants. In closed loop
-    a user stuck in a stall sends nothing else, so there the stall is one sample per user."""
+    """A 10 ms server that stalls 0.4 s in every 2 s, 200 req/s for 5 s (two or three stalls): p90, p99 and
+    p99.9 within 5 % of the truth the server's timing model gives for the schedule's instants. In closed
+    loop a user stuck in a stall sends nothing else, so there the stall is one sample per user.
+
+    The truth is computed for the very instants sent, so the run's length adds no sampling error: it only
+    sets how many stalls are in the sample. Each stall gives the same 80 requests (latency 410 ms down to
+    10 ms), and the percentiles sit at about the same depth into each stall whatever their number: of the
+    1000 requests of 5 s, p99.9 is the second-highest latency (as of 1600 in 8 s) and p99 the 11th
+    (the 17th of 1600), four or five requests into each stall."""
     config = TimingConfig(delay_ms=10, stall_every_s=2, stall_for_s=0.4)
     server = calibration_server("--delay-ms", "10", "--stall-every", "2", "--stall-for", "0.4")
-    run = run_loadgen("--target", server.url, "--model", "m", "--rate", "200", "--duration", "8s",
+    run = run_loadgen("--target", server.url, "--model", "m", "--rate", "200", "--duration", "5s",
                       out=tmp_path / "open")
     assert run.returncode == 0, run.stderr
     summary = run.summary
     info = server.info()
     model = TimingModel(config, t0=info["t0"])
     start = summary["clock"]["start_monotonic_s"]
-    intended = start + np.arange(1600) / 200.0
+    intended = start + np.arange(1000) / 200.0
     truth = truth_percentiles((np.array(model.done_all(intended)) - intended) * 1000.0)
     assert truth["p99_9"] > 360  # the run did cover stalls
     for key, value in truth.items():
