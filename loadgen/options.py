@@ -205,6 +205,10 @@ WEB = (
     Flag("web_auth", str | None, "USER:PASSWORD: the console (loadgen's page and routes and Locust's own) asks "
          "for this user and password by HTTP basic auth (Locust's web login, as its former --web-auth); 401 "
          "without them. Never printed or written to the results.", envvar=WEB_AUTH_ENV, panel=_WEB),
+    Flag("web_tls_cert", str | None, "A PEM certificate file (with its chain): the console is served over HTTPS "
+         "with it and --web-tls-key (Locust's --tls-cert and --tls-key), so --web-auth's password does not travel "
+         "in clear. Give both or neither.", panel=_WEB),
+    Flag("web_tls_key", str | None, "The PEM private key of --web-tls-cert (not encrypted).", panel=_WEB),
     Flag("web_autoquit", float | None, "Quit the console this many seconds after a run (or the sweep) ends "
          "unless another run is started from the page (0: as soon as the results are written), as Locust's "
          "--autoquit. Without it the console stays up until Ctrl-C or its quit button.", panel=_WEB),

@@ -23,6 +23,7 @@ import math
 import os
 import re
 import shutil
+import ssl
 import subprocess
 import time
 from collections.abc import Callable
@@ -38,6 +39,7 @@ from loadgen.patterns.schedule import profile_of, replan, schedule_offsets
 from loadgen.scenario import OpenLoop
 from loadgen.sinks.hlog import read_hlog
 from tests.support.processes import ROOT, finish, loadgen_cmd, pin, run_loadgen, stop_process
+from tests.support.tls import private_ca
 
 pytestmark = pytest.mark.integration
 
@@ -368,6 +370,22 @@ def test_web_flags_are_checked(tmp_path) -> None:
     no_console = run_loadgen("--target", "http://127.0.0.1:9", "--model", "m", "--rate", "10", "--duration", "1s",
                              "--web-auth", f"ops:{PASSWORD}", out=tmp_path)
     assert no_console.returncode == 2 and "--web-auth is for the live console" in no_console.stderr
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    for verb, flags, says in (
+            ("run", ("--web-tls-cert", str(garbage)), "--web-tls-key: give it with --web-tls-cert"),
+            ("sweep", ("--web-tls-key", str(garbage)), "--web-tls-cert: give it with --web-tls-key"),
+            ("sweep", ("--web-tls-cert", str(tmp_path / "nowhere.pem"), "--web-tls-key", str(garbage)),
+             f"--web-tls-cert: no such file: {tmp_path / 'nowhere.pem'}"),
+            ("run", ("--web-tls-cert", str(garbage), "--web-tls-key", str(garbage)),
+             f"--web-tls-cert/--web-tls-key: {garbage} and {garbage} are not a PEM certificate and its private key")):
+        load = ("--rates", "10") if verb == "sweep" else ("--rate", "10", "--duration", "1s")
+        refused = run_loadgen("--target", "http://127.0.0.1:9", "--model", "m", *load, "--web-port", "0", *flags,
+                              out=tmp_path, verb=verb)
+        assert refused.returncode == 2 and says in refused.stderr, (verb, flags, refused.stderr)
+    no_port = run_loadgen("--target", "http://127.0.0.1:9", "--model", "m", "--rate", "10", "--duration", "1s",
+                          "--web-tls-key", str(garbage), out=tmp_path)
+    assert no_port.returncode == 2 and "--web-tls-key is for the live console: give --web-port" in no_port.stderr
 
 
 def _chromium() -> tuple[str, str] | None:
@@ -574,6 +592,41 @@ def test_web_auth_guards_every_route_and_stays_out_of_the_outputs(calibration_se
     assert {path.name for path in outputs} >= {"summary.json", "latency.hlog"}
     for text in (stderr, run.stdout, *(path.read_text(errors="replace") for path in outputs)):
         assert PASSWORD not in text
+
+
+def test_the_console_over_https_takes_its_password_inside_tls(calibration_server, tmp_path) -> None:
+    """--web-tls-cert/--web-tls-key (a certificate for 127.0.0.1 from a CA made here): the console says https,
+    and Locust's page and loadgen's routes answer over TLS that the CA verifies, with --web-auth's 401 and 200;
+    a plain-HTTP request to the port gets no answer and the console keeps serving; a run started over HTTPS
+    is sent and written."""
+    (tmp_path / "ca").mkdir()
+    ca = private_ca(tmp_path / "ca")
+    server = calibration_server("--delay-ms", f"{DELAY_MS:g}")
+    out = tmp_path / "out"
+    run = ConsoleRun(server.url, out, "--rate", "50", "--duration", "1s", "--web-wait", "--web-autoquit", "0",
+                     "--web-auth", f"ops:{PASSWORD}", "--web-tls-cert", str(ca.server_cert), "--web-tls-key",
+                     str(ca.server_key), metrics=False)
+    base = run.console.removesuffix("/loadgen")
+    auth = ("ops", PASSWORD)
+    try:
+        assert base.startswith("https://127.0.0.1:"), run.console
+        with httpx.Client(verify=ssl.create_default_context(cafile=ca.ca), timeout=5) as client:
+            assert client.get(base + "/loadgen/live").status_code == 401
+            assert client.get(base + "/", auth=auth).status_code == 200
+            with pytest.raises(httpx.HTTPError):  # no TLS: the handshake fails, nothing is answered
+                httpx.get(base.replace("https://", "http://") + "/loadgen/live", auth=auth, timeout=5)
+            with pytest.raises(httpx.ConnectError):  # the system's CAs do not know this certificate
+                httpx.get(base + "/loadgen/live", timeout=5)
+            assert client.get(base + "/loadgen/live", auth=auth).json()["state"] == "waiting"
+            started = client.post(base + "/loadgen/start", data={"rate": "50", "duration": "1s"}, auth=auth)
+            assert started.status_code == 202, started.text
+        code, stderr, summary = run.finish()
+    finally:
+        stop_process(run.proc)
+    assert code == 0, stderr
+    assert f"console on {run.console} (basic auth: user ops)" in stderr
+    assert summary["sent"] == 50 and summary["errors"] == {}
+    assert PASSWORD not in stderr + run.stdout
 
 
 def test_the_pages_stop_ends_a_sweep_with_what_was_measured_written(calibration_server, tmp_path) -> None:
