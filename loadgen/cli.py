@@ -101,7 +101,7 @@ def run(scenario: Path | None, values: dict[str, Any]) -> None:
     raise typer.Exit(code)
 
 
-def _web(values: dict[str, Any]) -> dict[str, Any] | None:
+def _web(values: dict[str, Any], *, sweep: bool = False) -> dict[str, Any] | None:
     """The live console's WebOptions as keywords (--web-port, --web-host, --web-auth, --web-autoquit, and
     run's --web-wait), or None; a bad one is an input error (exit 2). (The WebOptions are made once locust
     is imported, by _web_options: loadgen/driver/console.py imports gevent and flask, which locust patches
@@ -125,9 +125,9 @@ def _web(values: dict[str, Any]) -> dict[str, Any] | None:
         problems.append("--web-host: expected an address, e.g. 127.0.0.1 or 0.0.0.0")
     if autoquit is not None and not (math.isfinite(autoquit) and autoquit >= 0):
         problems.append(f"--web-autoquit: expected seconds >= 0, got {autoquit:g}")
-    if values["processes"] or values["master"]:
-        problems.append("--web-port: the live console drives single-process runs for now, not --processes or "
-                        "--master")
+    if (values["processes"] or values["master"]) and sweep:
+        problems.append("--web-port: a sweep's live console drives single-process sweeps for now, not "
+                        "--processes or --master")
     if problems:
         _fail(ScenarioError(problems, "flags"))
     return {"port": port, "host": host.strip(), "autoquit_s": autoquit, "wait": wait, "auth": auth,
@@ -219,7 +219,7 @@ def sweep(scenario: Path | None, values: dict[str, Any]) -> None:
     spec = _sweep_spec(values, values["users"])
     overrides = _overrides(_SWEEP_FLAGS, values)
     distributed = _distributed(values)
-    web = _web(values)
+    web = _web(values, sweep=True)
     from loadgen._sweepcmd import run_sweep  # imports locust: only for verbs that send load
 
     try:

@@ -13,7 +13,10 @@ Over a sweep against a FIFO server of known capacity, the page shows one point p
 steps end, and once the sweep has ended its points, table and verdict are sweep.json's to the digits shown
 (and /loadgen/sweep is sweep.json's numbers exactly); a stop ends the sweep with what was measured written.
 With --web-auth, every route of the console (Locust's and loadgen's) answers 401 without the user and
-password and 200 with them, and the password is in none of the outputs.
+password and 200 with them, and the password is in none of the outputs; with --web-tls-cert/--web-tls-key
+they answer over TLS only. Locust's own start (POST /swarm) is refused and its page leads to loadgen's form;
+its stop is loadgen's. The start form's think time, seed and in-flight cap are the run's. A distributed
+run's console shows the master's merged figures (its gauges) and each worker's health.
 """
 
 from __future__ import annotations
@@ -346,6 +349,41 @@ def test_locusts_own_start_is_refused_and_its_stop_is_loadgens(calibration_serve
     assert "run-2" not in {path.name for path in tmp_path.iterdir()}
 
 
+def test_a_distributed_runs_console_shows_the_merged_figures_and_each_workers_health(calibration_server,
+                                                                                   tmp_path) -> None:
+    """`--processes 2 --web-port`: the master's console shows the run the two workers send, its figures the
+    master's /metrics gauges of the merged intervals, and a worker list that is the loadgen_worker_* gauges;
+    its rate is not changed (409); its stop ends the run on both workers, written as by Ctrl-C."""
+    server = calibration_server("--delay-ms", f"{DELAY_MS:g}")
+    run = ConsoleRun(server.url, tmp_path, "--rate", "100", "--duration", "30s", "--processes", "2",
+                     "--web-autoquit", "0")
+    try:
+        run.wait_live(lambda live: live.get("intervals", 0) >= 2, timeout=20)
+        live, achieved = same_moment(run, "loadgen_achieved_rps")
+        assert live["achieved_rps"] == achieved and live["offered_rps"] == 100.0
+        live, p99 = same_moment(run, "loadgen_latency_percentile_seconds", quantile="0.99", window="10s")
+        assert live["latency_s"]["10s"]["p99"] == p99 and live["state"] == "running"
+        assert not live["rate_changeable"]
+        workers = live["workers"]
+        assert [worker["worker"] for worker in workers] == ["0", "1"] and all(w["up"] for w in workers)
+        for worker in workers:
+            labels = {"worker": worker["worker"], "host": worker["host"]}
+            assert run.gauge("loadgen_worker_up", **labels) == 1.0
+        assert live["generator"]["master_cpu_fraction"] >= 0  # the distributed check, as summary.json's
+        refused = httpx.post(run.console + "/rate", data={"rate": "200"}, timeout=2)
+        assert refused.status_code == 409 and "distributed" in refused.json()["error"]
+        stopped = httpx.post(run.console + "/stop", timeout=2)
+        assert stopped.status_code == 200 and stopped.json()["run"] == 1
+        code, stderr, summary = run.finish()
+    finally:
+        stop_process(run.proc)
+    assert code == 130, stderr
+    assert summary["interrupted"] is True and summary["duration_s"] < 30
+    assert [worker["worker"] for worker in summary["distributed"]["workers"]] == ["0", "1"]
+    assert all(worker["requests"] > 0 for worker in summary["distributed"]["workers"])
+    assert summary["errors"] == {}
+
+
 def test_web_flags_are_checked(tmp_path) -> None:
     bad_port = run_loadgen("--target", "http://127.0.0.1:9", "--model", "m", "--rate", "10", "--duration", "1s",
                            "--web-port", "70000", "--web-autoquit", "-1", out=tmp_path)
@@ -354,12 +392,9 @@ def test_web_flags_are_checked(tmp_path) -> None:
     alone = run_loadgen("--target", "http://127.0.0.1:9", "--model", "m", "--rate", "10", "--duration", "1s",
                         "--web-wait", out=tmp_path)
     assert alone.returncode == 2 and "--web-wait is for the live console: give --web-port too" in alone.stderr
-    distributed = run_loadgen("--target", "http://127.0.0.1:9", "--model", "m", "--rate", "10", "--duration",
-                              "1s", "--web-port", "0", "--processes", "2", out=tmp_path)
-    assert distributed.returncode == 2 and "single-process runs" in distributed.stderr
     swept = run_loadgen("--target", "http://127.0.0.1:9", "--model", "m", "--rates", "10", "--web-port", "0",
                         "--processes", "2", out=tmp_path, verb="sweep")
-    assert swept.returncode == 2 and "single-process runs" in swept.stderr
+    assert swept.returncode == 2 and "single-process sweeps" in swept.stderr
     waiting = run_loadgen("--target", "http://127.0.0.1:9", "--model", "m", "--rates", "10", "--web-port", "0",
                           "--web-wait", out=tmp_path, verb="sweep")
     assert waiting.returncode == 2 and "--web-wait" in waiting.stderr  # a sweep's plan is on the command line
