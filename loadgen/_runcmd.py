@@ -114,9 +114,10 @@ def run_and_report(path: Path | None, overrides: dict[Any, Any], *, quiet: bool 
                        metrics=ServerMetrics(server_metrics, scenario.target.model) if server_metrics else None,
                        cost_per_hour=cost_per_hour)
     _say_trace(scenario)
-    if web is not None:
-        return _console_runs(LiveConsole(web, _planner(path, overrides, scenario), scenario), scenario, out_dir, outputs)
     with open_cluster(distributed) if distributed else nullcontext() as cluster:
+        if web is not None:
+            console = LiveConsole(web, _planner(path, overrides, scenario), scenario)
+            return _console_runs(console, scenario, out_dir, outputs, cluster)
         code, _ = _run_once(scenario, out_dir, outputs, cluster=cluster)
     return code
 
@@ -157,9 +158,11 @@ def _run_once(scenario: Scenario, out_dir: Path, outputs: _Outputs, *, cluster: 
     return (1 if outputs.objectives and not summary["slo"]["met"] else 0), summary
 
 
-def _console_runs(console: LiveConsole, scenario: Scenario, out_dir: Path, outputs: _Outputs) -> int:
+def _console_runs(console: LiveConsole, scenario: Scenario, out_dir: Path, outputs: _Outputs,
+                  cluster: Cluster | None = None) -> int:
     """The runs of a live console: the command line's first (unless --web-wait), then one per start from
     the page, run N >= 2 written to OUT/run-N, until a quit; returns the last run's exit code (0: none ran).
+    With `cluster`, each run is sent by its workers (connected before the console starts).
 
     The command line's run failing (an unreachable target, ...) ends the command as without a console
     (exit 2); a run started from the page that fails is said there and on stderr, and the console stays.
@@ -174,7 +177,7 @@ def _console_runs(console: LiveConsole, scenario: Scenario, out_dir: Path, outpu
             number, planned = started
             from_page = number > 1 or console.options.wait
             code = _console_run(console, number, planned, out_dir / f"run-{number}" if number > 1 else out_dir,
-                                outputs, from_page=from_page)
+                                outputs, from_page=from_page, cluster=cluster)
             started = console.next_start()
     finally:
         console.stop()
@@ -182,10 +185,10 @@ def _console_runs(console: LiveConsole, scenario: Scenario, out_dir: Path, outpu
 
 
 def _console_run(console: LiveConsole, number: int, scenario: Scenario, out_dir: Path, outputs: _Outputs, *,
-                 from_page: bool) -> int:
+                 from_page: bool, cluster: Cluster | None = None) -> int:
     """Run `number` of the console, its downloads served once written; its exit code."""
     try:
-        code, summary = _run_once(scenario, out_dir, outputs, console=console)
+        code, summary = _run_once(scenario, out_dir, outputs, cluster=cluster, console=console)
     except LoadgenError as exc:
         if not from_page:
             raise

@@ -101,33 +101,50 @@ def run(scenario: Path | None, values: dict[str, Any]) -> None:
     raise typer.Exit(code)
 
 
-def _web(values: dict[str, Any]) -> dict[str, Any] | None:
+def _web(values: dict[str, Any], *, sweep: bool = False) -> dict[str, Any] | None:
     """The live console's WebOptions as keywords (--web-port, --web-host, --web-auth, --web-autoquit, and
     run's --web-wait), or None; a bad one is an input error (exit 2). (The WebOptions are made once locust
     is imported, by _web_options: loadgen/driver/console.py imports gevent and flask, which locust patches
     first.)"""
     port, host, autoquit = values["web_port"], values["web_host"], values["web_autoquit"]
     wait, auth = values.get("web_wait", False), values["web_auth"]
+    tls = {"--web-tls-cert": values["web_tls_cert"], "--web-tls-key": values["web_tls_key"]}
     if port is None:
         # --web-auth may come from LOADGEN_WEB_AUTH, set for the runs that have a console: only the flag counts.
         auth_flag = auth is not None and auth != os.environ.get(WEB_AUTH_ENV)
-        if autoquit is not None or wait or auth_flag:
-            flag = "--web-autoquit" if autoquit is not None else "--web-wait" if wait else "--web-auth"
+        given = [flag for flag, value in tls.items() if value is not None]
+        if autoquit is not None or wait or auth_flag or given:
+            flag = "--web-autoquit" if autoquit is not None else "--web-wait" if wait else \
+                given[0] if given else "--web-auth"
             _fail(ScenarioError([f"{flag} is for the live console: give --web-port too"], "flags"))
         return None
-    problems = []
+    problems = _tls_problems(tls)
     if not 0 <= port <= 65535:
         problems.append(f"--web-port: expected a port from 0 to 65535 (0: a free one), got {port}")
     if not host.strip():
         problems.append("--web-host: expected an address, e.g. 127.0.0.1 or 0.0.0.0")
     if autoquit is not None and not (math.isfinite(autoquit) and autoquit >= 0):
         problems.append(f"--web-autoquit: expected seconds >= 0, got {autoquit:g}")
-    if values["processes"] or values["master"]:
-        problems.append("--web-port: the live console drives single-process runs for now, not --processes or "
-                        "--master")
+    if (values["processes"] or values["master"]) and sweep:
+        problems.append("--web-port: a sweep's live console drives single-process sweeps for now, not "
+                        "--processes or --master")
     if problems:
         _fail(ScenarioError(problems, "flags"))
-    return {"port": port, "host": host.strip(), "autoquit_s": autoquit, "wait": wait, "auth": auth}
+    return {"port": port, "host": host.strip(), "autoquit_s": autoquit, "wait": wait, "auth": auth,
+            "tls_cert": tls["--web-tls-cert"], "tls_key": tls["--web-tls-key"]}
+
+
+def _tls_problems(tls: dict[str, str | None]) -> list[str]:
+    """What is wrong with --web-tls-cert and --web-tls-key: both or neither, each a readable file."""
+    (cert_flag, cert), (key_flag, key) = tls.items()
+    if (cert is None) != (key is None):
+        missing, given = (key_flag, cert_flag) if key is None else (cert_flag, key_flag)
+        return [f"{missing}: give it with {given} (the console's certificate and its key: both or neither)"]
+    problems = []
+    for flag, value in tls.items():
+        if value is not None and not Path(value).is_file():
+            problems.append(f"{flag}: no such file: {value}")
+    return problems
 
 
 def _web_options(web: dict[str, Any] | None) -> WebOptions | None:
@@ -142,6 +159,16 @@ def _web_options(web: dict[str, Any] | None) -> WebOptions | None:
         auth = WebAuth.parse(web["auth"]) if web["auth"] is not None else None
     except ValueError as exc:
         _fail(ScenarioError([f"--web-auth: {exc}"], "flags"))
+    if web["tls_cert"] is not None:
+        import ssl  # the module gevent has patched (a context made here works as the console's)
+
+        try:
+            # An encrypted key gets an empty password (it fails here) instead of a prompt on the terminal.
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(web["tls_cert"], web["tls_key"], password=b"")
+        except (ssl.SSLError, OSError) as exc:
+            problem = (f"--web-tls-cert/--web-tls-key: {web['tls_cert']} and {web['tls_key']} are not a PEM "
+                       f"certificate and its private key ({exc})")
+            _fail(ScenarioError([problem], "flags"))
     return WebOptions(**{**web, "auth": auth})
 
 
@@ -192,7 +219,7 @@ def sweep(scenario: Path | None, values: dict[str, Any]) -> None:
     spec = _sweep_spec(values, values["users"])
     overrides = _overrides(_SWEEP_FLAGS, values)
     distributed = _distributed(values)
-    web = _web(values)
+    web = _web(values, sweep=True)
     from loadgen._sweepcmd import run_sweep  # imports locust: only for verbs that send load
 
     try:

@@ -8,7 +8,7 @@ flags from here, and `load_command` turns them into the verb's typer parameters.
   RUN_LOAD: the load itself for one run (--rate, --users, --duration), which a sweep replaces by its
   plan (SWEEP_PLAN).
 - OUTPUT: results, live metrics, SLO, server-side figures; DISTRIBUTED: Locust master/worker.
-- WEB: the live console (`run` and `sweep`, a single process): Locust's web UI with loadgen's page.
+- WEB: the live console (`run`, also distributed, and `sweep`, a single process): Locust's web UI with loadgen's page.
 
 Each Flag with a `key` is a row of the table from flags to scenario keys (`scenario_overrides`); the
 others are read by the verb itself. NOT_IN_SWEEP says, for each `run` flag a sweep does not take, why
@@ -197,7 +197,9 @@ WEB = (
          "duration; run N writes OUT/run-N) and download each finished run's summary.json, latency.hlog and "
          "report.html. The console stays up after a run, until Ctrl-C, its quit button or --web-autoquit; the "
          "exit code is the last run's. A sweep's console shows each step live and the throughput-latency curve "
-         "growing step by step, then the verdict and sweep.json; its stop ends the sweep. Single-process runs.",
+         "growing step by step, then the verdict and sweep.json; its stop ends the sweep. A distributed run's "
+         "(--processes, --master) shows the master's merged figures and each worker's health; a sweep's is "
+         "single-process.",
          panel=_WEB),
     Flag("web_host", str, "Address the console listens on (default 127.0.0.1). Another address (0.0.0.0: every "
          "interface) exposes it to other hosts: it controls the load, so give --web-auth with it.",
@@ -205,6 +207,10 @@ WEB = (
     Flag("web_auth", str | None, "USER:PASSWORD: the console (loadgen's page and routes and Locust's own) asks "
          "for this user and password by HTTP basic auth (Locust's web login, as its former --web-auth); 401 "
          "without them. Never printed or written to the results.", envvar=WEB_AUTH_ENV, panel=_WEB),
+    Flag("web_tls_cert", str | None, "A PEM certificate file (with its chain): the console is served over HTTPS "
+         "with it and --web-tls-key (Locust's --tls-cert and --tls-key), so --web-auth's password does not travel "
+         "in clear. Give both or neither.", panel=_WEB),
+    Flag("web_tls_key", str | None, "The PEM private key of --web-tls-cert (not encrypted).", panel=_WEB),
     Flag("web_autoquit", float | None, "Quit the console this many seconds after a run (or the sweep) ends "
          "unless another run is started from the page (0: as soon as the results are written), as Locust's "
          "--autoquit. Without it the console stays up until Ctrl-C or its quit button.", panel=_WEB),

@@ -13,7 +13,10 @@ Over a sweep against a FIFO server of known capacity, the page shows one point p
 steps end, and once the sweep has ended its points, table and verdict are sweep.json's to the digits shown
 (and /loadgen/sweep is sweep.json's numbers exactly); a stop ends the sweep with what was measured written.
 With --web-auth, every route of the console (Locust's and loadgen's) answers 401 without the user and
-password and 200 with them, and the password is in none of the outputs.
+password and 200 with them, and the password is in none of the outputs; with --web-tls-cert/--web-tls-key
+they answer over TLS only. Locust's own start (POST /swarm) is refused and its page leads to loadgen's form;
+its stop is loadgen's. The start form's think time, seed and in-flight cap are the run's. A distributed
+run's console shows the master's merged figures (its gauges) and each worker's health.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import math
 import os
 import re
 import shutil
+import ssl
 import subprocess
 import time
 from collections.abc import Callable
@@ -38,6 +42,7 @@ from loadgen.patterns.schedule import profile_of, replan, schedule_offsets
 from loadgen.scenario import OpenLoop
 from loadgen.sinks.hlog import read_hlog
 from tests.support.processes import ROOT, finish, loadgen_cmd, pin, run_loadgen, stop_process
+from tests.support.tls import private_ca
 
 pytestmark = pytest.mark.integration
 
@@ -344,6 +349,41 @@ def test_locusts_own_start_is_refused_and_its_stop_is_loadgens(calibration_serve
     assert "run-2" not in {path.name for path in tmp_path.iterdir()}
 
 
+def test_a_distributed_runs_console_shows_the_merged_figures_and_each_workers_health(calibration_server,
+                                                                                   tmp_path) -> None:
+    """`--processes 2 --web-port`: the master's console shows the run the two workers send, its figures the
+    master's /metrics gauges of the merged intervals, and a worker list that is the loadgen_worker_* gauges;
+    its rate is not changed (409); its stop ends the run on both workers, written as by Ctrl-C."""
+    server = calibration_server("--delay-ms", f"{DELAY_MS:g}")
+    run = ConsoleRun(server.url, tmp_path, "--rate", "100", "--duration", "30s", "--processes", "2",
+                     "--web-autoquit", "0")
+    try:
+        run.wait_live(lambda live: live.get("intervals", 0) >= 2, timeout=20)
+        live, achieved = same_moment(run, "loadgen_achieved_rps")
+        assert live["achieved_rps"] == achieved and live["offered_rps"] == 100.0
+        live, p99 = same_moment(run, "loadgen_latency_percentile_seconds", quantile="0.99", window="10s")
+        assert live["latency_s"]["10s"]["p99"] == p99 and live["state"] == "running"
+        assert not live["rate_changeable"]
+        workers = live["workers"]
+        assert [worker["worker"] for worker in workers] == ["0", "1"] and all(w["up"] for w in workers)
+        for worker in workers:
+            labels = {"worker": worker["worker"], "host": worker["host"]}
+            assert run.gauge("loadgen_worker_up", **labels) == 1.0
+        assert live["generator"]["master_cpu_fraction"] >= 0  # the distributed check, as summary.json's
+        refused = httpx.post(run.console + "/rate", data={"rate": "200"}, timeout=2)
+        assert refused.status_code == 409 and "distributed" in refused.json()["error"]
+        stopped = httpx.post(run.console + "/stop", timeout=2)
+        assert stopped.status_code == 200 and stopped.json()["run"] == 1
+        code, stderr, summary = run.finish()
+    finally:
+        stop_process(run.proc)
+    assert code == 130, stderr
+    assert summary["interrupted"] is True and summary["duration_s"] < 30
+    assert [worker["worker"] for worker in summary["distributed"]["workers"]] == ["0", "1"]
+    assert all(worker["requests"] > 0 for worker in summary["distributed"]["workers"])
+    assert summary["errors"] == {}
+
+
 def test_web_flags_are_checked(tmp_path) -> None:
     bad_port = run_loadgen("--target", "http://127.0.0.1:9", "--model", "m", "--rate", "10", "--duration", "1s",
                            "--web-port", "70000", "--web-autoquit", "-1", out=tmp_path)
@@ -352,12 +392,9 @@ def test_web_flags_are_checked(tmp_path) -> None:
     alone = run_loadgen("--target", "http://127.0.0.1:9", "--model", "m", "--rate", "10", "--duration", "1s",
                         "--web-wait", out=tmp_path)
     assert alone.returncode == 2 and "--web-wait is for the live console: give --web-port too" in alone.stderr
-    distributed = run_loadgen("--target", "http://127.0.0.1:9", "--model", "m", "--rate", "10", "--duration",
-                              "1s", "--web-port", "0", "--processes", "2", out=tmp_path)
-    assert distributed.returncode == 2 and "single-process runs" in distributed.stderr
     swept = run_loadgen("--target", "http://127.0.0.1:9", "--model", "m", "--rates", "10", "--web-port", "0",
                         "--processes", "2", out=tmp_path, verb="sweep")
-    assert swept.returncode == 2 and "single-process runs" in swept.stderr
+    assert swept.returncode == 2 and "single-process sweeps" in swept.stderr
     waiting = run_loadgen("--target", "http://127.0.0.1:9", "--model", "m", "--rates", "10", "--web-port", "0",
                           "--web-wait", out=tmp_path, verb="sweep")
     assert waiting.returncode == 2 and "--web-wait" in waiting.stderr  # a sweep's plan is on the command line
@@ -368,6 +405,22 @@ def test_web_flags_are_checked(tmp_path) -> None:
     no_console = run_loadgen("--target", "http://127.0.0.1:9", "--model", "m", "--rate", "10", "--duration", "1s",
                              "--web-auth", f"ops:{PASSWORD}", out=tmp_path)
     assert no_console.returncode == 2 and "--web-auth is for the live console" in no_console.stderr
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    for verb, flags, says in (
+            ("run", ("--web-tls-cert", str(garbage)), "--web-tls-key: give it with --web-tls-cert"),
+            ("sweep", ("--web-tls-key", str(garbage)), "--web-tls-cert: give it with --web-tls-key"),
+            ("sweep", ("--web-tls-cert", str(tmp_path / "nowhere.pem"), "--web-tls-key", str(garbage)),
+             f"--web-tls-cert: no such file: {tmp_path / 'nowhere.pem'}"),
+            ("run", ("--web-tls-cert", str(garbage), "--web-tls-key", str(garbage)),
+             f"--web-tls-cert/--web-tls-key: {garbage} and {garbage} are not a PEM certificate and its private key")):
+        load = ("--rates", "10") if verb == "sweep" else ("--rate", "10", "--duration", "1s")
+        refused = run_loadgen("--target", "http://127.0.0.1:9", "--model", "m", *load, "--web-port", "0", *flags,
+                              out=tmp_path, verb=verb)
+        assert refused.returncode == 2 and says in refused.stderr, (verb, flags, refused.stderr)
+    no_port = run_loadgen("--target", "http://127.0.0.1:9", "--model", "m", "--rate", "10", "--duration", "1s",
+                          "--web-tls-key", str(garbage), out=tmp_path)
+    assert no_port.returncode == 2 and "--web-tls-key is for the live console: give --web-port" in no_port.stderr
 
 
 def _chromium() -> tuple[str, str] | None:
@@ -574,6 +627,41 @@ def test_web_auth_guards_every_route_and_stays_out_of_the_outputs(calibration_se
     assert {path.name for path in outputs} >= {"summary.json", "latency.hlog"}
     for text in (stderr, run.stdout, *(path.read_text(errors="replace") for path in outputs)):
         assert PASSWORD not in text
+
+
+def test_the_console_over_https_takes_its_password_inside_tls(calibration_server, tmp_path) -> None:
+    """--web-tls-cert/--web-tls-key (a certificate for 127.0.0.1 from a CA made here): the console says https,
+    and Locust's page and loadgen's routes answer over TLS that the CA verifies, with --web-auth's 401 and 200;
+    a plain-HTTP request to the port gets no answer and the console keeps serving; a run started over HTTPS
+    is sent and written."""
+    (tmp_path / "ca").mkdir()
+    ca = private_ca(tmp_path / "ca")
+    server = calibration_server("--delay-ms", f"{DELAY_MS:g}")
+    out = tmp_path / "out"
+    run = ConsoleRun(server.url, out, "--rate", "50", "--duration", "1s", "--web-wait", "--web-autoquit", "0",
+                     "--web-auth", f"ops:{PASSWORD}", "--web-tls-cert", str(ca.server_cert), "--web-tls-key",
+                     str(ca.server_key), metrics=False)
+    base = run.console.removesuffix("/loadgen")
+    auth = ("ops", PASSWORD)
+    try:
+        assert base.startswith("https://127.0.0.1:"), run.console
+        with httpx.Client(verify=ssl.create_default_context(cafile=ca.ca), timeout=5) as client:
+            assert client.get(base + "/loadgen/live").status_code == 401
+            assert client.get(base + "/", auth=auth).status_code == 200
+            with pytest.raises(httpx.HTTPError):  # no TLS: the handshake fails, nothing is answered
+                httpx.get(base.replace("https://", "http://") + "/loadgen/live", auth=auth, timeout=5)
+            with pytest.raises(httpx.ConnectError):  # the system's CAs do not know this certificate
+                httpx.get(base + "/loadgen/live", timeout=5)
+            assert client.get(base + "/loadgen/live", auth=auth).json()["state"] == "waiting"
+            started = client.post(base + "/loadgen/start", data={"rate": "50", "duration": "1s"}, auth=auth)
+            assert started.status_code == 202, started.text
+        code, stderr, summary = run.finish()
+    finally:
+        stop_process(run.proc)
+    assert code == 0, stderr
+    assert f"console on {run.console} (basic auth: user ops)" in stderr
+    assert summary["sent"] == 50 and summary["errors"] == {}
+    assert PASSWORD not in stderr + run.stdout
 
 
 def test_the_pages_stop_ends_a_sweep_with_what_was_measured_written(calibration_server, tmp_path) -> None:

@@ -54,11 +54,13 @@ start form would start Locust's runner on the last run's context, outside loadge
 - POST /stop          (Locust's stop button) is loadgen's stop, as POST /loadgen/stop (in Locust's answer shape);
 - GET  /              Locust's page, with a notice leading to /loadgen in place of its start form (a script
                       added to its head hides each of the page's forms as the page renders it).
-The console is bound to 127.0.0.1
-unless --web-host says otherwise. With --web-auth USER:PASSWORD every page and route of it (Locust's and
-loadgen's) asks for that user and password by HTTP basic auth (loadgen/driver/webauth.py, through
-Locust's web_login); without it the console asks for no login, and exposing it is a decision the user
-makes with --web-host (said on stderr when the address is not a loopback one).
+The console is bound to 127.0.0.1 unless --web-host says otherwise. With --web-auth USER:PASSWORD every page
+and route of it (Locust's and loadgen's) asks for that user and password by HTTP basic auth
+(loadgen/driver/webauth.py, through Locust's web_login); without it the console asks for no login, and
+exposing it is a decision the user makes with --web-host (said on stderr when the address is not a loopback
+one). With --web-tls-cert and --web-tls-key the console is served over HTTPS (Locust's own TLS option:
+gevent's server wraps each connection), so the password does not travel in clear; a plain HTTP request to it
+fails its handshake and the console keeps serving.
 """
 
 from __future__ import annotations
@@ -97,8 +99,9 @@ _BIND_WAIT_S = 5.0  # the web server binds in its own greenlet: how long start()
 @dataclass(frozen=True)
 class WebOptions:
     """Where the console listens (--web-host, --web-port; port 0: a free one, printed), who may use it
-    (--web-auth: None, anyone who reaches the port) and how long it lives: `autoquit_s` seconds after a run
-    (or the sweep) ends with no new start (--web-autoquit; None: until a quit), and whether the first run
+    (--web-auth: None, anyone who reaches the port), over HTTPS with `tls_cert` and `tls_key` (PEM files,
+    --web-tls-cert and --web-tls-key; None: plain HTTP), and how long it lives: `autoquit_s` seconds after a
+    run (or the sweep) ends with no new start (--web-autoquit; None: until a quit), and whether the first run
     waits for a start from the page (--web-wait)."""
 
     port: int = 0
@@ -106,6 +109,8 @@ class WebOptions:
     autoquit_s: float | None = None
     wait: bool = False
     auth: WebAuth | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
 
 class FormError(ValueError):
@@ -152,6 +157,8 @@ class LiveConsole(ConsoleState):
         with _locust_argv():
             web_ui = self._web_ui = self._environment.create_web_ui(self.options.host, self.options.port,
                                                                       web_login=auth is not None,
+                                                                      tls_cert=self.options.tls_cert,
+                                                                      tls_key=self.options.tls_key,
                                                                       delayed_start=True)
         if auth is not None:
             protect(web_ui, auth)
@@ -186,7 +193,8 @@ class LiveConsole(ConsoleState):
     @property
     def url(self) -> str:
         host = f"[{self.options.host}]" if ":" in self.options.host else self.options.host
-        return f"http://{host}:{self.port}/loadgen"
+        scheme = "https" if self.options.tls_cert is not None else "http"
+        return f"{scheme}://{host}:{self.port}/loadgen"
 
     def announce(self) -> None:
         """Say where the console is (and whose it is: the user it asks for, never the password)."""

@@ -7,13 +7,18 @@ book of runs, the run going (or the latest), that run's figures and health, and 
   (loadgen/sinks/prometheus.py) from the same closed intervals as the /metrics gauges.
 - With a SweepBoard (`loadgen sweep --web-port`) each step of the sweep is a run of the console, and a stop
   ends the whole sweep (`halt()`; `halted` tells the sweep to start no further step).
+- A distributed run (`loadgen run --processes N --web-port P`, or --master) is shown by the master: its
+  run (loadgen/driver/master.py) is a RunView of the merged recorder like a LoadContext, `live()` adds each
+  worker's health (`workers`: the /metrics loadgen_worker_* gauges' values) and its generator check is the
+  one summary.json's will be (combined from the workers'); its rate is not changed from the console.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 import time
-from typing import Any
+from typing import Any, Protocol
 
 import gevent
 from gevent.event import Event
@@ -25,7 +30,7 @@ from loadgen.driver.sweepboard import SweepBoard
 from loadgen.scenario import OpenLoop, Scenario
 from loadgen.sinks.prometheus import RunCollector
 
-__all__ = ["ConsoleState"]
+__all__ = ["ConsoleState", "DistributedView"]
 
 
 def _cpu_seconds() -> float:
@@ -33,10 +38,18 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+class DistributedView(Protocol):
+    """What the console reads of a distributed run (the master's, loadgen/driver/master.py), besides what a
+    LoadContext has too (a RunView; scenario, pattern, start_t, stopping, done, rate_changes, share,
+    change_rate): the generator's check so far, given the master's CPU share."""
+
+    def generator_so_far(self, master_cpu: float) -> SelfCheck: ...
+
+
 class _Run:
     """The run being sent (or the latest sent): its number, context, stop event and figures."""
 
-    def __init__(self, number: int, ctx: LoadContext, stop: Event) -> None:
+    def __init__(self, number: int, ctx: LoadContext | DistributedView | Any, stop: Event) -> None:
         self.number = number
         self.ctx = ctx
         self.stop = stop
@@ -54,8 +67,9 @@ class ConsoleState:
         self.sweep = sweep
         self._run: _Run | None = None
 
-    def attach(self, ctx: LoadContext, stop: Event) -> None:
-        """Show the run of `ctx` (the one booked last); `stop` ends it (the page's stop, a quit)."""
+    def attach(self, ctx: LoadContext | DistributedView | Any, stop: Event) -> None:
+        """Show the run of `ctx` (the one booked last: a LoadContext, or a distributed run's master); `stop` ends
+        it (the page's stop, a quit)."""
         self._run = _Run(self.runs.number, ctx, stop)
         if self.halted:
             stop.set()  # a quit (or a sweep's stop) came while the run was being prepared
@@ -128,6 +142,9 @@ class ConsoleState:
             max(0.0, time.monotonic() - ctx.start_t)
         found.update(figures)
         found["generator"] = done.summary["generator"] if done is not None else self._health(run, figures).as_json()
+        workers = ctx.worker_health()
+        if workers is not None:
+            found["workers"] = [dataclasses.asdict(worker) for worker in workers]
         return found
 
     @staticmethod
@@ -138,6 +155,8 @@ class ConsoleState:
         counts = figures["counts"]
         wall0, cpu0 = run.cpu0
         wall = time.monotonic() - wall0
+        if ctx.worker_health() is not None:  # the master's: merged figures, the workers' own checks
+            return ctx.generator_so_far((_cpu_seconds() - cpu0) / wall if wall > 0 else 0.0)
         lag = figures.get("lag_s", {}).get("run", {})
         is_open = isinstance(ctx.pattern, OpenLoop)
         return SelfCheck(

@@ -47,7 +47,7 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import gevent
 from gevent.event import Event
@@ -96,6 +96,9 @@ from loadgen.patterns.schedule import count_in, profile_of
 from loadgen.recorder import HistogramSet, Recorder
 from loadgen.scenario import OpenLoop, Scenario
 from loadgen.sinks.prometheus import WorkerHealth
+
+if TYPE_CHECKING:
+    from loadgen.driver.consolestate import ConsoleState
 
 __all__ = ["Cluster", "open_cluster"]
 
@@ -313,9 +316,9 @@ class Cluster:
         print(f"master: {have} workers connected", file=sys.stderr, flush=True)
 
     # -- runs -----------------------------------------------------------------------------------
-    def run(self, scenario: Scenario) -> RunResult:
-        """One run of `scenario` on the connected workers."""
-        self._run = _DistributedRun(self, scenario)
+    def run(self, scenario: Scenario, console: ConsoleState | None = None) -> RunResult:
+        """One run of `scenario` on the connected workers (shown and stopped from `console`, when given)."""
+        self._run = _DistributedRun(self, scenario, console)
         try:
             return self._run.execute()
         finally:
@@ -410,10 +413,12 @@ def _cpu_seconds() -> float:
 
 
 class _DistributedRun:
-    """One run on a cluster; also the RunView the master's /metrics reads (merged recorder)."""
+    """One run on a cluster; also the RunView the master's /metrics reads (merged recorder), and the run a
+    live console shows (its `stopping`, `done`, `generator_so_far`; no rate change)."""
 
-    def __init__(self, cluster: Cluster, scenario: Scenario) -> None:
+    def __init__(self, cluster: Cluster, scenario: Scenario, console: ConsoleState | None = None) -> None:
         self.cluster = cluster
+        self.console = console
         self.scenario = scenario
         self.pattern = scenario.pattern
         self.open_loop = isinstance(self.pattern, OpenLoop)
@@ -433,6 +438,29 @@ class _DistributedRun:
         self._seen: set[str] = set()  # every client id this run has dealt with
         self._epoch = 0.0  # the run's start instant, as an epoch time (START)
         self._next_index = 0  # the index (label) the next worker to join gets
+        self.stopping = False
+        """STOP was sent, or every worker is done: the console shows the run stopping."""
+        self.done = Event()
+        """Set once the run has ended (the console's state)."""
+        self.rate_changes: list[dict[str, float]] = []  # none: the console cannot change a distributed rate
+        self.share = None  # the whole schedule is the workers', in their shares
+
+    # -- the live console -------------------------------------------------------------------------
+    def change_rate(self, rate: float, at_s: float | None = None) -> float:
+        raise ValueError("a distributed run's rate cannot be changed from the console yet: its workers send "
+                         "their shares of the command line's schedule")
+
+    def generator_so_far(self, master_cpu: float) -> SelfCheck:
+        """The run's generator self-check as summary.json's will judge it, from what has arrived so far: the
+        merged figures, each finished worker's own check, and the lost ones."""
+        return combined_generator(
+            [w.as_json(self.open_loop) for w in self.workers.values()],
+            self.recorder.cumulative if self.recorder is not None else HistogramSet(),
+            open_loop=self.open_loop,
+            max_in_flight=self.pattern.max_in_flight if self.open_loop else None,
+            max_lag_ms=self.scenario.output.max_lag_ms,
+            master_cpu=master_cpu,
+        )
 
     # -- RunView (the exporter) -------------------------------------------------------------------
     @property
@@ -517,7 +545,16 @@ class _DistributedRun:
         self._seen = set(ids)
         self._next_index = len(ids)
         stop = Event()  # from the set-up on: a SIGTERM while the workers warm up ends them too (Cluster.close)
-        handlers = [gevent.signal_handler(sig, stop.set) for sig in (signal.SIGINT, signal.SIGTERM)]
+        console = self.console
+
+        def on_signal() -> None:
+            stop.set()
+            if console is not None:
+                console.quit()  # as a single-process run under a console: the command ends once written
+
+        handlers = [gevent.signal_handler(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)]
+        if console is not None:
+            console.attach(self, stop)  # its stop and quit set `stop`, as a signal does
         exporter = None
         try:
             self._setup(stop)
@@ -529,6 +566,8 @@ class _DistributedRun:
                 self.pattern.total_duration
             end_t = time.monotonic()
         finally:
+            self.stopping = True
+            self.done.set()
             for handler in handlers:
                 handler.cancel()
             if exporter is not None:
@@ -610,7 +649,7 @@ class _DistributedRun:
             now = time.monotonic()
             if (stop.is_set() or self._stopped_on_loss) and stop_sent_t is None:
                 stop_sent_t = now
-                self._stopping = True
+                self._stopping = self.stopping = True
                 for worker in self.workers.values():
                     if worker.sending:
                         self.cluster.send(MSG_STOP, {"run": self.run_id}, worker.client_id)

@@ -11,7 +11,8 @@ Environment (fresh events, stats and runner) and shows its LoadContext there; th
 end it as SIGINT does.
 
 `execute(scenario, cluster=...)` runs it distributed instead: a Cluster (loadgen/driver/master.py) of
-Locust workers sends the load and the RunResult holds the master's merged recorder.
+Locust workers sends the load and the RunResult holds the master's merged recorder (with a console, the
+master's run is the one shown: its merged figures and each worker's health).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class Cluster(Protocol):
     local_pids: list[int]
     """Workers started on this host (--processes); empty for remote ones."""
 
-    def run(self, scenario: Scenario) -> RunResult: ...
+    def run(self, scenario: Scenario, console: LiveConsole | None = None) -> RunResult: ...
 
 
 @dataclass
@@ -98,15 +99,12 @@ def _cpu_seconds() -> float:
 def execute(scenario: Scenario, cluster: Cluster | None = None, console: LiveConsole | None = None) -> RunResult:
     """Run `scenario` (see _execute), with the generator's CPUs kept awake if the scenario asks; on
     `cluster`'s workers when one is given (local workers leave keeping the CPUs awake to this process,
-    remote ones do it on their hosts). `console`: show and steer the run in the live console (a
-    single-process run only)."""
-    if cluster is not None and console is not None:
-        raise LoadgenError("--web-port: the live console drives single-process runs for now, not --processes "
-                           "or --master")
+    remote ones do it on their hosts). `console`: show and steer the run in the live console (a distributed
+    run shows the master's merged figures and each worker's health there)."""
     if not scenario.output.keep_awake or (cluster is not None and not cluster.local_pids):
-        return cluster.run(scenario) if cluster is not None else _execute(scenario, console)
+        return cluster.run(scenario, console) if cluster is not None else _execute(scenario, console)
     with KeepAwake(os.sched_getaffinity(0)):
-        return cluster.run(scenario) if cluster is not None else _execute(scenario, console)
+        return cluster.run(scenario, console) if cluster is not None else _execute(scenario, console)
 
 
 def _execute(scenario: Scenario, console: LiveConsole | None = None) -> RunResult:
