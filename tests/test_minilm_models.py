@@ -159,8 +159,9 @@ def test_the_trace_holds_for_other_lengths_and_batch_sizes(traced: torch.jit.Scr
     with torch.inference_mode():
         for sentences in cases:
             ids, mask = (torch.from_numpy(array) for array in encode(tok, sentences))
-            assert traced(ids, mask).shape == (len(sentences), EMBEDDING_SIZE)
-            np.testing.assert_allclose(traced(ids, mask).numpy(), eager(ids, mask).numpy(), rtol=0, atol=2e-6)
+            got = traced(ids, mask)
+            assert got.shape == (len(sentences), EMBEDDING_SIZE)
+            np.testing.assert_allclose(got.numpy(), eager(ids, mask).numpy(), rtol=0, atol=2e-6)
         # every sentence in one padded batch of 64 (more than max_batch_size: the module does not care)
         embeddings = traced(*(torch.from_numpy(array) for array in encode(tok, SENTENCES))).numpy()
     assert _cosine(embeddings, reference).min() > 0.9999
