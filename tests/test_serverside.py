@@ -102,7 +102,12 @@ def test_sweep_attaches_the_servers_own_figures_to_each_step(tmp_path) -> None:
         assert server_side["requests"] >= step_summary["ok"] > 0
         assert server_side["failures"] == 0
         assert server_side["mean_batch_size"] == 1.0  # the built-in mlp runs each request alone
-        assert 0.5 * step["achieved_rps"] < server_side["inferences_per_s"] < 1.5 * step["achieved_rps"]
+        # the server's rate is its own count over its own window (warm-up included: 11,723/s there against
+        # the measured part's 6,677/s once on a busy host), so it is checked against its count, not the step's
+        assert server_side["seconds"] > 2.0  # the 1 s warm-up and the 1 s step
+        assert server_side["inferences_per_s"] == pytest.approx(server_side["inferences"] / server_side["seconds"],
+                                                                rel=1e-3)
+        assert server_side["inferences"] == server_side["requests"]  # batch 1
         per_hour = server_side["inferences_per_s"] * 3600
         assert server_side["usd_per_million_inferences"] == pytest.approx(2.5 / per_hour * 1e6, rel=1e-3)
         assert server_side["compute_ms_per_request"] > 0
